@@ -1,0 +1,313 @@
+"""Every message that crosses a process boundary.
+
+Each message is a ``msgspec.Struct`` tagged with its class name and travels as
+msgpack inside one bus frame (see ``common.bus``).  Three tagged unions say what
+each socket accepts:
+
+* ``RegistryRequest``  -> the registry's ROUTER
+* ``EngineRequest``    -> an engine's request ROUTER
+* ``KVRequest``        -> an engine's KV side channel ROUTER
+
+Replies are members of ``Reply``.  ``docs/protocol.md`` lists who sends what.
+No pickle anywhere: a peer can only ever make us build these types.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+Role = Literal["prefill", "decode", "both"]
+
+
+class Message(msgspec.Struct, tag=True, omit_defaults=True, forbid_unknown_fields=False):
+    """Base of all wire messages: the tag is the class name."""
+
+
+# --------------------------------------------------------------------------- #
+# Shared records
+# --------------------------------------------------------------------------- #
+
+
+class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What two engines must agree on before one may read the other's KV blocks."""
+
+    model: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_layout: str
+    transfer_backend: str
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        """Names of the fields whose values differ, e.g. ``["block_size"]``."""
+        return [f for f in self.__struct_fields__ if getattr(self, f) != getattr(other, f)]
+
+
+class Capacity(msgspec.Struct, frozen=True, omit_defaults=True):
+    max_num_seqs: int
+    num_kv_blocks: int
+    max_model_len: int
+
+
+class Load(msgspec.Struct, omit_defaults=True):
+    """An engine's load, sent in every heartbeat."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_pinned: int = 0
+
+
+class Instance(msgspec.Struct, omit_defaults=True):
+    """One registered engine instance."""
+
+    id: str
+    role: Role
+    request_endpoint: str
+    kv_endpoint: str
+    model: str
+    fingerprint: Fingerprint
+    capacity: Capacity
+    load: Load = msgspec.field(default_factory=Load)
+
+
+# --------------------------------------------------------------------------- #
+# Generic replies
+# --------------------------------------------------------------------------- #
+
+
+class Ack(Message):
+    pass
+
+
+ErrorCode = Literal[
+    "bad_frame",  # undecodable / malformed / unknown tag
+    "too_large",  # frame over the receiver's max size
+    "unsupported",  # valid message this socket does not handle
+    "protocol_version",
+    "invalid_request",  # request-level validation failed (OpenAI 400)
+    "not_found",
+    "unknown_instance",
+    "incompatible",
+    "overloaded",
+    "shutting_down",
+    "cancelled",
+    "timeout",
+    "kv_transfer_failed",
+    "internal",
+]
+
+
+class ErrorReply(Message):
+    """A typed failure; the bus client raises it as ``common.errors.PeerError``."""
+
+    code: ErrorCode
+    message: str
+    param: str | None = None
+
+
+# --------------------------------------------------------------------------- #
+# Registry
+# --------------------------------------------------------------------------- #
+
+
+class Register(Message):
+    instance: Instance
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class Registered(Message):
+    lease_ttl_s: float
+    heartbeat_interval_s: float
+
+
+class Heartbeat(Message):
+    instance_id: str
+    load: Load
+
+
+class Deregister(Message):
+    instance_id: str
+
+
+class ListInstances(Message):
+    role: Role | None = None
+
+
+class InstanceList(Message):
+    instances: list[Instance]
+
+
+class Watch(Message):
+    """Stream: one ``InstanceList`` snapshot, then a ``MembershipEvent`` per change."""
+
+
+MembershipChange = Literal["joined", "updated", "left", "expired"]
+
+
+class MembershipEvent(Message):
+    change: MembershipChange
+    instance: Instance
+
+
+# --------------------------------------------------------------------------- #
+# Engine requests
+# --------------------------------------------------------------------------- #
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + top-k
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str
+
+
+class TokenLogprob(msgspec.Struct, omit_defaults=True):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []  # (token_id, logprob), best first
+
+
+class KVTransferParams(msgspec.Struct, omit_defaults=True):
+    """What prefill hands back so that a decode engine can read the prompt's KV."""
+
+    engine_id: str
+    kv_endpoint: str
+    transfer_id: str
+    block_ids: list[int]
+    num_tokens: int
+    first_token_id: int
+    lease_expiry: float  # unix time; prefill frees the blocks after it unless renewed
+    first_token_logprob: TokenLogprob | None = None
+
+
+class Generate(Message):
+    """Run a request.  Exactly one of ``prompt``, ``prompt_token_ids``, ``messages``.
+
+    ``do_remote_decode``: prefill only — stop after the first token and pin the
+    prompt's blocks for a decode engine.  ``remote_prefill``: decode only — read
+    the prompt's KV from that prefill engine instead of computing it.
+    The engine streams ``TokenOutput`` messages; the last has ``finish_reason``.
+    """
+
+    request_id: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    do_remote_decode: bool = False
+    remote_prefill: KVTransferParams | None = None
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class TokenOutput(Message):
+    """A streamed piece of a request's output."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "remote_decode"
+    usage: Usage | None = None  # on the final output
+    prompt_token_ids: list[int] | None = None  # on the first output of a prefill
+    kv_transfer: KVTransferParams | None = None  # prefill with do_remote_decode
+    timings: dict[str, float] | None = None  # named durations in seconds (queue, prefill, ...)
+
+
+class Abort(Message):
+    request_id: str
+
+
+class GetStats(Message):
+    pass
+
+
+class EngineStats(Message):
+    instance_id: str
+    role: Role
+    load: Load
+    num_requests_finished: int = 0
+    num_transfers_active: int = 0
+
+
+# --------------------------------------------------------------------------- #
+# KV side channel (decode -> prefill)
+# --------------------------------------------------------------------------- #
+
+
+class MemoryRegion(msgspec.Struct, frozen=True):
+    addr: int
+    length: int
+
+
+class Handshake(Message):
+    engine_id: str
+    fingerprint: Fingerprint
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class HandshakeReply(Message):
+    engine_id: str
+    fingerprint: Fingerprint
+    backend: str
+    session: str  # the transfer backend's address for this engine (Mooncake session name...)
+    regions: list[MemoryRegion]  # registered KV memory
+    block_bytes: int  # bytes of one block (all layers, K and V)
+    num_blocks: int
+    backend_meta: bytes = b""  # backend-specific opaque blob (MoRI engine descriptor...)
+
+
+class RenewLease(Message):
+    transfer_ids: list[str]
+
+
+class LeaseRenewed(Message):
+    expiry: dict[str, float]  # transfer id -> new expiry; unknown ids are absent
+
+
+class ReleaseKV(Message):
+    """Decode is done with these transfers (read or given up): prefill unpins."""
+
+    transfer_ids: list[str]
+
+
+# --------------------------------------------------------------------------- #
+# Unions
+# --------------------------------------------------------------------------- #
+
+RegistryRequest = Union[Register, Heartbeat, Deregister, ListInstances, Watch]
+EngineRequest = Union[Generate, Abort, GetStats]
+KVRequest = Union[Handshake, RenewLease, ReleaseKV]
+Reply = Union[
+    Ack,
+    ErrorReply,
+    Registered,
+    InstanceList,
+    MembershipEvent,
+    TokenOutput,
+    EngineStats,
+    HandshakeReply,
+    LeaseRenewed,
+]

@@ -1,0 +1,72 @@
+"""Running one service process: event loop, logging, signals, ordered shutdown.
+
+``run_service(serve(config))`` runs the coroutine until it returns or a signal
+arrives.  The first SIGTERM/SIGINT cancels the serve task, whose own
+``finally`` blocks do the ordered shutdown (stop accepting, finish or abort
+in-flight work within its timeout, deregister, close sockets); a second signal
+exits at once with status 1.  Signals are handled once, here, for every service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Coroutine
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed, else the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_service(main: Coroutine) -> int:
+    """Run ``main`` until it finishes or a signal stops it; returns the exit status."""
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main)
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            task.cancel()
+        else:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        loop.run_until_complete(task)
+        return 0
+    except asyncio.CancelledError:
+        return 0 if signals_seen else 1
+    except Exception:
+        log.exception("service failed")
+        return 1
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -1,0 +1,268 @@
+"""The bus over real ZMQ sockets on loopback."""
+
+import asyncio
+import time
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+
+from common.bus import FLAG_END, FLAG_FINAL, HEADER, KIND_REQUEST, BusClient, BusServer, encode
+from common.errors import CallTimeout, PeerError, PeerGone
+from common.messages import (
+    Abort,
+    Ack,
+    EngineRequest,
+    EngineStats,
+    ErrorReply,
+    Generate,
+    GetStats,
+    Load,
+    Register,
+    Reply,
+    SamplingParams,
+    TokenOutput,
+)
+
+
+def stats() -> EngineStats:
+    return EngineStats(instance_id="e1", role="both", load=Load(running=1))
+
+
+def generate(request_id: str = "r1") -> Generate:
+    return Generate(request_id=request_id, sampling=SamplingParams(max_tokens=3), prompt="hi")
+
+
+@pytest.fixture
+async def server():
+    srv = BusServer("tcp://127.0.0.1:0", EngineRequest, name="test", max_frame_bytes=4096)
+    srv.cancelled = asyncio.Event()
+    srv.started = asyncio.Event()
+
+    async def on_stats(msg):
+        return stats()
+
+    async def on_generate(msg):
+        for i in range(3):
+            yield TokenOutput(request_id=msg.request_id, token_ids=[i], text=str(i))
+        if msg.prompt == "hang":
+            srv.started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                srv.cancelled.set()
+                raise
+
+    async def on_abort(msg):
+        if msg.request_id == "slow":
+            srv.started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                srv.cancelled.set()
+                raise
+        if msg.request_id == "refuse":
+            raise PeerError("not_found", "no such request", param="request_id")
+        if msg.request_id == "crash":
+            raise RuntimeError("boom")
+        return Ack()
+
+    srv.on(GetStats, on_stats)
+    srv.on(Generate, on_generate)
+    srv.on(Abort, on_abort)
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+async def client(server):
+    c = BusClient(server.endpoint, timeout=5.0)
+    yield c
+    await c.close()
+
+
+async def test_call_returns_typed_reply(client):
+    reply = await client.call(GetStats())
+    assert reply == stats()
+
+
+async def test_stream_yields_every_item_then_ends(client):
+    items = [r async for r in client.stream(generate())]
+    assert [r.token_ids for r in items] == [[0], [1], [2]]
+    assert all(r.request_id == "r1" for r in items)
+
+
+async def test_concurrent_calls_are_multiplexed(client):
+    replies = await asyncio.gather(*(client.call(GetStats()) for _ in range(50)))
+    assert replies == [stats()] * 50
+
+
+async def test_handler_errors_are_typed(client):
+    with pytest.raises(PeerError) as e:
+        await client.call(Abort(request_id="refuse"))
+    assert (e.value.code, e.value.param) == ("not_found", "request_id")
+    with pytest.raises(PeerError) as e:
+        await client.call(Abort(request_id="crash"))
+    assert e.value.code == "internal" and "boom" in e.value.message
+    assert await client.call(GetStats()) == stats()  # still serving
+
+
+async def test_timeout_is_typed_and_server_keeps_serving(server, client):
+    t0 = time.monotonic()
+    with pytest.raises(CallTimeout):
+        await client.call(Abort(request_id="slow"), timeout=0.2)
+    assert time.monotonic() - t0 < 2
+    assert await client.call(GetStats()) == stats()
+
+
+async def test_cancelling_a_call_cancels_the_handler(server, client):
+    task = asyncio.create_task(client.call(Abort(request_id="slow")))
+    await asyncio.wait_for(server.started.wait(), 5)
+    task.cancel()
+    await asyncio.wait_for(server.cancelled.wait(), 5)
+    assert server.num_active == 0 or await _eventually(lambda: server.num_active == 0)
+
+
+async def test_leaving_a_stream_early_cancels_the_handler(server, client):
+    async for item in client.stream(Generate(request_id="r", sampling=SamplingParams(), prompt="hang")):
+        if item.token_ids == [2]:
+            break
+    await asyncio.wait_for(server.cancelled.wait(), 5)
+
+
+async def test_call_on_a_stream_takes_the_first_item_and_cancels_the_rest(server, client):
+    first = await client.call(Generate(request_id="x", sampling=SamplingParams(), prompt="hang"))
+    assert first.token_ids == [0]
+    await asyncio.wait_for(server.started.wait(), 5)
+    await asyncio.wait_for(server.cancelled.wait(), 5)
+
+
+async def test_message_without_handler_is_answered_unsupported():
+    srv = BusServer("tcp://127.0.0.1:0", EngineRequest, name="bare")
+    await srv.start()
+    client = BusClient(srv.endpoint, timeout=5)
+    try:
+        with pytest.raises(PeerError) as e:
+            await client.call(GetStats())
+        assert e.value.code == "unsupported" and "GetStats" in e.value.message
+    finally:
+        await client.close()
+        await srv.close()
+
+
+async def _eventually(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.02)
+    return cond()
+
+
+class RawDealer:
+    """A hand-driven DEALER for sending frames the BusClient never would."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.decoder = msgspec.msgpack.Decoder(Reply)
+
+    async def send(self, *frames: bytes) -> tuple[int, int, object]:
+        await self.sock.send_multipart(list(frames))
+        header, body = await asyncio.wait_for(self.sock.recv_multipart(), 5)
+        req_id, flag = HEADER.unpack(header)
+        return req_id, flag, None if flag == FLAG_END else self.decoder.decode(body)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@pytest.mark.parametrize(
+    "frames, code, req_id",
+    [
+        ([b"just one frame"], "bad_frame", 0),
+        ([b"short", b"body"], "bad_frame", 0),
+        ([HEADER.pack(7, KIND_REQUEST), b"\xc1not msgpack"], "bad_frame", 7),
+        ([HEADER.pack(8, KIND_REQUEST), msgspec.msgpack.encode({"type": "Nope"})], "bad_frame", 8),
+        ([HEADER.pack(9, KIND_REQUEST), msgspec.msgpack.encode({"type": "Abort"})], "bad_frame", 9),
+        ([HEADER.pack(10, KIND_REQUEST), b"\x00" * 5000], "too_large", 10),
+    ],
+    ids=["one-frame", "bad-header", "not-msgpack", "unknown-tag", "missing-field", "oversized"],
+)
+async def test_malformed_frames_are_answered_and_survived(server, client, frames, code, req_id):
+    raw = RawDealer(server.endpoint)
+    try:
+        got_id, flag, reply = await raw.send(*frames)
+    finally:
+        raw.close()
+    assert (got_id, flag) == (req_id, FLAG_FINAL)
+    assert isinstance(reply, ErrorReply) and reply.code == code
+    assert await client.call(GetStats()) == stats()
+
+
+async def test_message_of_another_union_is_refused(server, client):
+    raw = RawDealer(server.endpoint)
+    try:
+        from common.messages import Capacity, Fingerprint, Instance
+
+        fp = Fingerprint("m", "float32", 16, 2, 2, 8, "block-major", "mooncake")
+        inst = Instance("i", "prefill", "tcp://x:1", "tcp://x:2", "m", fp, Capacity(1, 1, 1))
+        _, _, reply = await raw.send(HEADER.pack(3, KIND_REQUEST), encode(Register(instance=inst)))
+    finally:
+        raw.close()
+    assert isinstance(reply, ErrorReply) and reply.code == "bad_frame"
+
+
+async def test_peer_restart_fails_pending_calls_and_recovers():
+    srv = BusServer("tcp://127.0.0.1:0", EngineRequest, name="a")
+    started = asyncio.Event()
+
+    async def slow(msg):
+        started.set()
+        await asyncio.sleep(3600)
+
+    srv.on(Abort, slow)
+    await srv.start()
+    endpoint = srv.endpoint
+    client = BusClient(endpoint, timeout=30)
+    try:
+        pending = asyncio.create_task(client.call(Abort(request_id="x")))
+        await asyncio.wait_for(started.wait(), 5)
+        t0 = time.monotonic()
+        await srv.close()
+        with pytest.raises(PeerGone):
+            await pending
+        assert time.monotonic() - t0 < 10  # well before the 30 s call timeout
+
+        srv2 = BusServer(endpoint, EngineRequest, name="b")
+
+        async def on_stats(msg):
+            return stats()
+
+        srv2.on(GetStats, on_stats)
+        await srv2.start()
+        try:
+            reply = None
+            for _ in range(50):  # the DEALER reconnects within its reconnect interval
+                try:
+                    reply = await client.call(GetStats(), timeout=0.5)
+                    break
+                except (CallTimeout, PeerGone):
+                    continue
+            assert reply == stats()
+        finally:
+            await srv2.close()
+    finally:
+        await client.close()
+
+
+async def test_call_to_absent_peer_times_out():
+    client = BusClient("tcp://127.0.0.1:1", timeout=0.3)
+    try:
+        with pytest.raises((CallTimeout, PeerGone)):
+            await client.call(GetStats())
+    finally:
+        await client.close()
