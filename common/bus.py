@@ -29,7 +29,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Union
 
 import msgspec
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from common.errors import CallTimeout, PeerError, PeerGone
@@ -70,6 +69,42 @@ def _tune(sock: zmq.Socket, max_frame_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, 4 * max_frame_bytes + (1 << 20))
 
 
+class _Reader:
+    """Feeds every message arriving on a plain zmq socket to ``on_frames``.
+
+    Driven by the event loop's reader on the socket's FD, so a burst of
+    messages costs one wake-up.  ZMQ's FD is edge-triggered and a send can
+    consume the edge, so after every send ``poke()`` re-checks for input.
+    """
+
+    def __init__(self, sock: zmq.Socket, on_frames: Callable[[list[bytes]], None]):
+        self._sock = sock
+        self._on_frames = on_frames
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._scheduled = False
+        self._loop.add_reader(self._fd, self._drain)
+        self.poke()
+
+    def poke(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        sock = self._sock
+        while not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            try:
+                self._on_frames(frames)
+            except Exception:  # one bad frame must never stop the reader
+                log.exception("unexpected error handling a frame")
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+
+
 class BusServer:
     """ROUTER side: decodes each frame into ``accepts``, dispatches it by type, replies."""
 
@@ -88,16 +123,15 @@ class BusServer:
         self._decoder = msgspec.msgpack.Decoder(accepts)
         self._handlers: dict[type, Handler] = {}
         self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._recv_task: asyncio.Task | None = None
+        self._sock: zmq.Socket | None = None
+        self._reader: _Reader | None = None
 
     def on(self, msg_type: type, handler: Handler) -> None:
         """Route ``msg_type`` to ``handler`` (a coroutine function or async generator function)."""
         self._handlers[msg_type] = handler
 
     async def start(self) -> None:
-        sock = self._ctx.socket(zmq.ROUTER)
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
         _tune(sock, self.max_frame_bytes)
         # Sending to an identity that is no longer connected raises EHOSTUNREACH
         # instead of silently dropping, so we learn the peer is gone.
@@ -107,15 +141,14 @@ class BusServer:
         sock.bind(bind)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
-        self._recv_task = asyncio.create_task(self._recv_loop(), name=f"{self.name}-recv")
+        self._reader = _Reader(sock, self._on_frames)
         log.debug("%s listening on %s", self.name, self.endpoint)
 
     async def close(self) -> None:
         """Cancel running handlers, then close the socket."""
-        if self._recv_task:
-            self._recv_task.cancel()
-            await asyncio.gather(self._recv_task, return_exceptions=True)
-            self._recv_task = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
@@ -129,15 +162,6 @@ class BusServer:
         return len(self._tasks)
 
     # -- receiving ---------------------------------------------------------
-
-    async def _recv_loop(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                self._on_frames([f.bytes for f in frames])
-            except Exception:  # never let one frame kill the server
-                log.exception("%s: unexpected error handling a frame", self.name)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -200,6 +224,8 @@ class BusServer:
         body = b"" if msg is None else encode(msg)
         try:
             self._sock.send_multipart([identity, HEADER.pack(req_id, flag), body], flags=zmq.NOBLOCK)
+            if self._reader is not None:
+                self._reader.poke()
             return True
         except zmq.Again:
             log.warning("%s: peer %r not draining; dropping request %d", self.name, identity, req_id)
@@ -230,7 +256,7 @@ class BusClient:
         self._decoder = msgspec.msgpack.Decoder(Reply)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue] = {}
-        ctx = zmq.asyncio.Context.instance()
+        ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.DEALER)
         _tune(self._sock, max_frame_bytes)
         # Reconnect quickly after a peer restart, backing off to 1 s for a long outage.
@@ -239,10 +265,8 @@ class BusClient:
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(endpoint)
         self._closed = False
-        self._tasks = [
-            asyncio.create_task(self._recv_loop(), name=f"bus-client-{self.name}"),
-            asyncio.create_task(self._monitor_loop(), name=f"bus-monitor-{self.name}"),
-        ]
+        self._reader = _Reader(self._sock, self._on_frames)
+        self._monitor_reader = _Reader(self._monitor, self._on_monitor_event)
 
     async def call(self, msg: Message, timeout: float | None = None) -> Message:
         """Send ``msg`` and return its reply; raises CallTimeout, PeerGone or PeerError."""
@@ -284,9 +308,8 @@ class BusClient:
         if self._closed:
             return
         self._closed = True
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._reader.close()
+        self._monitor_reader.close()
         self._fail_all(PeerGone(f"client for {self.endpoint} closed"))
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
@@ -302,6 +325,7 @@ class BusClient:
         self._pending[req_id] = queue
         try:
             self._sock.send_multipart([HEADER.pack(req_id, KIND_REQUEST), encode(msg)], flags=zmq.NOBLOCK)
+            self._reader.poke()
         except zmq.Again:
             self._pending.pop(req_id, None)
             raise PeerGone(f"{self.endpoint}: send queue full (peer not draining)")
@@ -312,6 +336,7 @@ class BusClient:
             return
         try:
             self._sock.send_multipart([HEADER.pack(req_id, KIND_CANCEL), b""], flags=zmq.NOBLOCK)
+            self._reader.poke()
         except zmq.ZMQError:
             pass  # the peer is unreachable: it has nothing left to cancel
 
@@ -328,30 +353,26 @@ class BusClient:
             raise PeerError(reply.code, reply.message, reply.param)
         return flag, reply
 
-    async def _recv_loop(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) != 2 or len(frames[0]) != HEADER.size:
-                log.warning("%s: dropping malformed reply (%d parts)", self.name, len(frames))
-                continue
-            req_id, flag = HEADER.unpack(frames[0])
-            queue = self._pending.get(req_id)
-            try:
-                reply = None if flag == FLAG_END else self._decoder.decode(frames[1])
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                log.warning("%s: undecodable reply: %s", self.name, e)
-                reply = ErrorReply("bad_frame", f"undecodable reply: {e}")
-                flag = FLAG_FINAL
-            if req_id == 0 and isinstance(reply, ErrorReply):
-                log.warning("%s: peer rejected a frame: %s", self.name, reply.message)
-            elif queue is not None:
-                queue.put_nowait((flag, reply))
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2 or len(frames[0]) != HEADER.size:
+            log.warning("%s: dropping malformed reply (%d parts)", self.name, len(frames))
+            return
+        req_id, flag = HEADER.unpack(frames[0])
+        queue = self._pending.get(req_id)
+        try:
+            reply = None if flag == FLAG_END else self._decoder.decode(frames[1])
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("%s: undecodable reply: %s", self.name, e)
+            reply = ErrorReply("bad_frame", f"undecodable reply: {e}")
+            flag = FLAG_FINAL
+        if req_id == 0 and isinstance(reply, ErrorReply):
+            log.warning("%s: peer rejected a frame: %s", self.name, reply.message)
+        elif queue is not None:
+            queue.put_nowait((flag, reply))
 
-    async def _monitor_loop(self) -> None:
-        while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._fail_all(PeerGone(f"{self.endpoint} disconnected"))
+    def _on_monitor_event(self, frames: list[bytes]) -> None:
+        if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
+            self._fail_all(PeerGone(f"{self.endpoint} disconnected"))
 
     def _fail_all(self, error: Exception) -> None:
         for queue in self._pending.values():
