@@ -1,0 +1,27 @@
+# One CPU image for every pdserve service; compose.yaml picks the subcommand.
+FROM python:3.11-slim
+
+# Mooncake's transfer engine links these; RDMA is used only where NICs exist.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libibverbs1 librdmacm1 libnuma1 make \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+# torch before the project, so the project's torch range accepts it. For a
+# CPU-only image point pip at a CPU wheel index with --build-arg TORCH_INDEX=...
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=""
+RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY services ./services
+COPY bench ./bench
+RUN pip install --no-cache-dir .
+
+# The demo checkpoint is written here on first use; a volume keeps it.
+ENV PDSERVE_CACHE_DIR=/cache
+VOLUME ["/cache"]
+
+ENTRYPOINT []
+CMD ["pdserve", "up", "--host", "0.0.0.0"]

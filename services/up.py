@@ -1,0 +1,151 @@
+"""``pdserve up``: the whole stack on this machine, as child processes.
+
+Starts the registry, the engine instances (``--prefill N`` prefill and
+``--decode M`` decode, or ``--colocated K`` instances of role ``both`` with
+``--mode colocated``) and the gateway; waits until the gateway's ``/ready``;
+prints the URL and a ``curl`` to paste.  On SIGINT/SIGTERM it stops them in
+order — gateway (no new requests), engines (finish or abort in-flight work,
+release KV, deregister), registry — each within ``--shutdown-timeout-s``,
+then SIGKILL.  Children run in their own session (a terminal's Ctrl-C reaches
+only this process, which orders the shutdown) and die with this process
+(PR_SET_PDEATHSIG), so no orphan outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from common.config import opt, require
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class UpConfig:
+    mode: Literal["disagg", "colocated"] = opt("disagg", "disagg: prefill + decode instances; colocated: role-both instances")
+    prefill: int = opt(1, "prefill instances (disagg)")
+    decode: int = opt(1, "decode instances (disagg)")
+    colocated: int = opt(1, "role-both instances (colocated)")
+    model: str = opt("demo", "model directory, hub id, or 'demo' (tiny random model, meaningless text)")
+    dtype: str = opt("auto", "engine dtype")
+    device: str = opt("auto", "engine device")
+    host: str = opt("127.0.0.1", "gateway host")
+    port: int = opt(8000, "gateway port")
+    registry_port: int = opt(7100, "registry port on 127.0.0.1")
+    engine_args: str = opt("", "extra flags for every engine, e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
+    gateway_args: str = opt("", "extra flags for the gateway")
+    ready_timeout_s: float = opt(180.0, "give up if the stack is not ready after this long")
+    shutdown_timeout_s: float = opt(15.0, "per process group: SIGKILL after this long")
+    log_level: str = opt("info", "log level of every process")
+
+    def validate(self) -> None:
+        require(self.prefill >= 1 and self.decode >= 1, "prefill", "disagg needs at least 1 prefill and 1 decode")
+        require(self.colocated >= 1, "colocated", "must be >= 1")
+        require(0 < self.port < 65536, "port", "must be a TCP port")
+        require(0 < self.registry_port < 65536, "registry_port", "must be a TCP port")
+        require(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
+
+
+class Stack:
+    """The child processes, grouped in start order."""
+
+    def __init__(self, config: UpConfig):
+        self.config = config
+        self.groups: list[tuple[str, list[subprocess.Popen]]] = []
+        self.registry = f"tcp://127.0.0.1:{config.registry_port}"
+        self.url = f"http://{config.host}:{config.port}"
+
+    def spawn(self, group: str, argv: list[str]) -> None:
+        cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
+        log.info("starting %s", " ".join(cmd[2:]))
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+        for name, procs in self.groups:
+            if name == group:
+                procs.append(proc)
+                return
+        self.groups.append((group, [proc]))
+
+    def start(self) -> None:
+        c = self.config
+        self.spawn("registry", ["registry", "--bind", self.registry])
+        engine = ["--registry", self.registry, "--model", c.model, "--dtype", c.dtype, "--device", c.device,
+                  *c.engine_args.split()]
+        if c.mode == "disagg":
+            for _ in range(c.prefill):
+                self.spawn("engines", ["prefill", *engine])
+            for _ in range(c.decode):
+                self.spawn("engines", ["decode", *engine])
+        else:
+            for _ in range(c.colocated):
+                self.spawn("engines", ["prefill", "--role", "both", *engine])
+        self.spawn("gateway", ["gateway", "--host", c.host, "--port", str(c.port), "--registry", self.registry,
+                               "--mode", c.mode, *c.gateway_args.split()])
+
+    def dead(self) -> list[int]:
+        return [p.returncode for _, procs in self.groups for p in procs if p.poll() is not None]
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                if self.dead():
+                    raise RuntimeError(f"a child process exited during start-up (codes {self.dead()})")
+                try:
+                    if (await http.get(self.url + "/ready")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.25)
+        raise TimeoutError(f"stack not ready after {self.config.ready_timeout_s:g} s")
+
+    def stop(self) -> None:
+        """Gateway, then engines, then registry; SIGTERM, then SIGKILL after the timeout."""
+        order = {"gateway": 0, "engines": 1, "registry": 2}
+        for name, procs in sorted(self.groups, key=lambda g: order[g[0]]):
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.config.shutdown_timeout_s
+            for p in procs:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s pid %d did not stop in time: killing it", name, p.pid)
+                    p.kill()
+                    p.wait()
+
+
+async def serve(config: UpConfig) -> None:
+    stack = Stack(config)
+    try:
+        stack.start()
+        await stack.wait_ready()
+        print(f"\npdserve is ready at {stack.url}  (mode {config.mode}, model {config.model})\n"
+              f"  curl {stack.url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{config.model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+              "Ctrl-C stops everything.", flush=True)
+        while not stack.dead():
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"a child process exited (codes {stack.dead()})")
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, stack.stop)
