@@ -49,6 +49,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command == "bench":  # a client tool, not a service: it owns its whole run
+        from bench.serving import main as bench_main
+
+        sys.exit(bench_main(argv[1:]))
     parser = build_parser(command or "__none__")
     ns = parser.parse_args(argv)
     cmd = COMMANDS[ns.command]
@@ -57,8 +61,6 @@ def main(argv: list[str] | None = None) -> None:
         config = from_args(getattr(module, cmd.config), ns)
     except ConfigError as e:
         parser.error(str(e))
-    if ns.command == "bench":
-        sys.exit(module.run(config))
     setup_logging(getattr(config, "log_level", "info"))
     sys.exit(run_service(module.serve(config)))
 

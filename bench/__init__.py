@@ -1,0 +1,1 @@
+"""Benchmarks of pdserve; ``bench.serving`` is the ``pdserve bench`` tool."""

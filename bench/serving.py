@@ -1,0 +1,416 @@
+"""``pdserve bench``: load an OpenAI-compatible server and measure it from the client.
+
+Sends streaming completions or chat completions (``stream_options.include_usage``,
+``max_tokens`` = output length, ``ignore_eos``) with Poisson arrivals at
+``--request-rate`` (``inf``: all at once) under an optional concurrency cap,
+times every content chunk, and reports TTFT, TPOT, ITL, E2E, throughputs,
+goodput and errors by kind (see ``bench.serving_stats``) as a table on stdout,
+a JSON file and optionally a PNG.  ``--sweep-rate`` repeats the run per rate
+with the same prompts.  Works against pdserve, vLLM and SGLang.
+
+Error kinds: ``http_<status>``, ``timeout``, ``connect_error``,
+``truncated_stream`` (the stream ended or broke before ``[DONE]``),
+``disconnected`` (the connection closed before a response status),
+``stream_error`` (an error object inside the stream), ``invalid_response``
+(a data line that is not JSON), ``empty_output`` (no content chunk at all),
+``transport_error`` (any other HTTP transport failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import httpx
+from tqdm import tqdm
+
+from bench.datasets import Dataset, DatasetError, Sample, find_tokenizer, jsonl_dataset, random_dataset, tokenizer_file
+from bench.serving_stats import RequestRecord, summarize
+from common.config import ConfigError, add_arguments, from_args, opt, require
+from common.errors import PdserveError
+
+logger = logging.getLogger(__name__)
+
+ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+ERROR_DETAIL_CHARS = 300
+
+
+class BenchError(PdserveError):
+    """The benchmark cannot run against this server (e.g. it lists no model)."""
+
+
+@dataclass
+class BenchConfig:
+    url: str = opt("http://127.0.0.1:8000", "base URL of the OpenAI-compatible server (with or without /v1)")
+    model: str | None = opt(None, "model name to request; default: the first of GET /v1/models")
+    tokenizer: str | None = opt(None, "local tokenizer.json or model dir for exact prompt lengths; default: --model if local")
+    endpoint: Literal["completions", "chat"] = opt("completions", "which API to call")
+    dataset: str = opt("random", "'random' or a JSONL file of {prompt|messages[, output_len]} lines")
+    num_prompts: int = opt(100, "number of requests per run")
+    input_len: int = opt(1024, "random dataset: prompt length in tokens")
+    output_len: int = opt(128, "output length in tokens (max_tokens); JSONL lines may override it")
+    range_ratio: float = opt(0.0, "random dataset: lengths uniform in [L*(1-r), L*(1+r)]")
+    request_rate: float = opt(math.inf, "requests/s with Poisson arrivals; inf sends all at once")
+    sweep_rate: list[float] = opt([], "comma-separated rates: one run per rate, same prompts (replaces --request-rate)")
+    seed: int = opt(0, "seed of the random dataset and the arrival times")
+    max_concurrency: int | None = opt(None, "most requests in flight at once; none: unlimited")
+    slo_ttft_ms: float | None = opt(None, "TTFT SLO for goodput; none: always met")
+    slo_tpot_ms: float | None = opt(None, "TPOT SLO for goodput; none: always met")
+    ignore_eos: bool = opt(True, "send ignore_eos=true so every request produces output_len tokens")
+    timeout_s: float = opt(30.0, "connect timeout and longest wait for the next chunk")
+    request_timeout_s: float = opt(600.0, "longest time for one whole request")
+    api_key: str | None = opt(None, "bearer token sent as Authorization, if the server wants one")
+    out: str = opt("results/bench.json", "JSON results file")
+    plot: str | None = opt(None, "PNG file: latency CDFs + throughput over time (sweep: goodput, p99 TPOT vs rate)")
+    progress: bool = opt(True, "show a progress bar on stderr")
+
+    def validate(self) -> None:
+        require(self.url.startswith(("http://", "https://")), "url", "must start with http:// or https://")
+        require(self.model is None or bool(self.model.strip()), "model", "must not be empty")
+        require(self.tokenizer is None or tokenizer_file(self.tokenizer) is not None,
+                "tokenizer", f"{self.tokenizer!r} is not a tokenizer.json file or a directory holding one")
+        require(self.dataset == "random" or os.path.isfile(self.dataset),
+                "dataset", f"'random' or an existing JSONL file, not {self.dataset!r}")
+        require(self.num_prompts >= 1, "num_prompts", "must be >= 1")
+        require(self.input_len >= 1, "input_len", "must be >= 1")
+        require(self.output_len >= 1, "output_len", "must be >= 1")
+        require(0 <= self.range_ratio < 1, "range_ratio", "must be in [0, 1)")
+        require(self.request_rate > 0, "request_rate", "must be > 0 (or inf)")
+        require(all(r > 0 for r in self.sweep_rate), "sweep_rate", "every rate must be > 0 (or inf)")
+        require(self.max_concurrency is None or self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            require(value is None or 0 < value < math.inf, name, "must be a finite number > 0")
+        for name in ("timeout_s", "request_timeout_s"):
+            require(0 < getattr(self, name) < math.inf, name, "must be a finite number > 0")
+        require(bool(self.out), "out", "must name a file")
+        require(self.plot is None or self.plot.endswith(".png"), "plot", "must be a .png file")
+
+    @property
+    def base_url(self) -> str:
+        base = self.url.rstrip("/")
+        return base[: -len("/v1")] if base.endswith("/v1") else base
+
+    @property
+    def rates(self) -> list[float]:
+        return self.sweep_rate or [self.request_rate]
+
+
+def load_dataset(config: BenchConfig) -> Dataset:
+    tokenizer = find_tokenizer(config.tokenizer or config.model)
+    if config.dataset == "random":
+        return random_dataset(config.num_prompts, config.input_len, config.output_len,
+                              config.range_ratio, config.seed, tokenizer)
+    return jsonl_dataset(config.dataset, config.num_prompts, config.output_len, tokenizer, config.endpoint == "chat")
+
+
+def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """Send times (s from the start): Poisson process at ``rate``; all zero for ``inf``."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    offsets, t = [], 0.0
+    for _ in range(n):
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    return offsets
+
+
+def request_body(config: BenchConfig, model: str, sample: Sample) -> dict:
+    body: dict = {
+        "model": model,
+        "max_tokens": sample.output_len,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+    }
+    if config.ignore_eos:
+        body["ignore_eos"] = True
+    if config.endpoint == "chat":
+        body["messages"] = sample.messages or [{"role": "user", "content": sample.prompt}]
+    else:
+        body["prompt"] = sample.prompt
+    return body
+
+
+def chunk_text(obj: dict) -> str:
+    """The output text a streamed completion or chat chunk carries ('' for none)."""
+    choices = obj.get("choices") or []
+    if not choices:
+        return ""
+    choice = choices[0]
+    if "text" in choice:
+        return choice["text"] or ""
+    delta = choice.get("delta") or {}
+    return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+
+
+async def read_stream(response: httpx.Response, record: RequestRecord, sent: float) -> None:
+    """Time the content chunks of an SSE response into ``record`` (sets ``error`` on failure)."""
+    last = None
+    chunks = 0
+    done = False
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError:
+            record.error, record.error_detail = "invalid_response", data[:ERROR_DETAIL_CHARS]
+            return
+        if not isinstance(obj, dict) or "error" in obj:
+            record.error, record.error_detail = "stream_error", data[:ERROR_DETAIL_CHARS]
+            return
+        now = time.perf_counter()
+        if chunk_text(obj):
+            chunks += 1
+            if last is None:
+                record.ttft_s = now - sent
+            else:
+                record.itl_s.append(now - last)
+            last = now
+        usage = obj.get("usage")
+        if usage:
+            record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
+            record.output_tokens = usage.get("completion_tokens", 0)
+            record.output_tokens_source = "usage"
+    record.e2e_s = time.perf_counter() - sent
+    if record.output_tokens_source != "usage":
+        record.output_tokens = chunks
+    if not done:
+        record.error = "truncated_stream"
+    elif chunks == 0:
+        record.error = "empty_output"
+
+
+async def send_request(
+    client: httpx.AsyncClient, config: BenchConfig, url: str, body: dict, record: RequestRecord, t0: float
+) -> None:
+    """Send one streaming request and fill ``record``; never raises for request failures."""
+    sent = time.perf_counter()
+    record.start_s = sent - t0
+    streaming = False
+    try:
+        async with asyncio.timeout(config.request_timeout_s):
+            async with client.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    record.error = f"http_{response.status_code}"
+                    record.error_detail = (await response.aread()).decode(errors="replace")[:ERROR_DETAIL_CHARS]
+                    return
+                streaming = True
+                await read_stream(response, record, sent)
+    except (TimeoutError, httpx.TimeoutException) as e:
+        record.error, record.error_detail = "timeout", type(e).__name__
+    except httpx.ConnectError as e:
+        record.error, record.error_detail = "connect_error", str(e)[:ERROR_DETAIL_CHARS]
+    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+        record.error = "truncated_stream" if streaming else "disconnected"
+        record.error_detail = str(e)[:ERROR_DETAIL_CHARS]
+    except httpx.HTTPError as e:
+        record.error, record.error_detail = "transport_error", f"{type(e).__name__}: {e}"[:ERROR_DETAIL_CHARS]
+    if record.error is not None:
+        record.e2e_s = None
+
+
+async def resolve_model(client: httpx.AsyncClient, config: BenchConfig) -> str:
+    """``--model``, or the first model the server lists."""
+    if config.model:
+        return config.model
+    url = config.base_url + "/v1/models"
+    try:
+        response = await client.get(url)
+        response.raise_for_status()
+        models = response.json().get("data") or []
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        raise BenchError(f"cannot list models at {url}: {e}") from e
+    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+        raise BenchError(f"{url} lists no model; pass --model")
+    return models[0]["id"]
+
+
+async def run_once(
+    client: httpx.AsyncClient, config: BenchConfig, model: str, dataset: Dataset, rate: float
+) -> tuple[list[RequestRecord], float]:
+    """One run at ``rate``: every sample once; returns the records and the run's duration."""
+    url = config.base_url + ENDPOINT_PATHS[config.endpoint]
+    offsets = arrival_offsets(len(dataset.samples), rate, config.seed)
+    limit = asyncio.Semaphore(config.max_concurrency or len(dataset.samples))
+    records = [RequestRecord(i, 0.0, s.prompt_len) for i, s in enumerate(dataset.samples)]
+    bar = tqdm(total=len(records), desc=f"rate {rate:g}", unit="req", file=sys.stderr, disable=not config.progress)
+
+    async def one(sample: Sample, record: RequestRecord) -> None:
+        async with limit:
+            await send_request(client, config, url, request_body(config, model, sample), record, t0)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    tasks = []
+    try:
+        for sample, record, offset in zip(dataset.samples, records, offsets):
+            delay = t0 + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(sample, record)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        bar.close()
+    return records, time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class Run:
+    """One run at one request rate."""
+
+    rate: float
+    records: list[RequestRecord]
+    summary: dict
+
+    def to_json(self) -> dict:
+        return {"request_rate": self.rate, "summary": self.summary, "requests": [r.to_json() for r in self.records]}
+
+
+async def run_benchmark(config: BenchConfig, dataset: Dataset) -> tuple[str, list[Run]]:
+    """The model asked for and every run of ``config`` (one per rate, same prompts)."""
+    limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
+    timeout = httpx.Timeout(config.timeout_s)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+        model = await resolve_model(client, config)
+        runs = []
+        for rate in config.rates:
+            records, duration = await run_once(client, config, model, dataset, rate)
+            runs.append(Run(rate, records, summarize(records, duration, config.slo_ttft_ms, config.slo_tpot_ms)))
+    return model, runs
+
+
+def results_document(config: BenchConfig, model: str, dataset: Dataset, runs: list[Run]) -> dict:
+    """What ``--out`` holds: config (without the API key), dataset, and per run summary + requests."""
+    return json_safe({
+        "tool": "pdserve bench",
+        "model": model,
+        "config": dataclasses.asdict(config) | {"api_key": None},
+        "dataset": dataset.describe(),
+        "runs": [run.to_json() for run in runs],
+    })
+
+
+def json_safe(value):
+    """``value`` with non-finite floats written as the strings 'inf', '-inf', 'nan'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_run(title: str, rate: float, s: dict) -> str:
+    """One run's summary as an aligned plain-text table."""
+    rows = [
+        ("Request rate (req/s)", f"{rate:g}"),
+        ("Successful requests", s["completed"]),
+        ("Failed requests", s["failed"]),
+        ("Duration (s)", s["duration_s"]),
+        ("Total input tokens", s["total_input_tokens"]),
+        ("Total output tokens", s["total_output_tokens"]),
+        ("Request throughput (req/s)", s["request_throughput"]),
+        ("Input token throughput (tok/s)", s["input_throughput"]),
+        ("Output token throughput (tok/s)", s["output_throughput"]),
+        ("SLO TTFT (ms)", s["slo_ttft_ms"]),
+        ("SLO TPOT (ms)", s["slo_tpot_ms"]),
+        ("Goodput (req/s)", s["goodput"]),
+        ("SLO attainment", s["slo_attainment"]),
+    ]
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        stats = s[f"{metric}_ms"]
+        for key in ("mean", "p50", "p90", "p99"):
+            rows.append((f"{key} {metric.upper()} (ms)", stats[key]))
+    for kind, count in sorted(s["errors"].items()):
+        rows.append((f"errors: {kind}", count))
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{name:<{width}}{_fmt(value):>14}" for name, value in rows]
+    rule = "=" * (width + 14)
+    return "\n".join([f" {title} ".center(width + 14, "="), *lines, rule])
+
+
+def format_sweep(runs: list[Run]) -> str:
+    """One aligned line per rate of a sweep."""
+    header = ("rate", "ok", "failed", "req/s", "goodput", "attain", "p99 TTFT", "p99 TPOT", "p99 ITL")
+    rows = [header]
+    for run in runs:
+        s = run.summary
+        rows.append((f"{run.rate:g}", str(s["completed"]), str(s["failed"]), _fmt(s["request_throughput"]),
+                     _fmt(s["goodput"]), _fmt(s["slo_attainment"]), _fmt(s["ttft_ms"]["p99"]),
+                     _fmt(s["tpot_ms"]["p99"]), _fmt(s["itl_ms"]["p99"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def write_outputs(config: BenchConfig, document: dict, model: str, runs: list[Run]) -> None:
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1, allow_nan=False))
+    if config.plot:
+        from bench.serving_plot import plot_latency, plot_sweep  # matplotlib only when asked for
+
+        Path(config.plot).parent.mkdir(parents=True, exist_ok=True)
+        if len(runs) > 1:
+            plot_sweep([run.rate for run in runs], [run.summary for run in runs], config.plot)
+        else:
+            plot_latency(runs[0].records, config.plot, title=f"{model} @ {runs[0].rate:g} req/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pdserve bench``: 0 on a finished benchmark, 2 on a bad flag, 1 when it cannot run."""
+    parser = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, BenchConfig)
+    try:
+        config = from_args(BenchConfig, parser.parse_args(argv))
+        dataset = load_dataset(config)
+    except ConfigError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        return 2
+    except DatasetError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        return 1
+    logger.info("dataset: %s", dataset.describe())
+    try:
+        model, runs = asyncio.run(run_benchmark(config, dataset))
+    except BenchError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        return 1
+    for run in runs:
+        print(format_run(f"pdserve bench: {model}", run.rate, run.summary))
+    if len(runs) > 1:
+        print(format_sweep(runs))
+    print(f"dataset: {dataset.source} ({dataset.length_method}); results: {config.out}")
+    write_outputs(config, results_document(config, model, dataset, runs), model, runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
