@@ -136,9 +136,12 @@ class BusServer:
         # Sending to an identity that is no longer connected raises EHOSTUNREACH
         # instead of silently dropping, so we learn the peer is gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A restarted client may reuse nothing of the old connection; new ids per connection.
-        bind = self.bind.replace(":0", ":*") if self.bind.endswith(":0") else self.bind
-        sock.bind(bind)
+        bind = self.bind[:-2] + ":*" if self.bind.endswith(":0") else self.bind
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
         self._reader = _Reader(sock, self._on_frames)

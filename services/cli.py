@@ -39,8 +39,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="P/D disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if command in (None, name):
             add_arguments(p, getattr(importlib.import_module(cmd.module), cmd.config))
     return parser

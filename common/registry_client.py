@@ -1,0 +1,236 @@
+"""Talking to the registry: register + heartbeats (engines), watch + cache (gateway).
+
+``RegistryClient`` registers an instance and keeps its lease alive; a
+heartbeat answered with ``unknown_instance`` (the registry restarted, or our
+lease expired) re-registers at once, and an unreachable registry is logged
+and retried every interval — the loop never dies.
+
+``MembershipWatcher`` mirrors the registry's membership in ``instances`` from
+the ``Watch`` stream.  When the stream breaks (peer gone, idle timeout, error)
+it reconnects with exponential backoff; every snapshot the registry sends
+replaces the cache, and the implied joined/updated/left changes go to the
+listeners, so a registry restart is seen as a consistent sequence of changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import Awaitable, Callable, Union
+
+import msgspec
+
+from common.bus import BusClient
+from common.errors import BusError, PeerError
+from common.messages import (
+    Ack,
+    Deregister,
+    Heartbeat,
+    Instance,
+    InstanceList,
+    ListInstances,
+    Load,
+    MembershipChange,
+    MembershipEvent,
+    Register,
+    Registered,
+    Role,
+    Watch,
+)
+logger = logging.getLogger(__name__)
+
+LoadFn = Callable[[], Union[Load, Awaitable[Load]]]
+Listener = Callable[[MembershipChange, Instance], None]
+
+
+def serves_role(instance: Instance, role: Role | None) -> bool:
+    """Whether ``instance`` can do ``role`` work: exact match, or a ``both`` instance
+    for "prefill"/"decode"; ``None`` matches everything."""
+    return role is None or instance.role == role or instance.role == "both"
+
+
+def expect(reply: object, cls: type) -> None:
+    if not isinstance(reply, cls):
+        raise BusError(f"registry answered {type(reply).__name__}, expected {cls.__name__}")
+
+
+class RegistryClient:
+    """Register / deregister / list, and a heartbeat task for one instance.
+
+    Create it inside a running event loop (it owns a ``BusClient``); ``close()`` it.
+    """
+
+    def __init__(self, endpoint: str, *, timeout: float = 5.0):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.heartbeat_interval_s = 1.0  # replaced by the registry's value at registration
+        self._bus = BusClient(endpoint, name="registry", timeout=timeout)
+        self._heartbeats: asyncio.Task | None = None
+        self._instance_id: str | None = None
+
+    async def register(self, instance: Instance) -> Registered:
+        """Register (or replace) ``instance``; raises PeerError("incompatible" | "protocol_version" | ...)."""
+        reply = await self._bus.call(Register(instance=instance))
+        expect(reply, Registered)
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
+        return reply
+
+    async def deregister(self, instance_id: str) -> None:
+        expect(await self._bus.call(Deregister(instance_id=instance_id)), Ack)
+
+    async def list(self, role: Role | None = None) -> list[Instance]:
+        """Instances that can serve ``role`` (a ``both`` instance serves prefill and decode)."""
+        reply = await self._bus.call(ListInstances(role=role))
+        expect(reply, InstanceList)
+        return reply.instances
+
+    async def heartbeat_loop(self, instance: Instance, load_fn: LoadFn, *, registered: bool = False) -> None:
+        """Run forever: heartbeat every interval with ``load_fn()``; (re-)register when needed."""
+        while True:
+            try:
+                load = load_fn()
+                if inspect.isawaitable(load):
+                    load = await load
+                if not registered:
+                    await self.register(msgspec.structs.replace(instance, load=load))
+                    registered = True
+                    logger.info("registered %s with %s", instance.id, self.endpoint)
+                else:
+                    expect(await self._bus.call(Heartbeat(instance_id=instance.id, load=load)), Ack)
+            except PeerError as e:
+                if e.code == "unknown_instance":
+                    logger.warning("registry forgot %s; registering again", instance.id)
+                    registered = False
+                    continue
+                logger.error("registry refused %s: %s", instance.id, e)
+            except BusError as e:
+                logger.warning("registry %s unreachable: %s", self.endpoint, e)
+            except Exception:
+                logger.exception("heartbeat for %s failed", instance.id)
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    async def start_heartbeats(self, instance: Instance, load_fn: LoadFn) -> Registered:
+        """Register now (errors propagate), then keep the lease alive in a task until ``stop()``."""
+        if self._heartbeats is not None:
+            raise RuntimeError(f"heartbeats already running for {self._instance_id}")
+        registered = await self.register(instance)
+        self._instance_id = instance.id
+        self._heartbeats = asyncio.create_task(
+            self.heartbeat_loop(instance, load_fn, registered=True), name=f"heartbeat-{instance.id}"
+        )
+        return registered
+
+    async def stop(self) -> None:
+        """Stop heartbeating and deregister (best effort: a down registry lets the lease expire)."""
+        if self._heartbeats is None:
+            return
+        self._heartbeats.cancel()
+        await asyncio.gather(self._heartbeats, return_exceptions=True)
+        self._heartbeats = None
+        instance_id, self._instance_id = self._instance_id, None
+        try:
+            await self.deregister(instance_id)
+        except BusError as e:
+            logger.warning("could not deregister %s (its lease will expire): %s", instance_id, e)
+
+    async def close(self) -> None:
+        await self.stop()
+        await self._bus.close()
+
+
+class MembershipWatcher:
+    """A local, self-healing copy of the registry's membership."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        idle_timeout: float = 5.0,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+    ):
+        """``idle_timeout`` must exceed the registry's heartbeat interval (its snapshot period)."""
+        if idle_timeout <= 0 or backoff_initial_s <= 0 or backoff_max_s < backoff_initial_s:
+            raise ValueError("need idle_timeout > 0 and 0 < backoff_initial_s <= backoff_max_s")
+        self.endpoint = endpoint
+        self.idle_timeout = idle_timeout
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.instances: dict[str, Instance] = {}
+        self._listeners: list[Listener] = []
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def add_listener(self, callback: Listener) -> None:
+        """``callback(change, instance)`` runs on the event loop after the cache changed."""
+        self._listeners.append(callback)
+
+    def by_role(self, role: Role | None) -> list[Instance]:
+        """Cached instances that can serve ``role`` (a ``both`` instance serves prefill and decode)."""
+        return [i for i in self.instances.values() if serves_role(i, role)]
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="registry-watch")
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the first snapshot; raises TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = self.backoff_initial_s
+        while True:
+            bus = BusClient(self.endpoint, name="registry-watch", timeout=self.idle_timeout)
+            try:
+                async for reply in bus.stream(Watch(), idle_timeout=self.idle_timeout):
+                    if isinstance(reply, InstanceList):
+                        self._apply_snapshot(reply.instances)
+                        backoff = self.backoff_initial_s
+                    elif isinstance(reply, MembershipEvent):
+                        self._apply(reply.change, reply.instance)
+                    else:
+                        raise BusError(f"unexpected {type(reply).__name__} in the watch stream")
+                logger.warning("watch stream from %s ended; reconnecting", self.endpoint)
+            except BusError as e:
+                logger.warning("watch stream from %s broke (%s); reconnecting in %.1fs", self.endpoint, e, backoff)
+            finally:
+                await bus.close()
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, self.backoff_max_s)
+
+    def _apply_snapshot(self, instances: list[Instance]) -> None:
+        new = {i.id: i for i in instances}
+        for instance_id in [i for i in self.instances if i not in new]:
+            self._apply("left", self.instances[instance_id])
+        for instance in new.values():
+            self._apply("joined", instance)
+        self._ready.set()
+
+    def _apply(self, change: MembershipChange, instance: Instance) -> None:
+        """Update the cache; listeners hear only real changes ("joined" = new to the cache)."""
+        old = self.instances.get(instance.id)
+        if change in ("left", "expired"):
+            if old is None:
+                return
+            del self.instances[instance.id]
+        else:
+            if old == instance:
+                return
+            change = "joined" if old is None else "updated"
+            self.instances[instance.id] = instance
+        logger.debug("membership: %s %s", change, instance.id)
+        for callback in self._listeners:
+            try:
+                callback(change, instance)
+            except Exception:
+                logger.exception("membership listener %r failed on %s %s", callback, change, instance.id)
