@@ -1,0 +1,45 @@
+"""KV transfer settings shared by prefill and decode engines (flags ``--kv-*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from common.config import opt, require
+
+
+@dataclass
+class KVTransferConfig:
+    kv_backend: Literal["mooncake", "mori"] = opt("mooncake", "KV transfer backend", choices=("mooncake", "mori"))
+    kv_host: str = opt("127.0.0.1", "address peers reach this engine's transfer backend at")
+    kv_force_tcp: bool = opt(False, "use TCP even where RDMA NICs exist")
+    kv_lease_seconds: float = opt(30.0, "prefill frees pinned blocks this long after the last renewal")
+    kv_lease_sweep_interval_s: float = opt(1.0, "how often prefill looks for expired leases")
+    kv_handshake_timeout_s: float = opt(5.0, "give up a handshake with a prefill engine after this long")
+    kv_rpc_timeout_s: float = opt(5.0, "timeout of RenewLease / ReleaseKV calls")
+    kv_renew_interval_s: float = opt(5.0, "renew a lease this often while its blocks are being read")
+    kv_transfer_threads: int = opt(4, "threads running blocking backend reads")
+    kv_read_shards: int = opt(1, "split one request's read into this many concurrent backend batches")
+
+    def validate(self) -> None:
+        require(bool(self.kv_host), "kv_host", "must not be empty")
+        for name in (
+            "kv_lease_seconds",
+            "kv_lease_sweep_interval_s",
+            "kv_handshake_timeout_s",
+            "kv_rpc_timeout_s",
+            "kv_renew_interval_s",
+        ):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(
+            self.kv_renew_interval_s < self.kv_lease_seconds,
+            "kv_renew_interval_s",
+            f"must be < --kv-lease-seconds ({self.kv_lease_seconds:g}) or leases expire mid-read",
+        )
+        require(self.kv_transfer_threads >= 1, "kv_transfer_threads", "must be >= 1")
+        require(self.kv_read_shards >= 1, "kv_read_shards", "must be >= 1")
+        require(
+            self.kv_read_shards <= self.kv_transfer_threads,
+            "kv_read_shards",
+            f"must be <= --kv-transfer-threads ({self.kv_transfer_threads})",
+        )

@@ -1,0 +1,392 @@
+"""The KV handoff over the bus: decode-side ``KVConnector``, prefill-side ``KVSideChannel``.
+
+Decode: ``read_blocks(params, local_block_ids, skip_leading)`` handshakes once
+per prefill engine (one shared future per engine, failures not cached), merges
+block runs into byte ranges, runs the blocking backend read in a thread pool,
+renews the lease while it waits, checks every status, and always sends
+``ReleaseKV`` afterwards (in the background), after the backend has stopped
+touching memory.
+
+Prefill: ``KVSideChannel`` answers ``Handshake`` (refusing a different protocol
+version or KV fingerprint), ``RenewLease`` and ``ReleaseKV`` from a ``LeaseTable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from common.bus import BusClient, BusServer
+from common.errors import BusError, CallTimeout, HandshakeError, KVTransferError, PeerError
+from common.kv_transfer.backend import TransferBackend
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.leases import LeaseTable
+from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
+from common.kv_transfer.status import RequestTransfers, TransferStatus
+from common.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Fingerprint,
+    Handshake,
+    HandshakeReply,
+    KVTransferParams,
+    LeaseRenewed,
+    ReleaseKV,
+    RenewLease,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A prefill engine we completed a handshake with."""
+
+    engine_id: str
+    kv_endpoint: str
+    session: str
+    layout: KVLayout
+
+
+@dataclass(frozen=True)
+class ReadStats:
+    """One request's read: blocks and merged ranges moved, bytes, seconds inside the backend."""
+
+    num_blocks: int
+    num_ranges: int
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class ConnectorMetrics:
+    """Totals since start, for the engine service to report."""
+
+    handshakes: int = 0
+    reads: int = 0
+    failures: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    ranges: int = 0
+
+
+def _shards(ranges: ByteRanges, n: int) -> list[ByteRanges]:
+    """Split ranges into at most ``n`` batches of about equal byte size, keeping order."""
+    n = max(1, min(n, len(ranges.lengths)))
+    target = ranges.total_bytes / n
+    out: list[ByteRanges] = [ByteRanges([], [], [])]
+    size = 0
+    for la, ra, length in zip(*ranges):
+        if size >= target * len(out) and len(out) < n:
+            out.append(ByteRanges([], [], []))
+        out[-1].local_addrs.append(la)
+        out[-1].remote_addrs.append(ra)
+        out[-1].lengths.append(length)
+        size += length
+    return out
+
+
+async def _finish_uncancellable(fut: asyncio.Future):
+    """Await ``fut`` to completion even if we are cancelled meanwhile; then re-raise the cancel.
+
+    A backend read cannot be stopped once started: returning early would let the
+    engine reuse (and the peer free) memory the read is still writing/reading.
+    """
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(fut)
+            break
+        except asyncio.CancelledError:
+            if fut.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class KVConnector:
+    """Decode side: reads prompt KV blocks from prefill engines."""
+
+    def __init__(
+        self,
+        backend: TransferBackend,
+        engine_id: str,
+        fingerprint: Fingerprint,
+        layout: KVLayout,
+        config: KVTransferConfig,
+    ):
+        self.backend = backend
+        self.engine_id = engine_id
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.config = config
+        self.metrics = ConnectorMetrics()
+        self._pool = ThreadPoolExecutor(config.kv_transfer_threads, thread_name_prefix="kv-read")
+        self._peers: dict[str, asyncio.Future[Peer]] = {}
+        self._clients: dict[str, BusClient] = {}
+        self._background: set[asyncio.Task] = set()
+
+    # -- handshakes -------------------------------------------------------
+
+    async def handshake(self, engine_id: str, kv_endpoint: str) -> Peer:
+        """The peer for ``engine_id``, handshaking once; concurrent callers share one attempt.
+
+        Raises ``HandshakeError``; a failed attempt is forgotten so the next call retries.
+        """
+        fut = self._peers.get(engine_id)
+        if fut is not None and fut.done():
+            if fut.cancelled() or fut.exception() is not None or fut.result().kv_endpoint != kv_endpoint:
+                fut = None  # failed, or the engine moved (restart): handshake again
+        if fut is None:
+            fut = asyncio.ensure_future(self._handshake(engine_id, kv_endpoint))
+            self._peers[engine_id] = fut
+            fut.add_done_callback(lambda f: self._forget_failed(engine_id, f))
+        return await asyncio.shield(fut)
+
+    def _forget_failed(self, engine_id: str, fut: asyncio.Future) -> None:
+        if (fut.cancelled() or fut.exception() is not None) and self._peers.get(engine_id) is fut:
+            del self._peers[engine_id]
+
+    def forget_peer(self, engine_id: str) -> None:
+        """Drop a cached handshake (after a failed read): the next request handshakes again."""
+        fut = self._peers.get(engine_id)
+        if fut is not None and fut.done():
+            del self._peers[engine_id]
+
+    def _client(self, kv_endpoint: str) -> BusClient:
+        client = self._clients.get(kv_endpoint)
+        if client is None:
+            client = BusClient(kv_endpoint, name=f"kv-{kv_endpoint}", timeout=self.config.kv_rpc_timeout_s)
+            self._clients[kv_endpoint] = client
+        return client
+
+    async def _handshake(self, engine_id: str, kv_endpoint: str) -> Peer:
+        timeout = self.config.kv_handshake_timeout_s
+        try:
+            reply = await self._client(kv_endpoint).call(Handshake(self.engine_id, self.fingerprint), timeout=timeout)
+        except CallTimeout:
+            await self._drop_client(kv_endpoint)
+            raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} timed out after {timeout:g} s") from None
+        except PeerError as e:
+            raise HandshakeError(f"{engine_id} refused the handshake: {e.code}: {e.message}") from e
+        except BusError as e:
+            await self._drop_client(kv_endpoint)
+            raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} failed: {e}") from e
+        peer = self._check_reply(engine_id, kv_endpoint, reply)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self.backend.connect, reply.session, reply.backend_meta)
+        except (ValueError, RuntimeError) as e:
+            raise HandshakeError(f"{self.backend.name} cannot connect to {engine_id}: {e}") from e
+        self.metrics.handshakes += 1
+        logger.info("KV handshake with %s (%s) done: session %s", engine_id, kv_endpoint, reply.session)
+        return peer
+
+    def _check_reply(self, engine_id: str, kv_endpoint: str, reply: object) -> Peer:
+        if not isinstance(reply, HandshakeReply):
+            raise HandshakeError(f"{engine_id} answered the handshake with {type(reply).__name__}")
+        if reply.engine_id != engine_id:
+            raise HandshakeError(f"{kv_endpoint} is engine {reply.engine_id!r}, not {engine_id!r}")
+        diff = self.fingerprint.differences(reply.fingerprint)
+        if diff:
+            detail = ", ".join(
+                f"{f} (ours {getattr(self.fingerprint, f)!r}, theirs {getattr(reply.fingerprint, f)!r})" for f in diff
+            )
+            raise HandshakeError(f"{engine_id} has an incompatible KV cache: {detail}")
+        if reply.backend != self.backend.name:
+            raise HandshakeError(f"{engine_id} uses backend {reply.backend!r}, we use {self.backend.name!r}")
+        if reply.block_bytes != self.layout.block_bytes:
+            raise HandshakeError(f"{engine_id} has {reply.block_bytes}-byte blocks, ours are {self.layout.block_bytes}")
+        if not reply.regions or reply.regions[0].length < reply.block_bytes * reply.num_blocks:
+            raise HandshakeError(f"{engine_id}'s registered memory does not hold its {reply.num_blocks} blocks")
+        layout = KVLayout(reply.regions[0].addr, reply.block_bytes, reply.num_blocks)
+        return Peer(engine_id, kv_endpoint, reply.session, layout)
+
+    async def _drop_client(self, kv_endpoint: str) -> None:
+        client = self._clients.pop(kv_endpoint, None)
+        if client is not None:
+            await client.close()
+
+    # -- reads ------------------------------------------------------------
+
+    async def read_blocks(
+        self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
+    ) -> ReadStats:
+        """Read ``params.block_ids[skip_leading:]`` into ``local_block_ids[skip_leading:]``.
+
+        The first ``skip_leading`` blocks are local prefix-cache hits.  Raises
+        ``HandshakeError`` / ``KVTransferError``; ``ReleaseKV`` is sent in every
+        outcome (success, failure, cancellation) once no backend read is running.
+        """
+        try:
+            if len(local_block_ids) != len(params.block_ids):
+                raise KVTransferError(
+                    f"{len(local_block_ids)} local blocks for {len(params.block_ids)} remote blocks"
+                )
+            if not 0 <= skip_leading <= len(params.block_ids):
+                raise KVTransferError(f"skip_leading={skip_leading} outside [0, {len(params.block_ids)}]")
+            peer = await self.handshake(params.engine_id, params.kv_endpoint)
+            try:
+                ranges = block_ranges(
+                    local_block_ids[skip_leading:],
+                    params.block_ids[skip_leading:],
+                    local_base=self.layout.base_addr,
+                    remote_base=peer.layout.base_addr,
+                    block_bytes=self.layout.block_bytes,
+                    local_num_blocks=self.layout.num_blocks,
+                    remote_num_blocks=peer.layout.num_blocks,
+                )
+            except ValueError as e:
+                raise KVTransferError(f"transfer {params.transfer_id}: {e}") from e
+            stats = await self._read(peer, params, ranges, len(local_block_ids) - skip_leading)
+        except KVTransferError:
+            self.metrics.failures += 1
+            raise
+        finally:
+            self.release(params)
+        self.metrics.reads += 1
+        self.metrics.bytes += stats.bytes
+        self.metrics.seconds += stats.seconds
+        self.metrics.ranges += stats.num_ranges
+        return stats
+
+    async def _read(self, peer: Peer, params: KVTransferParams, ranges: ByteRanges, num_blocks: int) -> ReadStats:
+        if not ranges.lengths:
+            return ReadStats(0, 0, 0, 0.0)
+        tid = params.transfer_id
+        if params.lease_expiry - time.time() < self.config.kv_renew_interval_s:
+            try:
+                alive = await self._renew(peer, tid)
+            except BusError as e:
+                raise KVTransferError(f"cannot renew the lease of transfer {tid} before reading: {e}") from e
+            if not alive:
+                raise KVTransferError(f"lease of transfer {tid} expired before the read")
+        lease_lost = asyncio.Event()
+        renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
+        shards = _shards(ranges, self.config.kv_read_shards)
+        tracker = RequestTransfers(len(shards))
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            futures = [loop.run_in_executor(self._pool, self.backend.read, peer.session, *s) for s in shards]
+            results = await _finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+        seconds = time.perf_counter() - start
+        for worker, result in enumerate(results):
+            if isinstance(result, BaseException):
+                logger.warning("KV read shard %d of %s raised %r", worker, tid, result)
+                result = [TransferStatus.FAILED]
+            tracker.report(worker, result)
+        if tracker.state is not TransferStatus.SUCCESS:
+            self.forget_peer(peer.engine_id)
+            failed = sum(s is not TransferStatus.SUCCESS for r in results if isinstance(r, list) for s in r)
+            raise KVTransferError(
+                f"reading transfer {tid} from {peer.engine_id} failed ({failed} of {len(ranges.lengths)} ranges)"
+            )
+        if lease_lost.is_set():
+            raise KVTransferError(f"lease of transfer {tid} expired during the read; the blocks may be reused")
+        return ReadStats(num_blocks, len(ranges.lengths), ranges.total_bytes, seconds)
+
+    async def _renew(self, peer: Peer, transfer_id: str) -> bool:
+        """Renew one lease; False when prefill no longer knows it.  Bus errors propagate."""
+        reply = await self._client(peer.kv_endpoint).call(RenewLease([transfer_id]))
+        return isinstance(reply, LeaseRenewed) and transfer_id in reply.expiry
+
+    async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self.config.kv_renew_interval_s)
+            try:
+                if not await self._renew(peer, transfer_id):
+                    logger.warning("lease of transfer %s is gone at %s", transfer_id, peer.engine_id)
+                    lost.set()
+                    return
+            except BusError as e:
+                logger.warning("renewing lease of transfer %s failed: %s", transfer_id, e)
+
+    def release(self, params: KVTransferParams) -> None:
+        """Send ``ReleaseKV`` in the background: a dead prefill never delays the caller."""
+        task = asyncio.create_task(self._send_release(params))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def flush(self) -> None:
+        """Wait until every ``ReleaseKV`` sent so far was answered or failed."""
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _send_release(self, params: KVTransferParams) -> None:
+        try:
+            await self._client(params.kv_endpoint).call(ReleaseKV([params.transfer_id]))
+        except BusError as e:
+            logger.warning("ReleaseKV %s to %s failed (its lease will expire): %s", params.transfer_id, params.engine_id, e)
+
+    async def close(self) -> None:
+        """Wait for pending releases, close clients and the thread pool."""
+        await self.flush()
+        for fut in self._peers.values():
+            fut.cancel()
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+        self._peers.clear()
+        self._pool.shutdown(wait=True)
+
+
+class KVSideChannel:
+    """Prefill side: answers handshakes and lease messages on the engine's KV ROUTER."""
+
+    def __init__(
+        self,
+        engine_id: str,
+        fingerprint: Fingerprint,
+        backend: TransferBackend,
+        layout: KVLayout,
+        leases: LeaseTable,
+    ):
+        self.engine_id = engine_id
+        self.fingerprint = fingerprint
+        self.backend = backend
+        self.layout = layout
+        self.leases = leases
+        self.num_handshakes = 0
+        self._reply = HandshakeReply(
+            engine_id=engine_id,
+            fingerprint=fingerprint,
+            backend=backend.name,
+            session=backend.session,
+            regions=[layout.region],
+            block_bytes=layout.block_bytes,
+            num_blocks=layout.num_blocks,
+            backend_meta=backend.backend_meta(),
+        )
+
+    def attach(self, server: BusServer) -> None:
+        server.on(Handshake, self.on_handshake)
+        server.on(RenewLease, self.on_renew)
+        server.on(ReleaseKV, self.on_release)
+
+    async def on_handshake(self, msg: Handshake) -> HandshakeReply:
+        self.num_handshakes += 1
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise PeerError(
+                "protocol_version", f"peer speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}"
+            )
+        diff = self.fingerprint.differences(msg.fingerprint)
+        if diff:
+            logger.warning("refusing KV handshake from %s: fingerprint differs in %s", msg.engine_id, diff)
+            raise PeerError("incompatible", f"KV fingerprint differs in: {', '.join(diff)}", ",".join(diff))
+        return self._reply
+
+    async def on_renew(self, msg: RenewLease) -> LeaseRenewed:
+        return LeaseRenewed(self.leases.renew(msg.transfer_ids))
+
+    async def on_release(self, msg: ReleaseKV) -> Ack:
+        for tid in msg.transfer_ids:
+            self.leases.release(tid)
+        return Ack()

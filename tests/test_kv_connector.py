@@ -1,0 +1,345 @@
+"""L2: the KV connector and side channel over real ZMQ (BusServer/BusClient), fake MoRI-IO fabric."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+import torch
+
+from common.bus import BusClient, BusServer
+from common.engine.kv_cache import KVCache
+from common.errors import HandshakeError, KVTransferError, PeerError
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.connector import KVConnector, KVSideChannel
+from common.kv_transfer.leases import LeaseTable
+from common.kv_transfer.mori import MoriBackend
+from common.kv_transfer.ranges import KVLayout
+from common.messages import (
+    Ack,
+    Fingerprint,
+    Handshake,
+    HandshakeReply,
+    KVRequest,
+    KVTransferParams,
+    LeaseRenewed,
+    ReleaseKV,
+    RenewLease,
+)
+from tests.fakes import mori as fake_mori
+
+GEOMETRY = dict(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
+
+
+def fingerprint(**over) -> Fingerprint:
+    base = dict(model="tiny", dtype="float16", block_size=4, num_layers=2, num_kv_heads=2, head_dim=8,
+                kv_layout="block-major", transfer_backend="mori")
+    return Fingerprint(**{**base, **over})
+
+
+def config(**over) -> KVTransferConfig:
+    base = dict(kv_backend="mori", kv_lease_seconds=30.0, kv_handshake_timeout_s=1.0, kv_rpc_timeout_s=1.0,
+                kv_renew_interval_s=5.0, kv_transfer_threads=2)
+    cfg = KVTransferConfig(**{**base, **over})
+    cfg.validate()
+    return cfg
+
+
+@dataclass
+class Prefill:
+    kv: KVCache
+    leases: LeaseTable
+    released: list
+    channel: KVSideChannel
+    server: BusServer
+    backend: MoriBackend
+
+    def params(self, block_ids: list[int], transfer_id: str = "t1") -> KVTransferParams:
+        expiry = self.leases.pin(transfer_id, block_ids)
+        return KVTransferParams(engine_id="prefill-0", kv_endpoint=self.server.endpoint, transfer_id=transfer_id,
+                                block_ids=block_ids, num_tokens=4 * len(block_ids), first_token_id=1,
+                                lease_expiry=expiry)
+
+
+@pytest.fixture
+def fake():
+    yield fake_mori.install()
+    fake_mori.uninstall()
+
+
+@pytest.fixture
+async def prefill(fake):
+    kv = KVCache(num_blocks=16, **GEOMETRY)
+    kv.data.copy_(torch.randn_like(kv.data))
+    backend = MoriBackend("127.0.0.1")
+    layout = KVLayout.of(kv)
+    backend.register([layout.region])
+    released: list[str] = []
+    leases = LeaseTable(30.0, released.append)
+    channel = KVSideChannel("prefill-0", fingerprint(), backend, layout, leases)
+    server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
+    channel.attach(server)
+    await server.start()
+    yield Prefill(kv, leases, released, channel, server, backend)
+    await server.close()
+    backend.close()
+
+
+@pytest.fixture
+async def decode(fake):
+    made = []
+
+    async def make(fp: Fingerprint | None = None, **over) -> tuple[KVConnector, KVCache]:
+        kv = KVCache(num_blocks=16, **GEOMETRY)
+        backend = MoriBackend("127.0.0.1")
+        layout = KVLayout.of(kv)
+        backend.register([layout.region])
+        conn = KVConnector(backend, "decode-0", fp or fingerprint(), layout, config(**over))
+        made.append((conn, backend))
+        return conn, kv
+
+    yield make
+    for conn, backend in made:
+        await conn.close()
+        backend.close()
+
+
+# -- handshakes ---------------------------------------------------------------
+
+
+async def test_handshake_roundtrip(prefill, decode):
+    conn, _ = await decode()
+    peer = await conn.handshake("prefill-0", prefill.server.endpoint)
+    assert peer.session == prefill.backend.session
+    assert peer.layout == KVLayout.of(prefill.kv)
+    assert await conn.handshake("prefill-0", prefill.server.endpoint) is peer  # cached
+    assert prefill.channel.num_handshakes == 1 and conn.metrics.handshakes == 1
+
+
+async def test_concurrent_requests_share_one_handshake(prefill, decode):
+    conn, kv = await decode()
+    params = [prefill.params([i], f"t{i}") for i in range(8)]
+    await asyncio.gather(*(conn.read_blocks(p, [8 + i]) for i, p in enumerate(params)))
+    assert prefill.channel.num_handshakes == 1
+    for i in range(8):
+        assert torch.equal(kv.data[8 + i], prefill.kv.data[i])
+
+
+async def test_handshake_timeout_fails_fast_and_is_retried(decode):
+    calls = 0
+
+    async def never_answer(msg):
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(3600)
+
+    server = BusServer("tcp://127.0.0.1:0", KVRequest, name="silent")
+    server.on(Handshake, never_answer)
+    await server.start()
+    try:
+        conn, _ = await decode(kv_handshake_timeout_s=0.3)
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(conn.handshake("prefill-0", server.endpoint) for _ in range(3)), return_exceptions=True
+        )
+        elapsed = time.perf_counter() - start
+        assert all(isinstance(r, HandshakeError) and "timed out after 0.3 s" in str(r) for r in results)
+        assert 0.3 <= elapsed < 1.5
+        assert calls == 1  # three waiters, one attempt
+        with pytest.raises(HandshakeError):
+            await conn.handshake("prefill-0", server.endpoint)
+        assert calls == 2  # the failure was not cached
+    finally:
+        await server.close()
+
+
+async def test_fingerprint_mismatch_is_refused_naming_fields(prefill, decode):
+    conn, _ = await decode(fingerprint(block_size=8, head_dim=16))
+    with pytest.raises(HandshakeError, match="incompatible: KV fingerprint differs in: block_size, head_dim"):
+        await conn.handshake("prefill-0", prefill.server.endpoint)
+    with pytest.raises(HandshakeError):
+        await conn.handshake("prefill-0", prefill.server.endpoint)
+    assert prefill.channel.num_handshakes == 2  # refusals are not cached
+
+
+async def test_wrong_engine_behind_endpoint_is_refused(prefill, decode):
+    conn, _ = await decode()
+    with pytest.raises(HandshakeError, match="is engine 'prefill-0', not 'prefill-9'"):
+        await conn.handshake("prefill-9", prefill.server.endpoint)
+
+
+async def test_protocol_version_mismatch(prefill):
+    client = BusClient(prefill.server.endpoint, timeout=1.0)
+    try:
+        with pytest.raises(PeerError) as err:
+            await client.call(Handshake("d", fingerprint(), protocol_version=99))
+        assert err.value.code == "protocol_version"
+        with pytest.raises(PeerError) as err:
+            await client.call(Handshake("d", fingerprint(dtype="bfloat16")))
+        assert err.value.code == "incompatible" and err.value.param == "dtype"
+    finally:
+        await client.close()
+
+
+# -- leases over the bus ------------------------------------------------------
+
+
+async def test_renew_and_release_messages_change_lease_state(prefill):
+    old = prefill.leases.pin("a", [1, 2])
+    client = BusClient(prefill.server.endpoint, timeout=1.0)
+    try:
+        await asyncio.sleep(0.01)
+        reply = await client.call(RenewLease(["a", "ghost"]))
+        assert isinstance(reply, LeaseRenewed) and set(reply.expiry) == {"a"} and reply.expiry["a"] > old
+        assert isinstance(await client.call(ReleaseKV(["a"])), Ack)
+        assert "a" not in prefill.leases and prefill.released == ["a"]
+        await client.call(ReleaseKV(["a"]))  # idempotent
+        assert prefill.released == ["a"]
+    finally:
+        await client.close()
+
+
+# -- reads --------------------------------------------------------------------
+
+
+async def test_read_blocks_moves_scattered_blocks_and_releases(prefill, decode):
+    conn, kv = await decode()
+    remote, local = [5, 6, 7, 2, 9], [0, 1, 2, 3, 11]
+    stats = await conn.read_blocks(prefill.params(remote), local)
+    for r, l in zip(remote, local):
+        assert torch.equal(kv.data[l], prefill.kv.data[r])
+    assert stats.num_blocks == 5 and stats.num_ranges == 3  # [5,6,7]->[0,1,2], 2->3, 9->11
+    assert stats.bytes == 5 * kv.block_bytes
+    await conn.flush()
+    assert prefill.released == ["t1"] and len(prefill.leases) == 0
+    assert conn.metrics.reads == 1 and conn.metrics.bytes == stats.bytes and conn.metrics.ranges == 3
+
+
+async def test_skip_leading_prefix_hits_are_not_read(prefill, decode):
+    conn, kv = await decode()
+    stats = await conn.read_blocks(prefill.params([1, 2, 3]), [4, 5, 6], skip_leading=2)
+    assert stats.num_blocks == 1
+    assert torch.equal(kv.data[6], prefill.kv.data[3])
+    assert not kv.data[4].any() and not kv.data[5].any()
+    full = await conn.read_blocks(prefill.params([1], "t2"), [7], skip_leading=1)
+    assert full.bytes == 0
+    await conn.flush()
+    assert prefill.released == ["t1", "t2"]
+
+
+async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode, fake):
+    conn, _ = await decode()
+    fake.knobs.fail_next = 1
+    with pytest.raises(KVTransferError, match="failed \\(1 of 1 ranges\\)"):
+        await conn.read_blocks(prefill.params([1, 2]), [3, 4])
+    await conn.flush()
+    assert prefill.released == ["t1"]
+    assert conn.metrics.failures == 1
+    await conn.read_blocks(prefill.params([1, 2], "t2"), [3, 4])
+    assert prefill.channel.num_handshakes == 2  # the failed peer was forgotten
+
+
+async def test_lease_is_renewed_during_a_slow_read(prefill, decode, fake):
+    prefill.leases.lease_seconds = 0.3
+    sweeper = asyncio.create_task(prefill.leases.run_sweeper(0.05))
+    try:
+        conn, kv = await decode(kv_renew_interval_s=0.1, kv_lease_seconds=0.3)
+        fake.knobs.delay_s = 0.8
+        await conn.read_blocks(prefill.params([4]), [0])
+        assert torch.equal(kv.data[0], prefill.kv.data[4])
+        assert prefill.leases.num_expired == 0
+    finally:
+        sweeper.cancel()
+
+
+async def test_expired_lease_is_detected_before_reading(prefill, decode):
+    conn, _ = await decode()
+    params = prefill.params([1])
+    prefill.leases.release("t1")  # prefill already freed the blocks
+    params.lease_expiry = time.time() - 1
+    with pytest.raises(KVTransferError, match="expired before the read"):
+        await conn.read_blocks(params, [2])
+
+
+async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode, fake):
+    conn, kv = await decode()
+    fake.knobs.delay_s = 0.5
+    task = asyncio.create_task(conn.read_blocks(prefill.params([3]), [1]))
+    await asyncio.sleep(0.15)
+    start = time.perf_counter()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.perf_counter() - start >= 0.25  # returned only after the backend finished
+    assert "t1" in prefill.leases  # not released before the read stopped
+    await conn.flush()
+    assert prefill.released == ["t1"]
+
+
+@pytest.mark.parametrize(
+    "remote, local, skip, match",
+    [([1, 2], [1], 0, "1 local blocks for 2 remote"), ([1], [1], 2, "skip_leading=2"),
+     ([99], [1], 0, "remote block id 99")],
+)
+async def test_bad_requests_are_kv_transfer_errors_and_still_release(prefill, decode, remote, local, skip, match):
+    conn, _ = await decode()
+    with pytest.raises(KVTransferError, match=match):
+        await conn.read_blocks(prefill.params(remote), local, skip)
+    await conn.flush()
+    assert prefill.released == ["t1"]
+
+
+async def test_sharded_read_reports_every_shard(prefill, decode):
+    conn, kv = await decode(kv_read_shards=2)
+    remote, local = [0, 2, 4, 6], [1, 3, 5, 7]
+    stats = await conn.read_blocks(prefill.params(remote), local)
+    assert stats.num_ranges == 4
+    for r, l in zip(remote, local):
+        assert torch.equal(kv.data[l], prefill.kv.data[r])
+
+
+async def test_a_failed_first_shard_fails_the_read_even_if_the_last_succeeds(prefill, decode, fake):
+    conn, _ = await decode(kv_read_shards=2)
+    fake.knobs.fail_next = 1  # the first batch submitted fails, the second succeeds
+    with pytest.raises(KVTransferError, match="1 of 2 ranges"):
+        await conn.read_blocks(prefill.params([0, 2]), [1, 3])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [(dict(fingerprint=fingerprint(num_layers=4)), "num_layers \\(ours 2, theirs 4\\)"),
+     (dict(block_bytes=123), "123-byte blocks"),
+     (dict(backend="mooncake"), "uses backend 'mooncake'"),
+     (dict(num_blocks=10**6), "does not hold its 1000000 blocks")],
+)
+async def test_decode_checks_the_reply_itself(prefill, decode, change, match):
+    """A prefill that does not check (older build, bug) still cannot hand us mismatched KV."""
+    layout = KVLayout.of(prefill.kv)
+    good = HandshakeReply(engine_id="prefill-0", fingerprint=fingerprint(), backend="mori",
+                          session=prefill.backend.session, regions=[layout.region], block_bytes=layout.block_bytes,
+                          num_blocks=layout.num_blocks, backend_meta=prefill.backend.backend_meta())
+    bad = msgspec.structs.replace(good, **change)
+
+    async def sloppy(msg):
+        return bad
+
+    server = BusServer("tcp://127.0.0.1:0", KVRequest, name="sloppy")
+    server.on(Handshake, sloppy)
+    await server.start()
+    try:
+        conn, _ = await decode()
+        with pytest.raises(HandshakeError, match=match):
+            await conn.handshake("prefill-0", server.endpoint)
+    finally:
+        await server.close()
+
+
+async def test_lease_lost_during_the_read_fails_it(prefill, decode, fake):
+    conn, _ = await decode(kv_renew_interval_s=0.1)
+    fake.knobs.delay_s = 0.5
+    task = asyncio.create_task(conn.read_blocks(prefill.params([2]), [0]))
+    await asyncio.sleep(0.05)
+    prefill.leases.release("t1")  # prefill freed the blocks mid-read (e.g. its sweeper expired the lease)
+    with pytest.raises(KVTransferError, match="expired during the read"):
+        await task

@@ -1,0 +1,231 @@
+"""L1: block ranges, status aggregation, leases, config and handshake metadata (no I/O)."""
+
+import asyncio
+
+import msgspec
+import pytest
+import torch
+
+from common.config import ConfigError
+from common.engine.kv_cache import KVCache
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.leases import LeaseTable
+from common.kv_transfer.ranges import KVLayout, block_ranges
+from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
+from common.messages import Fingerprint, HandshakeReply, KVTransferParams, MemoryRegion, Reply
+
+S, F, P = TransferStatus.SUCCESS, TransferStatus.FAILED, TransferStatus.PENDING
+BB = 100  # block bytes
+
+
+def ranges(local, remote, local_base=10_000, remote_base=50_000, n=64):
+    return block_ranges(
+        local, remote, local_base=local_base, remote_base=remote_base,
+        block_bytes=BB, local_num_blocks=n, remote_num_blocks=n,
+    )
+
+
+# -- ranges -------------------------------------------------------------------
+
+
+def test_consecutive_on_both_sides_is_one_range():
+    r = ranges([3, 4, 5, 6], [10, 11, 12, 13])
+    assert r == ([10_000 + 3 * BB], [50_000 + 10 * BB], [4 * BB])
+    assert r.total_bytes == 4 * BB
+
+
+def test_run_breaks_when_either_side_breaks():
+    # local consecutive, remote jumps after 2
+    assert ranges([0, 1, 2], [5, 6, 9]).lengths == [2 * BB, BB]
+    # remote consecutive, local jumps after 1
+    r = ranges([0, 7, 8], [5, 6, 7])
+    assert r.local_addrs == [10_000, 10_000 + 7 * BB]
+    assert r.remote_addrs == [50_000 + 5 * BB, 50_000 + 6 * BB]
+    assert r.lengths == [BB, 2 * BB]
+
+
+def test_descending_ids_are_not_merged():
+    assert ranges([5, 4], [5, 4]).lengths == [BB, BB]
+
+
+def test_single_block_and_empty():
+    assert ranges([7], [2]) == ([10_000 + 7 * BB], [50_000 + 2 * BB], [BB])
+    assert ranges([], []) == ([], [], [])
+
+
+def test_byte_offsets_follow_block_major_layout():
+    kv = KVCache(num_blocks=6, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
+    layout = KVLayout.of(kv)
+    assert layout.block_bytes == 2 * 2 * 4 * 2 * 8 * 2
+    assert layout.region == MemoryRegion(kv.data.data_ptr(), 6 * layout.block_bytes)
+    r = block_ranges([2], [0], local_base=layout.base_addr, remote_base=0, block_bytes=layout.block_bytes,
+                     local_num_blocks=6, remote_num_blocks=1)
+    assert r.local_addrs[0] == kv.block_view(2).data_ptr()
+
+
+@pytest.mark.parametrize(
+    "local, remote, match",
+    [([1, 2], [1], "2 local blocks but 1 remote"), ([64], [0], "local block id 64"),
+     ([0], [-1], "remote block id -1"), ([3, 3], [1, 2], "duplicate local")],
+)
+def test_bad_block_lists_are_value_errors(local, remote, match):
+    with pytest.raises(ValueError, match=match):
+        ranges(local, remote)
+
+
+# -- statuses -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statuses, expected",
+    [([F, S], F), ([S, F], F), ([S, P], P), ([P, S, F], F), ([], S), ([S, S, S], S)],
+)
+def test_aggregate_looks_at_every_status(statuses, expected):
+    assert aggregate(statuses) is expected
+
+
+def test_fail_then_success_is_not_done():
+    t = RequestTransfers(1)
+    assert t.report(0, [F, S]) is F
+    assert not t.done
+
+
+def test_duplicate_reports_never_complete_the_quorum_early():
+    t = RequestTransfers(num_workers=2)
+    assert t.report(0, [S]) is P
+    assert t.report(0, [S]) is P  # worker 0 again: still one distinct worker
+    assert not t.done
+    assert t.report(1, [S, S]) is S
+    assert t.done
+
+
+def test_one_worker_failure_fails_the_request_before_the_quorum():
+    t = RequestTransfers(num_workers=3)
+    assert t.report(2, [S, F]) is F
+
+
+def test_unknown_worker_and_bad_quorum_are_errors():
+    with pytest.raises(ValueError):
+        RequestTransfers(0)
+    with pytest.raises(ValueError, match="worker 2"):
+        RequestTransfers(2).report(2, [S])
+
+
+# -- leases -------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def table():
+    clock = Clock()
+    released = []
+    t = LeaseTable(10.0, released.append, clock=clock)
+    return t, clock, released
+
+
+def test_pin_counts_and_expiry(table):
+    t, clock, released = table
+    assert t.pin("a", [1, 2, 3]) == 1010.0
+    t.pin("b", [4])
+    assert len(t) == 2 and t.num_blocks_pinned == 4
+    with pytest.raises(ValueError, match="already pinned"):
+        t.pin("a", [9])
+
+
+def test_expire_releases_only_overdue_leases_once(table):
+    t, clock, released = table
+    t.pin("a", [1])
+    clock.now += 5
+    t.pin("b", [2])
+    clock.now += 5  # a is due (1010), b is not (1015)
+    assert t.expire() == ["a"]
+    assert released == ["a"] and t.num_expired == 1
+    assert t.expire() == []
+    assert "a" not in t and "b" in t
+
+
+def test_renew_pushes_expiry_and_skips_unknown(table):
+    t, clock, released = table
+    t.pin("a", [1])
+    clock.now += 8
+    assert t.renew(["a", "ghost"]) == {"a": 1018.0}
+    clock.now += 8  # 1016 < 1018: alive thanks to the renewal
+    assert t.expire() == []
+    clock.now += 2
+    assert t.expire() == ["a"]
+
+
+def test_release_is_idempotent_and_unknown_ids_are_ignored(table):
+    t, clock, released = table
+    t.pin("a", [1, 2])
+    assert t.release("a") is True
+    assert t.release("a") is False
+    assert t.release("never") is False
+    assert released == ["a"] and t.num_released == 1 and t.num_blocks_pinned == 0
+    clock.now += 100
+    assert t.expire() == []  # a released lease never expires later
+
+
+async def test_sweeper_expires_on_its_own():
+    released = []
+    t = LeaseTable(0.05, released.append)
+    t.pin("x", [1])
+    task = asyncio.create_task(t.run_sweeper(0.02))
+    try:
+        for _ in range(50):
+            if released:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+    assert released == ["x"] and len(t) == 0
+
+
+def test_bad_lease_seconds():
+    with pytest.raises(ValueError):
+        LeaseTable(0, print)
+
+
+# -- config -------------------------------------------------------------------
+
+
+def test_config_defaults_validate_and_bad_values_name_the_flag():
+    KVTransferConfig().validate()
+    with pytest.raises(ConfigError, match="--kv-renew-interval-s"):
+        KVTransferConfig(kv_lease_seconds=2.0, kv_renew_interval_s=5.0).validate()
+    with pytest.raises(ConfigError, match="--kv-handshake-timeout-s"):
+        KVTransferConfig(kv_handshake_timeout_s=0).validate()
+    with pytest.raises(ConfigError, match="--kv-read-shards"):
+        KVTransferConfig(kv_read_shards=8, kv_transfer_threads=2).validate()
+
+
+# -- metadata over msgspec ----------------------------------------------------
+
+
+def fingerprint(**over):
+    base = dict(model="m", dtype="float16", block_size=16, num_layers=2, num_kv_heads=2,
+                head_dim=8, kv_layout="block-major", transfer_backend="mooncake")
+    return Fingerprint(**{**base, **over})
+
+
+def test_handshake_reply_and_params_roundtrip():
+    reply = HandshakeReply(
+        engine_id="p0", fingerprint=fingerprint(), backend="mori", session="k",
+        regions=[MemoryRegion(2**47 + 5, 1 << 30)], block_bytes=4096, num_blocks=1024, backend_meta=b"\x00\xff",
+    )
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=Reply)
+    assert decoded == reply
+    params = KVTransferParams(engine_id="p0", kv_endpoint="tcp://h:1", transfer_id="t", block_ids=[3, 1, 2],
+                              num_tokens=40, first_token_id=7, lease_expiry=1.5e9)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=KVTransferParams) == params
+
+
+def test_fingerprint_differences_name_fields():
+    assert fingerprint().differences(fingerprint(block_size=32, dtype="bfloat16")) == ["dtype", "block_size"]

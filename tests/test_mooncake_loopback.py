@@ -1,0 +1,114 @@
+"""Mooncake over TCP between two processes on loopback, moving real KV tensors.
+
+The peer ("prefill") is this module run as ``python -m tests.test_mooncake_loopback SEED``:
+it fills a KV cache from ``SEED``, registers it, prints its session and base
+address as one JSON line, and exits when its stdin closes.
+"""
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.engine.kv_cache import KVCache
+from common.kv_transfer.mooncake import MooncakeBackend
+from common.kv_transfer.ranges import KVLayout, block_ranges
+from common.kv_transfer.status import TransferStatus
+
+GEOMETRY = dict(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu")
+NUM_BLOCKS = 32
+SEED = 1234
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def seeded_cache(seed: int) -> KVCache:
+    kv = KVCache(num_blocks=NUM_BLOCKS, **GEOMETRY)
+    gen = torch.Generator().manual_seed(seed)
+    kv.data.copy_(torch.randn(kv.data.shape, generator=gen, dtype=torch.float32).to(kv.data.dtype))
+    return kv
+
+
+def serve_peer(seed: int) -> None:
+    kv = seeded_cache(seed)
+    backend = MooncakeBackend("127.0.0.1", force_tcp=True)
+    layout = KVLayout.of(kv)
+    backend.register([layout.region])
+    print(json.dumps({"session": backend.session, "base": layout.base_addr}), flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def peer():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_mooncake_loopback", str(SEED)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "Mooncake peer did not start within 60 s"
+        line = proc.stdout.readline()
+        assert line, f"Mooncake peer exited with {proc.wait()}"
+        yield json.loads(line)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def local():
+    kv = KVCache(num_blocks=NUM_BLOCKS, **GEOMETRY)
+    backend = MooncakeBackend("127.0.0.1", force_tcp=True)
+    backend.register([KVLayout.of(kv).region])
+    yield backend, kv
+    backend.close()
+
+
+def read(backend, kv, peer, local_ids, remote_ids):
+    ranges = block_ranges(
+        local_ids, remote_ids, local_base=kv.data.data_ptr(), remote_base=peer["base"],
+        block_bytes=kv.block_bytes, local_num_blocks=NUM_BLOCKS, remote_num_blocks=NUM_BLOCKS,
+    )
+    return ranges, backend.read(peer["session"], *ranges)
+
+
+def test_blocks_arrive_byte_exact_including_scattered_lists(peer, local):
+    backend, kv = local
+    expected = seeded_cache(SEED)
+    remote_ids = [0, 1, 2, 3, 17, 9, 10, 31]
+    local_ids = [5, 6, 7, 8, 2, 20, 21, 0]
+    ranges, statuses = read(backend, kv, peer, local_ids, remote_ids)
+    assert len(ranges.lengths) == 4  # [0-3]->[5-8], 17->2, [9,10]->[20,21], 31->0
+    assert statuses == [TransferStatus.SUCCESS] * 4
+    for l, r in zip(local_ids, remote_ids):
+        assert torch.equal(kv.data[l].view(torch.int16), expected.data[r].view(torch.int16))
+    untouched = set(range(NUM_BLOCKS)) - set(local_ids)
+    assert all(not kv.data[b].any() for b in untouched)
+
+
+def test_read_of_unregistered_remote_memory_fails(peer, local):
+    """An unmapped remote address fails the batch.
+
+    Mooncake's TCP transport does not check remote addresses against the
+    peer's registrations (a mapped but unregistered address reads fine), which
+    is why the connector bounds every block id by the peer's handshake geometry.
+    """
+    backend, kv = local
+    unmapped = 4096  # the zero page: never mapped in the peer
+    statuses = backend.read(peer["session"], [kv.data.data_ptr(), kv.data.data_ptr() + kv.block_bytes],
+                            [peer["base"], unmapped], [kv.block_bytes, kv.block_bytes])
+    assert statuses == [TransferStatus.FAILED, TransferStatus.FAILED]
+
+
+if __name__ == "__main__":
+    serve_peer(int(sys.argv[1]))
