@@ -1,0 +1,1 @@
+"""The engine core: model, loader, demo checkpoint, KV cache, block manager, scheduler, sampler, engines."""
