@@ -1,0 +1,270 @@
+"""``AsyncEngine``: an ``LLMEngine`` stepped on one dedicated thread, driven from asyncio.
+
+Every call is a command queued to the engine thread and applied between steps,
+so the engine itself stays single-threaded and the event loop never runs a
+forward pass.  Outputs reach each request's ``asyncio.Queue`` through
+``loop.call_soon_threadsafe``.  With nothing schedulable (including when every
+request waits for remote KV) the thread sleeps on an event.
+
+Remote requests that find too few free blocks queue (FIFO) until blocks free;
+bound the wait with ``asyncio.wait_for`` (a cancelled wait drops the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from common.engine.engine import EngineStats, LLMEngine
+from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RequestOutput
+from common.errors import PdserveError
+from common.messages import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDead(PdserveError):
+    """The engine thread stopped (shut down, or a step raised); no request can run."""
+
+
+class RequestAborted(PdserveError):
+    """The request was aborted before it got its KV blocks."""
+
+
+@dataclass
+class _Command:
+    """``fn`` to run on the engine thread; its result or exception resolves ``future`` on ``loop``."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop | None = None  # None: fire and forget
+    future: asyncio.Future | None = None
+    waits_for_blocks: str | None = None  # request id: on NoFreeBlocks, retry after every step
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.loop is None or self.future is None:
+            if error is not None:
+                logger.warning("engine command failed: %r", error)
+            return
+        future = self.future
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: deque[_Command] = deque()
+        self._waiting_blocks: deque[tuple[str, _Command]] = deque()  # (request id, its add_remote_request)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API (event loop side)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        pin_for_transfer: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs until the final one.  Raises ``InvalidRequest`` at
+        the start; cancelling the consumer (or closing the iterator early) aborts the request."""
+        self._open_stream(request_id)
+        try:
+            await self._call(
+                lambda: self.engine.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer)
+            )
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self.stream(request_id):
+            yield out
+
+    async def add_remote_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        sampling: SamplingParams,
+        *,
+        num_remote_tokens: int,
+    ) -> RemoteAllocation:
+        """Allocate blocks for a remote prefill's KV, waiting for free blocks if needed; then read
+        the KV, call ``finish_remote_kv`` and consume ``stream(request_id)``."""
+        self._open_stream(request_id)
+        try:
+            return await self._call(
+                lambda: self.engine.add_remote_request(
+                    request_id, prompt_token_ids, first_token_id, sampling, num_remote_tokens=num_remote_tokens
+                ),
+                waits_for_blocks=request_id,
+            )
+        except asyncio.CancelledError:
+            if self._streams.pop(request_id, None) is not None and not self._stopping:
+                self._post(lambda: self._abort(request_id))  # the allocation may have landed meanwhile
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of a request added by ``generate`` or ``add_remote_request``, until the final one."""
+        entry = self._streams.get(request_id)
+        if entry is None:
+            raise KeyError(f"no output stream for request {request_id!r}")
+        queue = entry[1]
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and not self._stopping:
+                self._post(lambda: self._abort(request_id))
+
+    async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
+        return await self._call(lambda: self.engine.finish_remote_kv(request_id, ok))
+
+    async def release_transfer(self, transfer_id: str) -> bool:
+        return await self._call(lambda: self.engine.release_transfer(transfer_id))
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._call(lambda: self._abort(request_id))
+
+    async def stats(self) -> EngineStats:
+        return await self._call(self.engine.stats)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort every request, stop the thread and wait up to ``timeout`` seconds for it."""
+        if not self._stopping:
+            self._stopping = True
+            self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        if self._thread.is_alive():
+            logger.warning("engine thread still running %.1fs after shutdown", timeout)
+            return
+        while self._commands:  # queued by a call racing with shutdown
+            self._commands.popleft().resolve(error=EngineDead("engine shut down"))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _open_stream(self, request_id: str) -> None:
+        if request_id in self._streams:
+            raise ValueError(f"request {request_id!r} already has an output stream")
+        self._streams[request_id] = (asyncio.get_running_loop(), asyncio.Queue())
+
+    def _call(self, fn: Callable[[], Any], waits_for_blocks: str | None = None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self._dead is not None or self._stopping:
+            future.set_exception(EngineDead(f"engine stopped: {self._dead or 'shut down'}"))
+            return future
+        self._commands.append(_Command(fn, loop, future, waits_for_blocks))
+        self._wake.set()
+        return future
+
+    def _post(self, fn: Callable[[], Any]) -> None:
+        """Queue ``fn`` for the engine thread without waiting (callable from any thread)."""
+        self._commands.append(_Command(fn))
+        self._wake.set()
+
+    def _abort(self, request_id: str) -> bool:
+        """Engine thread: abort a request, including one still waiting for free blocks."""
+        for entry in self._waiting_blocks:
+            if entry[0] == request_id:
+                self._waiting_blocks.remove(entry)
+                entry[1].resolve(error=RequestAborted(f"request {request_id!r} aborted while waiting for KV blocks"))
+                return True
+        return self.engine.abort(request_id)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._apply_commands()
+                self._retry_waiting_blocks()
+                if self.engine.has_work():
+                    self._deliver(self.engine.step())
+                elif not self._commands:
+                    self._wake.wait()
+        except BaseException as e:  # a step failed: every request learns it, later calls raise EngineDead
+            logger.exception("engine step failed; stopping the engine")
+            self._dead = e
+            self._fail_all(f"engine failed: {e!r}")
+            return
+        self._fail_all("engine shut down")
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            command = self._commands.popleft()
+            try:
+                result = command.fn()
+            except NoFreeBlocks as e:
+                if command.waits_for_blocks is None:
+                    command.resolve(error=e)
+                else:
+                    self._waiting_blocks.append((command.waits_for_blocks, command))
+                continue
+            except Exception as e:  # typed request errors go back to the caller
+                command.resolve(error=e)
+                continue
+            command.resolve(result)
+
+    def _retry_waiting_blocks(self) -> None:
+        while self._waiting_blocks:
+            _, command = self._waiting_blocks[0]
+            try:
+                result = command.fn()
+            except NoFreeBlocks:
+                return
+            except Exception as e:
+                result, error = None, e
+            else:
+                error = None
+            self._waiting_blocks.popleft()
+            command.resolve(result, error)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                loop, queue = entry
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _fail_all(self, reason: str) -> None:
+        """Engine thread, on the way out: end every stream and pending call."""
+        outputs: list[RequestOutput] = []
+        if self._dead is None:
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+            outputs = self.engine.step()
+        self._deliver(outputs)
+        for request_id, (loop, queue) in list(self._streams.items()):
+            if not any(o.request_id == request_id and o.finished for o in outputs):
+                reason_code = "abort" if self._dead is None else "error"
+                out = RequestOutput(request_id, [], "", finish_reason=reason_code, error=reason)
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+        for command in [*self._commands, *(c for _, c in self._waiting_blocks)]:
+            command.resolve(error=EngineDead(reason))
+        self._commands.clear()
+        self._waiting_blocks.clear()

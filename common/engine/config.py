@@ -1,0 +1,57 @@
+"""The engine's own settings (no network fields: services embed or extend this)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from common.config import ConfigError, opt, require
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"512MiB"``, ``"2GiB"``, ``"1.5GB"`` or ``"4096"``; raises ``ConfigError``."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--kv-cache-memory: {text!r} is not a size like 512MiB, 2GiB or 1048576")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class EngineConfig:
+    model: str = opt("demo", "model directory, hub id, or 'demo' for the built-in tiny random model")
+    dtype: str = opt("auto", "weights and KV dtype: auto, float32, float16, bfloat16")
+    device: str = opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    block_size: int = opt(16, "tokens per KV cache block")
+    num_kv_blocks: int | None = opt(None, "KV cache blocks; none = sized from --kv-cache-memory")
+    kv_cache_memory: str | None = opt(
+        None,
+        "KV cache size such as 512MiB or 2GiB; none = on CUDA free memory after loading x "
+        "--gpu-memory-utilization, on CPU 512MiB (never more blocks than max-num-seqs full-length sequences)",
+    )
+    gpu_memory_utilization: float = opt(0.9, "fraction of free CUDA memory the KV cache may take when sized automatically")
+    max_num_batched_tokens: int = opt(2048, "token budget of one step (prefill chunks + decodes)")
+    max_num_seqs: int = opt(64, "most sequences running at once")
+    max_model_len: int | None = opt(None, "context length limit; none = the model's")
+    enable_prefix_caching: bool = opt(True, "reuse KV blocks of identical prompt prefixes")
+    seed: int = opt(0, "seed of the sampler for requests without their own seed")
+    kv_load_failure_policy: Literal["recompute", "fail"] = opt(
+        "recompute", "when reading a remote prefill's KV fails: compute the prompt locally, or fail the request"
+    )
+
+    def validate(self) -> None:
+        require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "block_size", "must be a power of two")
+        require(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks", "must be > 0")
+        if self.kv_cache_memory is not None:
+            require(parse_size(self.kv_cache_memory) > 0, "kv_cache_memory", "must be > 0")
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
+        require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
+        require(self.max_model_len is None or self.max_model_len > 1, "max_model_len", "must be > 1")
+        require(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype", "must be auto, float32, float16 or bfloat16")
+        require(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy", "must be recompute or fail")
+        require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", "must be auto, cpu, cuda or cuda:N"
+        )

@@ -1,0 +1,380 @@
+"""``LLMEngine``: synchronous, single-threaded; ``step()`` runs one batch and reports per request.
+
+P/D hooks (see docs/architecture.md "Engine contract"): ``add_request(...,
+pin_for_transfer=...)`` on prefill, ``add_remote_request`` / ``finish_remote_kv``
+on decode, ``release_transfer`` when the decode side is done reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common.config import require
+from common.engine.block_manager import BlockManager
+from common.engine.config import EngineConfig, parse_size
+from common.engine.detokenizer import Detokenizer
+from common.engine.kv_cache import KVCache
+from common.engine.loader import ModelConfig, load_model, load_model_config, parse_dtype, resolve_model_path
+from common.engine.model_runner import ModelRunner
+from common.engine.sampler import Sampler
+from common.engine.scheduler import Scheduler
+from common.engine.sequence import InvalidRequest, RemoteAllocation, RequestOutput, Sequence, SequenceStatus
+from common.engine.tokenizer import Tokenizer
+from common.messages import Load, SamplingParams, TokenLogprob, Usage
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 512 << 20  # KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is set
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    waiting_for_remote_kvs: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_pinned: int
+    kv_blocks_total: int
+    num_preemptions: int
+
+    def to_load(self) -> Load:
+        return Load(
+            running=self.running,
+            waiting=self.waiting + self.waiting_for_remote_kvs,
+            kv_blocks_used=self.kv_blocks_used,
+            kv_blocks_total=self.kv_blocks_total,
+            kv_blocks_pinned=self.kv_blocks_pinned,
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    require(device.type != "cuda" or torch.cuda.is_available(), "device", f"{name} requested but CUDA is not available")
+    return device
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        path = resolve_model_path(config.model)
+        self.model_config: ModelConfig = load_model_config(path)
+        self.dtype = parse_dtype(config.dtype, self.model_config, self.device)
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.model = load_model(path, self.model_config, self.dtype, self.device)
+        model_len = self.model_config.max_model_len
+        require(
+            config.max_model_len is None or config.max_model_len <= model_len,
+            "max_model_len",
+            f"{config.max_model_len} exceeds the model's context length {model_len}",
+        )
+        self.max_model_len: int = config.max_model_len or model_len
+        self.block_size = config.block_size
+        mc = self.model_config
+        self.kv_cache = KVCache(
+            self._num_kv_blocks(), mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        )
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.sampler = Sampler(config.seed, self.device)
+        self.requests: dict[str, Sequence] = {}
+        self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
+        self._offline_count = 0
+        logger.info(
+            "engine ready: model %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
+            path, self.dtype_name, self.device, self.kv_cache.num_blocks, self.block_size,
+            self.kv_cache.num_blocks * self.kv_cache.block_bytes / 2**20, self.max_model_len,
+        )  # fmt: skip
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def _num_kv_blocks(self) -> int:
+        """``--num-kv-blocks``, else the memory budget over bytes per block, capped at what
+        ``max_num_seqs`` full-length sequences can use."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        mc = self.model_config
+        block_bytes = KVCache.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if self.config.kv_cache_memory is not None:
+            budget = parse_size(self.config.kv_cache_memory)
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_utilization)
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        cap = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+        num_blocks = min(budget // block_bytes, cap)
+        require(num_blocks > 0, "kv_cache_memory", f"budget {budget} bytes holds no block of {block_bytes} bytes")
+        return num_blocks
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        pin_for_transfer: str | None = None,
+    ) -> None:
+        """Queue a request.  With ``pin_for_transfer`` (prefill for a remote decode) it ends after its
+        first token with finish reason ``remote_decode``, its prompt blocks pinned under that id."""
+        self._validate(request_id, prompt_token_ids, sampling, pin_for_transfer)
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, pin_for_transfer)
+        self.scheduler.add(seq)
+        self.requests[request_id] = seq
+
+    def add_remote_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        sampling: SamplingParams,
+        *,
+        num_remote_tokens: int,
+    ) -> RemoteAllocation:
+        """Allocate blocks for a prompt whose KV a remote prefill computed; the request waits in
+        ``WAITING_FOR_REMOTE_KVS`` until ``finish_remote_kv``.  Raises ``NoFreeBlocks`` when the
+        blocks are not free now (nothing is held then; retry after blocks free)."""
+        self._validate(request_id, prompt_token_ids, sampling, None)
+        if num_remote_tokens != len(prompt_token_ids):
+            raise InvalidRequest(
+                f"num_remote_tokens {num_remote_tokens} != prompt length {len(prompt_token_ids)}", "num_remote_tokens"
+            )
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise InvalidRequest(f"first_token_id {first_token_id} is outside the vocabulary", "first_token_id")
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, None)
+        seq.remote_first_token = first_token_id
+        allocation = self.scheduler.add_remote(seq)
+        self.requests[request_id] = seq
+        return allocation
+
+    def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
+        """The connector is done with a remote request's blocks: ``ok`` = its KV landed.  On failure
+        ``kv_load_failure_policy`` applies: recompute the prompt locally, or fail the request.
+        False if the request is gone (aborted meanwhile); ``InvalidRequest`` if it is not waiting."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return False
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KVS:
+            raise InvalidRequest(f"request {request_id!r} is not waiting for remote KV", "request_id")
+        if not ok and self.config.kv_load_failure_policy == "fail":
+            out = RequestOutput(request_id, [], "", error="reading the prompt's KV from the prefill engine failed")
+            self._finish(seq, "error", out)
+            self.pending_outputs.append(out)
+            return True
+        if not ok:
+            logger.warning("request %s: remote KV failed, recomputing %d prompt tokens", request_id, seq.num_prompt_tokens)
+        first = seq.remote_first_token
+        self.scheduler.finish_remote(seq, ok, first)
+        seq.first_token_time = seq.kv_ready_time = time.monotonic()
+        reason = self._stop_reason(seq, first, seq.detokenizer.append_emitted(first) is not None)
+        if reason is not None:
+            out = RequestOutput(request_id, [], "")
+            self._finish(seq, reason, out)
+            self.pending_outputs.append(out)
+        return True
+
+    def release_transfer(self, transfer_id: str) -> bool:
+        """Unpin a transfer's blocks; False if unknown (already released)."""
+        return self.block_manager.unpin(transfer_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at any stage and free its blocks; the next ``step()`` reports it
+        (finish reason ``abort``).  False if it is unknown or already finished."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return False
+        out = RequestOutput(request_id, [], seq.detokenizer.take(final=True))
+        self._finish(seq, "abort", out)
+        self.pending_outputs.append(out)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests or self.pending_outputs)
+
+    def has_work(self) -> bool:
+        """Whether ``step()`` would do anything now (False while every request waits for remote KV)."""
+        return self.scheduler.has_schedulable() or bool(self.pending_outputs)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            waiting_for_remote_kvs=len(self.scheduler.remote),
+            kv_blocks_used=bm.num_used,
+            kv_blocks_free=bm.num_free,
+            kv_blocks_pinned=bm.num_pinned,
+            kv_blocks_total=bm.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Offline batch: run every prompt to completion (the engine must be otherwise idle).
+        Returns one output per prompt holding all its tokens, text and logprobs."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        ids = [f"generate-{self._offline_count + i}" for i in range(len(prompts))]
+        self._offline_count += len(prompts)
+        for request_id, prompt, p in zip(ids, prompts, params):
+            self.add_request(request_id, prompt, p)
+        merged = {request_id: RequestOutput(request_id, [], "", [] if p.logprobs is not None else None)
+                  for request_id, p in zip(ids, params)}  # fmt: skip
+        while self.has_unfinished():
+            for out in self.step():
+                total = merged[out.request_id]
+                total.new_token_ids += out.new_token_ids
+                total.text += out.text
+                if total.logprobs is not None and out.logprobs:
+                    total.logprobs += out.logprobs
+                if out.finished:
+                    total.finish_reason, total.usage, total.timings = out.finish_reason, out.usage, out.timings
+                    total.num_cached_tokens, total.error = out.num_cached_tokens, out.error
+        return [merged[request_id] for request_id in ids]
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for every request that got a token or finished."""
+        outputs, self.pending_outputs = self.pending_outputs, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        start = time.monotonic()
+        for seq, _ in scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = start
+        sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
+        sampling_seqs = [seq for (seq, _), s in zip(scheduled, sample) if s]
+        logits = self.runner.run(scheduled, sample)
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        if logits is not None:
+            tokens, logprobs = self.sampler(
+                logits, [seq.sampling for seq in sampling_seqs], [seq.generator for seq in sampling_seqs]
+            )
+        elapsed = time.monotonic() - start
+        for seq, _ in scheduled:
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                seq.prefill_time += elapsed
+        self.scheduler.update(scheduled)
+        for seq, token, logprob in zip(sampling_seqs, tokens, logprobs):
+            outputs.append(self._append_token(seq, token, logprob))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        stop_token = self._is_stop_token(seq, token)
+        stop_string = not stop_token and seq.detokenizer.append(token) is not None
+        reason = self._stop_reason(seq, token, stop_string)
+        if reason is None and seq.pin_for_transfer is not None:
+            reason = "remote_decode"
+        out = RequestOutput(
+            seq.request_id, [token], seq.detokenizer.take(final=reason is not None), [logprob] if logprob else None
+        )
+        if reason is not None:
+            self._finish(seq, reason, out)
+        return out
+
+    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
+        return (not seq.sampling.ignore_eos and token in self.eos_token_ids) or token in seq.sampling.stop_token_ids
+
+    def _stop_reason(self, seq: Sequence, token: int, stop_string: bool) -> str | None:
+        if stop_string or self._is_stop_token(seq, token):
+            return "stop"
+        if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, out: RequestOutput) -> None:
+        """Free (or pin, for ``remote_decode``) the sequence's blocks and complete its final output."""
+        pin_blocks = self.block_manager.blocks_for(seq.num_prompt_tokens) if reason == "remote_decode" else 0
+        pinned = self.scheduler.finish(seq, pin_blocks)
+        del self.requests[seq.request_id]
+        out.finish_reason = reason
+        out.num_cached_tokens = seq.num_cached_tokens
+        out.pinned_block_ids = pinned or None
+        out.usage = Usage(
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_output_tokens,
+            cached_tokens=seq.num_cached_tokens,
+        )
+        out.timings = seq.timings()
+
+    # ------------------------------------------------------------------ validation
+
+    def _new_sequence(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, pin_for_transfer: str | None
+    ) -> Sequence:
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            sampling,
+            pin_for_transfer=pin_for_transfer,
+            generator=None if sampling.seed is None else self.sampler.request_generator(sampling.seed),
+        )
+        seq.detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, sampling.stop)
+        return seq
+
+    def _validate(
+        self, request_id: str, prompt: list[int], sampling: SamplingParams, pin_for_transfer: str | None
+    ) -> None:
+        """Raise ``InvalidRequest`` (naming the parameter) before anything is allocated."""
+
+        def check(ok: bool, param: str, message: str) -> None:
+            if not ok:
+                raise InvalidRequest(f"request {request_id!r}: {message}", param)
+
+        vocab = self.model_config.vocab_size
+        check(request_id not in self.requests, "request_id", "a request with this id is already running")
+        check(len(prompt) > 0, "prompt", "the prompt is empty")
+        check(all(0 <= t < vocab for t in prompt), "prompt_token_ids", f"token ids must be in [0, {vocab})")
+        check(sampling.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {sampling.max_tokens}")
+        check(sampling.temperature >= 0, "temperature", f"temperature must be >= 0, got {sampling.temperature}")
+        check(0 < sampling.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {sampling.top_p}")
+        check(sampling.top_k >= 0, "top_k", f"top_k must be >= 0 (0 = disabled), got {sampling.top_k}")
+        check(
+            sampling.logprobs is None or 0 <= sampling.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"logprobs must be in [0, {MAX_LOGPROBS}], got {sampling.logprobs}",
+        )
+        check(all(0 <= t < vocab for t in sampling.stop_token_ids), "stop_token_ids", f"ids must be in [0, {vocab})")
+        check(
+            len(prompt) < self.max_model_len,
+            "prompt",
+            f"the prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}",
+        )
+        check(
+            len(prompt) + sampling.max_tokens <= self.max_model_len,
+            "max_tokens",
+            f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) = "
+            f"{len(prompt) + sampling.max_tokens} exceeds max_model_len {self.max_model_len}",
+        )
+        need = self.block_manager.blocks_for(len(prompt) + sampling.max_tokens)
+        check(
+            need <= self.block_manager.num_blocks,
+            "max_tokens",
+            f"prompt + max_tokens need {need} KV blocks; the cache has {self.block_manager.num_blocks}",
+        )
+        check(
+            pin_for_transfer is None
+            or (pin_for_transfer not in self.block_manager.pins
+                and all(s.pin_for_transfer != pin_for_transfer for s in self.requests.values())),
+            "transfer_id",
+            f"transfer id {pin_for_transfer!r} is already in use",
+        )  # fmt: skip

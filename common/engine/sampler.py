@@ -1,0 +1,98 @@
+"""Next-token sampling for a batch: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Sampling draws ``argmax(probs / q)`` with ``q ~ Exponential(1)`` (the Gumbel-max
+trick in another form), so a seeded request's draw depends only on its own
+``torch.Generator`` and never on the rest of the batch.  Logprobs are the
+``log_softmax`` of the raw logits (before temperature, top-k and top-p).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.messages import SamplingParams, TokenLogprob
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def request_generator(self, seed: int) -> torch.Generator:
+        """A generator owned by one request (same seed -> same draws)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        return gen
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """``logits`` float32 ``[B, vocab]`` -> one token id per row, and its logprobs where asked."""
+        greedy = [p.temperature == 0 or p.top_k == 1 for p in params]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, params, generators, greedy)
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(logits, params, tokens)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        greedy: list[bool],
+    ) -> torch.Tensor:
+        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=logits.device)
+        scaled = logits / temps[:, None]
+        vocab = logits.shape[-1]
+        top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_ps = [p.top_p for p in params]
+        if min(top_ks) < vocab or min(top_ps) < 1.0:
+            sorted_logits, order = scaled.sort(dim=-1, descending=True)
+            rank = torch.arange(vocab, device=logits.device)[None, :]
+            drop = rank >= torch.tensor(top_ks, device=logits.device)[:, None]
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            probs = sorted_logits.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop = mass_before >= torch.tensor(top_ps, device=logits.device)[:, None]
+            drop[:, 0] = False
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+        probs = scaled.softmax(dim=-1)
+        q = torch.empty_like(probs)
+        q.exponential_(generator=self.generator)
+        for row, gen in enumerate(generators):
+            if gen is not None:
+                q[row].exponential_(generator=gen)
+        sampled = (probs / q).argmax(dim=-1)
+        if any(greedy):
+            is_greedy = torch.tensor(greedy, device=logits.device)
+            sampled = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
+        return sampled
+
+    def _logprobs(
+        self, logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor
+    ) -> list[TokenLogprob | None]:
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        result: list[TokenLogprob | None] = [None] * len(params)
+        if not rows:
+            return result
+        index = torch.tensor(rows, device=logits.device)
+        logprobs = logits[index].log_softmax(dim=-1)
+        chosen = logprobs.gather(-1, tokens[index][:, None])[:, 0].tolist()
+        k = min(max(params[i].logprobs for i in rows), logprobs.shape[-1])  # type: ignore[type-var]
+        top_vals, top_ids = logprobs.topk(k, dim=-1)
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        token_list = tokens[index].tolist()
+        for j, i in enumerate(rows):
+            n = params[i].logprobs
+            result[i] = TokenLogprob(
+                token_id=token_list[j], logprob=chosen[j], top=list(zip(top_ids[j][:n], top_vals[j][:n]))
+            )
+        return result
