@@ -1,0 +1,273 @@
+"""Gateway overhead: the full P/D read-mode path against a bare endpoint, in the same run.
+
+* gateway: ``pdserve gateway`` (Starlette on uvicorn, uvloop + httptools) in front
+  of instant fake engines (``tests/fakes/engines.py``: 1 prefill + 1 decode,
+  real registry, real bus), so each request is HTTP parsing, validation, a
+  prefill leg, a decode leg and the JSON response — the gateway's own cost;
+* bare: a Starlette endpoint under the same uvicorn settings returning the same
+  JSON bytes the gateway returned (same size);
+* the same load generator for both: a minimal keep-alive HTTP/1.1 client on
+  uvloop with ``--concurrency`` connections, each sending the next request as
+  soon as the previous answer arrived (closed loop).  Targets alternate
+  (bare, gateway, bare, gateway...) ``--rounds`` times; figures are pooled.
+
+Each server is its own process (the two fake engines too); the load generator
+runs here.  Reported: requests/s and p50/p99 latency for both at
+``--concurrency``, the rate ratio and the p50 added latency; the same at
+concurrency 1 (the unloaded per-request cost); and the CPU time per request of
+each serving process (``/proc``), the gateway's own cost without contention.  Goal: >= 50 % of the bare rate, p50 added latency <= 1 ms.
+
+    python -m bench.gateway_overhead --requests 4000 --concurrency 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+
+from common.service import new_event_loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- #
+# The bare endpoint (run in its own process with --serve-bare)
+# --------------------------------------------------------------------------- #
+
+
+def serve_bare(port: int, body_path: str) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    with open(body_path, "rb") as f:
+        payload = f.read()
+
+    async def completions(request: Request) -> Response:
+        await request.body()
+        return Response(payload, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="off",
+                log_level="warning", access_log=False)
+
+
+# --------------------------------------------------------------------------- #
+# Load generator
+# --------------------------------------------------------------------------- #
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection sending the same POST over and over."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
+        self.reader, self.writer, self.request = reader, writer, request
+
+    @classmethod
+    async def open(cls, port: int, path: str, body: bytes) -> "Connection":
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        return cls(reader, writer, head + body)
+
+    async def roundtrip(self) -> int:
+        """Send the request, read the whole response; returns its status."""
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def load(port: int, body: bytes, requests: int, concurrency: int) -> tuple[float, list[float]]:
+    """(elapsed seconds, latencies) of ``requests`` POSTs over ``concurrency`` connections."""
+    conns = [await Connection.open(port, "/v1/completions", body) for _ in range(concurrency)]
+    latencies: list[float] = []
+    remaining = requests
+
+    async def worker(conn: Connection) -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            status = await conn.roundtrip()
+            latencies.append(time.perf_counter() - t0)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status} from port {port}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    elapsed = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return elapsed, latencies
+
+
+def summarize(elapsed: float, latencies: list[float]) -> dict:
+    lat = sorted(latencies)
+    return {"requests": len(lat), "rps": len(lat) / elapsed, "p50_ms": statistics.median(lat) * 1e3,
+            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3}
+
+
+async def compare(targets: dict[str, tuple[int, dict[int, str]]], body: bytes, requests: int, concurrency: int,
+                  rounds: int) -> dict:
+    """``targets``: name -> (port, {pid: process name} of the processes serving it, charged its CPU time)."""
+    for port, _ in targets.values():  # warm-up: connections, allocator, first-call paths
+        await load(port, body, min(requests, 500), concurrency)
+    pooled = {name: (0.0, [], {pid: 0.0 for pid in pids}) for name, (_, pids) in targets.items()}
+    for _ in range(rounds):
+        for name, (port, pids) in targets.items():
+            cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+            elapsed, lat = await load(port, body, requests // rounds, concurrency)
+            total, all_lat, cpu = pooled[name]
+            for pid in pids:
+                cpu[pid] += cpu_seconds(pid) - cpu0[pid]
+            pooled[name] = (total + elapsed, all_lat + lat, cpu)
+    out = {}
+    for name, (elapsed, lat, cpu) in pooled.items():
+        out[name] = summarize(elapsed, lat)
+        out[name]["cpu_us_per_request"] = {targets[name][1][pid]: cpu[pid] / len(lat) * 1e6 for pid in cpu}
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Orchestration
+# --------------------------------------------------------------------------- #
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spawn(stack: ExitStack, *args: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    stack.callback(stop)
+    return proc
+
+
+async def wait_http(port: int, path: str, method: str = "GET", timeout: float = 30.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as h:
+        while True:
+            try:
+                if (await h.request(method, f"http://127.0.0.1:{port}{path}")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"http://127.0.0.1:{port}{path} not ready within {timeout} s")
+            await asyncio.sleep(0.1)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    import httpx
+
+    registry = f"tcp://127.0.0.1:{free_port()}"
+    gw_port, bare_port = free_port(), free_port()
+    body = json.dumps({"model": "fake", "prompt": "The quick brown fox jumps over the lazy dog",
+                       "max_tokens": args.max_tokens, "temperature": 0}).encode()
+    with ExitStack() as stack:
+        spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
+        fakes = [spawn(stack, "-m", "tests.fakes.engines", "--registry", registry, "--prefill", str(p),
+                       "--decode", str(1 - p), "--tokens-per-output", str(args.tokens_per_output)) for p in (1, 0)]
+        gateway = spawn(stack, "-m", "services.gateway", "--port", str(gw_port), "--registry", registry,
+                        "--log-level", "warning")
+        await wait_http(gw_port, "/ready")
+        async with httpx.AsyncClient() as h:
+            sample = (await h.post(f"http://127.0.0.1:{gw_port}/v1/completions", content=body,
+                                   headers={"Content-Type": "application/json"})).content
+        body_file = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".json"))
+        body_file.write(sample)
+        body_file.flush()
+        bare = spawn(stack, "-m", "bench.gateway_overhead", "--serve-bare", str(bare_port), "--body-file",
+                     body_file.name)
+        await wait_http(bare_port, "/v1/completions", "POST")
+        targets = {"bare": (bare_port, {bare.pid: "bare"}),
+                   "gateway": (gw_port, {gateway.pid: "gateway", fakes[0].pid: "fake_prefill",
+                                         fakes[1].pid: "fake_decode"})}
+        loaded = await compare(targets, body, args.requests, args.concurrency, args.rounds)
+        unloaded = await compare(targets, body, args.requests // 4, 1, args.rounds)
+    result = {"response_bytes": len(sample), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+              "tokens_per_output": args.tokens_per_output, "loaded": loaded, "unloaded": unloaded}
+    for key in ("loaded", "unloaded"):
+        r = result[key]
+        r["rate_ratio"] = r["gateway"]["rps"] / r["bare"]["rps"]
+        r["p50_added_ms"] = r["gateway"]["p50_ms"] - r["bare"]["p50_ms"]
+    return result
+
+
+def report(result: dict) -> None:
+    print(f"response body: {result['response_bytes']} bytes (same for both); {result['max_tokens']} tokens, "
+          f"decode sends {result['tokens_per_output']} per message")
+    for key, conc in (("loaded", result["concurrency"]), ("unloaded", 1)):
+        r = result[key]
+        print(f"\nconcurrency {conc}:")
+        print(f"  {'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   CPU us/request by process")
+        for name in ("bare", "gateway"):
+            s = r[name]
+            cpu = ", ".join(f"{k} {v:.0f}" for k, v in s["cpu_us_per_request"].items())
+            print(f"  {name:8} {s['rps']:10.0f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f}   {cpu}")
+        print(f"  gateway/bare rate: {r['rate_ratio']:.2f}   p50 added: {r['p50_added_ms']:.2f} ms")
+    print("\n" + json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=4000, help="measured requests per target at --concurrency")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of bare and gateway")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per response (prefill 1 + decode rest)")
+    parser.add_argument("--tokens-per-output", type=int, default=16,
+                        help="decode tokens per TokenOutput message (16: the whole decode leg in one message)")
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--body-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_bare:
+        serve_bare(args.serve_bare, args.body_file)
+        return
+    loop = new_event_loop()
+    try:
+        report(loop.run_until_complete(run(args)))
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()

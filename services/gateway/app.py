@@ -1,0 +1,459 @@
+"""The gateway's HTTP API (Starlette) and ``serve()``.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /v1/instances``, ``GET /health``, ``GET /ready``, ``GET /metrics``,
+``GET /openapi.json``.  Every error is an OpenAI error body; every response
+carries ``X-Request-Id`` (the client's, when it sent a valid one).
+
+A streaming request answers its HTTP status only once the first token (or an
+error) is known, so validation errors from the engine are a real 400; after
+that, failures arrive as one SSE ``error`` event followed by ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import AsyncIterator, Callable, Protocol
+
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from common.messages import Instance, MembershipChange
+from common.registry_client import MembershipWatcher
+from services.gateway import openai_protocol as oai
+from services.gateway import sse
+from services.gateway.config import GatewayConfig
+from services.gateway.engine_clients import EngineClients
+from services.gateway.errors import APIError, invalid
+from services.gateway.flow import ChoiceEvent, ChoiceStats, Flow, run_choices
+from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from services.gateway.router import Router
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+CLIENT_GONE = 499  # the status logged for requests whose client disconnected
+
+_json = msgspec.json.Encoder().encode
+
+
+class Membership(Protocol):
+    instances: dict[str, Instance]
+
+    def add_listener(self, callback: Callable[[MembershipChange, Instance], None]) -> None: ...
+
+
+def json_response(obj: object, status: int = 200, request_id: str | None = None) -> Response:
+    headers = {"X-Request-Id": request_id} if request_id else None
+    return Response(_json(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(e: APIError, request_id: str | None = None) -> Response:
+    return json_response(e.body(), e.status, request_id)
+
+
+class _ChoiceText:
+    """What one choice has produced so far (for non-streaming responses and logprob offsets)."""
+
+    __slots__ = ("text", "logprobs", "finish_reason")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.logprobs: list = []
+        self.finish_reason: str | None = None
+
+
+def _logprob_entries(event: ChoiceEvent) -> list:
+    """(TokenLogprob, token string) pairs of one piece (see ``openai_protocol`` on token strings)."""
+    piece = event.piece
+    if not piece.logprobs:
+        return []
+    single = len(piece.token_ids) == 1
+    return [(lp, piece.text if single else f"token_id:{lp.token_id}") for lp in piece.logprobs]
+
+
+class Gateway:
+    """The HTTP app over a membership view; ``app`` is the ASGI application."""
+
+    def __init__(self, config: GatewayConfig, membership: Membership, *, watcher_ready: Callable[[], bool]):
+        self.config = config
+        self.membership = membership
+        self.watcher_ready = watcher_ready
+        self.metrics = GatewayMetrics()
+        self.router = Router(membership.instances, mode=config.mode, prefill_policy=config.prefill_policy,
+                             decode_policy=config.decode_policy, failure_cooldown_s=config.failure_cooldown_s)
+        self.clients = EngineClients(
+            control_timeout_s=config.connect_timeout_s,
+            stream_timeout_s=config.stream_idle_timeout_s,
+            on_abort=lambda inst: self.metrics.aborts.labels(inst.role).inc(),
+        )
+        self.flow = Flow(config, self.router, self.clients, self.metrics)
+        self.active: set[str] = set()  # request ids in flight
+        for inst in membership.instances.values():
+            self.metrics.observe_instance(inst)
+        membership.add_listener(self.on_membership)
+        self.app = Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/instances", self.instances, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+        ], exception_handlers={HTTPException: self.http_error})
+
+    def on_membership(self, change: MembershipChange, inst: Instance) -> None:
+        self.router.changed(change, inst)
+        if change in ("left", "expired"):
+            self.metrics.forget_instance(inst)
+            self.clients.drop(inst)
+        else:
+            self.metrics.observe_instance(inst)
+
+    async def close(self) -> None:
+        await self.clients.close()
+
+    # -- small routes ----------------------------------------------------------
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        """Unknown paths and wrong methods, with the OpenAI error body."""
+        assert isinstance(exc, HTTPException)
+        return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code="not_found" if exc.status_code == 404 else "method_not_allowed"))
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        if self.watcher_ready() and self.router.ready():
+            return json_response({"status": "ready"})
+        return error_response(APIError(503, "not ready: no registry snapshot yet or no serving instances "
+                                       f"for mode {self.config.mode}", code="not_ready"))
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models(self, request: Request) -> Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "pdserve"}
+                for m in self.router.models()]
+        return json_response({"object": "list", "data": data})
+
+    async def instances(self, request: Request) -> Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        data = [msgspec.to_builtins(i) for i in sorted(self.membership.instances.values(), key=lambda i: i.id)]
+        return json_response({"object": "list", "data": data})
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(openapi_document())
+
+    # -- generation ------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/completions", oai.parse_completion, 16)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/chat/completions", oai.parse_chat, self.config.default_max_tokens)
+
+    def _unauthorized(self, request: Request) -> Response | None:
+        key = self.config.api_key
+        if key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode()):
+            return None
+        return error_response(APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                       code="invalid_api_key"))
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _request_id(self, request: Request) -> str:
+        given = request.headers.get("x-request-id")
+        if given is None:
+            return uuid.uuid4().hex
+        if not REQUEST_ID.fullmatch(given):
+            raise invalid("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", "X-Request-Id")
+        if given in self.active:
+            raise invalid(f"request id {given!r} is already in flight", "X-Request-Id", "duplicate_request_id")
+        return given
+
+    def _check_model(self, req: oai.ParsedRequest) -> None:
+        models = self.router.models()
+        if not models:
+            raise APIError(503, "no instance is registered", code="no_instance")
+        if req.model not in models:
+            raise invalid(f"model {req.model!r} is not served; available: {', '.join(models)}", "model",
+                          "model_not_found")
+        self.router.leg_for(req.model)  # 503 fast when a needed role is missing
+        context = self.router.max_model_len(req.model)
+        if req.max_tokens_given:
+            if req.sampling.max_tokens >= context:
+                raise invalid(f"max_tokens {req.sampling.max_tokens} leaves no room for the prompt in the "
+                              f"context of {context} tokens", "max_tokens")
+        elif req.sampling.max_tokens >= context:
+            req.sampling.max_tokens = max(1, context // 2)
+
+    async def _generate(self, request: Request, endpoint: str, parse, default_max_tokens: int) -> Response:
+        start = time.perf_counter()
+        request_id = None
+        try:
+            if (denied := self._unauthorized(request)) is not None:
+                self._count(endpoint, 401)
+                return denied
+            request_id = self._request_id(request)
+            body = await self._body(request)
+            req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
+            self._check_model(req)
+        except APIError as e:
+            self._count(endpoint, e.status)
+            return error_response(e, request_id)
+        self.active.add(request_id)
+        self.metrics.in_flight.inc()
+        stats: list[ChoiceStats] = []
+        events = run_choices(self.flow, req, request_id, stats)
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        streaming = False
+        try:
+            if req.stream:
+                first = await sse.run_until_disconnect(request.receive, self._next(events, deadline))
+                outcome = {"status": CLIENT_GONE}  # set by the stream when it ends by itself
+
+                async def cleanup() -> None:
+                    await events.aclose()
+                    self._count(endpoint, outcome["status"])
+                    self._finish(request_id)
+
+                streaming = True
+                return sse.EventStream(self._sse(req, request_id, events, first, stats, deadline, start, outcome),
+                                       cleanup, {"X-Request-Id": request_id})
+            body = await sse.run_until_disconnect(request.receive, self._collect(req, request_id, events, stats,
+                                                                                  deadline, start))
+            self._count(endpoint, 200)
+            self.metrics.e2e.observe(time.perf_counter() - start)
+            return json_response(body, 200, request_id)
+        except APIError as e:
+            self._count(endpoint, e.status)
+            return error_response(e, request_id)
+        except sse.ClientGone:
+            self._count(endpoint, CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
+        finally:
+            if not streaming:
+                await events.aclose()
+                self._finish(request_id)
+
+    def _finish(self, request_id: str) -> None:
+        self.active.discard(request_id)
+        self.metrics.in_flight.dec()
+
+    def _count(self, endpoint: str, status: int) -> None:
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    async def _next(self, events: AsyncIterator[ChoiceEvent], deadline: float) -> ChoiceEvent | None:
+        """The next event, or None at the end; raises 504 past the request deadline."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await anext(events)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise self._timed_out() from None
+
+    def _timed_out(self) -> APIError:
+        return APIError(504, f"request exceeded {self.config.request_timeout_s:g} s", code="request_timeout")
+
+    def _observe_token(self, event: ChoiceEvent, start: float) -> None:
+        if event.piece.token_ids and event.stats.first_token_at is None:
+            event.stats.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(event.stats.first_token_at - start)
+
+    def _observe_choices(self, stats: list[ChoiceStats]) -> None:
+        end = time.perf_counter()
+        for s in stats:
+            if s.first_token_at is not None and s.completion_tokens > 1:
+                self.metrics.tpot.observe((end - s.first_token_at) / (s.completion_tokens - 1))
+
+    def _usage(self, req: oai.ParsedRequest, stats: list[ChoiceStats]) -> dict:
+        """Prompt and cached tokens once per prompt (its first choice), completion tokens of every choice."""
+        firsts = stats[::req.n]
+        return oai.usage_dict(sum(s.prompt_tokens for s in firsts), sum(s.completion_tokens for s in stats),
+                              sum(s.cached_tokens for s in firsts))
+
+    async def _collect(self, req: oai.ParsedRequest, request_id: str, events: AsyncIterator[ChoiceEvent],
+                       stats: list[ChoiceStats], deadline: float, start: float) -> dict:
+        choices = [_ChoiceText() for _ in range(len(req.prompts) * req.n)]
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for event in events:
+                    self._observe_token(event, start)
+                    c = choices[event.index]
+                    c.text.append(event.piece.text)
+                    if req.logprobs:
+                        c.logprobs.extend(_logprob_entries(event))
+                    if event.piece.finish_reason is not None:
+                        c.finish_reason = event.piece.finish_reason
+        except TimeoutError:
+            raise self._timed_out() from None
+        self._observe_choices(stats)
+        out = []
+        for i, c in enumerate(choices):
+            logprobs = None
+            if req.logprobs:
+                logprobs = (oai.completion_logprobs(c.logprobs, 0) if req.kind == "completion"
+                            else oai.chat_logprobs(c.logprobs))
+            out.append(oai.full_choice(req.kind, i, "".join(c.text), c.finish_reason or "stop", logprobs))
+        return oai.full_response(req, request_id, out, self._usage(req, stats))
+
+    async def _sse(self, req: oai.ParsedRequest, request_id: str, events: AsyncIterator[ChoiceEvent],
+                   first: ChoiceEvent | None, stats: list[ChoiceStats], deadline: float, start: float,
+                   outcome: dict) -> AsyncIterator[bytes]:
+        """The SSE body; sets ``outcome["status"]`` when it ends by itself (200, or the error's status)."""
+        offsets = [0] * (len(req.prompts) * req.n)
+        started: set[int] = set()
+        try:
+            event = first
+            while event is not None:
+                self._observe_token(event, start)
+                piece = event.piece
+                logprobs = None
+                if req.logprobs:
+                    entries = _logprob_entries(event)
+                    if req.kind == "completion":
+                        logprobs = oai.completion_logprobs(entries, offsets[event.index])
+                    else:
+                        logprobs = oai.chat_logprobs(entries)
+                offsets[event.index] += len(piece.text)
+                choice = oai.chunk_choice(req.kind, event.index, piece.text, piece.finish_reason, logprobs,
+                                          event.index not in started)
+                started.add(event.index)
+                yield sse.event(oai.chunk(req, request_id, [choice]))
+                event = await self._next(events, deadline)
+            self._observe_choices(stats)
+            if req.include_usage:
+                yield sse.event(oai.chunk(req, request_id, [], self._usage(req, stats)))
+            outcome["status"] = 200
+            self.metrics.e2e.observe(time.perf_counter() - start)
+            yield sse.DONE
+        except APIError as e:
+            outcome["status"] = e.status
+            log.warning("request %s failed mid-stream: %s", request_id, e.message)
+            yield sse.event(e.body())
+            yield sse.DONE
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 description of the API; request schemas come from the request structs."""
+    (completion, chat), components = msgspec.json.schema_components(
+        [oai.CompletionRequest, oai.ChatCompletionRequest], ref_template="#/components/schemas/{name}")
+
+    def post(summary: str, schema: dict) -> dict:
+        return {"post": {"summary": summary,
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                         "responses": {"200": {"description": "JSON, or text/event-stream when stream is true"},
+                                       "400": {"description": "invalid request (OpenAI error body)"},
+                                       "401": {"description": "missing or invalid API key"},
+                                       "413": {"description": "body too large"},
+                                       "502": {"description": "an engine failed"},
+                                       "503": {"description": "no instance available"},
+                                       "504": {"description": "an engine or the request timed out"}}}}
+
+    def get(summary: str) -> dict:
+        return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pdserve gateway", "version": "1"},
+        "paths": {
+            "/v1/completions": post("Text completion (OpenAI)", completion),
+            "/v1/chat/completions": post("Chat completion (OpenAI)", chat),
+            "/v1/models": get("Served models"),
+            "/v1/instances": get("Registered instances with their load"),
+            "/health": get("Process alive"),
+            "/ready": get("A serving set of instances is registered (503 otherwise)"),
+            "/metrics": get("Prometheus metrics"),
+        },
+        "components": {"schemas": components},
+    }
+
+
+class HTTPServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: ``run_service`` owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on (useful with port 0); valid once ``started``."""
+        return self.servers[0].sockets[0].getsockname()[1]
+
+
+async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
+                started: Callable[[HTTPServer], None] | None = None) -> None:
+    """Watch the registry and serve HTTP until cancelled, then shut down in order.
+
+    Shutdown: stop accepting, let in-flight requests finish for ``shutdown_timeout_s``,
+    cancel the rest (their engine legs get ``Abort``), close engine clients, stop watching.
+    ``started(server)`` is called once listening (tests read ``server.port``).
+    """
+    config.validate()
+    watcher = MembershipWatcher(config.registry)
+    snapshot = asyncio.Event()
+    watcher.start()
+    wait_snapshot = asyncio.create_task(watcher.wait_ready())
+    wait_snapshot.add_done_callback(lambda t: t.cancelled() or t.exception() or snapshot.set())
+    gateway = Gateway(config, watcher, watcher_ready=snapshot.is_set)
+    server = HTTPServer(uvicorn.Config(
+        gateway.app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+        lifespan="off", log_level=config.log_level, access_log=False,
+        timeout_graceful_shutdown=max(1, round(config.shutdown_timeout_s)),
+    ))
+    task = asyncio.create_task(server.serve(), name="gateway-http")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # a bind failure raises here
+                raise RuntimeError("the HTTP server exited before starting")
+            await asyncio.sleep(0.01)
+        log.info("gateway on http://%s:%d (registry %s, mode %s)", config.host, server.port,
+                 config.registry, config.mode)
+        if started is not None:
+            started(server)
+        if ready is not None:
+            ready.set()
+        await asyncio.shield(task)
+    finally:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
+        wait_snapshot.cancel()
+        await gateway.close()
+        await watcher.close()
+        log.info("gateway stopped")

@@ -1,0 +1,54 @@
+"""The gateway's configuration: flags, environment variables, validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from common.config import opt, require
+
+Mode = Literal["auto", "disagg", "colocated"]
+Policy = Literal["round_robin", "least_loaded"]
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    host: str = opt("127.0.0.1", "HTTP address to listen on")
+    port: int = opt(8000, "HTTP port (0 picks a free one)")
+    registry: str = opt("tcp://127.0.0.1:7100", "registry ROUTER endpoint to watch")
+    mode: Mode = opt("auto", "disagg: prefill then decode; colocated: one 'both' instance; "
+                     "auto: disagg when prefill and decode instances exist, else colocated")
+    prefill_policy: Policy = opt("least_loaded", "how a prefill instance is picked")
+    decode_policy: Policy = opt("least_loaded", "how a decode instance is picked")
+    max_retries: int = opt(2, "retries of a failed prefill (or colocated) leg on another instance")
+    failure_cooldown_s: float = opt(5.0, "skip an instance this long after it failed a leg, "
+                                    "unless no other instance is left")
+    connect_timeout_s: float = opt(5.0, "timeout of an Abort sent to an engine")
+    prefill_timeout_s: float = opt(60.0, "longest wait for a prefill (or colocated first token) reply; "
+                                   "then the leg is retried on another instance")
+    decode_first_token_timeout_s: float = opt(60.0, "longest wait for decode's first output "
+                                              "(covers the KV transfer and one decode step)")
+    stream_idle_timeout_s: float = opt(30.0, "longest gap between two outputs of a running leg; "
+                                       "then the client gets an error and the request is aborted")
+    request_timeout_s: float = opt(600.0, "longest end-to-end time of one request")
+    max_body_bytes: int = opt(1 << 20, "larger request bodies get 413")
+    max_n: int = opt(16, "largest accepted n (choices per prompt)")
+    default_max_tokens: int = opt(256, "max_tokens of a chat request that sets none "
+                                  "(capped by the instances' context length)")
+    api_key: str | None = opt(None, "when set, /v1 requests need 'Authorization: Bearer <key>'")
+    shutdown_timeout_s: float = opt(10.0, "on shutdown, how long in-flight requests may finish")
+    log_level: str = opt("info", "logging level", choices=("debug", "info", "warning", "error"))
+
+    def validate(self) -> None:
+        require(0 <= self.port < 65536, "port", "must be in 0..65535")
+        require(self.registry.startswith(("tcp://", "ipc://", "inproc://")), "registry",
+                "must be a zmq endpoint like tcp://host:port")
+        require(self.max_retries >= 0, "max_retries", "must be >= 0")
+        require(self.failure_cooldown_s >= 0, "failure_cooldown_s", "must be >= 0")
+        for name in ("connect_timeout_s", "prefill_timeout_s", "decode_first_token_timeout_s",
+                     "stream_idle_timeout_s", "request_timeout_s", "shutdown_timeout_s"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.max_body_bytes > 0, "max_body_bytes", "must be > 0")
+        require(self.max_n >= 1, "max_n", "must be >= 1")
+        require(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
+        require(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")

@@ -1,0 +1,66 @@
+"""Prometheus metrics of one gateway, in its own ``CollectorRegistry``.
+
+Per request: a counter by endpoint and HTTP status, and histograms of TTFT,
+time per output token, end-to-end latency, prefill time (the prefill engine's
+``timings["prefill_s"]``), KV transfer time and bytes (decode's
+``timings["kv_transfer_s"]`` / ``["kv_bytes"]`` on its first output).
+Per instance, from registry heartbeats: running and waiting requests, KV blocks
+used, total and pinned for transfer, labelled by instance id and role.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from common.messages import Instance, Load
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 36, 2))
+LOAD_FIELDS = tuple(Load.__struct_fields__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pdserve_gateway_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.in_flight = Gauge("pdserve_gateway_requests_in_flight", "generation requests being served",
+                               registry=r)
+        self.retries = Counter("pdserve_gateway_leg_retries", "legs retried on another instance",
+                               ["role"], registry=r)
+        self.aborts = Counter("pdserve_gateway_aborts", "Abort messages sent to engines", ["role"], registry=r)
+        self.ttft = Histogram("pdserve_gateway_ttft_seconds", "time to first token of a choice",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdserve_gateway_tpot_seconds", "time per output token after the first",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve_gateway_e2e_seconds", "end-to-end latency of a request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill = Histogram("pdserve_gateway_prefill_seconds", "prefill engine's prefill time",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_transfer = Histogram("pdserve_gateway_kv_transfer_seconds", "KV transfer time reported by decode",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_bytes = Histogram("pdserve_gateway_kv_transfer_bytes", "KV bytes read by decode",
+                                  buckets=BYTES_BUCKETS, registry=r)
+        self.load = {
+            name: Gauge(f"pdserve_instance_{name}", f"{name} from the instance's last heartbeat",
+                        ["instance", "role"], registry=r)
+            for name in LOAD_FIELDS
+        }
+
+    def observe_instance(self, inst: Instance) -> None:
+        for name, gauge in self.load.items():
+            gauge.labels(inst.id, inst.role).set(getattr(inst.load, name))
+
+    def forget_instance(self, inst: Instance) -> None:
+        for gauge in self.load.values():
+            try:
+                gauge.remove(inst.id, inst.role)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

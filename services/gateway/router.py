@@ -1,0 +1,137 @@
+"""Which instance serves a leg: membership view, mode, and per-role policies.
+
+The membership is the registry watcher's ``instances`` mapping (expired and
+deregistered instances leave it); ``changed()`` must be called after every
+change of it (it is the watcher's listener), then the next pick sees it.  Prefill and decode
+each have their own policy object, so their choices are never locked together.
+
+* ``round_robin``: rotate over the candidates (sorted by id), one counter per role.
+* ``least_loaded``: fewest waiting requests (heartbeat ``load.waiting`` plus legs
+  this gateway sent there since, so a burst between heartbeats spreads out),
+  then most free KV blocks, ties rotated.
+
+An instance that failed a leg is skipped for ``failure_cooldown_s`` unless no
+other candidate is left.  A decode instance is only paired with a prefill
+instance of the same model and fingerprint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from typing import Iterable, Literal, Mapping
+
+from common.messages import Instance, Role
+from services.gateway.errors import APIError
+
+Leg = Literal["disagg", "colocated"]
+
+
+class RoundRobin:
+    def __init__(self) -> None:
+        self._next = itertools.count()
+
+    def choose(self, candidates: list[Instance], outstanding: Counter) -> Instance:
+        return candidates[next(self._next) % len(candidates)]
+
+
+class LeastLoaded:
+    def __init__(self) -> None:
+        self._next = itertools.count()
+
+    def choose(self, candidates: list[Instance], outstanding: Counter) -> Instance:
+        def key(inst: Instance) -> tuple[int, int]:
+            free = inst.load.kv_blocks_total - inst.load.kv_blocks_used
+            return inst.load.waiting + outstanding[inst.id], -free
+
+        best = min(map(key, candidates))
+        tied = [c for c in candidates if key(c) == best]
+        return tied[next(self._next) % len(tied)]
+
+
+POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
+
+
+def no_instance(what: str) -> APIError:
+    return APIError(503, f"no {what} instance available", code="no_instance")
+
+
+class Router:
+    def __init__(self, instances: Mapping[str, Instance], *, mode: str = "auto",
+                 prefill_policy: str = "least_loaded", decode_policy: str = "least_loaded",
+                 failure_cooldown_s: float = 5.0):
+        self.instances = instances
+        self.mode = mode
+        self.policies = {"prefill": POLICIES[prefill_policy](), "decode": POLICIES[decode_policy](),
+                         "both": POLICIES[prefill_policy]()}
+        self.failure_cooldown_s = failure_cooldown_s
+        self.outstanding: Counter = Counter()  # legs sent and not yet finished, per instance id
+        self._failed_until: dict[str, float] = {}
+        self._groups: dict[tuple[str, str], list[Instance]] | None = None  # (role, model) -> sorted by id
+
+    def changed(self, change: str, inst: Instance) -> None:
+        """The membership mapping changed (a watcher listener): drop derived state."""
+        self._groups = None
+        if change in ("left", "expired"):
+            self._failed_until.pop(inst.id, None)
+
+    def _of(self, role: Role, model: str) -> list[Instance]:
+        if self._groups is None:
+            groups: dict[tuple[str, str], list[Instance]] = {}
+            for i in sorted(self.instances.values(), key=lambda i: i.id):
+                groups.setdefault((i.role, i.model), []).append(i)
+            self._groups = groups
+        return self._groups.get((role, model), [])
+
+    def models(self) -> list[str]:
+        return sorted({i.model for i in self.instances.values()})
+
+    def max_model_len(self, model: str) -> int:
+        """The smallest context length among the model's instances (0 when none)."""
+        return min((i.capacity.max_model_len for i in self.instances.values() if i.model == model), default=0)
+
+    def leg_for(self, model: str) -> Leg:
+        """How ``model`` is served now; raises 503 when the needed roles are missing."""
+        if self.mode in ("auto", "disagg"):
+            if self._of("prefill", model) and self._of("decode", model):
+                return "disagg"
+            if self.mode == "disagg":
+                raise no_instance(f"prefill and decode for model {model!r}: need both roles")
+        if self._of("both", model):
+            return "colocated"
+        raise no_instance(f"{'colocated (role both)' if self.mode == 'colocated' else 'serving'} "
+                          f"for model {model!r}")
+
+    def ready(self) -> bool:
+        """Some model has what the mode needs."""
+        for model in self.models():
+            try:
+                self.leg_for(model)
+                return True
+            except APIError:
+                pass
+        return False
+
+    def pick(self, role: Role, model: str, *, exclude: Iterable[str] = (),
+             like: Instance | None = None) -> Instance | None:
+        """An instance for a leg, or None; ``like``: only instances with its fingerprint."""
+        excluded = set(exclude)
+        candidates = [i for i in self._of(role, model)
+                      if i.id not in excluded and (like is None or i.fingerprint == like.fingerprint)]
+        if not candidates:
+            return None
+        now = time.monotonic()
+        healthy = [i for i in candidates if self._failed_until.get(i.id, 0.0) <= now]
+        chosen = self.policies[role].choose(healthy or candidates, self.outstanding)
+        self.outstanding[chosen.id] += 1
+        return chosen
+
+    def done(self, inst: Instance) -> None:
+        """A leg picked on ``inst`` ended."""
+        self.outstanding[inst.id] -= 1
+        if self.outstanding[inst.id] <= 0:
+            del self.outstanding[inst.id]
+
+    def mark_failed(self, inst: Instance) -> None:
+        self._failed_until[inst.id] = time.monotonic() + self.failure_cooldown_s

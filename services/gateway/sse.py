@@ -1,0 +1,79 @@
+"""Server-sent events framing and the ASGI plumbing for responses that watch the client.
+
+Each event is ``data: <one JSON object>\\n\\n``; a stream ends with
+``data: [DONE]\\n\\n``.  ``run_until_disconnect`` races a coroutine against the
+client's ``http.disconnect`` so that a request whose client went away is
+cancelled (and its engine legs aborted) instead of running to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import msgspec
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+DONE = b"data: [DONE]\n\n"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MEDIA_TYPE = "text/event-stream"
+
+_encode = msgspec.json.Encoder().encode
+
+
+def event(obj: Any) -> bytes:
+    """One SSE event holding ``obj`` as JSON."""
+    return b"data: " + _encode(obj) + b"\n\n"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response whose ``cleanup()`` runs however it ends: completed, failed, cancelled, or
+    never iterated at all (client gone before the first byte)."""
+
+    media_type = MEDIA_TYPE
+
+    def __init__(self, events: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]):
+        super().__init__(events, headers={**HEADERS, **headers})
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.cleanup()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was complete."""
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work`` in this task; if the client disconnects first, cancel it and raise ``ClientGone``."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _wait_disconnect(receive)
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
