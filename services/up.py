@@ -6,7 +6,10 @@ Starts the registry, the engine instances (``--prefill N`` prefill and
 prints the URL and a ``curl`` to paste.  On SIGINT/SIGTERM it stops them in
 order — gateway (no new requests), engines (finish or abort in-flight work,
 release KV, deregister), registry — each within ``--shutdown-timeout-s``,
-then SIGKILL.  Children run in their own session (a terminal's Ctrl-C reaches
+then SIGKILL.  A child that dies unexpectedly is restarted with the same
+flags (at most ``--max-restarts`` times per child), as a supervisor would:
+engines re-register, the gateway and engines find a restarted registry again.
+Children run in their own session (a terminal's Ctrl-C reaches
 only this process, which orders the shutdown) and die with this process
 (PR_SET_PDEATHSIG), so no orphan outlives it.
 """
@@ -56,6 +59,7 @@ class UpConfig:
     gateway_args: str = opt("", "extra flags for the gateway")
     ready_timeout_s: float = opt(180.0, "give up if the stack is not ready after this long")
     shutdown_timeout_s: float = opt(15.0, "per process group: SIGKILL after this long")
+    max_restarts: int = opt(5, "restart a child that died unexpectedly at most this many times")
     log_level: str = opt("info", "log level of every process")
 
     def validate(self) -> None:
@@ -64,6 +68,21 @@ class UpConfig:
         require(0 < self.port < 65536, "port", "must be a TCP port")
         require(0 < self.registry_port < 65536, "registry_port", "must be a TCP port")
         require(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
+        require(self.max_restarts >= 0, "max_restarts", "must be >= 0")
+
+
+class Child:
+    """One child process and the command that (re)starts it."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+        self.name = " ".join(argv[3:5])
+        self.restarts = 0
+        self.proc = self.start()
+
+    def start(self) -> subprocess.Popen:
+        log.info("starting %s", " ".join(self.argv[3:]))
+        return subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
 
 
 class Stack:
@@ -71,19 +90,16 @@ class Stack:
 
     def __init__(self, config: UpConfig):
         self.config = config
-        self.groups: list[tuple[str, list[subprocess.Popen]]] = []
+        self.groups: dict[str, list[Child]] = {"registry": [], "engines": [], "gateway": []}
         self.registry = f"tcp://127.0.0.1:{config.registry_port}"
         self.url = f"http://{config.host}:{config.port}"
 
     def spawn(self, group: str, argv: list[str]) -> None:
         cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
-        log.info("starting %s", " ".join(cmd[2:]))
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
-        for name, procs in self.groups:
-            if name == group:
-                procs.append(proc)
-                return
-        self.groups.append((group, [proc]))
+        self.groups[group].append(Child(cmd))
+
+    def children(self) -> list[Child]:
+        return [c for group in self.groups.values() for c in group]
 
     def start(self) -> None:
         c = self.config
@@ -102,7 +118,20 @@ class Stack:
                                "--mode", c.mode, *c.gateway_args.split()])
 
     def dead(self) -> list[int]:
-        return [p.returncode for _, procs in self.groups for p in procs if p.poll() is not None]
+        return [c.proc.returncode for c in self.children() if c.proc.poll() is not None]
+
+    def restart_dead(self) -> None:
+        """Restart children that exited; raise when one has used up its restarts."""
+        for child in self.children():
+            code = child.proc.poll()
+            if code is None:
+                continue
+            if child.restarts >= self.config.max_restarts:
+                raise RuntimeError(f"{child.name} exited ({code}) after {child.restarts} restarts")
+            child.restarts += 1
+            log.warning("%s exited (%s): restarting it (%d/%d)", child.name, code, child.restarts,
+                        self.config.max_restarts)
+            child.proc = child.start()
 
     async def wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -120,8 +149,8 @@ class Stack:
 
     def stop(self) -> None:
         """Gateway, then engines, then registry; SIGTERM, then SIGKILL after the timeout."""
-        order = {"gateway": 0, "engines": 1, "registry": 2}
-        for name, procs in sorted(self.groups, key=lambda g: order[g[0]]):
+        for name in ("gateway", "engines", "registry"):
+            procs = [c.proc for c in self.groups[name]]
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
@@ -144,8 +173,8 @@ async def serve(config: UpConfig) -> None:
               f"  curl {stack.url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{config.model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
               "Ctrl-C stops everything.", flush=True)
-        while not stack.dead():
+        while True:
             await asyncio.sleep(0.5)
-        raise RuntimeError(f"a child process exited (codes {stack.dead()})")
+            stack.restart_dead()
     finally:
         await asyncio.get_running_loop().run_in_executor(None, stack.stop)
