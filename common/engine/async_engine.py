@@ -87,14 +87,10 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs until the final one.  Raises ``InvalidRequest`` at
         the start; cancelling the consumer (or closing the iterator early) aborts the request."""
-        self._open_stream(request_id)
-        try:
-            await self._call(
-                lambda: self.engine.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer)
-            )
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
+        await self._start(
+            request_id,
+            lambda: self.engine.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer),
+        )
         async for out in self.stream(request_id):
             yield out
 
@@ -109,21 +105,13 @@ class AsyncEngine:
     ) -> RemoteAllocation:
         """Allocate blocks for a remote prefill's KV, waiting for free blocks if needed; then read
         the KV, call ``finish_remote_kv`` and consume ``stream(request_id)``."""
-        self._open_stream(request_id)
-        try:
-            return await self._call(
-                lambda: self.engine.add_remote_request(
-                    request_id, prompt_token_ids, first_token_id, sampling, num_remote_tokens=num_remote_tokens
-                ),
-                waits_for_blocks=request_id,
-            )
-        except asyncio.CancelledError:
-            if self._streams.pop(request_id, None) is not None and not self._stopping:
-                self._post(lambda: self._abort(request_id))  # the allocation may have landed meanwhile
-            raise
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
+        return await self._start(
+            request_id,
+            lambda: self.engine.add_remote_request(
+                request_id, prompt_token_ids, first_token_id, sampling, num_remote_tokens=num_remote_tokens
+            ),
+            waits_for_blocks=request_id,
+        )
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Outputs of a request added by ``generate`` or ``add_remote_request``, until the final one."""
@@ -168,10 +156,21 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _open_stream(self, request_id: str) -> None:
+    async def _start(self, request_id: str, add: Callable[[], Any], waits_for_blocks: str | None = None) -> Any:
+        """Open the request's output stream, then run its ``add`` command; a cancelled add is aborted."""
         if request_id in self._streams:
             raise ValueError(f"request {request_id!r} already has an output stream")
         self._streams[request_id] = (asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            return await self._call(add, waits_for_blocks)
+        except asyncio.CancelledError:
+            self._streams.pop(request_id, None)
+            if not self._stopping:
+                self._post(lambda: self._abort(request_id))  # the add may still land after us
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
 
     def _call(self, fn: Callable[[], Any], waits_for_blocks: str | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()

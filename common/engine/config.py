@@ -31,18 +31,22 @@ class EngineConfig:
         "KV cache size such as 512MiB or 2GiB; none = on CUDA free memory after loading x "
         "--gpu-memory-utilization, on CPU 512MiB (never more blocks than max-num-seqs full-length sequences)",
     )
-    gpu_memory_utilization: float = opt(0.9, "fraction of free CUDA memory the KV cache may take when sized automatically")
+    gpu_memory_utilization: float = opt(
+        0.9, "fraction of free CUDA memory the KV cache may take when sized automatically"
+    )
     max_num_batched_tokens: int = opt(2048, "token budget of one step (prefill chunks + decodes)")
     max_num_seqs: int = opt(64, "most sequences running at once")
     max_model_len: int | None = opt(None, "context length limit; none = the model's")
     enable_prefix_caching: bool = opt(True, "reuse KV blocks of identical prompt prefixes")
     seed: int = opt(0, "seed of the sampler for requests without their own seed")
     kv_load_failure_policy: Literal["recompute", "fail"] = opt(
-        "recompute", "when reading a remote prefill's KV fails: compute the prompt locally, or fail the request"
+        "recompute",
+        "when reading a remote prefill's KV fails: compute the prompt locally, or fail the request",
     )
 
     def validate(self) -> None:
-        require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "block_size", "must be a power of two")
+        power_of_two = self.block_size > 0 and self.block_size & (self.block_size - 1) == 0
+        require(power_of_two, "block_size", "must be a power of two")
         require(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks", "must be > 0")
         if self.kv_cache_memory is not None:
             require(parse_size(self.kv_cache_memory) > 0, "kv_cache_memory", "must be > 0")
@@ -50,8 +54,9 @@ class EngineConfig:
         require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
         require(self.max_model_len is None or self.max_model_len > 1, "max_model_len", "must be > 1")
-        require(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype", "must be auto, float32, float16 or bfloat16")
-        require(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy", "must be recompute or fail")
-        require(
-            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", "must be auto, cpu, cuda or cuda:N"
-        )
+        dtypes = ("auto", "float32", "float16", "bfloat16")
+        require(self.dtype in dtypes, "dtype", f"must be one of {', '.join(dtypes)}")
+        policies = ("recompute", "fail")
+        require(self.kv_load_failure_policy in policies, "kv_load_failure_policy", "must be recompute or fail")
+        device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
+        require(device_ok, "device", "must be auto, cpu, cuda or cuda:N")

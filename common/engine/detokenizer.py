@@ -25,7 +25,9 @@ class Decoder(Protocol):
 class Detokenizer:
     """The output text of one sequence, fed one token at a time."""
 
-    def __init__(self, tokenizer: Decoder, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Decoder, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True
+    ):
         self.tokenizer = tokenizer
         self.ids = list(prompt_token_ids[-_WINDOW:])
         self.read_offset = len(self.ids)
@@ -38,9 +40,9 @@ class Detokenizer:
     def append(self, token_id: int) -> str | None:
         """Add one token; returns the stop string it completed (``text`` is then cut before it)."""
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special_tokens)
-        new_text = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        new_text = decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return None
         delta = new_text[len(prefix_text) :]

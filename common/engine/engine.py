@@ -81,8 +81,9 @@ class LLMEngine:
         self.block_size = config.block_size
         mc = self.model_config
         self.kv_cache = KVCache(
-            self._num_kv_blocks(), mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
-        )
+            self._num_kv_blocks(), mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype,
+            self.device,
+        )  # fmt: skip
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
@@ -158,6 +159,8 @@ class LLMEngine:
             raise InvalidRequest(f"first_token_id {first_token_id} is outside the vocabulary", "first_token_id")
         seq = self._new_sequence(request_id, prompt_token_ids, sampling, None)
         seq.remote_first_token = first_token_id
+        if seq.generator is not None:
+            self.sampler.skip_draw(seq.generator, sampling, self.model_config.vocab_size)
         allocation = self.scheduler.add_remote(seq)
         self.requests[request_id] = seq
         return allocation
@@ -177,7 +180,7 @@ class LLMEngine:
             self.pending_outputs.append(out)
             return True
         if not ok:
-            logger.warning("request %s: remote KV failed, recomputing %d prompt tokens", request_id, seq.num_prompt_tokens)
+            logger.warning("request %s: remote KV failed, recomputing %d tokens", request_id, seq.num_prompt_tokens)
         first = seq.remote_first_token
         self.scheduler.finish_remote(seq, ok, first)
         seq.first_token_time = seq.kv_ready_time = time.monotonic()
@@ -223,7 +226,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
         """Offline batch: run every prompt to completion (the engine must be otherwise idle).
         Returns one output per prompt holding all its tokens, text and logprobs."""
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)

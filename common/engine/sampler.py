@@ -13,6 +13,10 @@ import torch
 from common.messages import SamplingParams, TokenLogprob
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature == 0 or params.top_k == 1
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device):
         self.device = device
@@ -25,6 +29,12 @@ class Sampler:
         gen.manual_seed(seed)
         return gen
 
+    def skip_draw(self, generator: torch.Generator, params: SamplingParams, vocab_size: int) -> None:
+        """Advance a request's generator past the draw of one token sampled elsewhere (the prefill's
+        first token), so a seeded request continues exactly as it would have colocated."""
+        if not is_greedy(params):
+            torch.empty(vocab_size, device=self.device).exponential_(generator=generator)
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -33,13 +43,13 @@ class Sampler:
         generators: list[torch.Generator | None],
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """``logits`` float32 ``[B, vocab]`` -> one token id per row, and its logprobs where asked."""
-        greedy = [p.temperature == 0 or p.top_k == 1 for p in params]
+        greedy = [is_greedy(p) for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, params, generators, greedy)
         token_list = tokens.tolist()
-        return token_list, self._logprobs(logits, params, tokens)
+        return token_list, self._logprobs(logits, params, tokens, token_list)
 
     def _sample(
         self,
@@ -68,7 +78,7 @@ class Sampler:
         q = torch.empty_like(probs)
         q.exponential_(generator=self.generator)
         for row, gen in enumerate(generators):
-            if gen is not None:
+            if gen is not None and not greedy[row]:  # one draw of vocab_size per sampled token
                 q[row].exponential_(generator=gen)
         sampled = (probs / q).argmax(dim=-1)
         if any(greedy):
@@ -77,7 +87,7 @@ class Sampler:
         return sampled
 
     def _logprobs(
-        self, logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor
+        self, logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor, token_list: list[int]
     ) -> list[TokenLogprob | None]:
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         result: list[TokenLogprob | None] = [None] * len(params)
@@ -89,10 +99,9 @@ class Sampler:
         k = min(max(params[i].logprobs for i in rows), logprobs.shape[-1])  # type: ignore[type-var]
         top_vals, top_ids = logprobs.topk(k, dim=-1)
         top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        token_list = tokens[index].tolist()
         for j, i in enumerate(rows):
             n = params[i].logprobs
             result[i] = TokenLogprob(
-                token_id=token_list[j], logprob=chosen[j], top=list(zip(top_ids[j][:n], top_vals[j][:n]))
+                token_id=token_list[i], logprob=chosen[j], top=list(zip(top_ids[j][:n], top_vals[j][:n]))
             )
         return result
