@@ -183,6 +183,8 @@ class TokenLogprob(msgspec.Struct, omit_defaults=True):
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = []  # (token_id, logprob), best first
+    token: str = ""  # the token's text, as the engine's tokenizer decodes it alone
+    top_tokens: list[str] = []  # texts of ``top``, same order
 
 
 class KVTransferParams(msgspec.Struct, omit_defaults=True):

@@ -104,13 +104,14 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     def timings(self) -> dict[str, float]:
-        """Seconds from arrival: ``queue`` (to first scheduled), ``first_token``, ``remote_kv``
-        (to the remote KV's arrival); ``prefill``: compute time of the prompt's steps."""
-        out = {"prefill": self.prefill_time}
+        """Seconds from arrival: ``queue_s`` (to first scheduled), ``first_token_s``, ``remote_kv_s``
+        (to the remote KV's arrival); ``prefill_s``: compute time of the prompt's steps.
+        The names are the wire names of ``TokenOutput.timings`` (docs/protocol.md)."""
+        out = {"prefill_s": self.prefill_time}
         for name, t in (
-            ("queue", self.first_scheduled_time),
-            ("first_token", self.first_token_time),
-            ("remote_kv", self.kv_ready_time),
+            ("queue_s", self.first_scheduled_time),
+            ("first_token_s", self.first_token_time),
+            ("remote_kv_s", self.kv_ready_time),
         ):
             if t is not None:
                 out[name] = t - self.arrival_time
