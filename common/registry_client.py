@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from typing import Awaitable, Callable, Union
 
 import msgspec
@@ -151,15 +152,23 @@ class MembershipWatcher:
         idle_timeout: float = 5.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
+        grace_s: float = 5.0,
     ):
-        """``idle_timeout`` must exceed the registry's heartbeat interval (its snapshot period)."""
+        """``idle_timeout`` must exceed the registry's heartbeat interval (its snapshot period).
+
+        ``grace_s``: an instance missing from a snapshot (a restarted registry that has not
+        heard from it again yet) stays in the cache this long before it counts as left;
+        events from the registry ("left", "expired") still remove it at once.
+        """
         if idle_timeout <= 0 or backoff_initial_s <= 0 or backoff_max_s < backoff_initial_s:
             raise ValueError("need idle_timeout > 0 and 0 < backoff_initial_s <= backoff_max_s")
         self.endpoint = endpoint
         self.idle_timeout = idle_timeout
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.grace_s = grace_s
         self.instances: dict[str, Instance] = {}
+        self._unconfirmed: dict[str, float] = {}  # instance id -> when it counts as left
         self._listeners: list[Listener] = []
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -193,6 +202,7 @@ class MembershipWatcher:
             bus = BusClient(self.endpoint, name="registry-watch", timeout=self.idle_timeout)
             try:
                 async for reply in bus.stream(Watch(), idle_timeout=self.idle_timeout):
+                    self._drop_unconfirmed()
                     if isinstance(reply, InstanceList):
                         self._apply_snapshot(reply.instances)
                         backoff = self.backoff_initial_s
@@ -210,16 +220,30 @@ class MembershipWatcher:
 
     def _apply_snapshot(self, instances: list[Instance]) -> None:
         new = {i.id: i for i in instances}
-        for instance_id in [i for i in self.instances if i not in new]:
-            self._apply("left", self.instances[instance_id])
+        deadline = time.monotonic() + self.grace_s
+        for instance_id in self.instances:
+            if instance_id not in new:
+                self._unconfirmed.setdefault(instance_id, deadline)
         for instance in new.values():
+            self._unconfirmed.pop(instance.id, None)
             self._apply("joined", instance)
+        self._drop_unconfirmed()
         self._ready.set()
+
+    def _drop_unconfirmed(self) -> None:
+        """Instances missing from snapshots for longer than ``grace_s`` have left."""
+        now = time.monotonic()
+        for instance_id, deadline in list(self._unconfirmed.items()):
+            if now >= deadline:
+                del self._unconfirmed[instance_id]
+                if instance_id in self.instances:
+                    self._apply("left", self.instances[instance_id])
 
     def _apply(self, change: MembershipChange, instance: Instance) -> None:
         """Update the cache; listeners hear only real changes ("joined" = new to the cache)."""
         old = self.instances.get(instance.id)
         if change in ("left", "expired"):
+            self._unconfirmed.pop(instance.id, None)
             if old is None:
                 return
             del self.instances[instance.id]

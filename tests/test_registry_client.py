@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import socket
 
 import msgspec
@@ -194,7 +195,7 @@ def test_bad_arguments_are_refused():
 
 def test_watcher_tells_listeners_only_real_changes():
     """Snapshots and events may overlap (reconnects, idle snapshots): the cache delta is what counts."""
-    watcher = MembershipWatcher("tcp://127.0.0.1:1")
+    watcher = MembershipWatcher("tcp://127.0.0.1:1", grace_s=0.0)
     seen: list[tuple[str, str, int]] = []
     watcher.add_listener(lambda change, instance: seen.append((change, instance.id, instance.load.running)))
     p0, d0 = make_instance("p0", "prefill", 9000), make_instance("d0", "decode", 9100)
@@ -206,3 +207,20 @@ def test_watcher_tells_listeners_only_real_changes():
     watcher._apply("expired", d0)  # already gone: nothing
     assert seen == [("joined", "p0", 0), ("joined", "d0", 0), ("updated", "p0", 4), ("left", "d0", 0)]
     assert watcher.instances == {"p0": busy}
+
+
+def test_instances_missing_from_a_snapshot_stay_for_the_grace_period():
+    """A restarted registry's first snapshot lacks instances that have not re-registered yet."""
+    watcher = MembershipWatcher("tcp://127.0.0.1:1", grace_s=0.3)
+    seen: list[tuple[str, str]] = []
+    watcher.add_listener(lambda change, instance: seen.append((change, instance.id)))
+    p0, d0, p1 = (make_instance("p0", "prefill", 9000), make_instance("d0", "decode", 9100),
+                  make_instance("p1", "prefill", 9200))
+    watcher._apply_snapshot([p0, d0, p1])
+    watcher._apply_snapshot([p0])  # the new registry has heard from p0 only
+    assert set(watcher.instances) == {"p0", "d0", "p1"}  # still routable
+    watcher._apply_snapshot([p0, d0])  # d0 re-registered; p1 did not
+    time.sleep(0.35)
+    watcher._apply_snapshot([p0, d0])
+    assert set(watcher.instances) == {"p0", "d0"}
+    assert seen[-1] == ("left", "p1")

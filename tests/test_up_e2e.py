@@ -271,6 +271,7 @@ def test_registry_restart_keeps_serving(stack, client):
 
 def test_decode_killed_mid_stream_ends_with_an_error_event(stack):
     body = {"model": "demo", "prompt": "kill the decode", "max_tokens": 3000, "stream": True, "ignore_eos": True}
+    wait_for(lambda: len(stack.instances()) == 3, 30, "three instances")
     pid = stack.pid_of("decode")
     events: list[str] = []
     with httpx.stream("POST", stack.url + "/v1/completions", json=body, timeout=60) as r:
