@@ -1,21 +1,28 @@
 """Asyncio actors over ZMQ ROUTER/DEALER: typed requests, replies and streams.
 
-Wire format (every frame after the ROUTER's identity):
+Wire format: every ZMQ message (after the ROUTER's identity) carries one or
+more *records*, each two frames ``[header, body]``:
 
-    client -> server   [header, body]   header = !QB (request id, KIND_REQUEST | KIND_CANCEL)
-    server -> client   [header, body]   header = !QB (request id, FLAG_ITEM | FLAG_FINAL | FLAG_END)
+    client -> server   header = !QB (request id, KIND_REQUEST | KIND_CANCEL)
+    server -> client   header = !QB (request id, FLAG_ITEM | FLAG_FINAL | FLAG_END)
 
 ``body`` is one msgpack-encoded ``common.messages`` struct (empty for a cancel
 and for ``FLAG_END``).  A handler that returns a message answers with one
-``FLAG_FINAL`` frame; a handler that is an async generator answers with one
-``FLAG_ITEM`` frame per yielded message and then a ``FLAG_END`` frame.  Errors
-travel as ``ErrorReply`` in a ``FLAG_FINAL`` frame and are raised by the client
+``FLAG_FINAL`` record; a handler that is an async generator answers with one
+``FLAG_ITEM`` record per yielded message and then a ``FLAG_END`` record.  Errors
+travel as ``ErrorReply`` in a ``FLAG_FINAL`` record and are raised by the client
 as ``PeerError``.
 
+Records for one peer queued during one event-loop iteration leave together as
+one ZMQ message at the start of the next iteration (``_Outbox``): each ZMQ
+message costs a wake-up of libzmq's I/O thread on both ends, far more than the
+records themselves, so under load many requests share one, and a stream item
+followed at once by its end costs one.  Records of one request keep their order.
+
 Nothing here blocks on a slow, dead or restarted peer: the server sends with
-NOBLOCK and ROUTER_MANDATORY (a vanished peer's requests are cancelled), the
-client fails pending calls with ``PeerGone`` when its connection drops, and
-every wait has a finite timeout.
+NOBLOCK and ROUTER_MANDATORY (a vanished or stuck peer's running handlers are
+cancelled), the client fails pending calls with ``PeerGone`` when its
+connection drops or its send queue is full, and every wait has a finite timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import inspect
 import itertools
 import logging
 import struct
+from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Union
 
 import msgspec
@@ -44,6 +52,11 @@ DEFAULT_MAX_FRAME_BYTES = 64 << 20
 
 Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
 
+# Plain ints: pyzmq's enum flags cost a Python-level enum operation on every use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
+
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -55,7 +68,7 @@ def _tune(sock: zmq.Socket, max_frame_bytes: int) -> None:
     """Socket options shared by both ends; each one is a deliberate choice."""
     # Closing must never wait for undelivered messages to a peer that may be gone.
     sock.setsockopt(zmq.LINGER, 0)
-    # Bounded queues: a stuck peer costs at most this many queued frames, never
+    # Bounded queues: a stuck peer costs at most this many queued messages, never
     # unbounded memory; beyond it sends fail fast (EAGAIN) instead of blocking.
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
@@ -67,6 +80,13 @@ def _tune(sock: zmq.Socket, max_frame_bytes: int) -> None:
     # typed "too_large" answer, anything beyond is dropped by libzmq before it
     # can exhaust memory.
     sock.setsockopt(zmq.MAXMSGSIZE, 4 * max_frame_bytes + (1 << 20))
+
+
+def _send(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """One multipart message without blocking; raises zmq.Again when the peer's queue is full."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK)
 
 
 class _Reader:
@@ -94,8 +114,10 @@ class _Reader:
     def _drain(self) -> None:
         self._scheduled = False
         sock = self._sock
-        while not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+        while not sock.closed and sock.getsockopt(_EVENTS) & _POLLIN:
+            frames = [sock.recv(_NOBLOCK)]
+            while sock.getsockopt(_RCVMORE):
+                frames.append(sock.recv(_NOBLOCK))
             try:
                 self._on_frames(frames)
             except Exception:  # one bad frame must never stop the reader
@@ -105,8 +127,47 @@ class _Reader:
         self._loop.remove_reader(self._fd)
 
 
+class _Outbox:
+    """Records queued per peer during one loop iteration; ``flush`` sends one message per peer.
+
+    ``key`` is the ROUTER identity (its frame leads the message) or None on a
+    DEALER.  ``on_failed(key, frames, error)`` hears of a message that could not
+    be sent: ``zmq.Again`` (the peer's queue is full) or ``zmq.ZMQError``
+    (EHOSTUNREACH: the peer is gone); ``frames`` are its records' frames.
+    """
+
+    def __init__(self, sock: zmq.Socket, reader: _Reader,
+                 on_failed: Callable[[bytes | None, list[bytes], zmq.ZMQError], None]):
+        self._sock = sock
+        self._reader = reader
+        self._on_failed = on_failed
+        self._loop = asyncio.get_running_loop()
+        self._queued: dict[bytes | None, list[bytes]] = {}
+
+    def add(self, key: bytes | None, header: bytes, body: bytes) -> None:
+        frames = self._queued.get(key)
+        if frames is None:
+            if not self._queued:
+                self._loop.call_soon(self.flush)
+            self._queued[key] = [header, body] if key is None else [key, header, body]
+        else:
+            frames += (header, body)
+
+    def flush(self) -> None:
+        queued, self._queued = self._queued, {}
+        if self._sock.closed:
+            return
+        for key, frames in queued.items():
+            try:
+                _send(self._sock, frames)
+            except zmq.ZMQError as e:
+                self._on_failed(key, frames if key is None else frames[1:], e)
+        if queued:
+            self._reader.poke()
+
+
 class BusServer:
-    """ROUTER side: decodes each frame into ``accepts``, dispatches it by type, replies."""
+    """ROUTER side: decodes each record into ``accepts``, dispatches it by type, replies."""
 
     def __init__(
         self,
@@ -121,14 +182,15 @@ class BusServer:
         self.max_frame_bytes = max_frame_bytes
         self.endpoint = bind
         self._decoder = msgspec.msgpack.Decoder(accepts)
-        self._handlers: dict[type, Handler] = {}
+        self._handlers: dict[type, tuple[Handler, bool]] = {}  # type -> (handler, is an async generator)
         self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
         self._sock: zmq.Socket | None = None
         self._reader: _Reader | None = None
+        self._outbox: _Outbox | None = None
 
     def on(self, msg_type: type, handler: Handler) -> None:
         """Route ``msg_type`` to ``handler`` (a coroutine function or async generator function)."""
-        self._handlers[msg_type] = handler
+        self._handlers[msg_type] = (handler, inspect.isasyncgenfunction(handler))
 
     async def start(self) -> None:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
@@ -145,10 +207,11 @@ class BusServer:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
         self._reader = _Reader(sock, self._on_frames)
+        self._outbox = _Outbox(sock, self._reader, self._send_failed)
         log.debug("%s listening on %s", self.name, self.endpoint)
 
     async def close(self) -> None:
-        """Cancel running handlers, then close the socket."""
+        """Cancel running handlers, send what they answered, then close the socket."""
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -157,6 +220,8 @@ class BusServer:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._sock is not None:
+            assert self._outbox is not None
+            self._outbox.flush()
             self._sock.close(linger=0)
             self._sock = None
 
@@ -168,17 +233,25 @@ class BusServer:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         identity = frames[0]
-        if len(frames) != 3 or len(frames[1]) != HEADER.size:
-            log.warning("%s: malformed frame (%d parts) from %r", self.name, len(frames), identity)
-            self._reply(identity, 0, FLAG_FINAL, ErrorReply("bad_frame", "expected [header, body] frames"))
+        if len(frames) < 3 or len(frames) % 2 == 0:
+            log.warning("%s: malformed message (%d frames) from %r", self.name, len(frames), identity)
+            self._reply(identity, 0, FLAG_FINAL, ErrorReply("bad_frame", "expected [header, body] frame pairs"))
             return
-        req_id, kind = HEADER.unpack(frames[1])
+        for i in range(1, len(frames), 2):
+            header = frames[i]
+            if len(header) != HEADER.size:
+                log.warning("%s: malformed header from %r", self.name, identity)
+                self._reply(identity, 0, FLAG_FINAL, ErrorReply("bad_frame", f"a header has {HEADER.size} bytes"))
+                return  # the framing of the rest cannot be trusted
+            self._on_record(identity, header, frames[i + 1])
+
+    def _on_record(self, identity: bytes, header: bytes, body: bytes) -> None:
+        req_id, kind = HEADER.unpack(header)
         if kind == KIND_CANCEL:
             task = self._tasks.get((identity, req_id))
             if task is not None:
                 task.cancel()
             return
-        body = frames[2]
         if len(body) > self.max_frame_bytes:
             log.warning("%s: frame of %d bytes over the %d limit", self.name, len(body), self.max_frame_bytes)
             self._reply(identity, req_id, FLAG_FINAL,
@@ -190,26 +263,23 @@ class BusServer:
             log.warning("%s: undecodable message from %r: %s", self.name, identity, e)
             self._reply(identity, req_id, FLAG_FINAL, ErrorReply("bad_frame", f"cannot decode message: {e}"))
             return
-        handler = self._handlers.get(type(msg))
-        if handler is None:
+        entry = self._handlers.get(type(msg))
+        if entry is None:
             self._reply(identity, req_id, FLAG_FINAL,
                         ErrorReply("unsupported", f"{self.name} does not handle {type(msg).__name__}"))
             return
         key = (identity, req_id)
-        task = asyncio.create_task(self._run(key, handler, msg))
-        self._tasks[key] = task
+        self._tasks[key] = asyncio.create_task(self._run(key, entry[0], entry[1], msg))
 
-    async def _run(self, key: tuple[bytes, int], handler: Handler, msg: Message) -> None:
+    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message) -> None:
         identity, req_id = key
         try:
-            if inspect.isasyncgenfunction(handler):
+            if streams:
                 async for item in handler(msg):  # type: ignore[union-attr]
-                    if not self._reply(identity, req_id, FLAG_ITEM, item):
-                        return  # peer gone or not draining: the generator is closed
+                    self._reply(identity, req_id, FLAG_ITEM, item)
                 self._reply(identity, req_id, FLAG_END, None)
             else:
-                reply = await handler(msg)  # type: ignore[misc]
-                self._reply(identity, req_id, FLAG_FINAL, reply)
+                self._reply(identity, req_id, FLAG_FINAL, await handler(msg))  # type: ignore[misc]
         except asyncio.CancelledError:
             pass
         except PeerError as e:
@@ -220,26 +290,43 @@ class BusServer:
         finally:
             self._tasks.pop(key, None)
 
-    def _reply(self, identity: bytes, req_id: int, flag: int, msg: Message | None) -> bool:
-        """Send without blocking; False when the peer is gone or its queue is full."""
-        if self._sock is None:
-            return False
-        body = b"" if msg is None else encode(msg)
-        try:
-            self._sock.send_multipart([identity, HEADER.pack(req_id, flag), body], flags=zmq.NOBLOCK)
-            if self._reader is not None:
-                self._reader.poke()
-            return True
-        except zmq.Again:
-            log.warning("%s: peer %r not draining; dropping request %d", self.name, identity, req_id)
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
+    def _reply(self, identity: bytes, req_id: int, flag: int, msg: Message | None) -> None:
+        """Queue a record for ``identity``; it leaves with this loop iteration's message to that peer."""
+        if self._outbox is not None and self._sock is not None:
+            self._outbox.add(identity, HEADER.pack(req_id, flag), b"" if msg is None else encode(msg))
+
+    def _send_failed(self, identity: bytes | None, _: list[bytes], error: zmq.ZMQError) -> None:
+        """A message to ``identity`` was not sent: the peer is gone or not draining; stop its handlers."""
+        if isinstance(error, zmq.Again):
+            log.warning("%s: peer %r not draining; cancelling its requests", self.name, identity)
+        elif error.errno == zmq.EHOSTUNREACH:
             log.info("%s: peer %r is gone; cancelling its requests", self.name, identity)
-            for (ident, _), task in list(self._tasks.items()):
-                if ident == identity and task is not asyncio.current_task():
-                    task.cancel()
-        return False
+        else:
+            log.error("%s: sending to %r failed: %s", self.name, identity, error)
+        for (ident, _), task in list(self._tasks.items()):
+            if ident == identity:
+                task.cancel()
+
+
+class _Replies:
+    """The replies of one pending request, in arrival order, and the waiter of its consumer."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque = deque()  # (flag, reply) pairs, or an Exception that fails the request
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class BusClient:
@@ -258,7 +345,8 @@ class BusClient:
         self.timeout = timeout
         self._decoder = msgspec.msgpack.Decoder(Reply)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Queue] = {}
+        self._pending: dict[int, _Replies] = {}
+        self._loop = asyncio.get_running_loop()
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.DEALER)
         _tune(self._sock, max_frame_bytes)
@@ -270,12 +358,13 @@ class BusClient:
         self._closed = False
         self._reader = _Reader(self._sock, self._on_frames)
         self._monitor_reader = _Reader(self._monitor, self._on_monitor_event)
+        self._outbox = _Outbox(self._sock, self._reader, self._send_failed)
 
     async def call(self, msg: Message, timeout: float | None = None) -> Message:
         """Send ``msg`` and return its reply; raises CallTimeout, PeerGone or PeerError."""
-        req_id, queue = self._send(msg)
+        req_id, replies = self._send(msg)
         try:
-            flag, reply = await self._next(queue, self.timeout if timeout is None else timeout)
+            flag, reply = await self._next(replies, self.timeout if timeout is None else timeout)
             if flag == FLAG_ITEM:  # the handler streams: take the first item, stop the rest
                 self._send_cancel(req_id)
             if flag == FLAG_END:
@@ -287,13 +376,21 @@ class BusClient:
         finally:
             self._pending.pop(req_id, None)
 
-    async def stream(self, msg: Message, idle_timeout: float | None = None) -> AsyncIterator[Message]:
-        """Yield every reply of a streaming handler; leaving early cancels it on the server."""
-        req_id, queue = self._send(msg)
+    async def stream(self, msg: Message, idle_timeout: float | None = None,
+                     first_timeout: float | None = None) -> AsyncIterator[Message]:
+        """Yield every reply of a streaming handler; leaving early cancels it on the server.
+
+        The first reply must come within ``first_timeout`` (default: ``idle_timeout``),
+        each later one within ``idle_timeout`` of the previous (default: the client's timeout).
+        """
+        req_id, replies = self._send(msg)
+        idle = self.timeout if idle_timeout is None else idle_timeout
+        timeout = idle if first_timeout is None else first_timeout
         done = False
         try:
             while True:
-                flag, reply = await self._next(queue, self.timeout if idle_timeout is None else idle_timeout)
+                flag, reply = await self._next(replies, timeout)
+                timeout = idle
                 if flag == FLAG_END:
                     done = True
                     return
@@ -308,9 +405,11 @@ class BusClient:
             self._pending.pop(req_id, None)
 
     async def close(self) -> None:
+        """Send what is queued (cancels included), fail pending calls with PeerGone, close."""
         if self._closed:
             return
         self._closed = True
+        self._outbox.flush()
         self._reader.close()
         self._monitor_reader.close()
         self._fail_all(PeerGone(f"client for {self.endpoint} closed"))
@@ -320,35 +419,41 @@ class BusClient:
 
     # -- internals ---------------------------------------------------------
 
-    def _send(self, msg: Message) -> tuple[int, asyncio.Queue]:
+    def _send(self, msg: Message) -> tuple[int, _Replies]:
         if self._closed:
             raise PeerGone(f"client for {self.endpoint} is closed")
+        body = encode(msg)
         req_id = next(self._ids)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._pending[req_id] = queue
-        try:
-            self._sock.send_multipart([HEADER.pack(req_id, KIND_REQUEST), encode(msg)], flags=zmq.NOBLOCK)
-            self._reader.poke()
-        except zmq.Again:
-            self._pending.pop(req_id, None)
-            raise PeerGone(f"{self.endpoint}: send queue full (peer not draining)")
-        return req_id, queue
+        replies = self._pending[req_id] = _Replies()
+        self._outbox.add(None, HEADER.pack(req_id, KIND_REQUEST), body)
+        return req_id, replies
 
     def _send_cancel(self, req_id: int) -> None:
-        if self._closed:
-            return
-        try:
-            self._sock.send_multipart([HEADER.pack(req_id, KIND_CANCEL), b""], flags=zmq.NOBLOCK)
-            self._reader.poke()
-        except zmq.ZMQError:
-            pass  # the peer is unreachable: it has nothing left to cancel
+        if not self._closed:
+            self._outbox.add(None, HEADER.pack(req_id, KIND_CANCEL), b"")
 
-    async def _next(self, queue: asyncio.Queue, timeout: float) -> tuple[int, Message]:
-        try:
-            async with asyncio.timeout(timeout):
-                item = await queue.get()
-        except TimeoutError:
-            raise CallTimeout(f"{self.endpoint}: no reply within {timeout:g} s") from None
+    def _send_failed(self, _: bytes | None, frames: list[bytes], error: zmq.ZMQError) -> None:
+        """The outbox's message was not sent (queue full: the peer is not draining): fail its requests."""
+        gone = PeerGone(f"{self.endpoint}: send failed ({error}); the peer is not draining")
+        for header in frames[::2]:
+            req_id, kind = HEADER.unpack(header)
+            replies = self._pending.get(req_id) if kind == KIND_REQUEST else None
+            if replies is not None:
+                replies.put(gone)
+
+    async def _next(self, replies: _Replies, timeout: float) -> tuple[int, Message]:
+        items = replies.items
+        if not items:
+            waiter = replies.waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                replies.waiter = None
+            if not items:
+                raise CallTimeout(f"{self.endpoint}: no reply within {timeout:g} s")
+        item = items.popleft()
         if isinstance(item, Exception):
             raise item
         flag, reply = item
@@ -357,26 +462,33 @@ class BusClient:
         return flag, reply
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        if len(frames) != 2 or len(frames[0]) != HEADER.size:
-            log.warning("%s: dropping malformed reply (%d parts)", self.name, len(frames))
+        if len(frames) % 2:
+            log.warning("%s: dropping malformed reply (%d frames)", self.name, len(frames))
             return
-        req_id, flag = HEADER.unpack(frames[0])
-        queue = self._pending.get(req_id)
+        for i in range(0, len(frames), 2):
+            if len(frames[i]) != HEADER.size:
+                log.warning("%s: dropping malformed reply (bad header)", self.name)
+                return
+            self._on_record(frames[i], frames[i + 1])
+
+    def _on_record(self, header: bytes, body: bytes) -> None:
+        req_id, flag = HEADER.unpack(header)
+        replies = self._pending.get(req_id)
         try:
-            reply = None if flag == FLAG_END else self._decoder.decode(frames[1])
+            reply = None if flag == FLAG_END else self._decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             log.warning("%s: undecodable reply: %s", self.name, e)
             reply = ErrorReply("bad_frame", f"undecodable reply: {e}")
             flag = FLAG_FINAL
         if req_id == 0 and isinstance(reply, ErrorReply):
             log.warning("%s: peer rejected a frame: %s", self.name, reply.message)
-        elif queue is not None:
-            queue.put_nowait((flag, reply))
+        elif replies is not None:
+            replies.put((flag, reply))
 
     def _on_monitor_event(self, frames: list[bytes]) -> None:
         if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
             self._fail_all(PeerGone(f"{self.endpoint} disconnected"))
 
     def _fail_all(self, error: Exception) -> None:
-        for queue in self._pending.values():
-            queue.put_nowait(error)
+        for replies in self._pending.values():
+            replies.put(error)

@@ -61,6 +61,15 @@ class ChoiceStats:
     first_token_at: float | None = None
 
 
+@dataclass(slots=True)
+class ChoiceEvent:
+    """A piece of choice ``index``, with that choice's stats."""
+
+    index: int
+    piece: Piece
+    stats: ChoiceStats
+
+
 def _retry_before_output(e: BusError) -> bool:
     return isinstance(e, (PeerGone, CallTimeout)) or (isinstance(e, PeerError) and e.code in RETRY_CODES)
 
@@ -92,8 +101,8 @@ class Flow:
     # -- one choice ----------------------------------------------------------
 
     async def run(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
-                  stats: ChoiceStats) -> AsyncIterator[Piece]:
-        """Stream one choice; raises ``APIError``.  Leaves no engine holding the request."""
+                  stats: ChoiceStats, index: int = 0) -> AsyncIterator[ChoiceEvent]:
+        """Stream choice ``index``; raises ``APIError``.  Leaves no engine holding the request."""
         holders: dict[str, Instance] = {}
         try:
             if self.router.leg_for(model) == "colocated":
@@ -102,7 +111,7 @@ class Flow:
                 pieces = self._disagg(request_id, model, prompt, sampling, stats, holders)
             async with aclosing(pieces):
                 async for piece in pieces:
-                    yield piece
+                    yield ChoiceEvent(index, piece, stats)
         except BaseException:
             for inst in holders.values():
                 self.clients.abort(inst, request_id)
@@ -222,29 +231,10 @@ class Flow:
             finally:
                 self.router.done(inst)
 
-    async def _stream(self, inst: Instance, gen: Generate, first_timeout: float) -> AsyncIterator[TokenOutput]:
-        """The outputs of ``gen`` on ``inst``: the first within ``first_timeout``, then each within the idle timeout.
-
-        The bus enforces the longer of the two; the shorter one gets its own timeout context.
-        """
-        idle = self.config.stream_idle_timeout_s
-        bus_timeout = max(first_timeout, idle)
-        timeout = first_timeout
-        client = self.clients.get(inst)
-        async with aclosing(client.stream(gen, idle_timeout=bus_timeout)) as outputs:
-            while True:
-                try:
-                    if timeout >= bus_timeout:
-                        out = await anext(outputs)
-                    else:
-                        async with asyncio.timeout(timeout):
-                            out = await anext(outputs)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise CallTimeout(f"{inst.request_endpoint}: no output within {timeout:g} s") from None
-                timeout = idle
-                yield out
+    def _stream(self, inst: Instance, gen: Generate, first_timeout: float) -> AsyncIterator[TokenOutput]:
+        """The outputs of ``gen`` on ``inst``: the first within ``first_timeout``, then each within the idle timeout."""
+        return self.clients.get(inst).stream(gen, idle_timeout=self.config.stream_idle_timeout_s,
+                                             first_timeout=first_timeout)
 
 
 # --------------------------------------------------------------------------- #
@@ -252,19 +242,12 @@ class Flow:
 # --------------------------------------------------------------------------- #
 
 
-@dataclass(slots=True)
-class ChoiceEvent:
-    index: int
-    piece: Piece
-    stats: ChoiceStats
-
-
 def choice_request_id(request_id: str, index: int, total: int) -> str:
     return request_id if total == 1 else f"{request_id}-{index}"
 
 
-async def run_choices(flow: Flow, req: ParsedRequest, request_id: str,
-                      stats: list[ChoiceStats]) -> AsyncIterator[ChoiceEvent]:
+def run_choices(flow: Flow, req: ParsedRequest, request_id: str,
+                stats: list[ChoiceStats]) -> AsyncIterator[ChoiceEvent]:
     """Every choice of ``req`` (prompt-major, ``n`` per prompt) run concurrently, merged in arrival order.
 
     ``stats`` receives one ``ChoiceStats`` per choice.  The first failing choice
@@ -273,11 +256,12 @@ async def run_choices(flow: Flow, req: ParsedRequest, request_id: str,
     total = len(req.prompts) * req.n
     stats.extend(ChoiceStats() for _ in range(total))
     if total == 1:
-        async with aclosing(flow.run(request_id, req.model, req.prompts[0], req.sampling, stats[0])) as pieces:
-            async for piece in pieces:
-                yield ChoiceEvent(0, piece, stats[0])
-        return
+        return flow.run(request_id, req.model, req.prompts[0], req.sampling, stats[0])
+    return _merged_choices(flow, req, request_id, stats, total)
 
+
+async def _merged_choices(flow: Flow, req: ParsedRequest, request_id: str, stats: list[ChoiceStats],
+                          total: int) -> AsyncIterator[ChoiceEvent]:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def one(index: int) -> None:
@@ -285,9 +269,9 @@ async def run_choices(flow: Flow, req: ParsedRequest, request_id: str,
         rid = choice_request_id(request_id, index, total)
         try:
             async with aclosing(flow.run(rid, req.model, req.prompts[index // req.n], sampling,
-                                         stats[index])) as pieces:
-                async for piece in pieces:
-                    queue.put_nowait(ChoiceEvent(index, piece, stats[index]))
+                                         stats[index], index)) as events:
+                async for event in events:
+                    queue.put_nowait(event)
             queue.put_nowait(index)
         except Exception as e:
             queue.put_nowait(e)

@@ -28,6 +28,7 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter("pdserve_gateway_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+        self._request_children: dict[tuple[str, int], Counter] = {}  # labels() is a locked dict lookup
         self.in_flight = Gauge("pdserve_gateway_requests_in_flight", "generation requests being served",
                                registry=r)
         self.retries = Counter("pdserve_gateway_leg_retries", "legs retried on another instance",
@@ -50,6 +51,12 @@ class GatewayMetrics:
                         ["instance", "role"], registry=r)
             for name in LOAD_FIELDS
         }
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        child = self._request_children.get((endpoint, status))
+        if child is None:
+            child = self._request_children[(endpoint, status)] = self.requests.labels(endpoint, str(status))
+        child.inc()
 
     def observe_instance(self, inst: Instance) -> None:
         for name, gauge in self.load.items():

@@ -69,10 +69,14 @@ class Router:
         self.outstanding: Counter = Counter()  # legs sent and not yet finished, per instance id
         self._failed_until: dict[str, float] = {}
         self._groups: dict[tuple[str, str], list[Instance]] | None = None  # (role, model) -> sorted by id
+        self._models: list[str] | None = None
+        self._max_model_len: dict[str, int] = {}
 
     def changed(self, change: str, inst: Instance) -> None:
         """The membership mapping changed (a watcher listener): drop derived state."""
         self._groups = None
+        self._models = None
+        self._max_model_len = {}
         if change in ("left", "expired"):
             self._failed_until.pop(inst.id, None)
 
@@ -85,11 +89,17 @@ class Router:
         return self._groups.get((role, model), [])
 
     def models(self) -> list[str]:
-        return sorted({i.model for i in self.instances.values()})
+        if self._models is None:
+            self._models = sorted({i.model for i in self.instances.values()})
+        return self._models
 
     def max_model_len(self, model: str) -> int:
         """The smallest context length among the model's instances (0 when none)."""
-        return min((i.capacity.max_model_len for i in self.instances.values() if i.model == model), default=0)
+        length = self._max_model_len.get(model)
+        if length is None:
+            length = self._max_model_len[model] = min(
+                (i.capacity.max_model_len for i in self.instances.values() if i.model == model), default=0)
+        return length
 
     def leg_for(self, model: str) -> Leg:
         """How ``model`` is served now; raises 503 when the needed roles are missing."""
@@ -119,11 +129,15 @@ class Router:
         excluded = set(exclude)
         candidates = [i for i in self._of(role, model)
                       if i.id not in excluded and (like is None or i.fingerprint == like.fingerprint)]
-        if not candidates:
+        if len(candidates) > 1:
+            if self._failed_until:
+                now = time.monotonic()
+                candidates = [i for i in candidates if self._failed_until.get(i.id, 0.0) <= now] or candidates
+            chosen = self.policies[role].choose(candidates, self.outstanding)
+        elif candidates:
+            chosen = candidates[0]  # the only one, whatever the policy or its health
+        else:
             return None
-        now = time.monotonic()
-        healthy = [i for i in candidates if self._failed_until.get(i.id, 0.0) <= now]
-        chosen = self.policies[role].choose(healthy or candidates, self.outstanding)
         self.outstanding[chosen.id] += 1
         return chosen
 

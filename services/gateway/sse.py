@@ -56,24 +56,33 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work`` in this task; if the client disconnects first, cancel it and raise ``ClientGone``."""
+async def run_until_disconnect(receive: Receive, work: Awaitable[T], deadline: float | None = None) -> T:
+    """Await ``work`` in this task; cancel it and raise ``ClientGone`` if the client disconnects
+    first, or ``TimeoutError`` if the loop's clock reaches ``deadline`` first."""
     task = asyncio.current_task()
     assert task is not None
-    gone = False
+    loop = asyncio.get_running_loop()
+    stopped_by: type[Exception] | None = None
+
+    def stop(reason: type[Exception]) -> None:
+        nonlocal stopped_by
+        if stopped_by is None:
+            stopped_by = reason
+            task.cancel()
 
     async def watch() -> None:
-        nonlocal gone
         await _wait_disconnect(receive)
-        gone = True
-        task.cancel()
+        stop(ClientGone)
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    watcher = loop.create_task(watch())
+    timer = None if deadline is None else loop.call_at(deadline, stop, TimeoutError)
     try:
         return await work
     except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
-            raise ClientGone() from None
+        if stopped_by is not None and task.uncancel() == 0:
+            raise stopped_by() from None
         raise
     finally:
         watcher.cancel()
+        if timer is not None:
+            timer.cancel()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -84,8 +85,16 @@ def render_prompt(gen: Generate) -> list[int]:
     return list(text.encode())
 
 
+def prompt_bytes(prompt_ids: list[int]) -> bytes:
+    """The prompt as bytes (each id's low byte), what the fake hashes."""
+    try:
+        return bytes(prompt_ids)
+    except ValueError:  # ids beyond the byte vocabulary
+        return bytes(t & 0xFF for t in prompt_ids)
+
+
 def prompt_key(prompt_ids: list[int]) -> int:
-    return zlib.crc32(bytes(t & 0xFF for t in prompt_ids))
+    return zlib.crc32(prompt_bytes(prompt_ids))
 
 
 def token_at(prompt_ids: list[int] | int, sampling: SamplingParams, i: int) -> int:
@@ -113,6 +122,8 @@ class Decoder:
 
     def add(self, token: int) -> tuple[str, bool]:
         """Text to emit now, and whether a stop string ended the output."""
+        if not self.stops:  # nothing to hold back: every token's text goes out at once
+            return chr(token), False
         self.text += chr(token)
         for s in self.stops:
             at = self.text.find(s)
@@ -182,6 +193,8 @@ class FakeEngine:
         self.kv_server.on(RenewLease, self._renew)
         self.running: dict[str, Running] = {}
         self.pinned: dict[str, Pinned] = {}  # transfer id -> pinned prompt blocks
+        self.running_blocks = 0  # sum of running[*].blocks, kept as they change
+        self.pinned_blocks = 0  # sum of pinned[*].blocks
         self.cache: set[int] = set()  # chained hashes of full prompt blocks seen
         self.received: list[Generate] = []
         self.aborts: list[str] = []
@@ -190,6 +203,8 @@ class FakeEngine:
         self._registry_client: RegistryClient | None = None
         self._heartbeats: asyncio.Task | None = None
         self._kv_clients: dict[str, BusClient] = {}
+        self._releases: set[asyncio.Task] = set()  # ReleaseKV calls in flight
+        self._transfer_ids = itertools.count(1)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -232,48 +247,55 @@ class FakeEngine:
         await self.kv_server.close()
         for p in self.pinned.values():
             p.timer.cancel()
+        await asyncio.gather(*self._releases, return_exceptions=True)  # bounded by the clients' timeout
         for client in self._kv_clients.values():
             await client.close()
 
     # -- accounting --------------------------------------------------------------
 
     def load(self) -> Load:
-        pinned = sum(p.blocks for p in self.pinned.values())
-        used = pinned + sum(r.blocks for r in self.running.values())
-        return Load(running=len(self.running), waiting=0, kv_blocks_used=used, kv_blocks_total=self.num_blocks,
-                    kv_blocks_pinned=pinned)
+        return Load(running=len(self.running), waiting=0, kv_blocks_used=self.running_blocks + self.pinned_blocks,
+                    kv_blocks_total=self.num_blocks, kv_blocks_pinned=self.pinned_blocks)
 
     def _allocate(self, request_id: str, tokens: int) -> Running:
         blocks = math.ceil(tokens / self.block_size)
-        if self.load().kv_blocks_used + blocks > self.num_blocks:
+        if self.running_blocks + self.pinned_blocks + blocks > self.num_blocks:
             raise PeerError("overloaded", f"{self.id}: no free KV blocks for {blocks} more")
         entry = Running(request_id, blocks)
         self.running[request_id] = entry
+        self.running_blocks += blocks
         return entry
 
-    def _cached_tokens(self, prompt_ids: list[int]) -> int:
-        """Prefix-cache hits over full blocks; records the prompt's blocks for later requests."""
+    def _free(self, request_id: str) -> None:
+        entry = self.running.pop(request_id, None)
+        if entry is not None:
+            self.running_blocks -= entry.blocks
+
+    def _cached_tokens(self, prompt: bytes) -> int:
+        """Prefix-cache hits over full blocks of ``prompt_bytes``; records its blocks for later requests."""
         h, hits, counting = 0, 0, True
-        for b in range(len(prompt_ids) // self.block_size):
-            h = zlib.crc32(bytes(t & 0xFF for t in prompt_ids[b * self.block_size:(b + 1) * self.block_size]), h)
+        for b in range(len(prompt) // self.block_size):
+            h = zlib.crc32(prompt[b * self.block_size:(b + 1) * self.block_size], h)
             if counting and h in self.cache:
                 hits += 1
             else:
                 counting = False
                 self.cache.add(h)
-        return min(hits * self.block_size, len(prompt_ids) - 1)
+        return min(hits * self.block_size, len(prompt) - 1)
 
     def _pin(self, request_id: str, blocks: int) -> tuple[str, float]:
-        transfer_id = f"{self.id}-{request_id}-{uuid.uuid4().hex[:6]}"
+        transfer_id = f"{self.id}-{request_id}-{next(self._transfer_ids)}"
         expiry = time.time() + self.lease_s
         timer = asyncio.get_running_loop().call_later(self.lease_s, self._unpin, transfer_id)
         self.pinned[transfer_id] = Pinned(request_id, blocks, expiry, timer)
+        self.pinned_blocks += blocks
         return transfer_id, expiry
 
     def _unpin(self, transfer_id: str) -> bool:
         p = self.pinned.pop(transfer_id, None)
         if p is not None:
             p.timer.cancel()
+            self.pinned_blocks -= p.blocks
         return p is not None
 
     # -- handlers ------------------------------------------------------------------
@@ -339,6 +361,7 @@ class FakeEngine:
             raise PeerError("invalid_request", f"request {gen.request_id} is already running", "request_id")
         prompt_ids = render_prompt(gen)
         self._validate(gen, prompt_ids)
+        prompt = prompt_bytes(prompt_ids)
         remote = gen.remote_prefill
         entry = self._allocate(gen.request_id, len(prompt_ids) + (0 if gen.do_remote_decode else gen.sampling.max_tokens))
         outputs = 0
@@ -350,7 +373,7 @@ class FakeEngine:
                 if await self._wait(entry, self.transfer_delay_s):
                     yield self._aborted(gen)
                     return
-                await self._release_remote(remote)
+                self._release_remote(remote)
                 dec.add(remote.first_token_id)
                 dec.flush()
                 timings = {"kv_transfer_s": self.transfer_delay_s,
@@ -358,13 +381,13 @@ class FakeEngine:
                            "first_decode_step_s": self.token_delay_s}
                 start, cached = 1, len(prompt_ids)
             else:
-                cached = self._cached_tokens(prompt_ids)
+                cached = self._cached_tokens(prompt)
                 if await self._wait(entry, self.prefill_delay_s):
                     yield self._aborted(gen)
                     return
                 timings = {"queue_s": 0.0, "prefill_s": self.prefill_delay_s}
                 start = 0
-            key = prompt_key(prompt_ids)
+            key = zlib.crc32(prompt)
             ids: list[int] = []
             text = ""
             lps: list[TokenLogprob] = []
@@ -410,20 +433,26 @@ class FakeEngine:
                     self.finished += 1
                     return
         finally:
-            self.running.pop(gen.request_id, None)
+            self._free(gen.request_id)
 
     def _aborted(self, gen: Generate) -> TokenOutput:
         return TokenOutput(request_id=gen.request_id, token_ids=[], text="", finish_reason="abort")
 
-    async def _release_remote(self, params: KVTransferParams) -> None:
+    def _release_remote(self, params: KVTransferParams) -> None:
+        """After the (simulated) read, send ``ReleaseKV`` in the background, like the real connector."""
+        task = asyncio.create_task(self._send_release(params))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _send_release(self, params: KVTransferParams) -> None:
         client = self._kv_clients.get(params.kv_endpoint)
         if client is None:
             client = self._kv_clients[params.kv_endpoint] = BusClient(params.kv_endpoint, name=f"{self.id}-kv-out",
                                                                       timeout=2.0)
         try:
             await client.call(ReleaseKV(transfer_ids=[params.transfer_id]))
-        except BusError as e:
-            raise PeerError("kv_transfer_failed", f"{self.id}: prefill {params.engine_id} unreachable: {e}")
+        except BusError as e:  # prefill's lease expires instead
+            log.warning("%s: ReleaseKV to %s failed: %s", self.id, params.engine_id, e)
 
 
 async def run_fakes(registry: str, *, prefill: int = 1, decode: int = 1, both: int = 0, model: str = "fake",
