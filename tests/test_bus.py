@@ -266,3 +266,44 @@ async def test_call_to_absent_peer_times_out():
             await client.call(GetStats())
     finally:
         await client.close()
+
+
+async def test_several_records_in_one_message_are_answered_each(server):
+    """Clients may batch records; the server answers every one of them by request id."""
+    raw = RawDealer(server.endpoint)
+    try:
+        frames = []
+        for req_id in (21, 22, 23):
+            frames += [HEADER.pack(req_id, KIND_REQUEST), encode(GetStats())]
+        await raw.sock.send_multipart(frames)
+        answered: dict[int, object] = {}
+        decoder = msgspec.msgpack.Decoder(Reply)
+        while len(answered) < 3:
+            parts = await asyncio.wait_for(raw.sock.recv_multipart(), 5)
+            for header, body in zip(parts[::2], parts[1::2]):
+                req_id, flag = HEADER.unpack(header)
+                assert flag == FLAG_FINAL
+                answered[req_id] = decoder.decode(body)
+    finally:
+        raw.close()
+    assert answered == {21: stats(), 22: stats(), 23: stats()}
+
+
+async def test_stream_first_timeout_is_separate_from_idle_timeout(server, client):
+    t0 = time.monotonic()
+    with pytest.raises(CallTimeout):
+        async for _ in client.stream(Abort(request_id="slow"), idle_timeout=30, first_timeout=0.2):
+            pass
+    assert time.monotonic() - t0 < 3
+
+
+async def test_cancel_then_close_still_cancels_the_handler(server):
+    """The cancel record is queued by the cancelled call; close() must still send it."""
+    client = BusClient(server.endpoint, timeout=30)
+    task = asyncio.create_task(client.call(Abort(request_id="slow")))
+    await asyncio.wait_for(server.started.wait(), 5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await client.close()
+    await asyncio.wait_for(server.cancelled.wait(), 10)
+    assert await _eventually(lambda: server.num_active == 0)
