@@ -14,8 +14,12 @@ One process = one ``AsyncEngine`` + a request ROUTER (``Generate``, ``Abort``,
 * ``both``: plain colocated serving — the baseline every comparison uses.
 
 Shutdown (SIGTERM/SIGINT) is ordered: deregister and stop accepting, let
-in-flight requests finish within ``--shutdown-timeout-s``, abort the rest,
-release leases, close sockets, unregister transfer memory.
+in-flight requests finish and decode engines read what we pinned within
+``--shutdown-timeout-s``, abort the rest (their streams end with finish reason
+``abort``), release leases, close sockets, unregister transfer memory.
+
+An ``Abort`` for a decode request whose KV is being read takes effect when the
+read stops writing into its blocks, never before (the blocks could be reused).
 """
 
 from __future__ import annotations
@@ -26,15 +30,15 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Callable, Literal
 
 from common.bus import DEFAULT_MAX_FRAME_BYTES, BusServer
 from common.config import opt, require
-from common.engine.async_engine import AsyncEngine
+from common.engine.async_engine import AsyncEngine, RequestAborted
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.kv_cache import KVCache
-from common.engine.sequence import InvalidRequest, RequestOutput
+from common.engine.sequence import InvalidRequest, RemoteAllocation, RequestOutput
 from common.errors import KVTransferError, PeerError
 from common.kv_transfer.backend import TransferBackend, make_backend
 from common.kv_transfer.config import KVTransferConfig
@@ -59,6 +63,8 @@ from common.messages import (
 from common.registry_client import RegistryClient
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_ABORT_GRACE_S = 1.0  # after aborting what is left, how long its streams get to send their last output
 
 
 @dataclass
@@ -134,8 +140,12 @@ class EngineService:
         self.connector: KVConnector | None = None
         self.leases = LeaseTable(config.kv_lease_seconds, self._release_pinned)
         self.transfer_of: dict[str, str] = {}  # request id -> transfer id pinned for it (prefill)
+        self.active: set[str] = set()  # request ids with a running Generate handler
+        self.reading: set[str] = set()  # decode: request ids whose blocks a backend read may be writing
+        self.aborted: set[str] = set()  # active request ids an Abort arrived for
         self.registry = RegistryClient(config.registry, timeout=config.registry_timeout_s)
         self.accepting = False
+        self.stopped = False
         self.num_finished = 0
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
@@ -162,12 +172,18 @@ class EngineService:
 
     async def shutdown(self) -> None:
         """Ordered: deregister, stop accepting, drain or abort, release, close, unregister memory."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.accepting = False
         await self._quietly(self.registry.stop(), "deregistering")
-        deadline = time.monotonic() + self.config.shutdown_timeout_s
-        while self.server.num_active and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await self.server.close()  # cancels what is left: each cancel aborts its engine request
+        # In-flight requests finish and decode engines read what we pinned, within the timeout...
+        await self._wait_until(lambda: not (self.server.num_active or len(self.leases)), self.config.shutdown_timeout_s)
+        # ...then the rest are aborted: their streams end with finish reason "abort"...
+        for request_id in list(self.active):
+            await self._quietly(self.on_abort(Abort(request_id)), f"aborting {request_id}")
+        await self._wait_until(lambda: not self.server.num_active, SHUTDOWN_ABORT_GRACE_S)
+        await self.server.close()  # ...and what still runs is cancelled (each cancel aborts its engine request)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -182,6 +198,12 @@ class EngineService:
             self.backend.close()
         await self.registry.close()
         log.info("%s stopped", self.instance_id)
+
+    @staticmethod
+    async def _wait_until(done: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     @staticmethod
     async def _quietly(coro, what: str) -> None:
@@ -220,8 +242,14 @@ class EngineService:
         return EngineStats(self.instance_id, self.role, await self.load(), self.num_finished, len(self.leases))
 
     async def on_abort(self, msg: Abort) -> Ack:
-        """Abort the request wherever it is; on prefill also release its pinned transfer."""
-        await self.engine.abort(msg.request_id)
+        """Abort the request wherever it is; on prefill also release its pinned transfer.
+
+        A decode request whose KV is being read is aborted once the read stops writing its blocks.
+        """
+        if msg.request_id in self.active:
+            self.aborted.add(msg.request_id)
+        if msg.request_id not in self.reading:
+            await self.engine.abort(msg.request_id)
         transfer_id = self.transfer_of.get(msg.request_id)
         if transfer_id is not None:
             self.leases.release(transfer_id)
@@ -234,22 +262,38 @@ class EngineService:
             raise PeerError("invalid_request", f"{self.instance_id} has role {self.role}, not prefill", "do_remote_decode")
         if msg.remote_prefill is not None and self.role != "decode":
             raise PeerError("invalid_request", f"{self.instance_id} has role {self.role}, not decode", "remote_prefill")
-        prompt_ids = self._prompt_token_ids(msg)
-        if msg.remote_prefill is not None:
-            outputs = self._decode_leg(msg, prompt_ids, msg.remote_prefill)
-        else:
-            outputs = self._local(msg, prompt_ids)
-        first = True
-        async for out in outputs:
-            token = self._to_message(msg.request_id, out)
-            if first:
-                token.prompt_token_ids = prompt_ids
-                first = False
-            if out.finish_reason == "remote_decode":
-                token.kv_transfer = self._pin(msg.request_id, prompt_ids, out)
-            if out.finished:
-                self.num_finished += 1
-            yield token
+        if msg.request_id in self.active or self._transfer_id(msg.request_id) in self.leases:
+            raise PeerError("invalid_request", f"request {msg.request_id!r} is already running here", "request_id")
+        self.active.add(msg.request_id)
+        try:
+            if msg.remote_prefill is not None:
+                try:
+                    prompt_ids = self._prompt_token_ids(msg)
+                except PeerError:
+                    self.connector.release(msg.remote_prefill)  # nobody will read these blocks
+                    raise
+                outputs = self._decode_leg(msg, prompt_ids, msg.remote_prefill)
+            else:
+                prompt_ids = self._prompt_token_ids(msg)
+                outputs = self._local(msg, prompt_ids)
+            first = True
+            async for out in outputs:
+                token = self._to_message(msg.request_id, out)
+                if first:
+                    token.prompt_token_ids = prompt_ids
+                    first = False
+                if out.finish_reason == "remote_decode" and msg.request_id in self.aborted:
+                    # the Abort raced with the finish: nobody will read these blocks
+                    self._in_background(self.engine.release_transfer(self._transfer_id(msg.request_id)))
+                    token.finish_reason = "abort"
+                elif out.finish_reason == "remote_decode":
+                    token.kv_transfer = self._pin(msg.request_id, prompt_ids, out)
+                if out.finished:
+                    self.num_finished += 1
+                yield token
+        finally:
+            self.active.discard(msg.request_id)
+            self.aborted.discard(msg.request_id)
 
     # ------------------------------------------------------------------ flows
 
@@ -288,10 +332,11 @@ class EngineService:
                           ) -> AsyncIterator[RequestOutput]:
         """Allocate blocks, read the prompt's KV from prefill, then decode tokens 2..."""
         assert self.connector is not None
-        if params.num_tokens != len(prompt_ids):
-            raise PeerError("invalid_request", f"KV for {params.num_tokens} tokens, prompt has {len(prompt_ids)}",
-                            "remote_prefill")
         request_id = msg.request_id
+        problem = self._check_params(params, prompt_ids)
+        if problem is not None:
+            self.connector.release(params)  # prefill must not keep blocks nobody will read
+            raise PeerError("invalid_request", f"remote_prefill: {problem}", "remote_prefill")
         try:
             allocation = await asyncio.wait_for(
                 self.engine.add_remote_request(request_id, prompt_ids, params.first_token_id, msg.sampling,
@@ -304,21 +349,13 @@ class EngineService:
             if isinstance(e, asyncio.TimeoutError):
                 raise PeerError("overloaded", f"no free KV blocks within {self.config.remote_blocks_timeout_s:g} s"
                                 ) from None
+            if isinstance(e, RequestAborted):
+                yield RequestOutput(request_id, [], "", finish_reason="abort")
+                return
             raise
         finished = False
         try:
-            started = time.monotonic()
-            try:
-                stats = await self.connector.read_blocks(params, allocation.block_ids, allocation.num_cached_blocks)
-                timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": float(stats.bytes),
-                           "kv_ranges": float(stats.num_ranges)}
-                ok = True
-            except KVTransferError as e:
-                log.warning("request %s: reading KV from %s failed: %s", request_id, params.engine_id, e)
-                timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": 0.0, "kv_failed": 1.0}
-                ok = False
-            await self.engine.finish_remote_kv(request_id, ok)
-            kv_done = time.monotonic()
+            timings, kv_done = await self._load_remote_kv(request_id, params, allocation)
             first = True
             async for out in self.engine.stream(request_id):
                 finished = out.finished
@@ -332,6 +369,46 @@ class EngineService:
         finally:
             if not finished:  # cancelled or failed before the engine's stream took over
                 self._in_background(self.engine.abort(request_id))
+
+    def _check_params(self, params: KVTransferParams, prompt_ids: list[int]) -> str | None:
+        """Why ``params`` cannot describe this prompt's KV, or None."""
+        if params.num_tokens != len(prompt_ids):
+            return f"KV for {params.num_tokens} tokens, the prompt has {len(prompt_ids)}"
+        needed = -(-params.num_tokens // self.llm.block_size)
+        if len(params.block_ids) != needed:
+            return f"{len(params.block_ids)} block ids for {params.num_tokens} tokens (need {needed})"
+        return None
+
+    async def _load_remote_kv(self, request_id: str, params: KVTransferParams, allocation: RemoteAllocation
+                              ) -> tuple[dict[str, float], float]:
+        """Read the missing blocks, then hand the request back to the engine (decode, recompute,
+        fail, or abort when an ``Abort`` arrived meanwhile).  Returns the transfer's timings and
+        the ``time.monotonic()`` at which the engine got the request back (where
+        ``first_decode_step_s`` starts: the hand-back command, then the step)."""
+        if request_id in self.aborted:  # aborted in the engine while its blocks were allocated
+            self.connector.release(params)
+            return {}, time.monotonic()
+        started = time.monotonic()
+        self.reading.add(request_id)
+        try:
+            # The allocation also holds the block of the first token's KV, which decode computes itself.
+            prompt_blocks = allocation.block_ids[:len(params.block_ids)]
+            stats = await self.connector.read_blocks(params, prompt_blocks, allocation.num_cached_blocks)
+            timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": float(stats.bytes),
+                       "kv_ranges": float(stats.num_ranges)}
+            ok = True
+        except KVTransferError as e:
+            log.warning("request %s: reading KV from %s failed: %s", request_id, params.engine_id, e)
+            timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": 0.0, "kv_failed": 1.0}
+            ok = False
+        finally:
+            self.reading.discard(request_id)
+        kv_done = time.monotonic()
+        if request_id in self.aborted:  # the Abort waited for the read to stop writing our blocks
+            await self.engine.abort(request_id)
+        else:
+            await self.engine.finish_remote_kv(request_id, ok)
+        return timings, kv_done
 
     def _transfer_id(self, request_id: str) -> str:
         return f"{self.instance_id}/{request_id}"
