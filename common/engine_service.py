@@ -431,12 +431,18 @@ class EngineService:
             if pinned == transfer_id:
                 del self.transfer_of[request_id]
 
-    @staticmethod
-    def _to_message(request_id: str, out: RequestOutput) -> TokenOutput:
+    def _to_message(self, request_id: str, out: RequestOutput) -> TokenOutput:
+        for lp in out.logprobs or ():
+            lp.token = self._token_text(lp.token_id)
+            lp.top_tokens = [self._token_text(t) for t, _ in lp.top]
         return TokenOutput(
             request_id=request_id, token_ids=out.new_token_ids, text=out.text, logprobs=out.logprobs,
             finish_reason=out.finish_reason, usage=out.usage, timings=out.timings,
         )  # fmt: skip
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text alone, as OpenAI's logprobs show it (partial UTF-8 shows as U+FFFD)."""
+        return self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 async def serve(config: EngineServiceConfig, *, ready: asyncio.Event | None = None) -> None:

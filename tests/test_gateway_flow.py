@@ -356,10 +356,10 @@ async def test_outputs_carrying_several_tokens():
             r = await h.post("/v1/completions", json=body("multi", 10, logprobs=1))
             choice = r.json()["choices"][0]
             lp = choice["logprobs"]
-            # prefill sends the first token alone, decode 4, 4, 1: a token shares an output -> its id string
+            # prefill sends the first token alone, decode 4, 4, 1: each token keeps its own text
             assert len(lp["tokens"]) == 10 == r.json()["usage"]["completion_tokens"]
-            assert lp["tokens"][0] == choice["text"][0] and lp["tokens"][9] == choice["text"][9]
-            assert all(t == f"token_id:{ord(ch)}" for t, ch in zip(lp["tokens"][1:9], choice["text"][1:9]))
+            assert "".join(lp["tokens"]) == choice["text"]
+            assert all(set(top) >= {tok} for tok, top in zip(lp["tokens"], lp["top_logprobs"]))
             async with h.stream("POST", "/v1/completions", json=body("multi", 10, stream=True)) as s:
                 texts = [json.loads(e)["choices"][0]["text"] for e in [x async for x in sse_events(s)][:-1]]
             assert [len(t) for t in texts] == [1, 4, 4, 1] and "".join(texts) == choice["text"]

@@ -174,6 +174,7 @@ def test_logprobs_first_token_from_prefill(client):
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
     assert all(len(t) >= 1 for t in lp.top_logprobs)
+    assert not any(t.startswith("token_id:") for t in lp.tokens)  # engines send each token's text
     # greedy: the chosen token is the most likely one, for the prefill token as for decode's
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert chosen == pytest.approx(max(top.values()), abs=1e-5)

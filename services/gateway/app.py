@@ -82,7 +82,7 @@ def _logprob_entries(event: ChoiceEvent) -> list:
     if not piece.logprobs:
         return []
     single = len(piece.token_ids) == 1
-    return [(lp, piece.text if single else f"token_id:{lp.token_id}") for lp in piece.logprobs]
+    return [(lp, lp.token or (piece.text if single else f"token_id:{lp.token_id}")) for lp in piece.logprobs]
 
 
 class Gateway:

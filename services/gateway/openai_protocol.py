@@ -5,10 +5,10 @@
 parameter.  The ``*_response`` / ``*_chunk`` builders produce the JSON objects of
 the official API (checked in the tests against the ``openai`` client's models).
 
-Token strings in logprobs: the engine reports token ids and the text of each
-output; a token's string is the output's text when that output holds exactly
-that one token, else ``"token_id:<id>"`` (vLLM's ``return_tokens_as_token_ids``
-convention).
+Token strings in logprobs: the engine reports each token's text with its
+logprobs (``TokenLogprob.token`` / ``top_tokens``).  An engine that sends none
+falls back to the output's text when that output holds exactly that one token,
+else ``"token_id:<id>"`` (vLLM's ``return_tokens_as_token_ids`` convention).
 """
 
 from __future__ import annotations
@@ -311,13 +311,20 @@ def token_string(token_id: int, chosen: dict[int, str]) -> str:
     return chosen.get(token_id, f"token_id:{token_id}")
 
 
+def _top_names(lp: TokenLogprob, tok: str) -> dict[int, str]:
+    """Token id -> string for the chosen token and its alternatives."""
+    names = dict(zip((t for t, _ in lp.top), lp.top_tokens))
+    names[lp.token_id] = tok
+    return names
+
+
 def completion_logprobs(entries: list[tuple[TokenLogprob, str]], offset: int) -> dict:
     """The legacy completions ``logprobs`` object for ``(logprob, token string)`` pairs."""
     tokens, token_logprobs, top, offsets = [], [], [], []
     for lp, tok in entries:
         tokens.append(tok)
         token_logprobs.append(lp.logprob)
-        names = {lp.token_id: tok}
+        names = _top_names(lp, tok)
         top.append({token_string(t, names): v for t, v in lp.top})
         offsets.append(offset)
         offset += len(tok)
@@ -328,7 +335,7 @@ def chat_logprobs(entries: list[tuple[TokenLogprob, str]]) -> dict:
     """The chat ``logprobs`` object for ``(logprob, token string)`` pairs."""
     content = []
     for lp, tok in entries:
-        names = {lp.token_id: tok}
+        names = _top_names(lp, tok)
         top = []
         for t, v in lp.top:
             s = token_string(t, names)

@@ -109,7 +109,7 @@ def logprob_of(token: int, i: int, k: int) -> TokenLogprob:
     lp = -0.25 * (1 + i % 4)
     others = [t for t in (ord(c) for c in ALPHABET) if t != token][: max(k - 1, 0)]
     top = [(token, lp)] + [(t, lp - 1.0 - j) for j, t in enumerate(others)] if k > 0 else []
-    return TokenLogprob(token_id=token, logprob=lp, top=top)
+    return TokenLogprob(token_id=token, logprob=lp, top=top, token=chr(token), top_tokens=[chr(t) for t, _ in top])
 
 
 class Decoder:
