@@ -180,6 +180,19 @@ def test_logprobs_first_token_from_prefill(client):
         assert chosen == pytest.approx(max(top.values()), abs=1e-5)
 
 
+def test_metrics_split_the_handoff(stack, client):
+    client.completions.create(prompt="metrics " * 40, max_tokens=3, **GREEDY)
+    text = httpx.get(stack.url + "/metrics", timeout=5).text
+
+    def count(name: str) -> float:
+        return float(re.search(rf"^pdserve_gateway_{name}_count (\S+)$", text, re.M).group(1))
+
+    for name in ("ttft_seconds", "prefill_leg_seconds", "prefill_queue_seconds", "prefill_seconds",
+                 "decode_first_output_seconds", "kv_transfer_seconds", "first_decode_step_seconds"):
+        assert count(name) >= 1, name
+    assert float(re.search(r"^pdserve_gateway_kv_transfer_bytes_sum (\S+)$", text, re.M).group(1)) > 0
+
+
 # --------------------------------------------------------------------------- #
 # Raw HTTP
 # --------------------------------------------------------------------------- #

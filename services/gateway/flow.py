@@ -25,6 +25,7 @@ output, ``decode_first_token_timeout_s`` for decode's first output,
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
@@ -120,15 +121,20 @@ class Flow:
     async def _colocated(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
                          stats: ChoiceStats, holders: dict[str, Instance]) -> AsyncIterator[Piece]:
         gen = Generate(request_id=request_id, sampling=sampling, **prompt.generate_fields())
+        sent, first = time.perf_counter(), True
         leg = self._leg("both", model, gen, holders, self.config.prefill_timeout_s, _retry_before_output)
         async with aclosing(leg) as outputs:
             async for _, out in outputs:
+                if first and out.token_ids:
+                    self.metrics.prefill_leg.observe(time.perf_counter() - sent)
+                    first = False
                 if out.finish_reason == "abort":
                     raise APIError(503, "the engine aborted the request", code="aborted")
                 if out.usage is not None:
                     stats.prompt_tokens = out.usage.prompt_tokens
                     stats.cached_tokens = out.usage.cached_tokens
                     stats.completion_tokens = out.usage.completion_tokens
+                    self._observe_prefill_timings(out)
                 if out.token_ids or out.finish_reason:
                     yield Piece(out.text, out.token_ids, out.logprobs, out.finish_reason)
 
@@ -139,6 +145,7 @@ class Flow:
         prompt_ids = prompt.token_ids
         prefill: Instance | None = None
         final: TokenOutput | None = None
+        sent = time.perf_counter()
         leg = self._leg("prefill", model, gen, holders, self.config.prefill_timeout_s, _retry_before_output)
         async with aclosing(leg) as outputs:
             async for inst, out in outputs:
@@ -147,14 +154,14 @@ class Flow:
                 if out.finish_reason is None:
                     continue
                 prefill, final = inst, out
+                self.metrics.prefill_leg.observe(time.perf_counter() - sent)
                 if out.finish_reason == "abort":
                     raise APIError(503, f"prefill instance {inst.id} aborted the request", code="aborted")
                 if out.usage is not None:
                     stats.prompt_tokens = out.usage.prompt_tokens
                     stats.cached_tokens = out.usage.cached_tokens
                 stats.completion_tokens = len(out.token_ids)
-                if out.timings and "prefill_s" in out.timings:
-                    self.metrics.prefill.observe(out.timings["prefill_s"])
+                self._observe_prefill_timings(out)
                 done = out.finish_reason != "remote_decode"
                 yield Piece(out.text, out.token_ids, out.logprobs, out.finish_reason if done else None)
         if final is None or prefill is None:
@@ -166,16 +173,14 @@ class Flow:
                            "kv_transfer or prompt_token_ids", code="upstream_error")
         gen = Generate(request_id=request_id, sampling=sampling, prompt_token_ids=prompt_ids,
                        remote_prefill=final.kv_transfer)
-        first = True
+        first, sent = True, time.perf_counter()
         leg = self._leg("decode", model, gen, holders, self.config.decode_first_token_timeout_s,
                         _retry_untaken, like=prefill)
         async with aclosing(leg) as outputs:
             async for _, out in outputs:
-                if first and out.timings:
-                    if "kv_transfer_s" in out.timings:
-                        self.metrics.kv_transfer.observe(out.timings["kv_transfer_s"])
-                    if "kv_bytes" in out.timings:
-                        self.metrics.kv_bytes.observe(out.timings["kv_bytes"])
+                if first:
+                    self.metrics.decode_first_output.observe(time.perf_counter() - sent)
+                    self._observe_decode_timings(out.timings or {})
                 first = False
                 if out.finish_reason == "abort":
                     raise APIError(503, "the decode engine aborted the request", code="aborted")
@@ -186,6 +191,19 @@ class Flow:
                     holders.pop(prefill.id, None)  # decode finished: it read and released prefill's KV
                 if out.token_ids or out.finish_reason:
                     yield Piece(out.text, out.token_ids, out.logprobs, out.finish_reason)
+
+    def _observe_prefill_timings(self, out: TokenOutput) -> None:
+        timings = out.timings or {}
+        if "queue_s" in timings:
+            self.metrics.prefill_queue.observe(timings["queue_s"])
+        if "prefill_s" in timings:
+            self.metrics.prefill.observe(timings["prefill_s"])
+
+    def _observe_decode_timings(self, timings: dict[str, float]) -> None:
+        for key, histogram in (("kv_transfer_s", self.metrics.kv_transfer), ("kv_bytes", self.metrics.kv_bytes),
+                               ("first_decode_step_s", self.metrics.first_decode_step)):
+            if key in timings:
+                histogram.observe(timings[key])
 
     # -- one leg ---------------------------------------------------------------
 

@@ -1,9 +1,13 @@
 """Prometheus metrics of one gateway, in its own ``CollectorRegistry``.
 
 Per request: a counter by endpoint and HTTP status, and histograms of TTFT,
-time per output token, end-to-end latency, prefill time (the prefill engine's
-``timings["prefill_s"]``), KV transfer time and bytes (decode's
-``timings["kv_transfer_s"]`` / ``["kv_bytes"]`` on its first output).
+time per output token, end-to-end latency, prefill queue and compute time (the
+prefill engine's ``timings["queue_s"]`` / ``["prefill_s"]``), the prefill leg
+as the gateway sees it (Generate sent to first token received), decode's first
+output as the gateway sees it, and decode's own split of that: KV transfer time
+and bytes and the first decode step (``timings["kv_transfer_s"]`` /
+``["kv_bytes"]`` / ``["first_decode_step_s"]`` on its first output).  TTFT
+minus the prefill leg is the gateway's own share of TTFT.
 Per instance, from registry heartbeats: running and waiting requests, KV blocks
 used, total and pinned for transfer, labelled by instance id and role.
 """
@@ -42,6 +46,18 @@ class GatewayMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.prefill = Histogram("pdserve_gateway_prefill_seconds", "prefill engine's prefill time",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_queue = Histogram("pdserve_gateway_prefill_queue_seconds",
+                                       "prefill (or colocated) engine's queue time: arrival to first scheduled",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_leg = Histogram("pdserve_gateway_prefill_leg_seconds",
+                                     "gateway-measured: prefill Generate sent to its first token received",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_first_output = Histogram("pdserve_gateway_decode_first_output_seconds",
+                                             "gateway-measured: decode Generate sent to decode's first output",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.first_decode_step = Histogram("pdserve_gateway_first_decode_step_seconds",
+                                           "decode engine: end of the KV read to its first output",
+                                           buckets=LATENCY_BUCKETS, registry=r)
         self.kv_transfer = Histogram("pdserve_gateway_kv_transfer_seconds", "KV transfer time reported by decode",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.kv_bytes = Histogram("pdserve_gateway_kv_transfer_bytes", "KV bytes read by decode",
