@@ -14,17 +14,13 @@ Its text output is meaningless by design.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from common.engine.demo_model import BOS, CHAT_TEMPLATE, EOS, EOT, build_tokenizer
-from common.engine.loader import load_model_config
-from common.engine.model import CausalLM
+from common.engine.demo_model import DEMO_SHAPE, write_random_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +43,7 @@ LLAMA_3_2_1B = {
     },
     "tie_word_embeddings": True,
 }
-DEMO = {  # the built-in demo model's shape (common/engine/demo_model.py); vocab = the tokenizer's
-    "vocab_size": None,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 32,
-    "max_position_embeddings": 4096,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "tie_word_embeddings": False,
-}
-SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "demo": DEMO}
+SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "demo": DEMO_SHAPE}
 
 
 class CheckpointError(ValueError):
@@ -77,61 +60,8 @@ def write_checkpoint(out: Path, shape: str, seed: int = 0, device: str = "cpu") 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    bos_id, eos_id, eot_id = vocab[BOS], vocab[EOS], vocab[EOT]
-    dims = dict(SHAPES[shape])
-    dims["vocab_size"] = dims["vocab_size"] or tokenizer.get_vocab_size(with_added_tokens=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **dims,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": "bfloat16",
-    }
-    tokenizer.save(str(out / "tokenizer.json"))
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": [eos_id, eot_id]})
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "chat_template": CHAT_TEMPLATE,
-            "model_max_length": config["max_position_embeddings"],
-            "clean_up_tokenization_spaces": False,
-        },
-    )
-    weights = random_weights(load_model_config(out), seed, torch.device(device))
-    save_file({name: w.cpu() for name, w in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_random_checkpoint(out, SHAPES[shape], seed, torch.device(device))
     return out
-
-
-def random_weights(config, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Seeded bfloat16 weights, drawn on ``device``, for every parameter of ``CausalLM(config)``."""
-    with torch.device("meta"):
-        shapes = {name: p.shape for name, p in CausalLM(config).named_parameters()}
-    generator = torch.Generator(device=device).manual_seed(seed)
-    weights = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if len(shape) == 1:
-            weights[name] = torch.ones(shape, dtype=torch.bfloat16, device=device)
-            continue
-        w = torch.randn(shape, generator=generator, dtype=torch.bfloat16, device=device)
-        std = 1.0 if "embed_tokens" in name else (4.0 if name == "lm_head.weight" else 1.0) / shape[1] ** 0.5
-        weights[name] = w.mul_(std)
-    return weights
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ from common.engine.model import CausalLM
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 SEED = 1234
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot|>"
 NUM_MERGES = 300
@@ -72,8 +72,29 @@ def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
     return target
 
 
+DEMO_SHAPE = {  # vocab_size None: the tokenizer's
+    "vocab_size": None,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+}
+
+
 def write_demo_checkpoint(path: Path) -> None:
     """Write every file of the demo checkpoint into the existing directory ``path``."""
+    write_random_checkpoint(path, DEMO_SHAPE, SEED, torch.device("cpu"))
+
+
+def write_random_checkpoint(path: Path, shape: dict, seed: int, device: torch.device) -> None:
+    """A random-weight ``LlamaForCausalLM`` of ``shape`` (config.json dimensions) with the demo
+    tokenizer, in standard HF format, into the existing directory ``path``."""
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     bos_id, eos_id, eot_id = vocab[BOS], vocab[EOS], vocab[EOT]
@@ -81,19 +102,10 @@ def write_demo_checkpoint(path: Path) -> None:
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 32,
+        **shape,
+        "vocab_size": shape["vocab_size"] or tokenizer.get_vocab_size(with_added_tokens=True),
         "hidden_act": "silu",
-        "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": bos_id,
@@ -113,28 +125,31 @@ def write_demo_checkpoint(path: Path) -> None:
             "clean_up_tokenization_spaces": False,
         },
     )
-    save_file(random_weights(load_model_config(path)), str(path / "model.safetensors"), metadata={"format": "pt"})
+    weights = random_weights(load_model_config(path), seed, device)
+    save_file({name: w.cpu() for name, w in weights.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def random_weights(config) -> dict[str, torch.Tensor]:
-    """Seeded bfloat16 weights for every parameter of ``CausalLM(config)``: norms 1, embeddings N(0, 1),
-    projections N(0, 1/in_features) (the head 4x wider so that logits are peaked)."""
+def random_weights(config, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Seeded bfloat16 weights, drawn on ``device`` in sorted parameter order, for every parameter of
+    ``CausalLM(config)``: norms 1, embeddings N(0, 1), projections N(0, 1/in_features) (the head 4x
+    wider so that logits are peaked).  The same seed on the same device type gives the same bytes."""
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in CausalLM(config).named_parameters()}
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
     for name in sorted(shapes):
         shape = shapes[name]
         if len(shape) == 1:
-            w = torch.ones(shape)
-        else:
-            std = 1.0 if "embed_tokens" in name else (4.0 if name == "lm_head.weight" else 1.0) / shape[1] ** 0.5
-            w = torch.randn(shape, generator=generator) * std
-        weights[name] = w.to(torch.bfloat16).contiguous()
+            weights[name] = torch.ones(shape, dtype=torch.bfloat16, device=device)
+            continue
+        w = torch.randn(shape, generator=generator, dtype=torch.bfloat16, device=device)
+        std = 1.0 if "embed_tokens" in name else (4.0 if name == "lm_head.weight" else 1.0) / shape[1] ** 0.5
+        weights[name] = w.mul_(std)
     return weights
 
 
