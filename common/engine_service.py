@@ -227,8 +227,10 @@ class EngineService:
             capacity=Capacity(self.config.max_num_seqs, self.llm.kv_cache.num_blocks, self.llm.max_model_len),
         )  # fmt: skip
 
-    async def load(self) -> Load:
-        return (await self.engine.stats()).to_load()
+    def load(self) -> Load:
+        """The engine's load as of its last step: never waits for a step in progress, so a long
+        prefill cannot delay heartbeats past the registry's lease."""
+        return self.engine.latest_stats.to_load()
 
     def _in_background(self, coro) -> None:
         """Run an engine command we must not wait for (from callbacks and ``finally`` blocks)."""
@@ -239,7 +241,7 @@ class EngineService:
     # ------------------------------------------------------------------ handlers
 
     async def on_stats(self, msg: GetStats) -> EngineStats:
-        return EngineStats(self.instance_id, self.role, await self.load(), self.num_finished, len(self.leases))
+        return EngineStats(self.instance_id, self.role, self.load(), self.num_finished, len(self.leases))
 
     async def on_abort(self, msg: Abort) -> Ack:
         """Abort the request wherever it is; on prefill also release its pinned transfer.

@@ -72,6 +72,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._dead: BaseException | None = None
+        self.latest_stats: EngineStats = engine.stats()  # republished by the engine thread, never waited for
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -140,6 +141,9 @@ class AsyncEngine:
         return await self._call(lambda: self._abort(request_id))
 
     async def stats(self) -> EngineStats:
+        """Exact counts, taken on the engine thread between steps (waits for the current step).
+        ``latest_stats`` is the snapshot published after the last step or command: use it where
+        waiting for a long step is not an option (heartbeats)."""
         return await self._call(self.engine.stats)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
@@ -202,8 +206,10 @@ class AsyncEngine:
                 self._wake.clear()
                 self._apply_commands()
                 self._retry_waiting_blocks()
+                self.latest_stats = self.engine.stats()
                 if self.engine.has_work():
                     self._deliver(self.engine.step())
+                    self.latest_stats = self.engine.stats()
                 elif not self._commands:
                     self._wake.wait()
         except BaseException as e:  # a step failed: every request learns it, later calls raise EngineDead
