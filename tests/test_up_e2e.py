@@ -188,7 +188,8 @@ def test_metrics_split_the_handoff(stack, client):
         return float(re.search(rf"^pdserve_gateway_{name}_count (\S+)$", text, re.M).group(1))
 
     for name in ("ttft_seconds", "prefill_leg_seconds", "prefill_queue_seconds", "prefill_seconds",
-                 "decode_first_output_seconds", "kv_transfer_seconds", "first_decode_step_seconds"):
+                 "decode_dispatch_seconds", "decode_first_output_seconds", "kv_transfer_seconds",
+                 "first_decode_step_seconds", "first_itl_seconds"):
         assert count(name) >= 1, name
     assert float(re.search(r"^pdserve_gateway_kv_transfer_bytes_sum (\S+)$", text, re.M).group(1)) > 0
 

@@ -314,9 +314,16 @@ class Gateway:
         return APIError(504, f"request exceeded {self.config.request_timeout_s:g} s", code="request_timeout")
 
     def _observe_token(self, event: ChoiceEvent, start: float) -> None:
-        if event.piece.token_ids and event.stats.first_token_at is None:
-            event.stats.first_token_at = time.perf_counter()
-            self.metrics.ttft.observe(event.stats.first_token_at - start)
+        stats = event.stats
+        if not event.piece.token_ids or stats.second_token_seen:
+            return
+        now = time.perf_counter()
+        if stats.first_token_at is None:
+            stats.first_token_at = now
+            self.metrics.ttft.observe(now - start)
+        else:
+            stats.second_token_seen = True
+            self.metrics.first_itl.observe(now - stats.first_token_at)
 
     def _observe_choices(self, stats: list[ChoiceStats]) -> None:
         end = time.perf_counter()

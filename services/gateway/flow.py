@@ -60,6 +60,7 @@ class ChoiceStats:
     completion_tokens: int = 0
     cached_tokens: int = 0
     first_token_at: float | None = None
+    second_token_seen: bool = False
 
 
 @dataclass(slots=True)
@@ -154,7 +155,8 @@ class Flow:
                 if out.finish_reason is None:
                     continue
                 prefill, final = inst, out
-                self.metrics.prefill_leg.observe(time.perf_counter() - sent)
+                prefill_done = time.perf_counter()
+                self.metrics.prefill_leg.observe(prefill_done - sent)
                 if out.finish_reason == "abort":
                     raise APIError(503, f"prefill instance {inst.id} aborted the request", code="aborted")
                 if out.usage is not None:
@@ -174,6 +176,7 @@ class Flow:
         gen = Generate(request_id=request_id, sampling=sampling, prompt_token_ids=prompt_ids,
                        remote_prefill=final.kv_transfer)
         first, sent = True, time.perf_counter()
+        self.metrics.decode_dispatch.observe(sent - prefill_done)
         leg = self._leg("decode", model, gen, holders, self.config.decode_first_token_timeout_s,
                         _retry_untaken, like=prefill)
         async with aclosing(leg) as outputs:

@@ -52,6 +52,12 @@ class GatewayMetrics:
         self.prefill_leg = Histogram("pdserve_gateway_prefill_leg_seconds",
                                      "gateway-measured: prefill Generate sent to its first token received",
                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.first_itl = Histogram("pdserve_gateway_first_itl_seconds",
+                                   "gap between a choice's first and second token events (P/D: the handoff)",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_dispatch = Histogram("pdserve_gateway_decode_dispatch_seconds",
+                                         "gateway: prefill's first token received (and sent on) to decode "
+                                         "Generate sent", buckets=LATENCY_BUCKETS, registry=r)
         self.decode_first_output = Histogram("pdserve_gateway_decode_first_output_seconds",
                                              "gateway-measured: decode Generate sent to decode's first output",
                                              buckets=LATENCY_BUCKETS, registry=r)
