@@ -62,7 +62,9 @@ class BenchConfig:
     output_len: int = opt(128, "output length in tokens (max_tokens); JSONL lines may override it")
     range_ratio: float = opt(0.0, "random dataset: lengths uniform in [L*(1-r), L*(1+r)]")
     request_rate: float = opt(math.inf, "requests/s with Poisson arrivals; inf sends all at once")
-    sweep_rate: list[float] = opt([], "comma-separated rates: one run per rate, same prompts (replaces --request-rate)")
+    sweep_rate: list[float] = opt([], "comma-separated rates: one run per rate, same prompts (replaces "
+                                  "--request-rate); a server with prefix caching then serves later rates partly "
+                                  "from cache: for cold prompts run one rate per invocation with its own --seed")
     seed: int = opt(0, "seed of the random dataset and the arrival times")
     max_concurrency: int | None = opt(None, "most requests in flight at once; none: unlimited")
     slo_ttft_ms: float | None = opt(None, "TTFT SLO for goodput; none: always met")
