@@ -1,11 +1,26 @@
-"""Paged attention over the block-major KV cache, in plain PyTorch (exact, any device)."""
+"""Paged attention over the block-major KV cache, in plain PyTorch (exact, any device).
+
+Everything derived from a step's metadata (gather indices, cache rows, masks) is computed
+once per step and shared by every layer; on CUDA it is also what a decode CUDA graph
+records (no host synchronisation anywhere on the decode path).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+if TYPE_CHECKING:
+    from common.engine.kv_cache import KVCache
+
+# cuDNN's SDPA builds a new plan for every new shape: on an H100 ~35 ms of CPU once per
+# decode step (the key length grows by one) and once per new prefill length.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -14,9 +29,9 @@ class AttentionMetadata:
 
     Sequence ``b`` computes ``query_lens[b]`` new tokens at positions
     ``[context_lens[b] - query_lens[b], context_lens[b])``; its K/V for every position
-    live in the blocks ``block_tables[b]``.  ``token_seq_ids``/``token_offsets`` (which
-    sequence each new token belongs to, and its index among that sequence's new tokens)
-    are derived once here and shared by every layer.
+    live in the blocks ``block_tables[b]``.  ``kv_source_rows`` (CUDA-graph padding only):
+    the K/V written at token ``i``'s slot come from token ``kv_source_rows[i]``, so that
+    padded rows rewrite a real row's slot with that row's own values.
     """
 
     query_start_loc: torch.Tensor  # int64 [B+1], cumulative new-token counts
@@ -25,24 +40,46 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [N] flat slot (block_id * block_size + offset) of each new token
     max_query_len: int
     max_context_len: int
-    query_lens: torch.Tensor = field(init=False, repr=False)
-    token_seq_ids: torch.Tensor = field(init=False, repr=False)
-    token_offsets: torch.Tensor = field(init=False, repr=False)
-    _masks: dict[int | None, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        device = self.query_start_loc.device
-        num_tokens = self.slot_mapping.numel()
-        num_seqs = self.context_lens.numel()
-        self.query_lens = self.query_start_loc[1:] - self.query_start_loc[:-1]
-        self.token_seq_ids = torch.repeat_interleave(
-            torch.arange(num_seqs, device=device), self.query_lens, output_size=num_tokens
-        )
-        self.token_offsets = torch.arange(num_tokens, device=device) - self.query_start_loc[self.token_seq_ids]
+    kv_source_rows: torch.Tensor | None = None  # int64 [N]
+    _derived: dict = field(init=False, repr=False, default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
         return self.context_lens.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.numel()
+
+    @property
+    def query_lens(self) -> torch.Tensor:
+        return self._once("query_lens", lambda: self.query_start_loc[1:] - self.query_start_loc[:-1])
+
+    @property
+    def token_seq_ids(self) -> torch.Tensor:
+        """int64 [N]: the sequence each new token belongs to."""
+        return self._once(
+            "token_seq_ids",
+            lambda: torch.repeat_interleave(
+                torch.arange(self.num_seqs, device=self.context_lens.device), self.query_lens,
+                output_size=self.num_tokens,
+            ),
+        )  # fmt: skip
+
+    @property
+    def token_offsets(self) -> torch.Tensor:
+        """int64 [N]: each new token's index among its sequence's new tokens."""
+        return self._once(
+            "token_offsets",
+            lambda: torch.arange(self.num_tokens, device=self.context_lens.device)
+            - self.query_start_loc[self.token_seq_ids],
+        )
+
+    def _once(self, key: object, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()`` on first use, then the same tensor: derived once per step, shared by every layer."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     @classmethod
     def build(
@@ -69,87 +106,138 @@ class AttentionMetadata:
                     f"AttentionMetadata: sequence {i} has {c} tokens but only {len(table)} blocks of {block_size}"
                 )
         max_blocks = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64)
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
-        torch.cumsum(q_lens, 0, out=query_start_loc[1:])
-        num_tokens = int(query_start_loc[-1])
-        seq_ids = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens, output_size=num_tokens)
-        positions = (ctx_lens - q_lens)[seq_ids] + torch.arange(num_tokens) - query_start_loc[seq_ids]
-        slots = tables[seq_ids, positions // block_size] * block_size + positions % block_size
+        slots: list[int] = []
+        for q, c, table in zip(query_lens, context_lens, block_tables):
+            slots += (table[p // block_size] * block_size + p % block_size for p in range(c - q, c))
+        query_start_loc = [0]
+        for q in query_lens:
+            query_start_loc.append(query_start_loc[-1] + q)
+        # one host tensor, one copy to the device
+        host = torch.tensor(
+            query_start_loc + context_lens + slots + [b for t in block_tables for b in t + [0] * (max_blocks - len(t))],
+            dtype=torch.int64,
+        ).to(device, non_blocking=True)
+        num_seqs, num_tokens = len(query_lens), len(slots)
+        qsl, ctx, slot, tables = host.split([num_seqs + 1, num_seqs, num_tokens, num_seqs * max_blocks])
         return cls(
-            query_start_loc=query_start_loc.to(device),
-            context_lens=ctx_lens.to(device),
-            block_tables=tables.to(device),
-            slot_mapping=slots.to(device),
+            query_start_loc=qsl,
+            context_lens=ctx,
+            block_tables=tables.view(num_seqs, max_blocks),
+            slot_mapping=slot,
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
         )
 
-    def attention_mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """Bool ``[B, 1, max_query_len, max_context_len]``: True where a query may attend a key.
+    def attention_mask(
+        self, sliding_window: int | None = None, num_keys: int | None = None, group: int = 1
+    ) -> torch.Tensor:
+        """Bool ``[B, 1, max_query_len * group, num_keys]`` (``num_keys`` defaults to ``max_context_len``):
+        True where a query may attend a key; row ``r`` is query ``r // group``.
 
         Causal with each sequence's offset, keys beyond its context masked out, and with
         ``sliding_window`` W only keys ``k > q - W`` kept (as HF).  Padded query rows copy
         the sequence's last real row so that no row is empty.
         """
-        if sliding_window not in self._masks:
-            device = self.context_lens.device
-            key = torch.arange(self.max_context_len, device=device)[None, None, :]
-            last = (self.context_lens - 1)[:, None, None]
-            query_pos = (self.context_lens - self.query_lens)[:, None, None] + torch.arange(
-                self.max_query_len, device=device
-            )[None, :, None]
-            query_pos = torch.minimum(query_pos, last)
-            mask = key <= query_pos
-            if sliding_window is not None:
-                mask &= key > query_pos - sliding_window
-            self._masks[sliding_window] = mask[:, None]
-        return self._masks[sliding_window]
+        device = self.context_lens.device
+        key = torch.arange(num_keys or self.max_context_len, device=device)[None, None, :]
+        last = (self.context_lens - 1)[:, None, None]
+        query = torch.arange(self.max_query_len * group, device=device) // group
+        query_pos = torch.minimum((self.context_lens - self.query_lens)[:, None, None] + query[None, :, None], last)
+        mask = key <= query_pos
+        if sliding_window is not None:
+            mask &= key > query_pos - sliding_window
+        return mask[:, None]
+
+    def num_blocks(self, block_size: int) -> int:
+        """Blocks gathered per sequence: enough for the longest context."""
+        return -(-self.max_context_len // block_size)
+
+    def additive_mask(
+        self, block_size: int, group: int, sliding_window: int | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``attention_mask`` over the gathered keys as 0 / -inf in ``dtype`` (what SDPA adds), once per step."""
+
+        def build() -> torch.Tensor:
+            allowed = self.attention_mask(sliding_window, self.num_blocks(block_size) * block_size, group)
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+        return self._once(("mask", block_size, group, sliding_window, dtype), build)
+
+    def gather_index(self, block_size: int) -> torch.Tensor:
+        """int64 ``[B * num_blocks]``: the blocks each sequence reads, in order."""
+        return self._once(
+            ("gather", block_size), lambda: self.block_tables[:, : self.num_blocks(block_size)].flatten()
+        )
+
+    def cache_rows(self, cache: KVCache) -> torch.Tensor:
+        """int64 ``[num_layers, 2, N]``: row of each new token's K and V per layer in
+        ``cache.data.view(-1, num_kv_heads * head_dim)``."""
+
+        def build() -> torch.Tensor:
+            bs = cache.block_size
+            slots = self.slot_mapping
+            base = slots // bs * (cache.num_layers * 2 * bs) + slots % bs
+            layer_kv = torch.arange(cache.num_layers * 2, device=slots.device).view(cache.num_layers, 2, 1) * bs
+            return base + layer_kv
+
+        return self._once(("rows", id(cache)), build)
 
 
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: KVCache,
+    layer: int,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Write the new ``k``/``v`` ``[N, Hkv, D]`` at ``meta.slot_mapping``, then attend.
+    """Write the new ``k``/``v`` ``[N, Hkv, D]`` into layer ``layer`` of ``cache`` at ``meta.slot_mapping``,
+    then attend.
 
-    ``q`` is ``[N, H, D]``; each sequence attends causally to its whole context (cached
-    plus new) gathered from ``k_cache``/``v_cache`` ``[num_blocks, block_size, Hkv, D]``.
-    Returns ``[N, H, D]``.
+    ``q`` is ``[N, H, D]``; each sequence attends causally to its whole context (cached plus
+    new) gathered from its blocks.  Grouped query heads are folded into the query
+    dimension (``[B, Hkv, Q * G, D]``), so K/V are never repeated.  Returns ``[N, H, D]``.
     """
-    block_size = k_cache.shape[1]
-    slots = meta.slot_mapping
-    block_ids, offsets = slots // block_size, slots % block_size
-    k_cache[block_ids, offsets] = k
-    v_cache[block_ids, offsets] = v
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    bs = cache.block_size
+    rows = cache.data.view(-1, num_kv_heads * head_dim)
+    k_rows, v_rows = k.reshape(num_tokens, -1), v.reshape(num_tokens, -1)
+    if meta.kv_source_rows is not None:
+        k_rows, v_rows = k_rows[meta.kv_source_rows], v_rows[meta.kv_source_rows]
+    k_dst, v_dst = meta.cache_rows(cache)[layer]
+    rows.index_copy_(0, k_dst, k_rows)
+    rows.index_copy_(0, v_dst, v_rows)
 
-    num_blocks = -(-meta.max_context_len // block_size)
-    tables = meta.block_tables[:, :num_blocks]
-    keys = k_cache[tables].flatten(1, 2)[:, : meta.max_context_len]  # [B, K, Hkv, D]
-    values = v_cache[tables].flatten(1, 2)[:, : meta.max_context_len]
+    num_seqs, max_q = meta.num_seqs, meta.max_query_len
+    num_keys = meta.num_blocks(bs) * bs
+    index = meta.gather_index(bs)
+    keys, values = (
+        cache.data[:, layer, kv].flatten(1).index_select(0, index).view(num_seqs, num_keys, num_kv_heads, head_dim)
+        .transpose(1, 2)  # [B, Hkv, K, D]
+        for kv in (0, 1)
+    )  # fmt: skip
 
-    decode_only = meta.max_query_len == 1
-    if decode_only:
-        queries = q[:, None]  # [B, 1, H, D]
+    uniform = num_tokens == num_seqs * max_q  # every sequence has max_q new tokens: no query padding
+    if uniform:
+        queries = q.view(num_seqs, max_q, num_kv_heads, group, head_dim)
     else:
-        queries = q.new_zeros(meta.num_seqs, meta.max_query_len, q.shape[1], q.shape[2])
+        queries = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
         queries[meta.token_seq_ids, meta.token_offsets] = q
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=meta.attention_mask(sliding_window),
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    ).transpose(1, 2)  # [B, Q, H, D]
-    if decode_only:
-        return out[:, 0]
-    return out[meta.token_seq_ids, meta.token_offsets]
+        queries = queries.view(num_seqs, max_q, num_kv_heads, group, head_dim)
+    queries = queries.permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, max_q * group, head_dim)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=meta.additive_mask(bs, group, sliding_window, q.dtype),
+            scale=scale,
+        )  # [B, Hkv, Q * G, D]
+    out = out.unflatten(2, (max_q, group)).permute(0, 2, 1, 3, 4)  # [B, Q, Hkv, G, D]
+    if uniform:
+        return out.reshape(num_tokens, num_heads, head_dim)
+    return out[meta.token_seq_ids, meta.token_offsets].reshape(num_tokens, num_heads, head_dim)

@@ -39,6 +39,9 @@ class EngineConfig:
     max_model_len: int | None = opt(None, "context length limit; none = the model's")
     enable_prefix_caching: bool = opt(True, "reuse KV blocks of identical prompt prefixes")
     seed: int = opt(0, "seed of the sampler for requests without their own seed")
+    enforce_eager: bool = opt(
+        False, "run every step eagerly: no CUDA graphs for decode steps (CPU always runs eagerly)"
+    )
     kv_load_failure_policy: Literal["recompute", "fail"] = opt(
         "recompute",
         "when reading a remote prefill's KV fails: compute the prompt locally, or fail the request",

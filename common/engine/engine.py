@@ -87,7 +87,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.device, config.max_num_seqs, self.max_model_len, config.enforce_eager
+        )
         self.sampler = Sampler(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them

@@ -275,7 +275,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
-    """Build the model and fill every parameter from the checkpoint, in ``dtype`` on ``device``, eval mode.
+    """Build the model and fill every parameter from the checkpoint, in ``dtype`` on ``device``, eval mode,
+    prepared for inference (``CausalLM.prepare``: fused projections, rope table).
 
     Raises ``ModelLoadError`` naming missing/mis-shaped tensors or a corrupt file.
     """
@@ -304,6 +305,6 @@ def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
     if missing:
         raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {', '.join(missing)}")
     model.load_state_dict(loaded, strict=True, assign=True)
-    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.to(device)
+    model.prepare()
     logger.info("loaded %s from %s (%s on %s)", config.architecture, path, dtype, device)
     return model.eval()

@@ -1,7 +1,8 @@
 """Decoder-only transformer of the Llama family (Llama, Mistral, Qwen2, Qwen3).
 
-Parameter names mirror the Hugging Face checkpoints, so ``state_dict()`` keys are the
-safetensors tensor names.  Every layer reads and writes the paged ``KVCache``.
+A freshly built ``CausalLM`` mirrors the Hugging Face checkpoints (``named_parameters()``
+are the safetensors tensor names); ``prepare`` then fuses q/k/v and gate/up into one
+matmul each.  Every layer reads and writes the paged ``KVCache``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as HF."""
+    """RMSNorm computed in float32, as HF: ``weight * normalized(x.float()).to(x.dtype)``."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -29,10 +30,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -55,62 +53,81 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin ``[N, head_dim]`` of given positions, rotate-half convention (HF)."""
+    """cos/sin of positions, rotate-half convention (HF), looked up in a table of every position.
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+    ``build_table`` fills ``table`` ``[max_positions, 2, head_dim]`` (cos, and sin with the
+    sign of rotate-half folded into its first half) in the model dtype, computed in float32
+    on the model's device exactly as HF does per step.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.max_positions = max_positions
+        self.table: torch.Tensor | None = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def build_table(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.inv_freq = self.inv_freq.to(device)
+        positions = torch.arange(self.max_positions, device=device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        half = freqs.shape[-1]
+        sin = emb.sin().to(dtype)
+        sin[:, :half].neg_()
+        self.table = torch.stack((emb.cos().to(dtype), sin), dim=1)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[N, 2, head_dim]``: cos and signed sin of each position."""
+        return self.table[positions]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[N, heads, head_dim]``; cos/sin ``[N, head_dim]``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, heads, head_dim]``; ``cos_sin`` from ``RotaryEmbedding``.  Equals HF's
+    ``x * cos + rotate_half(x) * sin``: ``rotate_half(x) * sin == roll(x, D/2) * signed_sin``."""
+    cos, sin = cos_sin[:, None, 0], cos_sin[:, None, 1]
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
+    """Checkpoint layout ``q_proj``/``k_proj``/``v_proj``; ``fuse`` merges them into one ``qkv_proj``."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        self.q_proj = nn.Linear(hidden, self.q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, self.kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.scale = self.head_dim**-0.5
+        self.layer_idx = layer_idx
         self.sliding_window = config.sliding_windows[layer_idx]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: AttentionMetadata,
-        kv: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+    def fuse(self) -> None:
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        n, heads = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, : self.q_size + self.kv_size].view(n, heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = apply_rope(qk, cos_sin)
+        out = paged_attention(
+            qk[:, :heads], qk[:, heads:], v, cache, self.layer_idx, meta, self.scale, self.sliding_window
+        )
+        return self.o_proj(out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; ``fuse`` merges ``gate_proj``/``up_proj`` into ``gate_up_proj``."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -118,9 +135,25 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=config.mlp_bias)
         self.up_proj = nn.Linear(hidden, inter, bias=config.mlp_bias)
         self.down_proj = nn.Linear(inter, hidden, bias=config.mlp_bias)
+        self.intermediate_size = inter
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One ``nn.Linear`` computing ``cat([l(x) for l in linears], -1)`` (weights concatenated, the parts freed)."""
+    weight = torch.cat([lin.weight for lin in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if linears[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -131,8 +164,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, kv) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
+    def forward(self, x, cos_sin, meta, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,11 +175,18 @@ class Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_model_len
+        )
 
 
 class CausalLM(nn.Module):
-    """``forward`` -> hidden states ``[N, hidden]``; ``compute_logits`` -> float32 logits."""
+    """``forward`` -> hidden states ``[N, hidden]``; ``compute_logits`` -> float32 logits.
+
+    Built in the checkpoint's layout (``named_parameters()`` are the safetensors names);
+    ``prepare`` (``load_model`` calls it) then fuses projections and builds the rope table,
+    and only a prepared model runs ``forward``.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -154,18 +194,31 @@ class CausalLM(nn.Module):
         self.model = Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.prepared = False
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Fuse q/k/v and gate/up weights (fewer, larger matmuls); build the rope table on the weights' device."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        embed = self.model.embed_tokens.weight
+        self.model.rotary_emb.build_table(embed.device, embed.dtype)
+        self.prepared = True
 
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         """Compute ``input_ids`` ``[N]`` at ``positions`` ``[N]`` (flattened as ``meta`` says)."""
+        if not self.prepared:
+            raise RuntimeError("CausalLM.forward: call prepare() first (load_model does)")
         if kv_cache.num_layers != self.config.num_layers:
             raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {self.config.num_layers}")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, meta, kv_cache.layer(i))
+        cos_sin = self.model.rotary_emb(positions)
+        for layer in self.model.layers:
+            x = layer(x, cos_sin, meta, kv_cache)
         return self.model.norm(x)
 
     @torch.inference_mode()
