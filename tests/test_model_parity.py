@@ -216,3 +216,14 @@ def test_kv_cache_is_block_major():
         cache.layer(3)
     with pytest.raises(ValueError, match="num_blocks"):
         KVCache(0, 3, BLOCK_SIZE, 2, 8, torch.float16, "cpu")
+
+
+def test_mixed_batches_attend_in_decode_and_prefill_parts():
+    """Decode rows are never padded to a prefill chunk's queries and keys."""
+    meta = AttentionMetadata.build([1, 4, 1, 3], [9, 4, 30, 40], [[0], [1], [2, 3], [4, 5, 6]], 16, "cpu")
+    (decode_tokens, decode), (prefill_tokens, prefill) = meta.parts
+    assert decode_tokens.tolist() == [0, 5] and (decode.max_query_len, decode.max_context_len) == (1, 30)
+    assert prefill_tokens.tolist() == [1, 2, 3, 4, 6, 7, 8] and prefill.max_query_len == 4
+    assert prefill.slot_mapping.tolist() == meta.slot_mapping[prefill_tokens].tolist()
+    assert not AttentionMetadata.build([1, 1], [5, 9], [[0], [1]], 16, "cpu").parts
+    assert not AttentionMetadata.build([3, 4], [3, 4], [[0], [1]], 16, "cpu").parts

@@ -41,6 +41,9 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     kv_source_rows: torch.Tensor | None = None  # int64 [N]
+    # A batch mixing decode rows (1 new token) with prefill rows attends in two parts, so that
+    # no decode row is padded to a prefill chunk's queries or keys: (token indices, part metadata).
+    parts: list[tuple[torch.Tensor, "AttentionMetadata"]] = field(default_factory=list)
     _derived: dict = field(init=False, repr=False, default_factory=dict)
 
     @property
@@ -119,7 +122,7 @@ class AttentionMetadata:
         ).to(device, non_blocking=True)
         num_seqs, num_tokens = len(query_lens), len(slots)
         qsl, ctx, slot, tables = host.split([num_seqs + 1, num_seqs, num_tokens, num_seqs * max_blocks])
-        return cls(
+        meta = cls(
             query_start_loc=qsl,
             context_lens=ctx,
             block_tables=tables.view(num_seqs, max_blocks),
@@ -127,6 +130,15 @@ class AttentionMetadata:
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
         )
+        decodes = [i for i, q in enumerate(query_lens) if q == 1]
+        if 0 < len(decodes) < num_seqs:
+            prefills = [i for i, q in enumerate(query_lens) if q > 1]
+            for rows in (decodes, prefills):
+                tokens = [t for i in rows for t in range(query_start_loc[i], query_start_loc[i + 1])]
+                part = cls.build([query_lens[i] for i in rows], [context_lens[i] for i in rows],
+                                 [block_tables[i] for i in rows], block_size, device)
+                meta.parts.append((torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True), part))
+        return meta
 
     def attention_mask(
         self, sliding_window: int | None = None, num_keys: int | None = None, group: int = 1
@@ -198,12 +210,10 @@ def paged_attention(
 
     ``q`` is ``[N, H, D]``; each sequence attends causally to its whole context (cached plus
     new) gathered from its blocks.  Grouped query heads are folded into the query
-    dimension (``[B, Hkv, Q * G, D]``), so K/V are never repeated.  Returns ``[N, H, D]``.
+    dimension (``[B, Hkv, Q * G, D]``), so K/V are never repeated.  A batch mixing decode and
+    prefill rows attends in its two ``parts``.  Returns ``[N, H, D]``.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_heads // num_kv_heads
-    bs = cache.block_size
+    num_tokens, num_kv_heads, head_dim = k.shape
     rows = cache.data.view(-1, num_kv_heads * head_dim)
     k_rows, v_rows = k.reshape(num_tokens, -1), v.reshape(num_tokens, -1)
     if meta.kv_source_rows is not None:
@@ -211,7 +221,22 @@ def paged_attention(
     k_dst, v_dst = meta.cache_rows(cache)[layer]
     rows.index_copy_(0, k_dst, k_rows)
     rows.index_copy_(0, v_dst, v_rows)
+    if not meta.parts:
+        return _attend(q, cache, layer, meta, scale, sliding_window)
+    out = torch.empty_like(q)
+    for tokens, part in meta.parts:
+        out[tokens] = _attend(q[tokens], cache, layer, part, scale, sliding_window)
+    return out
 
+
+def _attend(
+    q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata, scale: float, sliding_window: int | None
+) -> torch.Tensor:
+    """``q`` ``[N, H, D]`` attends to the K/V of ``meta``'s sequences, gathered from layer ``layer``."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = cache.num_kv_heads
+    group = num_heads // num_kv_heads
+    bs = cache.block_size
     num_seqs, max_q = meta.num_seqs, meta.max_query_len
     num_keys = meta.num_blocks(bs) * bs
     index = meta.gather_index(bs)
