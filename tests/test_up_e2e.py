@@ -194,6 +194,31 @@ def test_metrics_split_the_handoff(stack, client):
     assert float(re.search(r"^pdserve_gateway_kv_transfer_bytes_sum (\S+)$", text, re.M).group(1)) > 0
 
 
+def test_pdserve_bench_against_the_stack(stack, tmp_path):
+    """A short real ``pdserve bench`` run: valid JSON with the measured statistics, and a PNG."""
+    from common.engine.demo_model import ensure_demo_checkpoint
+
+    out, plot = tmp_path / "bench.json", tmp_path / "latency.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "services.cli", "bench", "--url", stack.url, "--model", "demo",
+         "--tokenizer", str(ensure_demo_checkpoint()), "--num-prompts", "6", "--input-len", "40",
+         "--output-len", "8", "--request-rate", "20", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000",
+         "--out", str(out), "--plot", str(plot), "--progress", "false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(out.read_text())
+    (result,) = doc["runs"]
+    summary = result["summary"]
+    assert summary["completed"] == 6 and summary["failed"] == 0 and not summary["errors"]
+    assert summary["slo_attainment"] == 1.0 and summary["goodput"] > 0
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        stats = summary[metric]
+        assert 0 <= stats["p50"] <= stats["p99"] <= stats["max"] and stats["mean"] > 0, metric
+    assert all(r["output_tokens"] == 8 and r["prompt_tokens"] == 40 for r in result["requests"])
+    png = plot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
 # --------------------------------------------------------------------------- #
 # Raw HTTP
 # --------------------------------------------------------------------------- #
