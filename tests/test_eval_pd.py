@@ -1,0 +1,72 @@
+"""The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split."""
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bench.eval_pd import handoff_split, metric_means, scrape
+from services.gateway.metrics import GatewayMetrics
+
+
+@pytest.fixture
+def metrics_server():
+    metrics = GatewayMetrics()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = metrics.render()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield metrics, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_means_cover_only_what_a_run_observed(metrics_server):
+    metrics, url = metrics_server
+    metrics.ttft.observe(9.0)  # before the run: must not count
+    before = scrape(url)
+    for v in (0.1, 0.3):
+        metrics.ttft.observe(v)
+    metrics.kv_transfer.observe(0.004)
+    means = metric_means(before, scrape(url))
+    assert means["pdserve_gateway_ttft_seconds"] == pytest.approx({"mean": 0.2, "count": 2})
+    assert means["pdserve_gateway_kv_transfer_seconds"] == pytest.approx({"mean": 0.004, "count": 1})
+    assert "pdserve_gateway_tpot_seconds" not in means  # nothing observed
+
+
+def _result(mode: str, **ms: float) -> dict:
+    means = {f"pdserve_gateway_{k}_seconds": {"mean": v / 1000, "count": 4} for k, v in ms.items()}
+    return {"mode": mode, "handoff": {"metrics": means, "summary": {"ttft_ms": {"mean": 110.0}},
+                                      "first_itl_ms": 12.0}}
+
+
+def test_handoff_split_adds_up_to_the_measured_totals():
+    split = handoff_split(_result("disagg", ttft=104, prefill_leg=102, prefill_queue=0.5, prefill=99,
+                                  first_itl=11, decode_first_output=10, kv_transfer=3, first_decode_step=6))
+    ttft, itl = split["ttft_parts"], split["first_itl_parts"]
+    assert ttft == pytest.approx({"gateway": 2, "bus + engine service": 2.5, "prefill queue": 0.5,
+                                  "prefill compute": 99})
+    assert sum(ttft.values()) == pytest.approx(104)
+    assert itl == pytest.approx({"gateway dispatch": 1, "bus + alloc + handshake": 1, "KV transfer": 3,
+                                 "first decode step": 6})
+    assert sum(itl.values()) == pytest.approx(11) and not split["missing"]
+
+
+def test_handoff_split_names_what_the_gateway_did_not_expose():
+    split = handoff_split(_result("disagg", ttft=104, prefill_leg=102, prefill=99, first_itl=11))
+    assert split["ttft_parts"]["bus + engine service"] is None  # the queue time is missing
+    assert "pdserve_gateway_prefill_queue_seconds" in split["missing"]
+    assert "pdserve_gateway_kv_transfer_seconds" in split["missing"]
+    colocated = handoff_split(_result("colocated", ttft=50, prefill_leg=48, prefill_queue=0.1, prefill=45,
+                                      first_itl=3.3))
+    assert colocated["first_itl_parts"] == pytest.approx({"decode step (batched)": 3.3})
