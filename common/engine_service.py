@@ -64,6 +64,7 @@ from common.registry_client import RegistryClient
 
 log = logging.getLogger(__name__)
 
+ENGINE_WATCH_INTERVAL_S = 0.5  # how often serve() checks that the engine thread is alive
 SHUTDOWN_ABORT_GRACE_S = 1.0  # after aborting what is left, how long its streams get to send their last output
 
 
@@ -266,6 +267,8 @@ class EngineService:
             raise PeerError("invalid_request", f"{self.instance_id} has role {self.role}, not decode", "remote_prefill")
         if msg.request_id in self.active or self._transfer_id(msg.request_id) in self.leases:
             raise PeerError("invalid_request", f"request {msg.request_id!r} is already running here", "request_id")
+        if self.engine.failed is not None:
+            raise PeerError("shutting_down", f"{self.instance_id}'s engine failed: {self.engine.failed!r}")
         self.active.add(msg.request_id)
         try:
             if msg.remote_prefill is not None:
@@ -322,6 +325,8 @@ class EngineService:
             async for out in self.engine.generate(msg.request_id, prompt_ids, msg.sampling,
                                                   pin_for_transfer=transfer_id):
                 finished = out.finished
+                if out.finish_reason == "error":
+                    raise PeerError("internal", out.error or "the request failed in the engine")
                 yield out
         except InvalidRequest as e:
             raise PeerError("invalid_request", e.message, e.param) from e
@@ -366,11 +371,12 @@ class EngineService:
                     out.timings = {**(out.timings or {}), **timings}
                     first = False
                 if out.finish_reason == "error":
-                    raise PeerError("kv_transfer_failed", out.error or "reading the prompt's KV failed")
+                    code = "kv_transfer_failed" if "kv_failed" in timings else "internal"
+                    raise PeerError(code, out.error or "the request failed in the engine")
                 yield out
         finally:
-            if not finished:  # cancelled or failed before the engine's stream took over
-                self._in_background(self.engine.abort(request_id))
+            if not finished:  # cancelled or failed: the engine's stream may never have started
+                self.engine.discard(request_id)
 
     def _check_params(self, params: KVTransferParams, prompt_ids: list[int]) -> str | None:
         """Why ``params`` cannot describe this prompt's KV, or None."""
@@ -455,6 +461,9 @@ async def serve(config: EngineServiceConfig, *, ready: asyncio.Event | None = No
         await service.start()
         if ready is not None:
             ready.set()
-        await asyncio.Event().wait()
+        while service.engine.failed is None:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        # A dead engine thread serves nothing: exit non-zero so a supervisor restarts us.
+        raise RuntimeError(f"{service.instance_id}: engine failed: {service.engine.failed!r}")
     finally:
         await asyncio.shield(service.shutdown())

@@ -369,11 +369,53 @@ async def test_concurrent_pd_requests_all_match(cluster: Cluster):
     await cluster.wait_idle()
 
 
+async def test_a_failed_engine_fails_its_requests_and_refuses_new_ones(cluster: Cluster):
+    """A step that raises kills the engine thread: the running request gets a typed error (not a
+    normal finish), new requests are refused as retryable, and ``failed`` tells serve() to exit."""
+    cfg = service_config(cluster.registry.endpoint, "both", "doomed")
+    engine = await asyncio.get_running_loop().run_in_executor(None, LLMEngine, cfg)
+
+    def broken_step():
+        raise RuntimeError("simulated device error")
+
+    engine.step = broken_step
+    service = EngineService(cfg, engine)
+    await service.start()
+    client = EngineClients({"doomed": service.request_endpoint})
+    try:
+        with pytest.raises(PeerError) as err:
+            await client.run("doomed", Generate("doomed-1", GREEDY, prompt_token_ids=[5, 6, 7]))
+        assert err.value.code == "internal" and "simulated device error" in err.value.message
+        assert service.engine.failed is not None
+        with pytest.raises(PeerError) as err:
+            await client.run("doomed", Generate("doomed-2", GREEDY, prompt_token_ids=[5, 6, 7]))
+        assert err.value.code == "shutting_down"
+    finally:
+        await client.close()
+        await service.shutdown()
+
+
 # --------------------------------------------------------------------------- shutdown (last: stops services)
 
 
-async def test_every_engine_is_idle_after_the_mix(cluster: Cluster):
-    await cluster.wait_idle()
+async def test_decode_cancelled_during_the_read_leaves_nothing_behind(cluster: Cluster):
+    """Cancelled while its KV read waits (here on a handshake nobody answers): the request's
+    blocks and its output stream are gone, so the same id runs again on that engine."""
+    ids = prompt_ids(30, seed=16)
+    ref = await cluster.reference(ids)
+    pre = await cluster.prefill_leg("prefill", "cancel-read", ids)
+    leg = asyncio.create_task(cluster.decode_leg("decode", "cancel-read", ids, at_dead_endpoint(pre[-1].kv_transfer)))
+    decode = cluster.services["decode"]
+    deadline = time.monotonic() + 10
+    while "cancel-read" not in decode.reading and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert "cancel-read" in decode.reading
+    leg.cancel()
+    await asyncio.gather(leg, return_exceptions=True)
+    await cluster.wait_idle("decode")
+    dec = await cluster.decode_leg("decode", "cancel-read", ids, pre[-1].kv_transfer)
+    assert tokens(pre + dec) == ref
+    await cluster.wait_idle("prefill", "decode")
 
 
 async def test_shutdown_aborts_in_flight_streams_and_deregisters(cluster: Cluster):

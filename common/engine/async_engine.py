@@ -131,6 +131,18 @@ class AsyncEngine:
             if not finished and not self._stopping:
                 self._post(lambda: self._abort(request_id))
 
+    def discard(self, request_id: str) -> None:
+        """Drop a request whose ``stream`` will never be consumed (its caller was cancelled or
+        failed first): close its output stream and abort it, without waiting."""
+        self._streams.pop(request_id, None)
+        if not self._stopping:
+            self._post(lambda: self._abort(request_id))
+
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the engine thread stopped on an error (a step raised), or None."""
+        return self._dead
+
     async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
         return await self._call(lambda: self.engine.finish_remote_kv(request_id, ok))
 
