@@ -156,8 +156,9 @@ class EngineService:
     async def start(self) -> None:
         if self.role != "both":
             # All KV memory is registered before any peer can learn our address.
+            device_id = (self.llm.device.index or 0) if self.llm.device.type == "cuda" else -1
             self.backend = make_backend(self.config.kv_backend, self.config.kv_host, force_tcp=self.config.kv_force_tcp,
-                                        device_id=self.llm.device.index if self.llm.device.type == "cuda" else -1)
+                                        device_id=device_id, read_timeout_s=self.config.kv_read_timeout_s)
             self.backend.register([self.layout.region])
         if self.role == "prefill":
             KVSideChannel(self.instance_id, self.fingerprint, self.backend, self.layout, self.leases).attach(self.kv_server)
@@ -242,7 +243,8 @@ class EngineService:
     # ------------------------------------------------------------------ handlers
 
     async def on_stats(self, msg: GetStats) -> EngineStats:
-        return EngineStats(self.instance_id, self.role, self.load(), self.num_finished, len(self.leases))
+        return EngineStats(self.instance_id, self.role, self.load(), self.num_finished,
+                           len(self.leases) + len(self.reading))
 
     async def on_abort(self, msg: Abort) -> Ack:
         """Abort the request wherever it is; on prefill also release its pinned transfer.

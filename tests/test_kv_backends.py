@@ -83,6 +83,22 @@ def test_slow_transfer_blocks_until_done(pair, fake):
     assert torch.equal(dst[:NBYTES], src[0])
 
 
+def test_read_past_its_timeout_fails(pair, fake):
+    prefill, src, _, dst = pair
+    impatient = make_backend("mori", "127.0.0.1", read_timeout_s=0.1)
+    try:
+        impatient.register([region(dst)])
+        impatient.connect(prefill.session, prefill.backend_meta())
+        fake.knobs.delay_s = 1.0
+        start = time.perf_counter()
+        assert impatient.read(prefill.session, [dst.data_ptr()], [src[0].data_ptr()], [NBYTES]) == [F]
+        assert time.perf_counter() - start < 0.9
+    finally:
+        fake.knobs.delay_s = 0.0
+        time.sleep(1.0)  # the late transfer lands before its buffers go away
+        impatient.close()
+
+
 def test_read_after_peer_closed_fails(pair):
     prefill, src, decode, dst = pair
     prefill.close()

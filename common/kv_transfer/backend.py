@@ -69,18 +69,20 @@ def check_batch(local_addrs: list[int], remote_addrs: list[int], lengths: list[i
         raise ValueError("every transfer length must be > 0")
 
 
-def make_backend(name: str, host: str, *, force_tcp: bool = False, device_id: int = -1) -> TransferBackend:
+def make_backend(
+    name: str, host: str, *, force_tcp: bool = False, device_id: int = -1, read_timeout_s: int = 30
+) -> TransferBackend:
     """Build the backend ``name`` ("mooncake" or "mori") advertised at ``host``.
 
-    ``device_id`` < 0 means KV memory is host memory.  Raises ``BackendUnavailable``
+    ``device_id`` < 0 means KV memory is host memory; a read fails after ``read_timeout_s``.  Raises ``BackendUnavailable``
     when the library cannot be loaded, ``ValueError`` for an unknown name.
     """
     if name == "mooncake":
         from common.kv_transfer.mooncake import MooncakeBackend
 
-        return MooncakeBackend(host, force_tcp=force_tcp)
+        return MooncakeBackend(host, force_tcp=force_tcp, transfer_timeout_s=read_timeout_s)
     if name == "mori":
         from common.kv_transfer.mori import MoriBackend
 
-        return MoriBackend(host, force_tcp=force_tcp, device_id=device_id)
+        return MoriBackend(host, force_tcp=force_tcp, device_id=device_id, read_timeout_s=read_timeout_s)
     raise ValueError(f"unknown KV transfer backend {name!r} (expected 'mooncake' or 'mori')")

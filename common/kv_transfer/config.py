@@ -17,6 +17,7 @@ class KVTransferConfig:
     kv_lease_sweep_interval_s: float = opt(1.0, "how often prefill looks for expired leases")
     kv_handshake_timeout_s: float = opt(5.0, "give up a handshake with a prefill engine after this long")
     kv_rpc_timeout_s: float = opt(5.0, "timeout of RenewLease / ReleaseKV calls")
+    kv_read_timeout_s: int = opt(30, "a backend read of one request's blocks fails after this many seconds")
     kv_renew_interval_s: float = opt(5.0, "renew a lease this often while its blocks are being read")
     kv_transfer_threads: int = opt(4, "threads running blocking backend reads")
     kv_read_shards: int = opt(1, "split one request's read into this many concurrent backend batches")
@@ -29,6 +30,7 @@ class KVTransferConfig:
             "kv_handshake_timeout_s",
             "kv_rpc_timeout_s",
             "kv_renew_interval_s",
+            "kv_read_timeout_s",
         ):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(

@@ -181,7 +181,7 @@ class KVConnector:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._pool, self.backend.connect, reply.session, reply.backend_meta)
-        except (ValueError, RuntimeError) as e:
+        except Exception as e:  # whatever the backend raises, the request gets a typed error
             raise HandshakeError(f"{self.backend.name} cannot connect to {engine_id}: {e}") from e
         self.metrics.handshakes += 1
         logger.info("KV handshake with %s (%s) done: session %s", engine_id, kv_endpoint, reply.session)

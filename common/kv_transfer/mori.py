@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -24,6 +25,8 @@ from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
 
 logger = logging.getLogger(__name__)
+
+READ_POLL_S = 0.0005  # how often a read's status is checked (the read itself runs in mori's threads)
 
 
 class MoriMeta(msgspec.Struct, frozen=True):
@@ -63,9 +66,12 @@ def _locate(descs: list[Any], addr: int, length: int, side: str) -> tuple[int, i
 class MoriBackend(TransferBackend):
     name = "mori"
 
-    def __init__(self, host: str, *, force_tcp: bool = False, device_id: int = -1):
+    def __init__(self, host: str, *, force_tcp: bool = False, device_id: int = -1, read_timeout_s: float = 30.0):
         if not host:
             raise ValueError("MoRI-IO needs the host address peers reach this engine at")
+        if read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s}")
+        self.read_timeout_s = read_timeout_s
         self.io = load_mori_io()
         self.device_id = device_id
         key = f"pdserve-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -151,9 +157,15 @@ class MoriBackend(TransferBackend):
                 sess.allocate_transfer_uid(),
             )
             pending.append((status, idx))
+        deadline = time.monotonic() + self.read_timeout_s
         for status, idx in pending:
-            status.Wait()
-            if status.Succeeded():
+            # Wait() has no timeout in mori's binding: poll against our own deadline instead.
+            while status.InProgress() and time.monotonic() < deadline:
+                time.sleep(READ_POLL_S)
+            if status.InProgress():
+                logger.warning("MoRI-IO read from %s still running after %g s: failed", peer_session,
+                               self.read_timeout_s)
+            elif status.Succeeded():
                 for i in idx:
                     result[i] = TransferStatus.SUCCESS
             else:
