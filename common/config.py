@@ -139,16 +139,3 @@ def from_args(config_cls: type[C], ns: argparse.Namespace) -> C:
     if validate is not None:
         validate()
     return config
-
-
-def to_argv(config: Any) -> list[str]:
-    """Flags that rebuild ``config`` (used by ``pdserve up`` to start children)."""
-    argv: list[str] = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value is None:
-            value = "none"
-        elif isinstance(value, list):
-            value = ",".join(map(str, value))
-        argv += [flag_name(f.name), str(value)]
-    return argv

@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import time
+import typing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Literal
 
@@ -84,6 +85,8 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
     log_level: str = opt("info", "log level")
 
     def validate(self) -> None:
+        roles = typing.get_args(typing.get_type_hints(type(self))["role"])
+        require(self.role in roles, "role", f"must be one of {', '.join(roles)}")
         EngineConfig.validate(self)
         KVTransferConfig.validate(self)
         for name in ("bind", "kv_bind", "registry"):
@@ -98,12 +101,12 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
 
 @dataclass
 class PrefillConfig(EngineServiceConfig):
-    role: Literal["prefill", "decode", "both"] = opt("prefill", "prefill, or both (colocated, no transfer)")
+    role: Literal["prefill", "both"] = opt("prefill", "prefill, or both (colocated, no transfer)")
 
 
 @dataclass
 class DecodeConfig(EngineServiceConfig):
-    role: Literal["prefill", "decode", "both"] = opt("decode", "decode, or both (colocated, no transfer)")
+    role: Literal["decode", "both"] = opt("decode", "decode, or both (colocated, no transfer)")
 
 
 def _endpoint(bound: str, host: str) -> str:

@@ -19,6 +19,7 @@ from typing import Literal, Union
 import msgspec
 
 PROTOCOL_VERSION = 1
+MAX_LOGPROBS = 20  # most top logprobs a request may ask for (engine and gateway agree)
 
 Role = Literal["prefill", "decode", "both"]
 
@@ -93,13 +94,10 @@ ErrorCode = Literal[
     "unsupported",  # valid message this socket does not handle
     "protocol_version",
     "invalid_request",  # request-level validation failed (OpenAI 400)
-    "not_found",
     "unknown_instance",
     "incompatible",
     "overloaded",
     "shutting_down",
-    "cancelled",
-    "timeout",
     "kv_transfer_failed",
     "internal",
 ]

@@ -58,17 +58,22 @@ class UpConfig:
     engine_args: str = opt("", "extra flags for every engine, e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
     gateway_args: str = opt("", "extra flags for the gateway")
     ready_timeout_s: float = opt(180.0, "give up if the stack is not ready after this long")
-    shutdown_timeout_s: float = opt(15.0, "per process group: SIGKILL after this long")
+    shutdown_timeout_s: float = opt(30.0, "per process group: SIGKILL after this long (engines drain "
+                                          "for up to their own --shutdown-timeout-s, 10 s by default)")
     max_restarts: int = opt(5, "restart a child that died unexpectedly at most this many times")
     log_level: str = opt("info", "log level of every process")
 
     def validate(self) -> None:
-        require(self.prefill >= 1 and self.decode >= 1, "prefill", "disagg needs at least 1 prefill and 1 decode")
-        require(self.colocated >= 1, "colocated", "must be >= 1")
+        if self.mode == "disagg":
+            require(self.prefill >= 1, "prefill", "disagg needs at least 1 prefill instance")
+            require(self.decode >= 1, "decode", "disagg needs at least 1 decode instance")
+        else:
+            require(self.colocated >= 1, "colocated", "colocated needs at least 1 instance")
         require(0 < self.port < 65536, "port", "must be a TCP port")
         require(0 < self.registry_port < 65536, "registry_port", "must be a TCP port")
         require(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
         require(self.max_restarts >= 0, "max_restarts", "must be >= 0")
+        require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
 
 
 class Child:

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from common.config import ConfigError, add_arguments, env_name, from_args, opt, require, to_argv
+from common.config import ConfigError, add_arguments, env_name, from_args, opt, require
 from services.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).parents[1]
@@ -48,11 +48,6 @@ def test_defaults_flags_and_env(monkeypatch):
     assert (c.ttl_s, c.verbose) == (7.5, True)
     assert parse(["--ttl-s", "2"]).ttl_s == 2.0  # the command line beats the environment
     assert env_name("ttl_s") == "PDSERVE_TTL_S"
-
-
-def test_round_trip_through_argv():
-    c = Sample(ttl_s=9.0, workers=None, mode="b", tags=["u", "v"], verbose=True)
-    assert parse(to_argv(c)) == c
 
 
 def test_invalid_values_are_clear(capsys):

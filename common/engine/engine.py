@@ -24,12 +24,11 @@ from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import InvalidRequest, RemoteAllocation, RequestOutput, Sequence, SequenceStatus
 from common.engine.tokenizer import Tokenizer
-from common.messages import Load, SamplingParams, TokenLogprob, Usage
+from common.messages import MAX_LOGPROBS, Load, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 512 << 20  # KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is set
-MAX_LOGPROBS = 20
 
 
 @dataclass

@@ -99,10 +99,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
     def timings(self) -> dict[str, float]:
         """Seconds from arrival: ``queue_s`` (to first scheduled), ``first_token_s``, ``remote_kv_s``
         (to the remote KV's arrival); ``prefill_s``: compute time of the prompt's steps.

@@ -20,11 +20,10 @@ from typing import Literal
 
 import msgspec
 
-from common.messages import ChatMessage, SamplingParams, TokenLogprob
-from services.gateway.errors import APIError, invalid
+from common.messages import MAX_LOGPROBS, ChatMessage, SamplingParams, TokenLogprob
+from services.gateway.errors import invalid
 
 INT64_MAX = (1 << 63) - 1
-MAX_LOGPROBS = 20
 MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
