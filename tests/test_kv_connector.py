@@ -341,5 +341,16 @@ async def test_lease_lost_during_the_read_fails_it(prefill, decode, fake):
     task = asyncio.create_task(conn.read_blocks(prefill.params([2]), [0]))
     await asyncio.sleep(0.05)
     prefill.leases.release("t1")  # prefill freed the blocks mid-read (e.g. its sweeper expired the lease)
-    with pytest.raises(KVTransferError, match="expired during the read"):
+    with pytest.raises(KVTransferError, match="ended during the read"):
+        await task
+
+
+async def test_lease_released_during_a_short_read_fails_it(prefill, decode, fake):
+    """No renewal falls inside a read shorter than the renew interval: the lease is confirmed after it."""
+    conn, _ = await decode(kv_renew_interval_s=5.0)
+    fake.knobs.delay_s = 0.3
+    task = asyncio.create_task(conn.read_blocks(prefill.params([2]), [0]))
+    await asyncio.sleep(0.05)
+    prefill.leases.release("t1")  # e.g. the gateway aborted this decode and a retry read the blocks
+    with pytest.raises(KVTransferError, match="ended during the read"):
         await task

@@ -290,8 +290,14 @@ class KVConnector:
             raise KVTransferError(
                 f"reading transfer {tid} from {peer.engine_id} failed ({failed} of {len(ranges.lengths)} ranges)"
             )
-        if lease_lost.is_set():
-            raise KVTransferError(f"lease of transfer {tid} expired during the read; the blocks may be reused")
+        # The read succeeded only if prefill still held the blocks when it ended: a lease released or
+        # expired meanwhile (an abort, a retried decode, a clock far off) means they may hold other KV.
+        try:
+            held = not lease_lost.is_set() and await self._renew(peer, tid)
+        except BusError as e:
+            raise KVTransferError(f"cannot confirm the lease of transfer {tid} after the read: {e}") from e
+        if not held:
+            raise KVTransferError(f"lease of transfer {tid} ended during the read; the blocks may be reused")
         return ReadStats(num_blocks, len(ranges.lengths), ranges.total_bytes, seconds)
 
     async def _renew(self, peer: Peer, transfer_id: str) -> bool:
