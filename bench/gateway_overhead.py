@@ -62,6 +62,8 @@ def serve_bare(port: int, body_path: str) -> None:
     from starlette.responses import Response
     from starlette.routing import Route
 
+    from services.gateway.app import UVICORN_LEAN
+
     with open(body_path, "rb") as f:
         payload = f.read()
 
@@ -71,7 +73,7 @@ def serve_bare(port: int, body_path: str) -> None:
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="off",
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, **UVICORN_LEAN)
 
 
 # --------------------------------------------------------------------------- #

@@ -9,7 +9,9 @@ more *records*, each two frames ``[header, body]``:
 ``body`` is one msgpack-encoded ``common.messages`` struct (empty for a cancel
 and for ``FLAG_END``).  A handler that returns a message answers with one
 ``FLAG_FINAL`` record; a handler that is an async generator answers with one
-``FLAG_ITEM`` record per yielded message and then a ``FLAG_END`` record.  Errors
+``FLAG_ITEM`` record per yielded message and then a ``FLAG_END`` record — or,
+when its last item has not left yet as it returns, with that item turned into
+the ``FLAG_FINAL`` record that ends the stream (``_Outbox.retag_last``).  Errors
 travel as ``ErrorReply`` in a ``FLAG_FINAL`` record and are raised by the client
 as ``PeerError``.
 
@@ -55,7 +57,7 @@ Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
 # Plain ints: pyzmq's enum flags cost a Python-level enum operation on every use.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -115,9 +117,12 @@ class _Reader:
         self._scheduled = False
         sock = self._sock
         while not sock.closed and sock.getsockopt(_EVENTS) & _POLLIN:
-            frames = [sock.recv(_NOBLOCK)]
-            while sock.getsockopt(_RCVMORE):
-                frames.append(sock.recv(_NOBLOCK))
+            # Frame objects say whether more follow; a getsockopt(RCVMORE) per frame costs more.
+            frame = sock.recv(_NOBLOCK, copy=False)
+            frames = [frame.bytes]
+            while frame.more:
+                frame = sock.recv(_NOBLOCK, copy=False)
+                frames.append(frame.bytes)
             try:
                 self._on_frames(frames)
             except Exception:  # one bad frame must never stop the reader
@@ -152,6 +157,14 @@ class _Outbox:
             self._queued[key] = [header, body] if key is None else [key, header, body]
         else:
             frames += (header, body)
+
+    def retag_last(self, key: bytes | None, header: bytes, new_header: bytes) -> bool:
+        """If the last record queued for ``key`` has ``header``, give it ``new_header``; True if it did."""
+        frames = self._queued.get(key)
+        if frames is None or frames[-2] != header:
+            return False
+        frames[-2] = new_header
+        return True
 
     def flush(self) -> None:
         queued, self._queued = self._queued, {}
@@ -277,7 +290,7 @@ class BusServer:
             if streams:
                 async for item in handler(msg):  # type: ignore[union-attr]
                     self._reply(identity, req_id, FLAG_ITEM, item)
-                self._reply(identity, req_id, FLAG_END, None)
+                self._end_stream(identity, req_id)
             else:
                 self._reply(identity, req_id, FLAG_FINAL, await handler(msg))  # type: ignore[misc]
         except asyncio.CancelledError:
@@ -294,6 +307,12 @@ class BusServer:
         """Queue a record for ``identity``; it leaves with this loop iteration's message to that peer."""
         if self._outbox is not None and self._sock is not None:
             self._outbox.add(identity, HEADER.pack(req_id, flag), b"" if msg is None else encode(msg))
+
+    def _end_stream(self, identity: bytes, req_id: int) -> None:
+        """End a stream: its last item becomes the final record while still queued, else an end record follows."""
+        if self._outbox is not None and self._sock is not None and not self._outbox.retag_last(
+                identity, HEADER.pack(req_id, FLAG_ITEM), HEADER.pack(req_id, FLAG_FINAL)):
+            self._reply(identity, req_id, FLAG_END, None)
 
     def _send_failed(self, identity: bytes | None, _: list[bytes], error: zmq.ZMQError) -> None:
         """A message to ``identity`` was not sent: the peer is gone or not draining; stop its handlers."""

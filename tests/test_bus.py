@@ -8,7 +8,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from common.bus import FLAG_END, FLAG_FINAL, HEADER, KIND_REQUEST, BusClient, BusServer, encode
+from common.bus import FLAG_END, FLAG_FINAL, FLAG_ITEM, HEADER, KIND_REQUEST, BusClient, BusServer, encode
 from common.errors import CallTimeout, PeerError, PeerGone
 from common.messages import (
     Abort,
@@ -63,7 +63,7 @@ async def server():
                 srv.cancelled.set()
                 raise
         if msg.request_id == "refuse":
-            raise PeerError("not_found", "no such request", param="request_id")
+            raise PeerError("invalid_request", "no such request", param="request_id")
         if msg.request_id == "crash":
             raise RuntimeError("boom")
         return Ack()
@@ -102,7 +102,7 @@ async def test_concurrent_calls_are_multiplexed(client):
 async def test_handler_errors_are_typed(client):
     with pytest.raises(PeerError) as e:
         await client.call(Abort(request_id="refuse"))
-    assert (e.value.code, e.value.param) == ("not_found", "request_id")
+    assert (e.value.code, e.value.param) == ("invalid_request", "request_id")
     with pytest.raises(PeerError) as e:
         await client.call(Abort(request_id="crash"))
     assert e.value.code == "internal" and "boom" in e.value.message
@@ -307,3 +307,37 @@ async def test_cancel_then_close_still_cancels_the_handler(server):
     await client.close()
     await asyncio.wait_for(server.cancelled.wait(), 10)
     assert await _eventually(lambda: server.num_active == 0)
+
+
+async def _raw_stream_flags(endpoint: str, msg) -> list[int]:
+    raw = RawDealer(endpoint)
+    try:
+        await raw.sock.send_multipart([HEADER.pack(31, KIND_REQUEST), encode(msg)])
+        flags: list[int] = []
+        while not flags or flags[-1] == FLAG_ITEM:
+            parts = await asyncio.wait_for(raw.sock.recv_multipart(), 5)
+            flags += [HEADER.unpack(h)[1] for h in parts[::2]]
+        return flags
+    finally:
+        raw.close()
+
+
+async def test_a_stream_ending_with_its_last_item_sends_it_as_final(server):
+    """The last item of a stream that returns at once travels as the final record: no end record."""
+    flags = await _raw_stream_flags(server.endpoint, generate())
+    assert flags == [FLAG_ITEM, FLAG_ITEM, FLAG_FINAL]
+
+
+async def test_a_stream_that_waits_after_its_last_item_ends_with_an_end_record():
+    srv = BusServer("tcp://127.0.0.1:0", EngineRequest, name="late-end")
+
+    async def slow_end(msg):
+        yield TokenOutput(request_id=msg.request_id, token_ids=[1], text="a")
+        await asyncio.sleep(0.05)
+
+    srv.on(Generate, slow_end)
+    await srv.start()
+    try:
+        assert await _raw_stream_flags(srv.endpoint, generate()) == [FLAG_ITEM, FLAG_END]
+    finally:
+        await srv.close()

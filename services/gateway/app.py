@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import itertools
 import logging
 import os
 import re
 import time
+from functools import partial
 from typing import AsyncIterator, Callable, Protocol
 
 import msgspec
@@ -102,17 +104,21 @@ class Gateway:
         )
         self.flow = Flow(config, self.router, self.clients, self.metrics)
         self.active: set[str] = set()  # request ids in flight
+        self.metrics.in_flight.set_function(lambda: len(self.active))
         # Generated request ids: a random prefix per gateway process, then a counter.
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count(1)
         for inst in membership.instances.values():
             self.metrics.observe_instance(inst)
         membership.add_listener(self.on_membership)
-        self._generation_routes = {"/v1/completions": self.completions,
-                                   "/v1/chat/completions": self.chat_completions}
+        self._generation_routes = {
+            "/v1/completions": partial(self._generate, endpoint="/v1/completions", parse=oai.parse_completion,
+                                       default_max_tokens=16),
+            "/v1/chat/completions": partial(self._generate, endpoint="/v1/chat/completions", parse=oai.parse_chat,
+                                            default_max_tokens=config.default_max_tokens),
+        }
         self._starlette = Starlette(routes=[
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            *(Route(path, handler, methods=["POST"]) for path, handler in self._generation_routes.items()),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/instances", self.instances, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
@@ -184,12 +190,6 @@ class Gateway:
 
     # -- generation ------------------------------------------------------------
 
-    async def completions(self, request: Request) -> Response:
-        return await self._generate(request, "/v1/completions", oai.parse_completion, 16)
-
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, "/v1/chat/completions", oai.parse_chat, self.config.default_max_tokens)
-
     def _unauthorized(self, request: Request) -> Response | None:
         key = self.config.api_key
         if key is None:
@@ -201,18 +201,26 @@ class Gateway:
                                        code="invalid_api_key"))
 
     async def _body(self, request: Request) -> bytes:
+        """The whole request body; raises 413 past ``max_body_bytes``, ``sse.ClientGone`` on a disconnect."""
         limit = self.config.max_body_bytes
-        too_large = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise too_large
+            raise self._too_large()
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise sse.ClientGone()
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise self._too_large()
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="request_too_large")
 
     def _request_id(self, request: Request) -> str:
         given = request.headers.get("x-request-id")
@@ -241,6 +249,7 @@ class Gateway:
             req.sampling.max_tokens = max(1, context // 2)
 
     async def _generate(self, request: Request, endpoint: str, parse, default_max_tokens: int) -> Response:
+        """``POST endpoint``: the request parsed by ``parse``, run, answered (JSON or SSE)."""
         start = time.perf_counter()
         request_id = None
         try:
@@ -254,8 +263,9 @@ class Gateway:
         except APIError as e:
             self._count(endpoint, e.status)
             return error_response(e, request_id)
+        except sse.ClientGone:
+            return self._client_gone(endpoint)
         self.active.add(request_id)
-        self.metrics.in_flight.inc()
         stats: list[ChoiceStats] = []
         events = run_choices(self.flow, req, request_id, stats)
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
@@ -282,8 +292,7 @@ class Gateway:
             self._count(endpoint, e.status)
             return error_response(e, request_id)
         except sse.ClientGone:
-            self._count(endpoint, CLIENT_GONE)
-            return Response(status_code=CLIENT_GONE)
+            return self._client_gone(endpoint)
         except TimeoutError:  # the request deadline of the non-streaming path
             e = self._timed_out()
             self._count(endpoint, e.status)
@@ -293,9 +302,13 @@ class Gateway:
                 await events.aclose()
                 self._finish(request_id)
 
+    def _client_gone(self, endpoint: str) -> Response:
+        """What a request whose client disconnected answers (nobody reads it; counted as 499)."""
+        self._count(endpoint, CLIENT_GONE)
+        return Response(status_code=CLIENT_GONE)
+
     def _finish(self, request_id: str) -> None:
         self.active.discard(request_id)
-        self.metrics.in_flight.dec()
 
     def _count(self, endpoint: str, status: int) -> None:
         self.metrics.count_request(endpoint, status)
@@ -430,6 +443,11 @@ def openapi_document() -> dict:
     }
 
 
+# Per-request work uvicorn does by default that the gateway has no use for: rewriting the
+# client address from X-Forwarded-For (nothing reads it) and a "Server: uvicorn" header.
+UVICORN_LEAN = {"proxy_headers": False, "server_header": False}
+
+
 class HTTPServer(uvicorn.Server):
     """uvicorn without its own signal handlers: ``run_service`` owns SIGINT/SIGTERM."""
 
@@ -443,10 +461,21 @@ class HTTPServer(uvicorn.Server):
         return self.servers[0].sockets[0].getsockname()[1]
 
 
+def tune_gc(threshold: int) -> None:
+    """Process-wide: keep the heap built so far (modules, app, server) out of garbage collections
+    (``gc.freeze``) and collect the young generation every ``threshold`` net allocations instead of
+    Python's 700.  A request allocates hundreds of containers that reference counting frees; with
+    many requests in flight the default threshold collects several times per request, each time
+    walking the live requests' objects, a measurable share of the gateway's CPU."""
+    gc.freeze()
+    gc.set_threshold(threshold, *gc.get_threshold()[1:])
+
+
 async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
                 started: Callable[[HTTPServer], None] | None = None) -> None:
     """Watch the registry and serve HTTP until cancelled, then shut down in order.
 
+    Once listening it tunes the process's garbage collector (``tune_gc``).
     Shutdown: stop accepting, let in-flight requests finish for ``shutdown_timeout_s``,
     cancel the rest (their engine legs get ``Abort``), close engine clients, stop watching.
     ``started(server)`` is called once listening (tests read ``server.port``).
@@ -460,7 +489,7 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     gateway = Gateway(config, watcher, watcher_ready=snapshot.is_set)
     server = HTTPServer(uvicorn.Config(
         gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http="httptools",
-        lifespan="off", log_level=config.log_level, access_log=False,
+        lifespan="off", log_level=config.log_level, access_log=False, **UVICORN_LEAN,
         timeout_graceful_shutdown=max(1, round(config.shutdown_timeout_s)),
     ))
     task = asyncio.create_task(server.serve(), name="gateway-http")
@@ -472,6 +501,7 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
             await asyncio.sleep(0.01)
         log.info("gateway on http://%s:%d (registry %s, mode %s)", config.host, server.port,
                  config.registry, config.mode)
+        tune_gc(config.gc_threshold)
         if started is not None:
             started(server)
         if ready is not None:

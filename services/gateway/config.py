@@ -37,6 +37,8 @@ class GatewayConfig:
                                   "(capped by the instances' context length)")
     api_key: str | None = opt(None, "when set, /v1 requests need 'Authorization: Bearer <key>'")
     shutdown_timeout_s: float = opt(10.0, "on shutdown, how long in-flight requests may finish")
+    gc_threshold: int = opt(20_000, "net allocations between two young-generation garbage collections "
+                            "(Python's default: 700; fewer collections cost less CPU per request)")
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> None:
@@ -51,4 +53,5 @@ class GatewayConfig:
         require(self.max_body_bytes > 0, "max_body_bytes", "must be > 0")
         require(self.max_n >= 1, "max_n", "must be >= 1")
         require(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
+        require(self.gc_threshold >= 100, "gc_threshold", "must be >= 100")
         require(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")

@@ -10,12 +10,21 @@ and bytes and the first decode step (``timings["kv_transfer_s"]`` /
 minus the prefill leg is the gateway's own share of TTFT.
 Per instance, from registry heartbeats: running and waiting requests, KV blocks
 used, total and pinned for transfer, labelled by instance id and role.
+
+The per-request histograms are ``LoopHistogram``s: a request observes about a
+dozen of them, and prometheus_client's ``Histogram`` takes a lock and walks its
+buckets in Python on every observation, a measurable share of a request's cost.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from common.messages import Instance, Load
 
@@ -24,6 +33,38 @@ BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 36, 2))
 LOAD_FIELDS = tuple(Load.__struct_fields__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class LoopHistogram:
+    """An unlabelled Prometheus histogram observed from one thread (the event loop's).
+
+    ``observe`` is a bisect and two additions, without locks; the registry
+    collects it (``collect``) as the usual ``_bucket``/``_count``/``_sum`` series.
+    A scrape from another thread may see an observation's count without its sum.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self._bounds = sorted(float(b) for b in buckets)
+        self._les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, buckets = 0, []
+        for le, count in zip(self._les, list(self._counts)):
+            cumulative += count
+            buckets.append((le, cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self._sum)
 
 
 class GatewayMetrics:
@@ -38,35 +79,35 @@ class GatewayMetrics:
         self.retries = Counter("pdserve_gateway_leg_retries", "legs retried on another instance",
                                ["role"], registry=r)
         self.aborts = Counter("pdserve_gateway_aborts", "Abort messages sent to engines", ["role"], registry=r)
-        self.ttft = Histogram("pdserve_gateway_ttft_seconds", "time to first token of a choice",
+        self.ttft = LoopHistogram("pdserve_gateway_ttft_seconds", "time to first token of a choice",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("pdserve_gateway_tpot_seconds", "time per output token after the first",
+        self.tpot = LoopHistogram("pdserve_gateway_tpot_seconds", "time per output token after the first",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("pdserve_gateway_e2e_seconds", "end-to-end latency of a request",
+        self.e2e = LoopHistogram("pdserve_gateway_e2e_seconds", "end-to-end latency of a request",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill = Histogram("pdserve_gateway_prefill_seconds", "prefill engine's prefill time",
+        self.prefill = LoopHistogram("pdserve_gateway_prefill_seconds", "prefill engine's prefill time",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill_queue = Histogram("pdserve_gateway_prefill_queue_seconds",
+        self.prefill_queue = LoopHistogram("pdserve_gateway_prefill_queue_seconds",
                                        "prefill (or colocated) engine's queue time: arrival to first scheduled",
                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill_leg = Histogram("pdserve_gateway_prefill_leg_seconds",
+        self.prefill_leg = LoopHistogram("pdserve_gateway_prefill_leg_seconds",
                                      "gateway-measured: prefill Generate sent to its first token received",
                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.first_itl = Histogram("pdserve_gateway_first_itl_seconds",
+        self.first_itl = LoopHistogram("pdserve_gateway_first_itl_seconds",
                                    "gap between a choice's first and second token events (P/D: the handoff)",
                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.decode_dispatch = Histogram("pdserve_gateway_decode_dispatch_seconds",
+        self.decode_dispatch = LoopHistogram("pdserve_gateway_decode_dispatch_seconds",
                                          "gateway: prefill's first token received (and sent on) to decode "
                                          "Generate sent", buckets=LATENCY_BUCKETS, registry=r)
-        self.decode_first_output = Histogram("pdserve_gateway_decode_first_output_seconds",
+        self.decode_first_output = LoopHistogram("pdserve_gateway_decode_first_output_seconds",
                                              "gateway-measured: decode Generate sent to decode's first output",
                                              buckets=LATENCY_BUCKETS, registry=r)
-        self.first_decode_step = Histogram("pdserve_gateway_first_decode_step_seconds",
+        self.first_decode_step = LoopHistogram("pdserve_gateway_first_decode_step_seconds",
                                            "decode engine: end of the KV read to its first output",
                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.kv_transfer = Histogram("pdserve_gateway_kv_transfer_seconds", "KV transfer time reported by decode",
+        self.kv_transfer = LoopHistogram("pdserve_gateway_kv_transfer_seconds", "KV transfer time reported by decode",
                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.kv_bytes = Histogram("pdserve_gateway_kv_transfer_bytes", "KV bytes read by decode",
+        self.kv_bytes = LoopHistogram("pdserve_gateway_kv_transfer_bytes", "KV bytes read by decode",
                                   buckets=BYTES_BUCKETS, registry=r)
         self.load = {
             name: Gauge(f"pdserve_instance_{name}", f"{name} from the instance's last heartbeat",
