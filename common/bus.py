@@ -282,6 +282,9 @@ class BusServer:
                         ErrorReply("unsupported", f"{self.name} does not handle {type(msg).__name__}"))
             return
         key = (identity, req_id)
+        if key in self._tasks:  # a second request under a running one's id could never be cancelled
+            self._reply(identity, req_id, FLAG_FINAL, ErrorReply("bad_frame", f"request id {req_id} is in use"))
+            return
         self._tasks[key] = asyncio.create_task(self._run(key, entry[0], entry[1], msg))
 
     async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message) -> None:

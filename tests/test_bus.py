@@ -341,3 +341,17 @@ async def test_a_stream_that_waits_after_its_last_item_ends_with_an_end_record()
         assert await _raw_stream_flags(srv.endpoint, generate()) == [FLAG_ITEM, FLAG_END]
     finally:
         await srv.close()
+
+
+async def test_a_request_id_in_use_is_refused(server):
+    raw = RawDealer(server.endpoint)
+    try:
+        frame = [HEADER.pack(41, KIND_REQUEST), encode(Abort(request_id="slow"))]
+        await raw.sock.send_multipart(frame)
+        await asyncio.wait_for(server.started.wait(), 5)
+        req_id, flag, reply = await raw.send(*frame)  # the same id while the first still runs
+        assert (req_id, flag) == (41, FLAG_FINAL)
+        assert isinstance(reply, ErrorReply) and reply.code == "bad_frame" and "in use" in reply.message
+        assert server.num_active == 1  # the first handler is still tracked (and cancellable)
+    finally:
+        raw.close()

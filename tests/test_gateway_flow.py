@@ -20,7 +20,7 @@ from tests.fakes.engines import FakeCluster, fingerprint
 
 MODEL = "fake"
 FAST = {"prefill_timeout_s": 2.0, "decode_first_token_timeout_s": 5.0, "stream_idle_timeout_s": 0.5,
-        "connect_timeout_s": 1.0}
+        "abort_timeout_s": 1.0}
 
 
 def body(prompt: str = "hello", max_tokens: int = 5, **kw) -> dict:
@@ -413,3 +413,18 @@ async def test_gateway_process_serves_and_exits_cleanly_on_sigterm():
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_concurrent_requests_with_one_request_id_run_once():
+    """The id is reserved before the body is read: the second request is refused, the first completes."""
+    async with FakeCluster(prefill=1, decode=1, prefill_delay_s=0.5) as c:
+        async with httpx.AsyncClient(base_url=c.url, timeout=10) as h:
+            first, second = await asyncio.gather(
+                h.post("/v1/completions", json=body("same id", 5), headers={"X-Request-Id": "dup-1"}),
+                h.post("/v1/completions", json=body("same id", 5), headers={"X-Request-Id": "dup-1"}))
+            assert sorted([first.status_code, second.status_code]) == [200, 400]
+            refused = first if first.status_code == 400 else second
+            assert refused.json()["error"]["code"] == "duplicate_request_id"
+            again = await h.post("/v1/completions", json=body("same id", 5), headers={"X-Request-Id": "dup-1"})
+            assert again.status_code == 200  # the id is free once the first request finished
+            await eventually(lambda: all_idle(h, c))

@@ -98,7 +98,7 @@ class Gateway:
         self.router = Router(membership.instances, mode=config.mode, prefill_policy=config.prefill_policy,
                              decode_policy=config.decode_policy, failure_cooldown_s=config.failure_cooldown_s)
         self.clients = EngineClients(
-            control_timeout_s=config.connect_timeout_s,
+            control_timeout_s=config.abort_timeout_s,
             stream_timeout_s=config.stream_idle_timeout_s,
             on_abort=lambda inst: self.metrics.aborts.labels(inst.role).inc(),
         )
@@ -223,13 +223,16 @@ class Gateway:
         return APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="request_too_large")
 
     def _request_id(self, request: Request) -> str:
+        """The request's id (``X-Request-Id`` or a fresh one), reserved in ``active`` at once, so two
+        requests sending the same id concurrently cannot both run (and abort each other's legs)."""
         given = request.headers.get("x-request-id")
         if given is None:
-            return f"{self._id_prefix}{next(self._id_counter):016x}"
-        if not REQUEST_ID.fullmatch(given):
+            given = f"{self._id_prefix}{next(self._id_counter):016x}"
+        elif not REQUEST_ID.fullmatch(given):
             raise invalid("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", "X-Request-Id")
-        if given in self.active:
+        elif given in self.active:
             raise invalid(f"request id {given!r} is already in flight", "X-Request-Id", "duplicate_request_id")
+        self.active.add(given)
         return given
 
     def _check_model(self, req: oai.ParsedRequest) -> None:
@@ -260,12 +263,13 @@ class Gateway:
             body = await self._body(request)
             req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
             self._check_model(req)
-        except APIError as e:
+        except (APIError, sse.ClientGone) as e:
+            if request_id is not None:
+                self._finish(request_id)
+            if isinstance(e, sse.ClientGone):
+                return self._client_gone(endpoint)
             self._count(endpoint, e.status)
             return error_response(e, request_id)
-        except sse.ClientGone:
-            return self._client_gone(endpoint)
-        self.active.add(request_id)
         stats: list[ChoiceStats] = []
         events = run_choices(self.flow, req, request_id, stats)
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
@@ -481,7 +485,8 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     ``started(server)`` is called once listening (tests read ``server.port``).
     """
     config.validate()
-    watcher = MembershipWatcher(config.registry)
+    watcher = MembershipWatcher(config.registry, idle_timeout=config.registry_idle_timeout_s,
+                                grace_s=config.membership_grace_s)
     snapshot = asyncio.Event()
     watcher.start()
     wait_snapshot = asyncio.create_task(watcher.wait_ready())

@@ -23,7 +23,11 @@ class GatewayConfig:
     max_retries: int = opt(2, "retries of a failed prefill (or colocated) leg on another instance")
     failure_cooldown_s: float = opt(5.0, "skip an instance this long after it failed a leg, "
                                     "unless no other instance is left")
-    connect_timeout_s: float = opt(5.0, "timeout of an Abort sent to an engine")
+    abort_timeout_s: float = opt(5.0, "timeout of an Abort sent to an engine")
+    registry_idle_timeout_s: float = opt(5.0, "reconnect the registry watch after this long without a message "
+                                         "(must exceed the registry's heartbeat interval)")
+    membership_grace_s: float = opt(5.0, "keep an instance a restarted registry has not heard from yet "
+                                    "this long before routing stops")
     prefill_timeout_s: float = opt(60.0, "longest wait for a prefill (or colocated first token) reply; "
                                    "then the leg is retried on another instance")
     decode_first_token_timeout_s: float = opt(60.0, "longest wait for decode's first output "
@@ -47,7 +51,8 @@ class GatewayConfig:
                 "must be a zmq endpoint like tcp://host:port")
         require(self.max_retries >= 0, "max_retries", "must be >= 0")
         require(self.failure_cooldown_s >= 0, "failure_cooldown_s", "must be >= 0")
-        for name in ("connect_timeout_s", "prefill_timeout_s", "decode_first_token_timeout_s",
+        require(self.membership_grace_s >= 0, "membership_grace_s", "must be >= 0")
+        for name in ("abort_timeout_s", "registry_idle_timeout_s", "prefill_timeout_s", "decode_first_token_timeout_s",
                      "stream_idle_timeout_s", "request_timeout_s", "shutdown_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.max_body_bytes > 0, "max_body_bytes", "must be > 0")

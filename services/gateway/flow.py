@@ -240,8 +240,8 @@ class Flow:
             except BusError as e:
                 if finished:  # the stream's end marker was lost after the final output: nothing to undo
                     return
-                if not isinstance(e, PeerError) or e.code != "invalid_request":
-                    self.router.mark_failed(inst)
+                if not isinstance(e, PeerError) or e.code not in ("invalid_request", "kv_transfer_failed"):
+                    self.router.mark_failed(inst)  # not for bad input, nor for a read from a failing prefill
                 if output_seen or not retryable(e):
                     raise leg_error(role, inst, e) from e
                 if attempt == self.config.max_retries:
