@@ -11,6 +11,7 @@ log file whose tail is attached to failures.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import random
@@ -47,6 +48,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Wait until ``predicate()`` (sync or async) is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout:g} s")
+        await asyncio.sleep(interval)
 
 
 def tcp(port: int) -> str:

@@ -10,6 +10,7 @@ import zmq.asyncio
 
 from common.bus import FLAG_END, FLAG_FINAL, FLAG_ITEM, HEADER, KIND_REQUEST, BusClient, BusServer, encode
 from common.errors import CallTimeout, PeerError, PeerGone
+from tests.procs import eventually
 from common.messages import (
     Abort,
     Ack,
@@ -122,7 +123,7 @@ async def test_cancelling_a_call_cancels_the_handler(server, client):
     await asyncio.wait_for(server.started.wait(), 5)
     task.cancel()
     await asyncio.wait_for(server.cancelled.wait(), 5)
-    assert server.num_active == 0 or await _eventually(lambda: server.num_active == 0)
+    await eventually(lambda: server.num_active == 0)
 
 
 async def test_leaving_a_stream_early_cancels_the_handler(server, client):
@@ -150,15 +151,6 @@ async def test_message_without_handler_is_answered_unsupported():
     finally:
         await client.close()
         await srv.close()
-
-
-async def _eventually(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.02)
-    return cond()
 
 
 class RawDealer:
@@ -306,7 +298,7 @@ async def test_cancel_then_close_still_cancels_the_handler(server):
     await asyncio.gather(task, return_exceptions=True)
     await client.close()
     await asyncio.wait_for(server.cancelled.wait(), 10)
-    assert await _eventually(lambda: server.num_active == 0)
+    await eventually(lambda: server.num_active == 0)
 
 
 async def _raw_stream_flags(endpoint: str, msg) -> list[int]:

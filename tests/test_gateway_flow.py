@@ -17,6 +17,7 @@ import pytest
 from common.messages import Capacity, Instance, Load
 from services.gateway.router import Router
 from tests.fakes.engines import FakeCluster, fingerprint
+from tests.procs import eventually
 
 MODEL = "fake"
 FAST = {"prefill_timeout_s": 2.0, "decode_first_token_timeout_s": 5.0, "stream_idle_timeout_s": 0.5,
@@ -32,16 +33,6 @@ async def gauges(h: httpx.AsyncClient, name: str) -> dict[str, float]:
     text = (await h.get("/metrics")).text
     pattern = re.compile(rf'^pdserve_instance_{name}{{instance="([^"]+)",role="[^"]+"}} (\S+)$', re.M)
     return {m.group(1): float(m.group(2)) for m in pattern.finditer(text)}
-
-
-async def eventually(check, timeout: float = 5.0, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 async def all_idle(h: httpx.AsyncClient, cluster: FakeCluster) -> bool:

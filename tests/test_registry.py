@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from common.messages import (
 )
 from services.registry.membership import Membership
 from services.registry.server import Registry, RegistryConfig
+from tests.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,12 +61,6 @@ def make_instance(id: str = "p0", role: str = "prefill", port: int = 9000, **fin
         fingerprint=Fingerprint(**fp),
         capacity=Capacity(max_num_seqs=8, num_kv_blocks=64, max_model_len=256),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def changes(events: list[MembershipEvent]) -> list[tuple[str, str]]:

@@ -13,7 +13,8 @@ from common.errors import PeerError
 from common.messages import Load
 from common.registry_client import MembershipWatcher, RegistryClient
 from services.registry.server import Registry, RegistryConfig
-from test_registry import free_port, make_instance
+from test_registry import make_instance
+from tests.procs import eventually, free_port
 
 FAST = dict(heartbeat_interval_s=0.05, lease_ttl_s=0.3)
 
@@ -36,12 +37,6 @@ async def wait_port_free(port: int) -> None:
                 except OSError:
                     pass
             await asyncio.sleep(0.02)
-
-
-async def eventually(predicate, timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ import httpx
 import openai
 import pytest
 
+from tests.procs import free_port
+
 ROOT = Path(__file__).parents[1]
 IDLE_TIMEOUT_S = 3.0
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout: float, what: str):
