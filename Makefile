@@ -1,4 +1,4 @@
-# The two commands the README shows: `make up` and `make test`.
+# The two commands the README shows: `make up` (extra flags: make up ARGS="--prefill 2") and `make test`.
 PY ?= python3
 
 .PHONY: system-deps install up test bench
@@ -15,7 +15,7 @@ install: system-deps
 	$(PY) -m pip install -q -e '.[dev]'
 
 up: install
-	pdserve up
+	$(PY) -m services.cli up $(ARGS)
 
 test: install
 	$(PY) -m pytest -q
