@@ -1,7 +1,7 @@
 # The two commands the README shows: `make up` (extra flags: make up ARGS="--prefill 2") and `make test`.
 PY ?= python3
 
-.PHONY: system-deps install up test bench
+.PHONY: system-deps install up test
 
 # Mooncake's transfer engine links these (RDMA is used only where NICs exist).
 system-deps:
