@@ -13,7 +13,7 @@
 # 3. the comparison: 2,048 prompt tokens (exact, demo byte-level tokenizer) / 256 output tokens,
 #    3 rates x 48 requests per configuration, a handoff run of 8 requests one in flight,
 #    goodput at TTFT <= 1,000 ms and TPOT <= 30 ms; engines pinned with CUDA_VISIBLE_DEVICES by
-#    bench.eval_pd --gpus (pdserve up gives every child the same environment, so it cannot pin).
+#    bench.eval_pd --gpus, which passes them to pdserve up --gpus.
 # Writes 7 files under $OUT: gpu.{json,md,log}, gpu_sweep.png, gpu_handoff.png, gpu_processes.log .
 # Budget: ~1 min install + checkpoint, <= 7.8 min for both configurations (timeout 470 s): under 9 min.
 set -euo pipefail

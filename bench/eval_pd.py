@@ -5,10 +5,8 @@
 For each configuration (``disagg``: ``--prefill`` + ``--decode`` instances; ``colocated``:
 ``--colocated`` role-``both`` instances, the same process count by default) the driver:
 
-1. starts the stack on free ports — ``pdserve up`` as one subprocess, or, with ``--gpus``,
-   the registry, engines and gateway itself, each engine pinned to one GPU through
-   ``CUDA_VISIBLE_DEVICES`` (``pdserve up`` gives every child the same environment) —
-   and waits for the gateway's ``/ready``;
+1. starts the stack with ``pdserve up`` on free ports (with ``--gpus``, each engine pinned to
+   one GPU) and waits for the gateway's ``/ready``;
 2. sends one greedy completion (``--check-tokens``) and keeps its text: the configurations
    must agree token for token (same weights, greedy, EOS ignored);
 3. handoff run: ``--handoff-prompts`` requests at most one in flight, scraping the gateway's
@@ -70,7 +68,7 @@ class EvalConfig:
     engine_args: str = opt("--num-kv-blocks 2048 --max-num-batched-tokens 1024 --dtype float32 --device cpu "
                            "--kv-force-tcp", "flags for every engine")
     gateway_args: str = opt("", "flags for the gateway")
-    gpus: list[int] = opt([], "GPU ids: start the processes here, engine i on GPU gpus[i % len]; empty: pdserve up")
+    gpus: list[int] = opt([], "pin engine i to GPU gpus[i % len] (pdserve up --gpus); empty: no pinning")
     threads: int = opt(1, "OMP_NUM_THREADS of every process of the stack (0: leave unset)")
     input_len: int = opt(768, "prompt length in tokens (mean)")
     range_ratio: float = opt(0.333, "prompt lengths uniform in [L*(1-r), L*(1+r)]")
@@ -122,51 +120,38 @@ def free_port() -> int:
 
 
 class Stack:
-    """One configuration's processes on free ports: ``pdserve up``, or pinned children (``--gpus``)."""
+    """One configuration's ``pdserve up`` on free ports."""
 
     def __init__(self, config: EvalConfig, mode: str, model: str, logs: Path):
         self.config, self.mode, self.model = config, mode, model
         self.port, self.registry_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(logs / f"{mode}.log", "ab")
-        self.procs: list[subprocess.Popen] = []  # in start order
-        self.commands: list[str] = []
-
-    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        full = {**os.environ, "GLOG_minloglevel": "1", **(env or {})}
-        if self.config.threads:
-            full["OMP_NUM_THREADS"] = str(self.config.threads)
-        cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
-        self.commands.append(" ".join(f"{k}={v}" for k, v in (env or {}).items()) + " pdserve " + " ".join(argv))
-        self.procs.append(subprocess.Popen(cmd, env=full, stdout=self.log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        self.proc: subprocess.Popen | None = None
+        self.command = ""
 
     def start(self) -> None:
         c = self.config
-        if not c.gpus:
-            counts = (["--prefill", str(c.prefill), "--decode", str(c.decode)] if self.mode == "disagg"
-                      else ["--colocated", str(c.colocated)])
-            self._spawn(["up", "--mode", self.mode, *counts, "--model", self.model, "--port", str(self.port),
-                         "--registry-port", str(self.registry_port), "--engine-args", c.engine_args,
-                         "--gateway-args", c.gateway_args, "--ready-timeout-s", str(c.ready_timeout_s)])
-            return
-        registry = f"tcp://127.0.0.1:{self.registry_port}"
-        self._spawn(["registry", "--bind", registry])
-        engine = ["--registry", registry, "--model", self.model, *c.engine_args.split()]
-        roles = (["prefill"] * c.prefill + ["decode"] * c.decode if self.mode == "disagg"
-                 else ["both"] * c.colocated)
-        for i, role in enumerate(roles):
-            argv = ["decode", *engine] if role == "decode" else ["prefill", "--role", role, *engine]
-            self._spawn(argv, {"CUDA_VISIBLE_DEVICES": str(c.gpus[i % len(c.gpus)])})
-        self._spawn(["gateway", "--host", "127.0.0.1", "--port", str(self.port), "--registry", registry,
-                     "--mode", self.mode, *c.gateway_args.split()])
+        counts = (["--prefill", str(c.prefill), "--decode", str(c.decode)] if self.mode == "disagg"
+                  else ["--colocated", str(c.colocated)])
+        gpus = ["--gpus", ",".join(map(str, c.gpus))] if c.gpus else []
+        argv = ["up", "--mode", self.mode, *counts, *gpus, "--model", self.model, "--port", str(self.port),
+                "--registry-port", str(self.registry_port), "--engine-args", c.engine_args,
+                "--gateway-args", c.gateway_args, "--ready-timeout-s", str(c.ready_timeout_s),
+                "--log-level", c.log_level]
+        env = {**os.environ, "GLOG_minloglevel": "1"}
+        if c.threads:
+            env["OMP_NUM_THREADS"] = str(c.threads)
+        self.command = "pdserve " + " ".join(argv)
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline:
-            dead = [p.returncode for p in self.procs if p.poll() is not None]
-            if dead:
-                raise EvalError(f"{self.mode}: a process exited during start-up (codes {dead}); see {self.log.name}")
+            if self.proc.poll() is not None:
+                raise EvalError(f"{self.mode}: pdserve up exited during start-up ({self.proc.returncode}); "
+                                f"see {self.log.name}")
             try:
                 if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200:
                     return
@@ -176,18 +161,15 @@ class Stack:
         raise EvalError(f"{self.mode}: not ready after {self.config.ready_timeout_s:g} s; see {self.log.name}")
 
     def stop(self) -> None:
-        """Gateway first, registry last (the reverse of start order); SIGKILL the stragglers' groups."""
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
-        for p in reversed(self.procs):
+        """SIGTERM: pdserve up stops its children in order; SIGKILL its group after ``--stop-timeout-s``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
+                self.proc.wait(self.config.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("%s: pid %d did not stop in time: killing its group", self.mode, p.pid)
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                log.warning("%s: pdserve up did not stop in time: killing its group", self.mode)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         self.log.close()
 
 
@@ -269,7 +251,7 @@ def measure(config: EvalConfig, mode: str, model: str, work: Path) -> dict:
     result: dict = {"mode": mode}
     try:
         stack.start()
-        result["commands"] = stack.commands
+        result["command"] = stack.command
         t0 = time.monotonic()
         stack.wait_ready()
         result["ready_s"] = time.monotonic() - t0

@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
             except argparse.ArgumentTypeError as e:
                 parser.error(f"{env_name(f.name)}: {e}")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{f.metadata.get('help', '')} (default: {shown}; env {env_name(f.name)})"
+        help_text = f"{f.metadata.get('help', '')} (default: {shown}; env {env_name(f.name)})".replace("%", "%%")
         kwargs: dict[str, Any] = dict(dest=f.name, default=default, help=help_text, type=parse)
         if get_origin(tp) is Literal:
             kwargs["metavar"] = "{" + ",".join(map(str, get_args(tp))) + "}"

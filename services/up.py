@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -56,6 +57,8 @@ class UpConfig:
     port: int = opt(8000, "gateway port")
     registry_port: int = opt(7100, "registry port on 127.0.0.1")
     engine_args: str = opt("", "extra flags for every engine, e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
+    gpus: list[int] = opt([], "pin engine i (prefills first, then decodes) to GPU gpus[i % len] through "
+                              "CUDA_VISIBLE_DEVICES, e.g. 0,1; empty: no pinning")
     gateway_args: str = opt("", "extra flags for the gateway")
     ready_timeout_s: float = opt(180.0, "give up if the stack is not ready after this long")
     shutdown_timeout_s: float = opt(30.0, "per process group: SIGKILL after this long (engines drain "
@@ -74,20 +77,23 @@ class UpConfig:
         require(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
         require(self.max_restarts >= 0, "max_restarts", "must be >= 0")
         require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
+        require(all(g >= 0 for g in self.gpus), "gpus", "GPU ids are >= 0")
 
 
 class Child:
     """One child process and the command that (re)starts it."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
         self.argv = argv
+        self.env = env
         self.name = " ".join(argv[3:5])
         self.restarts = 0
         self.proc = self.start()
 
     def start(self) -> subprocess.Popen:
-        log.info("starting %s", " ".join(self.argv[3:]))
-        return subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        log.info("starting %s%s", " ".join(self.argv[3:]), f" ({self.env})" if self.env else "")
+        env = {**os.environ, **self.env} if self.env else None
+        return subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
 
 class Stack:
@@ -99,9 +105,14 @@ class Stack:
         self.registry = f"tcp://127.0.0.1:{config.registry_port}"
         self.url = f"http://{config.host}:{config.port}"
 
-    def spawn(self, group: str, argv: list[str]) -> None:
+    def spawn(self, group: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
-        self.groups[group].append(Child(cmd))
+        self.groups[group].append(Child(cmd, env))
+
+    def engine_env(self) -> dict[str, str] | None:
+        """The next engine's environment: its GPU, when ``--gpus`` pins engines."""
+        gpus = self.config.gpus
+        return {"CUDA_VISIBLE_DEVICES": str(gpus[len(self.groups["engines"]) % len(gpus)])} if gpus else None
 
     def children(self) -> list[Child]:
         return [c for group in self.groups.values() for c in group]
@@ -113,12 +124,12 @@ class Stack:
                   *c.engine_args.split()]
         if c.mode == "disagg":
             for _ in range(c.prefill):
-                self.spawn("engines", ["prefill", *engine])
+                self.spawn("engines", ["prefill", *engine], self.engine_env())
             for _ in range(c.decode):
-                self.spawn("engines", ["decode", *engine])
+                self.spawn("engines", ["decode", *engine], self.engine_env())
         else:
             for _ in range(c.colocated):
-                self.spawn("engines", ["prefill", "--role", "both", *engine])
+                self.spawn("engines", ["prefill", "--role", "both", *engine], self.engine_env())
         self.spawn("gateway", ["gateway", "--host", c.host, "--port", str(c.port), "--registry", self.registry,
                                "--mode", c.mode, *c.gateway_args.split()])
 
