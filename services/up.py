@@ -181,6 +181,7 @@ class Stack:
 
 
 async def serve(config: UpConfig) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per /ready poll
     stack = Stack(config)
     try:
         stack.start()
