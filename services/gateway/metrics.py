@@ -79,34 +79,25 @@ class GatewayMetrics:
         self.retries = Counter("pdserve_gateway_leg_retries", "legs retried on another instance",
                                ["role"], registry=r)
         self.aborts = Counter("pdserve_gateway_aborts", "Abort messages sent to engines", ["role"], registry=r)
-        self.ttft = LoopHistogram("pdserve_gateway_ttft_seconds", "time to first token of a choice",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = LoopHistogram("pdserve_gateway_tpot_seconds", "time per output token after the first",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = LoopHistogram("pdserve_gateway_e2e_seconds", "end-to-end latency of a request",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill = LoopHistogram("pdserve_gateway_prefill_seconds", "prefill engine's prefill time",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill_queue = LoopHistogram("pdserve_gateway_prefill_queue_seconds",
-                                       "prefill (or colocated) engine's queue time: arrival to first scheduled",
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill_leg = LoopHistogram("pdserve_gateway_prefill_leg_seconds",
-                                     "gateway-measured: prefill Generate sent to its first token received",
-                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.first_itl = LoopHistogram("pdserve_gateway_first_itl_seconds",
-                                   "gap between a choice's first and second token events (P/D: the handoff)",
-                                   buckets=LATENCY_BUCKETS, registry=r)
-        self.decode_dispatch = LoopHistogram("pdserve_gateway_decode_dispatch_seconds",
-                                         "gateway: prefill's first token received (and sent on) to decode "
-                                         "Generate sent", buckets=LATENCY_BUCKETS, registry=r)
-        self.decode_first_output = LoopHistogram("pdserve_gateway_decode_first_output_seconds",
-                                             "gateway-measured: decode Generate sent to decode's first output",
-                                             buckets=LATENCY_BUCKETS, registry=r)
-        self.first_decode_step = LoopHistogram("pdserve_gateway_first_decode_step_seconds",
-                                           "decode engine: end of the KV read to its first output",
-                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.kv_transfer = LoopHistogram("pdserve_gateway_kv_transfer_seconds", "KV transfer time reported by decode",
-                                     buckets=LATENCY_BUCKETS, registry=r)
+        def latency(name: str, documentation: str) -> LoopHistogram:
+            return LoopHistogram(f"pdserve_gateway_{name}_seconds", documentation, LATENCY_BUCKETS, r)
+
+        self.ttft = latency("ttft", "time to first token of a choice")
+        self.tpot = latency("tpot", "time per output token after the first")
+        self.e2e = latency("e2e", "end-to-end latency of a request")
+        self.prefill = latency("prefill", "prefill engine's prefill time")
+        self.prefill_queue = latency("prefill_queue", "prefill (or colocated) engine's queue time: arrival to "
+                                     "first scheduled")
+        self.prefill_leg = latency("prefill_leg", "gateway-measured: prefill Generate sent to its first token "
+                                   "received")
+        self.first_itl = latency("first_itl", "gap between a choice's first and second token events "
+                                 "(P/D: the handoff)")
+        self.decode_dispatch = latency("decode_dispatch", "gateway: prefill's first token received (and sent on) "
+                                       "to decode Generate sent")
+        self.decode_first_output = latency("decode_first_output", "gateway-measured: decode Generate sent to "
+                                           "decode's first output")
+        self.first_decode_step = latency("first_decode_step", "decode engine: end of the KV read to its first output")
+        self.kv_transfer = latency("kv_transfer", "KV transfer time reported by decode")
         self.kv_bytes = LoopHistogram("pdserve_gateway_kv_transfer_bytes", "KV bytes read by decode",
                                   buckets=BYTES_BUCKETS, registry=r)
         self.load = {
