@@ -16,10 +16,14 @@ travel as ``ErrorReply`` in a ``FLAG_FINAL`` record and are raised by the client
 as ``PeerError``.
 
 Records for one peer queued during one event-loop iteration leave together as
-one ZMQ message at the start of the next iteration (``_Outbox``): each ZMQ
-message costs a wake-up of libzmq's I/O thread on both ends, far more than the
-records themselves, so under load many requests share one, and a stream item
-followed at once by its end costs one.  Records of one request keep their order.
+one ZMQ message at the start of the next iteration (``_Outbox``), or as soon as
+``MAX_BATCH_RECORDS`` are queued: each ZMQ message costs a wake-up of libzmq's
+I/O thread on both ends, far more than the records themselves, so under load
+many requests share one, and a stream item followed at once by its end costs
+one.  The cap keeps a pipeline of processes working in parallel: with unbounded
+batches a loaded gateway hands a whole iteration's requests to an engine at once
+and then idles until they all come back, so the processes take turns in
+lock-step convoys instead of overlapping.  Records of one request keep their order.
 
 Nothing here blocks on a slow, dead or restarted peer: the server sends with
 NOBLOCK and ROUTER_MANDATORY (a vanished or stuck peer's running handlers are
@@ -51,6 +55,7 @@ KIND_REQUEST, KIND_CANCEL = 0, 1
 FLAG_ITEM, FLAG_FINAL, FLAG_END = 0, 1, 2
 
 DEFAULT_MAX_FRAME_BYTES = 64 << 20
+MAX_BATCH_RECORDS = 16  # records per ZMQ message at most (see the module docstring)
 
 Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
 
@@ -135,10 +140,12 @@ class _Reader:
 class _Outbox:
     """Records queued per peer during one loop iteration; ``flush`` sends one message per peer.
 
-    ``key`` is the ROUTER identity (its frame leads the message) or None on a
-    DEALER.  ``on_failed(key, frames, error)`` hears of a message that could not
-    be sent: ``zmq.Again`` (the peer's queue is full) or ``zmq.ZMQError``
-    (EHOSTUNREACH: the peer is gone); ``frames`` are its records' frames.
+    A peer's records leave early, without waiting for ``flush``, once
+    ``MAX_BATCH_RECORDS`` are queued.  ``key`` is the ROUTER identity (its frame
+    leads the message) or None on a DEALER.  ``on_failed(key, frames, error)``
+    hears of a message that could not be sent: ``zmq.Again`` (the peer's queue is
+    full) or ``zmq.ZMQError`` (EHOSTUNREACH: the peer is gone); ``frames`` are its
+    records' frames.
     """
 
     def __init__(self, sock: zmq.Socket, reader: _Reader,
@@ -157,6 +164,9 @@ class _Outbox:
             self._queued[key] = [header, body] if key is None else [key, header, body]
         else:
             frames += (header, body)
+            if len(frames) >= 2 * MAX_BATCH_RECORDS + (key is not None) and not self._sock.closed:
+                self._send(key, self._queued.pop(key))
+                self._reader.poke()
 
     def retag_last(self, key: bytes | None, header: bytes, new_header: bytes) -> bool:
         """If the last record queued for ``key`` has ``header``, give it ``new_header``; True if it did."""
@@ -171,12 +181,15 @@ class _Outbox:
         if self._sock.closed:
             return
         for key, frames in queued.items():
-            try:
-                _send(self._sock, frames)
-            except zmq.ZMQError as e:
-                self._on_failed(key, frames if key is None else frames[1:], e)
+            self._send(key, frames)
         if queued:
             self._reader.poke()
+
+    def _send(self, key: bytes | None, frames: list[bytes]) -> None:
+        try:
+            _send(self._sock, frames)
+        except zmq.ZMQError as e:
+            self._on_failed(key, frames if key is None else frames[1:], e)
 
 
 class BusServer:

@@ -8,7 +8,17 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from common.bus import FLAG_END, FLAG_FINAL, FLAG_ITEM, HEADER, KIND_REQUEST, BusClient, BusServer, encode
+from common.bus import (
+    FLAG_END,
+    FLAG_FINAL,
+    FLAG_ITEM,
+    HEADER,
+    KIND_REQUEST,
+    MAX_BATCH_RECORDS,
+    BusClient,
+    BusServer,
+    encode,
+)
 from common.errors import CallTimeout, PeerError, PeerGone
 from tests.procs import eventually
 from common.messages import (
@@ -279,6 +289,32 @@ async def test_several_records_in_one_message_are_answered_each(server):
     finally:
         raw.close()
     assert answered == {21: stats(), 22: stats(), 23: stats()}
+
+
+async def test_records_of_one_iteration_share_messages_of_at_most_max_batch_records():
+    """Calls made in one loop iteration leave batched, but never more than MAX_BATCH_RECORDS
+    per message, so a peer can start on the first ones while the rest are produced."""
+    router = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = BusClient(f"tcp://127.0.0.1:{port}", timeout=5)
+    calls = 2 * MAX_BATCH_RECORDS + 3
+    try:
+        tasks = [asyncio.create_task(client.call(GetStats())) for _ in range(calls)]  # all start in one iteration
+        sizes: list[int] = []
+        while sum(sizes) < calls:
+            identity, *records = await asyncio.wait_for(router.recv_multipart(), 5)
+            sizes.append(len(records) // 2)
+            answers = []
+            for header in records[::2]:
+                req_id, _ = HEADER.unpack(header)
+                answers += [HEADER.pack(req_id, FLAG_FINAL), encode(stats())]
+            await router.send_multipart([identity, *answers])
+        assert await asyncio.gather(*tasks) == [stats()] * calls
+    finally:
+        await client.close()
+        router.close()
+    assert sizes == [MAX_BATCH_RECORDS, MAX_BATCH_RECORDS, 3]
 
 
 async def test_stream_first_timeout_is_separate_from_idle_timeout(server, client):
