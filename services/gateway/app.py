@@ -22,7 +22,7 @@ import os
 import re
 import time
 from functools import partial
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import msgspec
 import uvicorn
@@ -286,24 +286,31 @@ class Gateway:
             self._count(endpoint, e.status)
             return error_response(e, request_id)
         stats: list[ChoiceStats] = []
-        events = run_choices(self.flow, req, request_id, stats)
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
-        streaming = False
+        producer: asyncio.Task | None = None
         try:
             if req.stream:
-                first = await sse.run_until_disconnect(request.receive, self._next(events, deadline))
+                queue: asyncio.Queue = asyncio.Queue()
+                producer = asyncio.create_task(self._produce(
+                    run_choices(self.flow, req, request_id, stats, queue.put_nowait), queue))
+                first = await sse.run_until_disconnect(request.receive, self._next(queue, deadline))
                 outcome = {"status": CLIENT_GONE}  # set by the stream when it ends by itself
+                running = producer
 
                 async def cleanup() -> None:
-                    await events.aclose()
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
                     self._count(endpoint, outcome["status"])
                     self._finish(request_id)
 
-                streaming = True
-                return sse.EventStream(self._sse(req, request_id, events, first, stats, deadline, start, outcome),
+                producer = None  # the stream's cleanup owns it now
+                return sse.EventStream(self._sse(req, request_id, queue, first, stats, deadline, start, outcome),
                                        cleanup, {"X-Request-Id": request_id})
-            body = await sse.run_until_disconnect(request.receive, self._collect(req, request_id, events, stats, start),
-                                                  deadline)
+            choices = [_ChoiceText() for _ in range(len(req.prompts) * req.n)]
+            await sse.run_until_disconnect(
+                request.receive, run_choices(self.flow, req, request_id, stats, partial(self._collect, req, choices,
+                                                                                          start)), deadline)
+            body = self._full_response(req, request_id, choices, stats)
             self._count(endpoint, 200)
             self.metrics.e2e.observe(time.perf_counter() - start)
             return JSONResponse(body, 200, request_id)
@@ -317,8 +324,10 @@ class Gateway:
             self._count(endpoint, e.status)
             return error_response(e, request_id)
         finally:
-            if not streaming:
-                await events.aclose()
+            if producer is not None:
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+            if not req.stream or producer is not None:
                 self._finish(request_id)
 
     def _client_gone(self, endpoint: str) -> ASGIApp:
@@ -332,15 +341,26 @@ class Gateway:
     def _count(self, endpoint: str, status: int) -> None:
         self.metrics.count_request(endpoint, status)
 
-    async def _next(self, events: AsyncIterator[ChoiceEvent], deadline: float) -> ChoiceEvent | None:
-        """The next event, or None at the end; raises 504 past the request deadline."""
+    @staticmethod
+    async def _produce(choices: Awaitable[None], queue: asyncio.Queue) -> None:
+        """Run ``choices`` (emitting their events into ``queue``), then queue the end: None, or the error."""
+        try:
+            await choices
+        except Exception as e:
+            queue.put_nowait(e)
+        else:
+            queue.put_nowait(None)
+
+    async def _next(self, queue: asyncio.Queue, deadline: float) -> ChoiceEvent | None:
+        """The next event, or None at the end; raises the choices' error, or 504 past the request deadline."""
         try:
             async with asyncio.timeout_at(deadline):
-                return await anext(events)
-        except StopAsyncIteration:
-            return None
+                item = await queue.get()
         except TimeoutError:
             raise self._timed_out() from None
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     def _timed_out(self) -> APIError:
         return APIError(504, f"request exceeded {self.config.request_timeout_s:g} s", code="request_timeout")
@@ -369,17 +389,18 @@ class Gateway:
         return oai.usage_dict(sum(s.prompt_tokens for s in firsts), sum(s.completion_tokens for s in stats),
                               sum(s.cached_tokens for s in firsts))
 
-    async def _collect(self, req: oai.ParsedRequest, request_id: str, events: AsyncIterator[ChoiceEvent],
-                       stats: list[ChoiceStats], start: float) -> dict:
-        choices = [_ChoiceText() for _ in range(len(req.prompts) * req.n)]
-        async for event in events:
-            self._observe_token(event, start)
-            c = choices[event.index]
-            c.text.append(event.piece.text)
-            if req.logprobs:
-                c.logprobs.extend(_logprob_entries(event))
-            if event.piece.finish_reason is not None:
-                c.finish_reason = event.piece.finish_reason
+    def _collect(self, req: oai.ParsedRequest, choices: list[_ChoiceText], start: float, event: ChoiceEvent) -> None:
+        """``emit`` of a non-streaming request: the event's piece added to its choice."""
+        self._observe_token(event, start)
+        c = choices[event.index]
+        c.text.append(event.piece.text)
+        if req.logprobs:
+            c.logprobs.extend(_logprob_entries(event))
+        if event.piece.finish_reason is not None:
+            c.finish_reason = event.piece.finish_reason
+
+    def _full_response(self, req: oai.ParsedRequest, request_id: str, choices: list[_ChoiceText],
+                       stats: list[ChoiceStats]) -> dict:
         self._observe_choices(stats)
         out = []
         for i, c in enumerate(choices):
@@ -390,7 +411,7 @@ class Gateway:
             out.append(oai.full_choice(req.kind, i, "".join(c.text), c.finish_reason or "stop", logprobs))
         return oai.full_response(req, request_id, out, self._usage(req, stats))
 
-    async def _sse(self, req: oai.ParsedRequest, request_id: str, events: AsyncIterator[ChoiceEvent],
+    async def _sse(self, req: oai.ParsedRequest, request_id: str, events: asyncio.Queue,
                    first: ChoiceEvent | None, stats: list[ChoiceStats], deadline: float, start: float,
                    outcome: dict) -> AsyncIterator[bytes]:
         """The SSE body; sets ``outcome["status"]`` when it ends by itself (200, or the error's status)."""

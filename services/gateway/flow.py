@@ -20,6 +20,11 @@ took the request (gone, shutting down) and before any output.
 Timeouts: ``prefill_timeout_s`` for a prefill's (or colocated leg's) first
 output, ``decode_first_token_timeout_s`` for decode's first output,
 ``stream_idle_timeout_s`` between later outputs.
+
+Output: a choice hands each piece to an ``emit`` callback as it arrives (the
+gateway collects them for a JSON response or queues them for SSE) instead of
+yielding it up a stack of generators: every generator layer is paid by every
+piece and every wake-up, a measurable share of a short request's cost.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from common.errors import BusError, CallTimeout, PeerError, PeerGone
 from common.messages import Generate, Instance, Role, SamplingParams, TokenLogprob, TokenOutput
@@ -72,6 +77,10 @@ class ChoiceEvent:
     stats: ChoiceStats
 
 
+Emit = Callable[[ChoiceEvent], None]
+PutPiece = Callable[[Piece], None]
+
+
 def _retry_before_output(e: BusError) -> bool:
     return isinstance(e, (PeerGone, CallTimeout)) or (isinstance(e, PeerError) and e.code in RETRY_CODES)
 
@@ -103,24 +112,26 @@ class Flow:
     # -- one choice ----------------------------------------------------------
 
     async def run(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
-                  stats: ChoiceStats, index: int = 0) -> AsyncIterator[ChoiceEvent]:
-        """Stream choice ``index``; raises ``APIError``.  Leaves no engine holding the request."""
+                  stats: ChoiceStats, emit: Emit, index: int = 0) -> None:
+        """Run choice ``index`` to its end, passing each piece to ``emit``; raises ``APIError``.
+        Leaves no engine holding the request."""
         holders: dict[str, Instance] = {}
+
+        def put(piece: Piece) -> None:
+            emit(ChoiceEvent(index, piece, stats))
+
         try:
             if self.router.leg_for(model) == "colocated":
-                pieces = self._colocated(request_id, model, prompt, sampling, stats, holders)
+                await self._colocated(request_id, model, prompt, sampling, stats, holders, put)
             else:
-                pieces = self._disagg(request_id, model, prompt, sampling, stats, holders)
-            async with aclosing(pieces):
-                async for piece in pieces:
-                    yield ChoiceEvent(index, piece, stats)
+                await self._disagg(request_id, model, prompt, sampling, stats, holders, put)
         except BaseException:
             for inst in holders.values():
                 self.clients.abort(inst, request_id)
             raise
 
     async def _colocated(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
-                         stats: ChoiceStats, holders: dict[str, Instance]) -> AsyncIterator[Piece]:
+                         stats: ChoiceStats, holders: dict[str, Instance], put: PutPiece) -> None:
         gen = Generate(request_id=request_id, sampling=sampling, **prompt.generate_fields())
         sent, first = time.perf_counter(), True
         leg = self._leg("both", model, gen, holders, self.config.prefill_timeout_s, _retry_before_output)
@@ -137,10 +148,10 @@ class Flow:
                     stats.completion_tokens = out.usage.completion_tokens
                     self._observe_prefill_timings(out)
                 if out.token_ids or out.finish_reason:
-                    yield Piece(out.text, out.token_ids, out.logprobs, out.finish_reason)
+                    put(Piece(out.text, out.token_ids, out.logprobs, out.finish_reason))
 
     async def _disagg(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
-                      stats: ChoiceStats, holders: dict[str, Instance]) -> AsyncIterator[Piece]:
+                      stats: ChoiceStats, holders: dict[str, Instance], put: PutPiece) -> None:
         gen = Generate(request_id=request_id, sampling=sampling, do_remote_decode=True,
                        **prompt.generate_fields())
         prompt_ids = prompt.token_ids
@@ -165,7 +176,7 @@ class Flow:
                 stats.completion_tokens = len(out.token_ids)
                 self._observe_prefill_timings(out)
                 done = out.finish_reason != "remote_decode"
-                yield Piece(out.text, out.token_ids, out.logprobs, out.finish_reason if done else None)
+                put(Piece(out.text, out.token_ids, out.logprobs, out.finish_reason if done else None))
         if final is None or prefill is None:
             raise APIError(502, "prefill ended without a final output", code="upstream_error")
         if final.finish_reason != "remote_decode":
@@ -193,7 +204,7 @@ class Flow:
                         stats.completion_tokens = out.usage.completion_tokens
                     holders.pop(prefill.id, None)  # decode finished: it read and released prefill's KV
                 if out.token_ids or out.finish_reason:
-                    yield Piece(out.text, out.token_ids, out.logprobs, out.finish_reason)
+                    put(Piece(out.text, out.token_ids, out.logprobs, out.finish_reason))
 
     def _observe_prefill_timings(self, out: TokenOutput) -> None:
         timings = out.timings or {}
@@ -267,49 +278,33 @@ def choice_request_id(request_id: str, index: int, total: int) -> str:
     return request_id if total == 1 else f"{request_id}-{index}"
 
 
-def run_choices(flow: Flow, req: ParsedRequest, request_id: str,
-                stats: list[ChoiceStats]) -> AsyncIterator[ChoiceEvent]:
-    """Every choice of ``req`` (prompt-major, ``n`` per prompt) run concurrently, merged in arrival order.
+def run_choices(flow: Flow, req: ParsedRequest, request_id: str, stats: list[ChoiceStats],
+                emit: Emit) -> Awaitable[None]:
+    """Every choice of ``req`` (prompt-major, ``n`` per prompt) run concurrently, each piece passed
+    to ``emit`` as it arrives.
 
     ``stats`` receives one ``ChoiceStats`` per choice.  The first failing choice
-    cancels the others and its error is raised; closing the iterator cancels all.
+    cancels the others and its error is raised; cancelling the await cancels all.
     """
     total = len(req.prompts) * req.n
     stats.extend(ChoiceStats() for _ in range(total))
     if total == 1:
-        return flow.run(request_id, req.model, req.prompts[0], req.sampling, stats[0])
-    return _merged_choices(flow, req, request_id, stats, total)
+        return flow.run(request_id, req.model, req.prompts[0], req.sampling, stats[0], emit)
+    return _concurrent_choices(flow, req, request_id, stats, emit, total)
 
 
-async def _merged_choices(flow: Flow, req: ParsedRequest, request_id: str, stats: list[ChoiceStats],
-                          total: int) -> AsyncIterator[ChoiceEvent]:
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def one(index: int) -> None:
-        sampling = req.choice_sampling(index % req.n)
-        rid = choice_request_id(request_id, index, total)
-        try:
-            async with aclosing(flow.run(rid, req.model, req.prompts[index // req.n], sampling,
-                                         stats[index], index)) as events:
-                async for event in events:
-                    queue.put_nowait(event)
-            queue.put_nowait(index)
-        except Exception as e:
-            queue.put_nowait(e)
-
-    tasks = [asyncio.create_task(one(i)) for i in range(total)]
+async def _concurrent_choices(flow: Flow, req: ParsedRequest, request_id: str, stats: list[ChoiceStats],
+                              emit: Emit, total: int) -> None:
+    tasks = [asyncio.create_task(flow.run(choice_request_id(request_id, i, total), req.model,
+                                          req.prompts[i // req.n], req.choice_sampling(i % req.n), stats[i],
+                                          emit, i))
+             for i in range(total)]
     try:
-        remaining = total
-        while remaining:
-            item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if isinstance(item, int):
-                remaining -= 1
-            else:
-                yield item
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
