@@ -14,7 +14,11 @@
 Each server is its own process (the two fake engines too); the load generator
 runs here.  Reported: requests/s and p50/p99 latency for both at
 ``--concurrency``, the rate ratio and the p50 added latency; the same at
-concurrency 1 (the unloaded per-request cost); the CPU time per request of each
+concurrency 1 (the unloaded per-request cost); the latency both add at the same
+offered load, an open loop of Poisson arrivals at ``--open-load`` times the
+gateway's closed-loop rate over the same ``--concurrency`` connections (in a
+closed loop at full load latency is concurrency / rate, queueing rather than
+the time the gateway adds to a request); the CPU time per request of each
 serving process (``/proc``; in brackets the part spent in threads other than the
 main one: libzmq's I/O thread) and of the load generator; and the ratio of the
 two targets' CPU per request over all their processes.  On a machine with fewer
@@ -31,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -134,6 +139,44 @@ async def load(port: int, body: bytes, requests: int, concurrency: int) -> tuple
     return elapsed, latencies
 
 
+async def load_at_rate(port: int, body: bytes, requests: int, concurrency: int,
+                       rate: float) -> tuple[float, list[float]]:
+    """Open loop: ``requests`` POSTs arriving as a Poisson process at ``rate``/s, each sent on a free
+    one of ``concurrency`` connections (waiting for one when all are busy).  Latency counts from the
+    arrival as the generator realised it (its timers fire up to a millisecond late, which is no
+    server's doing), so time spent waiting for a connection is in it.  Returns (elapsed seconds,
+    latencies)."""
+    free: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(concurrency):
+        free.put_nowait(await Connection.open(port, "/v1/completions", body))
+    latencies: list[float] = []
+
+    async def one() -> None:
+        arrival = time.perf_counter()
+        conn = await free.get()
+        try:
+            status = await conn.roundtrip()
+        finally:
+            free.put_nowait(conn)
+        latencies.append(time.perf_counter() - arrival)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status} from port {port}")
+
+    arrivals = random.Random(0)
+    sent: list[asyncio.Task] = []
+    start = arrival = time.perf_counter()
+    for _ in range(requests):
+        arrival += arrivals.expovariate(rate)
+        if (delay := arrival - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        sent.append(asyncio.create_task(one()))
+    await asyncio.gather(*sent)
+    elapsed = time.perf_counter() - start
+    while not free.empty():
+        free.get_nowait().close()
+    return elapsed, latencies
+
+
 def summarize(elapsed: float, latencies: list[float]) -> dict:
     lat = sorted(latencies)
     return {"requests": len(lat), "rps": len(lat) / elapsed, "p50_ms": statistics.median(lat) * 1e3,
@@ -141,16 +184,20 @@ def summarize(elapsed: float, latencies: list[float]) -> dict:
 
 
 async def compare(targets: dict[str, tuple[int, dict[int, str]]], body: bytes, requests: int, concurrency: int,
-                  rounds: int) -> dict:
-    """``targets``: name -> (port, {pid: process name} of the processes serving it, charged its CPU time)."""
+                  rounds: int, rate: float | None = None) -> dict:
+    """``targets``: name -> (port, {pid: process name} of the processes serving it, charged its CPU time).
+    Closed loop at ``concurrency``, or an open loop at ``rate`` when given."""
+    def run_load(port: int, n: int):
+        return load(port, body, n, concurrency) if rate is None else load_at_rate(port, body, n, concurrency, rate)
+
     for port, _ in targets.values():  # warm-up: connections, allocator, first-call paths
-        await load(port, body, min(requests, 500), concurrency)
+        await run_load(port, min(requests, 500))
     pooled = {name: (0.0, [], {pid: (0.0, 0.0) for pid in pids}, 0.0) for name, (_, pids) in targets.items()}
     for _ in range(rounds):
         for name, (port, pids) in targets.items():
             cpu0 = {pid: cpu_seconds(pid) for pid in pids}
             load0 = time.process_time()
-            elapsed, lat = await load(port, body, requests // rounds, concurrency)
+            elapsed, lat = await run_load(port, requests // rounds)
             load_cpu = time.process_time() - load0
             total, all_lat, cpu, loadgen = pooled[name]
             for pid in pids:
@@ -247,9 +294,12 @@ async def run(args: argparse.Namespace) -> dict:
                                          fakes[1].pid: "fake_decode"})}
         loaded = await compare(targets, body, args.requests, args.concurrency, args.rounds)
         unloaded = await compare(targets, body, args.requests // 4, 1, args.rounds)
+        open_rate = args.open_load * loaded["gateway"]["rps"]
+        same_load = await compare(targets, body, args.requests // 2, args.concurrency, args.rounds, open_rate)
     result = {"response_bytes": len(sample), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-              "tokens_per_output": args.tokens_per_output, "loaded": loaded, "unloaded": unloaded}
-    for key in ("loaded", "unloaded"):
+              "tokens_per_output": args.tokens_per_output, "loaded": loaded, "unloaded": unloaded,
+              "same_load": same_load, "open_rate": open_rate}
+    for key in ("loaded", "unloaded", "same_load"):
         r = result[key]
         r["rate_ratio"] = r["gateway"]["rps"] / r["bare"]["rps"]
         r["p50_added_ms"] = r["gateway"]["p50_ms"] - r["bare"]["p50_ms"]
@@ -265,9 +315,13 @@ def cpu_per_request(summary: dict) -> float:
 def report(result: dict) -> None:
     print(f"response body: {result['response_bytes']} bytes (same for both); {result['max_tokens']} tokens, "
           f"decode sends {result['tokens_per_output']} per message")
-    for key, conc in (("loaded", result["concurrency"]), ("unloaded", 1)):
+    titles = {"loaded": f"closed loop, {result['concurrency']} in flight",
+              "unloaded": "closed loop, 1 in flight",
+              "same_load": f"open loop, {result['open_rate']:.0f} req/s offered to both, "
+                           f"over {result['concurrency']} connections"}
+    for key, title in titles.items():
         r = result[key]
-        print(f"\nconcurrency {conc}:")
+        print(f"\n{title}:")
         print(f"  {'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   CPU us/request by process (of which I/O threads)")
         for name in ("bare", "gateway"):
             s = r[name]
@@ -285,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=4000, help="measured requests per target at --concurrency")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of bare and gateway")
+    parser.add_argument("--open-load", type=float, default=0.5,
+                        help="open-loop rate for the same-load latency, as a fraction of the gateway's closed-loop rate")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per response (prefill 1 + decode rest)")
     parser.add_argument("--tokens-per-output", type=int, default=16,
                         help="decode tokens per TokenOutput message (16: the whole decode leg in one message)")
