@@ -359,6 +359,25 @@ class _Replies:
             waiter.set_result(None)
 
 
+class _Callback:
+    """The replies of one pending request handed straight to ``on_reply`` (see ``BusClient.request``)."""
+
+    __slots__ = ("on_reply",)
+
+    def __init__(self, on_reply: Callable[[int, Any], None]):
+        self.on_reply = on_reply
+
+    def put(self, item: Any) -> None:
+        if isinstance(item, Exception):
+            self.on_reply(FLAG_FINAL, item)
+            return
+        flag, reply = item
+        if isinstance(reply, ErrorReply):
+            self.on_reply(FLAG_FINAL, PeerError(reply.code, reply.message, reply.param))
+        else:
+            self.on_reply(flag, reply)
+
+
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -380,7 +399,7 @@ class BusClient:
         self.timeout = timeout
         self._decoder = msgspec.msgpack.Decoder(Reply)
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Replies] = {}
+        self._pending: dict[int, _Replies | _Callback] = {}
         self._loop = asyncio.get_running_loop()
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.DEALER)
@@ -438,6 +457,29 @@ class BusClient:
             if not done:
                 self._send_cancel(req_id)
             self._pending.pop(req_id, None)
+
+    def request(self, msg: Message, on_reply: Callable[[int, Any], None]) -> int:
+        """Send ``msg`` without waiting: ``on_reply(flag, reply)`` hears each reply as the reader
+        takes it in, ``flag`` saying whether more follow (``FLAG_ITEM``) or not (``FLAG_FINAL``, or
+        ``FLAG_END`` with ``reply`` None).  A failure arrives once as ``(FLAG_FINAL, BusError)``:
+        ``PeerError`` for an error reply, ``PeerGone`` when the connection drops.  The caller owns
+        timeouts and must ``forget`` the request id once done (``cancel`` to stop it early)."""
+        if self._closed:
+            raise PeerGone(f"client for {self.endpoint} is closed")
+        body = encode(msg)
+        req_id = next(self._ids)
+        self._pending[req_id] = _Callback(on_reply)
+        self._outbox.add(None, HEADER.pack(req_id, KIND_REQUEST), body)
+        return req_id
+
+    def forget(self, req_id: int) -> None:
+        """A request from ``request`` has ended: drop its state (later replies are ignored)."""
+        self._pending.pop(req_id, None)
+
+    def cancel(self, req_id: int) -> None:
+        """Stop a request from ``request`` on the server and ``forget`` it."""
+        if self._pending.pop(req_id, None) is not None:
+            self._send_cancel(req_id)
 
     async def close(self) -> None:
         """Send what is queued (cancels included), fail pending calls with PeerGone, close."""
@@ -525,5 +567,5 @@ class BusClient:
             self._fail_all(PeerGone(f"{self.endpoint} disconnected"))
 
     def _fail_all(self, error: Exception) -> None:
-        for replies in self._pending.values():
+        for replies in list(self._pending.values()):
             replies.put(error)

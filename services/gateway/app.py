@@ -40,7 +40,7 @@ from services.gateway import sse
 from services.gateway.config import GatewayConfig
 from services.gateway.engine_clients import EngineClients
 from services.gateway.errors import APIError, invalid
-from services.gateway.flow import ChoiceEvent, ChoiceStats, Flow, run_choices
+from services.gateway.flow import ChoiceEvent, ChoiceStats, Flow, RequestRun
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.router import Router
 
@@ -100,6 +100,11 @@ def _logprob_entries(event: ChoiceEvent) -> list:
         return []
     single = len(piece.token_ids) == 1
     return [(lp, lp.token or (piece.text if single else f"token_id:{lp.token_id}")) for lp in piece.logprobs]
+
+
+def _end_of_events(queue: asyncio.Queue, done: asyncio.Future) -> None:
+    """A streaming request's choices ended: queue the end of its events (None, or the error)."""
+    queue.put_nowait(None if done.cancelled() or done.exception() is None else done.exception())
 
 
 class Gateway:
@@ -285,32 +290,30 @@ class Gateway:
                 return self._client_gone(endpoint)
             self._count(endpoint, e.status)
             return error_response(e, request_id)
-        stats: list[ChoiceStats] = []
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
-        producer: asyncio.Task | None = None
+        run: RequestRun | None = None
         try:
             if req.stream:
                 queue: asyncio.Queue = asyncio.Queue()
-                producer = asyncio.create_task(self._produce(
-                    run_choices(self.flow, req, request_id, stats, queue.put_nowait), queue))
+                run = RequestRun(self.flow, req, request_id, queue.put_nowait)
+                run.done.add_done_callback(partial(_end_of_events, queue))
+                run.start()
                 first = await sse.run_until_disconnect(request.receive, self._next(queue, deadline))
                 outcome = {"status": CLIENT_GONE}  # set by the stream when it ends by itself
-                running = producer
+                running = run
 
                 async def cleanup() -> None:
                     running.cancel()
-                    await asyncio.gather(running, return_exceptions=True)
                     self._count(endpoint, outcome["status"])
                     self._finish(request_id)
 
-                producer = None  # the stream's cleanup owns it now
-                return sse.EventStream(self._sse(req, request_id, queue, first, stats, deadline, start, outcome),
-                                       cleanup, {"X-Request-Id": request_id})
+                run = None  # the stream's cleanup owns it now
+                return sse.EventStream(self._sse(req, request_id, queue, first, running.stats, deadline, start,
+                                                 outcome), cleanup, {"X-Request-Id": request_id})
             choices = [_ChoiceText() for _ in range(len(req.prompts) * req.n)]
-            await sse.run_until_disconnect(
-                request.receive, run_choices(self.flow, req, request_id, stats, partial(self._collect, req, choices,
-                                                                                          start)), deadline)
-            body = self._full_response(req, request_id, choices, stats)
+            run = RequestRun(self.flow, req, request_id, partial(self._collect, req, choices, start)).start()
+            await sse.run_until_disconnect(request.receive, run.done, deadline)
+            body = self._full_response(req, request_id, choices, run.stats)
             self._count(endpoint, 200)
             self.metrics.e2e.observe(time.perf_counter() - start)
             return JSONResponse(body, 200, request_id)
@@ -324,10 +327,9 @@ class Gateway:
             self._count(endpoint, e.status)
             return error_response(e, request_id)
         finally:
-            if producer is not None:
-                producer.cancel()
-                await asyncio.gather(producer, return_exceptions=True)
-            if not req.stream or producer is not None:
+            if run is not None:
+                run.cancel()
+            if not req.stream or run is not None:
                 self._finish(request_id)
 
     def _client_gone(self, endpoint: str) -> ASGIApp:
@@ -340,16 +342,6 @@ class Gateway:
 
     def _count(self, endpoint: str, status: int) -> None:
         self.metrics.count_request(endpoint, status)
-
-    @staticmethod
-    async def _produce(choices: Awaitable[None], queue: asyncio.Queue) -> None:
-        """Run ``choices`` (emitting their events into ``queue``), then queue the end: None, or the error."""
-        try:
-            await choices
-        except Exception as e:
-            queue.put_nowait(e)
-        else:
-            queue.put_nowait(None)
 
     async def _next(self, queue: asyncio.Queue, deadline: float) -> ChoiceEvent | None:
         """The next event, or None at the end; raises the choices' error, or 504 past the request deadline."""

@@ -21,20 +21,24 @@ Timeouts: ``prefill_timeout_s`` for a prefill's (or colocated leg's) first
 output, ``decode_first_token_timeout_s`` for decode's first output,
 ``stream_idle_timeout_s`` between later outputs.
 
-Output: a choice hands each piece to an ``emit`` callback as it arrives (the
-gateway collects them for a JSON response or queues them for SSE) instead of
-yielding it up a stack of generators: every generator layer is paid by every
-piece and every wake-up, a measurable share of a short request's cost.
+Execution: a choice is a small state machine driven by the bus (``Leg`` and
+``ChoiceRun`` hear each reply the moment the bus reader takes it in, through
+``BusClient.request``), not a coroutine: the next leg is sent from the reply's
+callback and each piece is handed to an ``emit`` callback (the gateway collects
+them for a JSON response or queues them for SSE).  The request's own task sleeps
+until every choice is done, so a request costs one task wake-up, not one per
+reply through a stack of generators — a large share of a short request's cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Callable
 
+from common.bus import FLAG_END, FLAG_ITEM, BusClient
 from common.errors import BusError, CallTimeout, PeerError, PeerGone
 from common.messages import Generate, Instance, Role, SamplingParams, TokenLogprob, TokenOutput
 from services.gateway.config import GatewayConfig
@@ -43,6 +47,8 @@ from services.gateway.errors import APIError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_protocol import ParsedRequest, Prompt
 from services.gateway.router import Router
+
+log = logging.getLogger(__name__)
 
 RETRY_CODES = ("overloaded", "shutting_down")
 
@@ -78,7 +84,6 @@ class ChoiceEvent:
 
 
 Emit = Callable[[ChoiceEvent], None]
-PutPiece = Callable[[Piece], None]
 
 
 def _retry_before_output(e: BusError) -> bool:
@@ -103,170 +108,315 @@ def leg_error(role: Role, inst: Instance, e: BusError) -> APIError:
 
 
 class Flow:
+    """What every choice of every request shares: config, router, engine clients, metrics."""
+
     def __init__(self, config: GatewayConfig, router: Router, clients: EngineClients, metrics: GatewayMetrics):
         self.config = config
         self.router = router
         self.clients = clients
         self.metrics = metrics
 
-    # -- one choice ----------------------------------------------------------
-
-    async def run(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
-                  stats: ChoiceStats, emit: Emit, index: int = 0) -> None:
-        """Run choice ``index`` to its end, passing each piece to ``emit``; raises ``APIError``.
-        Leaves no engine holding the request."""
-        holders: dict[str, Instance] = {}
-
-        def put(piece: Piece) -> None:
-            emit(ChoiceEvent(index, piece, stats))
-
-        try:
-            if self.router.leg_for(model) == "colocated":
-                await self._colocated(request_id, model, prompt, sampling, stats, holders, put)
-            else:
-                await self._disagg(request_id, model, prompt, sampling, stats, holders, put)
-        except BaseException:
-            for inst in holders.values():
-                self.clients.abort(inst, request_id)
-            raise
-
-    async def _colocated(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
-                         stats: ChoiceStats, holders: dict[str, Instance], put: PutPiece) -> None:
-        gen = Generate(request_id=request_id, sampling=sampling, **prompt.generate_fields())
-        sent, first = time.perf_counter(), True
-        leg = self._leg("both", model, gen, holders, self.config.prefill_timeout_s, _retry_before_output)
-        async with aclosing(leg) as outputs:
-            async for _, out in outputs:
-                if first and out.token_ids:
-                    self.metrics.prefill_leg.observe(time.perf_counter() - sent)
-                    first = False
-                if out.finish_reason == "abort":
-                    raise APIError(503, "the engine aborted the request", code="aborted")
-                if out.usage is not None:
-                    stats.prompt_tokens = out.usage.prompt_tokens
-                    stats.cached_tokens = out.usage.cached_tokens
-                    stats.completion_tokens = out.usage.completion_tokens
-                    self._observe_prefill_timings(out)
-                if out.token_ids or out.finish_reason:
-                    put(Piece(out.text, out.token_ids, out.logprobs, out.finish_reason))
-
-    async def _disagg(self, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
-                      stats: ChoiceStats, holders: dict[str, Instance], put: PutPiece) -> None:
-        gen = Generate(request_id=request_id, sampling=sampling, do_remote_decode=True,
-                       **prompt.generate_fields())
-        prompt_ids = prompt.token_ids
-        prefill: Instance | None = None
-        final: TokenOutput | None = None
-        sent = time.perf_counter()
-        leg = self._leg("prefill", model, gen, holders, self.config.prefill_timeout_s, _retry_before_output)
-        async with aclosing(leg) as outputs:
-            async for inst, out in outputs:
-                if out.prompt_token_ids is not None:
-                    prompt_ids = out.prompt_token_ids
-                if out.finish_reason is None:
-                    continue
-                prefill, final = inst, out
-                prefill_done = time.perf_counter()
-                self.metrics.prefill_leg.observe(prefill_done - sent)
-                if out.finish_reason == "abort":
-                    raise APIError(503, f"prefill instance {inst.id} aborted the request", code="aborted")
-                if out.usage is not None:
-                    stats.prompt_tokens = out.usage.prompt_tokens
-                    stats.cached_tokens = out.usage.cached_tokens
-                stats.completion_tokens = len(out.token_ids)
-                self._observe_prefill_timings(out)
-                done = out.finish_reason != "remote_decode"
-                put(Piece(out.text, out.token_ids, out.logprobs, out.finish_reason if done else None))
-        if final is None or prefill is None:
-            raise APIError(502, "prefill ended without a final output", code="upstream_error")
-        if final.finish_reason != "remote_decode":
-            return  # the first token ended the request: no decode leg, prefill freed its blocks
-        if final.kv_transfer is None or prompt_ids is None:
-            raise APIError(502, f"prefill instance {prefill.id} sent remote_decode without "
-                           "kv_transfer or prompt_token_ids", code="upstream_error")
-        gen = Generate(request_id=request_id, sampling=sampling, prompt_token_ids=prompt_ids,
-                       remote_prefill=final.kv_transfer)
-        first, sent = True, time.perf_counter()
-        self.metrics.decode_dispatch.observe(sent - prefill_done)
-        leg = self._leg("decode", model, gen, holders, self.config.decode_first_token_timeout_s,
-                        _retry_untaken, like=prefill)
-        async with aclosing(leg) as outputs:
-            async for _, out in outputs:
-                if first:
-                    self.metrics.decode_first_output.observe(time.perf_counter() - sent)
-                    self._observe_decode_timings(out.timings or {})
-                first = False
-                if out.finish_reason == "abort":
-                    raise APIError(503, "the decode engine aborted the request", code="aborted")
-                stats.completion_tokens += len(out.token_ids)
-                if out.finish_reason is not None:
-                    if out.usage is not None:  # counts every output token, the first included
-                        stats.completion_tokens = out.usage.completion_tokens
-                    holders.pop(prefill.id, None)  # decode finished: it read and released prefill's KV
-                if out.token_ids or out.finish_reason:
-                    put(Piece(out.text, out.token_ids, out.logprobs, out.finish_reason))
-
-    def _observe_prefill_timings(self, out: TokenOutput) -> None:
+    def observe_prefill_timings(self, out: TokenOutput) -> None:
         timings = out.timings or {}
         if "queue_s" in timings:
             self.metrics.prefill_queue.observe(timings["queue_s"])
         if "prefill_s" in timings:
             self.metrics.prefill.observe(timings["prefill_s"])
 
-    def _observe_decode_timings(self, timings: dict[str, float]) -> None:
+    def observe_decode_timings(self, timings: dict[str, float]) -> None:
         for key, histogram in (("kv_transfer_s", self.metrics.kv_transfer), ("kv_bytes", self.metrics.kv_bytes),
                                ("first_decode_step_s", self.metrics.first_decode_step)):
             if key in timings:
                 histogram.observe(timings[key])
 
-    # -- one leg ---------------------------------------------------------------
 
-    async def _leg(self, role: Role, model: str, gen: Generate, holders: dict[str, Instance],
-                   first_timeout: float, retryable: Callable[[BusError], bool],
-                   like: Instance | None = None) -> AsyncIterator[tuple[Instance, TokenOutput]]:
-        """Run ``gen`` on an instance of ``role``, retrying on another while nothing was output."""
-        tried: list[str] = []
-        for attempt in range(self.config.max_retries + 1):
-            inst = self.router.pick(role, model, exclude=tried, like=like)
-            if inst is None:
-                if attempt == 0:
-                    raise APIError(503, f"no {role} instance available for model {model!r}", code="no_instance")
-                raise APIError(503, f"{role} failed on {', '.join(tried)}; no other instance left",
-                               code="no_instance")
-            tried.append(inst.id)
-            if attempt:
-                self.metrics.retries.labels(role).inc()
-            holders[inst.id] = inst
-            output_seen = finished = False
-            try:
-                async with aclosing(self._stream(inst, gen, first_timeout)) as outputs:
-                    async for out in outputs:
-                        output_seen = output_seen or bool(out.token_ids) or out.finish_reason is not None
-                        if out.finish_reason is not None:
-                            finished = True
-                            if out.finish_reason != "remote_decode":
-                                holders.pop(inst.id, None)  # finished: the engine freed everything
-                        yield inst, out
+# --------------------------------------------------------------------------- #
+# One leg
+# --------------------------------------------------------------------------- #
+
+
+class Leg:
+    """``gen`` on an instance of ``role``, retried on another one while nothing was output.
+
+    ``on_output(inst, out)`` hears each ``TokenOutput`` as it arrives (raising
+    ``APIError`` ends the leg with it); ``on_end(error)`` is called once, with
+    None when the engine's stream ended, else the ``APIError``.  ``stop()`` ends
+    it silently (cancelling the request on the engine).  Every instance the leg
+    sends to is added to ``holders`` until it finished with the request.
+    """
+
+    def __init__(self, flow: Flow, role: Role, model: str, gen: Generate, holders: dict[str, Instance],
+                 first_timeout: float, retryable: Callable[[BusError], bool],
+                 on_output: Callable[[Instance, TokenOutput], None], on_end: Callable[[APIError | None], None],
+                 like: Instance | None = None):
+        self.flow, self.role, self.model, self.gen, self.holders = flow, role, model, gen, holders
+        self.first_timeout, self.retryable, self.like = first_timeout, retryable, like
+        self.on_output, self.on_end = on_output, on_end
+        self.tried: list[str] = []
+        self.inst: Instance | None = None  # the instance of the attempt in flight, None between attempts
+        self.client: BusClient | None = None
+        self.req_id = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.output_seen = self.finished = self.ended = False
+
+    def start(self) -> None:
+        inst = self.flow.router.pick(self.role, self.model, exclude=self.tried, like=self.like)
+        if inst is None:
+            if not self.tried:
+                self._end(APIError(503, f"no {self.role} instance available for model {self.model!r}",
+                                   code="no_instance"))
+            else:
+                self._end(APIError(503, f"{self.role} failed on {', '.join(self.tried)}; no other instance left",
+                                   code="no_instance"))
+            return
+        if self.tried:
+            self.flow.metrics.retries.labels(self.role).inc()
+        self.tried.append(inst.id)
+        self.holders[inst.id] = inst
+        self.inst, self.output_seen, self.finished = inst, False, False
+        self.client = self.flow.clients.get(inst)
+        self.req_id = 0  # no request of this attempt yet (ids start at 1)
+        try:
+            self.req_id = self.client.request(self.gen, self._on_reply)
+        except BusError as e:  # the client was closed: the instance just left
+            self._failed(e)
+            return
+        self._arm(self.first_timeout)
+
+    def stop(self) -> None:
+        """End silently: the engine is told to stop (the caller aborts the holders)."""
+        self.ended = True
+        self._close(cancel=True)
+
+    # -- internals ---------------------------------------------------------
+
+    def _arm(self, timeout: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+
+    def _timed_out(self, timeout: float) -> None:
+        self.timer = None
+        assert self.client is not None
+        self._failed(CallTimeout(f"{self.client.endpoint}: no reply within {timeout:g} s"), cancel=True)
+
+    def _close(self, cancel: bool) -> None:
+        """The attempt in flight is over: its timer, its pending request (cancelled on the engine if
+        ``cancel``) and its slot in the router's count."""
+        inst, self.inst = self.inst, None
+        if inst is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.client is not None
+        if cancel:
+            self.client.cancel(self.req_id)
+        else:
+            self.client.forget(self.req_id)
+        self.flow.router.done(inst)
+
+    def _end(self, error: APIError | None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_end(error)
+
+    def _on_reply(self, flag: int, reply: TokenOutput | BusError | None) -> None:
+        inst = self.inst
+        if inst is None:
+            return  # a late reply to an attempt already over
+        try:
+            if isinstance(reply, BusError):
+                self._failed(reply)
                 return
-            except BusError as e:
-                if finished:  # the stream's end marker was lost after the final output: nothing to undo
-                    return
-                if not isinstance(e, PeerError) or e.code not in ("invalid_request", "kv_transfer_failed"):
-                    self.router.mark_failed(inst)  # not for bad input, nor for a read from a failing prefill
-                if output_seen or not retryable(e):
-                    raise leg_error(role, inst, e) from e
-                if attempt == self.config.max_retries:
-                    code = e.code if isinstance(e, PeerError) else "upstream_unavailable"
-                    raise APIError(503, f"{role} leg failed on {', '.join(tried)} (last: {e})", code=code) from e
-                holders.pop(inst.id, None)
-                self.clients.abort(inst, gen.request_id)
-            finally:
-                self.router.done(inst)
+            last = flag != FLAG_ITEM
+            if flag != FLAG_END:
+                assert isinstance(reply, TokenOutput)
+                self.output_seen = self.output_seen or bool(reply.token_ids) or reply.finish_reason is not None
+                if reply.finish_reason is not None:
+                    self.finished = True
+                    if reply.finish_reason != "remote_decode":
+                        self.holders.pop(inst.id, None)  # finished: the engine freed everything
+                if not last:
+                    self._arm(self.flow.config.stream_idle_timeout_s)
+                self.on_output(inst, reply)
+            if last:
+                self._close(cancel=False)
+                self._end(None)
+        except APIError as e:
+            self._close(cancel=True)
+            self._end(e)
+        except Exception as e:  # a bug here must fail the request, not leave it waiting for its deadline
+            log.exception("%s leg of %s failed", self.role, self.gen.request_id)
+            self._close(cancel=True)
+            self._end(APIError(500, f"gateway error: {type(e).__name__}: {e}", code="internal_error"))
 
-    def _stream(self, inst: Instance, gen: Generate, first_timeout: float) -> AsyncIterator[TokenOutput]:
-        """The outputs of ``gen`` on ``inst``: the first within ``first_timeout``, then each within the idle timeout."""
-        return self.clients.get(inst).stream(gen, idle_timeout=self.config.stream_idle_timeout_s,
-                                             first_timeout=first_timeout)
+    def _failed(self, e: BusError, cancel: bool = False) -> None:
+        inst = self.inst
+        assert inst is not None
+        self._close(cancel)
+        if self.finished:  # the stream's end marker was lost after the final output: nothing to undo
+            self._end(None)
+            return
+        if not isinstance(e, PeerError) or e.code not in ("invalid_request", "kv_transfer_failed"):
+            self.flow.router.mark_failed(inst)  # not for bad input, nor for a read from a failing prefill
+        if self.output_seen or not self.retryable(e):
+            self._end(leg_error(self.role, inst, e))
+            return
+        if len(self.tried) > self.flow.config.max_retries:
+            code = e.code if isinstance(e, PeerError) else "upstream_unavailable"
+            self._end(APIError(503, f"{self.role} leg failed on {', '.join(self.tried)} (last: {e})", code=code))
+            return
+        self.holders.pop(inst.id, None)
+        self.flow.clients.abort(inst, self.gen.request_id)
+        self.start()
+
+
+# --------------------------------------------------------------------------- #
+# One choice
+# --------------------------------------------------------------------------- #
+
+
+class ChoiceRun:
+    """Choice ``index`` of a request: one colocated leg, or a prefill leg then a decode leg.
+
+    ``start()`` sends its first leg; from then on bus replies drive it.  Each piece
+    goes to ``emit``; ``on_done(self, error)`` is called once when it ends by
+    itself (``error`` None or the ``APIError``).  ``cancel()`` ends it without
+    ``on_done``.  Unless it finished normally, every holder gets an ``Abort``.
+    """
+
+    def __init__(self, flow: Flow, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
+                 stats: ChoiceStats, index: int, emit: Emit,
+                 on_done: Callable[["ChoiceRun", APIError | None], None]):
+        self.flow, self.request_id, self.model, self.prompt, self.sampling = flow, request_id, model, prompt, sampling
+        self.stats, self.index, self.emit, self.on_done = stats, index, emit, on_done
+        self.holders: dict[str, Instance] = {}
+        self.leg: Leg | None = None
+        self.done = False
+        self.sent = 0.0  # when the current leg's Generate went out
+        self.first = True  # no token of the current leg seen yet
+        self.prompt_ids = prompt.token_ids
+        self.prefill: Instance | None = None
+        self.final: TokenOutput | None = None  # prefill's last output
+        self.prefill_done = 0.0
+
+    def start(self) -> None:
+        if self.done:
+            return
+        try:
+            colocated = self.flow.router.leg_for(self.model) == "colocated"
+        except APIError as e:
+            self._finish(e)
+            return
+        config = self.flow.config
+        if colocated:
+            gen = Generate(request_id=self.request_id, sampling=self.sampling, **self.prompt.generate_fields())
+            self._leg("both", gen, config.prefill_timeout_s, _retry_before_output, self._on_colocated, self._finish)
+        else:
+            gen = Generate(request_id=self.request_id, sampling=self.sampling, do_remote_decode=True,
+                           **self.prompt.generate_fields())
+            self._leg("prefill", gen, config.prefill_timeout_s, _retry_before_output, self._on_prefill,
+                      self._on_prefill_end)
+
+    def cancel(self) -> None:
+        if not self.done:
+            self._finish(None, notify=False, abort=True)
+
+    # -- internals ---------------------------------------------------------
+
+    def _leg(self, role: Role, gen: Generate, first_timeout: float, retryable: Callable[[BusError], bool],
+             on_output: Callable[[Instance, TokenOutput], None], on_end: Callable[[APIError | None], None],
+             like: Instance | None = None) -> None:
+        self.sent, self.first = time.perf_counter(), True
+        self.leg = Leg(self.flow, role, self.model, gen, self.holders, first_timeout, retryable, on_output, on_end,
+                       like)
+        self.leg.start()
+
+    def _finish(self, error: APIError | None, notify: bool = True, abort: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.leg is not None:
+            self.leg.stop()
+        if error is not None or abort:
+            for inst in self.holders.values():
+                self.flow.clients.abort(inst, self.request_id)
+            self.holders.clear()
+        if notify:
+            self.on_done(self, error)
+
+    def _put(self, out: TokenOutput, finish_reason: str | None) -> None:
+        self.emit(ChoiceEvent(self.index, Piece(out.text, out.token_ids, out.logprobs, finish_reason), self.stats))
+
+    def _on_colocated(self, inst: Instance, out: TokenOutput) -> None:
+        if self.first and out.token_ids:
+            self.flow.metrics.prefill_leg.observe(time.perf_counter() - self.sent)
+            self.first = False
+        if out.finish_reason == "abort":
+            raise APIError(503, "the engine aborted the request", code="aborted")
+        if out.usage is not None:
+            self.stats.prompt_tokens = out.usage.prompt_tokens
+            self.stats.cached_tokens = out.usage.cached_tokens
+            self.stats.completion_tokens = out.usage.completion_tokens
+            self.flow.observe_prefill_timings(out)
+        if out.token_ids or out.finish_reason:
+            self._put(out, out.finish_reason)
+
+    def _on_prefill(self, inst: Instance, out: TokenOutput) -> None:
+        if out.prompt_token_ids is not None:
+            self.prompt_ids = out.prompt_token_ids
+        if out.finish_reason is None:
+            return
+        self.prefill, self.final = inst, out
+        self.prefill_done = time.perf_counter()
+        self.flow.metrics.prefill_leg.observe(self.prefill_done - self.sent)
+        if out.finish_reason == "abort":
+            raise APIError(503, f"prefill instance {inst.id} aborted the request", code="aborted")
+        if out.usage is not None:
+            self.stats.prompt_tokens = out.usage.prompt_tokens
+            self.stats.cached_tokens = out.usage.cached_tokens
+        self.stats.completion_tokens = len(out.token_ids)
+        self.flow.observe_prefill_timings(out)
+        done = out.finish_reason != "remote_decode"
+        self._put(out, out.finish_reason if done else None)
+
+    def _on_prefill_end(self, error: APIError | None) -> None:
+        final, prefill = self.final, self.prefill
+        if error is None and (final is None or prefill is None):
+            error = APIError(502, "prefill ended without a final output", code="upstream_error")
+        if error is not None:
+            self._finish(error)
+            return
+        assert final is not None and prefill is not None
+        if final.finish_reason != "remote_decode":
+            self._finish(None)  # the first token ended the request: no decode leg, prefill freed its blocks
+            return
+        if final.kv_transfer is None or self.prompt_ids is None:
+            self._finish(APIError(502, f"prefill instance {prefill.id} sent remote_decode without "
+                                  "kv_transfer or prompt_token_ids", code="upstream_error"))
+            return
+        gen = Generate(request_id=self.request_id, sampling=self.sampling, prompt_token_ids=self.prompt_ids,
+                       remote_prefill=final.kv_transfer)
+        self.flow.metrics.decode_dispatch.observe(time.perf_counter() - self.prefill_done)
+        self._leg("decode", gen, self.flow.config.decode_first_token_timeout_s, _retry_untaken, self._on_decode,
+                  self._finish, like=prefill)
+
+    def _on_decode(self, inst: Instance, out: TokenOutput) -> None:
+        if self.first:
+            self.flow.metrics.decode_first_output.observe(time.perf_counter() - self.sent)
+            self.flow.observe_decode_timings(out.timings or {})
+            self.first = False
+        if out.finish_reason == "abort":
+            raise APIError(503, "the decode engine aborted the request", code="aborted")
+        self.stats.completion_tokens += len(out.token_ids)
+        if out.finish_reason is not None:
+            if out.usage is not None:  # counts every output token, the first included
+                self.stats.completion_tokens = out.usage.completion_tokens
+            assert self.prefill is not None
+            self.holders.pop(self.prefill.id, None)  # decode finished: it read and released prefill's KV
+        if out.token_ids or out.finish_reason:
+            self._put(out, out.finish_reason)
 
 
 # --------------------------------------------------------------------------- #
@@ -278,33 +428,39 @@ def choice_request_id(request_id: str, index: int, total: int) -> str:
     return request_id if total == 1 else f"{request_id}-{index}"
 
 
-def run_choices(flow: Flow, req: ParsedRequest, request_id: str, stats: list[ChoiceStats],
-                emit: Emit) -> Awaitable[None]:
-    """Every choice of ``req`` (prompt-major, ``n`` per prompt) run concurrently, each piece passed
-    to ``emit`` as it arrives.
+class RequestRun:
+    """Every choice of ``req`` (prompt-major, ``n`` per prompt), run concurrently; pieces go to ``emit``.
 
-    ``stats`` receives one ``ChoiceStats`` per choice.  The first failing choice
-    cancels the others and its error is raised; cancelling the await cancels all.
+    ``stats`` holds one ``ChoiceStats`` per choice.  ``done`` resolves once every
+    choice finished, or with the first choice's error, the others then being
+    cancelled.  ``cancel()`` stops every choice (client gone, deadline).
     """
-    total = len(req.prompts) * req.n
-    stats.extend(ChoiceStats() for _ in range(total))
-    if total == 1:
-        return flow.run(request_id, req.model, req.prompts[0], req.sampling, stats[0], emit)
-    return _concurrent_choices(flow, req, request_id, stats, emit, total)
 
+    def __init__(self, flow: Flow, req: ParsedRequest, request_id: str, emit: Emit):
+        total = len(req.prompts) * req.n
+        self.stats = [ChoiceStats() for _ in range(total)]
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._remaining = total
+        self._runs = [ChoiceRun(flow, choice_request_id(request_id, i, total), req.model, req.prompts[i // req.n],
+                                req.choice_sampling(i % req.n), self.stats[i], i, emit, self._choice_done)
+                      for i in range(total)]
 
-async def _concurrent_choices(flow: Flow, req: ParsedRequest, request_id: str, stats: list[ChoiceStats],
-                              emit: Emit, total: int) -> None:
-    tasks = [asyncio.create_task(flow.run(choice_request_id(request_id, i, total), req.model,
-                                          req.prompts[i // req.n], req.choice_sampling(i % req.n), stats[i],
-                                          emit, i))
-             for i in range(total)]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                raise t.exception()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def start(self) -> "RequestRun":
+        for run in self._runs:
+            run.start()
+        return self
+
+    def cancel(self) -> None:
+        for run in self._runs:
+            run.cancel()
+
+    def _choice_done(self, _: ChoiceRun, error: APIError | None) -> None:
+        if self.done.done():
+            return
+        if error is not None:
+            self.cancel()
+            self.done.set_exception(error)
+            return
+        self._remaining -= 1
+        if self._remaining == 0:
+            self.done.set_result(None)
