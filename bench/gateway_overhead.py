@@ -142,17 +142,17 @@ async def load(port: int, body: bytes, requests: int, concurrency: int) -> tuple
 async def load_at_rate(port: int, body: bytes, requests: int, concurrency: int,
                        rate: float) -> tuple[float, list[float]]:
     """Open loop: ``requests`` POSTs arriving as a Poisson process at ``rate``/s, each sent on a free
-    one of ``concurrency`` connections (waiting for one when all are busy).  Latency counts from the
-    arrival as the generator realised it (its timers fire up to a millisecond late, which is no
-    server's doing), so time spent waiting for a connection is in it.  Returns (elapsed seconds,
-    latencies)."""
+    one of ``concurrency`` connections (waiting for one when all are busy); latency counts from the
+    arrival, so time spent waiting for a connection is in it.  The event loop's timers have a
+    millisecond's resolution, which would release arrivals in bursts, so the last millisecond
+    before each arrival is waited out yielding to the loop (the generator then keeps a core busy).
+    Returns (elapsed seconds, latencies)."""
     free: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(concurrency):
         free.put_nowait(await Connection.open(port, "/v1/completions", body))
     latencies: list[float] = []
 
-    async def one() -> None:
-        arrival = time.perf_counter()
+    async def one(arrival: float) -> None:
         conn = await free.get()
         try:
             status = await conn.roundtrip()
@@ -167,9 +167,11 @@ async def load_at_rate(port: int, body: bytes, requests: int, concurrency: int,
     start = arrival = time.perf_counter()
     for _ in range(requests):
         arrival += arrivals.expovariate(rate)
-        if (delay := arrival - time.perf_counter()) > 0:
-            await asyncio.sleep(delay)
-        sent.append(asyncio.create_task(one()))
+        if (delay := arrival - time.perf_counter()) > 0.001:
+            await asyncio.sleep(delay - 0.001)
+        while time.perf_counter() < arrival:
+            await asyncio.sleep(0)
+        sent.append(asyncio.create_task(one(arrival)))
     await asyncio.gather(*sent)
     elapsed = time.perf_counter() - start
     while not free.empty():

@@ -34,6 +34,7 @@ import math
 import time
 import uuid
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -67,6 +68,7 @@ from services.registry.server import Registry, RegistryConfig
 log = logging.getLogger(__name__)
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+HISTORY = 10_000  # requests and aborts a fake remembers
 BLOCK_BYTES = 4096
 
 
@@ -196,8 +198,10 @@ class FakeEngine:
         self.running_blocks = 0  # sum of running[*].blocks, kept as they change
         self.pinned_blocks = 0  # sum of pinned[*].blocks
         self.cache: set[int] = set()  # chained hashes of full prompt blocks seen
-        self.received: list[Generate] = []
-        self.aborts: list[str] = []
+        # The latest requests and aborts, for tests to inspect; bounded because a benchmark sends
+        # millions, and an ever-growing heap makes the full garbage collections ever slower.
+        self.received: deque[Generate] = deque(maxlen=HISTORY)
+        self.aborts: deque[str] = deque(maxlen=HISTORY)
         self.finished = 0
         self.instance: Instance | None = None
         self._registry_client: RegistryClient | None = None
