@@ -26,7 +26,12 @@ cores than busy processes the rate ratio tends to that CPU ratio, which other
 load on the machine disturbs far less than it disturbs rates.
 Goal: >= 50 % of the bare rate, p50 added latency <= 1 ms.
 
-    python -m bench.gateway_overhead --requests 4000 --concurrency 64
+    python -m bench.gateway_overhead --requests 16000 --concurrency 64
+    python -m bench.gateway_overhead --requests 16000 --concurrency 64 --gateway bus-floor
+
+``--gateway http-floor|bus-floor`` puts one of the floors of ``bench/gateway_floor.py``
+in the gateway's place: what the HTTP exchange alone costs, and what the
+cheapest gateway that still runs both legs over the bus costs.
 """
 
 from __future__ import annotations
@@ -279,8 +284,9 @@ async def run(args: argparse.Namespace) -> dict:
         spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
         fakes = [spawn(stack, "-m", "tests.fakes.engines", "--registry", registry, "--prefill", str(p),
                        "--decode", str(1 - p), "--tokens-per-output", str(args.tokens_per_output)) for p in (1, 0)]
-        gateway = spawn(stack, "-m", "services.gateway", "--port", str(gw_port), "--registry", registry,
-                        "--log-level", "warning")
+        variant = () if args.gateway == "full" else ("-m", "bench.gateway_floor", "--variant", args.gateway)
+        gateway = spawn(stack, *(variant or ("-m", "services.gateway")), "--port", str(gw_port), "--registry",
+                        registry, "--log-level", "warning")
         await wait_http(gw_port, "/ready")
         async with httpx.AsyncClient() as h:
             sample = (await h.post(f"http://127.0.0.1:{gw_port}/v1/completions", content=body,
@@ -346,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per response (prefill 1 + decode rest)")
     parser.add_argument("--tokens-per-output", type=int, default=16,
                         help="decode tokens per TokenOutput message (16: the whole decode leg in one message)")
+    parser.add_argument("--gateway", choices=("full", "http-floor", "bus-floor"), default="full",
+                        help="the gateway, or one of the floors of bench/gateway_floor.py in its place")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--body-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -504,13 +504,14 @@ def tune_gc(threshold: int) -> None:
 
 
 async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
-                started: Callable[[HTTPServer], None] | None = None) -> None:
+                started: Callable[[HTTPServer], None] | None = None, gateway_class: type[Gateway] = Gateway) -> None:
     """Watch the registry and serve HTTP until cancelled, then shut down in order.
 
     Once listening it tunes the process's garbage collector (``tune_gc``).
     Shutdown: stop accepting, let in-flight requests finish for ``shutdown_timeout_s``,
     cancel the rest (their engine legs get ``Abort``), close engine clients, stop watching.
-    ``started(server)`` is called once listening (tests read ``server.port``).
+    ``started(server)`` is called once listening (tests read ``server.port``);
+    ``gateway_class`` lets a benchmark serve a variant of the app under the same process setup.
     """
     config.validate()
     watcher = MembershipWatcher(config.registry, idle_timeout=config.registry_idle_timeout_s,
@@ -519,7 +520,7 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     watcher.start()
     wait_snapshot = asyncio.create_task(watcher.wait_ready())
     wait_snapshot.add_done_callback(lambda t: t.cancelled() or t.exception() or snapshot.set())
-    gateway = Gateway(config, watcher, watcher_ready=snapshot.is_set)
+    gateway = gateway_class(config, watcher, watcher_ready=snapshot.is_set)
     server = HTTPServer(uvicorn.Config(
         gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http="httptools",
         lifespan="off", log_level=config.log_level, access_log=False, **UVICORN_LEAN,
