@@ -138,7 +138,6 @@ class Gateway:
                                             default_max_tokens=config.default_max_tokens),
         }
         self._starlette = Starlette(routes=[
-            *(Route(path, handler, methods=["POST"]) for path, handler in self._generation_routes.items()),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/instances", self.instances, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
@@ -148,17 +147,19 @@ class Gateway:
         ], exception_handlers={HTTPException: self.http_error})
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI application.  ``POST`` to a generation route goes straight to its handler,
-        skipping Starlette's middleware and routing layers (a measurable share of a request's
-        cost); everything else, wrong methods on those routes included, goes through Starlette.
-        Either way an unexpected exception becomes a 500."""
-        if scope["type"] == "http" and scope["method"] == "POST":
-            handler = self._generation_routes.get(scope["path"])
-            if handler is not None:
-                response = await handler(Request(scope, receive))
-                await response(scope, receive, send)
-                return
-        await self._starlette(scope, receive, send)
+        """The ASGI application.  The generation routes are served here directly, skipping
+        Starlette's middleware and routing layers (a measurable share of a request's cost);
+        every other path goes through Starlette.  Either way an unexpected exception becomes a 500."""
+        handler = self._generation_routes.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None:
+            await self._starlette(scope, receive, send)
+            return
+        if scope["method"] == "POST":
+            response = await handler(scope, receive)
+        else:
+            response = error_response(APIError(405, f"{scope['method']} {scope['path']}: Method Not Allowed",
+                                               code="method_not_allowed"))
+        await response(scope, receive, send)
 
     def on_membership(self, change: MembershipChange, inst: Instance) -> None:
         self.router.changed(change, inst)
@@ -192,7 +193,7 @@ class Gateway:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(self, request: Request) -> ASGIApp:
-        if (denied := self._unauthorized(request)) is not None:
+        if (denied := self._unauthorized(request.headers.get("authorization"))) is not None:
             return denied
         created = int(time.time())
         data = [{"id": m, "object": "model", "created": created, "owned_by": "pdserve"}
@@ -200,7 +201,7 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def instances(self, request: Request) -> ASGIApp:
-        if (denied := self._unauthorized(request)) is not None:
+        if (denied := self._unauthorized(request.headers.get("authorization"))) is not None:
             return denied
         data = [msgspec.to_builtins(i) for i in sorted(self.membership.instances.values(), key=lambda i: i.id)]
         return JSONResponse({"object": "list", "data": data})
@@ -210,25 +211,26 @@ class Gateway:
 
     # -- generation ------------------------------------------------------------
 
-    def _unauthorized(self, request: Request) -> ASGIApp | None:
+    def _unauthorized(self, authorization: str | None) -> ASGIApp | None:
+        """None when no API key is set or ``authorization`` (the header's value) bears it, else the 401."""
         key = self.config.api_key
         if key is None:
             return None
-        given = request.headers.get("authorization", "")
+        given = authorization or ""
         if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode()):
             return None
         return error_response(APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
                                        code="invalid_api_key"))
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         """The whole request body; raises 413 past ``max_body_bytes``, ``sse.ClientGone`` on a disconnect."""
         limit = self.config.max_body_bytes
-        length = request.headers.get("content-length")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise self._too_large()
         chunks, size = [], 0
         while True:
-            message = await request.receive()
+            message = await receive()
             if message["type"] == "http.disconnect":
                 raise sse.ClientGone()
             chunk = message.get("body", b"")
@@ -242,10 +244,10 @@ class Gateway:
     def _too_large(self) -> APIError:
         return APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="request_too_large")
 
-    def _request_id(self, request: Request) -> str:
+    def _request_id(self, given_bytes: bytes | None) -> str:
         """The request's id (``X-Request-Id`` or a fresh one), reserved in ``active`` at once, so two
         requests sending the same id concurrently cannot both run (and abort each other's legs)."""
-        given = request.headers.get("x-request-id")
+        given = None if given_bytes is None else given_bytes.decode("latin-1")
         if given is None:
             given = f"{self._id_prefix}{next(self._id_counter):016x}"
         elif not REQUEST_ID.fullmatch(given):
@@ -271,16 +273,19 @@ class Gateway:
         elif req.sampling.max_tokens >= context:
             req.sampling.max_tokens = max(1, context // 2)
 
-    async def _generate(self, request: Request, endpoint: str, parse, default_max_tokens: int) -> ASGIApp:
+    async def _generate(self, scope: Scope, receive: Receive, endpoint: str, parse,
+                        default_max_tokens: int) -> ASGIApp:
         """``POST endpoint``: the request parsed by ``parse``, run, answered (JSON or SSE)."""
         start = time.perf_counter()
         request_id = None
         try:
-            if (denied := self._unauthorized(request)) is not None:
+            headers = dict(scope["headers"])  # ASGI header names are lowercase
+            authorization = headers.get(b"authorization")
+            if (denied := self._unauthorized(None if authorization is None else authorization.decode("latin-1"))):
                 self._count(endpoint, 401)
                 return denied
-            request_id = self._request_id(request)
-            body = await self._body(request)
+            request_id = self._request_id(headers.get(b"x-request-id"))
+            body = await self._body(headers, receive)
             req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
             self._check_model(req)
         except (APIError, sse.ClientGone) as e:
@@ -298,7 +303,7 @@ class Gateway:
                 run = RequestRun(self.flow, req, request_id, queue.put_nowait)
                 run.done.add_done_callback(partial(_end_of_events, queue))
                 run.start()
-                first = await sse.run_until_disconnect(request.receive, self._next(queue, deadline))
+                first = await sse.run_until_disconnect(receive, self._next(queue, deadline))
                 outcome = {"status": CLIENT_GONE}  # set by the stream when it ends by itself
                 running = run
 
@@ -312,7 +317,7 @@ class Gateway:
                                                  outcome), cleanup, {"X-Request-Id": request_id})
             choices = [_ChoiceText() for _ in range(len(req.prompts) * req.n)]
             run = RequestRun(self.flow, req, request_id, partial(self._collect, req, choices, start)).start()
-            await sse.run_until_disconnect(request.receive, run.done, deadline)
+            await sse.run_until_disconnect(receive, run.done, deadline)
             body = self._full_response(req, request_id, choices, run.stats)
             self._count(endpoint, 200)
             self.metrics.e2e.observe(time.perf_counter() - start)
