@@ -105,6 +105,58 @@ async def test_stream_yields_every_item_then_ends(client):
     assert all(r.request_id == "r1" for r in items)
 
 
+class Replies:
+    """What ``BusClient.request`` hands its callback, with a future set at the last reply."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, object]] = []
+        self.last = asyncio.get_running_loop().create_future()
+
+    def __call__(self, flag: int, reply: object) -> None:
+        self.seen.append((flag, reply))
+        if flag != FLAG_ITEM and not self.last.done():
+            self.last.set_result(None)
+
+
+async def test_request_hands_each_reply_to_the_callback_the_last_one_not_an_item(client):
+    replies = Replies()
+    req_id = client.request(generate(), replies)
+    await asyncio.wait_for(replies.last, 5)
+    client.forget(req_id)
+    items = [r for _, r in replies.seen if r is not None]
+    assert [r.token_ids for r in items] == [[0], [1], [2]]
+    # the last item ends the stream by itself (FLAG_FINAL), or an end record follows it (FLAG_END)
+    assert [f for f, _ in replies.seen] in ([FLAG_ITEM, FLAG_ITEM, FLAG_FINAL],
+                                           [FLAG_ITEM, FLAG_ITEM, FLAG_ITEM, FLAG_END])
+
+
+async def test_request_errors_arrive_once_as_final_bus_errors(server, client):
+    refused = Replies()
+    client.request(Abort(request_id="refuse"), refused)
+    await asyncio.wait_for(refused.last, 5)
+    [(flag, error)] = refused.seen
+    assert flag == FLAG_FINAL and isinstance(error, PeerError) and error.code == "invalid_request"
+
+    stuck = Replies()
+    client.request(Abort(request_id="slow"), stuck)
+    await asyncio.wait_for(server.started.wait(), 5)
+    await client.close()  # the connection goes away: the pending request fails with PeerGone
+    [(flag, error)] = stuck.seen
+    assert flag == FLAG_FINAL and isinstance(error, PeerGone)
+
+
+async def test_request_cancel_stops_the_handler_and_silences_the_callback(server, client):
+    replies = Replies()
+    hang = Generate(request_id="h1", sampling=SamplingParams(max_tokens=3), prompt="hang")
+    req_id = client.request(hang, replies)
+    await asyncio.wait_for(server.started.wait(), 5)
+    await eventually(lambda: len(replies.seen) == 3, timeout=5)
+    client.cancel(req_id)
+    await asyncio.wait_for(server.cancelled.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert [f for f, _ in replies.seen] == [FLAG_ITEM] * 3 and not replies.last.done()
+
+
 async def test_concurrent_calls_are_multiplexed(client):
     replies = await asyncio.gather(*(client.call(GetStats()) for _ in range(50)))
     assert replies == [stats()] * 50

@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from common.bus import MAX_BATCH_RECORDS
 from common.messages import Capacity, Instance, Load
 from services.gateway.router import Router
 from tests.fakes.engines import FakeCluster, fingerprint
@@ -354,6 +355,21 @@ async def test_outputs_carrying_several_tokens():
             async with h.stream("POST", "/v1/completions", json=body("multi", 10, stream=True)) as s:
                 texts = [json.loads(e)["choices"][0]["text"] for e in [x async for x in sse_events(s)][:-1]]
             assert [len(t) for t in texts] == [1, 4, 4, 1] and "".join(texts) == choice["text"]
+
+
+async def test_a_stream_whose_end_record_follows_its_last_item_completes():
+    """A decode stream of exactly MAX_BATCH_RECORDS outputs fills a bus message, which leaves
+    before the handler returns: its end then comes as a separate empty record, not as the last
+    item turned final.  Both shapes must end the leg (and the request) the same way."""
+    async with FakeCluster(prefill=1, decode=1, tokens_per_output=1) as c:
+        async with httpx.AsyncClient(base_url=c.url, timeout=10) as h:
+            for max_tokens in (MAX_BATCH_RECORDS, MAX_BATCH_RECORDS + 1, MAX_BATCH_RECORDS + 2):
+                r = await h.post("/v1/completions", json=body("edge", max_tokens))
+                assert r.status_code == 200, r.text
+                assert r.json()["usage"]["completion_tokens"] == max_tokens
+                assert len(r.json()["choices"][0]["text"]) == max_tokens
+                assert r.json()["choices"][0]["finish_reason"] == "length"
+            await eventually(lambda: all_idle(h, c))
 
 
 async def test_shutdown_aborts_in_flight_legs():
