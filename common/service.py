@@ -10,6 +10,7 @@ exits at once with status 1.  Signals are handled once, here, for every service.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -25,6 +26,17 @@ def setup_logging(level: str = "info") -> None:
         format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+
+
+def tune_gc(threshold: int) -> None:
+    """Process-wide: keep the heap built so far (modules, app, server) out of garbage collections
+    (``gc.freeze``) and collect the young generation every ``threshold`` net allocations instead of
+    Python's 700.  A request allocates hundreds of containers that reference counting frees; with
+    many requests in flight the default threshold collects several times per request, each time
+    walking the live requests' objects, a measurable share of a busy process's CPU (the gateway's,
+    the fake engines')."""
+    gc.freeze()
+    gc.set_threshold(threshold, *gc.get_threshold()[1:])
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

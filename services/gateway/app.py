@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import itertools
 import logging
@@ -35,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.messages import Instance, MembershipChange
 from common.registry_client import MembershipWatcher
+from common.service import tune_gc
 from services.gateway import openai_protocol as oai
 from services.gateway import sse
 from services.gateway.config import GatewayConfig
@@ -496,16 +496,6 @@ class HTTPServer(uvicorn.Server):
     def port(self) -> int:
         """The TCP port it listens on (useful with port 0); valid once ``started``."""
         return self.servers[0].sockets[0].getsockname()[1]
-
-
-def tune_gc(threshold: int) -> None:
-    """Process-wide: keep the heap built so far (modules, app, server) out of garbage collections
-    (``gc.freeze``) and collect the young generation every ``threshold`` net allocations instead of
-    Python's 700.  A request allocates hundreds of containers that reference counting frees; with
-    many requests in flight the default threshold collects several times per request, each time
-    walking the live requests' objects, a measurable share of the gateway's CPU."""
-    gc.freeze()
-    gc.set_threshold(threshold, *gc.get_threshold()[1:])
 
 
 async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,

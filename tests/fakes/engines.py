@@ -63,6 +63,7 @@ from common.messages import (
     Usage,
 )
 from common.registry_client import RegistryClient
+from common.service import tune_gc
 from services.registry.server import Registry, RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -539,6 +540,7 @@ class FakeCluster:
 async def _main(args: argparse.Namespace) -> None:
     engines = await run_fakes(args.registry, prefill=args.prefill, decode=args.decode, both=args.both,
                               model=args.model, tokens_per_output=args.tokens_per_output)
+    tune_gc(20_000)  # as the gateway does: instant fakes must not pause for collections
     try:
         await asyncio.Event().wait()
     finally:
