@@ -145,6 +145,9 @@ class Leg:
     sends to is added to ``holders`` until it finished with the request.
     """
 
+    __slots__ = ("flow", "role", "model", "gen", "holders", "first_timeout", "retryable", "like", "on_output",
+                 "on_end", "tried", "inst", "client", "req_id", "timer", "output_seen", "finished", "ended")
+
     def __init__(self, flow: Flow, role: Role, model: str, gen: Generate, holders: dict[str, Instance],
                  first_timeout: float, retryable: Callable[[BusError], bool],
                  on_output: Callable[[Instance, TokenOutput], None], on_end: Callable[[APIError | None], None],
@@ -285,6 +288,9 @@ class ChoiceRun:
     itself (``error`` None or the ``APIError``).  ``cancel()`` ends it without
     ``on_done``.  Unless it finished normally, every holder gets an ``Abort``.
     """
+
+    __slots__ = ("flow", "request_id", "model", "prompt", "sampling", "stats", "index", "emit", "on_done",
+                 "holders", "leg", "done", "sent", "first", "prompt_ids", "prefill", "final", "prefill_done")
 
     def __init__(self, flow: Flow, request_id: str, model: str, prompt: Prompt, sampling: SamplingParams,
                  stats: ChoiceStats, index: int, emit: Emit,
@@ -435,6 +441,8 @@ class RequestRun:
     choice finished, or with the first choice's error, the others then being
     cancelled.  ``cancel()`` stops every choice (client gone, deadline).
     """
+
+    __slots__ = ("stats", "done", "_remaining", "_runs")
 
     def __init__(self, flow: Flow, req: ParsedRequest, request_id: str, emit: Emit):
         total = len(req.prompts) * req.n
