@@ -21,7 +21,7 @@ import os
 import re
 import time
 from functools import partial
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import msgspec
 import uvicorn
@@ -77,7 +77,6 @@ class JSONResponse:
         await send({"type": "http.response.body", "body": self.body})
 
 
-
 def error_response(e: APIError, request_id: str | None = None) -> JSONResponse:
     return JSONResponse(e.body(), e.status, request_id)
 
@@ -100,6 +99,12 @@ def _logprob_entries(event: ChoiceEvent) -> list:
         return []
     single = len(piece.token_ids) == 1
     return [(lp, lp.token or (piece.text if single else f"token_id:{lp.token_id}")) for lp in piece.logprobs]
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    """A request header's value from the ASGI scope's (lowercase) headers, or None."""
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
 
 
 def _end_of_events(queue: asyncio.Queue, done: asyncio.Future) -> None:
@@ -244,10 +249,10 @@ class Gateway:
     def _too_large(self) -> APIError:
         return APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="request_too_large")
 
-    def _request_id(self, given_bytes: bytes | None) -> str:
-        """The request's id (``X-Request-Id`` or a fresh one), reserved in ``active`` at once, so two
-        requests sending the same id concurrently cannot both run (and abort each other's legs)."""
-        given = None if given_bytes is None else given_bytes.decode("latin-1")
+    def _request_id(self, given: str | None) -> str:
+        """The request's id (``X-Request-Id``'s value ``given``, or a fresh one), reserved in ``active``
+        at once, so two requests sending the same id concurrently cannot both run (and abort each
+        other's legs)."""
         if given is None:
             given = f"{self._id_prefix}{next(self._id_counter):016x}"
         elif not REQUEST_ID.fullmatch(given):
@@ -279,12 +284,11 @@ class Gateway:
         start = time.perf_counter()
         request_id = None
         try:
-            headers = dict(scope["headers"])  # ASGI header names are lowercase
-            authorization = headers.get(b"authorization")
-            if (denied := self._unauthorized(None if authorization is None else authorization.decode("latin-1"))):
+            headers = dict(scope["headers"])
+            if (denied := self._unauthorized(_header(headers, b"authorization"))) is not None:
                 self._count(endpoint, 401)
                 return denied
-            request_id = self._request_id(headers.get(b"x-request-id"))
+            request_id = self._request_id(_header(headers, b"x-request-id"))
             body = await self._body(headers, receive)
             req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
             self._check_model(req)
