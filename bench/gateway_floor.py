@@ -24,19 +24,16 @@ import argparse
 import asyncio
 import sys
 
-import msgspec
-
 from common.bus import FLAG_ITEM
 from common.config import from_args
 from common.messages import Generate, TokenOutput
 from common.service import run_service, setup_logging
 from services.cli import build_parser
 from services.gateway import openai_protocol as oai
-from services.gateway.app import Gateway, serve
+from services.gateway.app import Gateway, JSONResponse, serve
 from services.gateway.config import GatewayConfig
 from starlette.types import Receive, Scope, Send
 
-_json = msgspec.json.Encoder().encode
 CANNED_TEXT = "x" * 16  # the fake engines' 16 tokens are one byte each
 
 
@@ -47,14 +44,11 @@ class _FloorGateway(Gateway):
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             req = oai.parse_completion((await receive())["body"], default_max_tokens=16, max_n=1)
-            request_id = f"{self._id_prefix}{next(self._id_counter):016x}"
+            request_id = self._fresh_request_id()
             text, prompt_tokens, completion_tokens = await self.generate(req, request_id)
-            body = _json(oai.full_response(req, request_id, [oai.full_choice("completion", 0, text, "length", None)],
-                                           oai.usage_dict(prompt_tokens, completion_tokens, 0)))
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                                    (b"x-request-id", request_id.encode())]})
-            await send({"type": "http.response.body", "body": body})
+            body = oai.full_response(req, request_id, [oai.full_choice("completion", 0, text, "length", None)],
+                                     oai.usage_dict(prompt_tokens, completion_tokens, 0))
+            await JSONResponse(body, 200, request_id)(scope, receive, send)
             return
         await super().app(scope, receive, send)
 

@@ -94,18 +94,18 @@ def serve_bare(port: int, body_path: str) -> None:
 class Connection:
     """One keep-alive HTTP/1.1 connection sending the same POST over and over."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
-        self.reader, self.writer, self.request = reader, writer, request
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, port: int):
+        self.reader, self.writer, self.request, self.port = reader, writer, request, port
 
     @classmethod
     async def open(cls, port: int, path: str, body: bytes) -> "Connection":
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        return cls(reader, writer, head + body)
+        return cls(reader, writer, head + body, port)
 
-    async def roundtrip(self) -> int:
-        """Send the request, read the whole response; returns its status."""
+    async def roundtrip(self) -> None:
+        """Send the request, read the whole response; raises unless its status is 200."""
         self.writer.write(self.request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -114,7 +114,8 @@ class Connection:
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
         await self.reader.readexactly(length)
-        return status
+        if status != 200:
+            raise RuntimeError(f"HTTP {status} from port {self.port}")
 
     def close(self) -> None:
         self.writer.close()
@@ -131,10 +132,8 @@ async def load(port: int, body: bytes, requests: int, concurrency: int) -> tuple
         while remaining > 0:
             remaining -= 1
             t0 = time.perf_counter()
-            status = await conn.roundtrip()
+            await conn.roundtrip()
             latencies.append(time.perf_counter() - t0)
-            if status != 200:
-                raise RuntimeError(f"HTTP {status} from port {port}")
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in conns))
@@ -160,12 +159,10 @@ async def load_at_rate(port: int, body: bytes, requests: int, concurrency: int,
     async def one(arrival: float) -> None:
         conn = await free.get()
         try:
-            status = await conn.roundtrip()
+            await conn.roundtrip()
         finally:
             free.put_nowait(conn)
         latencies.append(time.perf_counter() - arrival)
-        if status != 200:
-            raise RuntimeError(f"HTTP {status} from port {port}")
 
     arrivals = random.Random(0)
     sent: list[asyncio.Task] = []

@@ -370,12 +370,8 @@ class _Callback:
     def put(self, item: Any) -> None:
         if isinstance(item, Exception):
             self.on_reply(FLAG_FINAL, item)
-            return
-        flag, reply = item
-        if isinstance(reply, ErrorReply):
-            self.on_reply(FLAG_FINAL, PeerError(reply.code, reply.message, reply.param))
         else:
-            self.on_reply(flag, reply)
+            self.on_reply(*item)
 
 
 def _wake(waiter: asyncio.Future) -> None:
@@ -533,10 +529,7 @@ class BusClient:
         item = items.popleft()
         if isinstance(item, Exception):
             raise item
-        flag, reply = item
-        if isinstance(reply, ErrorReply):
-            raise PeerError(reply.code, reply.message, reply.param)
-        return flag, reply
+        return item
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) % 2:
@@ -559,8 +552,9 @@ class BusClient:
             flag = FLAG_FINAL
         if req_id == 0 and isinstance(reply, ErrorReply):
             log.warning("%s: peer rejected a frame: %s", self.name, reply.message)
-        elif replies is not None:
-            replies.put((flag, reply))
+        elif replies is not None:  # an error reply fails the request, whichever way it is waited for
+            replies.put(PeerError(reply.code, reply.message, reply.param) if isinstance(reply, ErrorReply)
+                        else (flag, reply))
 
     def _on_monitor_event(self, frames: list[bytes]) -> None:
         if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:

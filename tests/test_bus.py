@@ -54,25 +54,23 @@ async def server():
     async def on_stats(msg):
         return stats()
 
+    async def hang_until_cancelled():
+        srv.started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            srv.cancelled.set()
+            raise
+
     async def on_generate(msg):
         for i in range(3):
             yield TokenOutput(request_id=msg.request_id, token_ids=[i], text=str(i))
         if msg.prompt == "hang":
-            srv.started.set()
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                srv.cancelled.set()
-                raise
+            await hang_until_cancelled()
 
     async def on_abort(msg):
         if msg.request_id == "slow":
-            srv.started.set()
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                srv.cancelled.set()
-                raise
+            await hang_until_cancelled()
         if msg.request_id == "refuse":
             raise PeerError("invalid_request", "no such request", param="request_id")
         if msg.request_id == "crash":

@@ -249,12 +249,16 @@ class Gateway:
     def _too_large(self) -> APIError:
         return APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="request_too_large")
 
+    def _fresh_request_id(self) -> str:
+        """A request id unique to this gateway process: its random prefix, then a counter."""
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
+
     def _request_id(self, given: str | None) -> str:
         """The request's id (``X-Request-Id``'s value ``given``, or a fresh one), reserved in ``active``
         at once, so two requests sending the same id concurrently cannot both run (and abort each
         other's legs)."""
         if given is None:
-            given = f"{self._id_prefix}{next(self._id_counter):016x}"
+            given = self._fresh_request_id()
         elif not REQUEST_ID.fullmatch(given):
             raise invalid("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", "X-Request-Id")
         elif given in self.active:
@@ -301,6 +305,7 @@ class Gateway:
             return error_response(e, request_id)
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
         run: RequestRun | None = None
+        streaming = False  # once True, the event stream's cleanup owns the run
         try:
             if req.stream:
                 queue: asyncio.Queue = asyncio.Queue()
@@ -309,15 +314,14 @@ class Gateway:
                 run.start()
                 first = await sse.run_until_disconnect(receive, self._next(queue, deadline))
                 outcome = {"status": CLIENT_GONE}  # set by the stream when it ends by itself
-                running = run
 
                 async def cleanup() -> None:
-                    running.cancel()
+                    run.cancel()
                     self._count(endpoint, outcome["status"])
                     self._finish(request_id)
 
-                run = None  # the stream's cleanup owns it now
-                return sse.EventStream(self._sse(req, request_id, queue, first, running.stats, deadline, start,
+                streaming = True
+                return sse.EventStream(self._sse(req, request_id, queue, first, run.stats, deadline, start,
                                                  outcome), cleanup, {"X-Request-Id": request_id})
             choices = [_ChoiceText() for _ in range(len(req.prompts) * req.n)]
             run = RequestRun(self.flow, req, request_id, partial(self._collect, req, choices, start)).start()
@@ -336,9 +340,9 @@ class Gateway:
             self._count(endpoint, e.status)
             return error_response(e, request_id)
         finally:
-            if run is not None:
-                run.cancel()
-            if not req.stream or run is not None:
+            if not streaming:
+                if run is not None:
+                    run.cancel()
                 self._finish(request_id)
 
     def _client_gone(self, endpoint: str) -> ASGIApp:

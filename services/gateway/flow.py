@@ -123,7 +123,8 @@ class Flow:
         if "prefill_s" in timings:
             self.metrics.prefill.observe(timings["prefill_s"])
 
-    def observe_decode_timings(self, timings: dict[str, float]) -> None:
+    def observe_decode_timings(self, out: TokenOutput) -> None:
+        timings = out.timings or {}
         for key, histogram in (("kv_transfer_s", self.metrics.kv_transfer), ("kv_bytes", self.metrics.kv_bytes),
                                ("first_decode_step_s", self.metrics.first_decode_step)):
             if key in timings:
@@ -411,7 +412,7 @@ class ChoiceRun:
     def _on_decode(self, inst: Instance, out: TokenOutput) -> None:
         if self.first:
             self.flow.metrics.decode_first_output.observe(time.perf_counter() - self.sent)
-            self.flow.observe_decode_timings(out.timings or {})
+            self.flow.observe_decode_timings(out)
             self.first = False
         if out.finish_reason == "abort":
             raise APIError(503, "the decode engine aborted the request", code="aborted")
