@@ -39,16 +39,12 @@ from common.messages import (
     Role,
     Watch,
 )
+from common.roles import serves
+
 logger = logging.getLogger(__name__)
 
 LoadFn = Callable[[], Union[Load, Awaitable[Load]]]
 Listener = Callable[[MembershipChange, Instance], None]
-
-
-def serves_role(instance: Instance, role: Role | None) -> bool:
-    """Whether ``instance`` can do ``role`` work: exact match, or a ``both`` instance
-    for "prefill"/"decode"; ``None`` matches everything."""
-    return role is None or instance.role == role or instance.role == "both"
 
 
 def expect(reply: object, cls: type) -> None:
@@ -83,7 +79,7 @@ class RegistryClient:
         expect(await self._bus.call(Deregister(instance_id=instance_id)), Ack)
 
     async def list(self, role: Role | None = None) -> list[Instance]:
-        """Instances that can serve ``role`` (a ``both`` instance serves prefill and decode)."""
+        """Instances that serve ``role`` (``common.roles.serves``: the exact role; None: all)."""
         reply = await self._bus.call(ListInstances(role=role))
         expect(reply, InstanceList)
         return reply.instances
@@ -178,8 +174,8 @@ class MembershipWatcher:
         self._listeners.append(callback)
 
     def by_role(self, role: Role | None) -> list[Instance]:
-        """Cached instances that can serve ``role`` (a ``both`` instance serves prefill and decode)."""
-        return [i for i in self.instances.values() if serves_role(i, role)]
+        """Cached instances that serve ``role`` (``common.roles.serves``: the exact role; None: all)."""
+        return [i for i in self.instances.values() if serves(i, role)]
 
     def start(self) -> None:
         if self._task is None:

@@ -186,13 +186,14 @@ def test_deregister_is_immediate_and_idempotent():
     assert m.deregister("p0") == [] and m.list() == []
 
 
-def test_list_by_role_includes_both_instances():
+def test_list_by_role_is_the_exact_role():
+    """``common.roles.serves``: a ``both`` instance serves colocated requests only, not P/D legs."""
     m = Membership(lease_ttl_s=1.0)
     m.register(make_instance("p0", "prefill", 9000), PROTOCOL_VERSION, 0.0)
     m.register(make_instance("d0", "decode", 9100), PROTOCOL_VERSION, 0.0)
     m.register(make_instance("b0", "both", 9200), PROTOCOL_VERSION, 0.0)
-    assert sorted(i.id for i in m.list("prefill")) == ["b0", "p0"]
-    assert sorted(i.id for i in m.list("decode")) == ["b0", "d0"]
+    assert [i.id for i in m.list("prefill")] == ["p0"]
+    assert [i.id for i in m.list("decode")] == ["d0"]
     assert [i.id for i in m.list("both")] == ["b0"]
     assert len(m.list()) == 3
 
@@ -258,6 +259,16 @@ async def test_register_list_by_role_and_deregister():
         assert len((await client.call(ListInstances())).instances) == 2
         assert await client.call(Deregister(instance_id="d0")) == Ack()
         assert [i.id for i in (await client.call(ListInstances())).instances] == ["p0"]
+
+
+async def test_list_instances_by_role_over_the_wire_leaves_out_both_instances():
+    """The documented role rule, registry side: ``ListInstances(role="prefill")`` does not list ``both``."""
+    async with running_registry() as (_, client):
+        await client.call(Register(instance=make_instance("p0", "prefill", 9000)))
+        await client.call(Register(instance=make_instance("b0", "both", 9200)))
+        for role, expected in (("prefill", ["p0"]), ("decode", []), ("both", ["b0"]), (None, ["b0", "p0"])):
+            listed = (await client.call(ListInstances(role=role))).instances
+            assert sorted(i.id for i in listed) == expected, role
 
 
 async def test_refusals_travel_as_typed_errors():

@@ -53,7 +53,8 @@ async def test_register_list_deregister(registry):
         assert (registered.heartbeat_interval_s, registered.lease_ttl_s) == (0.05, 0.3)
         assert client.heartbeat_interval_s == 0.05
         await client.register(make_instance("b0", "both", 9100))
-        assert sorted(i.id for i in await client.list("decode")) == ["b0"]
+        assert await client.list("decode") == []  # a both instance serves colocated requests only
+        assert [i.id for i in await client.list("both")] == ["b0"]
         assert sorted(i.id for i in await client.list()) == ["b0", "p0"]
         await client.deregister("b0")
         assert [i.id for i in await client.list()] == ["p0"]
@@ -158,8 +159,9 @@ async def test_watcher_cache_follows_changes_and_survives_a_bad_listener(registr
         await client.register(make_instance("d0", "decode", 9100))
         await client.register(make_instance("b0", "both", 9200))
         await eventually(lambda: len(watcher.instances) == 3)
-        assert sorted(i.id for i in watcher.by_role("decode")) == ["b0", "d0"]
-        assert sorted(i.id for i in watcher.by_role("prefill")) == ["b0", "p0"]
+        assert [i.id for i in watcher.by_role("decode")] == ["d0"]
+        assert [i.id for i in watcher.by_role("prefill")] == ["p0"]
+        assert [i.id for i in watcher.by_role("both")] == ["b0"]
 
         await client.deregister("d0")
         # Nothing heart-beats here: everything expires after the 0.3 s TTL.

@@ -24,7 +24,7 @@ import msgspec
 
 from common.errors import PeerError
 from common.messages import PROTOCOL_VERSION, Instance, Load, MembershipEvent, Role
-from common.registry_client import serves_role
+from common.roles import serves
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class Membership:
         self.last_seen: dict[str, float] = {}
 
     def list(self, role: Role | None = None) -> list[Instance]:
-        return [i for i in self.instances.values() if serves_role(i, role)]
+        """The live instances that serve ``role`` (``common.roles.serves``: the exact role; None: all)."""
+        return [i for i in self.instances.values() if serves(i, role)]
 
     def next_deadline(self) -> float | None:
         """Monotonic time at which the oldest lease runs out (None when empty)."""
