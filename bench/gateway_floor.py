@@ -30,8 +30,10 @@ from common.messages import Generate, TokenOutput
 from common.service import run_service, setup_logging
 from services.cli import build_parser
 from services.gateway import openai_protocol as oai
-from services.gateway.app import Gateway, JSONResponse, serve
+from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
+from services.gateway.responses import JSONResponse
+from services.gateway.server import serve
 from starlette.types import Receive, Scope, Send
 
 CANNED_TEXT = "x" * 16  # the fake engines' 16 tokens are one byte each
@@ -44,7 +46,7 @@ class _FloorGateway(Gateway):
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             req = oai.parse_completion((await receive())["body"], default_max_tokens=16, max_n=1)
-            request_id = self._fresh_request_id()
+            request_id = self.request_ids.fresh()
             text, prompt_tokens, completion_tokens = await self.generate(req, request_id)
             body = oai.full_response(req, request_id, [oai.full_choice("completion", 0, text, "length", None)],
                                      oai.usage_dict(prompt_tokens, completion_tokens, 0))
@@ -64,7 +66,7 @@ class BusFloor(_FloorGateway):
         prefill = self.router.pick("prefill", req.model)
         decode = self.router.pick("decode", req.model, like=prefill)
         assert prefill is not None and decode is not None
-        prefill_client, decode_client = self.clients.get(prefill), self.clients.get(decode)
+        prefill_client, decode_client = self.connections.get(prefill), self.connections.get(decode)
         text: list[str] = []
         first: list[TokenOutput] = []
         usage: list[int] = []  # decode's completion tokens

@@ -72,7 +72,7 @@ def serve_bare(port: int, body_path: str) -> None:
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from services.gateway.app import UVICORN_LEAN
+    from services.gateway.server import UVICORN_LEAN
 
     with open(body_path, "rb") as f:
         payload = f.read()

@@ -318,8 +318,8 @@ async def test_pick_skips_excluded_incompatible_other_models_and_recently_failed
     assert {r.pick("decode", MODEL, like=p).id for _ in range(3)} == {"d2"}
     assert r.pick("decode", MODEL, like=p, exclude=["d2"]).id == "d"  # failed, but the only one left
     assert r.pick("decode", MODEL, like=p, exclude=["d", "d2"]) is None
-    assert r.leg_for(MODEL) == "disagg"
-    assert Router(members(inst("b", "both")), mode="auto").leg_for(MODEL) == "colocated"
+    assert r.mode_for(MODEL) == "disagg"
+    assert Router(members(inst("b", "both")), mode="auto").mode_for(MODEL) == "colocated"
 
 
 # --------------------------------------------------------------------------- #

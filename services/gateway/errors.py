@@ -37,3 +37,8 @@ class APIError(PdserveError):
 def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     """A 400 for bad input."""
     return APIError(400, message, param=param, code=code)
+
+
+def no_instance(message: str) -> APIError:
+    """The 503 for work no registered instance can take now (``message`` says which)."""
+    return APIError(503, message, code="no_instance")

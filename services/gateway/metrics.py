@@ -11,6 +11,10 @@ minus the prefill leg is the gateway's own share of TTFT.
 Per instance, from registry heartbeats: running and waiting requests, KV blocks
 used, total and pinned for transfer, labelled by instance id and role.
 
+``GatewayMetrics`` is the flow's ``FlowObserver``: the flow reports moments
+(``on_first_token``, ``on_request_done``...), and only this module knows which
+metric each one feeds.
+
 The per-request histograms are ``LoopHistogram``s: a request observes about a
 dozen of them, and prometheus_client's ``Histogram`` takes a lock and walks its
 buckets in Python on every observation, a measurable share of a request's cost.
@@ -18,15 +22,17 @@ buckets in Python on every observation, a measurable share of a request's cost.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from common.messages import Instance, Load
+from common.messages import Instance, Load, Role
+from services.gateway.context import ChoiceTiming
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 36, 2))
@@ -68,6 +74,8 @@ class LoopHistogram:
 
 
 class GatewayMetrics:
+    """The gateway's Prometheus metrics; a ``FlowObserver``."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -106,11 +114,54 @@ class GatewayMetrics:
             for name in LOAD_FIELDS
         }
 
-    def count_request(self, endpoint: str, status: int) -> None:
+    # -- FlowObserver ----------------------------------------------------------
+
+    def on_leg_retry(self, role: Role) -> None:
+        self.retries.labels(role).inc()
+
+    def on_abort(self, role: Role) -> None:
+        self.aborts.labels(role).inc()
+
+    def on_first_leg_token(self, elapsed: float) -> None:
+        self.prefill_leg.observe(elapsed)
+
+    def on_prefill_timings(self, timings: dict[str, float]) -> None:
+        if "queue_s" in timings:
+            self.prefill_queue.observe(timings["queue_s"])
+        if "prefill_s" in timings:
+            self.prefill.observe(timings["prefill_s"])
+
+    def on_decode_dispatch(self, elapsed: float) -> None:
+        self.decode_dispatch.observe(elapsed)
+
+    def on_decode_first_output(self, elapsed: float, timings: dict[str, float]) -> None:
+        self.decode_first_output.observe(elapsed)
+        for key, histogram in (("kv_transfer_s", self.kv_transfer), ("kv_bytes", self.kv_bytes),
+                               ("first_decode_step_s", self.first_decode_step)):
+            if key in timings:
+                histogram.observe(timings[key])
+
+    def on_first_token(self, since_request: float) -> None:
+        self.ttft.observe(since_request)
+
+    def on_second_token(self, gap: float) -> None:
+        self.first_itl.observe(gap)
+
+    def on_request_done(self, endpoint: str, status: int, elapsed: float, choices: Sequence[ChoiceTiming]) -> None:
+        """Counted by endpoint and status; a 200 also observes its latency and each choice's time per token."""
         child = self._request_children.get((endpoint, status))
         if child is None:
             child = self._request_children[(endpoint, status)] = self.requests.labels(endpoint, str(status))
         child.inc()
+        if status != 200:
+            return
+        self.e2e.observe(elapsed)
+        end = time.perf_counter()
+        for c in choices:
+            if c.first_token_at is not None and c.completion_tokens > 1:
+                self.tpot.observe((end - c.first_token_at) / (c.completion_tokens - 1))
+
+    # -- per instance ----------------------------------------------------------
 
     def observe_instance(self, inst: Instance) -> None:
         for name, gauge in self.load.items():

@@ -1,5 +1,8 @@
 """Which instance serves a leg: membership view, mode, and per-role policies.
 
+An instance serves exactly its registered role (``common.roles.serves``): a ``both``
+instance takes colocated requests only, never a prefill or decode leg.
+
 The membership is the registry watcher's ``instances`` mapping (expired and
 deregistered instances leave it); ``changed()`` must be called after every
 change of it (it is the watcher's listener), then the next pick sees it.  Prefill and decode
@@ -20,12 +23,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, get_args
 
 from common.messages import Instance, Role
-from services.gateway.errors import APIError
+from common.roles import serves
+from services.gateway.errors import APIError, no_instance
 
-Leg = Literal["disagg", "colocated"]
+ServingMode = Literal["disagg", "colocated"]  # P/D legs (prefill then decode), or one leg on a `both` instance
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 class RoundRobin:
@@ -53,10 +58,6 @@ class LeastLoaded:
 POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
 
 
-def no_instance(what: str) -> APIError:
-    return APIError(503, f"no {what} instance available", code="no_instance")
-
-
 class Router:
     def __init__(self, instances: Mapping[str, Instance], *, mode: str = "auto",
                  prefill_policy: str = "least_loaded", decode_policy: str = "least_loaded",
@@ -81,10 +82,13 @@ class Router:
             self._failed_until.pop(inst.id, None)
 
     def _of(self, role: Role, model: str) -> list[Instance]:
+        """The instances of ``model`` that serve ``role`` (``common.roles.serves``), sorted by id."""
         if self._groups is None:
             groups: dict[tuple[str, str], list[Instance]] = {}
             for i in sorted(self.instances.values(), key=lambda i: i.id):
-                groups.setdefault((i.role, i.model), []).append(i)
+                for served in ROLES:
+                    if serves(i, served):
+                        groups.setdefault((served, i.model), []).append(i)
             self._groups = groups
         return self._groups.get((role, model), [])
 
@@ -101,23 +105,23 @@ class Router:
                 (i.capacity.max_model_len for i in self.instances.values() if i.model == model), default=0)
         return length
 
-    def leg_for(self, model: str) -> Leg:
+    def mode_for(self, model: str) -> ServingMode:
         """How ``model`` is served now; raises 503 when the needed roles are missing."""
         if self.mode in ("auto", "disagg"):
             if self._of("prefill", model) and self._of("decode", model):
                 return "disagg"
             if self.mode == "disagg":
-                raise no_instance(f"prefill and decode for model {model!r}: need both roles")
+                raise no_instance(f"no prefill and decode instance available for model {model!r}: need both roles")
         if self._of("both", model):
             return "colocated"
-        raise no_instance(f"{'colocated (role both)' if self.mode == 'colocated' else 'serving'} "
-                          f"for model {model!r}")
+        raise no_instance(f"no {'colocated (role both)' if self.mode == 'colocated' else 'serving'} "
+                          f"instance available for model {model!r}")
 
     def ready(self) -> bool:
         """Some model has what the mode needs."""
         for model in self.models():
             try:
-                self.leg_for(model)
+                self.mode_for(model)
                 return True
             except APIError:
                 pass

@@ -36,8 +36,7 @@ class EventStream(StreamingResponse):
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, events: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]],
-                 headers: dict[str, str]):
+    def __init__(self, events: AsyncIterator[bytes], cleanup: Callable[[], None], headers: dict[str, str]):
         super().__init__(events, headers={**HEADERS, **headers})
         self.cleanup = cleanup
 
@@ -45,7 +44,7 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.cleanup()
+            self.cleanup()
 
 
 class ClientGone(Exception):

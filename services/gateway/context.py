@@ -1,0 +1,67 @@
+"""What every request run shares: ``FlowContext``, and the ``FlowObserver`` the flow reports to.
+
+The flow records no metric itself: each moment worth measuring is one call on
+the observer (``GatewayMetrics`` implements it; a test may pass its own).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from common.messages import Role
+from services.gateway.config import GatewayConfig
+from services.gateway.engine_connections import EngineConnections
+from services.gateway.request_ids import RequestIds
+from services.gateway.router import Router
+
+
+class ChoiceTiming(Protocol):
+    """What the observer reads of a finished choice (``flow.ChoiceStats``)."""
+
+    completion_tokens: int
+    first_token_at: float | None
+
+
+class FlowObserver(Protocol):
+    """The measurements of a request's life, in the order they happen (times in seconds)."""
+
+    def on_leg_retry(self, role: Role) -> None:
+        """A leg of ``role`` is sent again, to another instance."""
+
+    def on_abort(self, role: Role) -> None:
+        """An ``Abort`` goes to an instance of ``role``."""
+
+    def on_first_leg_token(self, elapsed: float) -> None:
+        """The prefill (or colocated) leg's first token arrived, ``elapsed`` after its ``Generate`` went out."""
+
+    def on_prefill_timings(self, timings: dict[str, float]) -> None:
+        """The prefill (or colocated) engine's own timings of a choice (``queue_s``, ``prefill_s``)."""
+
+    def on_decode_dispatch(self, elapsed: float) -> None:
+        """The decode ``Generate`` went out, ``elapsed`` after prefill's first token came in."""
+
+    def on_decode_first_output(self, elapsed: float, timings: dict[str, float]) -> None:
+        """Decode's first output, ``elapsed`` after its ``Generate``; with decode's own timings."""
+
+    def on_first_token(self, since_request: float) -> None:
+        """A choice's first token, ``since_request`` after the HTTP request arrived (TTFT)."""
+
+    def on_second_token(self, gap: float) -> None:
+        """A choice's second token, ``gap`` after its first (for P/D: the handoff)."""
+
+    def on_request_done(self, endpoint: str, status: int, elapsed: float, choices: Sequence[ChoiceTiming]) -> None:
+        """A request to ``endpoint`` was answered with ``status``, ``elapsed`` after it arrived."""
+
+
+class FlowContext:
+    """The gateway's parts a request run uses: config, router, engine connections, observer, request ids."""
+
+    __slots__ = ("config", "router", "connections", "observer", "request_ids")
+
+    def __init__(self, config: GatewayConfig, router: Router, connections: EngineConnections,
+                 observer: FlowObserver, request_ids: RequestIds):
+        self.config = config
+        self.router = router
+        self.connections = connections
+        self.observer = observer
+        self.request_ids = request_ids

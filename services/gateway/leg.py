@@ -1,0 +1,192 @@
+"""One leg of a choice: a ``Generate`` on an instance of one role, retried while nothing was output.
+
+A prefill leg (or a colocated leg) that fails before its first output is retried
+on another instance, at most ``max_retries`` times; a decode leg is retried only
+when its instance never took the request (gone, shutting down).  Timeouts:
+``prefill_timeout_s`` for a prefill's (or colocated leg's) first output,
+``decode_first_token_timeout_s`` for decode's first output,
+``stream_idle_timeout_s`` between later outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Callable
+
+from common.bus import FLAG_END, FLAG_ITEM, BusClient
+from common.errors import BusError, CallTimeout, PeerError, PeerGone
+from common.messages import Generate, Instance, Role, TokenOutput
+from services.gateway.errors import APIError, no_instance
+
+if TYPE_CHECKING:
+    from services.gateway.context import FlowContext
+    from services.gateway.flow import ChoiceRun
+
+log = logging.getLogger(__name__)
+
+RETRY_CODES = ("overloaded", "shutting_down")
+
+
+def retry_before_output(e: BusError) -> bool:
+    """A prefill or colocated attempt that failed so may go to another instance (before any output)."""
+    return isinstance(e, (PeerGone, CallTimeout)) or (isinstance(e, PeerError) and e.code in RETRY_CODES)
+
+
+def retry_untaken(e: BusError) -> bool:
+    """A decode leg is retried only when the instance never took the request: an engine that
+    answers "overloaded" has already released prefill's KV, so another decode could not read it."""
+    return isinstance(e, PeerGone) or (isinstance(e, PeerError) and e.code == "shutting_down")
+
+
+def leg_error(role: Role, inst: Instance, e: BusError) -> APIError:
+    """The HTTP error for a leg that failed with ``e``."""
+    if isinstance(e, PeerError) and e.code == "invalid_request":
+        return APIError(400, e.message, param=e.param, code="invalid_value")
+    if isinstance(e, CallTimeout):
+        return APIError(504, f"{role} instance {inst.id} timed out: {e}", code="upstream_timeout")
+    if isinstance(e, PeerError) and e.code in RETRY_CODES:
+        return APIError(503, f"{role} instance {inst.id} refused the request: {e.message}", code=e.code)
+    return APIError(502, f"{role} instance {inst.id} failed: {e}", code="upstream_error")
+
+
+class Leg:
+    """``gen`` on an instance of ``role`` for ``choice``, retried on another one while nothing was output.
+
+    ``on_output(inst, out)`` hears each ``TokenOutput`` as it arrives (raising
+    ``APIError`` ends the leg with it); ``on_end(error)`` is called once, with
+    None when the engine's stream ended, else the ``APIError``.  ``stop()`` ends
+    it silently (cancelling the request on the engine).  Every instance the leg
+    sends to is in the choice's ``holders`` until it finished with the request;
+    each attempt holds one router slot, freed when the attempt is over (``_close``).
+    ``like``: only instances with this one's fingerprint (decode after prefill).
+    """
+
+    __slots__ = ("context", "choice", "role", "gen", "like", "on_output", "on_end", "tried", "inst", "client",
+                 "req_id", "timer", "output_seen", "finished", "ended")
+
+    def __init__(self, choice: ChoiceRun, role: Role, gen: Generate,
+                 on_output: Callable[[Instance, TokenOutput], None], on_end: Callable[[APIError | None], None],
+                 like: Instance | None = None):
+        self.context: FlowContext = choice.run.context
+        self.choice, self.role, self.gen, self.like = choice, role, gen, like
+        self.on_output, self.on_end = on_output, on_end
+        self.tried: list[str] = []
+        self.inst: Instance | None = None  # the instance of the attempt in flight, None between attempts
+        self.client: BusClient | None = None
+        self.req_id = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.output_seen = self.finished = self.ended = False
+
+    def start(self) -> None:
+        model = self.choice.run.req.model
+        inst = self.context.router.pick(self.role, model, exclude=self.tried, like=self.like)
+        if inst is None:
+            if not self.tried:
+                self._end(no_instance(f"no {self.role} instance available for model {model!r}"))
+            else:
+                self._end(no_instance(f"{self.role} failed on {', '.join(self.tried)}; no other instance left"))
+            return
+        if self.tried:
+            self.context.observer.on_leg_retry(self.role)
+        self.tried.append(inst.id)
+        self.choice.holders[inst.id] = inst
+        self.inst, self.output_seen, self.finished = inst, False, False
+        self.client = self.context.connections.get(inst)
+        self.req_id = 0  # no request of this attempt yet (ids start at 1)
+        try:
+            self.req_id = self.client.request(self.gen, self._on_reply)
+        except BusError as e:  # the client was closed: the instance just left
+            self._failed(e)
+            return
+        config = self.context.config
+        self._arm(config.decode_first_token_timeout_s if self.role == "decode" else config.prefill_timeout_s)
+
+    def stop(self) -> None:
+        """End silently: the engine is told to stop (the caller aborts the holders)."""
+        self.ended = True
+        self._close(cancel=True)
+
+    # -- internals ---------------------------------------------------------
+
+    def _arm(self, timeout: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+
+    def _timed_out(self, timeout: float) -> None:
+        self.timer = None
+        assert self.client is not None
+        self._failed(CallTimeout(f"{self.client.endpoint}: no reply within {timeout:g} s"), cancel=True)
+
+    def _close(self, cancel: bool) -> None:
+        """The attempt in flight is over: its timer, its pending request (cancelled on the engine if
+        ``cancel``) and its slot in the router's count."""
+        inst, self.inst = self.inst, None
+        if inst is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.client is not None
+        if cancel:
+            self.client.cancel(self.req_id)
+        else:
+            self.client.forget(self.req_id)
+        self.context.router.done(inst)
+
+    def _end(self, error: APIError | None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_end(error)
+
+    def _on_reply(self, flag: int, reply: TokenOutput | BusError | None) -> None:
+        inst = self.inst
+        if inst is None:
+            return  # a late reply to an attempt already over
+        try:
+            if isinstance(reply, BusError):
+                self._failed(reply)
+                return
+            last = flag != FLAG_ITEM
+            if flag != FLAG_END:
+                assert isinstance(reply, TokenOutput)
+                self.output_seen = self.output_seen or bool(reply.token_ids) or reply.finish_reason is not None
+                if reply.finish_reason is not None:
+                    self.finished = True
+                    if reply.finish_reason != "remote_decode":
+                        self.choice.holders.pop(inst.id, None)  # finished: the engine freed everything
+                if not last:
+                    self._arm(self.context.config.stream_idle_timeout_s)
+                self.on_output(inst, reply)
+            if last:
+                self._close(cancel=False)
+                self._end(None)
+        except APIError as e:
+            self._close(cancel=True)
+            self._end(e)
+        except Exception as e:  # a bug here must fail the request, not leave it waiting for its deadline
+            log.exception("%s leg of %s failed", self.role, self.gen.request_id)
+            self._close(cancel=True)
+            self._end(APIError(500, f"gateway error: {type(e).__name__}: {e}", code="internal_error"))
+
+    def _failed(self, e: BusError, cancel: bool = False) -> None:
+        inst = self.inst
+        assert inst is not None
+        self._close(cancel)
+        if self.finished:  # the stream's end marker was lost after the final output: nothing to undo
+            self._end(None)
+            return
+        if not isinstance(e, PeerError) or e.code not in ("invalid_request", "kv_transfer_failed"):
+            self.context.router.mark_failed(inst)  # not for bad input, nor for a read from a failing prefill
+        retryable = retry_untaken if self.role == "decode" else retry_before_output
+        if self.output_seen or not retryable(e):
+            self._end(leg_error(self.role, inst, e))
+            return
+        if len(self.tried) > self.context.config.max_retries:
+            code = e.code if isinstance(e, PeerError) else "upstream_unavailable"
+            self._end(APIError(503, f"{self.role} leg failed on {', '.join(self.tried)} (last: {e})", code=code))
+            return
+        self.choice.holders.pop(inst.id, None)
+        self.context.connections.abort(inst, self.gen.request_id)
+        self.start()

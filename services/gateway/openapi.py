@@ -1,0 +1,42 @@
+"""The OpenAPI 3.1 description of the gateway's HTTP API."""
+
+from __future__ import annotations
+
+import msgspec
+
+from services.gateway import openai_protocol as oai
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 description of the API; request schemas come from the request structs."""
+    (completion, chat), components = msgspec.json.schema_components(
+        [oai.CompletionRequest, oai.ChatCompletionRequest], ref_template="#/components/schemas/{name}")
+
+    def post(summary: str, schema: dict) -> dict:
+        return {"post": {"summary": summary,
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                         "responses": {"200": {"description": "JSON, or text/event-stream when stream is true"},
+                                       "400": {"description": "invalid request (OpenAI error body)"},
+                                       "401": {"description": "missing or invalid API key"},
+                                       "413": {"description": "body too large"},
+                                       "502": {"description": "an engine failed"},
+                                       "503": {"description": "no instance available"},
+                                       "504": {"description": "an engine or the request timed out"}}}}
+
+    def get(summary: str) -> dict:
+        return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pdserve gateway", "version": "1"},
+        "paths": {
+            "/v1/completions": post("Text completion (OpenAI)", completion),
+            "/v1/chat/completions": post("Chat completion (OpenAI)", chat),
+            "/v1/models": get("Served models"),
+            "/v1/instances": get("Registered instances with their load"),
+            "/health": get("Process alive"),
+            "/ready": get("A serving set of instances is registered (503 otherwise)"),
+            "/metrics": get("Prometheus metrics"),
+        },
+        "components": {"schemas": components},
+    }

@@ -1,0 +1,82 @@
+"""The gateway process: the registry watch, the HTTP server (uvicorn) and ``serve()``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Callable
+
+import uvicorn
+
+from common.registry_client import MembershipWatcher
+from common.service import tune_gc
+from services.gateway.app import Gateway
+from services.gateway.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+
+# Per-request work uvicorn does by default that the gateway has no use for: rewriting the
+# client address from X-Forwarded-For (nothing reads it) and a "Server: uvicorn" header.
+UVICORN_LEAN = {"proxy_headers": False, "server_header": False}
+
+
+class HTTPServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: ``run_service`` owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on (useful with port 0); valid once ``started``."""
+        return self.servers[0].sockets[0].getsockname()[1]
+
+
+async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
+                started: Callable[[HTTPServer], None] | None = None, gateway_class: type[Gateway] = Gateway) -> None:
+    """Watch the registry and serve HTTP until cancelled, then shut down in order.
+
+    Once listening it tunes the process's garbage collector (``tune_gc``).
+    Shutdown: stop accepting, let in-flight requests finish for ``shutdown_timeout_s``,
+    cancel the rest (their engine legs get ``Abort``), close engine clients, stop watching.
+    ``started(server)`` is called once listening (tests read ``server.port``);
+    ``gateway_class`` lets a benchmark serve a variant of the app under the same process setup.
+    """
+    config.validate()
+    watcher = MembershipWatcher(config.registry, idle_timeout=config.registry_idle_timeout_s,
+                                grace_s=config.membership_grace_s)
+    snapshot = asyncio.Event()
+    watcher.start()
+    wait_snapshot = asyncio.create_task(watcher.wait_ready())
+    wait_snapshot.add_done_callback(lambda t: t.cancelled() or t.exception() or snapshot.set())
+    gateway = gateway_class(config, watcher, watcher_ready=snapshot.is_set)
+    server = HTTPServer(uvicorn.Config(
+        gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http="httptools",
+        lifespan="off", log_level=config.log_level, access_log=False, **UVICORN_LEAN,
+        timeout_graceful_shutdown=max(1, round(config.shutdown_timeout_s)),
+    ))
+    task = asyncio.create_task(server.serve(), name="gateway-http")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # a bind failure raises here
+                raise RuntimeError("the HTTP server exited before starting")
+            await asyncio.sleep(0.01)
+        log.info("gateway on http://%s:%d (registry %s, mode %s)", config.host, server.port,
+                 config.registry, config.mode)
+        tune_gc(config.gc_threshold)
+        if started is not None:
+            started(server)
+        if ready is not None:
+            ready.set()
+        await asyncio.shield(task)
+    finally:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
+        wait_snapshot.cancel()
+        await gateway.close()
+        await watcher.close()
+        log.info("gateway stopped")

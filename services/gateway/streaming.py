@@ -1,0 +1,90 @@
+"""A streaming request's answer: its events queued as they come, written out as OpenAI SSE chunks.
+
+The HTTP status is sent only once the first event (or an error) is known, so
+an engine's validation error is a real 400; after that, a failure arrives as
+one SSE ``error`` event followed by ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from services.gateway import openai_protocol as oai
+from services.gateway import sse
+from services.gateway.errors import APIError
+from services.gateway.flow import ChoiceEvent
+from services.gateway.request_run import RequestRun
+from services.gateway.responses import logprob_entries, usage
+
+log = logging.getLogger(__name__)
+
+
+class EventQueue:
+    """The emit target of a streaming request: its events, then the end (None, or the run's error)."""
+
+    __slots__ = ("_queue", "put")
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.put = self._queue.put_nowait
+
+    def follow(self, run: RequestRun) -> None:
+        """Queue the end of ``run``'s events once every choice ended."""
+        run.done.add_done_callback(self._end)
+
+    def _end(self, done: asyncio.Future) -> None:
+        self.put(None if done.cancelled() or done.exception() is None else done.exception())
+
+    async def next(self, run: RequestRun) -> ChoiceEvent | None:
+        """The next event, or None at the end; raises the run's error, or 504 past its deadline."""
+        try:
+            async with asyncio.timeout_at(run.deadline):
+                item = await self._queue.get()
+        except TimeoutError:
+            raise run.timed_out() from None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+class SSEWriter:
+    """The SSE body of ``run`` from its ``first`` event on; closes the run with its status when it
+    ends by itself (200, or the error's status)."""
+
+    __slots__ = ("run", "events", "first")
+
+    def __init__(self, run: RequestRun, events: EventQueue, first: ChoiceEvent | None):
+        self.run, self.events, self.first = run, events, first
+
+    async def body(self) -> AsyncIterator[bytes]:
+        run, req = self.run, self.run.req
+        offsets = [0] * len(run.stats)
+        started: set[int] = set()
+        try:
+            event = self.first
+            while event is not None:
+                piece = event.piece
+                logprobs = None
+                if req.logprobs:
+                    entries = logprob_entries(event)
+                    if req.kind == "completion":
+                        logprobs = oai.completion_logprobs(entries, offsets[event.index])
+                    else:
+                        logprobs = oai.chat_logprobs(entries)
+                offsets[event.index] += len(piece.text)
+                choice = oai.chunk_choice(req.kind, event.index, piece.text, piece.finish_reason, logprobs,
+                                          event.index not in started)
+                started.add(event.index)
+                yield sse.event(oai.chunk(req, run.request_id, [choice]))
+                event = await self.events.next(run)
+            if req.include_usage:
+                yield sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats)))
+            run.close(200)
+            yield sse.DONE
+        except APIError as e:
+            run.close(e.status)
+            log.warning("request %s failed mid-stream: %s", run.request_id, e.message)
+            yield sse.event(e.body())
+            yield sse.DONE
