@@ -16,6 +16,7 @@ import pytest
 
 from common.bus import MAX_BATCH_RECORDS
 from common.messages import Capacity, Instance, Load
+from services.gateway.errors import APIError
 from services.gateway.router import Router
 from tests.fakes.engines import FakeCluster, fingerprint
 from tests.procs import eventually
@@ -320,6 +321,28 @@ async def test_pick_skips_excluded_incompatible_other_models_and_recently_failed
     assert r.pick("decode", MODEL, like=p, exclude=["d", "d2"]) is None
     assert r.mode_for(MODEL) == "disagg"
     assert Router(members(inst("b", "both")), mode="auto").mode_for(MODEL) == "colocated"
+
+
+async def test_router_follows_the_role_rule_a_both_instance_serves_colocated_only():
+    """``common.roles.serves``, router side: a ``both`` instance never takes a P/D leg."""
+    both = inst("b", "both")
+    r = Router(members(both, inst("p", "prefill")), mode="auto")
+    assert r.pick("decode", MODEL) is None and r.pick("prefill", MODEL, exclude=["p"]) is None
+    assert r.mode_for(MODEL) == "colocated"  # no decode instance: P/D is not possible, the both one serves
+    assert r.pick("both", MODEL) is both
+    with pytest.raises(APIError) as err:
+        Router(members(both, inst("p", "prefill")), mode="disagg").mode_for(MODEL)
+    assert err.value.status == 503 and err.value.code == "no_instance"
+
+
+async def test_colocated_request_runs_on_the_both_instance_when_pd_is_incomplete():
+    async with FakeCluster(prefill=1, decode=0, both=1) as c:
+        async with httpx.AsyncClient(base_url=c.url, timeout=15) as h:
+            r = await h.post("/v1/completions", json=body("colocated", 4))
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 4
+            assert not c.of("prefill")[0].received and [g.request_id for g in c.of("both")[0].received] == [
+                r.headers["x-request-id"]]
 
 
 # --------------------------------------------------------------------------- #
