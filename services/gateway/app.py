@@ -43,6 +43,8 @@ from services.gateway.streaming import EventQueue, SSEWriter
 
 
 class Membership(Protocol):
+    """The membership view the gateway serves from (the registry watcher's): instances by id, and changes."""
+
     instances: dict[str, Instance]
 
     def add_listener(self, callback: Callable[[MembershipChange, Instance], None]) -> None: ...

@@ -44,10 +44,10 @@ class RequestRun:
         self._remaining = total
         self._runs = [ChoiceRun(self, i) for i in range(total)]
 
-    def start(self) -> "RequestRun":
+    def start(self) -> None:
+        """Send every choice's first leg."""
         for run in self._runs:
             run.start()
-        return self
 
     def timed_out(self) -> APIError:
         """The 504 of a request past its deadline."""
