@@ -8,6 +8,7 @@ matmul each.  Every layer reads and writes the paged ``KVCache``.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
