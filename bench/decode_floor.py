@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common.arith import ceil_div
 from common.engine.attention import AttentionMetadata
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
@@ -260,7 +261,7 @@ def main() -> None:
             device=args.device,
             max_num_seqs=max(batches),
             max_model_len=max_len,
-            num_kv_blocks=max(batches) * -(-max_len // block_size) + 1,
+            num_kv_blocks=max(batches) * ceil_div(max_len, block_size) + 1,
             block_size=block_size,
         )
     )

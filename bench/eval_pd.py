@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.processes import free_port
 from common.config import ConfigError, add_arguments, from_args, opt, require
 from common.errors import PdserveError
 
@@ -111,12 +111,6 @@ class EvalConfig:
         from common.engine.demo_model import ensure_demo_checkpoint
 
         return str(ensure_demo_checkpoint())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:

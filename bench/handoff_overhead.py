@@ -1,7 +1,7 @@
 """P/D handoff overhead through real service processes, against a bus round trip in the same run.
 
 Starts a registry, a prefill and a decode process (``python -m services.*``,
-demo model, CPU, Mooncake over TCP on loopback; see ``tests/procs.py``), then
+demo model, CPU, Mooncake over TCP on loopback; see ``bench/processes.py``), then
 sends ``--requests`` P/D requests one at a time, each with a fresh random
 prompt of ``--prompt-len`` tokens (no prefix-cache hits on either side) and
 ``max_tokens=2`` (the first token comes from prefill, the second is decode's
@@ -42,15 +42,16 @@ import json
 import statistics
 import time
 
+from bench.engine_driver import EngineDriver, prompt_ids
+from bench.processes import Processes
 from bench.serving_stats import percentile
 from common.messages import EngineStats, Generate, GetStats, SamplingParams
 from common.service import new_event_loop
-from tests.procs import EngineClients, Processes, prompt_ids
 
 SAMPLING = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
 
-async def one_handoff(clients: EngineClients, rid: str, ids: list[int]) -> dict[str, float]:
+async def one_handoff(clients: EngineDriver, rid: str, ids: list[int]) -> dict[str, float]:
     """Run one P/D request; returns its client-side and decode-side durations in seconds."""
     t_reply = None
     params = None
@@ -78,7 +79,7 @@ async def one_handoff(clients: EngineClients, rid: str, ids: list[int]) -> dict[
     }
 
 
-async def bus_round_trip(clients: EngineClients) -> float:
+async def bus_round_trip(clients: EngineDriver) -> float:
     started = time.perf_counter()
     assert isinstance(await clients.client("decode").call(GetStats()), EngineStats)
     return time.perf_counter() - started
@@ -96,7 +97,7 @@ async def run(args: argparse.Namespace) -> dict:
         procs.start_engine("prefill", "prefill", *flags)
         procs.start_engine("decode", "decode", *flags)
         await procs.wait_registered("prefill", "decode")
-        clients = EngineClients(procs.engine_endpoints(), timeout_s=30.0)
+        clients = EngineDriver(procs.engine_endpoints(), timeout_s=30.0)
         try:
             for i in range(args.warmup):  # handshake, first-call paths, allocator warm-up
                 await one_handoff(clients, f"warm-{i}", prompt_ids(args.prompt_len, seed=10**6 + i))

@@ -14,6 +14,8 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from bench.engine_driver import GREEDY, EngineDriver, prompt_ids, tokens
+from bench.processes import free_port
 from common.bus import BusClient
 from common.engine.engine import LLMEngine
 from common.engine_service import EngineService, EngineServiceConfig
@@ -31,7 +33,6 @@ from common.messages import (
     TokenOutput,
 )
 from services.registry import Registry, RegistryConfig
-from tests.procs import GREEDY, EngineClients, free_port, prompt_ids, tokens
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,7 +40,7 @@ NUM_BLOCKS = 64
 BLOCK = 16
 
 
-class Cluster(EngineClients):
+class Cluster(EngineDriver):
     """The module's services and bus clients to them by name."""
 
     def __init__(self, registry: Registry, services: dict[str, EngineService]):
@@ -381,7 +382,7 @@ async def test_a_failed_engine_fails_its_requests_and_refuses_new_ones(cluster: 
     engine.step = broken_step
     service = EngineService(cfg, engine)
     await service.start()
-    client = EngineClients({"doomed": service.request_endpoint})
+    client = EngineDriver({"doomed": service.request_endpoint})
     try:
         with pytest.raises(PeerError) as err:
             await client.run("doomed", Generate("doomed-1", GREEDY, prompt_token_ids=[5, 6, 7]))

@@ -15,9 +15,9 @@ import pytest_asyncio
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from bench.fake_engines import FakeCluster, token_at
 from common.messages import SamplingParams
 from services.gateway.openai_protocol import parse_chat, parse_completion
-from tests.fakes.engines import FakeCluster, token_at
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -1,12 +1,13 @@
 """L1: the MoRI-IO backend against the fake ``mori.io`` (real memcpy), and the backend factory."""
 
+import importlib
 import sys
 import time
 
 import pytest
 import torch
 
-from common.kv_transfer.backend import BackendUnavailable, make_backend
+from common.kv_transfer.backend import BACKENDS, BackendUnavailable, TransferBackend, make_backend
 from common.kv_transfer.mori import MoriBackend
 from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
@@ -146,9 +147,16 @@ def test_mori_without_the_library_names_the_fix(monkeypatch):
         make_backend("mori", "127.0.0.1")
 
 
-def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="unknown KV transfer backend 'nixl'"):
+def test_unknown_backend_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown KV transfer backend 'nixl' \(known: mooncake, mori\)"):
         make_backend("nixl", "127.0.0.1")
+
+
+def test_registry_entries_name_their_backend_classes():
+    for name, target in BACKENDS.items():
+        module_name, class_name = target.split(":")
+        backend_class = getattr(importlib.import_module(module_name), class_name)
+        assert issubclass(backend_class, TransferBackend) and backend_class.name == name
 
 
 def test_mooncake_backend_registers_and_reads_locally():

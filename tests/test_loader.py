@@ -15,9 +15,8 @@ from common.config import ConfigError
 from common.engine.attention import AttentionMetadata
 from common.engine.demo_model import DEMO_VERSION, EOS, EOT, ensure_demo_checkpoint
 from common.engine.kv_cache import KVCache
-from common.engine.loader import (
-    SUPPORTED_ARCHITECTURES, ModelLoadError, load_model, load_model_config, parse_dtype, resolve_model_path,
-)  # fmt: skip
+from common.engine.loader import load_model, parse_dtype, resolve_model_path
+from common.engine.model_config import SUPPORTED_ARCHITECTURES, ModelLoadError, load_model_config
 from common.engine.tokenizer import Tokenizer
 
 TEXTS = ["héllo 世界 🙂", "Hello, world! The quick brown fox.", "  two  spaces\nand\ttabs ", "", "<|eot|> inline"]

@@ -10,7 +10,8 @@ import torch
 from common.engine.attention import AttentionMetadata
 from common.engine.demo_model import ensure_demo_checkpoint
 from common.engine.kv_cache import KVCache
-from common.engine.loader import load_model, load_model_config
+from common.engine.loader import load_model
+from common.engine.model_config import load_model_config
 from tests.checkpoints import FAMILIES, make_hf_checkpoint
 
 BLOCK_SIZE = 4

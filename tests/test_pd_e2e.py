@@ -14,9 +14,10 @@ import time
 import pytest
 import pytest_asyncio
 
+from bench.engine_driver import EngineDriver, prompt_ids, tokens
+from bench.processes import Processes
 from common.errors import BusError
 from common.messages import Abort, Ack, Generate, SamplingParams
-from tests.procs import EngineClients, Processes, prompt_ids, tokens
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -27,7 +28,7 @@ ENGINE_FLAGS = ("--kv-handshake-timeout-s", "3", "--kv-rpc-timeout-s", "3", "--k
 LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
 
 
-class Deployment(EngineClients):
+class Deployment(EngineDriver):
     def __init__(self, procs: Processes):
         super().__init__(procs.engine_endpoints(), timeout_s=60.0)
         self.procs = procs
@@ -118,7 +119,7 @@ async def test_expired_lease_frees_unread_blocks(deployment: Deployment):
 async def test_decode_sigkilled_mid_transfer_leaves_prefill_idle(deployment: Deployment):
     procs = deployment.procs
     first_decode_token = asyncio.Event()
-    clients = EngineClients(deployment.endpoints, timeout_s=10.0)  # a leg sent after the kill times out
+    clients = EngineDriver(deployment.endpoints, timeout_s=10.0)  # a leg sent after the kill times out
 
     async def one(i: int) -> None:
         ids = prompt_ids(300, seed=2000 + i)

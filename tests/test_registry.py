@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bench.processes import free_port
 from common.bus import BusClient
 from common.config import ConfigError
 from common.errors import CallTimeout, PeerError, PeerGone
@@ -35,7 +36,6 @@ from common.messages import (
 )
 from services.registry.membership import Membership
 from services.registry.server import Registry, RegistryConfig
-from tests.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

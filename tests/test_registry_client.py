@@ -9,12 +9,13 @@ import socket
 import msgspec
 import pytest
 
+from bench.processes import free_port
 from common.errors import PeerError
 from common.messages import Load
 from common.registry_client import MembershipWatcher, RegistryClient
 from services.registry.server import Registry, RegistryConfig
 from test_registry import make_instance
-from tests.procs import eventually, free_port
+from tests.procs import eventually
 
 FAST = dict(heartbeat_interval_s=0.05, lease_ttl_s=0.3)
 

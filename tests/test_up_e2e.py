@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import free_port
+from bench.processes import free_port
 
 ROOT = Path(__file__).parents[1]
 IDLE_TIMEOUT_S = 3.0

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if TYPE_CHECKING:
-    from common.engine.kv_cache import KVCache
+from common.arith import ceil_div
+from common.engine.kv_cache import KVCache
 
 # cuDNN's SDPA builds a new plan for every new shape: on an H100 ~35 ms of CPU once per
 # decode step (the key length grows by one) and once per new prefill length.
@@ -162,7 +161,7 @@ class AttentionMetadata:
 
     def num_blocks(self, block_size: int) -> int:
         """Blocks gathered per sequence: enough for the longest context."""
-        return -(-self.max_context_len // block_size)
+        return ceil_div(self.max_context_len, block_size)
 
     def additive_mask(
         self, block_size: int, group: int, sliding_window: int | None, dtype: torch.dtype

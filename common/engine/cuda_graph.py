@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from common.arith import ceil_div
 from common.engine.attention import AttentionMetadata
 from common.engine.kv_cache import KVCache
 from common.engine.model import CausalLM
@@ -39,7 +40,7 @@ class DecodeGraphs:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
-        self.max_blocks = -(-max_model_len // self.block_size)
+        self.max_blocks = ceil_div(max_model_len, self.block_size)
         self.batch_sizes = batch_buckets(max_num_seqs)
         device = kv_cache.data.device
         # rows: input ids, positions, slots, context lens, K/V source rows
@@ -51,7 +52,7 @@ class DecodeGraphs:
 
     def bucket(self, num_seqs: int, max_context_len: int) -> tuple[int, int] | None:
         """``(batch, blocks)`` of a decode batch, or None if it does not fit any graph."""
-        needed = -(-max_context_len // self.block_size)
+        needed = ceil_div(max_context_len, self.block_size)
         if num_seqs > self.batch_sizes[-1] or needed > self.max_blocks:
             return None
         batch = next(b for b in self.batch_sizes if b >= num_seqs)

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from common.engine.loader import load_model_config
 from common.engine.model import CausalLM
+from common.engine.model_config import ModelConfig, load_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def random_weights(config, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+def random_weights(config: ModelConfig, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Seeded bfloat16 weights, drawn on ``device`` in sorted parameter order, for every parameter of
     ``CausalLM(config)``: norms 1, embeddings N(0, 1), projections N(0, 1/in_features) (the head 4x
     wider so that logits are peaked).  The same seed on the same device type gives the same bytes."""

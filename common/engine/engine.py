@@ -18,7 +18,8 @@ from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig, parse_size
 from common.engine.detokenizer import Detokenizer
 from common.engine.kv_cache import KVCache
-from common.engine.loader import ModelConfig, load_model, load_model_config, parse_dtype, resolve_model_path
+from common.engine.loader import load_model, parse_dtype, resolve_model_path
+from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler

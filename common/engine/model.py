@@ -8,7 +8,6 @@ matmul each.  Every layer reads and writes the paged ``KVCache``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +15,7 @@ from torch import nn
 
 from common.engine.attention import AttentionMetadata, paged_attention
 from common.engine.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from common.engine.loader import ModelConfig
+from common.engine.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -12,7 +12,7 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from common.engine.loader import ModelLoadError, read_json, read_eos_token_ids
+from common.engine.model_config import ModelLoadError, read_eos_token_ids, read_json
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 

@@ -5,11 +5,15 @@ peers may cache our memory map on first contact) -> publish ``session`` and
 ``backend_meta()`` in the handshake -> peers ``connect`` and ``read`` -> ``close``
 (unregister, then destroy).  ``read`` is synchronous and may busy-poll a core:
 callers on an event loop run it in a small thread pool.
+
+``make_backend`` builds one by name; the implementations are imported only then, so this
+module imports none of them (they import it).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 
 from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
@@ -21,6 +25,12 @@ class BackendUnavailable(RuntimeError):
 
 class TransferBackend(abc.ABC):
     name: str
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> TransferBackend:
+        """The backend advertised at ``host`` from the options ``make_backend`` passes to every backend
+        (each uses those that concern it); ``BackendUnavailable`` when its library cannot be loaded."""
 
     @abc.abstractmethod
     def register(self, regions: list[MemoryRegion]) -> None:
@@ -69,20 +79,22 @@ def check_batch(local_addrs: list[int], remote_addrs: list[int], lengths: list[i
         raise ValueError("every transfer length must be > 0")
 
 
+BACKENDS = {  # name -> "module:class", imported only when that backend is built
+    "mooncake": "common.kv_transfer.mooncake:MooncakeBackend",
+    "mori": "common.kv_transfer.mori:MoriBackend",
+}
+
+
 def make_backend(
     name: str, host: str, *, force_tcp: bool = False, device_id: int = -1, read_timeout_s: int = 30
 ) -> TransferBackend:
-    """Build the backend ``name`` ("mooncake" or "mori") advertised at ``host``.
+    """Build the backend ``name`` (a key of ``BACKENDS``) advertised at ``host``.
 
-    ``device_id`` < 0 means KV memory is host memory; a read fails after ``read_timeout_s``.  Raises ``BackendUnavailable``
-    when the library cannot be loaded, ``ValueError`` for an unknown name.
+    ``device_id`` < 0 means KV memory is host memory; a read fails after ``read_timeout_s``.  Raises
+    ``BackendUnavailable`` when the library cannot be loaded, ``ValueError`` for an unknown name.
     """
-    if name == "mooncake":
-        from common.kv_transfer.mooncake import MooncakeBackend
-
-        return MooncakeBackend(host, force_tcp=force_tcp, transfer_timeout_s=read_timeout_s)
-    if name == "mori":
-        from common.kv_transfer.mori import MoriBackend
-
-        return MoriBackend(host, force_tcp=force_tcp, device_id=device_id, read_timeout_s=read_timeout_s)
-    raise ValueError(f"unknown KV transfer backend {name!r} (expected 'mooncake' or 'mori')")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown KV transfer backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
+    module_name, class_name = BACKENDS[name].split(":")
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    return backend_class.build(host, force_tcp=force_tcp, device_id=device_id, read_timeout_s=read_timeout_s)

@@ -55,6 +55,11 @@ def rdma_devices() -> list[str]:
 class MooncakeBackend(TransferBackend):
     name = "mooncake"
 
+    @classmethod
+    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> MooncakeBackend:
+        """Mooncake registers host and device memory alike: ``device_id`` does not concern it."""
+        return cls(host, force_tcp=force_tcp, transfer_timeout_s=read_timeout_s)
+
     def __init__(self, host: str, *, force_tcp: bool = False, transfer_timeout_s: int = 30):
         if not host:
             raise ValueError("Mooncake needs the host address peers reach this engine at")

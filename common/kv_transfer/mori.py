@@ -66,6 +66,10 @@ def _locate(descs: list[Any], addr: int, length: int, side: str) -> tuple[int, i
 class MoriBackend(TransferBackend):
     name = "mori"
 
+    @classmethod
+    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> MoriBackend:
+        return cls(host, force_tcp=force_tcp, device_id=device_id, read_timeout_s=read_timeout_s)
+
     def __init__(self, host: str, *, force_tcp: bool = False, device_id: int = -1, read_timeout_s: float = 30.0):
         if not host:
             raise ValueError("MoRI-IO needs the host address peers reach this engine at")
