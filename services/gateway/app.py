@@ -36,7 +36,7 @@ from services.gateway.limits import read_body
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.openapi import openapi_document
 from services.gateway.request_ids import RequestIds
-from services.gateway.request_run import CLIENT_GONE, RequestRun
+from services.gateway.flow import CLIENT_GONE, RequestRun
 from services.gateway.responses import JSONResponse, ResponseCollector, error_response
 from services.gateway.router import Router
 from services.gateway.streaming import EventQueue, SSEWriter

@@ -1,4 +1,4 @@
-"""The read-mode flow of one choice: prefill leg, decode leg, retries, aborts.
+"""The read-mode flow of one request: its choices, each a prefill leg then a decode leg; retries, aborts.
 
 Disaggregated choice::
 
@@ -27,16 +27,16 @@ request's cost.  Measurements go to the context's ``FlowObserver``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from common.messages import Generate, Instance, Role, TokenLogprob, TokenOutput
+from services.gateway.context import FlowContext
 from services.gateway.errors import APIError
 from services.gateway.leg import Leg
-
-if TYPE_CHECKING:
-    from services.gateway.request_run import RequestRun
+from services.gateway.openai_protocol import ParsedRequest
 
 
 @dataclass(slots=True)
@@ -86,12 +86,12 @@ class ChoiceRun:
     (``_finish``, the one place a choice lets go of its instances).
     """
 
-    __slots__ = ("run", "index", "request_id", "prompt", "sampling", "stats", "holders", "leg", "done", "sent",
+    __slots__ = ("run", "context", "model", "index", "request_id", "prompt", "sampling", "stats", "holders", "leg", "done", "sent",
                  "first", "prompt_ids", "prefill", "final", "prefill_done")
 
     def __init__(self, run: RequestRun, index: int):
         req = run.req
-        self.run, self.index = run, index
+        self.run, self.context, self.model, self.index = run, run.context, req.model, index
         self.request_id = choice_request_id(run.request_id, index, len(run.stats))
         self.prompt = req.prompts[index // req.n]
         self.sampling = req.choice_sampling(index % req.n)
@@ -110,7 +110,7 @@ class ChoiceRun:
         if self.done:
             return
         try:
-            colocated = self.run.context.router.mode_for(self.run.req.model) == "colocated"
+            colocated = self.context.router.mode_for(self.model) == "colocated"
         except APIError as e:
             self._finish(e)
             return
@@ -141,7 +141,7 @@ class ChoiceRun:
         if self.leg is not None:
             self.leg.stop()
         if error is not None or abort:
-            connections = self.run.context.connections
+            connections = self.context.connections
             for inst in self.holders.values():
                 connections.abort(inst, self.request_id)
             self.holders.clear()
@@ -154,14 +154,14 @@ class ChoiceRun:
             now = time.perf_counter()
             if stats.first_token_at is None:
                 stats.first_token_at = now
-                self.run.context.observer.on_first_token(now - self.run.started_at)
+                self.context.observer.on_first_token(now - self.run.started_at)
             else:
                 stats.second_token_seen = True
-                self.run.context.observer.on_second_token(now - stats.first_token_at)
+                self.context.observer.on_second_token(now - stats.first_token_at)
         self.run.emit(ChoiceEvent(self.index, Piece(out.text, out.token_ids, out.logprobs, finish_reason)))
 
     def _on_colocated(self, inst: Instance, out: TokenOutput) -> None:
-        observer = self.run.context.observer
+        observer = self.context.observer
         if self.first and out.token_ids:
             observer.on_first_leg_token(time.perf_counter() - self.sent)
             self.first = False
@@ -180,7 +180,7 @@ class ChoiceRun:
             self.prompt_ids = out.prompt_token_ids
         if out.finish_reason is None:
             return
-        observer = self.run.context.observer
+        observer = self.context.observer
         self.prefill, self.final = inst, out
         self.prefill_done = time.perf_counter()
         observer.on_first_leg_token(self.prefill_done - self.sent)
@@ -211,12 +211,12 @@ class ChoiceRun:
             return
         gen = Generate(request_id=self.request_id, sampling=self.sampling, prompt_token_ids=self.prompt_ids,
                        remote_prefill=final.kv_transfer)
-        self.run.context.observer.on_decode_dispatch(time.perf_counter() - self.prefill_done)
+        self.context.observer.on_decode_dispatch(time.perf_counter() - self.prefill_done)
         self._leg("decode", gen, self._on_decode, self._finish, like=prefill)
 
     def _on_decode(self, inst: Instance, out: TokenOutput) -> None:
         if self.first:
-            self.run.context.observer.on_decode_first_output(time.perf_counter() - self.sent, out.timings or {})
+            self.context.observer.on_decode_first_output(time.perf_counter() - self.sent, out.timings or {})
             self.first = False
         if out.finish_reason == "abort":
             raise APIError(503, "the decode engine aborted the request", code="aborted")
@@ -228,3 +228,73 @@ class ChoiceRun:
             self.holders.pop(self.prefill.id, None)  # decode finished: it read and released prefill's KV
         if out.token_ids or out.finish_reason:
             self._put(out, out.finish_reason)
+
+
+CLIENT_GONE = 499  # the status logged for requests whose client disconnected
+
+
+class RequestRun:
+    """Every choice of ``req`` (prompt-major, ``n`` per prompt), run concurrently; pieces go to ``emit``.
+
+    ``stats`` holds one ``ChoiceStats`` per choice.  ``done`` resolves once every
+    choice finished, or with the first choice's error, the others then being
+    cancelled.  ``deadline`` (the loop's clock) is when the request times out.
+    ``close(status)`` is the run's one cleanup, whoever ends it (the JSON answer,
+    the event stream, a failure): it stops every choice still running (aborting
+    their legs, freeing their router slots), reports the request to the observer
+    and releases the request id.  A second ``close`` does nothing.
+    """
+
+    __slots__ = ("context", "req", "request_id", "endpoint", "started_at", "deadline", "emit", "stats", "done",
+                 "closed", "_remaining", "_runs")
+
+    def __init__(self, context: FlowContext, req: ParsedRequest, request_id: str, endpoint: str,
+                 started_at: float, emit: Emit):
+        """``request_id`` is already reserved in ``context.request_ids``; ``started_at`` is the
+        ``time.perf_counter()`` at which the HTTP request arrived."""
+        total = len(req.prompts) * req.n
+        loop = asyncio.get_running_loop()
+        self.context, self.req, self.request_id, self.endpoint = context, req, request_id, endpoint
+        self.started_at = started_at
+        self.deadline = loop.time() + context.config.request_timeout_s
+        self.emit = emit
+        self.stats = [ChoiceStats() for _ in range(total)]
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.closed = False
+        self._remaining = total
+        self._runs = [ChoiceRun(self, i) for i in range(total)]
+
+    def start(self) -> None:
+        """Send every choice's first leg."""
+        for run in self._runs:
+            run.start()
+
+    def timed_out(self) -> APIError:
+        """The 504 of a request past its deadline."""
+        return APIError(504, f"request exceeded {self.context.config.request_timeout_s:g} s", code="request_timeout")
+
+    def close(self, status: int = CLIENT_GONE) -> None:
+        """End the run, answered with ``status`` (by default: the client went away)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel()
+        self.context.observer.on_request_done(self.endpoint, status, time.perf_counter() - self.started_at,
+                                              self.stats)
+        self.context.request_ids.release(self.request_id)
+
+    def choice_done(self, error: APIError | None) -> None:
+        """A choice ended by itself (``error`` None or its ``APIError``)."""
+        if self.done.done():
+            return
+        if error is not None:
+            self._cancel()
+            self.done.set_exception(error)
+            return
+        self._remaining -= 1
+        if self._remaining == 0:
+            self.done.set_result(None)
+
+    def _cancel(self) -> None:
+        for run in self._runs:
+            run.cancel()

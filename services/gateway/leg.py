@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from common.bus import FLAG_END, FLAG_ITEM, BusClient
 from common.errors import BusError, CallTimeout, PeerError, PeerGone
 from common.messages import Generate, Instance, Role, TokenOutput
+from services.gateway.context import FlowContext
 from services.gateway.errors import APIError, no_instance
-
-if TYPE_CHECKING:
-    from services.gateway.context import FlowContext
-    from services.gateway.flow import ChoiceRun
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +47,14 @@ def leg_error(role: Role, inst: Instance, e: BusError) -> APIError:
     return APIError(502, f"{role} instance {inst.id} failed: {e}", code="upstream_error")
 
 
+class LegOwner(Protocol):
+    """What a leg needs of the choice it runs for (``flow.ChoiceRun``)."""
+
+    context: FlowContext
+    model: str
+    holders: dict[str, Instance]  # instances that may still hold the choice's request
+
+
 class Leg:
     """``gen`` on an instance of ``role`` for ``choice``, retried on another one while nothing was output.
 
@@ -65,10 +70,10 @@ class Leg:
     __slots__ = ("context", "choice", "role", "gen", "like", "on_output", "on_end", "tried", "inst", "client",
                  "req_id", "timer", "output_seen", "finished", "ended")
 
-    def __init__(self, choice: ChoiceRun, role: Role, gen: Generate,
+    def __init__(self, choice: LegOwner, role: Role, gen: Generate,
                  on_output: Callable[[Instance, TokenOutput], None], on_end: Callable[[APIError | None], None],
                  like: Instance | None = None):
-        self.context: FlowContext = choice.run.context
+        self.context = choice.context
         self.choice, self.role, self.gen, self.like = choice, role, gen, like
         self.on_output, self.on_end = on_output, on_end
         self.tried: list[str] = []
@@ -79,7 +84,7 @@ class Leg:
         self.output_seen = self.finished = self.ended = False
 
     def start(self) -> None:
-        model = self.choice.run.req.model
+        model = self.choice.model
         inst = self.context.router.pick(self.role, model, exclude=self.tried, like=self.like)
         if inst is None:
             if not self.tried:

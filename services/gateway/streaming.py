@@ -15,7 +15,7 @@ from services.gateway import openai_protocol as oai
 from services.gateway import sse
 from services.gateway.errors import APIError
 from services.gateway.flow import ChoiceEvent
-from services.gateway.request_run import RequestRun
+from services.gateway.flow import RequestRun
 from services.gateway.responses import logprob_entries, usage
 
 log = logging.getLogger(__name__)
