@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.engine.engine import EngineStats, LLMEngine
-from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RequestOutput
+from common.engine.engine import LLMEngine, StepStats
+from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
 from common.errors import PdserveError
 from common.messages import SamplingParams
 
@@ -67,12 +67,14 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._commands: deque[_Command] = deque()
-        self._waiting_blocks: deque[tuple[str, _Command]] = deque()  # (request id, its add_remote_request)
+        self._waiting_blocks: deque[tuple[str, _Command]] = deque()  # (request id, its add_remote)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._dead: BaseException | None = None
-        self.latest_stats: EngineStats = engine.stats()  # republished by the engine thread, never waited for
+        # Published by the engine thread after every command batch and step, before that step's outputs
+        # are delivered: whoever saw an output reads stats at least as new as it.  Never waited for.
+        self.latest_stats: StepStats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -95,27 +97,15 @@ class AsyncEngine:
         async for out in self.stream(request_id):
             yield out
 
-    async def add_remote_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token_id: int,
-        sampling: SamplingParams,
-        *,
-        num_remote_tokens: int,
-    ) -> RemoteAllocation:
+    async def add_remote(self, remote: RemoteRequest) -> RemoteAllocation:
         """Allocate blocks for a remote prefill's KV, waiting for free blocks if needed; then read
-        the KV, call ``finish_remote_kv`` and consume ``stream(request_id)``."""
+        the KV, call ``finish_remote_kv`` and consume ``stream(remote.request_id)``."""
         return await self._start(
-            request_id,
-            lambda: self.engine.add_remote_request(
-                request_id, prompt_token_ids, first_token_id, sampling, num_remote_tokens=num_remote_tokens
-            ),
-            waits_for_blocks=request_id,
+            remote.request_id, lambda: self.engine.add_remote_request(remote), waits_for_blocks=remote.request_id
         )
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Outputs of a request added by ``generate`` or ``add_remote_request``, until the final one."""
+        """Outputs of a request added by ``generate`` or ``add_remote``, until the final one."""
         entry = self._streams.get(request_id)
         if entry is None:
             raise KeyError(f"no output stream for request {request_id!r}")
@@ -151,12 +141,6 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         return await self._call(lambda: self._abort(request_id))
-
-    async def stats(self) -> EngineStats:
-        """Exact counts, taken on the engine thread between steps (waits for the current step).
-        ``latest_stats`` is the snapshot published after the last step or command: use it where
-        waiting for a long step is not an option (heartbeats)."""
-        return await self._call(self.engine.stats)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Abort every request, stop the thread and wait up to ``timeout`` seconds for it."""
@@ -220,8 +204,9 @@ class AsyncEngine:
                 self._retry_waiting_blocks()
                 self.latest_stats = self.engine.stats()
                 if self.engine.has_work():
-                    self._deliver(self.engine.step())
+                    outputs = self.engine.step()
                     self.latest_stats = self.engine.stats()
+                    self._deliver(outputs)
                 elif not self._commands:
                     self._wake.wait()
         except BaseException as e:  # a step failed: every request learns it, later calls raise EngineDead
