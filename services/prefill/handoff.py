@@ -126,8 +126,8 @@ class PrefillHandoff:
         for transfer_id in list(self._transfers):
             self._release(transfer_id)
 
-    async def close(self) -> None:
-        """Wait until every unpin sent to the engine ran."""
+    async def drain(self) -> None:
+        """Wait until every unpin handed to the engine ran."""
         await self._unpinning.wait()
 
     def _release(self, transfer_id: str) -> None:

@@ -80,4 +80,4 @@ class PrefillRole(ColocatedRole):
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         self.handoff.release_all()
-        await self.handoff.close()
+        await self.handoff.drain()
