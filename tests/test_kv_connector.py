@@ -1,6 +1,7 @@
 """L2: the KV reader and the side channel (through a real prefill handoff) over real ZMQ, fake MoRI-IO fabric."""
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from common.messages import (
 )
 from services.prefill.handoff import PrefillHandoff
 from tests.fakes import mori as fake_mori
+from tests.procs import eventually
 
 GEOMETRY = dict(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
 
@@ -258,11 +260,11 @@ async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode,
 
 
 async def test_lease_is_renewed_during_a_slow_read(prefill, decode, fake):
-    prefill.handoff.leases.lease_seconds = 0.3
+    prefill.handoff.leases.lease_seconds = 1.0
     sweeper = asyncio.create_task(prefill.handoff.run_sweeper(0.05))
     try:
-        conn, kv = await decode(kv_renew_interval_s=0.1, kv_lease_seconds=0.3)
-        fake.knobs.delay_s = 0.8
+        conn, kv = await decode(kv_renew_interval_s=0.1, kv_lease_seconds=1.0)
+        fake.knobs.delay_s = 2.0  # twice the lease: only the renewals keep it
         await conn.read_blocks(prefill.params([4]), [0])  # the lease is confirmed after the read
         assert torch.equal(kv.data[0], prefill.kv.data[4])
         assert prefill.released == []  # no expiry released it; the ReleaseKV comes after the read
@@ -282,13 +284,23 @@ async def test_expired_lease_is_detected_before_reading(prefill, decode):
 async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode, fake):
     conn, kv = await decode()
     fake.knobs.delay_s = 0.5
+    started, finished = threading.Event(), threading.Event()
+    read = conn.backend.read
+
+    def observed_read(*args):
+        started.set()
+        try:
+            return read(*args)
+        finally:
+            finished.set()
+
+    conn.backend.read = observed_read
     task = asyncio.create_task(conn.read_blocks(prefill.params([3]), [1]))
-    await asyncio.sleep(0.15)
-    start = time.perf_counter()
+    await eventually(started.is_set, timeout=30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.perf_counter() - start >= 0.25  # returned only after the backend finished
+    assert finished.is_set()  # returned only after the backend finished
     assert tid("t1") in prefill.handoff.leases  # not released before the read stopped
     await conn.releases.flush()
     assert await prefill.unpinned() == [tid("t1")]

@@ -135,4 +135,10 @@ class PrefillHandoff:
         if self._transfers.pop(transfer_id, None) is None:
             return
         self.leases.end(transfer_id)
-        self._unpinning.spawn(self._unpin(transfer_id))
+        self._unpinning.spawn(self._unpin_logged(transfer_id))
+
+    async def _unpin_logged(self, transfer_id: str) -> None:
+        try:
+            await self._unpin(transfer_id)
+        except Exception as e:  # the engine stopped: nothing is pinned any more
+            log.warning("unpinning transfer %s failed: %s", transfer_id, e)
