@@ -7,7 +7,7 @@ registers it, pins one lease per request and serves the KV side channel.  The
 
 * raw: ``TransferEngine.transfer_sync_read`` of ONE contiguous buffer of the
   request's byte size (the floor: no handshake, no ranges, no bus);
-* connector: ``KVConnector.read_blocks`` (cached handshake, range merging,
+* connector: ``KVReader.read_blocks`` (cached handshake, range merging,
   thread-pool read, status checks, background ``ReleaseKV``) of the request's
   blocks, laid out in runs as a block manager leaves them after churn;
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
@@ -37,12 +37,14 @@ from bench.serving_stats import percentile
 from common.bus import BusServer
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.connector import KVConnector, KVSideChannel
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.mooncake import MooncakeBackend
 from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.reader import KVReader
+from common.kv_transfer.side_channel import KVSideChannel
 from common.messages import Fingerprint, KVRequest, KVTransferParams
 from common.service import new_event_loop
+from services.prefill.handoff import PrefillHandoff
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,11 +72,11 @@ async def serve_prefill(args: argparse.Namespace) -> None:
     backend = MooncakeBackend("127.0.0.1", force_tcp=True)
     layout = KVLayout.of(kv)
     backend.register([layout.region])
-    leases = LeaseTable(3600.0, lambda tid: None)
-    blocks = block_ids(args, seed=1)
+    handoff = PrefillHandoff("prefill-0", LeaseTable(3600.0), lambda transfer_id: asyncio.sleep(0))
     for i in range(args.transfers):
-        leases.pin(f"t{i}", blocks)
-    channel = KVSideChannel("prefill-0", fingerprint(args), backend, layout, leases)
+        handoff.begin(f"t{i}")
+        handoff.lease(f"t{i}")
+    channel = KVSideChannel("prefill-0", fingerprint(args), backend, layout, handoff)
     server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
     channel.attach(server)
     await server.start()
@@ -110,13 +112,13 @@ async def measure(args: argparse.Namespace, peer: dict) -> None:
     backend.register([layout.region])
     config = KVTransferConfig(kv_transfer_threads=max(2, args.shards), kv_read_shards=args.shards)
     config.validate()
-    conn = KVConnector(backend, "decode-0", fingerprint(args), layout, config)
+    conn = KVReader(backend, "decode-0", fingerprint(args), layout, config)
     remote, local = block_ids(args, seed=1), block_ids(args, seed=2)
     nbytes = len(remote) * kv.block_bytes
     ids = iter(range(10**9))
 
     def params() -> KVTransferParams:
-        return KVTransferParams("prefill-0", peer["endpoint"], f"t{next(ids)}", remote, args.tokens, 0,
+        return KVTransferParams("prefill-0", peer["endpoint"], f"prefill-0/t{next(ids)}", remote, args.tokens, 0,
                                 time.time() + 3600)
 
     def raw_read() -> float:
@@ -141,7 +143,7 @@ async def measure(args: argparse.Namespace, peer: dict) -> None:
             start = time.perf_counter()
             stats = await conn.read_blocks(params(), local)
             overhead.append(time.perf_counter() - start - stats.seconds)
-        await conn.flush()
+        await conn.releases.flush()
     finally:
         await conn.close()
         backend.close()

@@ -107,13 +107,14 @@ def _parser_for(tp: Any, optional: bool, field: str):
     return parse_scalar
 
 
-def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """Add one flag per field of ``config_cls`` to ``parser``."""
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type, defaults: dict[str, Any] | None = None) -> None:
+    """Add one flag per field of ``config_cls`` to ``parser``; ``defaults`` replace field defaults."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         tp, optional = _base_type(hints[f.name])
         parse = _parser_for(tp, optional, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = (defaults or {}).get(f.name, default)
         env = os.environ.get(env_name(f.name))
         if env is not None:
             try:

@@ -216,6 +216,11 @@ class Generate(Message):
     remote_prefill: KVTransferParams | None = None
 
 
+def gives_one_prompt(msg: Generate) -> bool:
+    """The rule every engine applies: exactly one of ``prompt``, ``prompt_token_ids``, ``messages``."""
+    return sum(x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.messages)) == 1
+
+
 class Usage(msgspec.Struct, omit_defaults=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -2,7 +2,9 @@
 
 Each subcommand's module exposes a config dataclass and ``serve(config)``;
 flags come from the dataclass (``common.config``), so every flag has a default
-shown in ``--help`` and a ``PDSERVE_<FLAG>`` environment variable.  Modules are
+shown in ``--help`` and a ``PDSERVE_<FLAG>`` environment variable.  An engine
+subcommand's module also exposes ``ROLES`` (role -> role object): the roles it
+runs, the first being its ``--role`` default.  Modules are
 imported only for the subcommand that runs, so ``pdserve registry`` never
 imports torch.
 """
@@ -27,8 +29,8 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "registry": Command("services.registry", "RegistryConfig", "service discovery: registration, leases, watch"),
     "gateway": Command("services.gateway", "GatewayConfig", "OpenAI-compatible HTTP API and the P/D read-mode flow"),
-    "prefill": Command("services.prefill", "PrefillConfig", "prefill engine service (role prefill, or both)"),
-    "decode": Command("services.decode", "DecodeConfig", "decode engine service (role decode, or both)"),
+    "prefill": Command("services.prefill", "EngineServiceConfig", "prefill engine service (role prefill, or both)"),
+    "decode": Command("services.decode", "EngineServiceConfig", "decode engine service (role decode, or both)"),
     "up": Command("services.up", "UpConfig", "run registry, gateway, prefill and decode on this machine"),
     "bench": Command("bench.serving", "BenchConfig", "serving benchmark against an OpenAI-compatible server"),
 }
@@ -41,7 +43,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if command in (None, name):
-            add_arguments(p, getattr(importlib.import_module(cmd.module), cmd.config))
+            module = importlib.import_module(cmd.module)
+            roles = getattr(module, "ROLES", None)
+            add_arguments(p, getattr(module, cmd.config), {"role": next(iter(roles))} if roles else None)
     return parser
 
 
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         config = from_args(getattr(module, cmd.config), ns)
     except ConfigError as e:
         parser.error(str(e))
+    roles = getattr(module, "ROLES", None)
+    if roles and config.role not in roles:
+        parser.error(f"--role: pdserve {ns.command} runs {' or '.join(roles)}, not {config.role}")
     setup_logging(getattr(config, "log_level", "info"))
     sys.exit(run_service(module.serve(config)))
 

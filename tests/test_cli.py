@@ -113,3 +113,20 @@ def test_dockerfile_installs_torch_before_the_project_and_runs_pdserve():
         assert pkg in text
     cmd = shlex.split(text.split("CMD", 1)[1].strip().strip("[]").replace(",", " "))
     assert cmd[0].strip('"') == "pdserve"
+
+
+@pytest.mark.parametrize("command", ["prefill", "decode"])
+def test_engine_subcommands_share_one_config_and_default_their_role(command, monkeypatch):
+    parser = build_parser(command)
+    assert parser.parse_args([command]).role == command
+    assert parser.parse_args([command, "--role", "both"]).role == "both"
+    monkeypatch.setenv("PDSERVE_ROLE", "both")
+    assert build_parser(command).parse_args([command]).role == "both"  # the environment beats the default
+    assert COMMANDS[command].config == "EngineServiceConfig"
+
+
+def test_an_engine_subcommand_refuses_the_other_leg_role():
+    out = subprocess.run([sys.executable, "-m", "services.cli", "prefill", "--role", "decode"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--role: pdserve prefill runs prefill or both, not decode" in out.stderr and "Traceback" not in out.stderr

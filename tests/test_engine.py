@@ -14,8 +14,9 @@ from common.engine.async_engine import AsyncEngine, EngineDead
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.loader import resolve_model_path
-from common.engine.sequence import InvalidRequest
+from common.engine.sequence import InvalidRequest, RemoteRequest
 from common.messages import SamplingParams
+from tests.procs import eventually
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 LENGTHS = (3, 16, 17, 40, 71)
@@ -269,7 +270,7 @@ def test_remote_prefill_then_decode_matches_colocated(demo_path, reuse_prefix):
         assert first.pinned_block_ids and len(first.pinned_block_ids) == -(-len(p) // 16)
         assert prefill.stats().kv_blocks_pinned >= len(first.pinned_block_ids)
         rid = f"d{i}"
-        alloc = decode.add_remote_request(rid, p, first.new_token_ids[0], sampling, num_remote_tokens=len(p))
+        alloc = decode.add_remote_request(RemoteRequest(rid, p, first.new_token_ids[0], sampling, len(p)))
         if reuse_prefix:
             assert alloc.num_cached_blocks == len(p) // 16
         else:
@@ -301,7 +302,7 @@ def test_seeded_remote_decode_continues_the_colocated_draws(demo_path):
     prefill = engine(demo_path)
     first = prefill_remote(prefill, "seeded", p, sampling)
     decode = engine(demo_path, num_kv_blocks=128)
-    alloc = decode.add_remote_request("seeded", p, first.new_token_ids[0], sampling, num_remote_tokens=len(p))
+    alloc = decode.add_remote_request(RemoteRequest("seeded", p, first.new_token_ids[0], sampling, len(p)))
     copy_blocks(prefill, first.pinned_block_ids, decode, alloc.block_ids[: len(first.pinned_block_ids)])
     decode.finish_remote_kv("seeded", ok=True)
     rest = [t for o in decode_all(decode)["seeded"] for t in o.new_token_ids]
@@ -314,7 +315,7 @@ def test_remote_kv_failure_policy(demo_path, policy):
     p = prompts((37,), seed=7)[0]
     reference = engine(demo_path, enable_prefix_caching=False).generate([p], GREEDY)[0]
     decode = engine(demo_path, kv_load_failure_policy=policy, enable_prefix_caching=False)
-    alloc = decode.add_remote_request("r", p, reference.new_token_ids[0], GREEDY, num_remote_tokens=len(p))
+    alloc = decode.add_remote_request(RemoteRequest("r", p, reference.new_token_ids[0], GREEDY, len(p)))
     assert alloc.num_cached_blocks == 0 and decode.block_manager.num_used == 3
     decode.finish_remote_kv("r", ok=False)  # KV blocks hold garbage (zeros): never read
     outs = decode_all(decode)["r"]
@@ -333,7 +334,7 @@ def test_remote_request_finished_by_its_first_token(demo_path):
     assert out.finish_reason == "length" and out.pinned_block_ids is None
     assert prefill.stats().kv_blocks_pinned == 0 and prefill.block_manager.num_used == 0
     decode = engine(demo_path, num_kv_blocks=128)
-    decode.add_remote_request("short", p, out.new_token_ids[0], one, num_remote_tokens=len(p))
+    decode.add_remote_request(RemoteRequest("short", p, out.new_token_ids[0], one, len(p)))
     decode.finish_remote_kv("short", ok=True)
     final = decode_all(decode)["short"]
     assert final[-1].finish_reason == "length" and final[-1].new_token_ids == [] and final[-1].text == ""
@@ -343,7 +344,7 @@ def test_remote_request_finished_by_its_first_token(demo_path):
 def test_remote_request_errors(demo_path):
     decode = engine(demo_path, num_kv_blocks=128)
     with pytest.raises(InvalidRequest) as err:
-        decode.add_remote_request("x", [1, 2, 3], 5, GREEDY, num_remote_tokens=4)
+        decode.add_remote_request(RemoteRequest("x", [1, 2, 3], 5, GREEDY, num_remote_tokens=4))
     assert err.value.param == "num_remote_tokens"
     assert not decode.finish_remote_kv("unknown", ok=True)  # e.g. aborted meanwhile
     decode.add_request("local", [1, 2, 3], GREEDY)
@@ -375,7 +376,7 @@ def test_abort_at_every_stage_frees_blocks(demo_path):
         eng.step()
     assert eng.requests["decoding"].num_output_tokens >= 2
     abort("decoding")
-    eng.add_remote_request("remote", p, 7, GREEDY, num_remote_tokens=len(p))
+    eng.add_remote_request(RemoteRequest("remote", p, 7, GREEDY, len(p)))
     abort("remote")
     assert not eng.abort("remote")
     # a pinned prefill has finished: its blocks are released by release_transfer
@@ -435,16 +436,16 @@ async def test_async_remote_request_waits_for_kv_then_decodes(demo_path):
     decode = engine(demo_path, num_kv_blocks=3, enable_prefix_caching=False)  # room for one request only
     async_engine = AsyncEngine(decode)
     try:
-        alloc = await async_engine.add_remote_request("ad", p, first.new_token_ids[0], GREEDY, num_remote_tokens=len(p))
+        alloc = await async_engine.add_remote(RemoteRequest("ad", p, first.new_token_ids[0], GREEDY, len(p)))
         stream = async_engine.stream("ad")
         # a second one finds no free blocks and waits for them
         second = asyncio.create_task(
-            async_engine.add_remote_request("ad2", p, first.new_token_ids[0], GREEDY, num_remote_tokens=len(p))
+            async_engine.add_remote(RemoteRequest("ad2", p, first.new_token_ids[0], GREEDY, len(p)))
         )
         await asyncio.sleep(0.2)
         assert not second.done()
-        stats = await async_engine.stats()
-        assert stats.waiting_for_remote_kvs == 1 and stats.running == 0
+        await eventually(lambda: (async_engine.latest_stats.waiting_for_remote_kvs, async_engine.latest_stats.running)
+                         == (1, 0), timeout=30)
         copy_blocks(prefill, first.pinned_block_ids, decode, alloc.block_ids[: len(first.pinned_block_ids)])
         await async_engine.finish_remote_kv("ad", ok=True)
         outs = await collect(stream)
@@ -473,8 +474,7 @@ async def test_async_cancel_and_abort_free_blocks(demo_path):
 
     try:
         task = asyncio.create_task(consume_forever("cancelled"))
-        while (await async_engine.stats()).running == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: async_engine.latest_stats.running > 0, timeout=30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -485,14 +485,10 @@ async def test_async_cancel_and_abort_free_blocks(demo_path):
         assert await async_engine.abort("aborted")
         rest = await collect(stream)
         assert rest[-1].finish_reason == "abort"
-        for _ in range(200):
-            stats = await async_engine.stats()
-            if stats.running == 0 and stats.kv_blocks_used == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert stats.running == 0 and stats.kv_blocks_used == 0
+        await eventually(lambda: (async_engine.latest_stats.running, async_engine.latest_stats.kv_blocks_used)
+                         == (0, 0), timeout=30)
         with pytest.raises(InvalidRequest):
-            await async_engine.add_remote_request("bad", p, 1, GREEDY, num_remote_tokens=3)
+            await async_engine.add_remote(RemoteRequest("bad", p, 1, GREEDY, 3))
     finally:
         await async_engine.shutdown(timeout=5)
 
@@ -502,13 +498,14 @@ async def test_async_remote_wait_for_blocks_timeout_holds_nothing(demo_path):
     async_engine = AsyncEngine(eng)
     p = prompts((30,), seed=13)[0]
     try:
-        await async_engine.add_remote_request("holder", p, 5, GREEDY, num_remote_tokens=len(p))
+        await async_engine.add_remote(RemoteRequest("holder", p, 5, GREEDY, len(p)))
         with pytest.raises(asyncio.TimeoutError):
-            late = async_engine.add_remote_request("late", p, 5, GREEDY, num_remote_tokens=len(p))
+            late = async_engine.add_remote(RemoteRequest("late", p, 5, GREEDY, len(p)))
             await asyncio.wait_for(late, 0.2)
         assert await async_engine.abort("holder")
-        stats = await async_engine.stats()  # "late" got no blocks after "holder" freed them
-        assert stats.kv_blocks_used == 0 and stats.waiting_for_remote_kvs == 0
+        # "late" got no blocks after "holder" freed them
+        await eventually(lambda: (async_engine.latest_stats.kv_blocks_used,
+                                  async_engine.latest_stats.waiting_for_remote_kvs) == (0, 0), timeout=30)
         assert not await async_engine.abort("late")
     finally:
         await async_engine.shutdown(timeout=5)

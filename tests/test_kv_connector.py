@@ -1,6 +1,7 @@
-"""L2: the KV connector and side channel over real ZMQ (BusServer/BusClient), fake MoRI-IO fabric."""
+"""L2: the KV reader and the side channel (through a real prefill handoff) over real ZMQ, fake MoRI-IO fabric."""
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
@@ -12,10 +13,11 @@ from common.bus import BusClient, BusServer
 from common.engine.kv_cache import KVCache
 from common.errors import HandshakeError, KVTransferError, PeerError
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.connector import KVConnector, KVSideChannel
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.mori import MoriBackend
 from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.reader import KVReader
+from common.kv_transfer.side_channel import KVSideChannel
 from common.messages import (
     Ack,
     Fingerprint,
@@ -27,7 +29,9 @@ from common.messages import (
     ReleaseKV,
     RenewLease,
 )
+from services.prefill.handoff import PrefillHandoff
 from tests.fakes import mori as fake_mori
+from tests.procs import eventually
 
 GEOMETRY = dict(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
 
@@ -46,20 +50,32 @@ def config(**over) -> KVTransferConfig:
     return cfg
 
 
+def tid(request_id: str) -> str:
+    """The transfer id prefill-0's handoff gives a request."""
+    return f"prefill-0/{request_id}"
+
+
 @dataclass
 class Prefill:
     kv: KVCache
-    leases: LeaseTable
-    released: list
+    handoff: PrefillHandoff
+    released: list  # transfer ids the handoff unpinned, in order
     channel: KVSideChannel
     server: BusServer
     backend: MoriBackend
 
-    def params(self, block_ids: list[int], transfer_id: str = "t1") -> KVTransferParams:
-        expiry = self.leases.pin(transfer_id, block_ids)
+    def params(self, block_ids: list[int], request_id: str = "t1") -> KVTransferParams:
+        """A finished prefill leg: its transfer begun and leased, as the prefill role does it."""
+        transfer_id = self.handoff.begin(request_id)
+        expiry = self.handoff.lease(request_id)
         return KVTransferParams(engine_id="prefill-0", kv_endpoint=self.server.endpoint, transfer_id=transfer_id,
                                 block_ids=block_ids, num_tokens=4 * len(block_ids), first_token_id=1,
                                 lease_expiry=expiry)
+
+    async def unpinned(self) -> list[str]:
+        """The transfer ids unpinned once every unpin handed to the engine ran."""
+        await self.handoff.drain()
+        return self.released
 
 
 @pytest.fixture
@@ -76,12 +92,16 @@ async def prefill(fake):
     layout = KVLayout.of(kv)
     backend.register([layout.region])
     released: list[str] = []
-    leases = LeaseTable(30.0, released.append)
-    channel = KVSideChannel("prefill-0", fingerprint(), backend, layout, leases)
+
+    async def unpin(transfer_id: str) -> None:
+        released.append(transfer_id)
+
+    handoff = PrefillHandoff("prefill-0", LeaseTable(30.0), unpin)
+    channel = KVSideChannel("prefill-0", fingerprint(), backend, layout, handoff)
     server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
     channel.attach(server)
     await server.start()
-    yield Prefill(kv, leases, released, channel, server, backend)
+    yield Prefill(kv, handoff, released, channel, server, backend)
     await server.close()
     backend.close()
 
@@ -90,12 +110,12 @@ async def prefill(fake):
 async def decode(fake):
     made = []
 
-    async def make(fp: Fingerprint | None = None, **over) -> tuple[KVConnector, KVCache]:
+    async def make(fp: Fingerprint | None = None, **over) -> tuple[KVReader, KVCache]:
         kv = KVCache(num_blocks=16, **GEOMETRY)
         backend = MoriBackend("127.0.0.1")
         layout = KVLayout.of(kv)
         backend.register([layout.region])
-        conn = KVConnector(backend, "decode-0", fp or fingerprint(), layout, config(**over))
+        conn = KVReader(backend, "decode-0", fp or fingerprint(), layout, config(**over))
         made.append((conn, backend))
         return conn, kv
 
@@ -114,7 +134,7 @@ async def test_handshake_roundtrip(prefill, decode):
     assert peer.session == prefill.backend.session
     assert peer.layout == KVLayout.of(prefill.kv)
     assert await conn.handshake("prefill-0", prefill.server.endpoint) is peer  # cached
-    assert prefill.channel.num_handshakes == 1 and conn.metrics.handshakes == 1
+    assert prefill.channel.num_handshakes == 1
 
 
 async def test_concurrent_requests_share_one_handshake(prefill, decode):
@@ -186,16 +206,17 @@ async def test_protocol_version_mismatch(prefill):
 
 
 async def test_renew_and_release_messages_change_lease_state(prefill):
-    old = prefill.leases.pin("a", [1, 2])
+    params = prefill.params([1, 2], "a")
+    a = params.transfer_id
     client = BusClient(prefill.server.endpoint, timeout=1.0)
     try:
         await asyncio.sleep(0.01)
-        reply = await client.call(RenewLease(["a", "ghost"]))
-        assert isinstance(reply, LeaseRenewed) and set(reply.expiry) == {"a"} and reply.expiry["a"] > old
-        assert isinstance(await client.call(ReleaseKV(["a"])), Ack)
-        assert "a" not in prefill.leases and prefill.released == ["a"]
-        await client.call(ReleaseKV(["a"]))  # idempotent
-        assert prefill.released == ["a"]
+        reply = await client.call(RenewLease([a, "ghost"]))
+        assert isinstance(reply, LeaseRenewed) and set(reply.expiry) == {a} and reply.expiry[a] > params.lease_expiry
+        assert isinstance(await client.call(ReleaseKV([a])), Ack)
+        assert a not in prefill.handoff.leases and await prefill.unpinned() == [a]
+        await client.call(ReleaseKV([a]))  # a second release finds nothing to unpin
+        assert await prefill.unpinned() == [a]
     finally:
         await client.close()
 
@@ -211,9 +232,8 @@ async def test_read_blocks_moves_scattered_blocks_and_releases(prefill, decode):
         assert torch.equal(kv.data[l], prefill.kv.data[r])
     assert stats.num_blocks == 5 and stats.num_ranges == 3  # [5,6,7]->[0,1,2], 2->3, 9->11
     assert stats.bytes == 5 * kv.block_bytes
-    await conn.flush()
-    assert prefill.released == ["t1"] and len(prefill.leases) == 0
-    assert conn.metrics.reads == 1 and conn.metrics.bytes == stats.bytes and conn.metrics.ranges == 3
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [tid("t1")] and len(prefill.handoff) == 0
 
 
 async def test_skip_leading_prefix_hits_are_not_read(prefill, decode):
@@ -224,8 +244,8 @@ async def test_skip_leading_prefix_hits_are_not_read(prefill, decode):
     assert not kv.data[4].any() and not kv.data[5].any()
     full = await conn.read_blocks(prefill.params([1], "t2"), [7], skip_leading=1)
     assert full.bytes == 0
-    await conn.flush()
-    assert prefill.released == ["t1", "t2"]
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [tid("t1"), tid("t2")]
 
 
 async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode, fake):
@@ -233,22 +253,21 @@ async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode,
     fake.knobs.fail_next = 1
     with pytest.raises(KVTransferError, match="failed \\(1 of 1 ranges\\)"):
         await conn.read_blocks(prefill.params([1, 2]), [3, 4])
-    await conn.flush()
-    assert prefill.released == ["t1"]
-    assert conn.metrics.failures == 1
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [tid("t1")]
     await conn.read_blocks(prefill.params([1, 2], "t2"), [3, 4])
     assert prefill.channel.num_handshakes == 2  # the failed peer was forgotten
 
 
 async def test_lease_is_renewed_during_a_slow_read(prefill, decode, fake):
-    prefill.leases.lease_seconds = 0.3
-    sweeper = asyncio.create_task(prefill.leases.run_sweeper(0.05))
+    prefill.handoff.leases.lease_seconds = 1.0
+    sweeper = asyncio.create_task(prefill.handoff.run_sweeper(0.05))
     try:
-        conn, kv = await decode(kv_renew_interval_s=0.1, kv_lease_seconds=0.3)
-        fake.knobs.delay_s = 0.8
-        await conn.read_blocks(prefill.params([4]), [0])
+        conn, kv = await decode(kv_renew_interval_s=0.1, kv_lease_seconds=1.0)
+        fake.knobs.delay_s = 2.0  # twice the lease: only the renewals keep it
+        await conn.read_blocks(prefill.params([4]), [0])  # the lease is confirmed after the read
         assert torch.equal(kv.data[0], prefill.kv.data[4])
-        assert prefill.leases.num_expired == 0
+        assert prefill.released == []  # no expiry released it; the ReleaseKV comes after the read
     finally:
         sweeper.cancel()
 
@@ -256,7 +275,7 @@ async def test_lease_is_renewed_during_a_slow_read(prefill, decode, fake):
 async def test_expired_lease_is_detected_before_reading(prefill, decode):
     conn, _ = await decode()
     params = prefill.params([1])
-    prefill.leases.release("t1")  # prefill already freed the blocks
+    prefill.handoff.release(tid("t1"))  # prefill already freed the blocks
     params.lease_expiry = time.time() - 1
     with pytest.raises(KVTransferError, match="expired before the read"):
         await conn.read_blocks(params, [2])
@@ -265,16 +284,26 @@ async def test_expired_lease_is_detected_before_reading(prefill, decode):
 async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode, fake):
     conn, kv = await decode()
     fake.knobs.delay_s = 0.5
+    started, finished = threading.Event(), threading.Event()
+    read = conn.backend.read
+
+    def observed_read(*args):
+        started.set()
+        try:
+            return read(*args)
+        finally:
+            finished.set()
+
+    conn.backend.read = observed_read
     task = asyncio.create_task(conn.read_blocks(prefill.params([3]), [1]))
-    await asyncio.sleep(0.15)
-    start = time.perf_counter()
+    await eventually(started.is_set, timeout=30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.perf_counter() - start >= 0.25  # returned only after the backend finished
-    assert "t1" in prefill.leases  # not released before the read stopped
-    await conn.flush()
-    assert prefill.released == ["t1"]
+    assert finished.is_set()  # returned only after the backend finished
+    assert tid("t1") in prefill.handoff.leases  # not released before the read stopped
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [tid("t1")]
 
 
 @pytest.mark.parametrize(
@@ -286,8 +315,8 @@ async def test_bad_requests_are_kv_transfer_errors_and_still_release(prefill, de
     conn, _ = await decode()
     with pytest.raises(KVTransferError, match=match):
         await conn.read_blocks(prefill.params(remote), local, skip)
-    await conn.flush()
-    assert prefill.released == ["t1"]
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [tid("t1")]
 
 
 async def test_sharded_read_reports_every_shard(prefill, decode):
@@ -340,7 +369,7 @@ async def test_lease_lost_during_the_read_fails_it(prefill, decode, fake):
     fake.knobs.delay_s = 0.5
     task = asyncio.create_task(conn.read_blocks(prefill.params([2]), [0]))
     await asyncio.sleep(0.05)
-    prefill.leases.release("t1")  # prefill freed the blocks mid-read (e.g. its sweeper expired the lease)
+    prefill.handoff.release(tid("t1"))  # prefill freed the blocks mid-read (e.g. its sweeper expired the lease)
     with pytest.raises(KVTransferError, match="ended during the read"):
         await task
 
@@ -351,6 +380,6 @@ async def test_lease_released_during_a_short_read_fails_it(prefill, decode, fake
     fake.knobs.delay_s = 0.3
     task = asyncio.create_task(conn.read_blocks(prefill.params([2]), [0]))
     await asyncio.sleep(0.05)
-    prefill.leases.release("t1")  # e.g. the gateway aborted this decode and a retry read the blocks
+    prefill.handoff.release(tid("t1"))  # e.g. the gateway aborted this decode and a retry read the blocks
     with pytest.raises(KVTransferError, match="ended during the read"):
         await task

@@ -1,7 +1,5 @@
 """L1: block ranges, status aggregation, leases, config and handshake metadata (no I/O)."""
 
-import asyncio
-
 import msgspec
 import pytest
 import torch
@@ -87,16 +85,16 @@ def test_aggregate_looks_at_every_status(statuses, expected):
 def test_fail_then_success_is_not_done():
     t = RequestTransfers(1)
     assert t.report(0, [F, S]) is F
-    assert not t.done
+    assert t.state is not S
 
 
 def test_duplicate_reports_never_complete_the_quorum_early():
     t = RequestTransfers(num_workers=2)
     assert t.report(0, [S]) is P
     assert t.report(0, [S]) is P  # worker 0 again: still one distinct worker
-    assert not t.done
+    assert t.state is not S
     assert t.report(1, [S, S]) is S
-    assert t.done
+    assert t.state is S
 
 
 def test_one_worker_failure_fails_the_request_before_the_quorum():
@@ -125,72 +123,54 @@ class Clock:
 @pytest.fixture
 def table():
     clock = Clock()
-    released = []
-    t = LeaseTable(10.0, released.append, clock=clock)
-    return t, clock, released
+    return LeaseTable(10.0, clock=clock), clock
 
 
-def test_pin_counts_and_expiry(table):
-    t, clock, released = table
-    assert t.pin("a", [1, 2, 3]) == 1010.0
-    t.pin("b", [4])
-    assert len(t) == 2 and t.num_blocks_pinned == 4
-    with pytest.raises(ValueError, match="already pinned"):
-        t.pin("a", [9])
+def test_start_counts_and_expiry(table):
+    t, clock = table
+    assert t.start("a") == 1010.0
+    t.start("b")
+    assert len(t) == 2 and "a" in t
+    with pytest.raises(ValueError, match="already has a lease"):
+        t.start("a")
 
 
-def test_expire_releases_only_overdue_leases_once(table):
-    t, clock, released = table
-    t.pin("a", [1])
+def test_expired_ends_only_overdue_leases_once(table):
+    t, clock = table
+    t.start("a")
     clock.now += 5
-    t.pin("b", [2])
+    t.start("b")
     clock.now += 5  # a is due (1010), b is not (1015)
-    assert t.expire() == ["a"]
-    assert released == ["a"] and t.num_expired == 1
-    assert t.expire() == []
+    assert t.expired() == ["a"]
+    assert t.expired() == []
     assert "a" not in t and "b" in t
 
 
 def test_renew_pushes_expiry_and_skips_unknown(table):
-    t, clock, released = table
-    t.pin("a", [1])
+    t, clock = table
+    t.start("a")
     clock.now += 8
     assert t.renew(["a", "ghost"]) == {"a": 1018.0}
     clock.now += 8  # 1016 < 1018: alive thanks to the renewal
-    assert t.expire() == []
+    assert t.expired() == []
     clock.now += 2
-    assert t.expire() == ["a"]
+    assert t.expired() == ["a"]
 
 
-def test_release_is_idempotent_and_unknown_ids_are_ignored(table):
-    t, clock, released = table
-    t.pin("a", [1, 2])
-    assert t.release("a") is True
-    assert t.release("a") is False
-    assert t.release("never") is False
-    assert released == ["a"] and t.num_released == 1 and t.num_blocks_pinned == 0
+def test_end_is_idempotent_and_unknown_ids_are_ignored(table):
+    t, clock = table
+    t.start("a")
+    assert t.end("a") is True
+    assert t.end("a") is False
+    assert t.end("never") is False
+    assert len(t) == 0
     clock.now += 100
-    assert t.expire() == []  # a released lease never expires later
-
-
-async def test_sweeper_expires_on_its_own():
-    released = []
-    t = LeaseTable(0.05, released.append)
-    t.pin("x", [1])
-    task = asyncio.create_task(t.run_sweeper(0.02))
-    try:
-        for _ in range(50):
-            if released:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        task.cancel()
-    assert released == ["x"] and len(t) == 0
+    assert t.expired() == []  # an ended lease never expires later
 
 
 def test_bad_lease_seconds():
     with pytest.raises(ValueError):
-        LeaseTable(0, print)
+        LeaseTable(0)
 
 
 # -- config -------------------------------------------------------------------

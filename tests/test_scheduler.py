@@ -117,4 +117,4 @@ def test_finish_frees_blocks_at_every_stage():
     for s in (waiting, chunked, remote):
         sched.finish(s)
         assert s.status is SequenceStatus.FINISHED and s.block_table == []
-    assert bm.num_used == 0 and not sched.has_unfinished()
+    assert bm.num_used == 0 and not (sched.waiting or sched.running or sched.remote)

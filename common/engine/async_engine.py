@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.engine.engine import EngineStats, LLMEngine
-from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RequestOutput
+from common.engine.engine import LLMEngine, StepStats
+from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
 from common.errors import PdserveError
 from common.messages import SamplingParams
 
@@ -64,15 +64,19 @@ class _Command:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    """``core`` (the ``LLMEngine``) is touched only by the engine thread, between steps."""
+
+    def __init__(self, core: LLMEngine):
+        self.core = core
         self._commands: deque[_Command] = deque()
-        self._waiting_blocks: deque[tuple[str, _Command]] = deque()  # (request id, its add_remote_request)
+        self._waiting_blocks: deque[tuple[str, _Command]] = deque()  # (request id, its add_remote)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._dead: BaseException | None = None
-        self.latest_stats: EngineStats = engine.stats()  # republished by the engine thread, never waited for
+        # Published by the engine thread after every command batch and step, before that step's outputs
+        # are delivered: whoever saw an output reads stats at least as new as it.  Never waited for.
+        self.latest_stats: StepStats = core.stats()
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -90,32 +94,20 @@ class AsyncEngine:
         the start; cancelling the consumer (or closing the iterator early) aborts the request."""
         await self._start(
             request_id,
-            lambda: self.engine.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer),
+            lambda: self.core.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer),
         )
         async for out in self.stream(request_id):
             yield out
 
-    async def add_remote_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token_id: int,
-        sampling: SamplingParams,
-        *,
-        num_remote_tokens: int,
-    ) -> RemoteAllocation:
+    async def add_remote(self, remote: RemoteRequest) -> RemoteAllocation:
         """Allocate blocks for a remote prefill's KV, waiting for free blocks if needed; then read
-        the KV, call ``finish_remote_kv`` and consume ``stream(request_id)``."""
+        the KV, call ``finish_remote_kv`` and consume ``stream(remote.request_id)``."""
         return await self._start(
-            request_id,
-            lambda: self.engine.add_remote_request(
-                request_id, prompt_token_ids, first_token_id, sampling, num_remote_tokens=num_remote_tokens
-            ),
-            waits_for_blocks=request_id,
+            remote.request_id, lambda: self.core.add_remote_request(remote), waits_for_blocks=remote.request_id
         )
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Outputs of a request added by ``generate`` or ``add_remote_request``, until the final one."""
+        """Outputs of a request added by ``generate`` or ``add_remote``, until the final one."""
         entry = self._streams.get(request_id)
         if entry is None:
             raise KeyError(f"no output stream for request {request_id!r}")
@@ -144,19 +136,13 @@ class AsyncEngine:
         return self._dead
 
     async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
-        return await self._call(lambda: self.engine.finish_remote_kv(request_id, ok))
+        return await self._call(lambda: self.core.finish_remote_kv(request_id, ok))
 
     async def release_transfer(self, transfer_id: str) -> bool:
-        return await self._call(lambda: self.engine.release_transfer(transfer_id))
+        return await self._call(lambda: self.core.release_transfer(transfer_id))
 
     async def abort(self, request_id: str) -> bool:
         return await self._call(lambda: self._abort(request_id))
-
-    async def stats(self) -> EngineStats:
-        """Exact counts, taken on the engine thread between steps (waits for the current step).
-        ``latest_stats`` is the snapshot published after the last step or command: use it where
-        waiting for a long step is not an option (heartbeats)."""
-        return await self._call(self.engine.stats)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Abort every request, stop the thread and wait up to ``timeout`` seconds for it."""
@@ -210,7 +196,7 @@ class AsyncEngine:
                 self._waiting_blocks.remove(entry)
                 entry[1].resolve(error=RequestAborted(f"request {request_id!r} aborted while waiting for KV blocks"))
                 return True
-        return self.engine.abort(request_id)
+        return self.core.abort(request_id)
 
     def _run(self) -> None:
         try:
@@ -218,10 +204,11 @@ class AsyncEngine:
                 self._wake.clear()
                 self._apply_commands()
                 self._retry_waiting_blocks()
-                self.latest_stats = self.engine.stats()
-                if self.engine.has_work():
-                    self._deliver(self.engine.step())
-                    self.latest_stats = self.engine.stats()
+                self.latest_stats = self.core.stats()
+                if self.core.has_work():
+                    outputs = self.core.step()
+                    self.latest_stats = self.core.stats()
+                    self._deliver(outputs)
                 elif not self._commands:
                     self._wake.wait()
         except BaseException as e:  # a step failed: every request learns it, later calls raise EngineDead
@@ -272,9 +259,9 @@ class AsyncEngine:
         """Engine thread, on the way out: end every stream and pending call."""
         outputs: list[RequestOutput] = []
         if self._dead is None:
-            for request_id in list(self.engine.requests):
-                self.engine.abort(request_id)
-            outputs = self.engine.step()
+            for request_id in list(self.core.requests):
+                self.core.abort(request_id)
+            outputs = self.core.step()
         self._deliver(outputs)
         for request_id, (loop, queue) in list(self._streams.items()):
             if not any(o.request_id == request_id and o.finished for o in outputs):

@@ -14,6 +14,7 @@ from collections import Counter, OrderedDict
 
 import xxhash
 
+from common.arith import ceil_div
 from common.engine.sequence import Sequence
 
 
@@ -61,7 +62,7 @@ class BlockManager:
         return len(self.pin_refs)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return ceil_div(num_tokens, self.block_size)
 
     def allocate_prefix(self, seq: Sequence, max_blocks: int) -> int:
         """Give a sequence without blocks its leading prefix-cache hits (at most ``max_blocks``).

@@ -1,8 +1,8 @@
 """``LLMEngine``: synchronous, single-threaded; ``step()`` runs one batch and reports per request.
 
 P/D hooks (see docs/architecture.md "Engine contract"): ``add_request(...,
-pin_for_transfer=...)`` on prefill, ``add_remote_request`` / ``finish_remote_kv``
-on decode, ``release_transfer`` when the decode side is done reading.
+pin_for_transfer=...)`` on prefill, ``add_remote_request(RemoteRequest)`` /
+``finish_remote_kv`` on decode, ``release_transfer`` when the decode side is done reading.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.arith import ceil_div
 from common.config import require
 from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig, parse_size
@@ -23,7 +24,14 @@ from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
-from common.engine.sequence import InvalidRequest, RemoteAllocation, RequestOutput, Sequence, SequenceStatus
+from common.engine.sequence import (
+    InvalidRequest,
+    RemoteAllocation,
+    RemoteRequest,
+    RequestOutput,
+    Sequence,
+    SequenceStatus,
+)
 from common.engine.tokenizer import Tokenizer
 from common.messages import MAX_LOGPROBS, Load, SamplingParams, TokenLogprob, Usage
 
@@ -33,12 +41,13 @@ CPU_KV_CACHE_BYTES = 512 << 20  # KV budget on CPU when neither --num-kv-blocks 
 
 
 @dataclass
-class EngineStats:
+class StepStats:
+    """The engine's counts between two steps (the wire ``EngineStats`` carries them as ``Load``)."""
+
     running: int
     waiting: int
     waiting_for_remote_kvs: int
     kv_blocks_used: int
-    kv_blocks_free: int
     kv_blocks_pinned: int
     kv_blocks_total: int
     num_preemptions: int
@@ -118,7 +127,7 @@ class LLMEngine:
             budget = int(free * self.config.gpu_memory_utilization)
         else:
             budget = CPU_KV_CACHE_BYTES
-        cap = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+        cap = self.config.max_num_seqs * ceil_div(self.max_model_len, self.block_size)
         num_blocks = min(budget // block_bytes, cap)
         require(num_blocks > 0, "kv_cache_memory", f"budget {budget} bytes holds no block of {block_bytes} bytes")
         return num_blocks
@@ -140,31 +149,24 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.requests[request_id] = seq
 
-    def add_remote_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token_id: int,
-        sampling: SamplingParams,
-        *,
-        num_remote_tokens: int,
-    ) -> RemoteAllocation:
+    def add_remote_request(self, remote: RemoteRequest) -> RemoteAllocation:
         """Allocate blocks for a prompt whose KV a remote prefill computed; the request waits in
         ``WAITING_FOR_REMOTE_KVS`` until ``finish_remote_kv``.  Raises ``NoFreeBlocks`` when the
         blocks are not free now (nothing is held then; retry after blocks free)."""
-        self._validate(request_id, prompt_token_ids, sampling, None)
-        if num_remote_tokens != len(prompt_token_ids):
+        prompt = remote.prompt_token_ids
+        self._validate(remote.request_id, prompt, remote.sampling, None)
+        if remote.num_remote_tokens != len(prompt):
             raise InvalidRequest(
-                f"num_remote_tokens {num_remote_tokens} != prompt length {len(prompt_token_ids)}", "num_remote_tokens"
+                f"num_remote_tokens {remote.num_remote_tokens} != prompt length {len(prompt)}", "num_remote_tokens"
             )
-        if not 0 <= first_token_id < self.model_config.vocab_size:
-            raise InvalidRequest(f"first_token_id {first_token_id} is outside the vocabulary", "first_token_id")
-        seq = self._new_sequence(request_id, prompt_token_ids, sampling, None)
-        seq.remote_first_token = first_token_id
+        if not 0 <= remote.first_token_id < self.model_config.vocab_size:
+            raise InvalidRequest(f"first_token_id {remote.first_token_id} is outside the vocabulary", "first_token_id")
+        seq = self._new_sequence(remote.request_id, prompt, remote.sampling, None)
+        seq.remote_first_token = remote.first_token_id
         if seq.generator is not None:
-            self.sampler.skip_draw(seq.generator, sampling, self.model_config.vocab_size)
+            self.sampler.skip_draw(seq.generator, remote.sampling, self.model_config.vocab_size)
         allocation = self.scheduler.add_remote(seq)
-        self.requests[request_id] = seq
+        self.requests[remote.request_id] = seq
         return allocation
 
     def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
@@ -215,14 +217,13 @@ class LLMEngine:
         """Whether ``step()`` would do anything now (False while every request waits for remote KV)."""
         return self.scheduler.has_schedulable() or bool(self.pending_outputs)
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> StepStats:
         bm = self.block_manager
-        return EngineStats(
+        return StepStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             waiting_for_remote_kvs=len(self.scheduler.remote),
             kv_blocks_used=bm.num_used,
-            kv_blocks_free=bm.num_free,
             kv_blocks_pinned=bm.num_pinned,
             kv_blocks_total=bm.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,

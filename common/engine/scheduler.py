@@ -34,9 +34,6 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.remote)
-
     def has_schedulable(self) -> bool:
         return bool(self.waiting or self.running)
 

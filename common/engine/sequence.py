@@ -46,6 +46,18 @@ class RemoteAllocation:
 
 
 @dataclass
+class RemoteRequest:
+    """A request whose prompt KV a remote prefill computed: decode allocates blocks for
+    ``num_remote_tokens`` prompt tokens plus the prefill's ``first_token_id``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token_id: int
+    sampling: SamplingParams
+    num_remote_tokens: int
+
+
+@dataclass
 class RequestOutput:
     """What one step produced for one request (``text`` and ``new_token_ids`` are deltas)."""
 

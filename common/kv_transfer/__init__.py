@@ -1,22 +1,24 @@
-"""KV transfer between engines: backends, block ranges, statuses, leases, the connector."""
+"""KV transfer between engines: backends, block ranges, statuses, leases, the reader and the side channel."""
 
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, make_backend
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.connector import ConnectorMetrics, KVConnector, KVSideChannel, ReadStats
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
+from common.kv_transfer.reader import KVReader, ReadStats, ReleaseSender
+from common.kv_transfer.side_channel import KVSideChannel, PinnedTransfers
 from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
 
 __all__ = [
     "BackendUnavailable",
     "ByteRanges",
-    "ConnectorMetrics",
-    "KVConnector",
     "KVLayout",
+    "KVReader",
     "KVSideChannel",
     "KVTransferConfig",
     "LeaseTable",
+    "PinnedTransfers",
     "ReadStats",
+    "ReleaseSender",
     "RequestTransfers",
     "TransferBackend",
     "TransferStatus",

@@ -58,7 +58,3 @@ class RequestTransfers:
         if reported is TransferStatus.FAILED or len(self._reports) == self.num_workers:
             return reported
         return TransferStatus.PENDING
-
-    @property
-    def done(self) -> bool:
-        return self.state is TransferStatus.SUCCESS

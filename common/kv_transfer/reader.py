@@ -1,14 +1,14 @@
-"""The KV handoff over the bus: decode-side ``KVConnector``, prefill-side ``KVSideChannel``.
+"""Decode side of the KV handoff: ``KVReader`` reads a prompt's blocks from a prefill engine.
 
-Decode: ``read_blocks(params, local_block_ids, skip_leading)`` handshakes once
-per prefill engine (one shared future per engine, failures not cached), merges
-block runs into byte ranges, runs the blocking backend read in a thread pool,
-renews the lease while it waits, checks every status, and always sends
-``ReleaseKV`` afterwards (in the background), after the backend has stopped
-touching memory.
+``read_blocks(params, local_block_ids, skip_leading)`` handshakes once per
+prefill engine (one shared future per engine, failures not cached), merges
+block runs into byte ranges, runs the blocking backend read in a thread pool
+(a started read is never abandoned, even when the caller is cancelled), renews
+the lease while it waits, checks every status, confirms the lease still held
+after the read, and always sends ``ReleaseKV`` afterwards through a
+``ReleaseSender`` (in the background), after the backend stopped touching memory.
 
-Prefill: ``KVSideChannel`` answers ``Handshake`` (refusing a different protocol
-version or KV fingerprint), ``RenewLease`` and ``ReleaseKV`` from a ``LeaseTable``.
+The prefill side that answers these calls is ``common.kv_transfer.side_channel``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from common.bus import BusClient, BusServer
+from common.client_pool import ClientPool
 from common.errors import BusError, CallTimeout, HandshakeError, KVTransferError, PeerError
 from common.kv_transfer.backend import TransferBackend
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
 from common.kv_transfer.status import RequestTransfers, TransferStatus
 from common.messages import (
-    PROTOCOL_VERSION,
-    Ack,
     Fingerprint,
     Handshake,
     HandshakeReply,
@@ -37,6 +34,7 @@ from common.messages import (
     ReleaseKV,
     RenewLease,
 )
+from common.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +57,6 @@ class ReadStats:
     num_ranges: int
     bytes: int
     seconds: float
-
-
-@dataclass
-class ConnectorMetrics:
-    """Totals since start, for the engine service to report."""
-
-    handshakes: int = 0
-    reads: int = 0
-    failures: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    ranges: int = 0
 
 
 def _shards(ranges: ByteRanges, n: int) -> list[ByteRanges]:
@@ -109,7 +95,29 @@ async def _finish_uncancellable(fut: asyncio.Future):
     return result
 
 
-class KVConnector:
+class ReleaseSender:
+    """Sends ``ReleaseKV`` in the background, so a dead prefill never delays the caller; a failed
+    send is logged (the lease then expires on the prefill side)."""
+
+    def __init__(self, clients: ClientPool):
+        self.clients = clients
+        self._sending = BackgroundTasks()
+
+    def send(self, params: KVTransferParams) -> None:
+        self._sending.spawn(self._send(params))
+
+    async def flush(self) -> None:
+        """Wait until every ``ReleaseKV`` sent so far was answered or failed."""
+        await self._sending.wait()
+
+    async def _send(self, params: KVTransferParams) -> None:
+        try:
+            await self.clients.get(params.kv_endpoint).call(ReleaseKV([params.transfer_id]))
+        except BusError as e:
+            logger.warning("ReleaseKV %s to %s failed (its lease will expire): %s", params.transfer_id, params.engine_id, e)
+
+
+class KVReader:
     """Decode side: reads prompt KV blocks from prefill engines."""
 
     def __init__(
@@ -125,11 +133,10 @@ class KVConnector:
         self.fingerprint = fingerprint
         self.layout = layout
         self.config = config
-        self.metrics = ConnectorMetrics()
         self._pool = ThreadPoolExecutor(config.kv_transfer_threads, thread_name_prefix="kv-read")
         self._peers: dict[str, asyncio.Future[Peer]] = {}
-        self._clients: dict[str, BusClient] = {}
-        self._background: set[asyncio.Task] = set()
+        self.clients = ClientPool(name=f"kv-{engine_id}", timeout=config.kv_rpc_timeout_s)
+        self.releases = ReleaseSender(self.clients)
 
     # -- handshakes -------------------------------------------------------
 
@@ -158,24 +165,17 @@ class KVConnector:
         if fut is not None and fut.done():
             del self._peers[engine_id]
 
-    def _client(self, kv_endpoint: str) -> BusClient:
-        client = self._clients.get(kv_endpoint)
-        if client is None:
-            client = BusClient(kv_endpoint, name=f"kv-{kv_endpoint}", timeout=self.config.kv_rpc_timeout_s)
-            self._clients[kv_endpoint] = client
-        return client
-
     async def _handshake(self, engine_id: str, kv_endpoint: str) -> Peer:
         timeout = self.config.kv_handshake_timeout_s
         try:
-            reply = await self._client(kv_endpoint).call(Handshake(self.engine_id, self.fingerprint), timeout=timeout)
+            reply = await self.clients.get(kv_endpoint).call(Handshake(self.engine_id, self.fingerprint), timeout=timeout)
         except CallTimeout:
-            await self._drop_client(kv_endpoint)
+            self.clients.drop(kv_endpoint)
             raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} timed out after {timeout:g} s") from None
         except PeerError as e:
             raise HandshakeError(f"{engine_id} refused the handshake: {e.code}: {e.message}") from e
         except BusError as e:
-            await self._drop_client(kv_endpoint)
+            self.clients.drop(kv_endpoint)
             raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} failed: {e}") from e
         peer = self._check_reply(engine_id, kv_endpoint, reply)
         loop = asyncio.get_running_loop()
@@ -183,7 +183,6 @@ class KVConnector:
             await loop.run_in_executor(self._pool, self.backend.connect, reply.session, reply.backend_meta)
         except Exception as e:  # whatever the backend raises, the request gets a typed error
             raise HandshakeError(f"{self.backend.name} cannot connect to {engine_id}: {e}") from e
-        self.metrics.handshakes += 1
         logger.info("KV handshake with %s (%s) done: session %s", engine_id, kv_endpoint, reply.session)
         return peer
 
@@ -206,11 +205,6 @@ class KVConnector:
             raise HandshakeError(f"{engine_id}'s registered memory does not hold its {reply.num_blocks} blocks")
         layout = KVLayout(reply.regions[0].addr, reply.block_bytes, reply.num_blocks)
         return Peer(engine_id, kv_endpoint, reply.session, layout)
-
-    async def _drop_client(self, kv_endpoint: str) -> None:
-        client = self._clients.pop(kv_endpoint, None)
-        if client is not None:
-            await client.close()
 
     # -- reads ------------------------------------------------------------
 
@@ -243,17 +237,9 @@ class KVConnector:
                 )
             except ValueError as e:
                 raise KVTransferError(f"transfer {params.transfer_id}: {e}") from e
-            stats = await self._read(peer, params, ranges, len(local_block_ids) - skip_leading)
-        except KVTransferError:
-            self.metrics.failures += 1
-            raise
+            return await self._read(peer, params, ranges, len(local_block_ids) - skip_leading)
         finally:
             self.release(params)
-        self.metrics.reads += 1
-        self.metrics.bytes += stats.bytes
-        self.metrics.seconds += stats.seconds
-        self.metrics.ranges += stats.num_ranges
-        return stats
 
     async def _read(self, peer: Peer, params: KVTransferParams, ranges: ByteRanges, num_blocks: int) -> ReadStats:
         if not ranges.lengths:
@@ -302,7 +288,7 @@ class KVConnector:
 
     async def _renew(self, peer: Peer, transfer_id: str) -> bool:
         """Renew one lease; False when prefill no longer knows it.  Bus errors propagate."""
-        reply = await self._client(peer.kv_endpoint).call(RenewLease([transfer_id]))
+        reply = await self.clients.get(peer.kv_endpoint).call(RenewLease([transfer_id]))
         return isinstance(reply, LeaseRenewed) and transfer_id in reply.expiry
 
     async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
@@ -317,82 +303,14 @@ class KVConnector:
                 logger.warning("renewing lease of transfer %s failed: %s", transfer_id, e)
 
     def release(self, params: KVTransferParams) -> None:
-        """Send ``ReleaseKV`` in the background: a dead prefill never delays the caller."""
-        task = asyncio.create_task(self._send_release(params))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def flush(self) -> None:
-        """Wait until every ``ReleaseKV`` sent so far was answered or failed."""
-        await asyncio.gather(*self._background, return_exceptions=True)
-
-    async def _send_release(self, params: KVTransferParams) -> None:
-        try:
-            await self._client(params.kv_endpoint).call(ReleaseKV([params.transfer_id]))
-        except BusError as e:
-            logger.warning("ReleaseKV %s to %s failed (its lease will expire): %s", params.transfer_id, params.engine_id, e)
+        """Tell prefill it may free ``params``' blocks (in the background)."""
+        self.releases.send(params)
 
     async def close(self) -> None:
         """Wait for pending releases, close clients and the thread pool."""
-        await self.flush()
+        await self.releases.flush()
         for fut in self._peers.values():
             fut.cancel()
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
         self._peers.clear()
+        await self.clients.close()
         self._pool.shutdown(wait=True)
-
-
-class KVSideChannel:
-    """Prefill side: answers handshakes and lease messages on the engine's KV ROUTER."""
-
-    def __init__(
-        self,
-        engine_id: str,
-        fingerprint: Fingerprint,
-        backend: TransferBackend,
-        layout: KVLayout,
-        leases: LeaseTable,
-    ):
-        self.engine_id = engine_id
-        self.fingerprint = fingerprint
-        self.backend = backend
-        self.layout = layout
-        self.leases = leases
-        self.num_handshakes = 0
-        self._reply = HandshakeReply(
-            engine_id=engine_id,
-            fingerprint=fingerprint,
-            backend=backend.name,
-            session=backend.session,
-            regions=[layout.region],
-            block_bytes=layout.block_bytes,
-            num_blocks=layout.num_blocks,
-            backend_meta=backend.backend_meta(),
-        )
-
-    def attach(self, server: BusServer) -> None:
-        server.on(Handshake, self.on_handshake)
-        server.on(RenewLease, self.on_renew)
-        server.on(ReleaseKV, self.on_release)
-
-    async def on_handshake(self, msg: Handshake) -> HandshakeReply:
-        self.num_handshakes += 1
-        if msg.protocol_version != PROTOCOL_VERSION:
-            raise PeerError(
-                "protocol_version", f"peer speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}"
-            )
-        diff = self.fingerprint.differences(msg.fingerprint)
-        if diff:
-            logger.warning("refusing KV handshake from %s: fingerprint differs in %s", msg.engine_id, diff)
-            raise PeerError("incompatible", f"KV fingerprint differs in: {', '.join(diff)}", ",".join(diff))
-        return self._reply
-
-    async def on_renew(self, msg: RenewLease) -> LeaseRenewed:
-        return LeaseRenewed(self.leases.renew(msg.transfer_ids))
-
-    async def on_release(self, msg: ReleaseKV) -> Ack:
-        for tid in msg.transfer_ids:
-            self.leases.release(tid)
-        return Ack()

@@ -1,0 +1,46 @@
+"""``EngineServiceConfig``: the flags of ``pdserve prefill`` and ``pdserve decode``.
+
+One config for every role; the subcommand supplies the ``--role`` default
+(``prefill`` or ``decode``), and either subcommand also runs ``--role both``.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+from common.bus import DEFAULT_MAX_FRAME_BYTES
+from common.config import opt, require
+from common.engine.config import EngineConfig
+from common.kv_transfer.config import KVTransferConfig
+
+
+@dataclass
+class EngineServiceConfig(EngineConfig, KVTransferConfig):
+    role: Literal["prefill", "decode", "both"] = opt("both", "prefill, decode, or both (colocated, no transfer)")
+    bind: str = opt("tcp://127.0.0.1:0", "request ROUTER address (port 0: any free port)")
+    kv_bind: str = opt("tcp://127.0.0.1:0", "KV side-channel ROUTER address (port 0: any free port)")
+    advertise_host: str = opt("127.0.0.1", "host the registry hands out for this engine's sockets")
+    registry: str = opt("tcp://127.0.0.1:7100", "registry endpoint")
+    instance_id: str | None = opt(None, "unique instance id; none = <role>-<hostname>-<pid>")
+    served_model_name: str | None = opt(None, "model name clients use; none = --model")
+    registry_timeout_s: float = opt(5.0, "timeout of registry calls")
+    remote_blocks_timeout_s: float = opt(30.0, "decode: wait this long for free blocks for a remote prefill")
+    shutdown_timeout_s: float = opt(10.0, "on SIGTERM, let in-flight requests finish this long, then abort them")
+    max_frame_bytes: int = opt(DEFAULT_MAX_FRAME_BYTES, "largest accepted message in bytes")
+    log_level: str = opt("info", "log level")
+
+    def validate(self) -> None:
+        roles = typing.get_args(typing.get_type_hints(type(self))["role"])
+        require(self.role in roles, "role", f"must be one of {', '.join(roles)}")
+        EngineConfig.validate(self)
+        KVTransferConfig.validate(self)
+        for name in ("bind", "kv_bind", "registry"):
+            require(getattr(self, name).startswith(("tcp://", "ipc://")), name, "must be a tcp:// or ipc:// address")
+        for name in ("registry_timeout_s", "remote_blocks_timeout_s", "shutdown_timeout_s"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model

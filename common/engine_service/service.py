@@ -1,0 +1,312 @@
+"""The engine service every engine process runs (``pdserve prefill`` / ``pdserve decode``).
+
+One process = one ``AsyncEngine`` + a request ROUTER (``Generate``, ``Abort``,
+``GetStats``) + a KV side-channel ROUTER + a registration with heartbeats.
+What a role adds is a small role object the service delegates to (``EngineRole``):
+
+* ``both`` (``ColocatedRole``): plain colocated serving, the baseline every comparison uses;
+* ``prefill`` (``services.prefill.PrefillRole``): computes the prompt, pins its
+  KV for a decode engine, answers the side channel;
+* ``decode`` (``services.decode.DecodeHandoff``): reads the prompt's KV from a
+  prefill engine, then streams tokens 2...
+
+Shutdown (SIGTERM/SIGINT) is ordered: deregister and stop accepting, let
+in-flight requests finish and decode engines read what we pinned within
+``--shutdown-timeout-s``, abort the rest (their streams end with finish reason
+``abort``), let the role release what it holds (leases), close sockets,
+stop the engine, unregister transfer memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol
+
+from common.bus import BusServer
+from common.engine.async_engine import AsyncEngine
+from common.engine.engine import LLMEngine
+from common.engine.kv_cache import KVCache
+from common.engine.sequence import InvalidRequest, RequestOutput
+from common.engine_service.config import EngineServiceConfig
+from common.errors import PeerError
+from common.kv_transfer.backend import TransferBackend, make_backend
+from common.kv_transfer.ranges import KVLayout
+from common.messages import (
+    Abort,
+    Ack,
+    Capacity,
+    EngineRequest,
+    EngineStats,
+    Fingerprint,
+    Generate,
+    GetStats,
+    Instance,
+    KVRequest,
+    Load,
+    SamplingParams,
+    TokenOutput,
+    gives_one_prompt,
+)
+from common.registry_client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+ENGINE_WATCH_INTERVAL_S = 0.5  # how often serve() checks that the engine thread is alive
+SHUTDOWN_ABORT_GRACE_S = 1.0  # after aborting what is left, how long its streams get to send their last output
+
+
+class EngineRole(Protocol):
+    """What one role adds to the shared service."""
+
+    serves_prefill_leg: bool  # accepts Generate(do_remote_decode)
+    serves_decode_leg: bool  # accepts Generate(remote_prefill=...)
+
+    async def start(self) -> None:
+        """Before the sockets open: register transfer memory, attach side-channel handlers, start tasks."""
+
+    def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
+        """The request's outputs (``PeerError`` for a refused request)."""
+
+    async def abort(self, request_id: str) -> None:
+        """``Abort``: stop the request wherever it is and drop what the role holds for it."""
+
+    def num_transfers(self) -> int:
+        """KV transfers in progress (pinned for a reader, or being read): shutdown waits for them."""
+
+    async def shutdown(self) -> None:
+        """After the request ROUTER closed: release what the role still holds."""
+
+
+RoleFactory = Callable[["EngineService"], EngineRole]
+
+
+def _endpoint(bound: str, host: str) -> str:
+    """``tcp://0.0.0.0:7200`` bound -> ``tcp://<host>:7200`` advertised."""
+    if not bound.startswith("tcp://"):
+        return bound
+    return f"tcp://{host}:{bound.rsplit(':', 1)[1]}"
+
+
+class EngineService:
+    """One engine instance on the bus; ``start()`` then ``shutdown()``.
+
+    ``core`` is the synchronous ``LLMEngine``; ``engine`` the ``AsyncEngine`` stepping it on its thread.
+    """
+
+    def __init__(self, config: EngineServiceConfig, core: LLMEngine, make_role: RoleFactory):
+        self.config = config
+        self.instance_id = config.instance_id or f"{config.role}-{socket.gethostname()}-{os.getpid()}"
+        self.core = core
+        self.engine = AsyncEngine(core)
+        mc = core.model_config
+        self.fingerprint = Fingerprint(
+            model=config.model_name, dtype=core.dtype_name, block_size=core.block_size,
+            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            kv_layout=KVCache.LAYOUT, transfer_backend=config.kv_backend,
+        )  # fmt: skip
+        self.layout = KVLayout.of(core.kv_cache)
+        self.server = BusServer(config.bind, EngineRequest, name=self.instance_id,
+                                max_frame_bytes=config.max_frame_bytes)
+        self.server.on(Generate, self.on_generate)
+        self.server.on(Abort, self.on_abort)
+        self.server.on(GetStats, self.on_stats)
+        self.kv_server = BusServer(config.kv_bind, KVRequest, name=f"{self.instance_id}-kv",
+                                   max_frame_bytes=config.max_frame_bytes)
+        self.backend: TransferBackend | None = None
+        self.active: set[str] = set()  # request ids with a running Generate handler
+        self.registry = RegistryClient(config.registry, timeout=config.registry_timeout_s)
+        self.accepting = False
+        self.stopped = False
+        self.num_finished = 0
+        self.role = make_role(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open_transfer_backend(self) -> TransferBackend:
+        """The transfer backend with all KV memory registered (roles that move KV call this from
+        ``start``, so the memory is registered before any peer can learn our address)."""
+        device = self.core.device
+        self.backend = make_backend(self.config.kv_backend, self.config.kv_host, force_tcp=self.config.kv_force_tcp,
+                                    device_id=(device.index or 0) if device.type == "cuda" else -1,
+                                    read_timeout_s=self.config.kv_read_timeout_s)
+        self.backend.register([self.layout.region])
+        return self.backend
+
+    async def start(self) -> None:
+        await self.role.start()
+        await self.kv_server.start()
+        await self.server.start()
+        self.accepting = True
+        await self.registry.start_heartbeats(self.instance(), self.load)
+        log.info("%s serving %s on %s (KV side channel %s)", self.instance_id, self.config.model_name,
+                 self.request_endpoint, self.kv_endpoint)
+
+    async def shutdown(self) -> None:
+        """Ordered: deregister, stop accepting, drain or abort, release, close, unregister memory."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.accepting = False
+        await self._quietly(self.registry.stop(), "deregistering")
+        # In-flight requests finish and decode engines read what we pinned, within the timeout...
+        await self._wait_until(lambda: not (self.server.num_active or self.role.num_transfers()),
+                               self.config.shutdown_timeout_s)
+        # ...then the rest are aborted: their streams end with finish reason "abort"...
+        for request_id in list(self.active):
+            await self._quietly(self.on_abort(Abort(request_id)), f"aborting {request_id}")
+        await self._wait_until(lambda: not self.server.num_active, SHUTDOWN_ABORT_GRACE_S)
+        await self.server.close()  # ...and what still runs is cancelled (each cancel aborts its engine request)
+        await self._quietly(self.role.shutdown(), "releasing the role's transfers")
+        await self.kv_server.close()
+        await self.engine.shutdown(timeout=self.config.shutdown_timeout_s)
+        if self.backend is not None:
+            self.backend.close()
+        await self.registry.close()
+        log.info("%s stopped", self.instance_id)
+
+    @staticmethod
+    async def _wait_until(done: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    @staticmethod
+    async def _quietly(coro, what: str) -> None:
+        try:
+            await coro
+        except Exception as e:  # shutdown goes on whatever one step says
+            log.warning("shutdown: %s failed: %s", what, e)
+
+    @property
+    def request_endpoint(self) -> str:
+        return _endpoint(self.server.endpoint, self.config.advertise_host)
+
+    @property
+    def kv_endpoint(self) -> str:
+        return _endpoint(self.kv_server.endpoint, self.config.advertise_host)
+
+    def instance(self) -> Instance:
+        return Instance(
+            id=self.instance_id, role=self.config.role, request_endpoint=self.request_endpoint,
+            kv_endpoint=self.kv_endpoint, model=self.config.model_name, fingerprint=self.fingerprint,
+            capacity=Capacity(self.config.max_num_seqs, self.core.kv_cache.num_blocks, self.core.max_model_len),
+        )  # fmt: skip
+
+    def load(self) -> Load:
+        """The engine's load as of its last step: never waits for a step in progress, so a long
+        prefill cannot delay heartbeats past the registry's lease."""
+        return self.engine.latest_stats.to_load()
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_stats(self, msg: GetStats) -> EngineStats:
+        return EngineStats(self.instance_id, self.config.role, self.load(), self.num_finished,
+                           self.role.num_transfers())
+
+    async def on_abort(self, msg: Abort) -> Ack:
+        await self.role.abort(msg.request_id)
+        return Ack()
+
+    async def on_generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
+        if not self.accepting:
+            raise PeerError("shutting_down", f"{self.instance_id} is shutting down")
+        if msg.do_remote_decode and not self.role.serves_prefill_leg:
+            raise PeerError("invalid_request", f"{self.instance_id} has role {self.config.role}, not prefill",
+                            "do_remote_decode")
+        if msg.remote_prefill is not None and not self.role.serves_decode_leg:
+            raise PeerError("invalid_request", f"{self.instance_id} has role {self.config.role}, not decode",
+                            "remote_prefill")
+        if msg.request_id in self.active:
+            raise PeerError("invalid_request", f"request {msg.request_id!r} is already running here", "request_id")
+        if self.engine.failed is not None:
+            raise PeerError("shutting_down", f"{self.instance_id}'s engine failed: {self.engine.failed!r}")
+        self.active.add(msg.request_id)
+        try:
+            async for token in self.role.generate(msg):
+                if token.finish_reason is not None:
+                    self.num_finished += 1
+                yield token
+        finally:
+            self.active.discard(msg.request_id)
+
+    # ------------------------------------------------------------------ what roles share
+
+    def prompt_token_ids(self, msg: Generate) -> list[int]:
+        """The request's prompt as token ids (chat messages rendered by the model's template)."""
+        if not gives_one_prompt(msg):
+            raise PeerError("invalid_request", "give exactly one of prompt, prompt_token_ids, messages", "prompt")
+        tok = self.core.tokenizer
+        if msg.prompt_token_ids is not None:
+            return list(msg.prompt_token_ids)
+        if msg.prompt is not None:
+            return tok.encode(msg.prompt)
+        try:
+            text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in msg.messages])
+        except ValueError as e:
+            raise PeerError("invalid_request", str(e), "messages") from e
+        return tok.encode(text, add_special_tokens=False)
+
+    def serve_locally(self, msg: Generate) -> AsyncIterator[TokenOutput]:
+        """A whole request computed here (no KV transfer)."""
+        prompt_ids = self.prompt_token_ids(msg)
+        return self.tokens(msg.request_id, prompt_ids, self.local_outputs(msg.request_id, prompt_ids, msg.sampling))
+
+    async def local_outputs(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                            pin_for_transfer: str | None = None) -> AsyncIterator[RequestOutput]:
+        """The engine computes the prompt itself (colocated, or a prefill leg pinning under
+        ``pin_for_transfer``); engine refusals and failures become ``PeerError``."""
+        try:
+            async for out in self.engine.generate(request_id, prompt_ids, sampling, pin_for_transfer=pin_for_transfer):
+                if out.finish_reason == "error":
+                    raise PeerError("internal", out.error or "the request failed in the engine")
+                yield out
+        except InvalidRequest as e:
+            raise PeerError("invalid_request", e.message, e.param) from e
+
+    async def tokens(self, request_id: str, prompt_ids: list[int], outputs: AsyncIterator[RequestOutput],
+                     on_final: Callable[[RequestOutput, TokenOutput], None] | None = None
+                     ) -> AsyncIterator[TokenOutput]:
+        """Engine outputs as wire messages; the first carries the prompt's token ids, and
+        ``on_final`` may complete the final one (the prefill leg adds its ``kv_transfer``)."""
+        first = True
+        async for out in outputs:
+            token = self._to_message(request_id, out)
+            if first:
+                token.prompt_token_ids = prompt_ids
+                first = False
+            if out.finished and on_final is not None:
+                on_final(out, token)
+            yield token
+
+    def _to_message(self, request_id: str, out: RequestOutput) -> TokenOutput:
+        for lp in out.logprobs or ():
+            lp.token = self._token_text(lp.token_id)
+            lp.top_tokens = [self._token_text(t) for t, _ in lp.top]
+        return TokenOutput(
+            request_id=request_id, token_ids=out.new_token_ids, text=out.text, logprobs=out.logprobs,
+            finish_reason=out.finish_reason, usage=out.usage, timings=out.timings,
+        )  # fmt: skip
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text alone, as OpenAI's logprobs show it (partial UTF-8 shows as U+FFFD)."""
+        return self.core.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+async def serve(config: EngineServiceConfig, roles: Mapping[str, RoleFactory]) -> None:
+    """Load the engine (off the event loop), serve ``roles[config.role]`` until cancelled, then shut
+    down in order."""
+    core = await asyncio.get_running_loop().run_in_executor(None, LLMEngine, config)
+    service = EngineService(config, core, roles[config.role])
+    try:
+        await service.start()
+        while service.engine.failed is None:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        # A dead engine thread serves nothing: exit non-zero so a supervisor restarts us.
+        raise RuntimeError(f"{service.instance_id}: engine failed: {service.engine.failed!r}")
+    finally:
+        await asyncio.shield(service.shutdown())

@@ -1,0 +1,91 @@
+"""Prefill side of the KV handoff: the side channel decode engines call on the KV ROUTER.
+
+``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version
+or KV fingerprint) with the memory a reader needs, and passes ``RenewLease`` and
+``ReleaseKV`` to the owner of the pinned transfers (the prefill handoff): the
+side channel never frees blocks itself.  The reader is ``common.kv_transfer.reader``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from common.bus import BusServer
+from common.errors import PeerError
+from common.kv_transfer.backend import TransferBackend
+from common.kv_transfer.ranges import KVLayout
+from common.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Fingerprint,
+    Handshake,
+    HandshakeReply,
+    LeaseRenewed,
+    ReleaseKV,
+    RenewLease,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class PinnedTransfers(Protocol):
+    """What the side channel asks of the owner of the pinned transfers."""
+
+    def renew(self, transfer_ids: list[str]) -> dict[str, float]:
+        """New expiry of each id still leased; ended ids are absent."""
+
+    def release(self, transfer_id: str) -> None:
+        """The reader is done: free the transfer's blocks (nothing when already released)."""
+
+
+class KVSideChannel:
+    """Answers handshakes and lease messages on the engine's KV ROUTER."""
+
+    def __init__(
+        self,
+        engine_id: str,
+        fingerprint: Fingerprint,
+        backend: TransferBackend,
+        layout: KVLayout,
+        transfers: PinnedTransfers,
+    ):
+        self.engine_id = engine_id
+        self.fingerprint = fingerprint
+        self.transfers = transfers
+        self.num_handshakes = 0
+        self._reply = HandshakeReply(
+            engine_id=engine_id,
+            fingerprint=fingerprint,
+            backend=backend.name,
+            session=backend.session,
+            regions=[layout.region],
+            block_bytes=layout.block_bytes,
+            num_blocks=layout.num_blocks,
+            backend_meta=backend.backend_meta(),
+        )
+
+    def attach(self, server: BusServer) -> None:
+        server.on(Handshake, self.on_handshake)
+        server.on(RenewLease, self.on_renew)
+        server.on(ReleaseKV, self.on_release)
+
+    async def on_handshake(self, msg: Handshake) -> HandshakeReply:
+        self.num_handshakes += 1
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise PeerError(
+                "protocol_version", f"peer speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}"
+            )
+        diff = self.fingerprint.differences(msg.fingerprint)
+        if diff:
+            logger.warning("refusing KV handshake from %s: fingerprint differs in %s", msg.engine_id, diff)
+            raise PeerError("incompatible", f"KV fingerprint differs in: {', '.join(diff)}", ",".join(diff))
+        return self._reply
+
+    async def on_renew(self, msg: RenewLease) -> LeaseRenewed:
+        return LeaseRenewed(self.transfers.renew(msg.transfer_ids))
+
+    async def on_release(self, msg: ReleaseKV) -> Ack:
+        for tid in msg.transfer_ids:
+            self.transfers.release(tid)
+        return Ack()

@@ -1,0 +1,167 @@
+"""Life cycle of a request in the decode server (``DecodeHandoff``, the ``decode`` role).
+
+1. ``Generate(remote_prefill=params)`` arrives with the prefill's
+   ``KVTransferParams``.  The params are checked against the prompt (token
+   count, one block id per block); a request refused here, or anywhere before
+   the read, sends ``ReleaseKV`` so prefill does not hold blocks nobody reads.
+2. Allocate: the engine gets the request (one ``RemoteRequest``) and gives it
+   blocks for the prompt plus its first token, prefix-cache hits leading; with
+   too few free blocks it waits (FIFO) up to ``--remote-blocks-timeout-s``.  The
+   request then waits in ``WAITING_FOR_REMOTE_KVS``.
+3. Read: ``KVReader.read_blocks`` copies the blocks that are not local hits from
+   the prefill engine, then sends ``ReleaseKV`` whatever happened.
+4. Hand the request to the engine: ``finish_remote_kv(ok)`` decodes (or, when
+   the read failed, recomputes or fails per ``--kv-load-failure-policy``).  An
+   ``Abort`` that came during the read takes effect now, once the read stopped
+   writing into the request's blocks, never before (they could be reused).
+5. Stream tokens 2..., the first carrying the transfer's timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from common.arith import ceil_div
+from common.engine.async_engine import RequestAborted
+from common.engine.sequence import InvalidRequest, RemoteAllocation, RemoteRequest, RequestOutput
+from common.engine_service import ColocatedRole, EngineService
+from common.errors import KVTransferError, PeerError
+from common.kv_transfer.reader import KVReader
+from common.messages import Generate, KVTransferParams, TokenOutput
+
+log = logging.getLogger(__name__)
+
+
+class DecodeHandoff(ColocatedRole):
+    """Serves ``Generate(remote_prefill=...)`` (and plain requests, colocated)."""
+
+    serves_decode_leg = True
+
+    def __init__(self, service: EngineService):
+        super().__init__(service)
+        self.reader: KVReader | None = None
+        self.reading: set[str] = set()  # request ids whose blocks a backend read may be writing
+        self.aborted: set[str] = set()  # running request ids an Abort arrived for
+
+    async def start(self) -> None:
+        s = self.service
+        self.reader = KVReader(s.open_transfer_backend(), s.instance_id, s.fingerprint, s.layout, s.config)
+
+    async def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
+        params = msg.remote_prefill
+        if params is None:
+            async for token in self.service.serve_locally(msg):
+                yield token
+            return
+        try:
+            try:
+                prompt_ids = self.service.prompt_token_ids(msg)
+            except PeerError:
+                self.reader.release(params)  # nobody will read these blocks
+                raise
+            async for token in self.service.tokens(msg.request_id, prompt_ids,
+                                                   self._decode(msg, prompt_ids, params)):
+                yield token
+        finally:
+            self.aborted.discard(msg.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """A request whose KV is being read is aborted once the read stops writing its blocks."""
+        if request_id in self.service.active:
+            self.aborted.add(request_id)
+        if request_id not in self.reading:
+            await super().abort(request_id)
+
+    def num_transfers(self) -> int:
+        return len(self.reading)
+
+    async def shutdown(self) -> None:
+        if self.reader is not None:
+            await self.reader.close()
+
+    # ------------------------------------------------------------------ the leg
+
+    async def _decode(self, msg: Generate, prompt_ids: list[int], params: KVTransferParams
+                      ) -> AsyncIterator[RequestOutput]:
+        """Allocate blocks, read the prompt's KV from prefill, then decode tokens 2..."""
+        request_id = msg.request_id
+        problem = self._check_params(params, prompt_ids)
+        if problem is not None:
+            self.reader.release(params)  # prefill must not keep blocks nobody will read
+            raise PeerError("invalid_request", f"remote_prefill: {problem}", "remote_prefill")
+        remote = RemoteRequest(request_id, prompt_ids, params.first_token_id, msg.sampling, params.num_tokens)
+        try:
+            allocation = await asyncio.wait_for(self.service.engine.add_remote(remote),
+                                                self.service.config.remote_blocks_timeout_s)
+        except BaseException as e:
+            self.reader.release(params)  # prefill must not keep blocks nobody will read
+            if isinstance(e, InvalidRequest):
+                raise PeerError("invalid_request", e.message, e.param) from e
+            if isinstance(e, asyncio.TimeoutError):
+                raise PeerError("overloaded", f"no free KV blocks within "
+                                f"{self.service.config.remote_blocks_timeout_s:g} s") from None
+            if isinstance(e, RequestAborted):
+                yield RequestOutput(request_id, [], "", finish_reason="abort")
+                return
+            raise
+        finished = False
+        try:
+            timings, kv_done = await self._load_remote_kv(request_id, params, allocation)
+            first = True
+            async for out in self.service.engine.stream(request_id):
+                finished = out.finished
+                if first:
+                    timings["first_decode_step_s"] = time.monotonic() - kv_done
+                    out.timings = {**(out.timings or {}), **timings}
+                    first = False
+                if out.finish_reason == "error":
+                    code = "kv_transfer_failed" if "kv_failed" in timings else "internal"
+                    raise PeerError(code, out.error or "the request failed in the engine")
+                yield out
+        finally:
+            if not finished:  # cancelled or failed: the engine's stream may never have started
+                self.service.engine.discard(request_id)
+
+    def _check_params(self, params: KVTransferParams, prompt_ids: list[int]) -> str | None:
+        """Why ``params`` cannot describe this prompt's KV, or None."""
+        if params.num_tokens != len(prompt_ids):
+            return f"KV for {params.num_tokens} tokens, the prompt has {len(prompt_ids)}"
+        needed = ceil_div(params.num_tokens, self.service.core.block_size)
+        if len(params.block_ids) != needed:
+            return f"{len(params.block_ids)} block ids for {params.num_tokens} tokens (need {needed})"
+        return None
+
+    async def _load_remote_kv(self, request_id: str, params: KVTransferParams, allocation: RemoteAllocation
+                              ) -> tuple[dict[str, float], float]:
+        """Read the missing blocks, then hand the request back to the engine (decode, recompute,
+        fail, or abort when an ``Abort`` arrived meanwhile).  Returns the transfer's timings and
+        the ``time.monotonic()`` at which the engine got the request back (where
+        ``first_decode_step_s`` starts: the hand-back command, then the step)."""
+        engine = self.service.engine
+        if request_id in self.aborted:  # aborted in the engine while its blocks were allocated
+            self.reader.release(params)
+            return {}, time.monotonic()
+        started = time.monotonic()
+        self.reading.add(request_id)
+        try:
+            # The allocation also holds the block of the first token's KV, which decode computes itself.
+            prompt_blocks = allocation.block_ids[:len(params.block_ids)]
+            stats = await self.reader.read_blocks(params, prompt_blocks, allocation.num_cached_blocks)
+            timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": float(stats.bytes),
+                       "kv_ranges": float(stats.num_ranges)}
+            ok = True
+        except KVTransferError as e:
+            log.warning("request %s: reading KV from %s failed: %s", request_id, params.engine_id, e)
+            timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": 0.0, "kv_failed": 1.0}
+            ok = False
+        finally:
+            self.reading.discard(request_id)
+        kv_done = time.monotonic()
+        if request_id in self.aborted:  # the Abort waited for the read to stop writing our blocks
+            await engine.abort(request_id)
+        else:
+            await engine.finish_remote_kv(request_id, ok)
+        return timings, kv_done

@@ -1,0 +1,84 @@
+"""``PrefillRole`` (``--role prefill``): the prefill leg, its side channel and the lease sweeper.
+
+The request's KV, from pin to release, belongs to ``PrefillHandoff``
+(``services/prefill/handoff.py``, whose docstring walks a request's life cycle);
+this role wires it to the engine service: the engine's unpin as the handoff's
+port, the side channel's renew/release through the handoff, ``Abort`` and
+shutdown through the handoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from functools import partial
+
+from common.engine.sequence import RequestOutput
+from common.engine_service import ColocatedRole, EngineService
+from common.kv_transfer.leases import LeaseTable
+from common.kv_transfer.side_channel import KVSideChannel
+from common.messages import Generate, KVTransferParams, TokenOutput
+from services.prefill.handoff import PrefillHandoff
+
+
+class PrefillRole(ColocatedRole):
+    """Serves ``Generate(do_remote_decode)`` (and plain requests, colocated)."""
+
+    serves_prefill_leg = True
+
+    def __init__(self, service: EngineService):
+        super().__init__(service)
+        leases = LeaseTable(service.config.kv_lease_seconds)
+        self.handoff = PrefillHandoff(service.instance_id, leases, service.engine.release_transfer)
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.service
+        side_channel = KVSideChannel(s.instance_id, s.fingerprint, s.open_transfer_backend(), s.layout, self.handoff)
+        side_channel.attach(s.kv_server)
+        self._sweeper = asyncio.create_task(self.handoff.run_sweeper(s.config.kv_lease_sweep_interval_s))
+
+    async def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
+        if not msg.do_remote_decode:
+            async for token in self.service.serve_locally(msg):
+                yield token
+            return
+        request_id = msg.request_id
+        prompt_ids = self.service.prompt_token_ids(msg)
+        transfer_id = self.handoff.begin(request_id)
+        try:
+            outputs = self.service.local_outputs(request_id, prompt_ids, msg.sampling, pin_for_transfer=transfer_id)
+            async for token in self.service.tokens(request_id, prompt_ids, outputs,
+                                                   partial(self._hand_off, len(prompt_ids))):
+                yield token
+        finally:
+            self.handoff.settle(request_id)
+
+    def _hand_off(self, num_tokens: int, out: RequestOutput, token: TokenOutput) -> None:
+        """The prefill leg's final output: lease its pinned blocks and say where to read them."""
+        if out.finish_reason != "remote_decode":
+            return
+        expiry = self.handoff.lease(out.request_id)
+        if expiry is None:  # an Abort raced with the finish: the blocks are released, nobody reads them
+            token.finish_reason = "abort"
+            return
+        token.kv_transfer = KVTransferParams(
+            engine_id=self.service.instance_id, kv_endpoint=self.service.kv_endpoint,
+            transfer_id=self.handoff.transfer_id(out.request_id), block_ids=list(out.pinned_block_ids or []),
+            num_tokens=num_tokens, first_token_id=out.new_token_ids[0], lease_expiry=expiry,
+            first_token_logprob=out.logprobs[0] if out.logprobs else None,
+        )  # fmt: skip
+
+    async def abort(self, request_id: str) -> None:
+        await super().abort(request_id)
+        self.handoff.abort(request_id)
+
+    def num_transfers(self) -> int:
+        return len(self.handoff.leases)
+
+    async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        self.handoff.release_all()
+        await self.handoff.drain()
