@@ -13,6 +13,7 @@ import asyncio
 import pytest
 import pytest_asyncio
 
+from bench.engine_driver import prompt_ids
 from common.engine.async_engine import AsyncEngine
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
@@ -21,7 +22,7 @@ from common.errors import PeerError
 from common.kv_transfer.leases import LeaseTable
 from common.messages import SamplingParams
 from services.prefill.handoff import PrefillHandoff
-from tests.procs import eventually, prompt_ids
+from tests.procs import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
