@@ -1,11 +1,12 @@
-"""The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split."""
+"""The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split, the greedy check."""
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench.eval_pd import handoff_split, metric_means, scrape
+from bench.eval_pd import check_completion, checks_agree, handoff_split, metric_means, scrape
 from services.gateway.metrics import GatewayMetrics
 
 
@@ -70,3 +71,40 @@ def test_handoff_split_names_what_the_gateway_did_not_expose():
     colocated = handoff_split(_result("colocated", ttft=50, prefill_leg=48, prefill_queue=0.1, prefill=45,
                                       first_itl=3.3))
     assert colocated["first_itl_parts"] == pytest.approx({"decode step (batched)": 3.3})
+
+
+def test_greedy_check_compares_tokens_not_only_text():
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.reply({"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            logprobs = {"tokens": ["", "a", ""], "token_logprobs": [-0.1] * 3, "top_logprobs": [{}] * 3,
+                        "text_offset": [0, 0, 1]}
+            self.reply({"choices": [{"index": 0, "text": "a", "logprobs": logprobs, "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+
+        def reply(self, doc: dict) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check = check_completion(f"http://127.0.0.1:{server.server_address[1]}", 3)
+    finally:
+        server.shutdown()
+    assert bodies[0]["logprobs"] == 0 and bodies[0]["max_tokens"] == 3 and bodies[0]["model"] == "m"
+    assert check["tokens"] == ["", "a", ""] and check["usage"]["completion_tokens"] == 3
+    # the same text from other tokens (here: one token fewer that decodes to nothing) is a disagreement
+    assert not checks_agree([check, check | {"tokens": ["a", ""]}])
+    assert checks_agree([check, dict(check)])
