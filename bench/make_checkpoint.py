@@ -6,11 +6,12 @@
 Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` and a byte-level
 tokenizer covering the shape's whole vocab (``tokenizer.json``, ``tokenizer_config.json``:
 the demo model's, grown with filler tokens; every id decodes to non-empty text, so the
-output of random weights can be read and counted).  Weights are drawn directly in bfloat16 on ``--device`` from one seeded generator, in
-sorted parameter order: the same seed on the same device type gives the same bytes.
-Scale as the demo model: norms 1, embeddings N(0, 1), projections N(0, 1/in_features).
-Its text output is meaningless by design.  The 8B shape holds 16 GB of bfloat16 weights,
-drawn on ``--device`` and then copied to host memory to be written.
+output of random weights can be read and counted).  Weights are drawn directly in bfloat16
+on ``--device`` from one seeded generator, in sorted parameter order: the same seed on the
+same device type gives the same bytes.  Scale as the demo model: norms 1, embeddings
+N(0, 1), projections N(0, 1/in_features).  Its text output is meaningless by design.
+The 8B shape holds 16 GB of bfloat16 weights, drawn on ``--device`` and then copied to
+host memory to be written.
 """
 
 from __future__ import annotations

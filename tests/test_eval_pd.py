@@ -14,7 +14,7 @@ from services.gateway.metrics import GatewayMetrics
 
 @contextlib.contextmanager
 def http_server(get: Callable[[], bytes], post: Callable[[dict], bytes] | None = None):
-    """A local HTTP server answering GET with ``get()`` and a POST of a JSON body with ``post(body)``; yields its URL."""
+    """A local HTTP server answering GET with ``get()``, a POST of a JSON body with ``post(body)``; yields its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
