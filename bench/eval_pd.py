@@ -7,8 +7,9 @@ For each configuration (``disagg``: ``--prefill`` + ``--decode`` instances; ``co
 
 1. starts the stack with ``pdserve up`` on free ports (with ``--gpus``, each engine pinned to
    one GPU) and waits for the gateway's ``/ready``;
-2. sends one greedy completion (``--check-tokens``) and keeps its text: the configurations
-   must agree token for token (same weights, greedy, EOS ignored);
+2. sends one greedy completion (``--check-tokens``) and keeps its text and its tokens (from
+   ``logprobs``; text alone can hide tokens that decode to nothing): the configurations must
+   agree token for token (same weights, greedy, EOS ignored);
 3. handoff run: ``--handoff-prompts`` requests at most one in flight, scraping the gateway's
    ``/metrics`` before and after, so every ``pdserve_gateway_*_seconds`` histogram's mean over
    the run is known (see ``handoff_split``);
@@ -221,17 +222,25 @@ def bench(config: EvalConfig, url: str, model: str, rate: float, seed: int, n: i
 
 
 def check_completion(url: str, tokens: int) -> dict:
-    """A greedy completion with EOS ignored (also the stack's warm-up) of the first listed model."""
+    """A greedy completion with EOS ignored (also the stack's warm-up) of the first listed model:
+    its text, its tokens (``None`` when the server sends no logprobs) and its usage."""
     try:
         name = httpx.get(url + "/v1/models", timeout=10.0).json()["data"][0]["id"]
-        body = {"model": name, "prompt": CHECK_PROMPT, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+        body = {"model": name, "prompt": CHECK_PROMPT, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True,
+                "logprobs": 0}
         response = httpx.post(url + "/v1/completions", json=body, timeout=120.0)
     except httpx.HTTPError as e:
         raise EvalError(f"check completion: {type(e).__name__}: {e}") from e
     if response.status_code != 200:
         raise EvalError(f"check completion: HTTP {response.status_code}: {response.text[:300]}")
     doc = response.json()
-    return {"text": doc["choices"][0]["text"], "usage": doc.get("usage")}
+    choice = doc["choices"][0]
+    return {"text": choice["text"], "tokens": (choice.get("logprobs") or {}).get("tokens"), "usage": doc.get("usage")}
+
+
+def checks_agree(checks: list[dict]) -> bool:
+    """Whether check completions (``check_completion``) have the same tokens and text."""
+    return len({json.dumps([c["tokens"], c["text"]]) for c in checks}) == 1
 
 
 def client_first_itl_ms(doc: dict) -> float | None:
@@ -449,9 +458,9 @@ def run(config: EvalConfig) -> dict:
             continue
         if "handoff" in results[mode]:
             results[mode]["handoff_split"] = handoff_split(results[mode])
-    texts = {m: r["check"]["text"] for m, r in results.items() if "check" in r}
-    if len(texts) > 1:
-        doc["greedy_agree"] = len(set(texts.values())) == 1
+    checks = [r["check"] for r in results.values() if "check" in r]
+    if len(checks) > 1:
+        doc["greedy_agree"] = checks_agree(checks)
     doc["wall_s"] = time.monotonic() - started
     doc["environment"]["loadavg_end"] = os.getloadavg()
     doc["results"], doc["failed"] = results, failed

@@ -1,14 +1,17 @@
 """Write a random-weight Hugging Face checkpoint of a named shape, for benchmarks.
 
     python -m bench.make_checkpoint --shape llama-3.2-1b --out /tmp/llama-1b --device cuda
+    python -m bench.make_checkpoint --shape llama-3.1-8b --out /tmp/llama-8b --device cuda
 
-Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` and the demo
-model's byte-level tokenizer (``tokenizer.json``, ``tokenizer_config.json``; its ids are
-all below any shape's vocab, so random-token workloads may use ids up to the vocab size).
-Weights are drawn directly in bfloat16 on ``--device`` from one seeded generator, in
-sorted parameter order: the same seed on the same device type gives the same bytes.
-Scale as the demo model: norms 1, embeddings N(0, 1), projections N(0, 1/in_features).
-Its text output is meaningless by design.
+Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` and a byte-level
+tokenizer covering the shape's whole vocab (``tokenizer.json``, ``tokenizer_config.json``:
+the demo model's, grown with filler tokens; every id decodes to non-empty text, so the
+output of random weights can be read and counted).  Weights are drawn directly in bfloat16
+on ``--device`` from one seeded generator, in sorted parameter order: the same seed on the
+same device type gives the same bytes.  Scale as the demo model: norms 1, embeddings
+N(0, 1), projections N(0, 1/in_features).  Its text output is meaningless by design.
+The 8B shape holds 16 GB of bfloat16 weights, drawn on ``--device`` and then copied to
+host memory to be written.
 """
 
 from __future__ import annotations
@@ -43,7 +46,26 @@ LLAMA_3_2_1B = {
     },
     "tie_word_embeddings": True,
 }
-SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "demo": DEMO_SHAPE}
+LLAMA_3_1_8B = {  # as meta-llama/Llama-3.1-8B's config.json
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": False,
+}
+SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.1-8b": LLAMA_3_1_8B, "demo": DEMO_SHAPE}
 
 
 class CheckpointError(ValueError):

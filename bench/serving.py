@@ -3,17 +3,20 @@
 Sends streaming completions or chat completions (``stream_options.include_usage``,
 ``max_tokens`` = output length, ``ignore_eos``) with Poisson arrivals at
 ``--request-rate`` (``inf``: all at once) under an optional concurrency cap,
-times every content chunk, and reports TTFT, TPOT, ITL, E2E, throughputs,
-goodput and errors by kind (see ``bench.serving_stats``) as a table on stdout,
-a JSON file and optionally a PNG.  ``--sweep-rate`` repeats the run per rate
-with the same prompts.  Works against pdserve, vLLM and SGLang.
+times every chunk that carries a token (counted from ``usage`` and the chunks, not
+from text: a token may decode to nothing; see ``bench.stream_tokens``), and reports
+TTFT, TPOT, ITL, E2E, throughputs, goodput and errors by kind (see
+``bench.serving_stats``) as a table on stdout, a JSON file and optionally a PNG.
+``--sweep-rate`` repeats the run per rate with the same prompts.  Works against
+pdserve, vLLM and SGLang.
 
 Error kinds: ``http_<status>``, ``timeout``, ``connect_error``,
 ``truncated_stream`` (the stream ended or broke before ``[DONE]``),
 ``disconnected`` (the connection closed before a response status),
 ``stream_error`` (an error object inside the stream), ``invalid_response``
-(a data line that is not JSON), ``empty_output`` (no content chunk at all),
-``transport_error`` (any other HTTP transport failure).
+(a data line that is not JSON), ``no_output_tokens`` (the server reported zero
+output tokens, or no chunk carried one), ``transport_error`` (any other HTTP
+transport failure).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from tqdm import tqdm
 
 from bench.datasets import Dataset, DatasetError, Sample, find_tokenizer, jsonl_dataset, random_dataset, tokenizer_file
 from bench.serving_stats import RequestRecord, summarize
+from bench.stream_tokens import StreamTokens
 from common.config import ConfigError, add_arguments, from_args, opt, require
 from common.errors import PdserveError
 
@@ -146,22 +150,9 @@ def request_body(config: BenchConfig, model: str, sample: Sample) -> dict:
     return body
 
 
-def chunk_text(obj: dict) -> str:
-    """The output text a streamed completion or chat chunk carries ('' for none)."""
-    choices = obj.get("choices") or []
-    if not choices:
-        return ""
-    choice = choices[0]
-    if "text" in choice:
-        return choice["text"] or ""
-    delta = choice.get("delta") or {}
-    return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-
-
 async def read_stream(response: httpx.Response, record: RequestRecord, sent: float) -> None:
-    """Time the content chunks of an SSE response into ``record`` (sets ``error`` on failure)."""
-    last = None
-    chunks = 0
+    """Time the token-bearing chunks of an SSE response into ``record`` (sets ``error`` on failure)."""
+    stream = StreamTokens()
     done = False
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
@@ -178,26 +169,21 @@ async def read_stream(response: httpx.Response, record: RequestRecord, sent: flo
         if not isinstance(obj, dict) or "error" in obj:
             record.error, record.error_detail = "stream_error", data[:ERROR_DETAIL_CHARS]
             return
-        now = time.perf_counter()
-        if chunk_text(obj):
-            chunks += 1
-            if last is None:
-                record.ttft_s = now - sent
-            else:
-                record.itl_s.append(now - last)
-            last = now
-        usage = obj.get("usage")
-        if usage:
-            record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
-            record.output_tokens = usage.get("completion_tokens", 0)
-            record.output_tokens_source = "usage"
+        stream.add(obj, time.perf_counter())
     record.e2e_s = time.perf_counter() - sent
-    if record.output_tokens_source != "usage":
-        record.output_tokens = chunks
+    stream.close()
+    if stream.prompt_tokens is not None:
+        record.prompt_tokens = stream.prompt_tokens
+    record.output_tokens, record.output_tokens_source = stream.output_tokens, stream.source
+    if stream.times:
+        record.ttft_s = stream.times[0] - sent
+        record.itl_s = [b - a for a, b in zip(stream.times, stream.times[1:])]
     if not done:
         record.error = "truncated_stream"
-    elif chunks == 0:
-        record.error = "empty_output"
+    elif not stream.times or record.output_tokens == 0:
+        record.error = "no_output_tokens"
+        record.error_detail = (f"usage.completion_tokens={stream.usage_tokens}; "
+                               f"{len(stream.times)} chunks carried a token")
 
 
 async def send_request(

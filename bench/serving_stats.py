@@ -2,8 +2,9 @@
 
 Definitions (all measured by the client, times in seconds, reported in ms):
 
-- TTFT: request sent -> first chunk carrying output text.
-- ITL: every gap between two consecutive content chunks of one request.
+- TTFT: request sent -> first chunk carrying an output token (its text may be empty;
+  see ``bench.stream_tokens``).
+- ITL: every gap between two consecutive token-bearing chunks of one request.
 - TPOT: per request ``(e2e - ttft) / (output_tokens - 1)``: the first token is
   excluded; undefined (``None``) for requests with fewer than two output tokens.
 - E2E: request sent -> end of the stream.
@@ -128,7 +129,7 @@ def summarize(
 
 
 def chunk_times(record: RequestRecord) -> list[float]:
-    """Arrival times of a request's content chunks, relative to the start of the run."""
+    """Arrival times of a request's token-bearing chunks, relative to the start of the run."""
     if record.ttft_s is None:
         return []
     times = [record.start_s + record.ttft_s]
@@ -141,7 +142,7 @@ def throughput_timeline(records: list[RequestRecord], bin_s: float) -> tuple[lis
     """Output tokens/s of successful requests in consecutive bins of ``bin_s`` seconds.
 
     Returns (bin start times, tokens/s).  A request's tokens are spread evenly
-    over its content chunks, since a chunk may carry several tokens.
+    over its token-bearing chunks, since a chunk may carry several tokens.
     """
     if bin_s <= 0:
         raise ValueError(f"bin_s must be > 0, got {bin_s}")

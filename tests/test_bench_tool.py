@@ -25,7 +25,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @dataclass
 class FakeServer:
-    """Streams ``max_tokens`` tokens, ``tokens_per_chunk`` per chunk, after fixed delays.
+    """Streams ``max_tokens`` tokens (at most ``max_output``), ``tokens_per_chunk`` per chunk, each token
+    with text ``token_text``, after fixed delays.
 
     The n-th request (1-based, in arrival order) gets a 500 when ``n % fail_every == 0``,
     a stream cut before ``[DONE]`` when ``n % truncate_every == 0``, and a stall
@@ -35,6 +36,8 @@ class FakeServer:
     first_delay_s: float = 0.05
     gap_s: float = 0.01
     tokens_per_chunk: int = 2
+    token_text: str = "tok "
+    max_output: int | None = None
     usage: bool = True
     fail_every: int = 0
     truncate_every: int = 0
@@ -74,10 +77,12 @@ class FakeServer:
             if chat:
                 yield self.sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
             await asyncio.sleep(self.first_delay_s)
+            if self.max_output is not None:
+                max_tokens = min(max_tokens, self.max_output)
             sent = 0
             while sent < max_tokens:
                 k = min(self.tokens_per_chunk, max_tokens - sent)
-                text = "tok " * k
+                text = self.token_text * k
                 choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
                 yield self.sse({"choices": [choice]})
                 sent += k
@@ -204,6 +209,30 @@ def test_errors_are_counted_by_kind(tmp_path):
     failed = [r for r in doc["runs"][0]["requests"] if r["error"] == "http_500"]
     assert "injected failure" in failed[0]["error_detail"]
     assert all(r["output_tokens_source"] == "chunks" for r in doc["runs"][0]["requests"])
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_tokens_with_empty_text_count(tmp_path, endpoint):
+    # a random checkpoint's tokens may decode to nothing: the chunks still carry them
+    fake = FakeServer(first_delay_s=0.05, gap_s=0.01, tokens_per_chunk=1, token_text="")
+    with serve(fake) as url:
+        doc = bench(url, tmp_path, "--endpoint", endpoint, "--num-prompts", "4", "--input-len", "5",
+                    "--output-len", "6", "--max-concurrency", "2")
+    s = doc["runs"][0]["summary"]
+    assert (s["completed"], s["failed"], s["errors"]) == (4, 0, {})
+    assert s["total_output_tokens"] == 4 * 6
+    assert s["ttft_ms"]["min"] >= 50  # the first token chunk, not the chat role announcement
+    assert s["itl_ms"]["count"] == 4 * 5
+    assert s["tpot_ms"]["count"] == 4
+
+
+def test_a_stream_without_tokens_fails(tmp_path):
+    fake = FakeServer(first_delay_s=0.0, max_output=0)
+    with serve(fake) as url:
+        doc = bench(url, tmp_path, "--num-prompts", "2", "--input-len", "5", "--output-len", "4")
+    s = doc["runs"][0]["summary"]
+    assert (s["completed"], s["errors"]) == (0, {"no_output_tokens": 2})
+    assert "usage.completion_tokens=0" in doc["runs"][0]["requests"][0]["error_detail"]
 
 
 def test_unreachable_server(tmp_path, capsys):

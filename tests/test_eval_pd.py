@@ -1,21 +1,29 @@
-"""The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split."""
+"""The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split, the greedy check."""
 
+import contextlib
+import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench.eval_pd import handoff_split, metric_means, scrape
+from bench.eval_pd import check_completion, checks_agree, handoff_split, metric_means, scrape
 from services.gateway.metrics import GatewayMetrics
 
 
-@pytest.fixture
-def metrics_server():
-    metrics = GatewayMetrics()
+@contextlib.contextmanager
+def http_server(get: Callable[[], bytes], post: Callable[[dict], bytes] | None = None):
+    """A local HTTP server answering GET with ``get()``, a POST of a JSON body with ``post(body)``; yields its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            body = metrics.render()
+            self.reply(get())
+
+        def do_POST(self):
+            self.reply(post(json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+
+        def reply(self, body: bytes) -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -27,8 +35,17 @@ def metrics_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield metrics, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def metrics_server():
+    metrics = GatewayMetrics()
+    with http_server(metrics.render) as url:
+        yield metrics, url
 
 
 def test_means_cover_only_what_a_run_observed(metrics_server):
@@ -70,3 +87,22 @@ def test_handoff_split_names_what_the_gateway_did_not_expose():
     colocated = handoff_split(_result("colocated", ttft=50, prefill_leg=48, prefill_queue=0.1, prefill=45,
                                       first_itl=3.3))
     assert colocated["first_itl_parts"] == pytest.approx({"decode step (batched)": 3.3})
+
+
+def test_greedy_check_compares_tokens_not_only_text():
+    bodies = []
+
+    def complete(body: dict) -> bytes:
+        bodies.append(body)
+        logprobs = {"tokens": ["", "a", ""], "token_logprobs": [-0.1] * 3, "top_logprobs": [{}] * 3,
+                    "text_offset": [0, 0, 1]}
+        return json.dumps({"choices": [{"index": 0, "text": "a", "logprobs": logprobs, "finish_reason": "length"}],
+                           "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
+
+    with http_server(lambda: json.dumps({"data": [{"id": "m"}]}).encode(), complete) as url:
+        check = check_completion(url, 3)
+    assert bodies[0]["logprobs"] == 0 and bodies[0]["max_tokens"] == 3 and bodies[0]["model"] == "m"
+    assert check["tokens"] == ["", "a", ""] and check["usage"]["completion_tokens"] == 3
+    # the same text from other tokens (here: one token fewer that decodes to nothing) is a disagreement
+    assert not checks_agree([check, check | {"tokens": ["a", ""]}])
+    assert checks_agree([check, dict(check)])

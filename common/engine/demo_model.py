@@ -8,6 +8,7 @@ Its text output is meaningless by design.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -94,8 +95,9 @@ def write_demo_checkpoint(path: Path) -> None:
 
 def write_random_checkpoint(path: Path, shape: dict, seed: int, device: torch.device) -> None:
     """A random-weight ``LlamaForCausalLM`` of ``shape`` (config.json dimensions) with the demo
-    tokenizer, in standard HF format, into the existing directory ``path``."""
-    tokenizer = build_tokenizer()
+    tokenizer grown to the shape's vocab (see ``build_tokenizer``), in standard HF format, into the
+    existing directory ``path``."""
+    tokenizer = build_tokenizer(shape["vocab_size"])
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     bos_id, eos_id, eot_id = vocab[BOS], vocab[EOS], vocab[EOT]
     tokenizer.save(str(path / "tokenizer.json"))
@@ -195,14 +197,30 @@ def learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tokenizer() -> Tokenizer:
-    """Byte-level BPE: ids 0-255 are the bytes, then the learned merges, then BOS, EOS, EOT."""
+def filler_tokens(count: int, taken: set[str]) -> list[str]:
+    """``count`` byte-level token strings not in ``taken``: every string of 2, then 3, ... printable
+    ASCII characters (space included), in a fixed order.  Each decodes to that ASCII text."""
+    alphabet = [bytes_to_unicode()[b] for b in range(ord(" "), ord("~") + 1)]
+    strings = ("".join(chars) for length in itertools.count(2) for chars in itertools.product(alphabet, repeat=length))
+    return list(itertools.islice((token for token in strings if token not in taken), count))
+
+
+def build_tokenizer(vocab_size: int | None = None) -> Tokenizer:
+    """Byte-level BPE: ids 0-255 are the bytes, then the learned merges, then BOS, EOS, EOT (336 ids),
+    then, up to ``vocab_size`` when it is given, filler tokens (``filler_tokens``) that encoding never
+    produces but every one of which decodes to non-empty text, so any id a model of that vocab emits
+    has text."""
     vocab = {ch: b for b, ch in sorted(bytes_to_unicode().items())}
     merges = learn_merges(CORPUS, NUM_MERGES)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     for special in (BOS, EOS, EOT):
         vocab[special] = len(vocab)
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size {vocab_size} is below the demo tokenizer's {len(vocab)} ids")
+        for token in filler_tokens(vocab_size - len(vocab), set(vocab)):
+            vocab[token] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
