@@ -17,7 +17,8 @@ COPY pyproject.toml README.md ./
 COPY common ./common
 COPY services ./services
 COPY bench ./bench
-RUN pip install --no-cache-dir .
+# The non-CUDA Mooncake build: this image runs on hosts without an NVIDIA driver.
+RUN pip install --no-cache-dir ".[cpu]"
 
 # The demo checkpoint is written here on first use; a volume keeps it.
 ENV PDSERVE_CACHE_DIR=/cache
