@@ -3,7 +3,7 @@ FROM python:3.11-slim
 
 # Mooncake's transfer engine links these; RDMA is used only where NICs exist.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libibverbs1 librdmacm1 libnuma1 make \
+ && apt-get install -y --no-install-recommends libibverbs1 librdmacm1 libnuma1 libcurl4 make \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -16,8 +16,8 @@ REPLACED_BY_cuda13 := mooncake-transfer-engine-non-cuda mooncake-transfer-engine
 
 # Mooncake's transfer engine links these (RDMA is used only where NICs exist).
 system-deps:
-	@dpkg -s libibverbs1 librdmacm1 libnuma1 >/dev/null 2>&1 || \
-	  (apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 libnuma1)
+	@dpkg -s libibverbs1 librdmacm1 libnuma1 libcurl4 >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 libnuma1 libcurl4)
 
 # torch first: on CPU-only hosts 2.13.0 is the local CPU wheel; the project then
 # accepts the installed build instead of pulling CUDA packages.

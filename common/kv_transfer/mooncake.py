@@ -21,10 +21,10 @@ from common.messages import MemoryRegion
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "install the one Mooncake build for this host: pip install 'pdserve[cpu]' (no NVIDIA GPU), "
-    "'pdserve[cuda12]' or 'pdserve[cuda13]' (the CUDA major version of your torch), "
-    "after uninstalling any other mooncake-transfer-engine* build (they share the mooncake module); "
-    "from a checkout `make install` picks the build; and apt-get install libibverbs1 librdmacm1 libnuma1"
+    "install one Mooncake build from the pdserve checkout: pip install -e '.[cpu]' (host without an NVIDIA GPU), "
+    "pip install -e '.[cuda12]' or pip install -e '.[cuda13]' (GPU host: torch's CUDA major version), "
+    "after pip uninstall of any other mooncake-transfer-engine* build (each ships the mooncake module); "
+    "`make install` picks the build for this host; and apt-get install libibverbs1 librdmacm1 libnuma1 libcurl4"
 )
 
 
