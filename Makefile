@@ -5,12 +5,14 @@ PY ?= python3
 # driver (nvidia-smi) and torch was built for CUDA, then the build for torch's CUDA major version.
 # Override: make install MOONCAKE=cuda13
 MOONCAKE ?= $(if $(shell command -v nvidia-smi),$(shell $(PY) -c 'import torch; v = torch.version.cuda; print("cuda" + v.split(".")[0] if v else "cpu")'),cpu)
-# Every build installs the same `mooncake` module and pip cannot swap one distribution of a module for
-# another, so installing one build first removes the others' distributions (and, on CPU hosts, the CUDA
-# runtime that pdserve pinned before these extras existed).
-REPLACED_BY_cpu := mooncake-transfer-engine mooncake-transfer-engine-cuda13 nvidia-cuda-runtime-cu12
-REPLACED_BY_cuda12 := mooncake-transfer-engine-non-cuda mooncake-transfer-engine-cuda13
-REPLACED_BY_cuda13 := mooncake-transfer-engine-non-cuda mooncake-transfer-engine
+# The distribution each extra installs.  All of them ship the same `mooncake` files, so pip cannot swap
+# one for another: `install` removes the other builds (and this one, which they may have overwritten).
+DIST_cpu := mooncake-transfer-engine-non-cuda
+DIST_cuda12 := mooncake-transfer-engine
+DIST_cuda13 := mooncake-transfer-engine-cuda13
+OTHER_BUILDS = $(filter-out $(DIST_$(MOONCAKE)),$(DIST_cpu) $(DIST_cuda12) $(DIST_cuda13))
+# The CUDA runtime pdserve pinned before these extras existed: it has no use on a CPU host.
+CUDA_RUNTIME_PIN := nvidia-cuda-runtime-cu12
 
 .PHONY: system-deps torch install up test
 
@@ -25,8 +27,10 @@ torch:
 	$(PY) -m pip install -q torch==2.13.0
 
 install: system-deps torch
-	@test -n "$(REPLACED_BY_$(MOONCAKE))" || { echo "MOONCAKE=$(MOONCAKE): expected cpu, cuda12 or cuda13" >&2; exit 1; }
-	$(PY) -m pip uninstall -qq -y $(REPLACED_BY_$(MOONCAKE))
+	@test -n "$(DIST_$(MOONCAKE))" || { echo "MOONCAKE=$(MOONCAKE): expected cpu, cuda12 or cuda13" >&2; exit 1; }
+	if $(PY) -m pip show -q $(OTHER_BUILDS) >/dev/null 2>&1; then \
+	  $(PY) -m pip uninstall -qq -y $(OTHER_BUILDS) $(DIST_$(MOONCAKE)); fi
+	$(if $(filter cpu,$(MOONCAKE)),$(PY) -m pip uninstall -qq -y $(CUDA_RUNTIME_PIN))
 	$(PY) -m pip install -q -e '.[$(MOONCAKE),dev]'
 
 up: install
