@@ -5,7 +5,8 @@
 #
 # Needs, in .whl/ (git-ignored), the cp312 manylinux wheels the device image lacks: msgspec, pyzmq,
 # starlette, uvicorn, httptools and pdserve's `cuda13` Mooncake build, mooncake-transfer-engine-cuda13==0.3.14
-# (the image's torch is built for CUDA 13 and brings the CUDA runtime that build links).
+# (it links libcudart.so.13, which the image's CUDA 13 torch loads on import, before any Mooncake import,
+# and the driver's libcuda.so.1).
 #
 # 1. a random-weight Llama-3.2-1B-shaped checkpoint in bfloat16 (drawn on GPU 0, under /tmp);
 # 2. does P/D work on GPU at all?  Before any load, bench.eval_pd sends one greedy 32-token completion
