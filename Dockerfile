@@ -3,7 +3,7 @@ FROM python:3.11-slim
 
 # Mooncake's transfer engine links these; RDMA is used only where NICs exist.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libibverbs1 librdmacm1 libnuma1 make \
+ && apt-get install -y --no-install-recommends libibverbs1 librdmacm1 libnuma1 libcurl4 make \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -17,7 +17,8 @@ COPY pyproject.toml README.md ./
 COPY common ./common
 COPY services ./services
 COPY bench ./bench
-RUN pip install --no-cache-dir .
+# The non-CUDA Mooncake build: this image runs on hosts without an NVIDIA driver.
+RUN pip install --no-cache-dir ".[cpu]"
 
 # The demo checkpoint is written here on first use; a volume keeps it.
 ENV PDSERVE_CACHE_DIR=/cache

@@ -4,8 +4,9 @@
 #   OUT=/tmp/eval-gpu bash bench/eval_gpu.sh        # from the repository root, on a host with 2 NVIDIA GPUs
 #
 # Needs, in .whl/ (git-ignored), the cp312 manylinux wheels the device image lacks: msgspec, pyzmq,
-# starlette, uvicorn, httptools, mooncake-transfer-engine==0.3.10.post2, nvidia-cuda-runtime-cu12
-# (mooncake 0.3.10 links libcudart.so.12; common/kv_transfer/mooncake.py preloads it from that wheel).
+# starlette, uvicorn, httptools and pdserve's `cuda13` Mooncake build, mooncake-transfer-engine-cuda13==0.3.14
+# (it links libcudart.so.13, which the image's CUDA 13 torch loads on import, before any Mooncake import,
+# and the driver's libcuda.so.1).
 #
 # 1. a random-weight Llama-3.2-1B-shaped checkpoint in bfloat16 (drawn on GPU 0, under /tmp);
 # 2. does P/D work on GPU at all?  Before any load, bench.eval_pd sends one greedy 32-token completion
@@ -26,13 +27,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-# mooncake's extension links libcudart.so.12: where the image's own nvidia package shadows the wheel's
-# namespace portion (mooncake.py's preload then finds nothing), the loader still finds it here.
-export LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
 python3 - <<'PY'
 import torch
-from common.kv_transfer.mooncake import load_transfer_engine_class  # preloads libcudart.so.12, imports mooncake
+from common.kv_transfer.mooncake import load_transfer_engine_class
 load_transfer_engine_class()
 print("torch", torch.__version__, "GPUs:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
       "| mooncake loads")

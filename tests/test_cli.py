@@ -108,7 +108,7 @@ def test_compose_services_run_real_subcommands_with_valid_settings():
 
 def test_dockerfile_installs_torch_before_the_project_and_runs_pdserve():
     text = (ROOT / "Dockerfile").read_text()
-    assert text.index("TORCH_SPEC") < text.index("pip install --no-cache-dir .")
+    assert text.index("TORCH_SPEC") < text.index('pip install --no-cache-dir ".[cpu]"')
     for pkg in ("libibverbs1", "librdmacm1", "libnuma1"):
         assert pkg in text
     cmd = shlex.split(text.split("CMD", 1)[1].strip().strip("[]").replace(",", " "))

@@ -1,15 +1,14 @@
-"""Mooncake Transfer Engine backend (``mooncake-transfer-engine==0.3.10.post2``).
+"""Mooncake Transfer Engine backend.
 
-P2PHANDSHAKE metadata (no etcd): each engine binds an RPC port and peers
-address it as ``host:rpc_port``.  RDMA when NICs exist, TCP otherwise or when
-forced (``MC_FORCE_TCP=1``).  Batch reads are synchronous and busy-poll: run
+The ``mooncake`` module comes from one of three builds, one per host kind (pdserve's extras
+``cpu``, ``cuda12``, ``cuda13``: see pyproject.toml).  P2PHANDSHAKE metadata (no etcd): each
+engine binds an RPC port and peers address it as ``host:rpc_port``.  RDMA when NICs exist, TCP
+otherwise or when forced (``MC_FORCE_TCP=1``).  Batch reads are synchronous and busy-poll: run
 them off the event loop.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -22,25 +21,16 @@ from common.messages import MemoryRegion
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "pip install mooncake-transfer-engine==0.3.10.post2 nvidia-cuda-runtime-cu12 "
-    "and apt-get install libibverbs1 librdmacm1 libnuma1"
+    "install one Mooncake build from the pdserve checkout: pip install -e '.[cpu]' (host without an NVIDIA GPU), "
+    "pip install -e '.[cuda12]' or pip install -e '.[cuda13]' (GPU host: torch's CUDA major version), "
+    "after pip uninstall of any other mooncake-transfer-engine* build (each ships the mooncake module); "
+    "`make install` picks the build for this host; and apt-get install libibverbs1 librdmacm1 libnuma1 libcurl4"
 )
-
-
-def _preload_cudart() -> None:
-    """Load ``libcudart.so.12`` from the nvidia-cuda-runtime-cu12 wheel, RTLD_GLOBAL, if present."""
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / "lib" / "libcudart.so.12"
-        if path.exists():
-            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-            return
 
 
 def load_transfer_engine_class() -> Any:
     """``mooncake.engine.TransferEngine``, or ``BackendUnavailable`` naming the fix."""
     try:
-        _preload_cudart()
         from mooncake.engine import TransferEngine
     except (ImportError, OSError) as e:
         raise BackendUnavailable(f"cannot load Mooncake ({e}); fix: {INSTALL_HINT}") from e

@@ -1,0 +1,65 @@
+"""The package selection: one Mooncake build per host, and no CUDA package on a CPU host.
+
+pyproject.toml keeps Mooncake out of the base dependencies and offers one build per extra
+(``cpu``, ``cuda12``, ``cuda13``); ``make install`` picks ``cpu`` where there is no NVIDIA driver.
+The installed-environment checks hold after ``make install`` (as CI runs it).
+"""
+
+import importlib.metadata
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+CPU_BUILD = "mooncake-transfer-engine-non-cuda"
+BUILD_OF_EXTRA = {
+    "cpu": CPU_BUILD,
+    "cuda12": "mooncake-transfer-engine",
+    "cuda13": "mooncake-transfer-engine-cuda13",
+}
+
+
+def canonical(name: str) -> str:
+    """The distribution name as pip compares it (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def is_cuda_package(name: str) -> bool:
+    return name.startswith("nvidia-") or name in set(BUILD_OF_EXTRA.values()) - {CPU_BUILD}
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {canonical(Requirement(r).name) for r in requirements}
+
+
+def mooncake_providers() -> set[str]:
+    """The installed distributions that ship the top-level ``mooncake`` module."""
+    return {canonical(d) for d in importlib.metadata.packages_distributions().get("mooncake", [])}
+
+
+def test_base_dependencies_name_no_mooncake_build_and_no_cuda_package():
+    base = requirement_names(tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"])
+    assert not base & set(BUILD_OF_EXTRA.values())
+    assert not {name for name in base if is_cuda_package(name)}
+
+
+def test_each_platform_extra_names_exactly_its_mooncake_build():
+    extras = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
+    for extra, build in BUILD_OF_EXTRA.items():
+        assert requirement_names(extras[extra]) == {build}, extra
+
+
+def test_one_build_provides_the_mooncake_module():
+    """Every build installs the same files: two of them installed means one overwrote the other."""
+    assert len(mooncake_providers()) == 1, mooncake_providers()
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="NVIDIA driver present: a CUDA build may be chosen")
+def test_cpu_host_has_the_non_cuda_build_and_no_cuda_package():
+    assert mooncake_providers() == {CPU_BUILD}
+    installed = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    assert not {name for name in installed if is_cuda_package(name)}
