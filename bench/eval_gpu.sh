@@ -38,7 +38,7 @@ PY
 
 [ -f "$CKPT/model.safetensors" ] || python3 -m bench.make_checkpoint --shape llama-3.2-1b --out "$CKPT" --device cuda --seed 0
 
-ENGINE="--dtype bfloat16 --device cuda --kv-force-tcp --max-num-batched-tokens 4096 --max-model-len 4096"
+ENGINE="--dtype bfloat16 --device cuda --max-num-batched-tokens 4096 --max-model-len 4096"
 COMMON=(--model "$CKPT" --gpus 0,1 --engine-args "$ENGINE" --threads 0 --work-dir /tmp/pdserve-eval
         --input-len 2048 --range-ratio 0 --output-len 256 --slo-ttft-ms 1000 --slo-tpot-ms 30
         --ready-timeout-s 150 --stop-timeout-s 20 --out-dir "$OUT")

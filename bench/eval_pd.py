@@ -66,8 +66,8 @@ class EvalConfig:
     prefill: int = opt(1, "prefill instances (disagg)")
     decode: int = opt(1, "decode instances (disagg)")
     colocated: int = opt(2, "role-both instances (colocated)")
-    engine_args: str = opt("--num-kv-blocks 2048 --max-num-batched-tokens 1024 --dtype float32 --device cpu "
-                           "--kv-force-tcp", "flags for every engine")
+    engine_args: str = opt("--num-kv-blocks 2048 --max-num-batched-tokens 1024 --dtype float32 --device cpu",
+                           "flags for every engine")
     gateway_args: str = opt("", "flags for the gateway")
     gpus: list[int] = opt([], "pin engine i to GPU gpus[i % len] (pdserve up --gpus); empty: no pinning")
     threads: int = opt(1, "OMP_NUM_THREADS of every process of the stack (0: leave unset)")

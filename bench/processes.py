@@ -99,14 +99,15 @@ class Processes:
         proc.endpoint = self.registry_endpoint = tcp(port)
         return proc
 
-    def start_engine(self, name: str, service: str, *extra: str, num_kv_blocks: int = 256) -> Proc:
+    def start_engine(self, name: str, service: str, *extra: str, num_kv_blocks: int = 256,
+                     kv_transport: str = "tcp") -> Proc:
         """``python -m services.<service> --instance-id <name>`` on fresh ports, demo model on CPU."""
         if not self.registry_endpoint:
             raise RuntimeError("start the registry first")
         request, kv = tcp(free_port()), tcp(free_port())
         args = ["--instance-id", name, "--bind", request, "--kv-bind", kv, "--registry", self.registry_endpoint,
                 "--model", "demo", "--num-kv-blocks", str(num_kv_blocks), "--dtype", "float32", "--device", "cpu",
-                "--kv-force-tcp", "true", *extra]  # fmt: skip
+                "--kv-transport", kv_transport, *extra]  # fmt: skip
         proc = self.spawn(name, f"services.{service}", args)
         proc.endpoint, proc.kv_endpoint = request, kv
         return proc

@@ -18,7 +18,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the handshake offers several KV transports
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for (engine and gateway agree)
 
 Role = Literal["prefill", "decode", "both"]
@@ -255,6 +255,7 @@ class EngineStats(Message):
     load: Load
     num_requests_finished: int = 0
     num_transfers_active: int = 0
+    kv_transports: dict[str, str] = {}  # decode: prefill engine id -> the KV transport chosen for it
 
 
 # --------------------------------------------------------------------------- #
@@ -273,15 +274,24 @@ class Handshake(Message):
     protocol_version: int = PROTOCOL_VERSION
 
 
+class TransportOffer(msgspec.Struct, frozen=True):
+    """One way to read an engine's KV: ``name`` is ``nvlink``, ``shm``, ``rdma`` or ``tcp``."""
+
+    name: str
+    backend: str  # the backend serving it: "mooncake", "mori", "shm", "nvlink"
+    session: str  # the backend's address for this engine (Mooncake session name...)
+    meta: bytes = b""  # backend-specific opaque blob (MoRI engine descriptor, shared-memory file...)
+
+
 class HandshakeReply(Message):
     engine_id: str
     fingerprint: Fingerprint
-    backend: str
-    session: str  # the transfer backend's address for this engine (Mooncake session name...)
+    host_id: str  # hostname + boot id: equal ids can share memory
+    memory: str  # where the KV lives: "cpu" or "cuda"
+    transports: list[TransportOffer]  # what this engine serves, fastest first
     regions: list[MemoryRegion]  # registered KV memory
     block_bytes: int  # bytes of one block (all layers, K and V)
     num_blocks: int
-    backend_meta: bytes = b""  # backend-specific opaque blob (MoRI engine descriptor...)
 
 
 class RenewLease(Message):

@@ -67,7 +67,7 @@ class Cluster(EngineDriver):
 def service_config(registry: str, role: str, name: str, **over) -> EngineServiceConfig:
     base = dict(
         role=role, instance_id=name, registry=registry, model="demo", dtype="float32", device="cpu",
-        num_kv_blocks=NUM_BLOCKS, kv_force_tcp=True, kv_handshake_timeout_s=2.0, kv_rpc_timeout_s=2.0,
+        num_kv_blocks=NUM_BLOCKS, kv_transport="tcp", kv_handshake_timeout_s=2.0, kv_rpc_timeout_s=2.0,
         kv_renew_interval_s=0.5, kv_lease_seconds=30.0, kv_lease_sweep_interval_s=0.1, shutdown_timeout_s=3.0,
     )  # fmt: skip
     cfg = EngineServiceConfig(**{**base, **over})

@@ -17,6 +17,9 @@ S, F = TransferStatus.SUCCESS, TransferStatus.FAILED
 NBYTES = 4096
 
 
+HOST_KV = torch.empty(0, dtype=torch.uint8)  # what a backend learns the memory kind from: host memory
+
+
 def region(t: torch.Tensor) -> MemoryRegion:
     return MemoryRegion(t.data_ptr(), t.numel() * t.element_size())
 
@@ -32,8 +35,8 @@ def pair(fake):
     """(prefill backend, its two buffers, decode backend, its buffer); decode is connected to prefill."""
     src = [torch.randint(0, 256, (NBYTES,), dtype=torch.uint8) for _ in range(2)]
     dst = torch.zeros(2 * NBYTES, dtype=torch.uint8)
-    prefill = make_backend("mori", "127.0.0.1")
-    decode = make_backend("mori", "127.0.0.1", force_tcp=True)
+    prefill = make_backend("mori", "127.0.0.1", HOST_KV, transport="rdma")
+    decode = make_backend("mori", "127.0.0.1", HOST_KV, transport="tcp")
     prefill.register([region(t) for t in src])
     decode.register([region(dst)])
     decode.connect(prefill.session, prefill.backend_meta())
@@ -86,7 +89,7 @@ def test_slow_transfer_blocks_until_done(pair, fake):
 
 def test_read_past_its_timeout_fails(pair, fake):
     prefill, src, _, dst = pair
-    impatient = make_backend("mori", "127.0.0.1", read_timeout_s=0.1)
+    impatient = make_backend("mori", "127.0.0.1", HOST_KV, transport="rdma", read_timeout_s=0.1)
     try:
         impatient.register([region(dst)])
         impatient.connect(prefill.session, prefill.backend_meta())
@@ -144,12 +147,13 @@ def test_mori_without_the_library_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "mori", None)
     monkeypatch.setitem(sys.modules, "mori.io", None)
     with pytest.raises(BackendUnavailable, match="ROCm/mori"):
-        make_backend("mori", "127.0.0.1")
+        make_backend("mori", "127.0.0.1", HOST_KV, transport="rdma")
 
 
 def test_unknown_backend_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown KV transfer backend 'nixl' \(known: mooncake, mori\)"):
-        make_backend("nixl", "127.0.0.1")
+    with pytest.raises(ValueError, match=(r"unknown KV transfer backend .nixl. "
+                                        r"\(known: mooncake, mori, nvlink, shm\)")):
+        make_backend("nixl", "127.0.0.1", HOST_KV, transport="tcp")
 
 
 def test_registry_entries_name_their_backend_classes():
@@ -161,7 +165,7 @@ def test_registry_entries_name_their_backend_classes():
 
 def test_mooncake_backend_registers_and_reads_locally():
     """One in-process Mooncake engine reading from itself over TCP (the 2-process test is separate)."""
-    backend = make_backend("mooncake", "127.0.0.1", force_tcp=True)
+    backend = make_backend("mooncake", "127.0.0.1", HOST_KV, transport="tcp")
     try:
         buf = torch.zeros(2 * NBYTES, dtype=torch.uint8)
         buf[NBYTES:] = torch.randint(0, 256, (NBYTES,), dtype=torch.uint8)

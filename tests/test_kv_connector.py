@@ -18,6 +18,7 @@ from common.kv_transfer.mori import MoriBackend
 from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.reader import KVReader
 from common.kv_transfer.side_channel import KVSideChannel
+from common.kv_transfer.transport_set import TransportSet
 from common.messages import (
     Ack,
     Fingerprint,
@@ -28,6 +29,7 @@ from common.messages import (
     LeaseRenewed,
     ReleaseKV,
     RenewLease,
+    TransportOffer,
 )
 from services.prefill.handoff import PrefillHandoff
 from tests.fakes import mori as fake_mori
@@ -43,7 +45,7 @@ def fingerprint(**over) -> Fingerprint:
 
 
 def config(**over) -> KVTransferConfig:
-    base = dict(kv_backend="mori", kv_lease_seconds=30.0, kv_handshake_timeout_s=1.0, kv_rpc_timeout_s=1.0,
+    base = dict(kv_backend="mori", kv_transport="tcp", kv_lease_seconds=30.0, kv_handshake_timeout_s=1.0, kv_rpc_timeout_s=1.0,
                 kv_renew_interval_s=5.0, kv_transfer_threads=2)
     cfg = KVTransferConfig(**{**base, **over})
     cfg.validate()
@@ -88,22 +90,22 @@ def fake():
 async def prefill(fake):
     kv = KVCache(num_blocks=16, **GEOMETRY)
     kv.data.copy_(torch.randn_like(kv.data))
-    backend = MoriBackend("127.0.0.1")
     layout = KVLayout.of(kv)
-    backend.register([layout.region])
+    transports = TransportSet.open(config(), kv.data, layout.region)
+    backend = transports.backends["tcp"]
     released: list[str] = []
 
     async def unpin(transfer_id: str) -> None:
         released.append(transfer_id)
 
     handoff = PrefillHandoff("prefill-0", LeaseTable(30.0), unpin)
-    channel = KVSideChannel("prefill-0", fingerprint(), backend, layout, handoff)
+    channel = KVSideChannel("prefill-0", fingerprint(), transports, layout, handoff)
     server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
     channel.attach(server)
     await server.start()
     yield Prefill(kv, handoff, released, channel, server, backend)
     await server.close()
-    backend.close()
+    transports.close()
 
 
 @pytest.fixture
@@ -112,17 +114,17 @@ async def decode(fake):
 
     async def make(fp: Fingerprint | None = None, **over) -> tuple[KVReader, KVCache]:
         kv = KVCache(num_blocks=16, **GEOMETRY)
-        backend = MoriBackend("127.0.0.1")
         layout = KVLayout.of(kv)
-        backend.register([layout.region])
-        conn = KVReader(backend, "decode-0", fp or fingerprint(), layout, config(**over))
-        made.append((conn, backend))
+        cfg = config(**over)
+        transports = TransportSet.open(cfg, kv.data, layout.region)
+        conn = KVReader(transports, "decode-0", fp or fingerprint(), layout, cfg)
+        made.append((conn, transports))
         return conn, kv
 
     yield make
-    for conn, backend in made:
+    for conn, transports in made:
         await conn.close()
-        backend.close()
+        transports.close()
 
 
 # -- handshakes ---------------------------------------------------------------
@@ -285,7 +287,8 @@ async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode,
     conn, kv = await decode()
     fake.knobs.delay_s = 0.5
     started, finished = threading.Event(), threading.Event()
-    read = conn.backend.read
+    backend = conn.transports.backends["tcp"]
+    read = backend.read
 
     def observed_read(*args):
         started.set()
@@ -294,7 +297,7 @@ async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode,
         finally:
             finished.set()
 
-    conn.backend.read = observed_read
+    backend.read = observed_read
     task = asyncio.create_task(conn.read_blocks(prefill.params([3]), [1]))
     await eventually(started.is_set, timeout=30)
     task.cancel()
@@ -339,15 +342,16 @@ async def test_a_failed_first_shard_fails_the_read_even_if_the_last_succeeds(pre
     "change, match",
     [(dict(fingerprint=fingerprint(num_layers=4)), "num_layers \\(ours 2, theirs 4\\)"),
      (dict(block_bytes=123), "123-byte blocks"),
-     (dict(backend="mooncake"), "uses backend 'mooncake'"),
+     (dict(transports=[]), "no common KV transport \\(forced tcp\\): we offer tcp, the peer offers none"),
      (dict(num_blocks=10**6), "does not hold its 1000000 blocks")],
 )
 async def test_decode_checks_the_reply_itself(prefill, decode, change, match):
     """A prefill that does not check (older build, bug) still cannot hand us mismatched KV."""
     layout = KVLayout.of(prefill.kv)
-    good = HandshakeReply(engine_id="prefill-0", fingerprint=fingerprint(), backend="mori",
-                          session=prefill.backend.session, regions=[layout.region], block_bytes=layout.block_bytes,
-                          num_blocks=layout.num_blocks, backend_meta=prefill.backend.backend_meta())
+    offer = TransportOffer("tcp", "mori", prefill.backend.session, prefill.backend.backend_meta())
+    good = HandshakeReply(engine_id="prefill-0", fingerprint=fingerprint(), host_id="h", memory="cpu",
+                          transports=[offer], regions=[layout.region], block_bytes=layout.block_bytes,
+                          num_blocks=layout.num_blocks)
     bad = msgspec.structs.replace(good, **change)
 
     async def sloppy(msg):

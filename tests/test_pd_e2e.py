@@ -1,5 +1,6 @@
-"""End to end with real processes: registry, prefill, decode and a colocated (``--role both``) baseline,
-Mooncake over TCP on loopback, demo model on CPU.
+"""End to end with real processes: registry, prefill, two decodes and a colocated (``--role both``)
+baseline, demo model on CPU.  The prefill serves every transport it can (``auto``): ``decode`` reads
+over Mooncake TCP on loopback (forced), ``decode-shm`` picks shared memory by itself (same host).
 
 One set of processes serves the module (starting one costs seconds on two
 cores); the tests that kill processes run last.
@@ -38,11 +39,13 @@ class Deployment(EngineDriver):
 async def deployment():
     async with Processes() as procs:
         procs.start_registry()
-        procs.start_engine("prefill", "prefill", *ENGINE_FLAGS, "--kv-lease-seconds", str(LEASE_S))
+        procs.start_engine("prefill", "prefill", *ENGINE_FLAGS, "--kv-lease-seconds", str(LEASE_S),
+                           kv_transport="auto")
         procs.start_engine("decode", "decode", *ENGINE_FLAGS)
+        procs.start_engine("decode-shm", "decode", *ENGINE_FLAGS, kv_transport="auto")
         # A short drain: the SIGTERM test needs its long stream to outlast it.
         procs.start_engine("both", "prefill", "--role", "both", *ENGINE_FLAGS, "--shutdown-timeout-s", "1")
-        await procs.wait_registered("prefill", "decode", "both")
+        await procs.wait_registered("prefill", "decode", "decode-shm", "both")
         d = Deployment(procs)
         try:
             yield d
@@ -62,14 +65,16 @@ async def test_instances_registered_with_their_roles(deployment: Deployment):
 LENGTHS = [1, 7, 15, 16, 17, 32, 48, 100, 300]
 
 
-async def test_pd_greedy_output_identical_to_colocated(deployment: Deployment):
+@pytest.mark.parametrize(("decode", "transport"), [("decode", "tcp"), ("decode-shm", "shm")])
+async def test_pd_greedy_output_identical_to_colocated(deployment: Deployment, decode: str, transport: str):
     for length in LENGTHS:
         ids = prompt_ids(length, seed=length)
         ref = await deployment.reference(ids)
-        pre, dec = await deployment.pd(f"len-{length}", ids)
-        assert tokens(pre + dec) == ref, f"prompt of {length} tokens"
+        pre, dec = await deployment.pd(f"len-{length}-{transport}", ids, decode=decode)
+        assert tokens(pre + dec) == ref, f"prompt of {length} tokens over {transport}"
         assert dec[0].timings["kv_bytes"] > 0 and "kv_failed" not in dec[0].timings
-    await deployment.wait_idle("prefill", "decode", "both")
+    assert (await deployment.stats(decode)).kv_transports == {"prefill": transport}
+    await deployment.wait_idle("prefill", decode, "both")
 
 
 async def test_text_prompt_through_pd(deployment: Deployment):

@@ -43,7 +43,7 @@ class Stack:
         self.port, self.registry_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / "up.log", "wb")
-        engine_args = ("--num-kv-blocks 1024 --dtype float32 --device cpu --kv-force-tcp "
+        engine_args = ("--num-kv-blocks 1024 --dtype float32 --device cpu "
                        "--kv-lease-seconds 10 --shutdown-timeout-s 5")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "up", "--prefill", "2", "--decode", "1",

@@ -18,7 +18,7 @@ from common.config import require
 from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig, parse_size
 from common.engine.detokenizer import Detokenizer
-from common.engine.kv_cache import KVCache
+from common.engine.kv_cache import Allocate, KVCache, zeros
 from common.engine.loader import load_model, parse_dtype, resolve_model_path
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
@@ -71,7 +71,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, kv_allocate: Allocate = zeros):
+        """``kv_allocate`` allocates the KV cache tensor (a shared-memory file where the shm transport serves it)."""
         config.validate()
         self.config = config
         self.device = resolve_device(config.device)
@@ -91,7 +92,7 @@ class LLMEngine:
         mc = self.model_config
         self.kv_cache = KVCache(
             self._num_kv_blocks(), mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype,
-            self.device,
+            self.device, kv_allocate,
         )  # fmt: skip
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)

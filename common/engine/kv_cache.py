@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+Allocate = Callable[[tuple[int, ...], torch.dtype, torch.device | str], torch.Tensor]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Private memory of the engine's device (the default KV allocation)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class KVCache:
@@ -23,7 +32,9 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        allocate: Allocate = zeros,
     ):
+        """``allocate(shape, dtype, device)`` returns the zeroed tensor (e.g. in a shared-memory file)."""
         for name, value in (
             ("num_blocks", num_blocks),
             ("num_layers", num_layers),
@@ -39,9 +50,7 @@ class KVCache:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
-        self.data = torch.zeros(
-            num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
+        self.data = allocate((num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), dtype, device)
         self.block_bytes = self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
 
     @staticmethod

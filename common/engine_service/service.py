@@ -25,17 +25,18 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
 from typing import Protocol
 
 from common.bus import BusServer
 from common.engine.async_engine import AsyncEngine
-from common.engine.engine import LLMEngine
-from common.engine.kv_cache import KVCache
+from common.engine.engine import LLMEngine, resolve_device
+from common.engine.kv_cache import KVCache, zeros
 from common.engine.sequence import InvalidRequest, RequestOutput
 from common.engine_service.config import EngineServiceConfig
 from common.errors import PeerError
-from common.kv_transfer.backend import TransferBackend, make_backend
 from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.transport_set import TransportSet, shared_kv_file
 from common.messages import (
     Abort,
     Ack,
@@ -82,7 +83,7 @@ class EngineRole(Protocol):
         """After the request ROUTER closed: release what the role still holds."""
 
 
-RoleFactory = Callable[["EngineService"], EngineRole]
+RoleFactory = type[EngineRole]  # a role class, built with the service: ``role_class(service)``
 
 
 def _endpoint(bound: str, host: str) -> str:
@@ -117,7 +118,7 @@ class EngineService:
         self.server.on(GetStats, self.on_stats)
         self.kv_server = BusServer(config.kv_bind, KVRequest, name=f"{self.instance_id}-kv",
                                    max_frame_bytes=config.max_frame_bytes)
-        self.backend: TransferBackend | None = None
+        self.transports: TransportSet | None = None
         self.active: set[str] = set()  # request ids with a running Generate handler
         self.registry = RegistryClient(config.registry, timeout=config.registry_timeout_s)
         self.accepting = False
@@ -127,15 +128,11 @@ class EngineService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open_transfer_backend(self) -> TransferBackend:
-        """The transfer backend with all KV memory registered (roles that move KV call this from
-        ``start``, so the memory is registered before any peer can learn our address)."""
-        device = self.core.device
-        self.backend = make_backend(self.config.kv_backend, self.config.kv_host, force_tcp=self.config.kv_force_tcp,
-                                    device_id=(device.index or 0) if device.type == "cuda" else -1,
-                                    read_timeout_s=self.config.kv_read_timeout_s)
-        self.backend.register([self.layout.region])
-        return self.backend
+    def open_transports(self) -> TransportSet:
+        """The KV transports this engine serves, all KV memory registered (roles that move KV call this
+        from ``start``, so the memory is registered before any peer can learn our address)."""
+        self.transports = TransportSet.open(self.config, self.core.kv_cache.data, self.layout.region)
+        return self.transports
 
     async def start(self) -> None:
         await self.role.start()
@@ -164,8 +161,8 @@ class EngineService:
         await self._quietly(self.role.shutdown(), "releasing the role's transfers")
         await self.kv_server.close()
         await self.engine.shutdown(timeout=self.config.shutdown_timeout_s)
-        if self.backend is not None:
-            self.backend.close()
+        if self.transports is not None:
+            self.transports.close()
         await self.registry.close()
         log.info("%s stopped", self.instance_id)
 
@@ -206,7 +203,7 @@ class EngineService:
 
     async def on_stats(self, msg: GetStats) -> EngineStats:
         return EngineStats(self.instance_id, self.config.role, self.load(), self.num_finished,
-                           self.role.num_transfers())
+                           self.role.num_transfers(), dict(self.transports.chosen) if self.transports else {})
 
     async def on_abort(self, msg: Abort) -> Ack:
         await self.role.abort(msg.request_id)
@@ -300,13 +297,21 @@ class EngineService:
 async def serve(config: EngineServiceConfig, roles: Mapping[str, RoleFactory]) -> None:
     """Load the engine (off the event loop), serve ``roles[config.role]`` until cancelled, then shut
     down in order."""
-    core = await asyncio.get_running_loop().run_in_executor(None, LLMEngine, config)
-    service = EngineService(config, core, roles[config.role])
+    role = roles[config.role]
+    moves_kv = role.serves_prefill_leg or role.serves_decode_leg
+    kv_file = shared_kv_file(config, resolve_device(config.device)) if moves_kv else None
     try:
-        await service.start()
-        while service.engine.failed is None:
-            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
-        # A dead engine thread serves nothing: exit non-zero so a supervisor restarts us.
-        raise RuntimeError(f"{service.instance_id}: engine failed: {service.engine.failed!r}")
+        core = await asyncio.get_running_loop().run_in_executor(
+            None, partial(LLMEngine, config, kv_allocate=kv_file.allocate if kv_file else zeros))
+        service = EngineService(config, core, role)
+        try:
+            await service.start()
+            while service.engine.failed is None:
+                await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+            # A dead engine thread serves nothing: exit non-zero so a supervisor restarts us.
+            raise RuntimeError(f"{service.instance_id}: engine failed: {service.engine.failed!r}")
+        finally:
+            await asyncio.shield(service.shutdown())
     finally:
-        await asyncio.shield(service.shutdown())
+        if kv_file is not None:
+            kv_file.close()

@@ -7,16 +7,22 @@ peers may cache our memory map on first contact) -> publish ``session`` and
 callers on an event loop run it in a small thread pool.
 
 ``make_backend`` builds one by name; the implementations are imported only then, so this
-module imports none of them (they import it).
+module imports none of them (they import it).  The network backends (``mooncake``,
+``mori``) serve the ``rdma`` and ``tcp`` transports; ``shm`` and ``nvlink`` serve
+engines on one host (see ``transports.py``).
 """
 
 from __future__ import annotations
 
 import abc
 import importlib
+from typing import TYPE_CHECKING
 
 from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BackendUnavailable(RuntimeError):
@@ -28,9 +34,9 @@ class TransferBackend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> TransferBackend:
-        """The backend advertised at ``host`` from the options ``make_backend`` passes to every backend
-        (each uses those that concern it); ``BackendUnavailable`` when its library cannot be loaded."""
+    def build(cls, host: str, kv: torch.Tensor, *, transport: str, read_timeout_s: float) -> TransferBackend:
+        """The backend advertised at ``host`` for the KV cache tensor ``kv``, serving ``transport``
+        (each uses the options that concern it); ``BackendUnavailable`` when it cannot work here."""
 
     @abc.abstractmethod
     def register(self, regions: list[MemoryRegion]) -> None:
@@ -82,19 +88,21 @@ def check_batch(local_addrs: list[int], remote_addrs: list[int], lengths: list[i
 BACKENDS = {  # name -> "module:class", imported only when that backend is built
     "mooncake": "common.kv_transfer.mooncake:MooncakeBackend",
     "mori": "common.kv_transfer.mori:MoriBackend",
+    "shm": "common.kv_transfer.shm:ShmBackend",
+    "nvlink": "common.kv_transfer.cuda_ipc:CudaIpcBackend",
 }
 
 
-def make_backend(
-    name: str, host: str, *, force_tcp: bool = False, device_id: int = -1, read_timeout_s: int = 30
-) -> TransferBackend:
-    """Build the backend ``name`` (a key of ``BACKENDS``) advertised at ``host``.
+def make_backend(name: str, host: str, kv: torch.Tensor, *, transport: str, read_timeout_s: float = 30
+                 ) -> TransferBackend:
+    """Build the backend ``name`` (a key of ``BACKENDS``) advertised at ``host`` for the KV tensor ``kv``.
 
-    ``device_id`` < 0 means KV memory is host memory; a read fails after ``read_timeout_s``.  Raises
-    ``BackendUnavailable`` when the library cannot be loaded, ``ValueError`` for an unknown name.
+    ``transport`` is what it serves (``rdma``/``tcp`` for the network backends); a read fails after
+    ``read_timeout_s``.  Raises ``BackendUnavailable`` when it cannot work here, ``ValueError`` for
+    an unknown name.
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown KV transfer backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
     module_name, class_name = BACKENDS[name].split(":")
     backend_class = getattr(importlib.import_module(module_name), class_name)
-    return backend_class.build(host, force_tcp=force_tcp, device_id=device_id, read_timeout_s=read_timeout_s)
+    return backend_class.build(host, kv, transport=transport, read_timeout_s=read_timeout_s)

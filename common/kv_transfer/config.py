@@ -12,7 +12,10 @@ from common.config import opt, require
 class KVTransferConfig:
     kv_backend: Literal["mooncake", "mori"] = opt("mooncake", "KV transfer backend", choices=("mooncake", "mori"))
     kv_host: str = opt("127.0.0.1", "address peers reach this engine's transfer backend at")
-    kv_force_tcp: bool = opt(False, "use TCP even where RDMA NICs exist")
+    kv_transport: Literal["auto", "nvlink", "shm", "rdma", "tcp"] = opt(
+        "auto", "how KV moves: auto picks per peer (nvlink: GPUs of one host, shm: host memory of one host, "
+        "rdma where NICs exist, else tcp); a forced one that cannot work is refused",
+        choices=("auto", "nvlink", "shm", "rdma", "tcp"))
     kv_lease_seconds: float = opt(30.0, "prefill frees pinned blocks this long after the last renewal")
     kv_lease_sweep_interval_s: float = opt(1.0, "how often prefill looks for expired leases")
     kv_handshake_timeout_s: float = opt(5.0, "give up a handshake with a prefill engine after this long")

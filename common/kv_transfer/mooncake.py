@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
+
+import torch
 
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, check_batch
 from common.kv_transfer.status import TransferStatus
+from common.kv_transfer.transports import rdma_devices
 from common.messages import MemoryRegion
 
 logger = logging.getLogger(__name__)
@@ -37,18 +39,16 @@ def load_transfer_engine_class() -> Any:
     return TransferEngine
 
 
-def rdma_devices() -> list[str]:
-    root = Path("/sys/class/infiniband")
-    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-
-
 class MooncakeBackend(TransferBackend):
     name = "mooncake"
 
     @classmethod
-    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> MooncakeBackend:
-        """Mooncake registers host and device memory alike: ``device_id`` does not concern it."""
-        return cls(host, force_tcp=force_tcp, transfer_timeout_s=read_timeout_s)
+    def build(cls, host: str, kv: torch.Tensor, *, transport: str, read_timeout_s: float) -> MooncakeBackend:
+        """Mooncake registers host and device memory alike; over TCP it stages device memory through
+        host memory (said in the log)."""
+        if transport == "tcp" and kv.device.type == "cuda":
+            logger.warning("KV over TCP: Mooncake copies this engine's GPU KV through host memory")
+        return cls(host, force_tcp=transport == "tcp", transfer_timeout_s=int(read_timeout_s))
 
     def __init__(self, host: str, *, force_tcp: bool = False, transfer_timeout_s: int = 30):
         if not host:

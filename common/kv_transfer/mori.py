@@ -20,6 +20,8 @@ from typing import Any
 
 import msgspec
 
+import torch
+
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, check_batch
 from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
@@ -67,8 +69,9 @@ class MoriBackend(TransferBackend):
     name = "mori"
 
     @classmethod
-    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> MoriBackend:
-        return cls(host, force_tcp=force_tcp, device_id=device_id, read_timeout_s=read_timeout_s)
+    def build(cls, host: str, kv: torch.Tensor, *, transport: str, read_timeout_s: float) -> MoriBackend:
+        device_id = (kv.device.index or 0) if kv.device.type == "cuda" else -1
+        return cls(host, force_tcp=transport == "tcp", device_id=device_id, read_timeout_s=read_timeout_s)
 
     def __init__(self, host: str, *, force_tcp: bool = False, device_id: int = -1, read_timeout_s: float = 30.0):
         if not host:

@@ -1,7 +1,8 @@
 """Decode side of the KV handoff: ``KVReader`` reads a prompt's blocks from a prefill engine.
 
 ``read_blocks(params, local_block_ids, skip_leading)`` handshakes once per
-prefill engine (one shared future per engine, failures not cached), merges
+prefill engine (one shared future per engine, failures not cached; the
+handshake picks the transport for that engine, see ``transports.py``), merges
 block runs into byte ranges, runs the blocking backend read in a thread pool
 (a started read is never abandoned, even when the caller is cancelled), renews
 the lease while it waits, checks every status, confirms the lease still held
@@ -25,6 +26,8 @@ from common.kv_transfer.backend import TransferBackend
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
 from common.kv_transfer.status import RequestTransfers, TransferStatus
+from common.kv_transfer.transport_set import TransportSet
+from common.kv_transfer.transports import Placement, TransportError, candidates
 from common.messages import (
     Fingerprint,
     Handshake,
@@ -41,10 +44,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Peer:
-    """A prefill engine we completed a handshake with."""
+    """A prefill engine we completed a handshake with, and the transport we read it over."""
 
     engine_id: str
     kv_endpoint: str
+    transport: str
+    backend: TransferBackend
     session: str
     layout: KVLayout
 
@@ -122,13 +127,13 @@ class KVReader:
 
     def __init__(
         self,
-        backend: TransferBackend,
+        transports: TransportSet,
         engine_id: str,
         fingerprint: Fingerprint,
         layout: KVLayout,
         config: KVTransferConfig,
     ):
-        self.backend = backend
+        self.transports = transports
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.layout = layout
@@ -177,16 +182,36 @@ class KVReader:
         except BusError as e:
             self.clients.drop(kv_endpoint)
             raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} failed: {e}") from e
-        peer = self._check_reply(engine_id, kv_endpoint, reply)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._pool, self.backend.connect, reply.session, reply.backend_meta)
-        except Exception as e:  # whatever the backend raises, the request gets a typed error
-            raise HandshakeError(f"{self.backend.name} cannot connect to {engine_id}: {e}") from e
-        logger.info("KV handshake with %s (%s) done: session %s", engine_id, kv_endpoint, reply.session)
-        return peer
+        layout = self._check_reply(engine_id, kv_endpoint, reply)
+        return await self._connect(engine_id, kv_endpoint, reply, layout)
 
-    def _check_reply(self, engine_id: str, kv_endpoint: str, reply: object) -> Peer:
+    async def _connect(self, engine_id: str, kv_endpoint: str, reply: HandshakeReply, layout: KVLayout) -> Peer:
+        """Connect over the first transport that works with this peer (they are tried fastest first)."""
+        offers = {o.name: o for o in reply.transports}
+        try:
+            order = candidates(self.transports.kv_transport, self.transports.placement,
+                               Placement(reply.host_id, reply.memory), list(self.transports.backends), list(offers))
+        except TransportError as e:
+            raise HandshakeError(f"{engine_id}: {e}") from e
+        loop = asyncio.get_running_loop()
+        for transport in order:
+            backend, offer = self.transports.backends[transport], offers[transport]
+            try:
+                await loop.run_in_executor(self._pool, backend.connect, offer.session, offer.meta)
+            except Exception as e:  # whatever the backend raises, the request gets a typed error
+                if transport == order[-1]:
+                    raise HandshakeError(f"{transport} cannot connect to {engine_id}: {e}") from e
+                logger.warning("KV transport %s cannot connect to %s (%s); trying the next one", transport, engine_id, e)
+                continue
+            if self.transports.chosen.get(engine_id) != transport:
+                logger.info("KV from %s (%s) over %s (%s memory on %s, we offer %s, it offers %s)", engine_id,
+                            kv_endpoint, transport, reply.memory, reply.host_id, ", ".join(self.transports.backends),
+                            ", ".join(offers))
+            self.transports.chosen[engine_id] = transport
+            return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout)
+        raise AssertionError("candidates() returns at least one transport")
+
+    def _check_reply(self, engine_id: str, kv_endpoint: str, reply: object) -> KVLayout:
         if not isinstance(reply, HandshakeReply):
             raise HandshakeError(f"{engine_id} answered the handshake with {type(reply).__name__}")
         if reply.engine_id != engine_id:
@@ -197,14 +222,11 @@ class KVReader:
                 f"{f} (ours {getattr(self.fingerprint, f)!r}, theirs {getattr(reply.fingerprint, f)!r})" for f in diff
             )
             raise HandshakeError(f"{engine_id} has an incompatible KV cache: {detail}")
-        if reply.backend != self.backend.name:
-            raise HandshakeError(f"{engine_id} uses backend {reply.backend!r}, we use {self.backend.name!r}")
         if reply.block_bytes != self.layout.block_bytes:
             raise HandshakeError(f"{engine_id} has {reply.block_bytes}-byte blocks, ours are {self.layout.block_bytes}")
         if not reply.regions or reply.regions[0].length < reply.block_bytes * reply.num_blocks:
             raise HandshakeError(f"{engine_id}'s registered memory does not hold its {reply.num_blocks} blocks")
-        layout = KVLayout(reply.regions[0].addr, reply.block_bytes, reply.num_blocks)
-        return Peer(engine_id, kv_endpoint, reply.session, layout)
+        return KVLayout(reply.regions[0].addr, reply.block_bytes, reply.num_blocks)
 
     # -- reads ------------------------------------------------------------
 
@@ -259,7 +281,7 @@ class KVReader:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            futures = [loop.run_in_executor(self._pool, self.backend.read, peer.session, *s) for s in shards]
+            futures = [loop.run_in_executor(self._pool, peer.backend.read, peer.session, *s) for s in shards]
             results = await _finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
         finally:
             renewer.cancel()

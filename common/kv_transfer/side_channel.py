@@ -1,7 +1,8 @@
 """Prefill side of the KV handoff: the side channel decode engines call on the KV ROUTER.
 
 ``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version
-or KV fingerprint) with the memory a reader needs, and passes ``RenewLease`` and
+or KV fingerprint) with the memory a reader needs and every transport it can be
+read over (the reader picks one), and passes ``RenewLease`` and
 ``ReleaseKV`` to the owner of the pinned transfers (the prefill handoff): the
 side channel never frees blocks itself.  The reader is ``common.kv_transfer.reader``.
 """
@@ -13,8 +14,8 @@ from typing import Protocol
 
 from common.bus import BusServer
 from common.errors import PeerError
-from common.kv_transfer.backend import TransferBackend
 from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.transport_set import TransportSet
 from common.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -46,7 +47,7 @@ class KVSideChannel:
         self,
         engine_id: str,
         fingerprint: Fingerprint,
-        backend: TransferBackend,
+        transports: TransportSet,
         layout: KVLayout,
         transfers: PinnedTransfers,
     ):
@@ -57,12 +58,12 @@ class KVSideChannel:
         self._reply = HandshakeReply(
             engine_id=engine_id,
             fingerprint=fingerprint,
-            backend=backend.name,
-            session=backend.session,
+            host_id=transports.placement.host_id,
+            memory=transports.placement.memory,
+            transports=transports.offers(),
             regions=[layout.region],
             block_bytes=layout.block_bytes,
             num_blocks=layout.num_blocks,
-            backend_meta=backend.backend_meta(),
         )
 
     def attach(self, server: BusServer) -> None:

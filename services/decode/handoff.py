@@ -48,7 +48,7 @@ class DecodeHandoff(ColocatedRole):
 
     async def start(self) -> None:
         s = self.service
-        self.reader = KVReader(s.open_transfer_backend(), s.instance_id, s.fingerprint, s.layout, s.config)
+        self.reader = KVReader(s.open_transports(), s.instance_id, s.fingerprint, s.layout, s.config)
 
     async def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
         params = msg.remote_prefill

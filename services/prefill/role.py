@@ -34,7 +34,7 @@ class PrefillRole(ColocatedRole):
 
     async def start(self) -> None:
         s = self.service
-        side_channel = KVSideChannel(s.instance_id, s.fingerprint, s.open_transfer_backend(), s.layout, self.handoff)
+        side_channel = KVSideChannel(s.instance_id, s.fingerprint, s.open_transports(), s.layout, self.handoff)
         side_channel.attach(s.kv_server)
         self._sweeper = asyncio.create_task(self.handoff.run_sweeper(s.config.kv_lease_sweep_interval_s))
 
