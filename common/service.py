@@ -17,6 +17,8 @@ import signal
 import sys
 from typing import Coroutine
 
+from common.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,9 @@ def run_service(main: Coroutine) -> int:
         return 0
     except asyncio.CancelledError:
         return 0 if signals_seen else 1
+    except ConfigError as e:  # found at start (e.g. a forced KV transport this host cannot serve)
+        log.error("%s", e)
+        return 2
     except Exception:
         log.exception("service failed")
         return 1

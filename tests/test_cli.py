@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from common.config import ConfigError, add_arguments, env_name, from_args, opt, require
+from common.kv_transfer.transports import rdma_devices
 from services.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).parents[1]
@@ -130,3 +131,16 @@ def test_an_engine_subcommand_refuses_the_other_leg_role():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "--role: pdserve prefill runs prefill or both, not decode" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("flags", "reason"), [
+    (["--kv-transport", "nvlink", "--device", "cpu"], "--kv-transport nvlink moves cuda memory"),
+    (["--kv-transport", "rdma"], "--kv-transport rdma: this host has no RDMA devices"),
+])
+def test_a_forced_kv_transport_this_host_cannot_serve_is_refused_at_start(flags, reason):
+    if "rdma" in flags and rdma_devices():
+        pytest.skip("this host has RDMA devices")
+    out = subprocess.run([sys.executable, "-m", "services.cli", "decode", *flags, "--registry", "tcp://127.0.0.1:9"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert reason in out.stderr and "Traceback" not in out.stderr

@@ -27,13 +27,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import ConfigError
+
 TRANSPORT_CHOICES = ("auto", "nvlink", "shm", "rdma", "tcp")
 SAME_HOST = {"cuda": "nvlink", "cpu": "shm"}  # memory kind -> its same-host transport
 NETWORK = ("rdma", "tcp")
 
 
-class TransportError(ValueError):
-    """A transport that cannot work between these engines (or on this one); the message says why."""
+class TransportError(ConfigError):
+    """A transport that cannot work between these engines (or on this one); the message says why.
+    At start it is a configuration error (one line, exit status 2)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,153 @@
+"""The KV transport choice: what an engine serves (``plan``), what a reader tries per peer (``candidates``),
+and what ``TransportSet`` opens for real backends on this host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.kv_transfer.backend import BackendUnavailable
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.shm import SharedKVFile
+from common.kv_transfer.transport_set import TransportSet, shared_kv_file
+from common.kv_transfer.transports import (
+    Placement,
+    TransportError,
+    TransportPlan,
+    candidates,
+    plan,
+    rdma_devices,
+    this_host_id,
+)
+from common.messages import MemoryRegion
+
+HOST_A_CPU = Placement("a", "cpu")
+HOST_A_GPU = Placement("a", "cuda")
+HOST_B_CPU = Placement("b", "cpu")
+HOST_B_GPU = Placement("b", "cuda")
+
+
+@pytest.mark.parametrize(("kv_transport", "memory", "rdma", "expected"), [
+    ("auto", "cpu", False, TransportPlan("shm", "tcp")),
+    ("auto", "cuda", False, TransportPlan("nvlink", "tcp")),
+    ("auto", "cuda", True, TransportPlan("nvlink", "rdma")),
+    ("tcp", "cuda", True, TransportPlan(None, "tcp")),
+    ("rdma", "cpu", True, TransportPlan(None, "rdma")),
+    ("shm", "cpu", False, TransportPlan("shm", None)),
+    ("nvlink", "cuda", False, TransportPlan("nvlink", None)),
+])
+def test_plan_serves_the_same_host_transport_of_its_memory_and_the_network(kv_transport, memory, rdma, expected):
+    assert plan(kv_transport, memory, rdma) == expected
+
+
+@pytest.mark.parametrize(("kv_transport", "memory", "rdma", "match"), [
+    ("nvlink", "cpu", False, "nvlink moves cuda memory; this engine's KV is in cpu memory"),
+    ("shm", "cuda", False, "shm moves cpu memory; this engine's KV is in cuda memory"),
+    ("rdma", "cpu", False, "no RDMA devices"),
+    ("ucx", "cpu", False, "unknown KV transport 'ucx'"),
+])
+def test_plan_refuses_a_forced_transport_this_engine_cannot_serve(kv_transport, memory, rdma, match):
+    with pytest.raises(TransportError, match=match):
+        plan(kv_transport, memory, rdma)
+
+
+@pytest.mark.parametrize(("ours", "peer", "offers", "expected"), [
+    (HOST_A_CPU, HOST_A_CPU, ["shm", "tcp"], ["shm", "tcp"]),  # same host: shared memory first
+    (HOST_A_GPU, HOST_A_GPU, ["nvlink", "tcp"], ["nvlink", "tcp"]),  # same host, GPUs: CUDA IPC first
+    (HOST_A_CPU, HOST_B_CPU, ["shm", "tcp"], ["tcp"]),  # other host: the network only
+    (HOST_A_GPU, HOST_B_GPU, ["nvlink", "rdma"], ["rdma"]),
+    (HOST_A_CPU, HOST_A_GPU, ["shm", "nvlink", "tcp"], ["tcp"]),  # one host, different memory kinds
+])
+def test_auto_tries_the_same_host_transport_then_the_network(ours, peer, offers, expected):
+    assert candidates("auto", ours, peer, offers, offers) == expected
+
+
+def test_auto_skips_what_one_side_does_not_offer():
+    assert candidates("auto", HOST_A_CPU, HOST_A_CPU, ["tcp"], ["shm", "tcp"]) == ["tcp"]
+    assert candidates("auto", HOST_A_CPU, HOST_A_CPU, ["shm", "tcp"], ["tcp"]) == ["tcp"]
+    with pytest.raises(TransportError, match="we offer tcp, the peer offers rdma"):
+        candidates("auto", HOST_A_CPU, HOST_B_CPU, ["tcp"], ["rdma"])
+
+
+def test_a_forced_transport_is_the_only_candidate():
+    assert candidates("tcp", HOST_A_CPU, HOST_A_CPU, ["tcp"], ["shm", "tcp"]) == ["tcp"]
+    assert candidates("shm", HOST_A_CPU, HOST_A_CPU, ["shm"], ["shm", "tcp"]) == ["shm"]
+
+
+@pytest.mark.parametrize(("forced", "ours", "peer", "match"), [
+    ("shm", HOST_A_CPU, HOST_B_CPU, "shm needs both engines on one host with KV in cpu memory"),
+    ("nvlink", HOST_A_GPU, HOST_B_GPU, "nvlink needs both engines on one host with KV in cuda memory"),
+    ("nvlink", HOST_A_GPU, HOST_A_CPU, "nvlink needs both engines on one host"),
+])
+def test_a_forced_same_host_transport_across_hosts_fails_the_handshake_with_the_reason(forced, ours, peer, match):
+    with pytest.raises(TransportError, match=match):
+        candidates(forced, ours, peer, [forced, "tcp"], [forced, "tcp"])
+
+
+def test_this_host_id_is_stable_and_names_the_host():
+    assert this_host_id() == this_host_id()
+    assert this_host_id().startswith(__import__("socket").gethostname() + "/")
+
+
+def config(**over) -> KVTransferConfig:
+    cfg = KVTransferConfig(**over)
+    cfg.validate()
+    return cfg
+
+
+def region_of(t: torch.Tensor) -> MemoryRegion:
+    return MemoryRegion(t.data_ptr(), t.numel() * t.element_size())
+
+
+def test_auto_serves_shm_and_the_network_when_the_cache_is_a_shared_file():
+    kv_file = shared_kv_file(config(kv_transport="auto"), torch.device("cpu"))
+    assert kv_file is not None
+    try:
+        kv = kv_file.allocate((4, 1024), torch.float32, "cpu")
+        transports = TransportSet.open(config(kv_transport="auto"), kv, region_of(kv))
+        try:
+            assert list(transports.backends) == ["shm", "rdma" if rdma_devices() else "tcp"]
+            assert [o.name for o in transports.offers()] == list(transports.backends)
+            assert transports.placement == Placement(this_host_id(), "cpu")
+        finally:
+            transports.close()
+    finally:
+        kv_file.close()
+
+
+def test_auto_without_a_shared_file_serves_the_network_only():
+    kv = torch.zeros(4, 1024)
+    transports = TransportSet.open(config(kv_transport="auto"), kv, region_of(kv))
+    try:
+        assert list(transports.backends) == ["rdma" if rdma_devices() else "tcp"]
+    finally:
+        transports.close()
+
+
+def test_forced_shm_on_private_memory_is_refused_at_start():
+    kv = torch.zeros(4, 1024)
+    with pytest.raises(TransportError, match="not a /dev/shm file"):
+        TransportSet.open(config(kv_transport="shm"), kv, region_of(kv))
+
+
+def test_forced_nvlink_on_a_cpu_engine_is_refused_at_start():
+    kv = torch.zeros(4, 1024)
+    with pytest.raises(TransportError, match="--kv-transport nvlink moves cuda memory"):
+        TransportSet.open(config(kv_transport="nvlink"), kv, region_of(kv))
+
+
+def test_shared_kv_file_only_where_shm_is_planned():
+    assert shared_kv_file(config(kv_transport="tcp"), torch.device("cpu")) is None
+    assert shared_kv_file(config(kv_transport="auto"), torch.device("cuda")) is None
+    assert isinstance(shared_kv_file(config(kv_transport="shm"), torch.device("cpu")), SharedKVFile)
+
+
+def test_a_cache_too_large_for_the_shm_dir_falls_back_under_auto_and_is_refused_when_forced(tmp_path, monkeypatch):
+    monkeypatch.setattr(SharedKVFile, "fits", staticmethod(lambda nbytes, directory: False))
+    fallback = SharedKVFile(fallback=True, directory=tmp_path)
+    kv = fallback.allocate((2, 8), torch.float32, "cpu")
+    assert fallback.path is None and kv.shape == (2, 8) and not kv.any()
+    forced = SharedKVFile(fallback=False, directory=tmp_path)
+    with pytest.raises(BackendUnavailable, match="has no room for a"):
+        forced.allocate((2, 8), torch.float32, "cpu")
+    assert not list(tmp_path.iterdir())
