@@ -4,10 +4,13 @@ The prefill exports its KV cache's CUDA allocation once (torch's
 ``UntypedStorage._share_cuda_``: an IPC handle and the storage's offset in the
 allocation) in the handshake; the reader opens it once per peer
 (``_new_shared_cuda``, i.e. ``cudaIpcOpenMemHandle``) and a read is one
-device-to-device ``copy_`` per range on a stream of its own, so it never waits
-behind (or holds up) the engine's kernels on the default stream: over NVLink
-between two GPUs, within HBM when both engines share one GPU.  Nothing goes
-through host memory.
+device-to-device ``cudaMemcpyAsync`` per range on a stream of its own, so it
+never waits behind (or holds up) the engine's kernels on the default stream:
+over NVLink between two GPUs, within HBM when both engines share one GPU.
+Nothing goes through host memory.  The copies are issued straight to the CUDA
+runtime torch loaded (a few microseconds each): a torch ``copy_`` of tensor
+slices per range costs several times that, which halved the read rate of a
+64 MiB request in 16 ranges on an H200 (docs/benchmarks.md).
 
 Ordering: the prefill sampled the first token before it published the blocks,
 which synchronised the kernels that wrote them; the reader waits for its copy
@@ -18,9 +21,11 @@ ordinary ``cudaMalloc`` memory (not ``expandable_segments``).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import uuid
+from functools import cache
 
 import msgspec
 import torch
@@ -30,6 +35,22 @@ from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
 
 logger = logging.getLogger(__name__)
+
+MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyKind
+
+
+@cache
+def cuda_runtime() -> ctypes.CDLL:
+    """The CUDA runtime torch loaded, with the two calls a read makes; ``BackendUnavailable`` without it."""
+    name = f"libcudart.so.{(torch.version.cuda or '0').split('.')[0]}"
+    try:
+        runtime = ctypes.CDLL(name)
+    except OSError as e:
+        raise BackendUnavailable(f"CUDA IPC needs the CUDA runtime torch uses ({name}): {e}") from e
+    runtime.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                        ctypes.c_void_p]
+    runtime.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+    return runtime
 
 
 class ExportedKV(msgspec.Struct, frozen=True, array_like=True):
@@ -50,18 +71,17 @@ class ExportedKV(msgspec.Struct, frozen=True, array_like=True):
 
 
 class _Peer:
-    """A mapped peer cache: ``data`` holds its bytes, ``addr`` is where they start in the peer."""
+    """A mapped peer cache: ``base`` is where its bytes start here, ``addr`` where they start in the peer."""
 
-    __slots__ = ("storage", "data", "addr", "length")
+    __slots__ = ("storage", "base", "addr", "length")
 
-    def __init__(self, exported: ExportedKV, device: torch.device):
+    def __init__(self, exported: ExportedKV):
         self.storage = torch.UntypedStorage._new_shared_cuda(
             exported.device, exported.handle, exported.storage_size, exported.storage_offset,
             exported.ref_counter_handle, exported.ref_counter_offset, exported.event_handle,
             exported.event_sync_required,
         )  # fmt: skip
-        whole = torch.empty(0, dtype=torch.uint8, device=device).set_(self.storage)
-        self.data = whole[exported.offset_in_storage:exported.offset_in_storage + exported.length]
+        self.base = self.storage.data_ptr() + exported.offset_in_storage
         self.addr, self.length = exported.addr, exported.length
 
 
@@ -79,7 +99,7 @@ class CudaIpcBackend(TransferBackend):
         if not kv.is_contiguous():
             raise ValueError("the KV cache tensor must be contiguous")
         self.kv = kv
-        self.bytes = kv.view(-1).view(torch.uint8)
+        self._runtime = cuda_runtime()
         self._session = f"cuda-ipc:{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stream = torch.cuda.Stream(device=kv.device)
         self._region: MemoryRegion | None = None
@@ -90,7 +110,7 @@ class CudaIpcBackend(TransferBackend):
         return self._session
 
     def register(self, regions: list[MemoryRegion]) -> None:
-        whole = MemoryRegion(self.kv.data_ptr(), self.bytes.numel())
+        whole = MemoryRegion(self.kv.data_ptr(), self.kv.numel() * self.kv.element_size())
         if regions != [whole]:
             raise ValueError(f"CUDA IPC serves exactly the KV cache tensor {whole}, not {regions}")
         self._region = whole
@@ -106,24 +126,26 @@ class CudaIpcBackend(TransferBackend):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         if peer_session not in self._peers:
             exported = msgspec.msgpack.decode(peer_meta, type=ExportedKV)
-            self._peers[peer_session] = _Peer(exported, self.kv.device)
+            self._peers[peer_session] = _Peer(exported)
 
     def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
              lengths: list[int]) -> list[TransferStatus]:
         check_batch(local_addrs, remote_addrs, lengths)
         peer = self._peers.get(peer_session)
         local = self._region
+        stream = self._stream.cuda_stream
         statuses = []
-        with torch.cuda.stream(self._stream):
-            for la, ra, n in zip(local_addrs, remote_addrs, lengths):
-                if (peer is None or local is None or not peer.addr <= ra <= ra + n <= peer.addr + peer.length
-                        or not local.addr <= la <= la + n <= local.addr + local.length):
-                    statuses.append(TransferStatus.FAILED)  # outside what either side registered: never touched
-                    continue
-                lo, ro = la - local.addr, ra - peer.addr
-                self.bytes[lo:lo + n].copy_(peer.data[ro:ro + n], non_blocking=True)
-                statuses.append(TransferStatus.SUCCESS)
-        self._stream.synchronize()  # the blocks are whole before the engine may compute on them
+        torch.cuda.set_device(self.kv.device)  # this reader thread's runtime calls go to our GPU
+        for la, ra, n in zip(local_addrs, remote_addrs, lengths):
+            if (peer is None or local is None or not peer.addr <= ra <= ra + n <= peer.addr + peer.length
+                    or not local.addr <= la <= la + n <= local.addr + local.length):
+                statuses.append(TransferStatus.FAILED)  # outside what either side registered: never touched
+                continue
+            rc = self._runtime.cudaMemcpyAsync(la, peer.base + ra - peer.addr, n, MEMCPY_DEVICE_TO_DEVICE, stream)
+            statuses.append(TransferStatus.SUCCESS if rc == 0 else TransferStatus.FAILED)
+        # The blocks are whole before the engine may compute on them (and before prefill may free them).
+        if self._runtime.cudaStreamSynchronize(stream) != 0:
+            return [TransferStatus.FAILED] * len(lengths)
         return statuses
 
     def close(self) -> None:
