@@ -8,7 +8,7 @@ import pytest
 import pytest_asyncio
 
 from bench.fakes import FakeEngine
-from bench.fakes.engine import BLOCK_BYTES
+from bench.fakes.prefill_kv import BLOCK_BYTES
 from bench.fakes.transport import FakeTransport
 from common.bus import BusClient
 from common.errors import PeerError
@@ -60,8 +60,8 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
     try:
         stats = await reader.read_blocks(params, [5, 6, 7])
         assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 1, 3 * BLOCK_BYTES)
-        assert reader_transport.peers == {prefill.transport.session}
-        await eventually(lambda: prefill.load().kv_blocks_pinned == 0 and not prefill.handoff)
+        assert reader_transport.peers == {prefill.prefill_kv.transport.session}
+        await eventually(lambda: prefill.load().kv_blocks_pinned == 0 and not prefill.prefill_kv.handoff)
     finally:
         await reader.close()
 
@@ -70,7 +70,7 @@ async def test_lease_expiry_releases_through_the_handoff(start_engine):
     prefill, client = await start_engine("prefill", lease_s=0.2, lease_sweep_s=0.05)
     [out] = await run(client, do_remote_decode=True)
     assert out.kv_transfer is not None and prefill.load().kv_blocks_pinned == 3
-    await eventually(lambda: prefill.load().kv_blocks_used == 0 and not prefill.handoff.leases)
+    await eventually(lambda: prefill.load().kv_blocks_used == 0 and not prefill.prefill_kv.handoff.leases)
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode", "both"])

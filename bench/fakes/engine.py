@@ -3,24 +3,24 @@
 What is real: the bus (``BusServer`` on the request and KV endpoints), the
 registration and heartbeats (``RegistryClient``), and on each P/D leg what the
 production roles use.  A prefill leg opens its transfer in the real
-``PrefillHandoff`` (transfer id ``<engine id>/<request id>``, leases in a real
-``LeaseTable`` swept by the handoff's sweeper, every release path through it),
-whose unpin port gives back the fake's pinned blocks; the real ``KVSideChannel``
-answers ``Handshake`` (over a ``FakeTransport``), ``RenewLease`` and ``ReleaseKV``.
-A decode leg "reads" for ``transfer_delay_s`` (abortable) and sends ``ReleaseKV``
-through the real ``ReleaseSender`` whatever happened.  Text comes from the real
-``Detokenizer`` (stop strings, hold-back) over a byte tokenizer.
+``PrefillHandoff`` and ends by pinning and leasing the prompt's blocks through
+it (``FakePrefillKV``: the handoff, its lease sweeper and the real side
+channel).  A decode leg "reads" for ``transfer_delay_s`` (abortable) and sends
+``ReleaseKV`` through the real ``ReleaseSender`` whatever happened.  Text with
+stop strings comes from the real ``Detokenizer`` (matching, hold-back) over the
+byte tokenizer; without stop strings nothing is held back and each token's text
+goes out as it is (that keeps the fakes cheap for the gateway benchmark).
 
 Roles serve what production serves: every role serves a plain ``Generate``
 colocated; only ``prefill`` takes ``do_remote_decode``, only ``decode``
 ``remote_prefill``.
 
 What is fake: the model (``bench.fakes.model``), the KV memory (a running
-request holds ceil(tokens / block_size) blocks, a handed-off prompt's blocks
-stay pinned until released), and the prefix cache reported as
-``usage.cached_tokens`` (decode reports the whole prompt, its local view, which
-the gateway must NOT pass on).  Failure injection: ``kill()`` (sockets closed,
-no deregistration, like SIGKILL), ``faults`` (``FaultPlan``), delays per phase.
+request holds ceil(tokens / block_size) blocks) and the prefix cache reported
+as ``usage.cached_tokens`` (decode reports the whole prompt, its local view,
+which the gateway must NOT pass on).  Failure injection: ``kill()`` (sockets
+closed, no deregistration, like SIGKILL), ``faults`` (``FaultPlan``), delays
+per phase.
 """
 
 from __future__ import annotations
@@ -34,16 +34,14 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from bench.fakes.model import ByteTokenizer, PrefixCache, logprob_of, prompt_key, prompt_token_ids, token_at
+from bench.fakes.prefill_kv import BLOCK_BYTES, FakePrefillKV
 from bench.fakes.transport import FakeTransport
 from common.arith import ceil_div
 from common.bus import BusServer
 from common.client_pool import ClientPool
 from common.engine.detokenizer import Detokenizer
 from common.errors import BusError, PeerError
-from common.kv_transfer.leases import LeaseTable
-from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.reader import ReleaseSender
-from common.kv_transfer.side_channel import KVSideChannel
 from common.messages import (
     Abort,
     Ack,
@@ -63,12 +61,10 @@ from common.messages import (
     Usage,
 )
 from common.registry_client import RegistryClient
-from services.prefill.handoff import PrefillHandoff
 
 log = logging.getLogger(__name__)
 
 HISTORY = 10_000  # requests and aborts a fake remembers
-BLOCK_BYTES = 4096  # the fake KV memory's block size, as the side channel advertises it
 KV_RPC_TIMEOUT_S = 2.0  # ReleaseKV calls of a fake decode
 
 HandOff = Callable[[TokenOutput], str]
@@ -113,7 +109,6 @@ class FakeEngine:
         self.prefill_delay_s = prefill_delay_s
         self.transfer_delay_s = transfer_delay_s
         self.token_delay_s = token_delay_s
-        self.lease_sweep_s = lease_sweep_s
         self.tokens_per_output = tokens_per_output  # decode/colocated tokens batched into one TokenOutput
         self.faults = FaultPlan()
         self.fingerprint = fingerprint(model, block_size)
@@ -125,36 +120,29 @@ class FakeEngine:
         self.server.on(Abort, self._abort)
         self.server.on(GetStats, self._stats)
         self.running: dict[str, Running] = {}
-        self.pinned: dict[str, int] = {}  # transfer id -> blocks pinned under it
         self.running_blocks = 0  # sum of running[*].blocks, kept as they change
-        self.pinned_blocks = 0  # sum of pinned.values()
         # The latest requests and aborts, for tests to inspect; bounded because a benchmark sends
         # millions, and an ever-growing heap makes the full garbage collections ever slower.
         self.received: deque[Generate] = deque(maxlen=HISTORY)
         self.aborts: deque[str] = deque(maxlen=HISTORY)
         self.finished = 0
         self.instance: Instance | None = None
-        # The P/D legs' production parts: prefill's handoff and side channel, decode's release sender.
-        self.handoff: PrefillHandoff | None = None
-        self.transport: FakeTransport | None = None
+        # What each P/D leg uses: prefill's pinned KV, decode's release sender.
+        self.prefill_kv: FakePrefillKV | None = None
         self.releases: ReleaseSender | None = None
         if role == "prefill":
-            self.handoff = PrefillHandoff(self.id, LeaseTable(lease_s), self._unpin)
-            self.transport = FakeTransport(f"fake://{host}/{self.id}")
-            layout = KVLayout(0, BLOCK_BYTES, num_blocks)
-            self.transport.register([layout.region])
-            KVSideChannel(self.id, self.fingerprint, self.transport, layout, self.handoff).attach(self.kv_server)
+            self.prefill_kv = FakePrefillKV(self.id, self.fingerprint, self.kv_server, num_blocks, lease_s,
+                                            lease_sweep_s)
         elif role == "decode":
             self.releases = ReleaseSender(ClientPool(name=f"{self.id}-kv", timeout=KV_RPC_TIMEOUT_S))
         self._registry_client: RegistryClient | None = None
         self._heartbeats: asyncio.Task | None = None
-        self._lease_sweeper: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> Instance:
-        if self.handoff is not None:
-            self._lease_sweeper = asyncio.create_task(self.handoff.run_sweeper(self.lease_sweep_s))
+        if self.prefill_kv is not None:
+            self.prefill_kv.start()
         await self.server.start()
         await self.kv_server.start()
         self.instance = Instance(
@@ -177,11 +165,10 @@ class FakeEngine:
         await self._shutdown(polite=True)
 
     async def _shutdown(self, polite: bool) -> None:
-        for task in (self._heartbeats, self._lease_sweeper):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._heartbeats = self._lease_sweeper = None
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            await asyncio.gather(self._heartbeats, return_exceptions=True)
+            self._heartbeats = None
         if self._registry_client is not None:
             if polite:
                 try:
@@ -192,10 +179,8 @@ class FakeEngine:
             self._registry_client = None
         await self.server.close()
         await self.kv_server.close()
-        if self.handoff is not None:
-            if polite:
-                self.handoff.release_all()
-            await self.handoff.drain()
+        if self.prefill_kv is not None:
+            await self.prefill_kv.shutdown(release=polite)
         if self.releases is not None:
             await self.releases.flush()  # bounded by the clients' timeout
             await self.releases.clients.close()
@@ -203,12 +188,13 @@ class FakeEngine:
     # -- accounting --------------------------------------------------------------
 
     def load(self) -> Load:
-        return Load(running=len(self.running), waiting=0, kv_blocks_used=self.running_blocks + self.pinned_blocks,
-                    kv_blocks_total=self.num_blocks, kv_blocks_pinned=self.pinned_blocks)
+        pinned = self.prefill_kv.pinned_blocks if self.prefill_kv is not None else 0
+        return Load(running=len(self.running), waiting=0, kv_blocks_used=self.running_blocks + pinned,
+                    kv_blocks_total=self.num_blocks, kv_blocks_pinned=pinned)
 
     def _allocate(self, request_id: str, tokens: int) -> Running:
         blocks = ceil_div(tokens, self.block_size)
-        if self.running_blocks + self.pinned_blocks + blocks > self.num_blocks:
+        if self.load().kv_blocks_used + blocks > self.num_blocks:
             raise PeerError("overloaded", f"{self.id}: no free KV blocks for {blocks} more")
         entry = Running(request_id, blocks)
         self.running[request_id] = entry
@@ -220,18 +206,10 @@ class FakeEngine:
         if entry is not None:
             self.running_blocks -= entry.blocks
 
-    def _pin(self, transfer_id: str, blocks: int) -> None:
-        self.pinned[transfer_id] = blocks
-        self.pinned_blocks += blocks
-
-    async def _unpin(self, transfer_id: str) -> None:
-        """The handoff's unpin port: give back the blocks pinned under ``transfer_id``."""
-        self.pinned_blocks -= self.pinned.pop(transfer_id, 0)
-
     # -- handlers ------------------------------------------------------------------
 
     async def _stats(self, msg: GetStats) -> EngineStats:
-        transfers = len(self.handoff.leases) if self.handoff is not None else 0
+        transfers = len(self.prefill_kv.handoff.leases) if self.prefill_kv is not None else 0
         return EngineStats(instance_id=self.id, role=self.role, load=self.load(), num_requests_finished=self.finished,
                            num_transfers_active=transfers)
 
@@ -240,8 +218,8 @@ class FakeEngine:
         entry = self.running.get(msg.request_id)
         if entry is not None:
             entry.aborted.set()
-        if self.handoff is not None:
-            self.handoff.abort(msg.request_id)
+        if self.prefill_kv is not None:
+            self.prefill_kv.handoff.abort(msg.request_id)
         return Ack()
 
     async def _generate(self, gen: Generate) -> AsyncIterator[TokenOutput]:
@@ -253,7 +231,7 @@ class FakeEngine:
         """Refuse what this role does not serve (as the production service does), else the leg's stream."""
         if self.faults.fail_code is not None:
             raise PeerError(self.faults.fail_code, f"{self.id}: injected failure")
-        if gen.do_remote_decode and self.handoff is None:
+        if gen.do_remote_decode and self.prefill_kv is None:
             raise PeerError("invalid_request", f"{self.id} has role {self.role}, not prefill", "do_remote_decode")
         if gen.remote_prefill is not None and self.releases is None:
             raise PeerError("invalid_request", f"{self.id} has role {self.role}, not decode", "remote_prefill")
@@ -284,27 +262,14 @@ class FakeEngine:
     async def _prefill_leg(self, gen: Generate) -> AsyncIterator[TokenOutput]:
         """Compute the prompt and first token, then pin the prompt's blocks for a decode engine."""
         prompt_ids = self._prompt_ids(gen)
-        transfer_id = self.handoff.begin(gen.request_id)
+        handoff = self.prefill_kv.handoff
+        handoff.begin(gen.request_id)
         try:
-            num_blocks = ceil_div(len(prompt_ids), self.block_size)
-            hand_off = partial(self._hand_off, transfer_id, num_blocks, len(prompt_ids))
+            hand_off = partial(self.prefill_kv.hand_off, len(prompt_ids))
             async for out in self._compute(gen, prompt_ids, len(prompt_ids), hand_off):
                 yield out
         finally:
-            self.handoff.settle(gen.request_id)
-
-    def _hand_off(self, transfer_id: str, num_blocks: int, num_tokens: int, out: TokenOutput) -> str:
-        """The prefill leg's first output: pin and lease its blocks and say where to read them
-        ("remote_decode"), or "abort" when an Abort came first (the handoff released them)."""
-        self._pin(transfer_id, num_blocks)
-        expiry = self.handoff.lease(out.request_id)
-        if expiry is None:
-            return "abort"
-        out.kv_transfer = KVTransferParams(
-            engine_id=self.id, kv_endpoint=self.kv_server.endpoint, transfer_id=transfer_id,
-            block_ids=list(range(num_blocks)), num_tokens=num_tokens, first_token_id=out.token_ids[0],
-            lease_expiry=expiry, first_token_logprob=out.logprobs[0] if out.logprobs else None)
-        return "remote_decode"
+            handoff.settle(gen.request_id)
 
     async def _decode_leg(self, gen: Generate, params: KVTransferParams) -> AsyncIterator[TokenOutput]:
         """"Read" the prompt's blocks, send ``ReleaseKV`` whatever happened, then go on from token 1."""
@@ -324,9 +289,9 @@ class FakeEngine:
                 return
             timings = {"kv_transfer_s": self.transfer_delay_s, "kv_bytes": float(len(params.block_ids) * BLOCK_BYTES),
                        "first_decode_step_s": self.token_delay_s}
-            detokenizer = Detokenizer(self.tokenizer, prompt_ids, gen.sampling.stop)
-            if detokenizer.append_emitted(params.first_token_id) is not None or gen.sampling.max_tokens <= 1:
-                stopped = gen.sampling.max_tokens > 1
+            detokenizer = self._detokenizer(gen, prompt_ids)
+            stopped = detokenizer is not None and detokenizer.append_emitted(params.first_token_id) is not None
+            if stopped or gen.sampling.max_tokens <= 1:
                 out = TokenOutput(request_id=gen.request_id, token_ids=[], text="", timings=timings)
                 yield self._finish(out, "stop" if stopped else "length", len(prompt_ids), 1, len(prompt_ids))
                 return
@@ -345,14 +310,18 @@ class FakeEngine:
             if await self._wait(entry, self.prefill_delay_s):
                 yield self._aborted(gen)
                 return
-            detokenizer = Detokenizer(self.tokenizer, prompt_ids, gen.sampling.stop)
+            detokenizer = self._detokenizer(gen, prompt_ids)
             timings = {"queue_s": 0.0, "prefill_s": self.prefill_delay_s}
             async for out in self._tokens(gen, entry, prompt_ids, detokenizer, 0, cached, timings, hand_off):
                 yield out
         finally:
             self._free(gen.request_id)
 
-    async def _tokens(self, gen: Generate, entry: Running, prompt_ids: list[int], detokenizer: Detokenizer,
+    def _detokenizer(self, gen: Generate, prompt_ids: list[int]) -> Detokenizer | None:
+        """The engine's text maker when there are stop strings to match and hold back; None otherwise."""
+        return Detokenizer(self.tokenizer, prompt_ids, gen.sampling.stop) if gen.sampling.stop else None
+
+    async def _tokens(self, gen: Generate, entry: Running, prompt_ids: list[int], detokenizer: Detokenizer | None,
                       start: int, cached: int, timings: dict[str, float],
                       hand_off: HandOff | None = None) -> AsyncIterator[TokenOutput]:
         """Output tokens ``start``.. in outputs of ``tokens_per_output`` (one, then ``hand_off``, on a
@@ -372,10 +341,14 @@ class FakeEngine:
                 yield self._aborted(gen)
                 return
             token = token_at(key, sampling, i)
-            stopped = detokenizer.append(token) is not None
-            last = stopped or i == sampling.max_tokens - 1
             ids.append(token)
-            text += detokenizer.take(final=last or hand_off is not None)
+            if detokenizer is None:  # nothing to hold back: the token's text goes out at once
+                stopped, last = False, i == sampling.max_tokens - 1
+                text += chr(token)
+            else:
+                stopped = detokenizer.append(token) is not None
+                last = stopped or i == sampling.max_tokens - 1
+                text += detokenizer.take(final=last or hand_off is not None)
             if sampling.logprobs is not None:
                 logprobs.append(logprob_of(token, i, sampling.logprobs))
             finish = ("stop" if stopped else "length") if last else None
