@@ -6,6 +6,7 @@ the production parts with only the model and the KV transport faked:
 
 * ``model``: the deterministic fake model (``token_at``, ``logprob_of``) and its byte tokenizer;
 * ``transport``: ``FakeTransport``, a ``TransferBackend`` that moves nothing;
+* ``prefill_kv``: ``FakePrefillKV``, a fake prefill's pinned blocks under the real handoff and side channel;
 * ``engine``: ``FakeEngine``, one instance of a role, and ``FaultPlan``;
 * ``cluster``: ``run_fakes`` and ``FakeCluster`` (registry + fakes + gateway in one loop).
 
