@@ -1,7 +1,7 @@
 """Gateway overhead: the full P/D read-mode path against a bare endpoint, in the same run.
 
 * gateway: ``pdserve gateway`` (Starlette on uvicorn, uvloop + httptools) in front
-  of instant fake engines (``bench/fake_engines.py``: 1 prefill + 1 decode,
+  of instant fake engines (``bench/fakes/``: 1 prefill + 1 decode,
   real registry, real bus), so each request is HTTP parsing, validation, a
   prefill leg, a decode leg and the JSON response — the gateway's own cost;
 * bare: a Starlette endpoint under the same uvicorn settings returning the same
@@ -273,7 +273,7 @@ async def run(args: argparse.Namespace) -> dict:
                        "max_tokens": args.max_tokens, "temperature": 0}).encode()
     with ExitStack() as stack:
         spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
-        fakes = [spawn(stack, "-m", "bench.fake_engines", "--registry", registry, "--prefill", str(p),
+        fakes = [spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(p),
                        "--decode", str(1 - p), "--tokens-per-output", str(args.tokens_per_output)) for p in (1, 0)]
         variant = () if args.gateway == "full" else ("-m", "bench.gateway_floor", "--variant", args.gateway)
         gateway = spawn(stack, *(variant or ("-m", "services.gateway")), "--port", str(gw_port), "--registry",

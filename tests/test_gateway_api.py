@@ -15,7 +15,7 @@ import pytest_asyncio
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from bench.fake_engines import FakeCluster, token_at
+from bench.fakes import FakeCluster, token_at
 from common.messages import SamplingParams
 from services.gateway.openai_protocol import parse_chat, parse_completion
 

@@ -1,6 +1,6 @@
 """The read-mode flow under faults: retries, dead or stalled engines, disconnects, registry restarts.
 
-Real registry, real gateway, fake engines over the real bus (``bench/fake_engines.py``);
+Real registry, real gateway, fake engines over the real bus (``bench/fakes/``);
 leaks are checked the way an operator would, through ``/metrics`` gauges fed by heartbeats.
 """
 
@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from bench.fake_engines import FakeCluster, fingerprint
+from bench.fakes import FakeCluster, fingerprint
 from common.bus import MAX_BATCH_RECORDS
 from common.messages import Capacity, Instance, Load
 from services.gateway.errors import APIError

@@ -1,0 +1,55 @@
+"""A fake KV transport: a ``TransferBackend`` that moves nothing.
+
+It lets the real side channel answer handshakes for a fake prefill engine, and
+a real ``KVReader`` "read" from it: ``read`` sleeps ``read_delay_s`` and reports
+every range a success.
+"""
+
+from __future__ import annotations
+
+import time
+
+from common.kv_transfer.backend import TransferBackend, check_batch
+from common.kv_transfer.status import TransferStatus
+from common.messages import MemoryRegion
+
+
+class FakeTransport(TransferBackend):
+    """Registers, connects and reads in name only; reads take ``read_delay_s``."""
+
+    name = "fake"
+
+    def __init__(self, session: str, read_delay_s: float = 0.0):
+        self._session = session
+        self.read_delay_s = read_delay_s
+        self.regions: list[MemoryRegion] = []
+        self.peers: set[str] = set()
+
+    @classmethod
+    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> FakeTransport:
+        return cls(f"fake://{host}")
+
+    def register(self, regions: list[MemoryRegion]) -> None:
+        self.regions = list(regions)
+
+    @property
+    def session(self) -> str:
+        return self._session
+
+    def backend_meta(self) -> bytes:
+        return b""
+
+    def connect(self, peer_session: str, peer_meta: bytes) -> None:
+        self.peers.add(peer_session)
+
+    def read(
+        self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
+    ) -> list[TransferStatus]:
+        check_batch(local_addrs, remote_addrs, lengths)
+        if self.read_delay_s > 0:
+            time.sleep(self.read_delay_s)
+        return [TransferStatus.SUCCESS] * len(lengths)
+
+    def close(self) -> None:
+        self.regions = []
+        self.peers.clear()
