@@ -54,9 +54,10 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
     params = out.kv_transfer
     assert out.finish_reason == "remote_decode" and params.transfer_id == f"{prefill.id}/r1"
     assert prefill.load().kv_blocks_pinned == len(params.block_ids) == 3
-    reader_transport = FakeTransport("fake://reader")
     layout = KVLayout(0, BLOCK_BYTES, 16)
-    reader = KVReader(reader_transport, "d0", prefill.fingerprint, layout, KVTransferConfig())
+    transports = FakeTransport.serving("fake://reader", layout.region)
+    reader_transport = transports.backends["tcp"]
+    reader = KVReader(transports, "d0", prefill.fingerprint, layout, KVTransferConfig(kv_transport="tcp"))
     try:
         stats = await reader.read_blocks(params, [5, 6, 7])
         assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 1, 3 * BLOCK_BYTES)

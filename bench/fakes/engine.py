@@ -33,13 +33,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from bench.fakes.model import ByteTokenizer, PrefixCache, logprob_of, prompt_key, prompt_token_ids, token_at
+from bench.fakes.model import ByteTokenizer, PrefixCache, logprob_of, prompt_key, token_at
 from bench.fakes.prefill_kv import BLOCK_BYTES, FakePrefillKV
 from bench.fakes.transport import FakeTransport
 from common.arith import ceil_div
 from common.bus import BusServer
 from common.client_pool import ClientPool
 from common.engine.detokenizer import Detokenizer
+from common.engine_service.prompt import prompt_token_ids
 from common.errors import BusError, PeerError
 from common.kv_transfer.reader import ReleaseSender
 from common.messages import (

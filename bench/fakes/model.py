@@ -13,8 +13,7 @@ from __future__ import annotations
 import zlib
 
 from common.engine.block_manager import hash_block
-from common.errors import PeerError
-from common.messages import Generate, SamplingParams, TokenLogprob, gives_one_prompt
+from common.messages import SamplingParams, TokenLogprob
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 
@@ -30,7 +29,7 @@ def as_bytes(token_ids: list[int]) -> bytes:
 class ByteTokenizer:
     """The tokenizer interface the engine's ``Detokenizer`` and prompt rendering use, over bytes."""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -38,18 +37,6 @@ class ByteTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
-def prompt_token_ids(tokenizer: ByteTokenizer, gen: Generate) -> list[int]:
-    """The request's prompt as token ids; ``PeerError`` unless it gives exactly one prompt."""
-    if not gives_one_prompt(gen):
-        raise PeerError("invalid_request", "give exactly one of prompt, prompt_token_ids, messages", "prompt")
-    if gen.prompt_token_ids is not None:
-        return list(gen.prompt_token_ids)
-    if gen.prompt is not None:
-        return tokenizer.encode(gen.prompt)
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": m.role, "content": m.content}
-                                                           for m in gen.messages]))
 
 
 def prompt_key(prompt_ids: list[int]) -> int:

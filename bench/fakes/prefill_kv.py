@@ -34,10 +34,10 @@ class FakePrefillKV:
         self.block_size = fingerprint.block_size
         self.lease_sweep_s = lease_sweep_s
         self.handoff = PrefillHandoff(engine_id, LeaseTable(lease_s), self._unpin)
-        self.transport = FakeTransport(f"fake://{engine_id}")
         layout = KVLayout(0, BLOCK_BYTES, num_blocks)
-        self.transport.register([layout.region])
-        KVSideChannel(engine_id, fingerprint, self.transport, layout, self.handoff).attach(kv_server)
+        self.transports = FakeTransport.serving(f"fake://{engine_id}", layout.region)
+        self.transport = self.transports.backends["tcp"]
+        KVSideChannel(engine_id, fingerprint, self.transports, layout, self.handoff).attach(kv_server)
         self.pinned: dict[str, int] = {}  # transfer id -> blocks pinned under it
         self.pinned_blocks = 0  # sum of pinned.values()
         self._sweeper: asyncio.Task | None = None

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from common.kv_transfer.backend import TransferBackend, check_batch
 from common.kv_transfer.status import TransferStatus
+from common.kv_transfer.transport_set import TransportSet
+from common.kv_transfer.transports import Placement
 from common.messages import MemoryRegion
 
 
@@ -26,8 +30,16 @@ class FakeTransport(TransferBackend):
         self.peers: set[str] = set()
 
     @classmethod
-    def build(cls, host: str, *, force_tcp: bool, device_id: int, read_timeout_s: float) -> FakeTransport:
+    def build(cls, host: str, kv: torch.Tensor, *, transport: str, read_timeout_s: float) -> FakeTransport:
         return cls(f"fake://{host}")
+
+    @classmethod
+    def serving(cls, session: str, region: MemoryRegion, read_delay_s: float = 0.0) -> TransportSet:
+        """An engine's transports as the side channel and the reader see them: this fake as ``tcp``,
+        the KV in host memory of a fake host, ``region`` registered."""
+        transport = cls(session, read_delay_s)
+        transport.register([region])
+        return TransportSet("tcp", Placement("fake-host", "cpu"), {"tcp": transport})
 
     def register(self, regions: list[MemoryRegion]) -> None:
         self.regions = list(regions)

@@ -34,6 +34,7 @@ from common.engine.engine import LLMEngine, resolve_device
 from common.engine.kv_cache import KVCache, zeros
 from common.engine.sequence import InvalidRequest, RequestOutput
 from common.engine_service.config import EngineServiceConfig
+from common.engine_service.prompt import prompt_token_ids
 from common.errors import PeerError
 from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.transport_set import TransportSet, shared_kv_file
@@ -51,7 +52,6 @@ from common.messages import (
     Load,
     SamplingParams,
     TokenOutput,
-    gives_one_prompt,
 )
 from common.registry_client import RegistryClient
 
@@ -234,19 +234,8 @@ class EngineService:
     # ------------------------------------------------------------------ what roles share
 
     def prompt_token_ids(self, msg: Generate) -> list[int]:
-        """The request's prompt as token ids (chat messages rendered by the model's template)."""
-        if not gives_one_prompt(msg):
-            raise PeerError("invalid_request", "give exactly one of prompt, prompt_token_ids, messages", "prompt")
-        tok = self.core.tokenizer
-        if msg.prompt_token_ids is not None:
-            return list(msg.prompt_token_ids)
-        if msg.prompt is not None:
-            return tok.encode(msg.prompt)
-        try:
-            text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in msg.messages])
-        except ValueError as e:
-            raise PeerError("invalid_request", str(e), "messages") from e
-        return tok.encode(text, add_special_tokens=False)
+        """The request's prompt as token ids (``prompt.prompt_token_ids`` with the model's tokenizer)."""
+        return prompt_token_ids(self.core.tokenizer, msg)
 
     def serve_locally(self, msg: Generate) -> AsyncIterator[TokenOutput]:
         """A whole request computed here (no KV transfer)."""
