@@ -58,7 +58,7 @@ PYTHONPATH=$PWD python3 -c "import msgspec, zmq" || { echo "/tmp/site is not on 
 
 {
   [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
-  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/env.txt"
 if python3 -c "from common.kv_transfer.mooncake import load_transfer_engine_class as f; f()" >>"$OUT/env.txt" 2>&1; then
   MOONCAKE=1; echo "mooncake loads: the tcp figure runs" | tee -a "$OUT/env.txt"
