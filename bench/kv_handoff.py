@@ -98,7 +98,10 @@ def make_cache(args: argparse.Namespace, allocate=zeros) -> KVCache:
 
 
 def fill_random(kv: KVCache) -> None:
+    """Random values, written (on a GPU: synchronised) when this returns, so another process may read them."""
     kv.data.copy_(torch.randn(kv.data.shape, dtype=torch.float32, device=kv.data.device).to(torch.float16))
+    if kv.data.is_cuda:
+        torch.cuda.synchronize(kv.data.device)
 
 
 def fingerprint(args: argparse.Namespace) -> Fingerprint:
