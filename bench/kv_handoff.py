@@ -19,7 +19,7 @@ interleaved so that every figure sees the same machine state:
   ranges between two private KV caches, what a shm read does minus the second
   process) and ``copy`` (torch ``copy_`` of one contiguous buffer, which may
   use several threads).  On GPU: ``copy`` (a device-to-device uint8 ``copy_``
-  of one contiguous buffer, synchronised);
+  of one contiguous buffer, timed by CUDA events: the device's own rate);
 * backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
   same read, over ``--requests`` requests (p50/p99).
@@ -141,16 +141,28 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-def timer(device: str, copy: Callable[[], object]) -> Callable[[], float]:
-    """``copy`` made to return its wall time in seconds (GPU work synchronised on both ends)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+def wall_timer(work: Callable[[], object]) -> Callable[[], float]:
+    """``work`` made to return its wall time in seconds (it must be done when it returns)."""
 
     def timed() -> float:
-        sync()
         start = time.perf_counter()
-        copy()
-        sync()
+        work()
         return time.perf_counter() - start
+
+    return timed
+
+
+def device_timer(work: Callable[[], object]) -> Callable[[], float]:
+    """``work`` (kernels on the current CUDA stream) made to return its GPU time in seconds, by CUDA events:
+    no launch or synchronisation latency counts, so the limit it gives is the device's own rate."""
+
+    def timed() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
     return timed
 
@@ -177,10 +189,9 @@ def limit_copies(args: argparse.Namespace, ranges_of: Callable[[int, int], ByteR
     """
     source = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=args.device)
     target = torch.zeros_like(source)
-    copies = {"copy": timer(args.device, lambda: target.copy_(source))}
-    if args.device == "cpu":
-        copies["memmove"] = timer(args.device, RangeCopy(args, ranges_of))
-    return copies
+    if source.is_cuda:
+        return {"copy": device_timer(lambda: target.copy_(source))}
+    return {"copy": wall_timer(lambda: target.copy_(source)), "memmove": wall_timer(RangeCopy(args, ranges_of))}
 
 
 async def run_decode(args: argparse.Namespace) -> dict:
@@ -249,7 +260,7 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         if rc < 0:
             raise RuntimeError(f"raw transfer_sync_read failed: {rc}")
 
-    raw = timer(args.device, raw_read) if transport == "tcp" else None
+    raw = wall_timer(raw_read) if transport == "tcp" else None
     try:
         if raw is not None:
             raw()  # warm-up: connection set-up on both paths
