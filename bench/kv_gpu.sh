@@ -16,7 +16,8 @@
 # Writes under $OUT: env.txt, kv_handoff_$KV.{log,json}, kv_handoff_tcp.{log,json}, pd_identity.log,
 # handoff_gap.{log,json}, status.txt (one line per step with its exit status).  A failed step does not stop
 # the next one; the script exits 1 when any step failed.
-# Budget on an H200: install ~0.5 min; time limits a. 1.5 + 1 min, b. 2 min, checkpoint <= 1.5 min, c. 140 s: under 8 min.
+# Budget on an H200: a few minutes expected; the step limits (a. 75 + 50 s, b. 110 s, checkpoint 75 s, c. 140 s)
+# and ~0.5 min of install bound it at 8 min.
 set -uo pipefail
 OUT=${OUT:-/tmp/kv-gpu}
 DEVICE=${DEVICE:-cuda}        # every engine's --device
@@ -79,20 +80,20 @@ step() {
 }
 
 # a. the connector over nvlink (then tcp) vs the device copy limit, 64 MiB (the default geometry)
-step "kv_handoff_$KV" 90 python3 -m bench.kv_handoff --device "$DEVICE" --transport "$KV" --repeats 50 \
+step "kv_handoff_$KV" 75 python3 -m bench.kv_handoff --device "$DEVICE" --transport "$KV" --repeats 50 \
   --requests 200 --json "$OUT/kv_handoff_$KV.json"
 if [ "$MOONCAKE" = 1 ]; then
-  step kv_handoff_tcp 60 python3 -m bench.kv_handoff --device "$DEVICE" --transport tcp --repeats 20 --requests 50 \
+  step kv_handoff_tcp 50 python3 -m bench.kv_handoff --device "$DEVICE" --transport tcp --repeats 20 --requests 50 \
     --json "$OUT/kv_handoff_tcp.json"
 fi
 
 # b. token identity, P/D over nvlink vs colocated, three engines on one GPU
-step pd_identity 120 python3 -m bench.pd_identity --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
+step pd_identity 110 python3 -m bench.pd_identity --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
   --max-tokens 32 --ready-timeout-s 100
 
 # c. the first inter-token gap, 1B-shaped model, 2,048-token prompts (64 MiB of KV each)
 [ -f "$CKPT/model.safetensors" ] \
-  || timeout 90 python3 -m bench.make_checkpoint --shape "$SHAPE" --out "$CKPT" --device "$DEVICE" --seed 0
+  || timeout 75 python3 -m bench.make_checkpoint --shape "$SHAPE" --out "$CKPT" --device "$DEVICE" --seed 0
 step handoff_gap 140 python3 -m bench.handoff_gap --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
   --model "$CKPT" --prompt-len "$PROMPT_LEN" --requests 20 --warmup 3 --ready-timeout-s 100 \
   --engine-args "--max-model-len 4096 --max-num-batched-tokens 4096" --json "$OUT/handoff_gap.json"
