@@ -1,56 +1,107 @@
-"""KV handoff through the connector against one raw Mooncake read, in the same run.
+"""KV handoff through the connector over each KV transport, against the copy limit of the same bytes, in one run.
 
-Two processes on loopback, Mooncake over TCP (P2PHANDSHAKE).  The "prefill"
-child (this script with ``--role prefill``) fills a KV cache with random data,
-registers it, pins one lease per request and serves the KV side channel.  The
-"decode" parent measures:
+Two processes per transport, as two engines on one host.  The "prefill" child
+(this module with ``--role prefill``) allocates its KV cache as an engine does
+(in a ``/dev/shm`` file for ``shm``, on the GPU for ``--device cuda``), fills
+it with random data, opens a ``TransportSet`` with ``kv_transport`` forced to
+the transport measured, pins one lease per request and serves the KV side
+channel.  The "decode" parent builds its side the same way and measures,
+interleaved so that every figure sees the same machine state:
 
-* raw: ``TransferEngine.transfer_sync_read`` of ONE contiguous buffer of the
-  request's byte size (the floor: no handshake, no ranges, no bus);
 * connector: ``KVReader.read_blocks`` (cached handshake, range merging,
-  thread-pool read, status checks, background ``ReleaseKV``) of the request's
-  blocks, laid out in runs as a block manager leaves them after churn;
+  thread-pool read, status checks, lease confirmation, background
+  ``ReleaseKV``) of the request's blocks, laid out in runs as a block manager
+  leaves them after churn;
+* raw (``tcp`` only): Mooncake's ``transfer_sync_read`` of ONE contiguous
+  buffer of the request's size (no handshake, no ranges, no bus);
+* limit: the same bytes copied inside one process.  On CPU two ways, and the
+  limit is the faster: ``memmove`` (``ctypes.memmove`` of the request's byte
+  ranges between two private KV caches, what a shm read does minus the second
+  process) and ``copy`` (torch ``copy_`` of one contiguous buffer, which may
+  use several threads).  On GPU: ``copy`` (a device-to-device uint8 ``copy_``
+  of one contiguous buffer, timed by CUDA events: the device's own rate);
+* backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
   same read, over ``--requests`` requests (p50/p99).
 
 Default geometry: a 2,048-token request, 16 layers x 8 KV heads x 64 head_dim,
-fp16, 16-token blocks = 512 KiB per block, 128 blocks, 64 MiB per request.
+fp16, 16-token blocks = 512 KiB per block, 128 blocks, 64 MiB per request
+(a Llama-3.2-1B-shaped model's KV of 2,048 tokens).
 
-    python bench/kv_handoff.py --repeats 10 --requests 200
+    python -m bench.kv_handoff --transport all                   # CPU: tcp and shm vs memcpy, one run
+    python -m bench.kv_handoff --device cuda --transport nvlink  # one GPU: CUDA IPC vs a device copy
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import random
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench.serving_stats import percentile
+from common.arith import ceil_div
 from common.bus import BusServer
-from common.engine.kv_cache import KVCache
+from common.engine.kv_cache import KVCache, zeros
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
-from common.kv_transfer.mooncake import MooncakeBackend
-from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
 from common.kv_transfer.reader import KVReader
 from common.kv_transfer.side_channel import KVSideChannel
+from common.kv_transfer.transport_set import TransportSet, shared_kv_file
 from common.messages import Fingerprint, KVRequest, KVTransferParams
 from common.service import new_event_loop
 from services.prefill.handoff import PrefillHandoff
 
 ROOT = Path(__file__).resolve().parent.parent
+ALL = {"cpu": ("tcp", "shm"), "cuda": ("nvlink", "tcp")}  # --transport all, by device type
+GOAL = 0.50  # connector / limit (issue 11)
 
 
-def make_cache(args: argparse.Namespace) -> KVCache:
-    return KVCache(args.num_blocks, args.layers, args.block_size, args.kv_heads, args.head_dim, torch.float16, "cpu")
+class BenchEngineKV:
+    """One side's KV cache and the transports serving it, built as an engine builds them."""
+
+    def __init__(self, args: argparse.Namespace, transport: str):
+        self.config = KVTransferConfig(kv_transport=transport, kv_transfer_threads=max(2, args.shards),
+                                       kv_read_shards=args.shards)
+        self.config.validate()
+        self.file = shared_kv_file(self.config, torch.device(args.device))
+        try:
+            self.kv = make_cache(args, self.file.allocate if self.file else zeros)
+            self.layout = KVLayout.of(self.kv)
+            self.transports = TransportSet.open(self.config, self.kv.data, self.layout.region)
+        except BaseException:
+            self._close_file()
+            raise
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def close(self) -> None:
+        self.transports.close()
+        self._close_file()
+
+
+def make_cache(args: argparse.Namespace, allocate=zeros) -> KVCache:
+    return KVCache(args.num_blocks, args.layers, args.block_size, args.kv_heads, args.head_dim, torch.float16,
+                   args.device, allocate)
+
+
+def fill_random(kv: KVCache) -> None:
+    """Random values, written (on a GPU: synchronised) when this returns, so another process may read them."""
+    kv.data.copy_(torch.randn(kv.data.shape, dtype=torch.float32, device=kv.data.device).to(torch.float16))
+    if kv.data.is_cuda:
+        torch.cuda.synchronize(kv.data.device)
 
 
 def fingerprint(args: argparse.Namespace) -> Fingerprint:
@@ -60,114 +111,226 @@ def fingerprint(args: argparse.Namespace) -> Fingerprint:
 
 def block_ids(args: argparse.Namespace, seed: int) -> list[int]:
     """The request's blocks: shuffled runs of ``--run-blocks`` consecutive ids (1 = fully scattered)."""
-    n = -(-args.tokens // args.block_size)
     runs = [list(range(s, s + args.run_blocks)) for s in range(0, args.num_blocks, args.run_blocks)]
     random.Random(seed).shuffle(runs)
-    return [b for run in runs for b in run][:n]
+    return [b for run in runs for b in run][:ceil_div(args.tokens, args.block_size)]
 
 
 async def serve_prefill(args: argparse.Namespace) -> None:
-    kv = make_cache(args)
-    kv.data.copy_(torch.randn(kv.data.shape, dtype=torch.float32).to(torch.float16))
-    backend = MooncakeBackend("127.0.0.1", force_tcp=True)
-    layout = KVLayout.of(kv)
-    backend.register([layout.region])
-    handoff = PrefillHandoff("prefill-0", LeaseTable(3600.0), lambda transfer_id: asyncio.sleep(0))
-    for i in range(args.transfers):
-        handoff.begin(f"t{i}")
-        handoff.lease(f"t{i}")
-    channel = KVSideChannel("prefill-0", fingerprint(args), backend, layout, handoff)
-    server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
-    channel.attach(server)
-    await server.start()
-    print(json.dumps({"endpoint": server.endpoint, "session": backend.session, "base": layout.base_addr}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
-    await server.close()
-    backend.close()
+    engine = BenchEngineKV(args, args.transport)
+    try:
+        fill_random(engine.kv)
+        handoff = PrefillHandoff("prefill-0", LeaseTable(3600.0), lambda transfer_id: asyncio.sleep(0))
+        for i in range(args.transfers):
+            handoff.begin(f"t{i}")
+            handoff.lease(f"t{i}")
+        channel = KVSideChannel("prefill-0", fingerprint(args), engine.transports, engine.layout, handoff)
+        server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
+        channel.attach(server)
+        await server.start()
+        sessions = {name: backend.session for name, backend in engine.transports.backends.items()}
+        print(json.dumps({"endpoint": server.endpoint, "sessions": sessions, "base": engine.layout.base_addr}),
+              flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+        await server.close()
+    finally:
+        engine.close()
 
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-async def run_decode(args: argparse.Namespace) -> None:
-    total = args.repeats + args.requests + 1
+def wall_timer(work: Callable[[], object]) -> Callable[[], float]:
+    """``work`` made to return its wall time in seconds (it must be done when it returns)."""
+
+    def timed() -> float:
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+
+    return timed
+
+
+def device_timer(work: Callable[[], object]) -> Callable[[], float]:
+    """``work`` (kernels on the current CUDA stream) made to return its GPU time in seconds, by CUDA events:
+    no launch or synchronisation latency counts, so the limit it gives is the device's own rate."""
+
+    def timed() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return timed
+
+
+class RangeCopy:
+    """``ctypes.memmove`` of a request's ranges from one private KV cache into another (what a shm read
+    does, in one process)."""
+
+    def __init__(self, args: argparse.Namespace, ranges_of: Callable[[int, int], ByteRanges]):
+        self.source, self.target = make_cache(args), make_cache(args)
+        fill_random(self.source)
+        self.ranges = ranges_of(self.target.data.data_ptr(), self.source.data.data_ptr())
+
+    def __call__(self) -> None:
+        for la, ra, n in zip(*self.ranges):
+            ctypes.memmove(la, ra, n)
+
+
+def limit_copies(args: argparse.Namespace, ranges_of: Callable[[int, int], ByteRanges], nbytes: int
+                 ) -> dict[str, Callable[[], float]]:
+    """The request's bytes copied in this process, by method name; each call returns seconds.
+
+    ``ranges_of(local_base, remote_base)`` is the request's ranges between two caches of the geometry.
+    """
+    source = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=args.device)
+    target = torch.zeros_like(source)
+    if source.is_cuda:
+        return {"copy": device_timer(lambda: target.copy_(source))}
+    return {"copy": wall_timer(lambda: target.copy_(source)), "memmove": wall_timer(RangeCopy(args, ranges_of))}
+
+
+async def run_decode(args: argparse.Namespace) -> dict:
+    remote, local = block_ids(args, seed=1), block_ids(args, seed=2)
+    block_bytes = KVCache.bytes_per_block(args.layers, args.block_size, args.kv_heads, args.head_dim, torch.float16)
+
+    def ranges_of(local_base: int, remote_base: int) -> ByteRanges:
+        return block_ranges(local, remote, local_base=local_base, remote_base=remote_base,
+                            block_bytes=block_bytes, local_num_blocks=args.num_blocks,
+                            remote_num_blocks=args.num_blocks)
+
+    nbytes = len(remote) * block_bytes
+    limits = limit_copies(args, ranges_of, nbytes)
+    limit_s: dict[str, list[float]] = {name: [] for name in limits}
+    transports = ALL[torch.device(args.device).type] if args.transport == "all" else (args.transport,)
+    results = {}
+    for transport in transports:
+        peer, child = await start_prefill(args, transport)
+        try:
+            results[transport] = await measure(args, transport, peer, remote, local, limits, limit_s)
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+    limit_gbps = {name: gbps(nbytes, statistics.median(s)) for name, s in limit_s.items()}
+    limit = max(limit_gbps.values())
+    for result in results.values():
+        result["of_limit"] = result["connector_gbps"] / limit
+    return {"setup": {"device": args.device, "tokens": args.tokens, "blocks": len(remote),
+                      "block_bytes": block_bytes, "bytes": nbytes,
+                      "ranges": len(ranges_of(0, 0).lengths), "shards": args.shards, "repeats": args.repeats,
+                      "requests": args.requests},
+            "limit_gbps": limit_gbps, "limit": max(limit_gbps, key=limit_gbps.get), "transports": results}
+
+
+async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict, subprocess.Popen]:
+    """The prefill child serving ``transport`` and the JSON line it printed once ready."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.kv_handoff", "--role", "prefill", "--transfers", str(total),
+        [sys.executable, "-m", "bench.kv_handoff", "--role", "prefill", "--transport", transport,
+         "--transfers", str(args.repeats + args.requests + 1), "--device", args.device,
          *[f"--{k.replace('_', '-')}={v}" for k, v in geometry(args).items()]],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
-    try:
-        peer = json.loads(await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline))
-        await measure(args, peer)
-    finally:
+    line = await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
+    if not line:
         child.stdin.close()
-        child.wait(timeout=30)
+        raise RuntimeError(f"the {transport} prefill child exited with {child.wait()} before it was ready")
+    return json.loads(line), child
 
 
-async def measure(args: argparse.Namespace, peer: dict) -> None:
-    kv = make_cache(args)
-    backend = MooncakeBackend("127.0.0.1", force_tcp=True)
-    layout = KVLayout.of(kv)
-    backend.register([layout.region])
-    config = KVTransferConfig(kv_transfer_threads=max(2, args.shards), kv_read_shards=args.shards)
-    config.validate()
-    conn = KVReader(backend, "decode-0", fingerprint(args), layout, config)
-    remote, local = block_ids(args, seed=1), block_ids(args, seed=2)
-    nbytes = len(remote) * kv.block_bytes
-    ids = iter(range(10**9))
+async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: list[int], local: list[int],
+                  limits: dict[str, Callable[[], float]], limit_s: dict[str, list[float]]) -> dict:
+    """Connector reads over ``transport`` (and raw Mooncake reads for tcp), each repeat also timing every
+    limit copy into ``limit_s``."""
+    engine = BenchEngineKV(args, transport)
+    reader = KVReader(engine.transports, "decode-0", fingerprint(args), engine.layout, engine.config)
+    nbytes = len(remote) * engine.kv.block_bytes
+    transfer_ids = iter(range(10**9))
 
     def params() -> KVTransferParams:
-        return KVTransferParams("prefill-0", peer["endpoint"], f"prefill-0/t{next(ids)}", remote, args.tokens, 0,
-                                time.time() + 3600)
+        return KVTransferParams("prefill-0", peer["endpoint"], f"prefill-0/t{next(transfer_ids)}", remote,
+                                args.tokens, 0, time.time() + 3600)
 
-    def raw_read() -> float:
-        start = time.perf_counter()
-        rc = backend.engine.transfer_sync_read(peer["session"], layout.base_addr, peer["base"], nbytes)
+    def raw_read() -> None:
+        backend = engine.transports.backends["tcp"]
+        rc = backend.engine.transfer_sync_read(peer["sessions"]["tcp"], engine.layout.base_addr, peer["base"], nbytes)
         if rc < 0:
             raise RuntimeError(f"raw transfer_sync_read failed: {rc}")
-        return time.perf_counter() - start
 
+    raw = wall_timer(raw_read) if transport == "tcp" else None
     try:
-        raw_read()  # warm-up: connection set-up on both paths
-        await conn.read_blocks(params(), local)
-        raw_s, conn_s, ranges = [], [], 0
-        for _ in range(args.repeats):  # interleaved so both see the same machine state
-            raw_s.append(raw_read())
+        if raw is not None:
+            raw()  # warm-up: connection set-up on both paths
+        await reader.read_blocks(params(), local)
+        raw_s, conn_s, backend_s, ranges = [], [], [], 0
+        for _ in range(args.repeats):
+            for name, copy in limits.items():
+                limit_s[name].append(copy())
+            if raw is not None:
+                raw_s.append(raw())
             start = time.perf_counter()
-            stats = await conn.read_blocks(params(), local)
+            stats = await reader.read_blocks(params(), local)
             conn_s.append(time.perf_counter() - start)
+            backend_s.append(stats.seconds)
             ranges = stats.num_ranges
-        overhead = []
+        overhead_ms = []
         for _ in range(args.requests):
             start = time.perf_counter()
-            stats = await conn.read_blocks(params(), local)
-            overhead.append(time.perf_counter() - start - stats.seconds)
-        await conn.releases.flush()
+            stats = await reader.read_blocks(params(), local)
+            overhead_ms.append((time.perf_counter() - start - stats.seconds) * 1e3)
+        await reader.releases.flush()
+        chosen = engine.transports.chosen.get("prefill-0")
     finally:
-        await conn.close()
-        backend.close()
+        await reader.close()
+        engine.close()
+    if chosen != transport:
+        raise RuntimeError(f"the reader chose {chosen}, not the forced {transport}")
+    result = {"connector_gbps": gbps(nbytes, statistics.median(conn_s)),
+              "backend_gbps": gbps(nbytes, statistics.median(backend_s)), "ranges": ranges,
+              "overhead_p50_ms": percentile(overhead_ms, 50), "overhead_p99_ms": percentile(overhead_ms, 99)}
+    if raw_s:
+        result["raw_gbps"] = gbps(nbytes, statistics.median(raw_s))
+    return result
 
-    raw_gbps = gbps(nbytes, statistics.median(raw_s))
-    conn_gbps = gbps(nbytes, statistics.median(conn_s))
-    print(f"request: {args.tokens} tokens, {len(remote)} blocks x {kv.block_bytes // 1024} KiB = "
-          f"{nbytes / 2**20:.0f} MiB in {ranges} merged ranges; {args.shards} shard(s); Mooncake TCP loopback")
-    print(f"raw transfer_sync_read (1 contiguous range): median {raw_gbps:6.2f} GB/s over {args.repeats} runs")
-    print(f"connector read_blocks:                     median {conn_gbps:6.2f} GB/s over {args.repeats} runs")
-    print(f"connector / raw: {conn_gbps / raw_gbps:.2f} (goal >= 0.70)")
-    ms = [s * 1000 for s in overhead]
-    print(f"connector overhead (read_blocks - backend time) over {len(ms)} requests: "
-          f"p50 {percentile(ms, 50):.3f} ms, p99 {percentile(ms, 99):.3f} ms")
+
+LIMIT_NAMES = {"copy": "torch copy_ of one contiguous buffer", "memmove": "ctypes.memmove of the request's ranges"}
+
+
+def report(result: dict) -> str:
+    setup = result["setup"]
+    lines = [f"request: {setup['tokens']} tokens, {setup['blocks']} blocks x {setup['block_bytes'] // 1024} KiB = "
+             f"{setup['bytes'] / 2**20:.0f} MiB in {setup['ranges']} merged ranges; {setup['shards']} shard(s); "
+             f"{setup['device']}; medians over {setup['repeats']} interleaved repeats"]
+    for name, rate in result["limit_gbps"].items():
+        mark = "  <- the limit" if name == result["limit"] else ""
+        lines.append(f"limit, {LIMIT_NAMES[name]} in one process: {rate:8.2f} GB/s{mark}")
+    limit = result["limit_gbps"][result["limit"]]
+    for transport, r in result["transports"].items():
+        lines.append(f"{transport:>6} connector read_blocks: {r['connector_gbps']:8.2f} GB/s = "
+                     f"{r['of_limit']:.3f} x limit (goal >= {GOAL:.2f}); overhead over {setup['requests']} "
+                     f"requests p50 {r['overhead_p50_ms']:.3f} ms, p99 {r['overhead_p99_ms']:.3f} ms")
+        lines.append(f"{transport:>6}   of which the backend's read alone: {r['backend_gbps']:8.2f} GB/s = "
+                     f"{r['backend_gbps'] / limit:.3f} x limit")
+        if "raw_gbps" in r:
+            lines.append(f"{transport:>6} raw Mooncake transfer_sync_read (1 contiguous range): {r['raw_gbps']:8.2f} "
+                         f"GB/s; connector / raw {r['connector_gbps'] / r['raw_gbps']:.2f}")
+    return "\n".join(lines)
 
 
 def geometry(args: argparse.Namespace) -> dict:
-    keys = ("tokens", "layers", "kv_heads", "head_dim", "block_size", "num_blocks", "run_blocks")
+    keys = ("tokens", "layers", "kv_heads", "head_dim", "block_size", "num_blocks", "run_blocks", "shards")
     return {k: getattr(args, k) for k in keys}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--transport", choices=("tcp", "shm", "nvlink", "all"), default="all",
+                   help="the connector's transport; all: tcp and shm on CPU, nvlink and tcp on CUDA (default)")
+    p.add_argument("--device", default="cpu", help="where both KV caches live: cpu or cuda[:N] (default cpu)")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -175,17 +338,30 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=256, help="KV cache size of each engine, in blocks")
     p.add_argument("--run-blocks", type=int, default=8, help="consecutive blocks per run in the block lists")
-    p.add_argument("--repeats", type=int, default=10, help="runs of raw vs connector for the GB/s medians")
+    p.add_argument("--repeats", type=int, default=10, help="interleaved runs of each path for the GB/s medians")
     p.add_argument("--requests", type=int, default=200, help="requests for the overhead percentiles")
     p.add_argument("--shards", type=int, default=1, help="--kv-read-shards of the connector")
+    p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
     p.add_argument("--transfers", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if -(-args.tokens // args.block_size) > args.num_blocks:
+    args = p.parse_args(argv)
+    if ceil_div(args.tokens, args.block_size) > args.num_blocks:
         p.error("--num-blocks is too small for --tokens")
+    if args.role == "prefill" and args.transport == "all":
+        p.error("the prefill child serves one transport")
     return args
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     loop = new_event_loop()
-    loop.run_until_complete(serve_prefill(args) if args.role == "prefill" else run_decode(args))
+    if args.role == "prefill":
+        loop.run_until_complete(serve_prefill(args))
+        return
+    result = loop.run_until_complete(run_decode(args))
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The first inter-token gap at one request in flight, P/D minus colocated, as a client sees it.
+
+Starts a registry, a prefill, a decode and a colocated (``--role both``)
+engine on one device (``bench.pd_identity.start_engines``: same model, dtype
+and ``--kv-transport``), then sends ``--requests`` requests one at a time,
+each with a fresh prompt of ``--prompt-len`` tokens and 2 greedy new tokens,
+every prompt once as P/D and once colocated (alternating which goes first).
+Client timestamps (``perf_counter``) of the outputs carrying tokens:
+
+* P/D: the first token arrives in the prefill leg's output; the client then
+  sends the decode leg with its ``kv_transfer`` at once (as the gateway does);
+  the second token is the decode leg's first output.  The gap holds the
+  client -> decode hop, the KV read and the first decode step;
+* colocated: the gap between the first and the second token of one stream.
+
+Prints p50 / mean of both gaps and P/D minus colocated (of the p50s), with
+the decode's own ``kv_transfer_s`` and ``first_decode_step_s`` (p50).
+
+    python -m bench.handoff_gap --device cpu --kv-transport shm
+    python -m bench.handoff_gap --device cuda --kv-transport nvlink --model /tmp/ckpt --prompt-len 2048 \\
+        --engine-args "--max-model-len 4096 --max-num-batched-tokens 4096"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench.engine_driver import EngineDriver, prompt_ids
+from bench.pd_identity import add_engine_args, start_engines
+from bench.processes import Processes
+from bench.serving_stats import percentile
+from common.messages import Generate, SamplingParams
+from common.service import new_event_loop
+
+SAMPLING = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+
+async def pd_gap(driver: EngineDriver, rid: str, ids: list[int]) -> dict[str, float]:
+    """One P/D request: the client's gap between its first two tokens and the decode's timings (seconds)."""
+    t_first = params = None
+    async for out in driver.client("prefill").stream(Generate(rid, SAMPLING, prompt_token_ids=ids,
+                                                              do_remote_decode=True)):
+        if out.token_ids and t_first is None:
+            t_first = time.perf_counter()
+        if out.kv_transfer is not None:
+            params = out.kv_transfer
+    if t_first is None or params is None:
+        raise RuntimeError(f"prefill of {rid} finished without a token and kv_transfer")
+    t_second, timings = None, {}
+    async for out in driver.client("decode").stream(Generate(rid, SAMPLING, prompt_token_ids=ids,
+                                                             remote_prefill=params)):
+        if out.token_ids and t_second is None:
+            t_second, timings = time.perf_counter(), out.timings or {}
+    if t_second is None or "kv_failed" in timings:
+        raise RuntimeError(f"{rid}: the decode leg read no KV (timings {timings}); the gap would measure a recompute")
+    return {"gap_s": t_second - t_first, "kv_transfer_s": timings["kv_transfer_s"],
+            "first_decode_step_s": timings["first_decode_step_s"], "kv_bytes": timings["kv_bytes"]}
+
+
+async def colocated_gap(driver: EngineDriver, rid: str, ids: list[int]) -> float:
+    """One colocated request: the client's gap between its first two tokens (seconds)."""
+    arrivals = []
+    async for out in driver.client("both").stream(Generate(rid, SAMPLING, prompt_token_ids=ids)):
+        arrivals += [time.perf_counter()] * len(out.token_ids)
+    if len(arrivals) < 2:
+        raise RuntimeError(f"colocated {rid} produced {len(arrivals)} tokens, not 2")
+    return arrivals[1] - arrivals[0]
+
+
+async def measure(driver: EngineDriver, args: argparse.Namespace) -> tuple[list[dict], list[float]]:
+    """P/D rows and colocated gaps of the measured requests (after ``--warmup`` unmeasured ones of each)."""
+    pd_rows, colocated = [], []
+    for i in range(-args.warmup, args.requests):
+        ids = prompt_ids(args.prompt_len, seed=10**6 + i)
+        if i % 2:
+            row = await pd_gap(driver, f"pd-{i}", ids)
+            gap = await colocated_gap(driver, f"co-{i}", ids)
+        else:
+            gap = await colocated_gap(driver, f"co-{i}", ids)
+            row = await pd_gap(driver, f"pd-{i}", ids)
+        if i >= 0:
+            pd_rows.append(row)
+            colocated.append(gap)
+    return pd_rows, colocated
+
+
+def summary_ms(seconds: list[float]) -> dict[str, float]:
+    ms = [s * 1e3 for s in seconds]
+    return {"p50_ms": percentile(ms, 50), "mean_ms": statistics.fmean(ms), "max_ms": max(ms)}
+
+
+async def run(args: argparse.Namespace) -> dict:
+    async with Processes() as procs:
+        await start_engines(procs, args)
+        driver = EngineDriver(procs.engine_endpoints(), timeout_s=120.0)
+        try:
+            pd_rows, colocated = await measure(driver, args)
+        finally:
+            await driver.close()
+    result = {
+        "setup": {"requests": args.requests, "warmup": args.warmup, "prompt_len": args.prompt_len,
+                  "device": args.device, "model": args.model, "kv_transport": args.kv_transport,
+                  "kv_bytes": pd_rows[0]["kv_bytes"]},
+        "pd_gap": summary_ms([r["gap_s"] for r in pd_rows]),
+        "colocated_gap": summary_ms(colocated),
+        "kv_transfer": summary_ms([r["kv_transfer_s"] for r in pd_rows]),
+        "first_decode_step": summary_ms([r["first_decode_step_s"] for r in pd_rows]),
+    }  # fmt: skip
+    result["pd_minus_colocated_p50_ms"] = result["pd_gap"]["p50_ms"] - result["colocated_gap"]["p50_ms"]
+    return result
+
+
+def report(result: dict) -> str:
+    setup = result["setup"]
+    lines = [f"first inter-token gap, 1 request in flight: {setup['requests']} requests of {setup['prompt_len']} "
+             f"tokens ({setup['kv_bytes'] / 2**20:.1f} MiB of KV), {setup['device']}, model {setup['model']}, "
+             f"KV over {setup['kv_transport']}",
+             f"{'':34} {'p50 ms':>8} {'mean ms':>8} {'max ms':>8}"]
+    for key, label in (("pd_gap", "P/D first gap"), ("kv_transfer", "  decode: KV transfer"),
+                       ("first_decode_step", "  decode: first decode step"), ("colocated_gap", "colocated first gap")):
+        s = result[key]
+        lines.append(f"{label:34} {s['p50_ms']:8.2f} {s['mean_ms']:8.2f} {s['max_ms']:8.2f}")
+    lines.append(f"P/D minus colocated (p50): {result['pd_minus_colocated_p50_ms']:+.2f} ms (goal <= 2 ms on one GPU)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p)
+    p.add_argument("--requests", type=int, default=20, help="measured requests of each kind (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured requests of each kind first (default 3)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (default 256)")
+    p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.warmup < 0 or args.prompt_len < 1:
+        p.error("need --requests >= 1, --warmup >= 0, --prompt-len >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = new_event_loop().run_until_complete(run(args))
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
