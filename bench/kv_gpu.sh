@@ -34,28 +34,12 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "installing .whl/*.whl failed"; exit 1; }
-  # bench/processes.py gives the engines it starts PYTHONPATH=<repo> only: a .pth file puts /tmp/site on every
-  # python3's path, theirs included (in the user site directory, or where the interpreter keeps its packages).
-  python3 - <<'PY' || { echo "found no directory for a .pth file"; exit 1; }
-import os, site, sysconfig
-dirs = ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []) + [sysconfig.get_paths()["purelib"]]
-for d in dirs:
-    try:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "pdserve-kv-gpu.pth"), "w") as f:
-            f.write("/tmp/site\n")
-    except OSError:
-        continue
-    print("/tmp/site added to the path by", d)
-    break
-else:
-    raise SystemExit(f"none of {dirs} is writable")
-PY
+  export PYTHONPATH=/tmp/site  # bench/processes.py puts the repository before it for the engines it starts
 else
   echo "no .whl/*.whl: using the installed packages"
 fi
-export PYTHONPATH=$PWD
-PYTHONPATH=$PWD python3 -c "import msgspec, zmq" || { echo "/tmp/site is not on the path of child processes"; exit 1; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import msgspec, zmq" || { echo "msgspec/pyzmq missing: carry their cp312 wheels in .whl/"; exit 1; }
 
 {
   [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv

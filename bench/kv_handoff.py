@@ -340,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-blocks", type=int, default=8, help="consecutive blocks per run in the block lists")
     p.add_argument("--repeats", type=int, default=10, help="interleaved runs of each path for the GB/s medians")
     p.add_argument("--requests", type=int, default=200, help="requests for the overhead percentiles")
-    p.add_argument("--shards", type=int, default=1, help="--kv-read-shards of the connector")
+    p.add_argument("--shards", type=int, default=0, help="--kv-read-shards of the connector (0: the transport's own)")
     p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
     p.add_argument("--transfers", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

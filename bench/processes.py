@@ -85,7 +85,8 @@ class Processes:
     def spawn(self, name: str, module: str, args: list[str]) -> Proc:
         argv = [sys.executable, "-m", module, *args]
         log_path = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOG_minloglevel": "1"}
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "GLOG_minloglevel": "1"}
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)

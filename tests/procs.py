@@ -1,4 +1,4 @@
-"""Test-only helpers: waiting on a condition with a deadline.
+"""Test-only helpers: waiting on a condition with a deadline; a transfer peer in another process.
 
 The service processes and the engine driver that tests share with the benchmarks
 live in ``bench/processes.py`` and ``bench/engine_driver.py``.
@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import os
+import select
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:
@@ -23,3 +31,36 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout:g} s")
         await asyncio.sleep(interval)
+
+
+class PeerProcess:
+    """``python -m <module> <args>`` that prints one JSON line once ready and runs until its stdin closes
+    (a transfer peer in another process); ``with PeerProcess(...) as info:`` yields that line."""
+
+    def __init__(self, module: str, *args: str, ready_timeout_s: float = 60.0):
+        self.argv = [sys.executable, "-m", module, *args]
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> dict:
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.ready_timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.proc.kill()
+            raise AssertionError(f"{self.argv[2]} not ready within {self.ready_timeout_s:g} s "
+                                 f"(exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Close its stdin and wait for it to exit (killed after 20 s)."""
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -6,11 +6,7 @@ address as one JSON line, and exits when its stdin closes.
 """
 
 import json
-import os
-import select
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +15,11 @@ from common.engine.kv_cache import KVCache
 from common.kv_transfer.mooncake import MooncakeBackend
 from common.kv_transfer.ranges import KVLayout, block_ranges
 from common.kv_transfer.status import TransferStatus
+from tests.procs import PeerProcess
 
 GEOMETRY = dict(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu")
 NUM_BLOCKS = 32
 SEED = 1234
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def seeded_cache(seed: int) -> KVCache:
@@ -45,24 +41,8 @@ def serve_peer(seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def peer():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.test_mooncake_loopback", str(SEED)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "Mooncake peer did not start within 60 s"
-        line = proc.stdout.readline()
-        assert line, f"Mooncake peer exited with {proc.wait()}"
-        yield json.loads(line)
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with PeerProcess("tests.test_mooncake_loopback", str(SEED)) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")

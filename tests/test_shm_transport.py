@@ -7,10 +7,7 @@ and base address as one JSON line, and exits when its stdin closes.
 """
 
 import json
-import os
-import select
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,11 +19,11 @@ from common.engine.kv_cache import KVCache
 from common.kv_transfer.ranges import KVLayout, block_ranges
 from common.kv_transfer.shm import SharedKVFile, SharedRegion, ShmBackend, remove_stale_files
 from common.kv_transfer.status import TransferStatus
+from tests.procs import PeerProcess
 
 GEOMETRY = dict(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu")
 NUM_BLOCKS = 32
 SEED = 4321
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def seeded(data: torch.Tensor, seed: int) -> None:
@@ -48,41 +45,18 @@ def serve_peer(seed: int) -> None:
     kv_file.close()
 
 
-def start_peer(seed: int) -> tuple[subprocess.Popen, dict]:
-    """The peer process and the JSON line it printed once registered."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.test_shm_transport", str(seed)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
-    line = proc.stdout.readline() if ready else ""
-    if not line:
-        proc.kill()
-        raise AssertionError(f"shm peer not ready within 60 s (exit status {proc.wait()})")
-    return proc, json.loads(line)
-
-
-def stop_peer(proc: subprocess.Popen) -> None:
-    proc.stdin.close()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def peer_files(peer: dict) -> list[Path]:
     return [Path(r.path) for r in msgspec.msgpack.decode(bytes.fromhex(peer["meta"]), type=list[SharedRegion])]
 
 
+def start_peer(seed: int) -> PeerProcess:
+    return PeerProcess("tests.test_shm_transport", str(seed))
+
+
 @pytest.fixture(scope="module")
 def peer():
-    proc, info = start_peer(SEED)
-    try:
+    with start_peer(SEED) as info:
         yield info
-    finally:
-        stop_peer(proc)
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +132,11 @@ def test_out_of_range_reads_fail_without_touching_memory(peer, local):
 
 
 def test_a_killed_owners_file_is_removed_as_stale(peer):
-    proc, info = start_peer(SEED + 1)
-    files = peer_files(info)
+    owner = start_peer(SEED + 1)
+    files = peer_files(owner.__enter__())
     assert files and all(f.exists() for f in files)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=20)  # reaped: its pid no longer names a live process
-    proc.stdin.close()
+    owner.proc.send_signal(signal.SIGKILL)
+    owner.stop()  # reaped: its pid no longer names a live process
     removed = remove_stale_files()
     assert {f.name for f in files} <= set(removed)
     assert not any(f.exists() for f in files)
@@ -171,11 +144,11 @@ def test_a_killed_owners_file_is_removed_as_stale(peer):
 
 
 def test_owner_removes_its_file_at_close():
-    proc, info = start_peer(SEED + 2)
-    files = peer_files(info)
-    assert all(f.exists() for f in files)
-    stop_peer(proc)
-    assert proc.returncode == 0
+    owner = start_peer(SEED + 2)
+    with owner as info:
+        files = peer_files(info)
+        assert all(f.exists() for f in files)
+    assert owner.proc.returncode == 0
     assert not any(f.exists() for f in files)
 
 

@@ -31,6 +31,7 @@ class BackendUnavailable(RuntimeError):
 
 class TransferBackend(abc.ABC):
     name: str
+    read_shards: int = 1  # concurrent reads one request is best split into (busy-polling backends: 1)
 
     @classmethod
     @abc.abstractmethod

@@ -23,7 +23,8 @@ class KVTransferConfig:
     kv_read_timeout_s: int = opt(30, "a backend read of one request's blocks fails after this many seconds")
     kv_renew_interval_s: float = opt(5.0, "renew a lease this often while its blocks are being read")
     kv_transfer_threads: int = opt(4, "threads running blocking backend reads")
-    kv_read_shards: int = opt(1, "split one request's read into this many concurrent backend batches")
+    kv_read_shards: int = opt(0, "split one request's read into this many concurrent backend batches "
+                                 "(0: what the transport does best: 2 for shm, 1 for the others)")
 
     def validate(self) -> None:
         require(bool(self.kv_host), "kv_host", "must not be empty")
@@ -42,7 +43,7 @@ class KVTransferConfig:
             f"must be < --kv-lease-seconds ({self.kv_lease_seconds:g}) or leases expire mid-read",
         )
         require(self.kv_transfer_threads >= 1, "kv_transfer_threads", "must be >= 1")
-        require(self.kv_read_shards >= 1, "kv_read_shards", "must be >= 1")
+        require(self.kv_read_shards >= 0, "kv_read_shards", "must be >= 0")
         require(
             self.kv_read_shards <= self.kv_transfer_threads,
             "kv_read_shards",

@@ -276,7 +276,8 @@ class KVReader:
                 raise KVTransferError(f"lease of transfer {tid} expired before the read")
         lease_lost = asyncio.Event()
         renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
-        shards = _shards(ranges, self.config.kv_read_shards)
+        shards = _shards(ranges, min(self.config.kv_read_shards or peer.backend.read_shards,
+                                     self.config.kv_transfer_threads))
         tracker = RequestTransfers(len(shards))
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
