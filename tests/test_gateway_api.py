@@ -92,6 +92,23 @@ async def test_chat_streaming_equals_non_streaming_and_reports_usage(client):
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens == len(chat_prompt("tell me"))
 
 
+async def test_chat_stream_opens_each_choice_with_a_role_only_chunk(client):
+    """As OpenAI and vLLM do: the role comes alone, so every later chunk of the choice is output."""
+    stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "r"}], n=2,
+                                                  max_tokens=3, temperature=0, stream=True, logprobs=True)
+    by_index: dict[int, list] = {0: [], 1: []}
+    async for c in stream:
+        [choice] = c.choices
+        by_index[choice.index].append(choice)
+    for choices in by_index.values():
+        opening, *pieces = choices
+        assert opening.delta.role == "assistant" and opening.delta.content == ""
+        assert opening.logprobs is None and opening.finish_reason is None
+        assert pieces and all(p.delta.role is None for p in pieces)
+        assert sum(len(p.logprobs.content) for p in pieces) == 3
+        assert "".join(p.delta.content for p in pieces) == expected_text(chat_prompt("r"), 3)
+
+
 async def test_completion_streaming_without_usage_has_no_usage_chunk(client):
     stream = await client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0, stream=True)
     chunks = [c async for c in stream]

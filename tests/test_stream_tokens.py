@@ -7,10 +7,9 @@ from common.messages import TokenLogprob
 from services.gateway import openai_protocol as oai
 
 
-def gateway_chunk(kind: str, text: str, finish_reason: str | None = None, first: bool = False,
-                  logprobs: dict | None = None) -> dict:
+def gateway_chunk(kind: str, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
     """A content chunk as pdserve's gateway writes it (one per engine output that has tokens or an end)."""
-    return {"choices": [oai.chunk_choice(kind, 0, text, finish_reason, logprobs, first)], "usage": None}
+    return {"choices": [oai.chunk_choice(kind, 0, text, finish_reason, logprobs)], "usage": None}
 
 
 def usage_chunk(completion_tokens: int) -> dict:
@@ -27,13 +26,14 @@ def feed(chunks: list[dict]) -> StreamTokens:
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_gateway_tokens_with_empty_text_are_tokens(kind):
-    chunks = [gateway_chunk(kind, "", first=True), gateway_chunk(kind, "a"), gateway_chunk(kind, ""),
+    # a pdserve chat stream opens with a role-only chunk, then every chunk carries output, an empty first one too
+    opening = [{"choices": [oai.role_chunk_choice(0)], "usage": None}] if kind == "chat" else []
+    chunks = [*opening, gateway_chunk(kind, ""), gateway_chunk(kind, "a"), gateway_chunk(kind, ""),
               gateway_chunk(kind, "", finish_reason="length"), usage_chunk(4)]
     stream = feed(chunks)
     assert (stream.output_tokens, stream.source, stream.prompt_tokens) == (4, "usage", 7)
-    # a pdserve chat stream's first chunk carries the role and its first token: with empty text it is
-    # indistinguishable from a role announcement, so timing starts at the next token
-    assert stream.times == ([0.0, 1.0, 2.0, 3.0] if kind == "completion" else [1.0, 2.0, 3.0])
+    first = float(len(opening))
+    assert stream.times == [first, first + 1, first + 2, first + 3]
 
 
 def test_role_announcement_and_bare_end_marker_carry_no_token():

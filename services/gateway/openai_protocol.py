@@ -374,12 +374,16 @@ def full_response(req: ParsedRequest, request_id: str, choices: list[dict], usag
     }
 
 
-def chunk_choice(kind: Kind, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
-                 first: bool) -> dict:
+def chunk_choice(kind: Kind, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    """One streamed piece of choice ``index``; a chat stream announces the role before (``role_chunk_choice``)."""
     if kind == "completion":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    delta = {"role": "assistant", "content": text} if first else {"content": text}
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def role_chunk_choice(index: int) -> dict:
+    """The role-only opening of chat choice ``index``, carrying no token (as OpenAI, vLLM and SGLang send it)."""
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
 
 def chunk(req: ParsedRequest, request_id: str, choices: list[dict], usage: dict | None = None) -> dict:

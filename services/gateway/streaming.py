@@ -51,7 +51,12 @@ class EventQueue:
 
 class SSEWriter:
     """The SSE body of ``run`` from its ``first`` event on; closes the run with its status when it
-    ends by itself (200, or the error's status)."""
+    ends by itself (200, or the error's status).
+
+    A chat choice opens with a role-only chunk (``delta: {"role": "assistant", "content": ""}``),
+    as OpenAI, vLLM and SGLang send it, so that clients take every later chunk for output; it
+    leaves in the same write as the choice's first piece, which comes with the first event.
+    """
 
     __slots__ = ("run", "events", "first")
 
@@ -61,7 +66,7 @@ class SSEWriter:
     async def body(self) -> AsyncIterator[bytes]:
         run, req = self.run, self.run.req
         offsets = [0] * len(run.stats)
-        started: set[int] = set()
+        unannounced = set(range(len(run.stats))) if req.kind == "chat" else set()
         try:
             event = self.first
             while event is not None:
@@ -74,10 +79,12 @@ class SSEWriter:
                     else:
                         logprobs = oai.chat_logprobs(entries)
                 offsets[event.index] += len(piece.text)
-                choice = oai.chunk_choice(req.kind, event.index, piece.text, piece.finish_reason, logprobs,
-                                          event.index not in started)
-                started.add(event.index)
-                yield sse.event(oai.chunk(req, run.request_id, [choice]))
+                choice = oai.chunk_choice(req.kind, event.index, piece.text, piece.finish_reason, logprobs)
+                data = sse.event(oai.chunk(req, run.request_id, [choice]))
+                if event.index in unannounced:
+                    unannounced.remove(event.index)
+                    data = sse.event(oai.chunk(req, run.request_id, [oai.role_chunk_choice(event.index)])) + data
+                yield data
                 event = await self.events.next(run)
             if req.include_usage:
                 yield sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats)))
