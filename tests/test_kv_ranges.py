@@ -10,7 +10,7 @@ from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import KVLayout, block_ranges
 from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
-from common.messages import Fingerprint, HandshakeReply, KVTransferParams, MemoryRegion, Reply
+from common.messages import Fingerprint, HandshakeReply, KVTransferParams, MemoryRegion, Reply, TransportOffer
 
 S, F, P = TransferStatus.SUCCESS, TransferStatus.FAILED, TransferStatus.PENDING
 BB = 100  # block bytes
@@ -197,8 +197,9 @@ def fingerprint(**over):
 
 def test_handshake_reply_and_params_roundtrip():
     reply = HandshakeReply(
-        engine_id="p0", fingerprint=fingerprint(), backend="mori", session="k",
-        regions=[MemoryRegion(2**47 + 5, 1 << 30)], block_bytes=4096, num_blocks=1024, backend_meta=b"\x00\xff",
+        engine_id="p0", fingerprint=fingerprint(), host_id="h/boot", memory="cuda",
+        transports=[TransportOffer("nvlink", "nvlink", "ipc", b"\x00\xff"), TransportOffer("rdma", "mori", "k")],
+        regions=[MemoryRegion(2**47 + 5, 1 << 30)], block_bytes=4096, num_blocks=1024,
     )
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=Reply)
     assert decoded == reply
