@@ -24,7 +24,9 @@ SAMPLES = [
                remote_prefill=PARAMS),
     m.TokenOutput("r1", [17], "x", finish_reason="remote_decode", kv_transfer=PARAMS,
                   usage=m.Usage(40, 1, 16), timings={"prefill_s": 0.01}),
-    m.HandshakeReply("p-1", FP, "mooncake", "127.0.0.1:15001", [m.MemoryRegion(1 << 40, 4096)], 512, 8),
+    m.HandshakeReply("p-1", FP, "host/boot", "cpu", [m.TransportOffer("shm", "shm", "shm:h:1", b"\x91"),
+                                                  m.TransportOffer("tcp", "mooncake", "127.0.0.1:15001")],
+                     [m.MemoryRegion(1 << 40, 4096)], 512, 8),
     m.ErrorReply("incompatible", "block_size differs", param="block_size"),
 ]
 
