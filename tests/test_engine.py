@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from common.arith import ceil_div
 from common.config import ConfigError
 from common.engine.async_engine import AsyncEngine, EngineDead
 from common.engine.config import EngineConfig
@@ -267,7 +268,7 @@ def test_remote_prefill_then_decode_matches_colocated(demo_path, reuse_prefix):
     for i, p in enumerate(ps):
         first = prefill_remote(prefill, f"p{i}-{reuse_prefix}", p, sampling)
         assert first.finish_reason == "remote_decode" and first.new_token_ids == reference[i].new_token_ids[:1]
-        assert first.pinned_block_ids and len(first.pinned_block_ids) == -(-len(p) // 16)
+        assert first.pinned_block_ids and len(first.pinned_block_ids) == ceil_div(len(p), 16)
         assert prefill.stats().kv_blocks_pinned >= len(first.pinned_block_ids)
         rid = f"d{i}"
         alloc = decode.add_remote_request(RemoteRequest(rid, p, first.new_token_ids[0], sampling, len(p)))

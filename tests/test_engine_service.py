@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from bench.engine_driver import GREEDY, EngineDriver, prompt_ids, tokens
 from bench.processes import free_port
+from common.arith import ceil_div
 from common.bus import BusClient
 from common.engine.engine import LLMEngine
 from common.engine_service import ColocatedRole, EngineService, EngineServiceConfig
@@ -189,7 +190,7 @@ async def test_pd_output_token_identical_to_colocated(cluster: Cluster, length: 
     assert dec[-1].finish_reason == "length"
     assert dec[-1].usage.completion_tokens == GREEDY.max_tokens
     timings = dec[0].timings
-    num_blocks = -(-length // BLOCK)
+    num_blocks = ceil_div(length, BLOCK)
     assert timings["kv_bytes"] == num_blocks * cluster.services["decode"].layout.block_bytes
     assert timings["kv_transfer_s"] > 0 and timings["first_decode_step_s"] > 0
     await cluster.wait_idle("prefill", "decode")
