@@ -57,7 +57,8 @@ async def pd_gap(driver: EngineDriver, rid: str, ids: list[int]) -> dict[str, fl
             t_second, timings = time.perf_counter(), out.timings or {}
     if t_second is None or "kv_failed" in timings:
         raise RuntimeError(f"{rid}: the decode leg read no KV (timings {timings}); the gap would measure a recompute")
-    return {"gap_s": t_second - t_first, "kv_transfer_s": timings["kv_transfer_s"],
+    return {"gap_s": t_second - t_first, "allocate_s": timings["allocate_s"],
+            "kv_transfer_s": timings["kv_transfer_s"], "kv_read_s": timings["kv_read_s"],
             "first_decode_step_s": timings["first_decode_step_s"], "kv_bytes": timings["kv_bytes"]}
 
 
@@ -107,7 +108,9 @@ async def run(args: argparse.Namespace) -> dict:
                   "kv_bytes": pd_rows[0]["kv_bytes"]},
         "pd_gap": summary_ms([r["gap_s"] for r in pd_rows]),
         "colocated_gap": summary_ms(colocated),
+        "allocate": summary_ms([r["allocate_s"] for r in pd_rows]),
         "kv_transfer": summary_ms([r["kv_transfer_s"] for r in pd_rows]),
+        "kv_read": summary_ms([r["kv_read_s"] for r in pd_rows]),
         "first_decode_step": summary_ms([r["first_decode_step_s"] for r in pd_rows]),
     }  # fmt: skip
     result["pd_minus_colocated_p50_ms"] = result["pd_gap"]["p50_ms"] - result["colocated_gap"]["p50_ms"]
@@ -120,7 +123,8 @@ def report(result: dict) -> str:
              f"tokens ({setup['kv_bytes'] / 2**20:.1f} MiB of KV), {setup['device']}, model {setup['model']}, "
              f"KV over {setup['kv_transport']}",
              f"{'':34} {'p50 ms':>8} {'mean ms':>8} {'max ms':>8}"]
-    for key, label in (("pd_gap", "P/D first gap"), ("kv_transfer", "  decode: KV transfer"),
+    for key, label in (("pd_gap", "P/D first gap"), ("allocate", "  decode: block allocation"),
+                       ("kv_transfer", "  decode: KV transfer"), ("kv_read", "    of which the transport's read"),
                        ("first_decode_step", "  decode: first decode step"), ("colocated_gap", "colocated first gap")):
         s = result[key]
         lines.append(f"{label:34} {s['p50_ms']:8.2f} {s['mean_ms']:8.2f} {s['max_ms']:8.2f}")

@@ -93,6 +93,7 @@ class DecodeHandoff(ColocatedRole):
             self.reader.release(params)  # prefill must not keep blocks nobody will read
             raise PeerError("invalid_request", f"remote_prefill: {problem}", "remote_prefill")
         remote = RemoteRequest(request_id, prompt_ids, params.first_token_id, msg.sampling, params.num_tokens)
+        asked = time.monotonic()
         try:
             allocation = await asyncio.wait_for(self.service.engine.add_remote(remote),
                                                 self.service.config.remote_blocks_timeout_s)
@@ -109,7 +110,9 @@ class DecodeHandoff(ColocatedRole):
             raise
         finished = False
         try:
+            allocate_s = time.monotonic() - asked
             timings, kv_done = await self._load_remote_kv(request_id, params, allocation)
+            timings["allocate_s"] = allocate_s
             first = True
             async for out in self.service.engine.stream(request_id):
                 finished = out.finished
@@ -150,8 +153,8 @@ class DecodeHandoff(ColocatedRole):
             # The allocation also holds the block of the first token's KV, which decode computes itself.
             prompt_blocks = allocation.block_ids[:len(params.block_ids)]
             stats = await self.reader.read_blocks(params, prompt_blocks, allocation.num_cached_blocks)
-            timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": float(stats.bytes),
-                       "kv_ranges": float(stats.num_ranges)}
+            timings = {"kv_transfer_s": time.monotonic() - started, "kv_read_s": stats.seconds,
+                       "kv_bytes": float(stats.bytes), "kv_ranges": float(stats.num_ranges)}
             ok = True
         except KVTransferError as e:
             log.warning("request %s: reading KV from %s failed: %s", request_id, params.engine_id, e)
