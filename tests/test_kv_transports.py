@@ -3,12 +3,24 @@ and what ``TransportSet`` opens for real backends on this host."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
+from bench.fakes import fingerprint
+from bench.fakes.prefill_kv import BLOCK_BYTES
+from bench.fakes.transport import FakeTransport
+from common.bus import BusServer
+from common.errors import HandshakeError
+
 from common.kv_transfer.backend import BackendUnavailable
 from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.leases import LeaseTable
+from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.reader import KVReader
 from common.kv_transfer.shm import SharedKVFile
+from common.kv_transfer.side_channel import KVSideChannel
 from common.kv_transfer.transport_set import TransportSet, shared_kv_file
 from common.kv_transfer.transports import (
     Placement,
@@ -19,7 +31,8 @@ from common.kv_transfer.transports import (
     rdma_devices,
     this_host_id,
 )
-from common.messages import MemoryRegion
+from common.messages import KVRequest, MemoryRegion
+from services.prefill.handoff import PrefillHandoff
 
 HOST_A_CPU = Placement("a", "cpu")
 HOST_A_GPU = Placement("a", "cuda")
@@ -151,3 +164,53 @@ def test_a_cache_too_large_for_the_shm_dir_falls_back_under_auto_and_is_refused_
     with pytest.raises(BackendUnavailable, match="has no room for a"):
         forced.allocate((2, 8), torch.float32, "cpu")
     assert not list(tmp_path.iterdir())
+
+
+class UnmappableShm(FakeTransport):
+    """A same-host transport whose peer memory is not visible here (another mount namespace, say)."""
+
+    def connect(self, peer_session: str, peer_meta: bytes) -> None:
+        raise FileNotFoundError(f"{peer_session}: no such file")
+
+
+def both_transports(name: str) -> TransportSet:
+    layout = KVLayout(0, BLOCK_BYTES, 16)
+    shm, tcp = UnmappableShm(f"shm://{name}"), FakeTransport(f"fake://{name}")
+    for backend in (shm, tcp):
+        backend.register([layout.region])
+    return TransportSet("auto", Placement("one-host", "cpu"), {"shm": shm, "tcp": tcp})
+
+
+@pytest.fixture
+async def side_channel():
+    fp = fingerprint("m", 4)
+    server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-p0")
+    handoff = PrefillHandoff("p0", LeaseTable(30.0), lambda transfer_id: asyncio.sleep(0))
+    KVSideChannel("p0", fp, both_transports("p0"), KVLayout(0, BLOCK_BYTES, 16), handoff).attach(server)
+    await server.start()
+    yield fp, server.endpoint
+    await server.close()
+
+
+async def test_a_same_host_transport_that_cannot_connect_falls_back_to_the_network(side_channel):
+    fp, endpoint = side_channel
+    transports = both_transports("d0")
+    reader = KVReader(transports, "d0", fp, KVLayout(0, BLOCK_BYTES, 16), config(kv_transport="auto"))
+    try:
+        peer = await reader.handshake("p0", endpoint)
+        assert peer.transport == "tcp" and transports.chosen == {"p0": "tcp"}
+    finally:
+        await reader.close()
+
+
+async def test_a_forced_transport_that_cannot_connect_fails_the_handshake_with_the_reason(side_channel):
+    fp, endpoint = side_channel
+    transports = both_transports("d0")
+    transports.kv_transport = "shm"
+    reader = KVReader(transports, "d0", fp, KVLayout(0, BLOCK_BYTES, 16), config(kv_transport="shm"))
+    try:
+        with pytest.raises(HandshakeError, match="shm cannot connect to p0: .*no such file"):
+            await reader.handshake("p0", endpoint)
+        assert transports.chosen == {}
+    finally:
+        await reader.close()

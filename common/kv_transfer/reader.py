@@ -187,29 +187,34 @@ class KVReader:
 
     async def _connect(self, engine_id: str, kv_endpoint: str, reply: HandshakeReply, layout: KVLayout) -> Peer:
         """Connect over the first transport that works with this peer (they are tried fastest first)."""
-        offers = {o.name: o for o in reply.transports}
         try:
             order = candidates(self.transports.kv_transport, self.transports.placement,
-                               Placement(reply.host_id, reply.memory), list(self.transports.backends), list(offers))
+                               Placement(reply.host_id, reply.memory), list(self.transports.backends),
+                               [o.name for o in reply.transports])
         except TransportError as e:
             raise HandshakeError(f"{engine_id}: {e}") from e
-        loop = asyncio.get_running_loop()
-        for transport in order:
-            backend, offer = self.transports.backends[transport], offers[transport]
+        for transport in order[:-1]:
             try:
-                await loop.run_in_executor(self._pool, backend.connect, offer.session, offer.meta)
-            except Exception as e:  # whatever the backend raises, the request gets a typed error
-                if transport == order[-1]:
-                    raise HandshakeError(f"{transport} cannot connect to {engine_id}: {e}") from e
-                logger.warning("KV transport %s cannot connect to %s (%s); trying the next one", transport, engine_id, e)
-                continue
-            if self.transports.chosen.get(engine_id) != transport:
-                logger.info("KV from %s (%s) over %s (%s memory on %s, we offer %s, it offers %s)", engine_id,
-                            kv_endpoint, transport, reply.memory, reply.host_id, ", ".join(self.transports.backends),
-                            ", ".join(offers))
-            self.transports.chosen[engine_id] = transport
-            return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout)
-        raise AssertionError("candidates() returns at least one transport")
+                return await self._connect_over(transport, engine_id, kv_endpoint, reply, layout)
+            except HandshakeError as e:
+                logger.warning("%s; trying the next transport", e)
+        return await self._connect_over(order[-1], engine_id, kv_endpoint, reply, layout)
+
+    async def _connect_over(self, transport: str, engine_id: str, kv_endpoint: str, reply: HandshakeReply,
+                            layout: KVLayout) -> Peer:
+        """The peer, read over ``transport``; ``HandshakeError`` when its backend cannot connect."""
+        backend = self.transports.backends[transport]
+        offer = next(o for o in reply.transports if o.name == transport)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, backend.connect, offer.session, offer.meta)
+        except Exception as e:  # whatever the backend raises, the request gets a typed error
+            raise HandshakeError(f"{transport} cannot connect to {engine_id}: {e}") from e
+        if self.transports.chosen.get(engine_id) != transport:
+            logger.info("KV from %s (%s) over %s (%s memory on %s, we offer %s, it offers %s)", engine_id, kv_endpoint,
+                        transport, reply.memory, reply.host_id, ", ".join(self.transports.backends),
+                        ", ".join(o.name for o in reply.transports))
+        self.transports.chosen[engine_id] = transport
+        return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout)
 
     def _check_reply(self, engine_id: str, kv_endpoint: str, reply: object) -> KVLayout:
         if not isinstance(reply, HandshakeReply):
