@@ -196,6 +196,7 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True):
     first_token_id: int
     lease_expiry: float  # unix time; prefill frees the blocks after it unless renewed
     first_token_logprob: TokenLogprob | None = None
+    incarnation: str = ""  # names the prefill's KV memory, as its handshake does: a restarted prefill's differs
 
 
 class Generate(Message):
@@ -292,6 +293,7 @@ class HandshakeReply(Message):
     regions: list[MemoryRegion]  # registered KV memory
     block_bytes: int  # bytes of one block (all layers, K and V)
     num_blocks: int
+    incarnation: str = ""  # names this process's KV memory: a reader mapped an older one must handshake again
 
 
 class RenewLease(Message):

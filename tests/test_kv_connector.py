@@ -45,7 +45,8 @@ def fingerprint(**over) -> Fingerprint:
 
 
 def config(**over) -> KVTransferConfig:
-    base = dict(kv_backend="mori", kv_transport="tcp", kv_lease_seconds=30.0, kv_handshake_timeout_s=1.0, kv_rpc_timeout_s=1.0,
+    base = dict(kv_backend="mori", kv_transport="tcp", kv_lease_seconds=30.0, kv_handshake_timeout_s=1.0,
+                kv_rpc_timeout_s=1.0,
                 kv_renew_interval_s=5.0, kv_transfer_threads=2)
     cfg = KVTransferConfig(**{**base, **over})
     cfg.validate()
@@ -64,6 +65,7 @@ class Prefill:
     released: list  # transfer ids the handoff unpinned, in order
     channel: KVSideChannel
     server: BusServer
+    transports: TransportSet
     backend: MoriBackend
 
     def params(self, block_ids: list[int], request_id: str = "t1") -> KVTransferParams:
@@ -103,7 +105,7 @@ async def prefill(fake):
     server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
     channel.attach(server)
     await server.start()
-    yield Prefill(kv, handoff, released, channel, server, backend)
+    yield Prefill(kv, handoff, released, channel, server, transports, backend)
     await server.close()
     transports.close()
 
@@ -137,6 +139,30 @@ async def test_handshake_roundtrip(prefill, decode):
     assert peer.layout == KVLayout.of(prefill.kv)
     assert await conn.handshake("prefill-0", prefill.server.endpoint) is peer  # cached
     assert prefill.channel.num_handshakes == 1
+
+
+async def test_a_restarted_prefill_at_the_same_endpoint_is_handshaken_again(prefill, decode):
+    """Same engine id and endpoint, new KV memory: params naming the new one re-handshake; params of the
+    old run fail instead of reading what a same-host mapping of the dead memory still shows."""
+    conn, kv = await decode()
+    old = prefill.params([3], request_id="before")
+    old.incarnation = prefill.transports.incarnation
+    await conn.read_blocks(old, [1])
+    restarted = TransportSet.open(config(), prefill.kv.data, KVLayout.of(prefill.kv).region)
+    try:
+        KVSideChannel("prefill-0", fingerprint(), restarted, KVLayout.of(prefill.kv), prefill.handoff).attach(
+            prefill.server)
+        new = prefill.params([4], request_id="after")
+        new.incarnation = restarted.incarnation
+        await conn.read_blocks(new, [2])
+        assert torch.equal(kv.data[2], prefill.kv.data[4])
+        stale = prefill.params([5], request_id="stale")
+        stale.incarnation = old.incarnation
+        with pytest.raises(KVTransferError, match="from an earlier run of prefill-0"):
+            await conn.read_blocks(stale, [3])
+        assert not kv.data[3].any()
+    finally:
+        restarted.close()
 
 
 async def test_concurrent_requests_share_one_handshake(prefill, decode):

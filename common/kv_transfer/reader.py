@@ -52,6 +52,7 @@ class Peer:
     backend: TransferBackend
     session: str
     layout: KVLayout
+    incarnation: str  # the KV memory the handshake described (a restarted prefill has another)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class ReleaseSender:
         try:
             await self.clients.get(params.kv_endpoint).call(ReleaseKV([params.transfer_id]))
         except BusError as e:
-            logger.warning("ReleaseKV %s to %s failed (its lease will expire): %s", params.transfer_id, params.engine_id, e)
+            logger.warning("ReleaseKV %s to %s failed (its lease will expire): %s", params.transfer_id,
+                           params.engine_id, e)
 
 
 class KVReader:
@@ -145,15 +147,19 @@ class KVReader:
 
     # -- handshakes -------------------------------------------------------
 
-    async def handshake(self, engine_id: str, kv_endpoint: str) -> Peer:
+    async def handshake(self, engine_id: str, kv_endpoint: str, incarnation: str = "") -> Peer:
         """The peer for ``engine_id``, handshaking once; concurrent callers share one attempt.
 
+        ``incarnation`` (from the transfer params, when given) names the prefill's KV memory: a cached
+        peer of another one (the prefill restarted) is handshaken again, because a same-host mapping
+        of the old memory would still read, silently, what the dead process left.
         Raises ``HandshakeError``; a failed attempt is forgotten so the next call retries.
         """
         fut = self._peers.get(engine_id)
         if fut is not None and fut.done():
-            if fut.cancelled() or fut.exception() is not None or fut.result().kv_endpoint != kv_endpoint:
-                fut = None  # failed, or the engine moved (restart): handshake again
+            if (fut.cancelled() or fut.exception() is not None or fut.result().kv_endpoint != kv_endpoint
+                    or (incarnation and fut.result().incarnation != incarnation)):
+                fut = None  # failed, or the engine moved or restarted: handshake again
         if fut is None:
             fut = asyncio.ensure_future(self._handshake(engine_id, kv_endpoint))
             self._peers[engine_id] = fut
@@ -173,7 +179,8 @@ class KVReader:
     async def _handshake(self, engine_id: str, kv_endpoint: str) -> Peer:
         timeout = self.config.kv_handshake_timeout_s
         try:
-            reply = await self.clients.get(kv_endpoint).call(Handshake(self.engine_id, self.fingerprint), timeout=timeout)
+            reply = await self.clients.get(kv_endpoint).call(Handshake(self.engine_id, self.fingerprint),
+                                                             timeout=timeout)
         except CallTimeout:
             self.clients.drop(kv_endpoint)
             raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} timed out after {timeout:g} s") from None
@@ -214,7 +221,7 @@ class KVReader:
                         transport, reply.memory, reply.host_id, ", ".join(self.transports.backends),
                         ", ".join(o.name for o in reply.transports))
         self.transports.chosen[engine_id] = transport
-        return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout)
+        return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout, reply.incarnation)
 
     def _check_reply(self, engine_id: str, kv_endpoint: str, reply: object) -> KVLayout:
         if not isinstance(reply, HandshakeReply):
@@ -251,7 +258,10 @@ class KVReader:
                 )
             if not 0 <= skip_leading <= len(params.block_ids):
                 raise KVTransferError(f"skip_leading={skip_leading} outside [0, {len(params.block_ids)}]")
-            peer = await self.handshake(params.engine_id, params.kv_endpoint)
+            peer = await self.handshake(params.engine_id, params.kv_endpoint, params.incarnation)
+            if params.incarnation and peer.incarnation != params.incarnation:
+                raise KVTransferError(f"transfer {params.transfer_id} is from an earlier run of {params.engine_id}: "
+                                      "its blocks are gone")
             try:
                 ranges = block_ranges(
                     local_block_ids[skip_leading:],

@@ -64,6 +64,7 @@ class KVSideChannel:
             regions=[layout.region],
             block_bytes=layout.block_bytes,
             num_blocks=layout.num_blocks,
+            incarnation=transports.incarnation,
         )
 
     def attach(self, server: BusServer) -> None:

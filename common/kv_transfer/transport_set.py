@@ -10,6 +10,7 @@ address) and owns them until ``close``.
 from __future__ import annotations
 
 import logging
+import uuid
 
 import torch
 
@@ -53,6 +54,7 @@ class TransportSet:
         self.kv_transport = kv_transport
         self.placement = placement
         self.backends = backends
+        self.incarnation = uuid.uuid4().hex  # this process's KV memory, in handshakes and transfer params
         self.chosen: dict[str, str] = {}  # peer engine id -> the transport a reader chose for it
 
     @classmethod
