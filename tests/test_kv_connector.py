@@ -46,8 +46,7 @@ def fingerprint(**over) -> Fingerprint:
 
 def config(**over) -> KVTransferConfig:
     base = dict(kv_backend="mori", kv_transport="tcp", kv_lease_seconds=30.0, kv_handshake_timeout_s=1.0,
-                kv_rpc_timeout_s=1.0,
-                kv_renew_interval_s=5.0, kv_transfer_threads=2)
+                kv_rpc_timeout_s=1.0, kv_renew_interval_s=5.0, kv_transfer_threads=2)
     cfg = KVTransferConfig(**{**base, **over})
     cfg.validate()
     return cfg
