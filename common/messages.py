@@ -50,6 +50,26 @@ class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
         return [f for f in self.__struct_fields__ if getattr(self, f) != getattr(other, f)]
 
 
+def kv_incompatibilities(prefill: Fingerprint, decode: Fingerprint) -> dict[str, str]:
+    """Why ``decode`` cannot read ``prefill``'s KV blocks: field name -> reason; empty when it can.
+
+    Every fingerprint field must match, except that the block sizes may differ when both are
+    powers of two (the reader then maps token positions, ``common.kv_transfer.ranges.token_ranges``).
+    """
+    reasons = {}
+    for field in prefill.differences(decode):
+        ours, theirs = getattr(prefill, field), getattr(decode, field)
+        if field != "block_size":
+            reasons[field] = f"{field}: prefill {ours!r}, decode {theirs!r}"
+        elif not (_is_power_of_two(ours) and _is_power_of_two(theirs)):
+            reasons[field] = f"block_size: prefill {ours} and decode {theirs} differ and are not both powers of two"
+    return reasons
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 class Capacity(msgspec.Struct, frozen=True, omit_defaults=True):
     max_num_seqs: int
     num_kv_blocks: int
@@ -197,6 +217,7 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True):
     lease_expiry: float  # unix time; prefill frees the blocks after it unless renewed
     first_token_logprob: TokenLogprob | None = None
     incarnation: str = ""  # names the prefill's KV memory, as its handshake does: a restarted prefill's differs
+    block_size: int = 0  # tokens per block of ``block_ids`` (the prefill's); 0: the decode's own (older senders)
 
 
 class Generate(Message):

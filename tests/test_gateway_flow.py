@@ -12,6 +12,7 @@ import re
 import time
 
 import httpx
+import msgspec
 import pytest
 
 from bench.fakes import FakeCluster, fingerprint
@@ -310,7 +311,7 @@ async def test_least_loaded_prefers_fewer_waiting_then_more_free_blocks_and_coun
 
 async def test_pick_skips_excluded_incompatible_other_models_and_recently_failed():
     p = inst("p", "prefill")
-    r = Router(members(p, inst("d-other-bs", "decode", block_size=8), inst("d", "decode"),
+    r = Router(members(p, inst("d-other-bs", "decode", block_size=6), inst("d", "decode"),
                        inst("d-other-model", "decode", model="other"), inst("d2", "decode")),
                decode_policy="round_robin", failure_cooldown_s=60)
     picks = {r.pick("decode", MODEL, like=p).id for _ in range(4)}
@@ -321,6 +322,16 @@ async def test_pick_skips_excluded_incompatible_other_models_and_recently_failed
     assert r.pick("decode", MODEL, like=p, exclude=["d", "d2"]) is None
     assert r.mode_for(MODEL) == "disagg"
     assert Router(members(inst("b", "both")), mode="auto").mode_for(MODEL) == "colocated"
+
+
+async def test_a_16_token_block_prefill_is_followed_by_a_32_token_block_decode_it_can_read():
+    p16 = inst("p16", "prefill", block_size=16)
+    other_heads = inst("d-heads", "decode", block_size=16)
+    other_heads.fingerprint = msgspec.structs.replace(other_heads.fingerprint, num_kv_heads=4)
+    r = Router(members(p16, inst("d32", "decode", block_size=32), other_heads, inst("d24", "decode", block_size=24)),
+               decode_policy="round_robin")
+    assert {r.pick("decode", MODEL, like=p16).id for _ in range(4)} == {"d32"}
+    assert r.pick("decode", MODEL, like=p16, exclude=["d32"]) is None
 
 
 async def test_router_follows_the_role_rule_a_both_instance_serves_colocated_only():

@@ -202,8 +202,10 @@ async def test_handshake_timeout_fails_fast_and_is_retried(decode):
 
 
 async def test_fingerprint_mismatch_is_refused_naming_fields(prefill, decode):
-    conn, _ = await decode(fingerprint(block_size=8, head_dim=16))
-    with pytest.raises(HandshakeError, match="incompatible: KV fingerprint differs in: block_size, head_dim"):
+    conn, _ = await decode(fingerprint(block_size=6, head_dim=16))
+    with pytest.raises(HandshakeError, match="incompatible: decode cannot read our KV: block_size: prefill 4 and "
+                                             "decode 6 differ and are not both powers of two; head_dim: prefill 8, "
+                                             "decode 16"):
         await conn.handshake("prefill-0", prefill.server.endpoint)
     with pytest.raises(HandshakeError):
         await conn.handshake("prefill-0", prefill.server.endpoint)
@@ -365,7 +367,7 @@ async def test_a_failed_first_shard_fails_the_read_even_if_the_last_succeeds(pre
 
 @pytest.mark.parametrize(
     "change, match",
-    [(dict(fingerprint=fingerprint(num_layers=4)), "num_layers \\(ours 2, theirs 4\\)"),
+    [(dict(fingerprint=fingerprint(num_layers=4)), "num_layers: prefill 4, decode 2"),
      (dict(block_bytes=123), "123-byte blocks"),
      (dict(transports=[]), "no common KV transport \\(forced tcp\\): we offer tcp, the peer offers none"),
      (dict(num_blocks=10**6), "does not hold its 1000000 blocks")],

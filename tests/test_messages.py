@@ -50,3 +50,26 @@ def test_protocol_doc_lists_every_message():
     doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
     missing = [c.__name__ for c in STRUCTS if f"`{c.__name__}" not in doc]
     assert not missing, f"docs/protocol.md does not describe {missing}"
+
+
+@pytest.mark.parametrize(
+    ("decode", "reasons"),
+    [(dict(block_size=32), {}), (dict(block_size=8), {}), (dict(block_size=64, transfer_backend="mooncake"), {}),
+     (dict(block_size=24), {"block_size": "block_size: prefill 16 and decode 24 differ and are not both powers "
+                                          "of two"}),
+     (dict(head_dim=64, num_kv_heads=8), {"num_kv_heads": "num_kv_heads: prefill 4, decode 8",
+                                          "head_dim": "head_dim: prefill 32, decode 64"}),
+     (dict(model="other", dtype="bfloat16", num_layers=2),
+      {"model": "model: prefill 'demo', decode 'other'", "dtype": "dtype: prefill 'float32', decode 'bfloat16'",
+       "num_layers": "num_layers: prefill 4, decode 2"})],
+)
+def test_kv_incompatibilities_allow_power_of_two_block_sizes_only(decode, reasons):
+    assert m.kv_incompatibilities(FP, msgspec.structs.replace(FP, **decode)) == reasons
+
+
+def test_transfer_params_carry_the_prefill_block_size_and_default_to_zero():
+    old = m.KVTransferParams("p", "tcp://h:1", "t", [1, 2], 20, 7, 1.5e9)
+    assert old.block_size == 0  # an older sender: the decode's own block size
+    new = msgspec.msgpack.decode(msgspec.msgpack.encode(msgspec.structs.replace(old, block_size=32)),
+                                 type=m.KVTransferParams)
+    assert new.block_size == 32

@@ -107,12 +107,27 @@ def test_incompatible_fingerprint_is_refused_naming_fields_and_peer():
     m = Membership(lease_ttl_s=3.0)
     m.register(make_instance("p0", "prefill", 9000), PROTOCOL_VERSION, 0.0)
     with pytest.raises(PeerError) as err:
-        m.register(make_instance("d0", "decode", 9100, block_size=32, dtype="bfloat16"), PROTOCOL_VERSION, 0.0)
+        m.register(make_instance("d0", "decode", 9100, block_size=24, dtype="bfloat16"), PROTOCOL_VERSION, 0.0)
     assert err.value.code == "incompatible"
-    assert "block_size" in err.value.message and "dtype" in err.value.message
+    assert "block_size: prefill 16 and decode 24 differ and are not both powers of two" in err.value.message
+    assert "dtype: prefill 'float32', decode 'bfloat16'" in err.value.message
     assert "'p0'" in err.value.message
     assert "num_layers" not in err.value.message
     assert list(m.instances) == ["p0"]
+
+
+def test_block_sizes_may_differ_as_powers_of_two_but_head_dim_may_not():
+    m = Membership(lease_ttl_s=3.0)
+    m.register(make_instance("p16", "prefill", 9000), PROTOCOL_VERSION, 0.0)
+    m.register(make_instance("d32", "decode", 9100, block_size=32), PROTOCOL_VERSION, 0.0)
+    m.register(make_instance("p64", "prefill", 9200, block_size=64), PROTOCOL_VERSION, 0.0)
+    assert sorted(m.instances) == ["d32", "p16", "p64"]
+    with pytest.raises(PeerError) as err:
+        m.register(make_instance("d-hd", "decode", 9300, block_size=32, head_dim=16), PROTOCOL_VERSION, 0.0)
+    assert err.value.code == "incompatible" and err.value.param == "instance.fingerprint"
+    assert "head_dim: prefill 8, decode 16" in err.value.message
+    assert "block_size" not in err.value.message
+    assert "d-hd" not in m.instances
 
 
 def test_transfer_backend_may_differ_only_for_both_role():

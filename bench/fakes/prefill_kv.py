@@ -58,7 +58,8 @@ class FakePrefillKV:
         out.kv_transfer = KVTransferParams(
             engine_id=self.engine_id, kv_endpoint=self.kv_server.endpoint, transfer_id=transfer_id,
             block_ids=list(range(num_blocks)), num_tokens=num_tokens, first_token_id=out.token_ids[0],
-            lease_expiry=expiry, first_token_logprob=out.logprobs[0] if out.logprobs else None)
+            lease_expiry=expiry, first_token_logprob=out.logprobs[0] if out.logprobs else None,
+            block_size=self.block_size)
         return "remote_decode"
 
     async def shutdown(self, release: bool) -> None:

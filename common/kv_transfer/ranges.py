@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from common.arith import ceil_div
 from common.messages import MemoryRegion
 
 
@@ -42,6 +43,16 @@ class ByteRanges(NamedTuple):
     def total_bytes(self) -> int:
         return sum(self.lengths)
 
+    def add(self, local_addr: int, remote_addr: int, length: int) -> None:
+        """Append a range, or extend the last one when the new one follows it on both sides."""
+        if (self.lengths and local_addr == self.local_addrs[-1] + self.lengths[-1]
+                and remote_addr == self.remote_addrs[-1] + self.lengths[-1]):
+            self.lengths[-1] += length
+        else:
+            self.local_addrs.append(local_addr)
+            self.remote_addrs.append(remote_addr)
+            self.lengths.append(length)
+
 
 def block_ranges(
     local_ids: list[int],
@@ -67,16 +78,72 @@ def block_ranges(
     if len(set(local_ids)) != len(local_ids):
         raise ValueError("duplicate local block ids")
     out = ByteRanges([], [], [])
-    prev_local = prev_remote = -2
     for local, remote in zip(local_ids, remote_ids):
-        if out.lengths and local == prev_local + 1 and remote == prev_remote + 1:
-            out.lengths[-1] += block_bytes
-        else:
-            out.local_addrs.append(local_base + local * block_bytes)
-            out.remote_addrs.append(remote_base + remote * block_bytes)
-            out.lengths.append(block_bytes)
-        prev_local, prev_remote = local, remote
+        out.add(local_base + local * block_bytes, remote_base + remote * block_bytes, block_bytes)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class BlockTable:
+    """One side of a token-mapped read: where the engine's blocks live, how many tokens each holds,
+    and the request's block ids (block ``i`` holds tokens ``[i * block_size, (i + 1) * block_size)``)."""
+
+    layout: KVLayout
+    block_size: int
+    block_ids: list[int]
+
+
+def token_ranges(local: BlockTable, remote: BlockTable, *, num_layers: int, num_tokens: int,
+                 skip_leading: int = 0) -> ByteRanges:
+    """Merged ranges reading tokens ``[skip_leading * local.block_size, num_tokens)`` of a prompt from
+    ``remote``'s blocks into ``local``'s, whatever the two block sizes.
+
+    The first ``skip_leading`` local blocks are already local (prefix-cache hits).  Ranges come in
+    local address order (block, layer, K/V, token), which merges every pair contiguous on both sides.
+    Raises ``ValueError`` when a side's block ids do not cover ``num_tokens`` exactly, an id is out
+    of range, a local id repeats, or the two sides' bytes per token differ.
+    """
+    planes = 2 * num_layers  # K and V of every layer
+    token_bytes, remote_token_bytes = _token_bytes("local", local, planes), _token_bytes("remote", remote, planes)
+    if remote_token_bytes != token_bytes:
+        raise ValueError(f"{token_bytes} bytes per token and plane locally, {remote_token_bytes} remotely")
+    for side, table in (("local", local), ("remote", remote)):
+        needed = ceil_div(num_tokens, table.block_size)
+        if len(table.block_ids) != needed:
+            raise ValueError(f"{len(table.block_ids)} {side} blocks of {table.block_size} tokens "
+                             f"for {num_tokens} tokens (need {needed})")
+        _check_ids(side, table.block_ids, table.layout.num_blocks)
+    if len(set(local.block_ids)) != len(local.block_ids):
+        raise ValueError("duplicate local block ids")
+    if not 0 <= skip_leading <= len(local.block_ids):
+        raise ValueError(f"skip_leading={skip_leading} outside [0, {len(local.block_ids)}]")
+    out = ByteRanges([], [], [])
+    lsize, rsize = local.block_size, remote.block_size
+    for i in range(skip_leading, len(local.block_ids)):
+        start, end = i * lsize, min((i + 1) * lsize, num_tokens)
+        local_block = local.layout.base_addr + local.block_ids[i] * local.layout.block_bytes
+        # The block's tokens split where remote blocks change: (local offset, remote block addr, offset, count).
+        runs = []
+        t = start
+        while t < end:
+            r = t // rsize
+            stop = min(end, (r + 1) * rsize)
+            runs.append((t - start, remote.layout.base_addr + remote.block_ids[r] * remote.layout.block_bytes,
+                         t - r * rsize, stop - t))
+            t = stop
+        for plane in range(planes):
+            for local_offset, remote_block, remote_offset, count in runs:
+                out.add(local_block + (plane * lsize + local_offset) * token_bytes,
+                        remote_block + (plane * rsize + remote_offset) * token_bytes, count * token_bytes)
+    return out
+
+
+def _token_bytes(side: str, table: BlockTable, planes: int) -> int:
+    """Bytes of one token of one (layer, K/V) plane; ``ValueError`` when the block does not divide."""
+    if table.block_size <= 0 or table.layout.block_bytes % (planes * table.block_size):
+        raise ValueError(f"{side} blocks of {table.layout.block_bytes} bytes do not hold {planes} planes of "
+                         f"{table.block_size} tokens")
+    return table.layout.block_bytes // (planes * table.block_size)
 
 
 def _check_ids(side: str, ids: list[int], num_blocks: int) -> None:

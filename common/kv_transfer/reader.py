@@ -3,7 +3,8 @@
 ``read_blocks(params, local_block_ids, skip_leading)`` handshakes once per
 prefill engine (one shared future per engine, failures not cached; the
 handshake picks the transport for that engine, see ``transports.py``), merges
-block runs into byte ranges, runs the blocking backend read in a thread pool
+block runs into byte ranges (whole blocks when both engines have the same block
+size, token positions when they differ: ``ranges.token_ranges``), runs the blocking backend read in a thread pool
 (a started read is never abandoned, even when the caller is cancelled), renews
 the lease while it waits, checks every status, confirms the lease still held
 after the read, and always sends ``ReleaseKV`` afterwards through a
@@ -24,7 +25,7 @@ from common.client_pool import ClientPool
 from common.errors import BusError, CallTimeout, HandshakeError, KVTransferError, PeerError
 from common.kv_transfer.backend import TransferBackend
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
+from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, block_ranges, token_ranges
 from common.kv_transfer.status import RequestTransfers, TransferStatus
 from common.kv_transfer.transport_set import TransportSet
 from common.kv_transfer.transports import Placement, TransportError, candidates
@@ -36,6 +37,7 @@ from common.messages import (
     LeaseRenewed,
     ReleaseKV,
     RenewLease,
+    kv_incompatibilities,
 )
 from common.tasks import BackgroundTasks
 
@@ -52,6 +54,7 @@ class Peer:
     backend: TransferBackend
     session: str
     layout: KVLayout
+    block_size: int  # tokens per block of the peer's KV (may differ from ours)
     incarnation: str  # the KV memory the handshake described (a restarted prefill has another)
 
 
@@ -221,21 +224,21 @@ class KVReader:
                         transport, reply.memory, reply.host_id, ", ".join(self.transports.backends),
                         ", ".join(o.name for o in reply.transports))
         self.transports.chosen[engine_id] = transport
-        return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout, reply.incarnation)
+        return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout, reply.fingerprint.block_size,
+                    reply.incarnation)
 
     def _check_reply(self, engine_id: str, kv_endpoint: str, reply: object) -> KVLayout:
         if not isinstance(reply, HandshakeReply):
             raise HandshakeError(f"{engine_id} answered the handshake with {type(reply).__name__}")
         if reply.engine_id != engine_id:
             raise HandshakeError(f"{kv_endpoint} is engine {reply.engine_id!r}, not {engine_id!r}")
-        diff = self.fingerprint.differences(reply.fingerprint)
-        if diff:
-            detail = ", ".join(
-                f"{f} (ours {getattr(self.fingerprint, f)!r}, theirs {getattr(reply.fingerprint, f)!r})" for f in diff
-            )
-            raise HandshakeError(f"{engine_id} has an incompatible KV cache: {detail}")
-        if reply.block_bytes != self.layout.block_bytes:
-            raise HandshakeError(f"{engine_id} has {reply.block_bytes}-byte blocks, ours are {self.layout.block_bytes}")
+        reasons = kv_incompatibilities(reply.fingerprint, self.fingerprint)
+        if reasons:
+            raise HandshakeError(f"{engine_id} has an incompatible KV cache: {'; '.join(reasons.values())}")
+        ours, theirs = self.fingerprint.block_size, reply.fingerprint.block_size
+        if reply.block_bytes * ours != self.layout.block_bytes * theirs:  # the same bytes per token
+            raise HandshakeError(f"{engine_id} has {reply.block_bytes}-byte blocks of {theirs} tokens, "
+                                 f"ours are {self.layout.block_bytes} bytes for {ours}")
         if not reply.regions or reply.regions[0].length < reply.block_bytes * reply.num_blocks:
             raise HandshakeError(f"{engine_id}'s registered memory does not hold its {reply.num_blocks} blocks")
         return KVLayout(reply.regions[0].addr, reply.block_bytes, reply.num_blocks)
@@ -245,38 +248,55 @@ class KVReader:
     async def read_blocks(
         self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
     ) -> ReadStats:
-        """Read ``params.block_ids[skip_leading:]`` into ``local_block_ids[skip_leading:]``.
+        """Read the prompt's KV from ``params.block_ids`` into ``local_block_ids`` (our blocks, one per
+        ``block_size`` tokens of ``params.num_tokens``), but for the first ``skip_leading`` of ours.
 
-        The first ``skip_leading`` blocks are local prefix-cache hits.  Raises
+        Those are local prefix-cache hits.  When the peer's block size is ours, ``params.block_ids[i]``
+        is read into ``local_block_ids[i]`` whole; otherwise token positions map between the two
+        (``token_ranges``, which needs ``params.num_tokens`` to match the block lists).  Raises
         ``HandshakeError`` / ``KVTransferError``; ``ReleaseKV`` is sent in every
         outcome (success, failure, cancellation) once no backend read is running.
         """
         try:
-            if len(local_block_ids) != len(params.block_ids):
+            same_block_size = params.block_size in (0, self.fingerprint.block_size)
+            if same_block_size and len(local_block_ids) != len(params.block_ids):
                 raise KVTransferError(
                     f"{len(local_block_ids)} local blocks for {len(params.block_ids)} remote blocks"
                 )
-            if not 0 <= skip_leading <= len(params.block_ids):
-                raise KVTransferError(f"skip_leading={skip_leading} outside [0, {len(params.block_ids)}]")
+            if not 0 <= skip_leading <= len(local_block_ids):
+                raise KVTransferError(f"skip_leading={skip_leading} outside [0, {len(local_block_ids)}]")
             peer = await self.handshake(params.engine_id, params.kv_endpoint, params.incarnation)
             if params.incarnation and peer.incarnation != params.incarnation:
                 raise KVTransferError(f"transfer {params.transfer_id} is from an earlier run of {params.engine_id}: "
                                       "its blocks are gone")
+            if params.block_size not in (0, peer.block_size):
+                raise KVTransferError(f"transfer {params.transfer_id} names {params.block_size}-token blocks, "
+                                      f"{params.engine_id} has {peer.block_size}")
             try:
-                ranges = block_ranges(
-                    local_block_ids[skip_leading:],
-                    params.block_ids[skip_leading:],
-                    local_base=self.layout.base_addr,
-                    remote_base=peer.layout.base_addr,
-                    block_bytes=self.layout.block_bytes,
-                    local_num_blocks=self.layout.num_blocks,
-                    remote_num_blocks=peer.layout.num_blocks,
-                )
+                ranges = self._ranges(peer, params, local_block_ids, skip_leading)
             except ValueError as e:
                 raise KVTransferError(f"transfer {params.transfer_id}: {e}") from e
             return await self._read(peer, params, ranges, len(local_block_ids) - skip_leading)
         finally:
             self.release(params)
+
+    def _ranges(self, peer: Peer, params: KVTransferParams, local_block_ids: list[int],
+                skip_leading: int) -> ByteRanges:
+        """The byte ranges of a read: whole blocks between equal block sizes, token runs otherwise."""
+        if peer.block_size == self.fingerprint.block_size:
+            return block_ranges(
+                local_block_ids[skip_leading:],
+                params.block_ids[skip_leading:],
+                local_base=self.layout.base_addr,
+                remote_base=peer.layout.base_addr,
+                block_bytes=self.layout.block_bytes,
+                local_num_blocks=self.layout.num_blocks,
+                remote_num_blocks=peer.layout.num_blocks,
+            )
+        return token_ranges(BlockTable(self.layout, self.fingerprint.block_size, local_block_ids),
+                            BlockTable(peer.layout, peer.block_size, params.block_ids),
+                            num_layers=self.fingerprint.num_layers, num_tokens=params.num_tokens,
+                            skip_leading=skip_leading)
 
     async def _read(self, peer: Peer, params: KVTransferParams, ranges: ByteRanges, num_blocks: int) -> ReadStats:
         if not ranges.lengths:

@@ -1,7 +1,7 @@
 """Prefill side of the KV handoff: the side channel decode engines call on the KV ROUTER.
 
-``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version
-or KV fingerprint) with the memory a reader needs and every transport it can be
+``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version,
+or a decode that cannot read our KV: ``common.messages.kv_incompatibilities``) with the memory a reader needs and every transport it can be
 read over (the reader picks one), and passes ``RenewLease`` and
 ``ReleaseKV`` to the owner of the pinned transfers (the prefill handoff): the
 side channel never frees blocks itself.  The reader is ``common.kv_transfer.reader``.
@@ -25,6 +25,7 @@ from common.messages import (
     LeaseRenewed,
     ReleaseKV,
     RenewLease,
+    kv_incompatibilities,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,11 @@ class KVSideChannel:
             raise PeerError(
                 "protocol_version", f"peer speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}"
             )
-        diff = self.fingerprint.differences(msg.fingerprint)
-        if diff:
-            logger.warning("refusing KV handshake from %s: fingerprint differs in %s", msg.engine_id, diff)
-            raise PeerError("incompatible", f"KV fingerprint differs in: {', '.join(diff)}", ",".join(diff))
+        reasons = kv_incompatibilities(self.fingerprint, msg.fingerprint)
+        if reasons:
+            detail = "; ".join(reasons.values())
+            logger.warning("refusing KV handshake from %s: %s", msg.engine_id, detail)
+            raise PeerError("incompatible", f"decode cannot read our KV: {detail}", ",".join(reasons))
         return self._reply
 
     async def on_renew(self, msg: RenewLease) -> LeaseRenewed:

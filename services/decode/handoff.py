@@ -2,7 +2,8 @@
 
 1. ``Generate(remote_prefill=params)`` arrives with the prefill's
    ``KVTransferParams``.  The params are checked against the prompt (token
-   count, one block id per block); a request refused here, or anywhere before
+   count, one block id per block of the PREFILL's block size, which may differ
+   from ours); a request refused here, or anywhere before
    the read, sends ``ReleaseKV`` so prefill does not hold blocks nobody reads.
 2. Allocate: the engine gets the request (one ``RemoteRequest``) and gives it
    blocks for the prompt plus its first token, prefix-cache hits leading; with
@@ -132,9 +133,11 @@ class DecodeHandoff(ColocatedRole):
         """Why ``params`` cannot describe this prompt's KV, or None."""
         if params.num_tokens != len(prompt_ids):
             return f"KV for {params.num_tokens} tokens, the prompt has {len(prompt_ids)}"
-        needed = ceil_div(params.num_tokens, self.service.core.block_size)
+        block_size = params.block_size or self.service.core.block_size  # 0: a sender older than the field
+        needed = ceil_div(params.num_tokens, block_size)
         if len(params.block_ids) != needed:
-            return f"{len(params.block_ids)} block ids for {params.num_tokens} tokens (need {needed})"
+            return (f"{len(params.block_ids)} block ids for {params.num_tokens} tokens in blocks of {block_size} "
+                    f"(need {needed})")
         return None
 
     async def _load_remote_kv(self, request_id: str, params: KVTransferParams, allocation: RemoteAllocation
@@ -151,7 +154,7 @@ class DecodeHandoff(ColocatedRole):
         self.reading.add(request_id)
         try:
             # The allocation also holds the block of the first token's KV, which decode computes itself.
-            prompt_blocks = allocation.block_ids[:len(params.block_ids)]
+            prompt_blocks = allocation.block_ids[:ceil_div(params.num_tokens, self.service.core.block_size)]
             stats = await self.reader.read_blocks(params, prompt_blocks, allocation.num_cached_blocks)
             timings = {"kv_transfer_s": time.monotonic() - started, "kv_read_s": stats.seconds,
                        "kv_bytes": float(stats.bytes), "kv_ranges": float(stats.num_ranges)}

@@ -64,7 +64,7 @@ class Leg:
     it silently (cancelling the request on the engine).  Every instance the leg
     sends to is in the choice's ``holders`` until it finished with the request;
     each attempt holds one router slot, freed when the attempt is over (``_close``).
-    ``like``: only instances with this one's fingerprint (decode after prefill).
+    ``like``: only instances that can read this one's KV (decode after prefill).
     """
 
     __slots__ = ("context", "choice", "role", "gen", "like", "on_output", "on_end", "tried", "inst", "client",

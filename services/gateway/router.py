@@ -15,7 +15,7 @@ each have their own policy object, so their choices are never locked together.
 
 An instance that failed a leg is skipped for ``failure_cooldown_s`` unless no
 other candidate is left.  A decode instance is only paired with a prefill
-instance of the same model and fingerprint.
+instance of the same model whose KV it can read (``common.messages.kv_incompatibilities``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from typing import Iterable, Literal, Mapping, get_args
 
-from common.messages import Instance, Role
+from common.messages import Instance, Role, kv_incompatibilities
 from common.roles import serves
 from services.gateway.errors import APIError, no_instance
 
@@ -129,10 +129,12 @@ class Router:
 
     def pick(self, role: Role, model: str, *, exclude: Iterable[str] = (),
              like: Instance | None = None) -> Instance | None:
-        """An instance for a leg, or None; ``like``: only instances with its fingerprint."""
+        """An instance for a leg, or None; ``like`` (the leg's prefill instance): only instances that
+        can read its KV."""
         excluded = set(exclude)
         candidates = [i for i in self._of(role, model)
-                      if i.id not in excluded and (like is None or i.fingerprint == like.fingerprint)]
+                      if i.id not in excluded and (like is None or not kv_incompatibilities(like.fingerprint,
+                                                                                           i.fingerprint))]
         if len(candidates) > 1:
             if self._failed_until:
                 now = time.monotonic()

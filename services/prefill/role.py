@@ -70,6 +70,7 @@ class PrefillRole(ColocatedRole):
             transfer_id=self.handoff.transfer_id(out.request_id), block_ids=list(out.pinned_block_ids or []),
             num_tokens=num_tokens, first_token_id=out.new_token_ids[0], lease_expiry=expiry,
             first_token_logprob=out.logprobs[0] if out.logprobs else None, incarnation=self.incarnation,
+            block_size=self.service.core.block_size,
         )  # fmt: skip
 
     async def abort(self, request_id: str) -> None:

@@ -9,8 +9,9 @@ Rules:
   registration whose id or endpoint matches an existing record replaces it
   (never a second entry).  Same id -> one "updated" event; an endpoint taken
   over by a new id -> "left" for the old id, then "joined" for the new one.
-* Instances serving the same model must have equal fingerprints, except that
-  a ``both``-role instance may differ from others in ``transfer_backend``.
+* Instances serving the same model must be able to read each other's KV
+  (``common.messages.kv_incompatibilities``: block sizes may differ, both powers
+  of two), except that a ``both``-role instance may differ in ``transfer_backend``.
 * A record whose last register/heartbeat is older than ``lease_ttl_s`` expires.
 * A heartbeat emits "updated" only when the load changed (so a watcher sees
   every load change, at most one event per heartbeat per instance).
@@ -23,7 +24,7 @@ import logging
 import msgspec
 
 from common.errors import PeerError
-from common.messages import PROTOCOL_VERSION, Instance, Load, MembershipEvent, Role
+from common.messages import PROTOCOL_VERSION, Instance, Load, MembershipEvent, Role, kv_incompatibilities
 from common.roles import serves
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,17 @@ logger = logging.getLogger(__name__)
 BOTH_ROLE_MAY_DIFFER = frozenset({"transfer_backend"})
 
 
-def incompatible_fields(a: Instance, b: Instance) -> list[str]:
-    """Fingerprint fields on which two instances of the same model disagree."""
-    diff = a.fingerprint.differences(b.fingerprint)
+def incompatibilities(a: Instance, b: Instance) -> dict[str, str]:
+    """Why two instances of the same model cannot share KV (fingerprint field -> reason); empty if they can.
+
+    The rule is "can a decode read that prefill", asked with the prefill-side instance first
+    (so the reasons name the sides right); it is symmetric in what it accepts.
+    """
+    prefill, decode = (b, a) if a.role == "decode" else (a, b)
+    reasons = kv_incompatibilities(prefill.fingerprint, decode.fingerprint)
     if "both" in (a.role, b.role):
-        diff = [f for f in diff if f not in BOTH_ROLE_MAY_DIFFER]
-    return diff
+        reasons = {f: why for f, why in reasons.items() if f not in BOTH_ROLE_MAY_DIFFER}
+    return reasons
 
 
 def check_instance(instance: Instance) -> None:
@@ -88,13 +94,12 @@ class Membership:
         for other in self.instances.values():
             if other.id in replaced_ids or other.model != instance.model:
                 continue
-            diff = incompatible_fields(instance, other)
-            if diff:
+            reasons = incompatibilities(instance, other)
+            if reasons:
                 raise PeerError(
                     "incompatible",
-                    f"instance {instance.id!r} ({instance.role}) differs from registered instance "
-                    f"{other.id!r} ({other.role}) of model {instance.model!r} in fingerprint fields: "
-                    + ", ".join(f"{f} ({getattr(instance.fingerprint, f)!r} != {getattr(other.fingerprint, f)!r})" for f in diff),
+                    f"instance {instance.id!r} ({instance.role}) cannot share KV with registered instance "
+                    f"{other.id!r} ({other.role}) of model {instance.model!r}: " + "; ".join(reasons.values()),
                     "instance.fingerprint",
                 )
         events: list[MembershipEvent] = []
