@@ -114,11 +114,12 @@ async def decode(fake):
     made = []
 
     async def make(fp: Fingerprint | None = None, **over) -> tuple[KVReader, KVCache]:
-        kv = KVCache(num_blocks=16, **GEOMETRY)
+        fp = fp or fingerprint()
+        kv = KVCache(num_blocks=16, **{**GEOMETRY, "block_size": fp.block_size})
         layout = KVLayout.of(kv)
         cfg = config(**over)
         transports = TransportSet.open(cfg, kv.data, layout.region)
-        conn = KVReader(transports, "decode-0", fp or fingerprint(), layout, cfg)
+        conn = KVReader(transports, "decode-0", fp, layout, cfg)
         made.append((conn, transports))
         return conn, kv
 
@@ -275,6 +276,36 @@ async def test_skip_leading_prefix_hits_are_not_read(prefill, decode):
     assert full.bytes == 0
     await conn.releases.flush()
     assert await prefill.unpinned() == [tid("t1"), tid("t2")]
+
+
+def token_kv(kv: KVCache, block_ids: list[int], first: int, end: int) -> torch.Tensor:
+    """K and V of a prompt's token positions ``[first, end)`` held in ``block_ids``."""
+    positions = torch.arange(first, end)
+    return kv.data[torch.tensor(block_ids)[positions // kv.block_size], :, :, positions % kv.block_size]
+
+
+@pytest.mark.parametrize(("decode_block_size", "local", "skip"),
+                         [(8, [3, 7], 0), (8, [3, 7], 1), (2, [9, 1, 2, 3, 4, 0, 8], 2)])
+async def test_a_decode_of_another_block_size_reads_token_positions(prefill, decode, decode_block_size, local, skip):
+    conn, kv = await decode(fingerprint(block_size=decode_block_size))
+    remote = [5, 6, 2, 9]  # 13 tokens in prefill's 4-token blocks
+    params = msgspec.structs.replace(prefill.params(remote), num_tokens=13, block_size=4)
+    stats = await conn.read_blocks(params, local, skip)
+    first = skip * decode_block_size
+    assert torch.equal(token_kv(kv, local, first, 13), token_kv(prefill.kv, remote, first, 13))
+    assert not token_kv(kv, local, 0, first).any()  # prefix-cache hits are not overwritten
+    assert stats.num_blocks == len(local) - skip and stats.bytes == (13 - first) * kv.block_bytes // decode_block_size
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [tid("t1")]
+
+
+async def test_params_naming_another_block_size_than_the_peer_are_refused(prefill, decode):
+    conn, _ = await decode(fingerprint(block_size=8))
+    params = msgspec.structs.replace(prefill.params([1, 2]), block_size=8)  # prefill-0's blocks hold 4 tokens
+    with pytest.raises(KVTransferError, match="names 8-token blocks, prefill-0 has 4"):
+        await conn.read_blocks(params, [3, 4])
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [tid("t1")]
 
 
 async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode, fake):

@@ -1,14 +1,17 @@
 """L1: block ranges, status aggregation, leases, config and handshake metadata (no I/O)."""
 
+import random
+
 import msgspec
 import pytest
 import torch
 
+from common.arith import ceil_div
 from common.config import ConfigError
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
-from common.kv_transfer.ranges import KVLayout, block_ranges
+from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, block_ranges, token_ranges
 from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
 from common.messages import Fingerprint, HandshakeReply, KVTransferParams, MemoryRegion, Reply, TransportOffer
 
@@ -210,3 +213,99 @@ def test_handshake_reply_and_params_roundtrip():
 
 def test_fingerprint_differences_name_fields():
     assert fingerprint().differences(fingerprint(block_size=32, dtype="bfloat16")) == ["dtype", "block_size"]
+
+
+# -- token ranges (different block sizes) -------------------------------------
+
+LAYERS, HEADS, DIM = 3, 2, 4
+
+
+def filled_cache(block_size: int, num_blocks: int = 24) -> KVCache:
+    kv = KVCache(num_blocks=num_blocks, num_layers=LAYERS, block_size=block_size, num_kv_heads=HEADS, head_dim=DIM,
+                 dtype=torch.float16, device="cpu")
+    kv.data.copy_(torch.randn_like(kv.data))
+    return kv
+
+
+def expected_read(decode: KVCache, prefill: KVCache, local_ids: list[int], remote_ids: list[int], first: int,
+                  end: int) -> torch.Tensor:
+    """``decode.data`` after token positions ``[first, end)`` of the prompt were copied from ``prefill``."""
+    out = decode.data.clone()
+    positions = torch.arange(first, end)
+    local_blocks = torch.tensor(local_ids, dtype=torch.long)[positions // decode.block_size]
+    remote_blocks = torch.tensor(remote_ids, dtype=torch.long)[positions // prefill.block_size]
+    source = prefill.data[remote_blocks, :, :, positions % prefill.block_size]  # [tokens, layers, 2, heads, dim]
+    out.permute(0, 3, 1, 2, 4, 5)[local_blocks, positions % decode.block_size] = source
+    return out
+
+
+def copy_ranges(into: KVCache, source: KVCache, r: ByteRanges) -> None:
+    """What a backend read does, on two caches whose layouts are based at 0."""
+    dst, src = into.data.view(-1).view(torch.uint8), source.data.view(-1).view(torch.uint8)
+    for la, ra, n in zip(*r):
+        dst[la:la + n] = src[ra:ra + n]
+
+
+def blocks_of(kv: KVCache, block_ids: list[int]) -> BlockTable:
+    return BlockTable(KVLayout(0, kv.block_bytes, kv.num_blocks), kv.block_size, block_ids)
+
+
+def scattered(n: int, seed: int, num_blocks: int = 24) -> list[int]:
+    """``n`` distinct block ids, some in consecutive runs, as a block manager leaves them."""
+    ids = list(range(num_blocks))
+    random.Random(seed).shuffle(ids)
+    return sorted(ids[:n], key=lambda b: (b // 3, b))
+
+
+@pytest.mark.parametrize("remote_size, local_size", [(4, 8), (8, 4), (4, 16), (16, 4), (8, 8)])
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 8, 13, 16, 31, 32, 47])
+@pytest.mark.parametrize("skip_leading", [0, 1, 2])
+def test_token_ranges_read_exactly_the_tokens_decode_lacks(remote_size, local_size, num_tokens, skip_leading):
+    remote_ids = scattered(ceil_div(num_tokens, remote_size), seed=num_tokens)
+    local_ids = scattered(ceil_div(num_tokens, local_size), seed=num_tokens + 1)
+    skip_leading = min(skip_leading, len(local_ids))
+    prefill, decode = filled_cache(remote_size), filled_cache(local_size)
+    first = min(skip_leading * local_size, num_tokens)
+    expected = expected_read(decode, prefill, local_ids, remote_ids, first, num_tokens)
+    r = token_ranges(blocks_of(decode, local_ids), blocks_of(prefill, remote_ids), num_layers=LAYERS, num_tokens=num_tokens,
+                     skip_leading=skip_leading)
+    copy_ranges(decode, prefill, r)
+    assert torch.equal(decode.data, expected)  # the missing tokens, byte for byte, and nothing else
+    assert r.total_bytes == (num_tokens - first) * 2 * LAYERS * HEADS * DIM * 2
+
+
+@pytest.mark.parametrize("remote_size, local_size, expected", [(16, 32, 64 * 32 * 2 - 63), (32, 16, 128 * 32 - 63),
+                                                                (16, 16, 1)])
+def test_token_ranges_merge_what_is_contiguous_on_both_sides(remote_size, local_size, expected):
+    """A 2,048-token prompt, 16 layers, consecutive block ids on both sides: pieces merge across block
+    boundaries only where both sides continue (between equal block sizes, into one range)."""
+    def side(block_size: int) -> BlockTable:
+        return BlockTable(KVLayout(1 << 20, 16 * 2 * block_size * 64, 200), block_size,
+                          list(range(10, 10 + 2048 // block_size)))
+
+    r = token_ranges(side(local_size), side(remote_size), num_layers=16, num_tokens=2048)
+    assert len(r.lengths) == expected
+    assert r.total_bytes == 2048 * 16 * 2 * 64
+
+
+@pytest.mark.parametrize(
+    "local_ids, remote_ids, over, match",
+    [([0], [0, 1], {}, "1 local blocks of 8 tokens for 9 tokens \\(need 2\\)"),
+     ([0, 1], [0, 1], {}, "2 remote blocks of 4 tokens for 9 tokens \\(need 3\\)"),
+     ([0, 1], [0, 1, 24], {}, "remote block id 24"),
+     ([3, 3], [0, 1, 2], {}, "duplicate local"),
+     ([0, 1], [0, 1, 2], {"skip_leading": 3}, "skip_leading=3"),
+     ([0, 1], [0, 1, 2], {"num_layers": 5}, "do not hold 10 planes")],
+)
+def test_token_ranges_refuse_block_lists_that_do_not_fit(local_ids, remote_ids, over, match):
+    decode, prefill = filled_cache(8), filled_cache(4)
+    with pytest.raises(ValueError, match=match):
+        token_ranges(blocks_of(decode, local_ids), blocks_of(prefill, remote_ids),
+                     **{"num_layers": LAYERS, "num_tokens": 9, **over})
+
+
+def test_token_ranges_refuse_different_token_sizes():
+    decode = filled_cache(8)
+    wide = BlockTable(KVLayout(0, 2 * filled_cache(4).block_bytes, 24), 4, [0, 1, 2])
+    with pytest.raises(ValueError, match="bytes per token and plane locally"):
+        token_ranges(blocks_of(decode, [0, 1]), wide, num_layers=LAYERS, num_tokens=9)
