@@ -1,6 +1,8 @@
 """End to end with real processes: registry, prefill, two decodes and a colocated (``--role both``)
 baseline, demo model on CPU.  The prefill serves every transport it can (``auto``): ``decode`` reads
 over Mooncake TCP on loopback (forced), ``decode-shm`` picks shared memory by itself (same host).
+Block sizes differ across two more engines: ``prefill-32`` (32-token blocks, every transport) and
+``decode-32`` (32-token blocks, TCP) read and are read by the 16-token ones, token positions mapped.
 
 One set of processes serves the module (starting one costs seconds on two
 cores); the tests that kill processes run last.
@@ -43,9 +45,12 @@ async def deployment():
                            kv_transport="auto")
         procs.start_engine("decode", "decode", *ENGINE_FLAGS)
         procs.start_engine("decode-shm", "decode", *ENGINE_FLAGS, kv_transport="auto")
+        procs.start_engine("prefill-32", "prefill", *ENGINE_FLAGS, "--block-size", "32", "--kv-lease-seconds",
+                           str(LEASE_S), kv_transport="auto")
+        procs.start_engine("decode-32", "decode", *ENGINE_FLAGS, "--block-size", "32")
         # A short drain: the SIGTERM test needs its long stream to outlast it.
         procs.start_engine("both", "prefill", "--role", "both", *ENGINE_FLAGS, "--shutdown-timeout-s", "1")
-        await procs.wait_registered("prefill", "decode", "decode-shm", "both")
+        await procs.wait_registered("prefill", "decode", "decode-shm", "both", "prefill-32", "decode-32")
         d = Deployment(procs)
         try:
             yield d
@@ -75,6 +80,28 @@ async def test_pd_greedy_output_identical_to_colocated(deployment: Deployment, d
         assert dec[0].timings["kv_bytes"] > 0 and "kv_failed" not in dec[0].timings
     assert (await deployment.stats(decode)).kv_transports == {"prefill": transport}
     await deployment.wait_idle("prefill", decode, "both")
+
+
+@pytest.mark.parametrize(("prefill", "decode", "transport"),
+                         [("prefill", "decode-32", "tcp"), ("prefill-32", "decode", "tcp"),
+                          ("prefill-32", "decode-shm", "shm")])
+async def test_pd_across_block_sizes_identical_to_colocated(deployment: Deployment, prefill: str, decode: str,
+                                                            transport: str):
+    """16 -> 32 and 32 -> 16, all prompt lengths at once: shorter than a block, multiples of 16 and of 32, long."""
+    prompts = [prompt_ids(length, seed=500 + length) for length in LENGTHS]
+    refs = await asyncio.gather(*(deployment.reference(ids) for ids in prompts))
+    results = await asyncio.gather(*(deployment.pd(f"bs-{len(ids)}-{prefill}-{decode}", ids, prefill=prefill,
+                                                   decode=decode) for ids in prompts))
+    for ids, ref, (pre, dec) in zip(prompts, refs, results):
+        assert tokens(pre + dec) == ref, f"prompt of {len(ids)} tokens, {prefill} -> {decode}"
+        assert dec[0].timings["kv_bytes"] > 0 and "kv_failed" not in dec[0].timings
+    # Again: decode's prefix cache now holds the leading full blocks; only the tokens after them are read.
+    ids = prompts[LENGTHS.index(100)]
+    pre, dec = await deployment.pd(f"bs-again-{prefill}-{decode}", ids, prefill=prefill, decode=decode)
+    assert tokens(pre + dec) == refs[LENGTHS.index(100)]
+    assert 0 < dec[0].timings["kv_bytes"] < results[LENGTHS.index(100)][1][0].timings["kv_bytes"]
+    assert (await deployment.stats(decode)).kv_transports[prefill] == transport
+    await deployment.wait_idle(prefill, decode, "both")
 
 
 async def test_text_prompt_through_pd(deployment: Deployment):
