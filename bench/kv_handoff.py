@@ -22,7 +22,11 @@ interleaved so that every figure sees the same machine state:
   of one contiguous buffer, timed by CUDA events: the device's own rate);
 * backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
-  same read, over ``--requests`` requests (p50/p99).
+  same read, over ``--requests`` requests (p50/p99);
+* with ``--decode-block-size`` other than ``--block-size``: also a second
+  decode engine of that block size reading the same bytes from the same
+  prefill, token positions mapped (``ranges.token_ranges``), interleaved with
+  the homogeneous reads, as a fraction of them (goal >= 0.8).
 
 Default geometry: a 2,048-token request, 16 layers x 8 KV heads x 64 head_dim,
 fp16, 16-token blocks = 512 KiB per block, 128 blocks, 64 MiB per request
@@ -30,6 +34,7 @@ fp16, 16-token blocks = 512 KiB per block, 128 blocks, 64 MiB per request
 
     python -m bench.kv_handoff --transport all                   # CPU: tcp and shm vs memcpy, one run
     python -m bench.kv_handoff --device cuda --transport nvlink  # one GPU: CUDA IPC vs a device copy
+    python -m bench.kv_handoff --transport shm --decode-block-size 32  # CPU: 16 -> 32 vs 16 -> 16
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from common.engine.kv_cache import KVCache, zeros
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
-from common.kv_transfer.reader import KVReader
+from common.kv_transfer.reader import KVReader, ReadStats
 from common.kv_transfer.side_channel import KVSideChannel
 from common.kv_transfer.transport_set import TransportSet, shared_kv_file
 from common.messages import Fingerprint, KVRequest, KVTransferParams
@@ -65,6 +70,7 @@ from services.prefill.handoff import PrefillHandoff
 ROOT = Path(__file__).resolve().parent.parent
 ALL = {"cpu": ("tcp", "shm"), "cuda": ("nvlink", "tcp")}  # --transport all, by device type
 GOAL = 0.50  # connector / limit (issue 11)
+HETERO_GOAL = 0.80  # a read across block sizes / a homogeneous read of the same bytes (issue 12)
 
 
 class BenchEngineKV:
@@ -102,6 +108,11 @@ def fill_random(kv: KVCache) -> None:
     kv.data.copy_(torch.randn(kv.data.shape, dtype=torch.float32, device=kv.data.device).to(torch.float16))
     if kv.data.is_cuda:
         torch.cuda.synchronize(kv.data.device)
+
+
+def with_block_size(args: argparse.Namespace, block_size: int) -> argparse.Namespace:
+    """``args`` for an engine of another block size (the decode side of a heterogeneous read)."""
+    return argparse.Namespace(**{**vars(args), "block_size": block_size})
 
 
 def fingerprint(args: argparse.Namespace) -> Fingerprint:
@@ -220,6 +231,7 @@ async def run_decode(args: argparse.Namespace) -> dict:
     for result in results.values():
         result["of_limit"] = result["connector_gbps"] / limit
     return {"setup": {"device": args.device, "tokens": args.tokens, "blocks": len(remote),
+                      "block_size": args.block_size, "decode_block_size": args.decode_block_size or args.block_size,
                       "block_bytes": block_bytes, "bytes": nbytes,
                       "ranges": len(ranges_of(0, 0).lengths), "shards": args.shards, "repeats": args.repeats,
                       "requests": args.requests},
@@ -230,7 +242,7 @@ async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict,
     """The prefill child serving ``transport`` and the JSON line it printed once ready."""
     child = subprocess.Popen(
         [sys.executable, "-m", "bench.kv_handoff", "--role", "prefill", "--transport", transport,
-         "--transfers", str(args.repeats + args.requests + 1), "--device", args.device,
+         "--transfers", str(2 * (args.repeats + 1) + args.requests), "--device", args.device,
          *[f"--{k.replace('_', '-')}={v}" for k, v in geometry(args).items()]],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
@@ -241,22 +253,54 @@ async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict,
     return json.loads(line), child
 
 
+class DecodeSide:
+    """A decode engine's KV cache and reader (``args``' geometry), reading the request into ``local``."""
+
+    def __init__(self, args: argparse.Namespace, transport: str, local: list[int]):
+        self.engine = BenchEngineKV(args, transport)
+        self.reader = KVReader(self.engine.transports, "decode-0", fingerprint(args), self.engine.layout,
+                               self.engine.config)
+        self.local = local
+        self.transport = transport
+
+    async def timed_read(self, params: KVTransferParams) -> tuple[float, ReadStats]:
+        """``read_blocks``' wall time in seconds, and its stats."""
+        start = time.perf_counter()
+        stats = await self.reader.read_blocks(params, self.local)
+        return time.perf_counter() - start, stats
+
+    async def close(self) -> None:
+        """Flush the releases and close; raises when the reader did not use the forced transport."""
+        try:
+            await self.reader.releases.flush()
+            chosen = self.engine.transports.chosen.get("prefill-0")
+        finally:
+            await self.reader.close()
+            self.engine.close()
+        if chosen != self.transport:
+            raise RuntimeError(f"the reader chose {chosen}, not the forced {self.transport}")
+
+
 async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: list[int], local: list[int],
                   limits: dict[str, Callable[[], float]], limit_s: dict[str, list[float]]) -> dict:
-    """Connector reads over ``transport`` (and raw Mooncake reads for tcp), each repeat also timing every
-    limit copy into ``limit_s``."""
-    engine = BenchEngineKV(args, transport)
-    reader = KVReader(engine.transports, "decode-0", fingerprint(args), engine.layout, engine.config)
-    nbytes = len(remote) * engine.kv.block_bytes
+    """Connector reads over ``transport`` (and raw Mooncake reads for tcp, and reads by a decode of
+    ``--decode-block-size``), each repeat also timing every limit copy into ``limit_s``."""
+    decode = DecodeSide(args, transport, local)
+    hetero = None
+    if args.decode_block_size not in (0, args.block_size):
+        hetero_args = with_block_size(args, args.decode_block_size)
+        hetero = DecodeSide(hetero_args, transport, block_ids(hetero_args, seed=3))
+    nbytes = len(remote) * decode.engine.kv.block_bytes
     transfer_ids = iter(range(10**9))
 
     def params() -> KVTransferParams:
         return KVTransferParams("prefill-0", peer["endpoint"], f"prefill-0/t{next(transfer_ids)}", remote,
-                                args.tokens, 0, time.time() + 3600)
+                                args.tokens, 0, time.time() + 3600, block_size=args.block_size)
 
     def raw_read() -> None:
-        backend = engine.transports.backends["tcp"]
-        rc = backend.engine.transfer_sync_read(peer["sessions"]["tcp"], engine.layout.base_addr, peer["base"], nbytes)
+        backend = decode.engine.transports.backends["tcp"]
+        rc = backend.engine.transfer_sync_read(peer["sessions"]["tcp"], decode.engine.layout.base_addr, peer["base"],
+                                               nbytes)
         if rc < 0:
             raise RuntimeError(f"raw transfer_sync_read failed: {rc}")
 
@@ -264,35 +308,40 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
     try:
         if raw is not None:
             raw()  # warm-up: connection set-up on both paths
-        await reader.read_blocks(params(), local)
-        raw_s, conn_s, backend_s, ranges = [], [], [], 0
+        for side in filter(None, (decode, hetero)):
+            await side.timed_read(params())
+        raw_s, conn_s, backend_s, hetero_s, hetero_backend_s, ranges, hetero_ranges = [], [], [], [], [], 0, 0
         for _ in range(args.repeats):
             for name, copy in limits.items():
                 limit_s[name].append(copy())
             if raw is not None:
                 raw_s.append(raw())
-            start = time.perf_counter()
-            stats = await reader.read_blocks(params(), local)
-            conn_s.append(time.perf_counter() - start)
+            seconds, stats = await decode.timed_read(params())
+            conn_s.append(seconds)
             backend_s.append(stats.seconds)
             ranges = stats.num_ranges
+            if hetero is not None:
+                seconds, stats = await hetero.timed_read(params())
+                hetero_s.append(seconds)
+                hetero_backend_s.append(stats.seconds)
+                hetero_ranges = stats.num_ranges
         overhead_ms = []
         for _ in range(args.requests):
-            start = time.perf_counter()
-            stats = await reader.read_blocks(params(), local)
-            overhead_ms.append((time.perf_counter() - start - stats.seconds) * 1e3)
-        await reader.releases.flush()
-        chosen = engine.transports.chosen.get("prefill-0")
+            seconds, stats = await decode.timed_read(params())
+            overhead_ms.append((seconds - stats.seconds) * 1e3)
     finally:
-        await reader.close()
-        engine.close()
-    if chosen != transport:
-        raise RuntimeError(f"the reader chose {chosen}, not the forced {transport}")
+        for side in filter(None, (decode, hetero)):
+            await side.close()
     result = {"connector_gbps": gbps(nbytes, statistics.median(conn_s)),
               "backend_gbps": gbps(nbytes, statistics.median(backend_s)), "ranges": ranges,
               "overhead_p50_ms": percentile(overhead_ms, 50), "overhead_p99_ms": percentile(overhead_ms, 99)}
     if raw_s:
         result["raw_gbps"] = gbps(nbytes, statistics.median(raw_s))
+    if hetero_s:
+        result["hetero_gbps"] = gbps(nbytes, statistics.median(hetero_s))
+        result["hetero_backend_gbps"] = gbps(nbytes, statistics.median(hetero_backend_s))
+        result["hetero_ranges"] = hetero_ranges
+        result["hetero_of_homogeneous"] = result["hetero_gbps"] / result["connector_gbps"]
     return result
 
 
@@ -314,6 +363,11 @@ def report(result: dict) -> str:
                      f"requests p50 {r['overhead_p50_ms']:.3f} ms, p99 {r['overhead_p99_ms']:.3f} ms")
         lines.append(f"{transport:>6}   of which the backend's read alone: {r['backend_gbps']:8.2f} GB/s = "
                      f"{r['backend_gbps'] / limit:.3f} x limit")
+        if "hetero_gbps" in r:
+            lines.append(f"{transport:>6} decode of {setup['decode_block_size']}-token blocks (from {setup['block_size']}): "
+                         f"{r['hetero_gbps']:8.2f} GB/s in {r['hetero_ranges']} ranges = {r['hetero_of_homogeneous']:.3f} "
+                         f"x the same bytes between equal block sizes (goal >= {HETERO_GOAL:.2f}); the backend's "
+                         f"read alone {r['hetero_backend_gbps']:.2f} GB/s")
         if "raw_gbps" in r:
             lines.append(f"{transport:>6} raw Mooncake transfer_sync_read (1 contiguous range): {r['raw_gbps']:8.2f} "
                          f"GB/s; connector / raw {r['connector_gbps'] / r['raw_gbps']:.2f}")
@@ -336,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--decode-block-size", type=int, default=0,
+                   help="also read with a decode engine of this block size (0: none, the default)")
     p.add_argument("--num-blocks", type=int, default=256, help="KV cache size of each engine, in blocks")
     p.add_argument("--run-blocks", type=int, default=8, help="consecutive blocks per run in the block lists")
     p.add_argument("--repeats", type=int, default=10, help="interleaved runs of each path for the GB/s medians")
@@ -344,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
     p.add_argument("--transfers", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if ceil_div(args.tokens, args.block_size) > args.num_blocks:
+    if ceil_div(args.tokens, min(args.block_size, args.decode_block_size or args.block_size)) > args.num_blocks:
         p.error("--num-blocks is too small for --tokens")
     if args.role == "prefill" and args.transport == "all":
         p.error("the prefill child serves one transport")
