@@ -309,3 +309,9 @@ def test_token_ranges_refuse_different_token_sizes():
     wide = BlockTable(KVLayout(0, 2 * filled_cache(4).block_bytes, 24), 4, [0, 1, 2])
     with pytest.raises(ValueError, match="bytes per token and plane locally"):
         token_ranges(blocks_of(decode, [0, 1]), wide, num_layers=LAYERS, num_tokens=9)
+
+
+def test_token_ranges_refuse_block_sizes_that_do_not_divide():
+    decode, prefill = filled_cache(8), filled_cache(12)
+    with pytest.raises(ValueError, match="block sizes 8 and 12: neither divides the other"):
+        token_ranges(blocks_of(decode, [0, 1]), blocks_of(prefill, [0, 1]), num_layers=LAYERS, num_tokens=16)

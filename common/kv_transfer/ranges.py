@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 from common.arith import ceil_div
 from common.messages import MemoryRegion
 
@@ -99,14 +100,16 @@ def token_ranges(local: BlockTable, remote: BlockTable, *, num_layers: int, num_
     ``remote``'s blocks into ``local``'s, whatever the two block sizes.
 
     The first ``skip_leading`` local blocks are already local (prefix-cache hits).  Ranges come in
-    local address order (block, layer, K/V, token), which merges every pair contiguous on both sides.
-    Raises ``ValueError`` when a side's block ids do not cover ``num_tokens`` exactly, an id is out
-    of range, a local id repeats, or the two sides' bytes per token differ.
+    local address order, which merges every pair contiguous on both sides.  Raises ``ValueError``
+    when a side's block ids do not cover ``num_tokens`` exactly, an id is out of range, a local id
+    repeats, the two sides' bytes per token differ, or neither block size divides the other.
     """
     planes = 2 * num_layers  # K and V of every layer
     token_bytes, remote_token_bytes = _token_bytes("local", local, planes), _token_bytes("remote", remote, planes)
     if remote_token_bytes != token_bytes:
         raise ValueError(f"{token_bytes} bytes per token and plane locally, {remote_token_bytes} remotely")
+    if max(local.block_size, remote.block_size) % min(local.block_size, remote.block_size):
+        raise ValueError(f"block sizes {local.block_size} and {remote.block_size}: neither divides the other")
     for side, table in (("local", local), ("remote", remote)):
         needed = ceil_div(num_tokens, table.block_size)
         if len(table.block_ids) != needed:
@@ -117,25 +120,34 @@ def token_ranges(local: BlockTable, remote: BlockTable, *, num_layers: int, num_
         raise ValueError("duplicate local block ids")
     if not 0 <= skip_leading <= len(local.block_ids):
         raise ValueError(f"skip_leading={skip_leading} outside [0, {len(local.block_ids)}]")
-    out = ByteRanges([], [], [])
+    # Both block sizes are multiples of the smaller, so every run of that many tokens has one local
+    # and one remote block; each run is one piece per plane, at the same offset in every plane.
     lsize, rsize = local.block_size, remote.block_size
-    for i in range(skip_leading, len(local.block_ids)):
-        start, end = i * lsize, min((i + 1) * lsize, num_tokens)
-        local_block = local.layout.base_addr + local.block_ids[i] * local.layout.block_bytes
-        # The block's tokens split where remote blocks change: (local offset, remote block addr, offset, count).
-        runs = []
-        t = start
-        while t < end:
-            r = t // rsize
-            stop = min(end, (r + 1) * rsize)
-            runs.append((t - start, remote.layout.base_addr + remote.block_ids[r] * remote.layout.block_bytes,
-                         t - r * rsize, stop - t))
-            t = stop
-        for plane in range(planes):
-            for local_offset, remote_block, remote_offset, count in runs:
-                out.add(local_block + (plane * lsize + local_offset) * token_bytes,
-                        remote_block + (plane * rsize + remote_offset) * token_bytes, count * token_bytes)
-    return out
+    run = min(lsize, rsize)
+    starts = np.arange(skip_leading * lsize, num_tokens, run, dtype=np.int64)
+    local_addrs = (local.layout.base_addr + np.asarray(local.block_ids, np.int64)[starts // lsize]
+                   * local.layout.block_bytes + starts % lsize * token_bytes)
+    remote_addrs = (remote.layout.base_addr + np.asarray(remote.block_ids, np.int64)[starts // rsize]
+                    * remote.layout.block_bytes + starts % rsize * token_bytes)
+    plane = np.arange(planes, dtype=np.int64)
+    local_addrs = (local_addrs[:, None] + plane * lsize * token_bytes).ravel()
+    remote_addrs = (remote_addrs[:, None] + plane * rsize * token_bytes).ravel()
+    lengths = np.repeat(np.minimum(run, num_tokens - starts) * token_bytes, planes)
+    return _merged(local_addrs, remote_addrs, lengths)
+
+
+def _merged(local_addrs: np.ndarray, remote_addrs: np.ndarray, lengths: np.ndarray) -> ByteRanges:
+    """The pieces in local address order, each merged into the previous one when it follows it on both sides."""
+    order = np.argsort(local_addrs, kind="stable")
+    local_addrs, remote_addrs, lengths = local_addrs[order], remote_addrs[order], lengths[order]
+    starts_run = np.ones(len(lengths), dtype=bool)
+    starts_run[1:] = ((local_addrs[1:] != local_addrs[:-1] + lengths[:-1])
+                      | (remote_addrs[1:] != remote_addrs[:-1] + lengths[:-1]))
+    first = np.flatnonzero(starts_run)
+    if not len(first):
+        return ByteRanges([], [], [])
+    return ByteRanges(local_addrs[first].tolist(), remote_addrs[first].tolist(),
+                      np.add.reduceat(lengths, first).tolist())
 
 
 def _token_bytes(side: str, table: BlockTable, planes: int) -> int:
