@@ -15,9 +15,10 @@ from common.errors import HandshakeError, KVTransferError, PeerError
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.mori import MoriBackend
-from common.kv_transfer.ranges import KVLayout
-from common.kv_transfer.reader import KVReader
+from common.kv_transfer.ranges import ByteRanges, KVLayout
+from common.kv_transfer.reader import MAX_RANGES_PER_CALL, KVReader, read_in_batches
 from common.kv_transfer.side_channel import KVSideChannel
+from common.kv_transfer.status import TransferStatus
 from common.kv_transfer.transport_set import TransportSet
 from common.messages import (
     Ack,
@@ -445,3 +446,34 @@ async def test_lease_released_during_a_short_read_fails_it(prefill, decode, fake
     prefill.handoff.release(tid("t1"))  # e.g. the gateway aborted this decode and a retry read the blocks
     with pytest.raises(KVTransferError, match="ended during the read"):
         await task
+
+
+class RecordingBackend:
+    """``read`` as a backend's: records each call's range count, fails the calls listed in ``failing``."""
+
+    def __init__(self, failing: set[int] = frozenset()):
+        self.calls: list[int] = []
+        self.failing = failing
+
+    def read(self, session, local_addrs, remote_addrs, lengths):
+        self.calls.append(len(lengths))
+        status = TransferStatus.FAILED if len(self.calls) - 1 in self.failing else TransferStatus.SUCCESS
+        return [status] * len(lengths)
+
+
+def many_ranges(n: int) -> ByteRanges:
+    return ByteRanges(list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2)), [1] * n)
+
+
+def test_a_long_read_goes_to_the_backend_in_bounded_batches():
+    backend = RecordingBackend()
+    n = 2 * MAX_RANGES_PER_CALL + 7
+    assert read_in_batches(backend, "s", many_ranges(n)) == [TransferStatus.SUCCESS] * n
+    assert backend.calls == [MAX_RANGES_PER_CALL, MAX_RANGES_PER_CALL, 7]
+
+
+def test_a_failed_batch_stops_the_read_and_fails_every_range_left():
+    backend = RecordingBackend(failing={0})
+    n = 3 * MAX_RANGES_PER_CALL
+    statuses = read_in_batches(backend, "s", many_ranges(n))
+    assert statuses == [TransferStatus.FAILED] * n and backend.calls == [MAX_RANGES_PER_CALL]

@@ -68,6 +68,24 @@ class ReadStats:
     seconds: float
 
 
+# Most ranges handed to one backend call: Mooncake's TCP transport rejects a batch of a few thousand
+# ("TCP lane queue-full"), which a long prompt read between different block sizes easily makes.
+MAX_RANGES_PER_CALL = 512
+
+
+def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges) -> list[TransferStatus]:
+    """``backend.read`` of ``ranges``, at most ``MAX_RANGES_PER_CALL`` per call, one status per range in
+    order; after a call with a failure the rest is not read (FAILED: the read fails anyway)."""
+    statuses: list[TransferStatus] = []
+    for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
+        if any(s is not TransferStatus.SUCCESS for s in statuses):
+            return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - i)
+        window = slice(i, i + MAX_RANGES_PER_CALL)
+        statuses += backend.read(session, ranges.local_addrs[window], ranges.remote_addrs[window],
+                                 ranges.lengths[window])
+    return statuses
+
+
 def _shards(ranges: ByteRanges, n: int) -> list[ByteRanges]:
     """Split ranges into at most ``n`` batches of about equal byte size, keeping order."""
     n = max(1, min(n, len(ranges.lengths)))
@@ -317,7 +335,8 @@ class KVReader:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            futures = [loop.run_in_executor(self._pool, peer.backend.read, peer.session, *s) for s in shards]
+            futures = [loop.run_in_executor(self._pool, read_in_batches, peer.backend, peer.session, s)
+                       for s in shards]
             results = await _finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
         finally:
             renewer.cancel()
