@@ -58,11 +58,12 @@ def kv_incompatibilities(prefill: Fingerprint, decode: Fingerprint) -> dict[str,
     """
     reasons = {}
     for field in prefill.differences(decode):
-        ours, theirs = getattr(prefill, field), getattr(decode, field)
+        at_prefill, at_decode = getattr(prefill, field), getattr(decode, field)
         if field != "block_size":
-            reasons[field] = f"{field}: prefill {ours!r}, decode {theirs!r}"
-        elif not (_is_power_of_two(ours) and _is_power_of_two(theirs)):
-            reasons[field] = f"block_size: prefill {ours} and decode {theirs} differ and are not both powers of two"
+            reasons[field] = f"{field}: prefill {at_prefill!r}, decode {at_decode!r}"
+        elif not (_is_power_of_two(at_prefill) and _is_power_of_two(at_decode)):
+            reasons[field] = (f"block_size: prefill {at_prefill} and decode {at_decode} differ and are not both "
+                              "powers of two")
     return reasons
 
 

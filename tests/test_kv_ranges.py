@@ -267,8 +267,8 @@ def test_token_ranges_read_exactly_the_tokens_decode_lacks(remote_size, local_si
     prefill, decode = filled_cache(remote_size), filled_cache(local_size)
     first = min(skip_leading * local_size, num_tokens)
     expected = expected_read(decode, prefill, local_ids, remote_ids, first, num_tokens)
-    r = token_ranges(blocks_of(decode, local_ids), blocks_of(prefill, remote_ids), num_layers=LAYERS, num_tokens=num_tokens,
-                     skip_leading=skip_leading)
+    r = token_ranges(blocks_of(decode, local_ids), blocks_of(prefill, remote_ids), num_layers=LAYERS,
+                     num_tokens=num_tokens, skip_leading=skip_leading)
     copy_ranges(decode, prefill, r)
     assert torch.equal(decode.data, expected)  # the missing tokens, byte for byte, and nothing else
     assert r.total_bytes == (num_tokens - first) * 2 * LAYERS * HEADS * DIM * 2

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from common.arith import ceil_div
 from common.messages import MemoryRegion
 

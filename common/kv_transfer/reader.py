@@ -4,8 +4,9 @@
 prefill engine (one shared future per engine, failures not cached; the
 handshake picks the transport for that engine, see ``transports.py``), merges
 block runs into byte ranges (whole blocks when both engines have the same block
-size, token positions when they differ: ``ranges.token_ranges``), runs the blocking backend read in a thread pool
-(a started read is never abandoned, even when the caller is cancelled), renews
+size, token positions when they differ: ``ranges.token_ranges``), runs the
+blocking backend read in a thread pool, at most ``MAX_RANGES_PER_CALL`` ranges
+a call (a started read is never abandoned, even when the caller is cancelled), renews
 the lease while it waits, checks every status, confirms the lease still held
 after the read, and always sends ``ReleaseKV`` afterwards through a
 ``ReleaseSender`` (in the background), after the backend stopped touching memory.

@@ -1,10 +1,11 @@
 """Prefill side of the KV handoff: the side channel decode engines call on the KV ROUTER.
 
 ``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version,
-or a decode that cannot read our KV: ``common.messages.kv_incompatibilities``) with the memory a reader needs and every transport it can be
-read over (the reader picks one), and passes ``RenewLease`` and
-``ReleaseKV`` to the owner of the pinned transfers (the prefill handoff): the
-side channel never frees blocks itself.  The reader is ``common.kv_transfer.reader``.
+or a decode that cannot read our KV: ``common.messages.kv_incompatibilities``)
+with the memory a reader needs and every transport it can be read over (the
+reader picks one), and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
+the pinned transfers (the prefill handoff): the side channel never frees blocks
+itself.  The reader is ``common.kv_transfer.reader``.
 """
 
 from __future__ import annotations
