@@ -321,6 +321,17 @@ async def test_bad_inputs_are_invalid_request_naming_the_param(cluster: Cluster)
     await cluster.wait_idle("both", "decode", "prefill")
 
 
+async def test_decode_counts_the_params_block_ids_in_the_prefill_block_size(cluster: Cluster):
+    ids = prompt_ids(20, seed=9)  # 2 blocks of 16 tokens, 3 of 8
+    params = KVTransferParams(engine_id="x", kv_endpoint="tcp://127.0.0.1:1", transfer_id="x/2", block_ids=[0, 1],
+                              num_tokens=20, first_token_id=5, lease_expiry=time.time() + 30, block_size=8)
+    with pytest.raises(PeerError) as err:
+        await cluster.run("decode", Generate("bad-bs", GREEDY, prompt_token_ids=ids, remote_prefill=params))
+    assert (err.value.code, err.value.param) == ("invalid_request", "remote_prefill")
+    assert "2 block ids for 20 tokens in blocks of 8 (need 3)" in err.value.message
+    await cluster.wait_idle("decode")
+
+
 async def test_decode_refusing_params_releases_the_prefill_blocks(cluster: Cluster):
     ids = prompt_ids(30, seed=11)
     pre = await cluster.prefill_leg("prefill", "mismatch", ids)
