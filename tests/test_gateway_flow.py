@@ -238,8 +238,8 @@ async def test_client_disconnect_during_prefill_non_streaming_aborts_prefill():
 
 
 async def test_expired_decode_gets_no_requests():
-    async with FakeCluster(prefill=1, decode=2, gateway={**FAST, "failure_cooldown_s": 0,
-                                                         "decode_policy": "round_robin"}) as c:
+    async with FakeCluster(prefill=1, decode=2, lease_ttl_s=0.6, gateway={**FAST, "failure_cooldown_s": 0,
+                                                                          "decode_policy": "round_robin"}) as c:
         dead, alive = c.of("decode")
         async with httpx.AsyncClient(base_url=c.url, timeout=10) as h:
             await dead.kill()

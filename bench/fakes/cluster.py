@@ -23,11 +23,13 @@ class FakeCluster:
     """A real registry, fake engines and a real gateway, all in the running event loop.
 
     ``async with FakeCluster(prefill=2, gateway={"max_retries": 1}) as c:`` then
-    ``c.url`` is the gateway's base URL and ``c.engines`` the fake engines.
+    ``c.url`` is the gateway's base URL and ``c.engines`` the fake engines.  The registry's lease
+    is long by default, so that a loaded machine never expires a live fake; a test of expiry passes
+    a short ``lease_ttl_s``.
     """
 
     def __init__(self, *, prefill: int = 1, decode: int = 1, both: int = 0, gateway: dict | None = None,
-                 heartbeat_interval_s: float = 0.1, lease_ttl_s: float = 0.6, **engine_kwargs):
+                 heartbeat_interval_s: float = 0.1, lease_ttl_s: float = 10.0, **engine_kwargs):
         self.roles = {"prefill": prefill, "decode": decode, "both": both}
         self.gateway_overrides = gateway or {}
         self.registry_config = RegistryConfig(bind="tcp://127.0.0.1:0", heartbeat_interval_s=heartbeat_interval_s,
