@@ -1,0 +1,150 @@
+"""Tensor parallelism inside one engine instance: this rank's place in the group and its collectives.
+
+An instance of TP size N is N rank processes.  Rank 0 runs the engine (scheduler, block
+manager, sampler); every rank holds a 1/N slice of each attention and MLP weight and runs
+the forward for every step (see docs/architecture.md, "Tensor parallelism").
+
+Two process groups join the ranks: the model group (NCCL on CUDA, gloo on CPU) carries the
+all-reduces of the forward and times out after ``--tensor-parallel-timeout-s``; the control
+group (gloo, CPU tensors) carries rank 0's step inputs to the workers, whose wait for the next
+step is unbounded (an idle engine sends nothing; a worker leaves when rank 0 dies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import require
+from common.engine.model_config import ModelConfig
+from common.errors import PdserveError
+
+CONTROL_WAIT = timedelta(days=3650)  # a worker waits this long for rank 0's next step
+_STOP, _STEP = 0, 1
+
+
+class TensorParallelError(PdserveError):
+    """A tensor-parallel rank exited, or a collective failed or timed out: the instance cannot compute."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's slice ``[start, start + size)`` along ``dim`` of a checkpoint tensor ``full`` long there."""
+
+    dim: int
+    start: int
+    size: int
+    full: int
+
+
+def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+    """Refuse (``ConfigError``) a TP size the model's heads or MLP cannot be split into."""
+    field = "tensor_parallel_size"
+    require(
+        config.num_heads % size == 0, field,
+        f"{size} does not divide the model's num_attention_heads {config.num_heads}",
+    )  # fmt: skip
+    kv = config.num_kv_heads
+    require(
+        kv % size == 0 or size % kv == 0, field,
+        f"{size} and the model's num_key_value_heads {kv}: neither divides the other",
+    )  # fmt: skip
+    require(
+        config.intermediate_size % size == 0, field,
+        f"{size} does not divide the model's intermediate_size {config.intermediate_size}",
+    )  # fmt: skip
+
+
+class TensorParallel:
+    """Rank ``rank`` of ``world_size``; with ``world_size`` 1 (``SINGLE``) there are no groups and no collectives."""
+
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        model_group: dist.ProcessGroup | None = None,
+        control_group: dist.ProcessGroup | None = None,
+    ):
+        self.rank = rank
+        self.world_size = world_size
+        self.model_group = model_group
+        self.control_group = control_group
+
+    @classmethod
+    def join(cls, rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float) -> "TensorParallel":
+        """Join the group at ``init_method`` (``tcp://host:port`` chosen by rank 0); blocks until every rank
+        joined or ``timeout_s`` passed."""
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        try:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+            control = dist.new_group(backend="gloo", timeout=CONTROL_WAIT)
+        except (RuntimeError, ValueError) as e:
+            raise TensorParallelError(f"rank {rank}: joining the tensor-parallel group failed: {e}") from e
+        return cls(rank, world_size, dist.group.WORLD, control)
+
+    def leave(self) -> None:
+        """Destroy the process groups (this process may then join another)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ sharding
+
+    def split(self, total: int) -> tuple[int, int]:
+        """(start, size) of this rank's equal part of ``total``."""
+        size = total // self.world_size
+        return self.rank * size, size
+
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """(first, count) of this rank's KV heads: a 1/N part, or one head shared by N / num_kv_heads
+        ranks when N > num_kv_heads (the head of this rank's query heads)."""
+        if num_kv_heads >= self.world_size:
+            return self.split(num_kv_heads)
+        return self.rank * num_kv_heads // self.world_size, 1
+
+    # ------------------------------------------------------------------ collectives
+
+    def row_linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """A row-parallel linear: each rank's partial product summed over the ranks, then the (replicated) bias."""
+        if self.world_size == 1:
+            return linear(x)
+        out = F.linear(x, linear.weight)
+        dist.all_reduce(out, group=self.model_group)
+        return out if linear.bias is None else out + linear.bias
+
+    def agree_min(self, value: int, device: torch.device) -> int:
+        """The smallest ``value`` over the ranks (also a barrier bounded by the model group's timeout)."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.model_group)
+        return int(tensor.item())
+
+    def send(self, values: list[int]) -> None:
+        """Rank 0: broadcast one message of ints to the workers (``receive`` returns it there)."""
+        self._send_header(_STEP, len(values))
+        dist.broadcast(torch.tensor(values, dtype=torch.int64), 0, group=self.control_group)
+
+    def send_stop(self) -> None:
+        """Rank 0: tell the workers to leave (``receive`` returns None there)."""
+        self._send_header(_STOP, 0)
+
+    def receive(self) -> list[int] | None:
+        """Worker: the next message of rank 0's ``send``, or None on ``send_stop``."""
+        header = torch.zeros(2, dtype=torch.int64)
+        dist.broadcast(header, 0, group=self.control_group)
+        op, length = header.tolist()
+        if op == _STOP:
+            return None
+        payload = torch.empty(length, dtype=torch.int64)
+        dist.broadcast(payload, 0, group=self.control_group)
+        return payload.tolist()
+
+    def _send_header(self, op: int, length: int) -> None:
+        dist.broadcast(torch.tensor([op, length], dtype=torch.int64), 0, group=self.control_group)
+
+
+SINGLE = TensorParallel()

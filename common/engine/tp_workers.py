@@ -1,0 +1,175 @@
+"""Ranks 1..N-1 of a tensor-parallel engine instance: rank 0 starts, watches and stops them.
+
+A worker (``python -m common.engine.tp_workers``) reads its ``WorkerSpec`` as one JSON line on
+stdin, joins the group, loads its shard, sizes its KV cache with the others (the smallest
+count wins), then runs the forward of every step rank 0 broadcasts until told to stop.
+It exits as soon as rank 0 dies: its stdin (a pipe only rank 0 writes) reaches EOF.
+
+Rank 0 watches every worker's process: one that exits unasked sets ``failure`` and calls
+``on_exit`` (the async engine wakes up and fails its requests with ``TensorParallelError``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import torch
+
+from common.engine.parallel import TensorParallel, TensorParallelError
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0  # a worker told to stop is killed after this long
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """What rank ``rank`` needs to join and load: the engine config's fields plus rank 0's resolutions."""
+
+    rank: int
+    world_size: int
+    init_method: str  # tcp://127.0.0.1:port, the group's rendezvous chosen by rank 0
+    model_path: str
+    dtype: str
+    device: str  # this rank's device
+    engine_config: dict
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank ``rank``'s device: the CPU for every rank, else the ``rank``-th GPU from rank 0's."""
+    return device if device.type == "cpu" else torch.device(device.type, (device.index or 0) + rank)
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_env() -> dict[str, str]:
+    """This environment, with this process's copy of pdserve first on the path (workers run the same code)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
+
+
+class WorkerRanks:
+    """Rank 0's handle on its worker processes."""
+
+    def __init__(self, processes: list[subprocess.Popen]):
+        self.processes = processes
+        self.failure: TensorParallelError | None = None
+        self.on_exit: Callable[[], None] | None = None
+        self._closing = False
+        for rank, process in enumerate(processes, start=1):
+            threading.Thread(target=self._watch, args=(rank, process), name=f"tp-rank-{rank}", daemon=True).start()
+
+    @classmethod
+    def start(cls, specs: list[WorkerSpec]) -> "WorkerRanks":
+        """Start one worker per spec (each gets its spec on stdin and keeps the pipe open)."""
+        processes = []
+        for spec in specs:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "common.engine.tp_workers"], stdin=subprocess.PIPE, env=_worker_env()
+            )
+            process.stdin.write(msgspec.json.encode(spec) + b"\n")
+            process.stdin.flush()
+            processes.append(process)
+        return cls(processes)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def check(self) -> None:
+        """Raise ``TensorParallelError`` if a worker exited."""
+        if self.failure is not None:
+            raise self.failure
+
+    def close(self, tp: TensorParallel) -> None:
+        """Tell the workers to stop, wait up to ``STOP_TIMEOUT_S``, kill the rest, leave the group."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.failure is None and tp.world_size > 1:
+            try:
+                tp.send_stop()
+            except RuntimeError as e:  # a worker is gone: the others see rank 0's pipe close below
+                logger.warning("tensor parallel: stopping the workers: %s", e)
+        for process in self.processes:
+            process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("tensor-parallel worker %d did not stop in %.0fs: killing it", process.pid, STOP_TIMEOUT_S)
+                process.kill()
+                process.wait()
+        tp.leave()
+
+    def _watch(self, rank: int, process: subprocess.Popen) -> None:
+        code = process.wait()
+        if self._closing:
+            return
+        self.failure = TensorParallelError(f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {code}")
+        logger.error("%s", self.failure)
+        if self.on_exit is not None:
+            self.on_exit()
+
+
+def _exit_with_rank_zero() -> None:
+    """Block until rank 0 closes our stdin (it stopped us, or it died), then exit at once."""
+    sys.stdin.buffer.read()
+    os._exit(0)
+
+
+def serve_rank(spec: WorkerSpec) -> None:
+    """Join, load this rank's shard, then run every step rank 0 broadcasts until it says stop."""
+    from common.engine.config import EngineConfig
+    from common.engine.engine import num_kv_blocks
+    from common.engine.kv_cache import KVCache
+    from common.engine.loader import load_model, parse_dtype
+    from common.engine.model_config import load_model_config
+    from common.engine.model_runner import ModelRunner, StepInputs
+
+    config = EngineConfig(**spec.engine_config)
+    device = torch.device(spec.device)
+    tp = TensorParallel.join(spec.rank, spec.world_size, spec.init_method, device, config.tensor_parallel_timeout_s)
+    model_config = load_model_config(spec.model_path)
+    dtype = parse_dtype(spec.dtype)
+    model = load_model(spec.model_path, model_config, dtype, device, tp)
+    max_model_len = config.max_model_len or model_config.max_model_len
+    num_kv_heads = tp.kv_heads(model_config.num_kv_heads)[1]
+    own_blocks = num_kv_blocks(config, model_config, num_kv_heads, dtype, device, max_model_len)
+    num_blocks = tp.agree_min(own_blocks, device)
+    kv_cache = KVCache(
+        num_blocks, model_config.num_layers, config.block_size, num_kv_heads, model_config.head_dim, dtype, device
+    )
+    runner = ModelRunner(model, kv_cache, device, config.max_num_seqs, max_model_len, enforce_eager=True, tp=tp)
+    while (message := tp.receive()) is not None:
+        runner.forward(StepInputs.unpack(message))
+    tp.leave()
+
+
+def main() -> None:
+    spec = msgspec.json.decode(sys.stdin.buffer.readline(), type=WorkerSpec)
+    threading.Thread(target=_exit_with_rank_zero, name="rank-zero-watch", daemon=True).start()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{spec.rank} %(levelname)s %(message)s")
+    if spec.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
+    try:
+        serve_rank(spec)
+    except Exception:
+        logger.exception("tensor-parallel rank %d failed", spec.rank)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
