@@ -174,7 +174,9 @@ class LLMEngine:
             return fn()
         except RuntimeError as e:
             self.check_health()
-            raise TensorParallelError(f"tensor-parallel collective failed: {e}") from e
+            failure = TensorParallelError(f"tensor-parallel collective failed: {e}")
+            self.workers.fail(failure)
+            raise failure from e
 
     def check_health(self) -> None:
         """Raise ``TensorParallelError`` if a tensor-parallel rank exited (nothing to check with TP 1)."""

@@ -69,11 +69,13 @@ class TensorParallel:
         world_size: int = 1,
         model_group: dist.ProcessGroup | None = None,
         control_group: dist.ProcessGroup | None = None,
+        timeout: timedelta | None = None,
     ):
         self.rank = rank
         self.world_size = world_size
         self.model_group = model_group
         self.control_group = control_group
+        self.timeout = timeout  # of rank 0's sends and of every model-group collective
 
     @classmethod
     def join(cls, rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float) -> "TensorParallel":
@@ -86,7 +88,7 @@ class TensorParallel:
             control = dist.new_group(backend="gloo", timeout=CONTROL_WAIT)
         except (RuntimeError, ValueError) as e:
             raise TensorParallelError(f"rank {rank}: joining the tensor-parallel group failed: {e}") from e
-        return cls(rank, world_size, dist.group.WORLD, control)
+        return cls(rank, world_size, dist.group.WORLD, control, timeout)
 
     def leave(self) -> None:
         """Destroy the process groups (this process may then join another)."""
@@ -126,7 +128,7 @@ class TensorParallel:
     def send(self, values: list[int]) -> None:
         """Rank 0: broadcast one message of ints to the workers (``receive`` returns it there)."""
         self._send_header(_STEP, len(values))
-        dist.broadcast(torch.tensor(values, dtype=torch.int64), 0, group=self.control_group)
+        self._broadcast_bounded(torch.tensor(values, dtype=torch.int64))
 
     def send_stop(self) -> None:
         """Rank 0: tell the workers to leave (``receive`` returns None there)."""
@@ -144,7 +146,13 @@ class TensorParallel:
         return payload.tolist()
 
     def _send_header(self, op: int, length: int) -> None:
-        dist.broadcast(torch.tensor([op, length], dtype=torch.int64), 0, group=self.control_group)
+        self._broadcast_bounded(torch.tensor([op, length], dtype=torch.int64))
+
+    def _broadcast_bounded(self, tensor: torch.Tensor) -> None:
+        """Rank 0's side of a control broadcast, which waits for every worker: bounded by ``timeout``."""
+        work = dist.broadcast(tensor, 0, group=self.control_group, async_op=True)
+        if not work.wait(self.timeout):
+            raise TensorParallelError(f"a worker rank took no step inputs within {self.timeout.total_seconds():g}s")
 
 
 SINGLE = TensorParallel()

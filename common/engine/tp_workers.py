@@ -93,8 +93,14 @@ class WorkerRanks:
         if self.failure is not None:
             raise self.failure
 
+    def fail(self, failure: TensorParallelError) -> None:
+        """Record that the group is broken (a collective failed): ``close`` then kills the workers at once."""
+        if self.failure is None:
+            self.failure = failure
+
     def close(self, tp: TensorParallel) -> None:
-        """Tell the workers to stop, wait up to ``STOP_TIMEOUT_S``, kill the rest, leave the group."""
+        """Healthy: tell the workers to stop and wait up to ``STOP_TIMEOUT_S`` (then kill); after a
+        failure: kill them.  Then leave the group."""
         if self._closing:
             return
         self._closing = True
@@ -105,6 +111,8 @@ class WorkerRanks:
                 logger.warning("tensor parallel: stopping the workers: %s", e)
         for process in self.processes:
             process.stdin.close()
+            if self.failure is not None:
+                process.kill()
         for process in self.processes:
             try:
                 process.wait(STOP_TIMEOUT_S)
