@@ -10,19 +10,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from common.arith import ceil_div
 from common.config import require
 from common.engine.block_manager import BlockManager
-from common.engine.config import EngineConfig, parse_size
+from common.engine.config import EngineConfig
 from common.engine.detokenizer import Detokenizer
-from common.engine.kv_cache import Allocate, KVCache, zeros
+from common.engine.kv_cache import Allocate, KVCache, num_kv_blocks, zeros
 from common.engine.loader import load_model, parse_dtype, resolve_model_path
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
-from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError, check_tensor_parallel
+from common.engine.parallel import SINGLE, TensorParallel
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import (
@@ -34,12 +34,10 @@ from common.engine.sequence import (
     SequenceStatus,
 )
 from common.engine.tokenizer import Tokenizer
-from common.engine.tp_workers import WorkerRanks, WorkerSpec, free_tcp_port, rank_device
+from common.engine.tp_workers import WorkerRanks
 from common.messages import MAX_LOGPROBS, Load, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = 512 << 20  # KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is set
 
 
 @dataclass
@@ -70,28 +68,6 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     require(device.type != "cuda" or torch.cuda.is_available(), "device", f"{name} requested but CUDA is not available")
     return device
-
-
-def num_kv_blocks(
-    config: EngineConfig, mc: ModelConfig, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
-    max_model_len: int,
-) -> int:
-    """``--num-kv-blocks``, else the memory budget over bytes per block (of a rank holding ``num_kv_heads``),
-    capped at what ``max_num_seqs`` full-length sequences can use."""
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    block_bytes = KVCache.bytes_per_block(mc.num_layers, config.block_size, num_kv_heads, mc.head_dim, dtype)
-    if config.kv_cache_memory is not None:
-        budget = parse_size(config.kv_cache_memory)
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * config.gpu_memory_utilization)
-    else:
-        budget = CPU_KV_CACHE_BYTES
-    cap = config.max_num_seqs * ceil_div(max_model_len, config.block_size)
-    num_blocks = min(budget // block_bytes, cap)
-    require(num_blocks > 0, "kv_cache_memory", f"budget {budget} bytes holds no block of {block_bytes} bytes")
-    return num_blocks
 
 
 class LLMEngine:
@@ -127,12 +103,12 @@ class LLMEngine:
         """Start the other ranks (TP > 1), load this rank's weights, allocate its KV cache, build the rest."""
         config, mc = self.config, self.model_config
         if config.tensor_parallel_size > 1:
-            self._start_workers(path)
+            self.workers, self.tp = WorkerRanks.launch(config, mc, path, self.dtype_name, self.device)
         self.model = load_model(path, mc, self.dtype, self.device, self.tp)
         num_kv_heads = self.tp.kv_heads(mc.num_kv_heads)[1]
         num_blocks = num_kv_blocks(config, mc, num_kv_heads, self.dtype, self.device, self.max_model_len)
-        if self.tp.world_size > 1:
-            num_blocks = self._tp_call(lambda: self.tp.agree_min(num_blocks, self.device))
+        if self.workers is not None:
+            num_blocks = self.workers.call(lambda: self.tp.agree_min(num_blocks, self.device))
         self.kv_cache = KVCache(
             num_blocks, mc.num_layers, self.block_size, num_kv_heads, mc.head_dim, self.dtype, self.device, kv_allocate
         )
@@ -152,31 +128,6 @@ class LLMEngine:
             path, self.dtype_name, self.device, self.kv_cache.num_blocks, self.block_size,
             self.kv_cache.num_blocks * self.kv_cache.block_bytes / 2**20, self.max_model_len, self.tp.world_size,
         )  # fmt: skip
-
-    def _start_workers(self, path) -> None:
-        size = self.config.tensor_parallel_size
-        check_tensor_parallel(self.model_config, size)
-        if self.device.type == "cuda":
-            first = self.device.index or 0
-            require(first + size <= torch.cuda.device_count(), "tensor_parallel_size",
-                    f"{size} ranks from {self.device} need GPUs up to cuda:{first + size - 1}")  # fmt: skip
-        init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
-        fields = {name: getattr(self.config, name) for name in EngineConfig.__dataclass_fields__}
-        specs = [WorkerSpec(rank, size, init_method, str(path), self.dtype_name, str(rank_device(self.device, rank)),
-                            fields) for rank in range(1, size)]  # fmt: skip
-        self.workers = WorkerRanks.start(specs)
-        self.tp = TensorParallel.join(0, size, init_method, self.device, self.config.tensor_parallel_timeout_s)
-
-    def _tp_call(self, fn):
-        """``fn()`` (a step or collective across the ranks); any failure there is a ``TensorParallelError``."""
-        self.check_health()
-        try:
-            return fn()
-        except RuntimeError as e:
-            self.check_health()
-            failure = TensorParallelError(f"tensor-parallel collective failed: {e}")
-            self.workers.fail(failure)
-            raise failure from e
 
     def check_health(self) -> None:
         """Raise ``TensorParallelError`` if a tensor-parallel rank exited (nothing to check with TP 1)."""
@@ -327,10 +278,8 @@ class LLMEngine:
                 seq.first_scheduled_time = start
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampling_seqs = [seq for (seq, _), s in zip(scheduled, sample) if s]
-        if self.workers is None:
-            logits = self.runner.run(scheduled, sample)
-        else:
-            logits = self._tp_call(lambda: self.runner.run(scheduled, sample))
+        run = partial(self.runner.run, scheduled, sample)
+        logits = run() if self.workers is None else self.workers.call(run)
         tokens: list[int] = []
         logprobs: list[TokenLogprob | None] = []
         if logits is not None:

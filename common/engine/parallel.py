@@ -83,6 +83,8 @@ class TensorParallel:
         joined or ``timeout_s`` passed."""
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         try:
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
             control = dist.new_group(backend="gloo", timeout=CONTROL_WAIT)

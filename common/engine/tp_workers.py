@@ -19,13 +19,22 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import torch
 
-from common.engine.parallel import TensorParallel, TensorParallelError
+from common.config import require
+from common.engine.config import EngineConfig
+from common.engine.kv_cache import KVCache, num_kv_blocks
+from common.engine.loader import load_model, parse_dtype
+from common.engine.model_config import ModelConfig, load_model_config
+from common.engine.model_runner import ModelRunner, StepInputs
+from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError, check_tensor_parallel
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STOP_TIMEOUT_S = 10.0  # a worker told to stop is killed after this long
 
@@ -72,6 +81,28 @@ class WorkerRanks:
             threading.Thread(target=self._watch, args=(rank, process), name=f"tp-rank-{rank}", daemon=True).start()
 
     @classmethod
+    def launch(
+        cls, config: EngineConfig, model_config: ModelConfig, path: Path, dtype: str, device: torch.device
+    ) -> tuple["WorkerRanks", TensorParallel]:
+        """Start ranks 1..N-1 and join them as rank 0: (their handle, rank 0's ``TensorParallel``).
+        Raises ``ConfigError`` for a TP size the model or the machine cannot take."""
+        size = config.tensor_parallel_size
+        check_tensor_parallel(model_config, size)
+        if device.type == "cuda":
+            first = device.index or 0
+            require(first + size <= torch.cuda.device_count(), "tensor_parallel_size",
+                    f"{size} ranks from {device} need GPUs up to cuda:{first + size - 1}")  # fmt: skip
+        init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
+        fields = {name: getattr(config, name) for name in EngineConfig.__dataclass_fields__}
+        workers = cls.start([WorkerSpec(rank, size, init_method, str(path), dtype, str(rank_device(device, rank)), fields)
+                             for rank in range(1, size)])  # fmt: skip
+        try:
+            return workers, TensorParallel.join(0, size, init_method, device, config.tensor_parallel_timeout_s)
+        except BaseException:
+            workers.close(SINGLE)
+            raise
+
+    @classmethod
     def start(cls, specs: list[WorkerSpec]) -> "WorkerRanks":
         """Start one worker per spec (each gets its spec on stdin and keeps the pipe open)."""
         processes = []
@@ -89,9 +120,20 @@ class WorkerRanks:
         return [p.pid for p in self.processes]
 
     def check(self) -> None:
-        """Raise ``TensorParallelError`` if a worker exited."""
+        """Raise ``TensorParallelError`` if a worker exited (or a collective failed)."""
         if self.failure is not None:
             raise self.failure
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, a step or collective across the ranks: any failure there is a ``TensorParallelError``
+        (and breaks the group for good)."""
+        self.check()
+        try:
+            return fn()
+        except RuntimeError as e:
+            self.check()
+            self.fail(TensorParallelError(f"tensor-parallel collective failed: {e}"))
+            raise self.failure from e
 
     def fail(self, failure: TensorParallelError) -> None:
         """Record that the group is broken (a collective failed): ``close`` then kills the workers at once."""
@@ -140,13 +182,6 @@ def _exit_with_rank_zero() -> None:
 
 def serve_rank(spec: WorkerSpec) -> None:
     """Join, load this rank's shard, then run every step rank 0 broadcasts until it says stop."""
-    from common.engine.config import EngineConfig
-    from common.engine.engine import num_kv_blocks
-    from common.engine.kv_cache import KVCache
-    from common.engine.loader import load_model, parse_dtype
-    from common.engine.model_config import load_model_config
-    from common.engine.model_runner import ModelRunner, StepInputs
-
     config = EngineConfig(**spec.engine_config)
     device = torch.device(spec.device)
     tp = TensorParallel.join(spec.rank, spec.world_size, spec.init_method, device, config.tensor_parallel_timeout_s)
