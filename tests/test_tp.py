@@ -154,7 +154,8 @@ def test_each_rank_reads_only_its_slice(checkpoints, monkeypatch):
 
     full = dict(reference.named_parameters())
     assert torch.equal(attn.qkv_proj.weight[:q_rows], full[prefix + "self_attn.q_proj.weight"][q_rows:])
-    assert torch.equal(attn.qkv_proj.weight[q_rows : q_rows + kv_rows], full[prefix + "self_attn.k_proj.weight"][kv_rows:])
+    k_rows = attn.qkv_proj.weight[q_rows : q_rows + kv_rows]
+    assert torch.equal(k_rows, full[prefix + "self_attn.k_proj.weight"][kv_rows:])
     assert torch.equal(mlp.down_proj.weight, full[prefix + "mlp.down_proj.weight"][:, inter:])
 
 

@@ -18,8 +18,8 @@ from common.config import require
 from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig
 from common.engine.detokenizer import Detokenizer
-from common.engine.kv_cache import Allocate, KVCache, num_kv_blocks, zeros
-from common.engine.loader import load_model, parse_dtype, resolve_model_path
+from common.engine.kv_cache import Allocate, zeros
+from common.engine.loader import parse_dtype, resolve_model_path
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
 from common.engine.parallel import SINGLE, TensorParallel
@@ -34,7 +34,7 @@ from common.engine.sequence import (
     SequenceStatus,
 )
 from common.engine.tokenizer import Tokenizer
-from common.engine.tp_workers import WorkerRanks
+from common.engine.tp_workers import WorkerRanks, load_rank
 from common.messages import MAX_LOGPROBS, Load, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -104,13 +104,8 @@ class LLMEngine:
         config, mc = self.config, self.model_config
         if config.tensor_parallel_size > 1:
             self.workers, self.tp = WorkerRanks.launch(config, mc, path, self.dtype_name, self.device)
-        self.model = load_model(path, mc, self.dtype, self.device, self.tp)
-        num_kv_heads = self.tp.kv_heads(mc.num_kv_heads)[1]
-        num_blocks = num_kv_blocks(config, mc, num_kv_heads, self.dtype, self.device, self.max_model_len)
-        if self.workers is not None:
-            num_blocks = self.workers.call(lambda: self.tp.agree_min(num_blocks, self.device))
-        self.kv_cache = KVCache(
-            num_blocks, mc.num_layers, self.block_size, num_kv_heads, mc.head_dim, self.dtype, self.device, kv_allocate
+        self.model, self.kv_cache = load_rank(
+            config, mc, path, self.dtype, self.device, self.max_model_len, self.tp, kv_allocate
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)

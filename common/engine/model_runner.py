@@ -108,6 +108,7 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device
         )
-        ids_pos = torch.tensor([inputs.input_ids, inputs.positions], dtype=torch.int64).to(self.device, non_blocking=True)
+        ids_pos = torch.tensor([inputs.input_ids, inputs.positions], dtype=torch.int64)
+        ids_pos = ids_pos.to(self.device, non_blocking=True)
         hidden = self.model(ids_pos[0], ids_pos[1], meta, self.kv_cache)
         return hidden, meta.query_start_loc[1:] - 1

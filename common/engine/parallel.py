@@ -78,7 +78,9 @@ class TensorParallel:
         self.timeout = timeout  # of rank 0's sends and of every model-group collective
 
     @classmethod
-    def join(cls, rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float) -> "TensorParallel":
+    def join(
+        cls, rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float
+    ) -> "TensorParallel":
         """Join the group at ``init_method`` (``tcp://host:port`` chosen by rank 0); blocks until every rank
         joined or ``timeout_s`` passed."""
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -122,9 +124,13 @@ class TensorParallel:
         return out if linear.bias is None else out + linear.bias
 
     def agree_min(self, value: int, device: torch.device) -> int:
-        """The smallest ``value`` over the ranks (also a barrier bounded by the model group's timeout)."""
+        """The smallest ``value`` over the ranks: a start-up barrier bounded by the model group's timeout
+        (``TensorParallelError`` when a rank does not get there)."""
         tensor = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.model_group)
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.model_group)
+        except RuntimeError as e:
+            raise TensorParallelError(f"rank {self.rank}: the ranks did not all start: {e}") from e
         return int(tensor.item())
 
     def send(self, values: list[int]) -> None:

@@ -26,8 +26,9 @@ import torch
 
 from common.config import require
 from common.engine.config import EngineConfig
-from common.engine.kv_cache import KVCache, num_kv_blocks
+from common.engine.kv_cache import Allocate, KVCache, num_kv_blocks, zeros
 from common.engine.loader import load_model, parse_dtype
+from common.engine.model import CausalLM
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner, StepInputs
 from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError, check_tensor_parallel
@@ -94,8 +95,10 @@ class WorkerRanks:
                     f"{size} ranks from {device} need GPUs up to cuda:{first + size - 1}")  # fmt: skip
         init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
         fields = {name: getattr(config, name) for name in EngineConfig.__dataclass_fields__}
-        workers = cls.start([WorkerSpec(rank, size, init_method, str(path), dtype, str(rank_device(device, rank)), fields)
-                             for rank in range(1, size)])  # fmt: skip
+        workers = cls.start([
+            WorkerSpec(rank, size, init_method, str(path), dtype, str(rank_device(device, rank)), fields)
+            for rank in range(1, size)
+        ])  # fmt: skip
         try:
             return workers, TensorParallel.join(0, size, init_method, device, config.tensor_parallel_timeout_s)
         except BaseException:
@@ -159,7 +162,7 @@ class WorkerRanks:
             try:
                 process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                logger.warning("tensor-parallel worker %d did not stop in %.0fs: killing it", process.pid, STOP_TIMEOUT_S)
+                logger.warning("tensor-parallel worker %d did not stop in %.0fs: killed", process.pid, STOP_TIMEOUT_S)
                 process.kill()
                 process.wait()
         tp.leave()
@@ -168,10 +171,27 @@ class WorkerRanks:
         code = process.wait()
         if self._closing:
             return
-        self.failure = TensorParallelError(f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {code}")
-        logger.error("%s", self.failure)
+        failure = TensorParallelError(f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {code}")
+        logger.error("%s", failure)
+        self.fail(failure)
         if self.on_exit is not None:
             self.on_exit()
+
+
+def load_rank(
+    config: EngineConfig, model_config: ModelConfig, path: Path, dtype: torch.dtype, device: torch.device,
+    max_model_len: int, tp: TensorParallel, kv_allocate: Allocate = zeros,
+) -> tuple[CausalLM, KVCache]:
+    """This rank's model (its shard) and KV cache (its KV heads; the block count every rank can hold)."""
+    model = load_model(path, model_config, dtype, device, tp)
+    num_kv_heads = tp.kv_heads(model_config.num_kv_heads)[1]
+    num_blocks = num_kv_blocks(config, model_config, num_kv_heads, dtype, device, max_model_len)
+    if tp.world_size > 1:
+        num_blocks = tp.agree_min(num_blocks, device)
+    mc = model_config
+    kv_cache = KVCache(num_blocks, mc.num_layers, config.block_size, num_kv_heads, mc.head_dim, dtype, device,
+                       kv_allocate)  # fmt: skip
+    return model, kv_cache
 
 
 def _exit_with_rank_zero() -> None:
@@ -186,15 +206,9 @@ def serve_rank(spec: WorkerSpec) -> None:
     device = torch.device(spec.device)
     tp = TensorParallel.join(spec.rank, spec.world_size, spec.init_method, device, config.tensor_parallel_timeout_s)
     model_config = load_model_config(spec.model_path)
-    dtype = parse_dtype(spec.dtype)
-    model = load_model(spec.model_path, model_config, dtype, device, tp)
     max_model_len = config.max_model_len or model_config.max_model_len
-    num_kv_heads = tp.kv_heads(model_config.num_kv_heads)[1]
-    own_blocks = num_kv_blocks(config, model_config, num_kv_heads, dtype, device, max_model_len)
-    num_blocks = tp.agree_min(own_blocks, device)
-    kv_cache = KVCache(
-        num_blocks, model_config.num_layers, config.block_size, num_kv_heads, model_config.head_dim, dtype, device
-    )
+    model, kv_cache = load_rank(config, model_config, Path(spec.model_path), parse_dtype(spec.dtype), device,
+                                max_model_len, tp)  # fmt: skip
     runner = ModelRunner(model, kv_cache, device, config.max_num_seqs, max_model_len, enforce_eager=True, tp=tp)
     while (message := tp.receive()) is not None:
         runner.forward(StepInputs.unpack(message))
