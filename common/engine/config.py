@@ -44,8 +44,9 @@ class EngineConfig:
     )
     tensor_parallel_size: int = opt(
         1,
-        "rank processes of this instance, each holding 1/N of the attention heads and MLP (alias -tp); "
-        "gloo on CPU, NCCL on CUDA (one GPU per rank from --device on); TP > 1 runs eagerly (no CUDA graphs)",
+        "rank processes of this instance, each holding 1/N of the attention heads and MLP; gloo on CPU, "
+        "NCCL on CUDA (one GPU per rank from --device on); TP > 1 runs eagerly (no CUDA graphs) and only "
+        "colocated (--role both) for now",
         aliases=("-tp",),
     )
     tensor_parallel_timeout_s: float = opt(
