@@ -50,7 +50,7 @@ def make_hf_checkpoint(
 
     config_cls, overrides = FAMILIES[family]
     vocab_size = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    config = getattr(transformers, config_cls)(vocab_size=vocab_size, **_COMMON, **{**overrides, **config_overrides})
+    config = getattr(transformers, config_cls)(**{"vocab_size": vocab_size, **_COMMON, **overrides, **config_overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     # HF initialises norms to 1 and biases to 0: perturb them so that both are exercised

@@ -31,14 +31,15 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer_dir):
     """name -> (checkpoint dir, the transformers model it holds): every family, and ``llama-bias-tied``
-    (biases on every projection, including the row-parallel o_proj/down_proj, and tied embeddings)."""
+    (biases on every projection, including the row-parallel o_proj/down_proj, tied embeddings, and an
+    odd vocabulary: the last rank holds fewer rows)."""
     out = {}
     for family in FAMILIES:
         path = tmp_path_factory.mktemp(family)
         out[family] = path, make_hf_checkpoint(path, family, tokenizer_dir)
     path = tmp_path_factory.mktemp("llama-bias-tied")
     out["llama-bias-tied"] = path, make_hf_checkpoint(
-        path, "llama", tokenizer_dir, attention_bias=True, mlp_bias=True, tie_word_embeddings=True
+        path, "llama", tokenizer_dir, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, vocab_size=335
     )
     return out
 
@@ -139,6 +140,8 @@ def test_each_rank_reads_only_its_slice(checkpoints, monkeypatch):
     assert attn.qkv_proj.weight.shape == (q_rows + 2 * kv_rows, hidden)
     assert attn.qkv_proj.bias.shape == (q_rows + 2 * kv_rows,)
     assert attn.o_proj.weight.shape == (hidden, q_rows) and attn.o_proj.bias.shape == (hidden,)
+    vocab_start, vocab_rows = 168, config.vocab_size - 168  # ceil(335 / 2) rows each, the last rank the rest
+    assert model.model.embed_tokens.weight.shape == (vocab_rows, hidden)
     assert mlp.gate_up_proj.weight.shape == (2 * inter, hidden) and mlp.down_proj.weight.shape == (hidden, inter)
 
     shards = model.weight_shards()
@@ -149,6 +152,7 @@ def test_each_rank_reads_only_its_slice(checkpoints, monkeypatch):
     assert sliced_reads[prefix + "self_attn.o_proj.weight"] == (hidden, q_rows)
     assert sliced_reads[prefix + "mlp.down_proj.weight"] == (hidden, inter)
     assert sliced_reads[prefix + "mlp.up_proj.bias"] == (inter,)
+    assert sliced_reads["model.embed_tokens.weight"] == (vocab_rows, hidden)
     # the biases of row-parallel linears are whole on every rank, added once after the all-reduce
     assert {prefix + "self_attn.o_proj.bias", prefix + "mlp.down_proj.bias"} <= set(whole_reads)
 
@@ -157,6 +161,7 @@ def test_each_rank_reads_only_its_slice(checkpoints, monkeypatch):
     k_rows = attn.qkv_proj.weight[q_rows : q_rows + kv_rows]
     assert torch.equal(k_rows, full[prefix + "self_attn.k_proj.weight"][kv_rows:])
     assert torch.equal(mlp.down_proj.weight, full[prefix + "mlp.down_proj.weight"][:, inter:])
+    assert torch.equal(model.model.embed_tokens.weight, full["model.embed_tokens.weight"][vocab_start:])
 
 
 def test_kv_cache_holds_only_the_ranks_heads():
@@ -171,8 +176,12 @@ def test_kv_cache_holds_only_the_ranks_heads():
         double.close()
 
 
+def test_vocab_rows_split_unevenly():
+    assert [TensorParallel(rank, 3).vocab_rows(10) for rank in range(3)] == [(0, 4), (4, 4), (8, 2)]
+
+
 def test_step_inputs_round_trip():
-    inputs = StepInputs([5, 6, 7, 9], [0, 1, 2, 40], [3, 1], [3, 41], [[4], [7, 1, 0]])
+    inputs = StepInputs([5, 6, 7, 9], [0, 1, 2, 40], [3, 1], [3, 41], [[4], [7, 1, 0]], [False, True])
     assert StepInputs.unpack(inputs.pack()) == inputs
 
 

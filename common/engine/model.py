@@ -7,7 +7,8 @@ matmul each.  Every layer reads and writes the paged ``KVCache``.
 Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of
 the checkpoint, as ``weight_shards`` says: q/k/v and gate/up column-parallel (its heads, its
 part of the intermediate size), o_proj and down_proj row-parallel (summed over the ranks by
-an all-reduce); embeddings, norms and the LM head are replicated.
+an all-reduce), the embedding and LM head vocab-parallel (its rows of the vocabulary); norms
+are replicated.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(tp.vocab_rows(config.vocab_size)[1], config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
@@ -202,9 +203,10 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.tp = tp
+        self.vocab_start = tp.vocab_rows(config.vocab_size)[0]
         self.model = Model(config, tp)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.hidden_size, tp.vocab_rows(config.vocab_size)[1], bias=False)
         self.prepared = False
 
     def weight_shards(self) -> dict[str, Shard]:
@@ -222,7 +224,8 @@ class CausalLM(nn.Module):
                   "mlp.up_proj": Shard(0, i_start, i_size, c.intermediate_size)}  # fmt: skip
         row = {"self_attn.o_proj": Shard(1, q_start, q_size, q.full),
                "mlp.down_proj": Shard(1, i_start, i_size, c.intermediate_size)}  # fmt: skip
-        shards: dict[str, Shard] = {}
+        vocab = Shard(0, *tp.vocab_rows(c.vocab_size), c.vocab_size)
+        shards = {"model.embed_tokens.weight": vocab, "lm_head.weight": vocab}
         for i in range(c.num_layers):
             for module, shard in column.items():
                 shards[f"model.layers.{i}.{module}.weight"] = shards[f"model.layers.{i}.{module}.bias"] = shard
@@ -249,7 +252,7 @@ class CausalLM(nn.Module):
             raise RuntimeError("CausalLM.forward: call prepare() first (load_model does)")
         if kv_cache.num_layers != self.config.num_layers:
             raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {self.config.num_layers}")
-        x = self.model.embed_tokens(input_ids)
+        x = self.tp.embed(self.model.embed_tokens, input_ids, self.vocab_start)
         cos_sin = self.model.rotary_emb(positions)
         for layer in self.model.layers:
             x = layer(x, cos_sin, meta, kv_cache)
@@ -257,6 +260,9 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[M, vocab]`` of hidden rows ``[M, hidden]``."""
+        """Float32 logits ``[M, vocab]`` of hidden rows ``[M, hidden]`` (under tensor parallelism every
+        rank calls it: each computes its vocabulary rows, then they are gathered)."""
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.tp.world_size == 1:
+            return F.linear(hidden, weight).float()
+        return self.tp.gather_vocab(F.linear(hidden, weight), self.config.vocab_size).float()

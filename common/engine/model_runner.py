@@ -17,18 +17,20 @@ from common.engine.sequence import Sequence
 @dataclass
 class StepInputs:
     """What every rank needs to run one step's forward: the new tokens (flattened), their positions,
-    and per sequence its new-token count, context length after the step and block table."""
+    and per sequence its new-token count, context length after the step, block table and whether
+    its last token's logits are wanted."""
 
     input_ids: list[int]
     positions: list[int]
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[list[int]]
+    sample: list[bool]
 
     @classmethod
-    def of(cls, scheduled: list[tuple[Sequence, int]]) -> "StepInputs":
+    def of(cls, scheduled: list[tuple[Sequence, int]], sample: list[bool]) -> "StepInputs":
         """Each sequence computes ``n`` tokens from its ``num_computed_tokens`` on."""
-        inputs = cls([], [], [], [], [seq.block_table for seq, _ in scheduled])
+        inputs = cls([], [], [], [], [seq.block_table for seq, _ in scheduled], sample)
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             inputs.input_ids += seq.token_ids[start : start + n]
@@ -40,22 +42,23 @@ class StepInputs:
     def pack(self) -> list[int]:
         """One flat list of ints (``unpack`` inverts it): how rank 0 broadcasts a step."""
         header = [len(self.query_lens), len(self.input_ids)]
+        per_seq = self.query_lens + self.context_lens + [int(s) for s in self.sample]
         tables = [len(t) for t in self.block_tables] + [b for t in self.block_tables for b in t]
-        return header + self.input_ids + self.positions + self.query_lens + self.context_lens + tables
+        return header + self.input_ids + self.positions + per_seq + tables
 
     @classmethod
     def unpack(cls, values: list[int]) -> "StepInputs":
         num_seqs, num_tokens = values[0], values[1]
         parts, at = [], 2
-        for length in (num_tokens, num_tokens, num_seqs, num_seqs, num_seqs):
+        for length in (num_tokens, num_tokens, num_seqs, num_seqs, num_seqs, num_seqs):
             parts.append(values[at : at + length])
             at += length
-        input_ids, positions, query_lens, context_lens, table_lens = parts
+        input_ids, positions, query_lens, context_lens, sample, table_lens = parts
         tables = []
         for length in table_lens:
             tables.append(values[at : at + length])
             at += length
-        return cls(input_ids, positions, query_lens, context_lens, tables)
+        return cls(input_ids, positions, query_lens, context_lens, tables, [bool(s) for s in sample])
 
 
 class ModelRunner:
@@ -63,7 +66,8 @@ class ModelRunner:
     (unless ``enforce_eager``, or under tensor parallelism, which always runs eagerly).
 
     Under tensor parallelism rank 0 calls ``run``, which broadcasts the step's inputs; every
-    other rank calls ``forward`` with the inputs it receives (``TensorParallel.receive``).
+    other rank calls ``forward`` with the inputs it receives (``TensorParallel.receive``), so that
+    all ranks run the same collectives.
     """
 
     def __init__(
@@ -87,18 +91,22 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]], sample: list[bool]) -> torch.Tensor | None:
         """Compute each sequence's ``n`` tokens from ``num_computed_tokens`` on (writing their KV);
         returns float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
-        inputs = StepInputs.of(scheduled)
+        inputs = StepInputs.of(scheduled, sample)
         if self.tp.world_size > 1:
             self.tp.send(inputs.pack())
-        hidden, last = self.forward(inputs)
-        if not any(sample):
-            return None
-        if not all(sample):
-            last = last[torch.tensor(sample, device=self.device)]
-        return self.model.compute_logits(hidden[last])
+        return self.forward(inputs)
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Run the step; float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
+        hidden, last = self._hidden_states(inputs)
+        if not any(inputs.sample):
+            return None
+        if not all(inputs.sample):
+            last = last[torch.tensor(inputs.sample, device=self.device)]
+        return self.model.compute_logits(hidden[last])
+
+    def _hidden_states(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states of every new token, the row of each sequence's last new token)."""
         num_seqs = len(inputs.query_lens)
         decode_only = len(inputs.input_ids) == num_seqs

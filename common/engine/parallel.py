@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from common.arith import ceil_div
 from common.config import require
 from common.engine.model_config import ModelConfig
 from common.errors import PdserveError
@@ -57,6 +58,10 @@ def check_tensor_parallel(config: ModelConfig, size: int) -> None:
     require(
         config.intermediate_size % size == 0, field,
         f"{size} does not divide the model's intermediate_size {config.intermediate_size}",
+    )  # fmt: skip
+    require(
+        (size - 1) * ceil_div(config.vocab_size, size) < config.vocab_size, field,
+        f"{size} ranks leave one without vocabulary rows (vocab_size {config.vocab_size})",
     )  # fmt: skip
 
 
@@ -106,6 +111,12 @@ class TensorParallel:
         size = total // self.world_size
         return self.rank * size, size
 
+    def vocab_rows(self, vocab_size: int) -> tuple[int, int]:
+        """(start, size) of this rank's vocabulary rows: ``ceil(vocab / N)`` each, the last rank the rest."""
+        part = ceil_div(vocab_size, self.world_size)
+        start = self.rank * part
+        return start, min(part, vocab_size - start)
+
     def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
         """(first, count) of this rank's KV heads: a 1/N part, or one head shared by N / num_kv_heads
         ranks when N > num_kv_heads (the head of this rank's query heads)."""
@@ -114,6 +125,25 @@ class TensorParallel:
         return self.rank * num_kv_heads // self.world_size, 1
 
     # ------------------------------------------------------------------ collectives
+
+    def embed(self, embedding: nn.Embedding, ids: torch.Tensor, vocab_start: int) -> torch.Tensor:
+        """A vocab-parallel lookup: this rank holds rows ``[vocab_start, vocab_start + rows)``, zeros the
+        other ids' rows, and the sum over the ranks completes every row."""
+        if self.world_size == 1:
+            return embedding(ids)
+        local = ids - vocab_start
+        outside = (local < 0) | (local >= embedding.num_embeddings)
+        out = embedding(local.masked_fill(outside, 0)).masked_fill_(outside.unsqueeze(-1), 0)
+        dist.all_reduce(out, group=self.model_group)
+        return out
+
+    def gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Every rank's logits ``[M, its vocab rows]`` joined into ``[M, vocab_size]`` (on every rank)."""
+        part = ceil_div(vocab_size, self.world_size)
+        padded = F.pad(logits, (0, part - logits.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.model_group)
+        return torch.cat(parts, dim=-1)[:, :vocab_size]
 
     def row_linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """A row-parallel linear: each rank's partial product summed over the ranks, then the (replicated) bias."""
