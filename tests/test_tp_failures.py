@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.engine.async_engine import AsyncEngine
+from common.engine.async_engine import AsyncEngine, EngineDead
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.parallel import TensorParallelError
@@ -64,7 +64,7 @@ async def test_killed_rank_fails_in_flight_requests_and_stops_the_instance():
     engine, pids, elapsed = await fail_while_generating(lambda pid: os.kill(pid, signal.SIGKILL))
     assert elapsed < TIMEOUT_S + 10
     await eventually(lambda: all(map(gone, pids)), timeout=30)
-    with pytest.raises(Exception, match="engine stopped"):
+    with pytest.raises(EngineDead, match="tensor-parallel"):
         await engine.abort("long")
 
 
