@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.engine.async_engine import AsyncEngine, EngineDead
 from common.engine.config import EngineConfig
@@ -81,6 +82,18 @@ async def test_idle_instance_learns_of_a_dead_rank():
     os.kill(core.workers.pids[0], signal.SIGKILL)
     await eventually(lambda: isinstance(engine.failed, TensorParallelError), timeout=30)
     assert "exited" in str(engine.failed)
+
+
+async def test_a_rank_failing_at_start_fails_the_engine_fast(monkeypatch):
+    from common.engine import tp_workers
+
+    monkeypatch.setattr(tp_workers, "rank_device", lambda device, rank: torch.device("cuda", 7))  # no such GPU
+    config = EngineConfig(model="demo", device="cpu", num_kv_blocks=16, tensor_parallel_size=2,
+                          tensor_parallel_timeout_s=600)  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match="exited with code"):
+        LLMEngine(config)
+    assert time.monotonic() - start < 120
 
 
 async def test_ranks_exit_when_rank_zero_dies():

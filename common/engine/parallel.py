@@ -82,18 +82,26 @@ class TensorParallel:
         self.control_group = control_group
         self.timeout = timeout  # of rank 0's sends and of every model-group collective
 
+    @staticmethod
+    def rendezvous(rank: int, world_size: int, port: int, timeout_s: float) -> dist.TCPStore:
+        """The group's store on 127.0.0.1: rank 0 hosts it (``port`` 0: any free port, see ``.port``),
+        the others connect to rank 0's ``port``."""
+        try:
+            return dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
+                                 timeout=timedelta(seconds=timeout_s), wait_for_workers=False)  # fmt: skip
+        except (RuntimeError, ValueError) as e:
+            raise TensorParallelError(f"rank {rank}: no tensor-parallel rendezvous on port {port}: {e}") from e
+
     @classmethod
     def join(
-        cls, rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float
+        cls, rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float
     ) -> "TensorParallel":
-        """Join the group at ``init_method`` (``tcp://host:port`` chosen by rank 0); blocks until every rank
-        joined or ``timeout_s`` passed."""
+        """Join the group of ``store`` (``rendezvous``) from ``device`` (on CUDA the current device already);
+        blocks until every rank joined or ``timeout_s`` passed."""
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         try:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
             control = dist.new_group(backend="gloo", timeout=CONTROL_WAIT)
         except (RuntimeError, ValueError) as e:
             raise TensorParallelError(f"rank {rank}: joining the tensor-parallel group failed: {e}") from e

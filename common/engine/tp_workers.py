@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 import torch
+import torch.distributed as dist
 
 from common.config import require
 from common.engine.config import EngineConfig
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STOP_TIMEOUT_S = 10.0  # a worker told to stop is killed after this long
+CONNECT_POLL_S = 0.05  # rank 0 checks this often whether the workers reached the rendezvous
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -45,7 +47,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 
     rank: int
     world_size: int
-    init_method: str  # tcp://127.0.0.1:port, the group's rendezvous chosen by rank 0
+    store_port: int  # of rank 0's rendezvous store on 127.0.0.1
     model_path: str
     dtype: str
     device: str  # this rank's device
@@ -55,12 +57,6 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 def rank_device(device: torch.device, rank: int) -> torch.device:
     """Rank ``rank``'s device: the CPU for every rank, else the ``rank``-th GPU from rank 0's."""
     return device if device.type == "cpu" else torch.device(device.type, (device.index or 0) + rank)
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_env() -> dict[str, str]:
@@ -93,14 +89,18 @@ class WorkerRanks:
             first = device.index or 0
             require(first + size <= torch.cuda.device_count(), "tensor_parallel_size",
                     f"{size} ranks from {device} need GPUs up to cuda:{first + size - 1}")  # fmt: skip
-        init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
+        timeout_s = config.tensor_parallel_timeout_s
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        store = TensorParallel.rendezvous(0, size, 0, timeout_s)
         fields = {name: getattr(config, name) for name in EngineConfig.__dataclass_fields__}
         workers = cls.start([
-            WorkerSpec(rank, size, init_method, str(path), dtype, str(rank_device(device, rank)), fields)
+            WorkerSpec(rank, size, store.port, str(path), dtype, str(rank_device(device, rank)), fields)
             for rank in range(1, size)
         ])  # fmt: skip
         try:
-            return workers, TensorParallel.join(0, size, init_method, device, config.tensor_parallel_timeout_s)
+            workers.wait_until_connected(store, timeout_s)
+            return workers, TensorParallel.join(0, size, store, device, timeout_s)
         except BaseException:
             workers.close(SINGLE)
             raise
@@ -117,6 +117,17 @@ class WorkerRanks:
             process.stdin.flush()
             processes.append(process)
         return cls(processes)
+
+    def wait_until_connected(self, store: dist.TCPStore, timeout_s: float) -> None:
+        """Wait until every worker reached the rendezvous; ``TensorParallelError`` as soon as one exits
+        first, or after ``timeout_s``."""
+        keys = [_connected_key(rank) for rank in range(1, len(self.processes) + 1)]
+        deadline = time.monotonic() + timeout_s
+        while not store.check(keys):
+            self.check()
+            if time.monotonic() > deadline:
+                raise TensorParallelError(f"the tensor-parallel workers did not all start within {timeout_s:g}s")
+            time.sleep(CONNECT_POLL_S)
 
     @property
     def pids(self) -> list[int]:
@@ -194,6 +205,10 @@ def load_rank(
     return model, kv_cache
 
 
+def _connected_key(rank: int) -> str:
+    return f"pdserve-tp-connected-{rank}"
+
+
 def _exit_with_rank_zero() -> None:
     """Block until rank 0 closes our stdin (it stopped us, or it died), then exit at once."""
     sys.stdin.buffer.read()
@@ -204,7 +219,12 @@ def serve_rank(spec: WorkerSpec) -> None:
     """Join, load this rank's shard, then run every step rank 0 broadcasts until it says stop."""
     config = EngineConfig(**spec.engine_config)
     device = torch.device(spec.device)
-    tp = TensorParallel.join(spec.rank, spec.world_size, spec.init_method, device, config.tensor_parallel_timeout_s)
+    timeout_s = config.tensor_parallel_timeout_s
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = TensorParallel.rendezvous(spec.rank, spec.world_size, spec.store_port, timeout_s)
+    store.set(_connected_key(spec.rank), "1")
+    tp = TensorParallel.join(spec.rank, spec.world_size, store, device, timeout_s)
     model_config = load_model_config(spec.model_path)
     max_model_len = config.max_model_len or model_config.max_model_len
     model, kv_cache = load_rank(config, model_config, Path(spec.model_path), parse_dtype(spec.dtype), device,
