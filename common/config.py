@@ -34,9 +34,9 @@ class ConfigError(ValueError):
     """A config value is invalid; ``str()`` names the flag and the reason."""
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None) -> Any:
-    """A config field with a default and a help text (lists get copied per instance)."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any, help: str, *, choices: tuple | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with a default and a help text (lists get copied per instance); ``aliases``: more flags."""
+    meta = {"help": help, "choices": choices, "aliases": aliases}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -129,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type, defaults: d
         if tp is bool:
             kwargs["nargs"] = "?"
             kwargs["const"] = True
-        parser.add_argument(flag_name(f.name), **kwargs)
+        parser.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def from_args(config_cls: type[C], ns: argparse.Namespace) -> C:

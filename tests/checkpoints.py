@@ -3,6 +3,7 @@
 ``make_hf_checkpoint(path, family, tokenizer_dir)`` saves one with ``save_pretrained``
 (safetensors) plus the tokenizer files of ``tokenizer_dir`` (e.g. the demo checkpoint), and
 returns the ``transformers`` model (fp32, eager attention, eval) to compare against.
+``config_overrides`` change the family's config (e.g. ``attention_bias=True``).
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
-def make_hf_checkpoint(path: Path, family: str, tokenizer_dir: Path, seed: int = 0, max_shard_size: str | None = None):
+def make_hf_checkpoint(
+    path: Path, family: str, tokenizer_dir: Path, seed: int = 0, max_shard_size: str | None = None,
+    **config_overrides,
+):
     """Write a ``family`` checkpoint into ``path``; returns the ``transformers`` model it holds."""
     import transformers
 
     config_cls, overrides = FAMILIES[family]
     vocab_size = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    config = getattr(transformers, config_cls)(vocab_size=vocab_size, **_COMMON, **overrides)
+    config = getattr(transformers, config_cls)(**{"vocab_size": vocab_size, **_COMMON, **overrides, **config_overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     # HF initialises norms to 1 and biases to 0: perturb them so that both are exercised

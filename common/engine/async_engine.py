@@ -8,6 +8,10 @@ request waits for remote KV) the thread sleeps on an event.
 
 Remote requests that find too few free blocks queue (FIFO) until blocks free;
 bound the wait with ``asyncio.wait_for`` (a cancelled wait drops the request).
+
+Under tensor parallelism a worker rank that exits wakes the thread, which then fails every
+request with ``TensorParallelError`` (as a failed step does); the thread stops the other
+ranks (``LLMEngine.close``) on its way out.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ class AsyncEngine:
         # Published by the engine thread after every command batch and step, before that step's outputs
         # are delivered: whoever saw an output reads stats at least as new as it.  Never waited for.
         self.latest_stats: StepStats = core.stats()
+        if core.workers is not None:
+            core.workers.on_exit = self._wake.set
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -202,6 +208,7 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._wake.clear()
+                self.core.check_health()
                 self._apply_commands()
                 self._retry_waiting_blocks()
                 self.latest_stats = self.core.stats()
@@ -215,8 +222,10 @@ class AsyncEngine:
             logger.exception("engine step failed; stopping the engine")
             self._dead = e
             self._fail_all(f"engine failed: {e!r}")
-            return
-        self._fail_all("engine shut down")
+        else:
+            self._fail_all("engine shut down")
+        finally:
+            self.core.close()
 
     def _apply_commands(self) -> None:
         while self._commands:

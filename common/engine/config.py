@@ -42,6 +42,18 @@ class EngineConfig:
     enforce_eager: bool = opt(
         False, "run every step eagerly: no CUDA graphs for decode steps (CPU always runs eagerly)"
     )
+    tensor_parallel_size: int = opt(
+        1,
+        "rank processes of this instance, each holding 1/N of the attention heads and MLP; gloo on CPU, "
+        "NCCL on CUDA (one GPU per rank from --device on); TP > 1 runs eagerly (no CUDA graphs) and only "
+        "colocated (--role both) for now",
+        aliases=("-tp",),
+    )
+    tensor_parallel_timeout_s: float = opt(
+        120.0,
+        "TP > 1: a rank's start-up (joining, loading its shard) or a step's collective that takes longer "
+        "fails the engine",
+    )
     kv_load_failure_policy: Literal["recompute", "fail"] = opt(
         "recompute",
         "when reading a remote prefill's KV fails: compute the prompt locally, or fail the request",
@@ -56,6 +68,8 @@ class EngineConfig:
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
+        require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        require(self.tensor_parallel_timeout_s > 0, "tensor_parallel_timeout_s", "must be > 0")
         require(self.max_model_len is None or self.max_model_len > 1, "max_model_len", "must be > 1")
         dtypes = ("auto", "float32", "float16", "bfloat16")
         require(self.dtype in dtypes, "dtype", f"must be one of {', '.join(dtypes)}")

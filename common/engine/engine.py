@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from common.arith import ceil_div
 from common.config import require
 from common.engine.block_manager import BlockManager
-from common.engine.config import EngineConfig, parse_size
+from common.engine.config import EngineConfig
 from common.engine.detokenizer import Detokenizer
-from common.engine.kv_cache import Allocate, KVCache, zeros
-from common.engine.loader import load_model, parse_dtype, resolve_model_path
+from common.engine.kv_cache import Allocate, zeros
+from common.engine.loader import parse_dtype, resolve_model_path
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
+from common.engine.parallel import SINGLE, TensorParallel
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import (
@@ -33,11 +34,10 @@ from common.engine.sequence import (
     SequenceStatus,
 )
 from common.engine.tokenizer import Tokenizer
+from common.engine.tp_workers import WorkerRanks, load_rank
 from common.messages import MAX_LOGPROBS, Load, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = 512 << 20  # KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is set
 
 
 @dataclass
@@ -71,6 +71,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LLMEngine:
+    """With ``tensor_parallel_size`` N > 1 this process is rank 0 of N: it starts the other ranks
+    (``WorkerRanks``), broadcasts every step to them, and ``close()`` stops them."""
+
     def __init__(self, config: EngineConfig, kv_allocate: Allocate = zeros):
         """``kv_allocate`` allocates the KV cache tensor (a shared-memory file where the shm transport serves it)."""
         config.validate()
@@ -80,7 +83,6 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(path)
         self.dtype = parse_dtype(config.dtype, self.model_config, self.device)
         self.tokenizer = Tokenizer.from_dir(path)
-        self.model = load_model(path, self.model_config, self.dtype, self.device)
         model_len = self.model_config.max_model_len
         require(
             config.max_model_len is None or config.max_model_len <= model_len,
@@ -89,49 +91,52 @@ class LLMEngine:
         )
         self.max_model_len: int = config.max_model_len or model_len
         self.block_size = config.block_size
-        mc = self.model_config
-        self.kv_cache = KVCache(
-            self._num_kv_blocks(), mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype,
-            self.device, kv_allocate,
-        )  # fmt: skip
+        self.workers: WorkerRanks | None = None
+        self.tp: TensorParallel = SINGLE
+        try:
+            self._build(path, kv_allocate)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, path, kv_allocate: Allocate) -> None:
+        """Start the other ranks (TP > 1), load this rank's weights, allocate its KV cache, build the rest."""
+        config, mc = self.config, self.model_config
+        if config.tensor_parallel_size > 1:
+            self.workers, self.tp = WorkerRanks.launch(config, mc, path, self.dtype_name, self.device)
+        self.model, self.kv_cache = load_rank(
+            config, mc, path, self.dtype, self.device, self.max_model_len, self.tp, kv_allocate
+        )
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(
-            self.model, self.kv_cache, self.device, config.max_num_seqs, self.max_model_len, config.enforce_eager
+            self.model, self.kv_cache, self.device, config.max_num_seqs, self.max_model_len, config.enforce_eager,
+            self.tp,
         )
         self.sampler = Sampler(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
         self._offline_count = 0
         logger.info(
-            "engine ready: model %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
+            "engine ready: model %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, TP %d",
             path, self.dtype_name, self.device, self.kv_cache.num_blocks, self.block_size,
-            self.kv_cache.num_blocks * self.kv_cache.block_bytes / 2**20, self.max_model_len,
+            self.kv_cache.num_blocks * self.kv_cache.block_bytes / 2**20, self.max_model_len, self.tp.world_size,
         )  # fmt: skip
+
+    def check_health(self) -> None:
+        """Raise ``TensorParallelError`` if a tensor-parallel rank exited (nothing to check with TP 1)."""
+        if self.workers is not None:
+            self.workers.check()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (if any); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.close(self.tp)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
-
-    def _num_kv_blocks(self) -> int:
-        """``--num-kv-blocks``, else the memory budget over bytes per block, capped at what
-        ``max_num_seqs`` full-length sequences can use."""
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        mc = self.model_config
-        block_bytes = KVCache.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
-        if self.config.kv_cache_memory is not None:
-            budget = parse_size(self.config.kv_cache_memory)
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization)
-        else:
-            budget = CPU_KV_CACHE_BYTES
-        cap = self.config.max_num_seqs * ceil_div(self.max_model_len, self.block_size)
-        num_blocks = min(budget // block_bytes, cap)
-        require(num_blocks > 0, "kv_cache_memory", f"budget {budget} bytes holds no block of {block_bytes} bytes")
-        return num_blocks
 
     # ------------------------------------------------------------------ requests
 
@@ -268,7 +273,8 @@ class LLMEngine:
                 seq.first_scheduled_time = start
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampling_seqs = [seq for (seq, _), s in zip(scheduled, sample) if s]
-        logits = self.runner.run(scheduled, sample)
+        run = partial(self.runner.run, scheduled, sample)
+        logits = run() if self.workers is None else self.workers.call(run)
         tokens: list[int] = []
         logprobs: list[TokenLogprob | None] = []
         if logits is not None:

@@ -6,6 +6,13 @@ from collections.abc import Callable
 
 import torch
 
+from common.arith import ceil_div
+from common.config import require
+from common.engine.config import EngineConfig, parse_size
+from common.engine.model_config import ModelConfig
+
+CPU_KV_CACHE_BYTES = 512 << 20  # KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is set
+
 Allocate = Callable[[tuple[int, ...], torch.dtype, torch.device | str], torch.Tensor]
 
 
@@ -72,3 +79,25 @@ class KVCache:
         if not 0 <= block_id < self.num_blocks:
             raise IndexError(f"KVCache: block {block_id} out of range [0, {self.num_blocks})")
         return self.data[block_id]
+
+
+def num_kv_blocks(
+    config: EngineConfig, mc: ModelConfig, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+    max_model_len: int,
+) -> int:
+    """``--num-kv-blocks``, else the memory budget over bytes per block (of a rank holding ``num_kv_heads``),
+    capped at what ``max_num_seqs`` full-length sequences can use."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    block_bytes = KVCache.bytes_per_block(mc.num_layers, config.block_size, num_kv_heads, mc.head_dim, dtype)
+    if config.kv_cache_memory is not None:
+        budget = parse_size(config.kv_cache_memory)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * config.gpu_memory_utilization)
+    else:
+        budget = CPU_KV_CACHE_BYTES
+    cap = config.max_num_seqs * ceil_div(max_model_len, config.block_size)
+    num_blocks = min(budget // block_bytes, cap)
+    require(num_blocks > 0, "kv_cache_memory", f"budget {budget} bytes holds no block of {block_bytes} bytes")
+    return num_blocks

@@ -16,6 +16,7 @@ from common.config import require
 from common.engine.demo_model import ensure_demo_checkpoint
 from common.engine.model import CausalLM
 from common.engine.model_config import ModelConfig, ModelLoadError, read_json
+from common.engine.parallel import SINGLE, Shard, TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -115,16 +116,20 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
+def load_model(
+    path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel = SINGLE
+) -> CausalLM:
     """Build the model and fill every parameter from the checkpoint, in ``dtype`` on ``device``, eval mode,
-    prepared for inference (``CausalLM.prepare``: fused projections, rope table).
+    prepared for inference (``CausalLM.prepare``: fused projections, rope table).  Under tensor
+    parallelism only this rank's slice of a sharded tensor is read (``CausalLM.weight_shards``).
 
     Raises ``ModelLoadError`` naming missing/mis-shaped tensors or a corrupt file.
     """
     device = torch.device(device)
     with torch.device("meta"):
-        model = CausalLM(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        model = CausalLM(config, tp)
+    shards = model.weight_shards()
+    expected = {name: _checkpoint_shape(tuple(p.shape), shards.get(name)) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
     wrong_shape: list[str] = []
     for file in weight_files(Path(path)):
@@ -137,7 +142,9 @@ def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
                     if shape != expected[name]:
                         wrong_shape.append(f"{name} {list(shape)} (expected {list(expected[name])})")
                         continue
-                    loaded[name] = f.get_tensor(name).to(dtype)
+                    shard = shards.get(name)
+                    tensor = f.get_tensor(name) if shard is None else _read_shard(f, name, shard, len(shape))
+                    loaded[name] = tensor.to(dtype)
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelLoadError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
     if wrong_shape:
@@ -147,5 +154,20 @@ def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
         raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {', '.join(missing)}")
     model.load_state_dict(loaded, strict=True, assign=True)
     model.prepare()
-    logger.info("loaded %s from %s (%s on %s)", config.architecture, path, dtype, device)
+    rank = f", tensor-parallel rank {tp.rank} of {tp.world_size}" if tp.world_size > 1 else ""
+    logger.info("loaded %s from %s (%s on %s%s)", config.architecture, path, dtype, device, rank)
     return model.eval()
+
+
+def _checkpoint_shape(param_shape: tuple[int, ...], shard: Shard | None) -> tuple[int, ...]:
+    """The whole tensor's shape in the checkpoint of a parameter holding ``shard`` of it."""
+    if shard is None:
+        return param_shape
+    return param_shape[: shard.dim] + (shard.full,) + param_shape[shard.dim + 1 :]
+
+
+def _read_shard(file, name: str, shard: Shard, ndim: int) -> torch.Tensor:
+    """Read only ``shard`` of tensor ``name`` (a sliced read: the whole tensor is never materialised)."""
+    index = [slice(None)] * ndim
+    index[shard.dim] = slice(shard.start, shard.start + shard.size)
+    return file.get_slice(name)[tuple(index)]

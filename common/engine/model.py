@@ -3,6 +3,12 @@
 A freshly built ``CausalLM`` mirrors the Hugging Face checkpoints (``named_parameters()``
 are the safetensors tensor names); ``prepare`` then fuses q/k/v and gate/up into one
 matmul each.  Every layer reads and writes the paged ``KVCache``.
+
+Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of
+the checkpoint, as ``weight_shards`` says: q/k/v and gate/up column-parallel (its heads, its
+part of the intermediate size), o_proj and down_proj row-parallel (summed over the ranks by
+an all-reduce), the embedding and LM head vocab-parallel (its rows of the vocabulary); norms
+are replicated.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import nn
 from common.engine.attention import AttentionMetadata, paged_attention
 from common.engine.kv_cache import KVCache
 from common.engine.model_config import ModelConfig
+from common.engine.parallel import SINGLE, Shard, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -86,11 +93,15 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Checkpoint layout ``q_proj``/``k_proj``/``v_proj``; ``fuse`` merges them into one ``qkv_proj``."""
+    """Checkpoint layout ``q_proj``/``k_proj``/``v_proj``; ``fuse`` merges them into one ``qkv_proj``.
+    Holds this rank's query and KV heads (``TensorParallel.split``/``kv_heads``)."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.tp = tp
+        self.num_heads = tp.split(config.num_heads)[1]
+        self.num_kv_heads = tp.kv_heads(config.num_kv_heads)[1]
+        self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.q_size, bias=config.attention_bias)
@@ -120,15 +131,17 @@ class Attention(nn.Module):
         out = paged_attention(
             qk[:, :heads], qk[:, heads:], v, cache, self.layer_idx, meta, self.scale, self.sliding_window
         )
-        return self.o_proj(out.reshape(n, self.q_size))
+        return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``; ``fuse`` merges ``gate_proj``/``up_proj`` into ``gate_up_proj``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; ``fuse`` merges ``gate_proj``/``up_proj`` into ``gate_up_proj``.
+    Holds this rank's part of the intermediate size."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
-        hidden, inter = config.hidden_size, config.intermediate_size
+        self.tp = tp
+        hidden, inter = config.hidden_size, tp.split(config.intermediate_size)[1]
         self.gate_proj = nn.Linear(hidden, inter, bias=config.mlp_bias)
         self.up_proj = nn.Linear(hidden, inter, bias=config.mlp_bias)
         self.down_proj = nn.Linear(inter, hidden, bias=config.mlp_bias)
@@ -140,7 +153,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.row_linear(self.down_proj, F.silu(gate) * up)
 
 
 def fuse_linears(*linears: nn.Linear) -> nn.Linear:
@@ -154,10 +167,10 @@ def fuse_linears(*linears: nn.Linear) -> nn.Linear:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp: TensorParallel):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -167,10 +180,10 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = nn.Embedding(tp.vocab_rows(config.vocab_size)[1], config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_model_len
@@ -182,16 +195,43 @@ class CausalLM(nn.Module):
 
     Built in the checkpoint's layout (``named_parameters()`` are the safetensors names);
     ``prepare`` (``load_model`` calls it) then fuses projections and builds the rope table,
-    and only a prepared model runs ``forward``.
+    and only a prepared model runs ``forward``.  ``tp``: this rank's place in its tensor-parallel
+    group (``SINGLE``: the whole model, no collectives).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.model = Model(config)
+        self.tp = tp
+        self.vocab_start = tp.vocab_rows(config.vocab_size)[0]
+        self.model = Model(config, tp)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.hidden_size, tp.vocab_rows(config.vocab_size)[1], bias=False)
         self.prepared = False
+
+    def weight_shards(self) -> dict[str, Shard]:
+        """Checkpoint tensor name -> this rank's slice of it (absent: the rank holds the whole tensor)."""
+        if self.tp.world_size == 1:
+            return {}
+        c, tp = self.config, self.tp
+        q_start, q_size = (c.head_dim * n for n in tp.split(c.num_heads))
+        kv_start, kv_size = (c.head_dim * n for n in tp.kv_heads(c.num_kv_heads))
+        i_start, i_size = tp.split(c.intermediate_size)
+        q = Shard(0, q_start, q_size, c.head_dim * c.num_heads)
+        kv = Shard(0, kv_start, kv_size, c.head_dim * c.num_kv_heads)
+        column = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv,
+                  "mlp.gate_proj": Shard(0, i_start, i_size, c.intermediate_size),
+                  "mlp.up_proj": Shard(0, i_start, i_size, c.intermediate_size)}  # fmt: skip
+        row = {"self_attn.o_proj": Shard(1, q_start, q_size, q.full),
+               "mlp.down_proj": Shard(1, i_start, i_size, c.intermediate_size)}  # fmt: skip
+        vocab = Shard(0, *tp.vocab_rows(c.vocab_size), c.vocab_size)
+        shards = {"model.embed_tokens.weight": vocab, "lm_head.weight": vocab}
+        for i in range(c.num_layers):
+            for module, shard in column.items():
+                shards[f"model.layers.{i}.{module}.weight"] = shards[f"model.layers.{i}.{module}.bias"] = shard
+            for module, shard in row.items():  # the bias of a row-parallel linear is replicated
+                shards[f"model.layers.{i}.{module}.weight"] = shard
+        return shards
 
     @torch.no_grad()
     def prepare(self) -> None:
@@ -212,7 +252,7 @@ class CausalLM(nn.Module):
             raise RuntimeError("CausalLM.forward: call prepare() first (load_model does)")
         if kv_cache.num_layers != self.config.num_layers:
             raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {self.config.num_layers}")
-        x = self.model.embed_tokens(input_ids)
+        x = self.tp.embed(self.model.embed_tokens, input_ids, self.vocab_start)
         cos_sin = self.model.rotary_emb(positions)
         for layer in self.model.layers:
             x = layer(x, cos_sin, meta, kv_cache)
@@ -220,6 +260,9 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[M, vocab]`` of hidden rows ``[M, hidden]``."""
+        """Float32 logits ``[M, vocab]`` of hidden rows ``[M, hidden]`` (under tensor parallelism every
+        rank calls it: each computes its vocabulary rows, then they are gathered)."""
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.tp.world_size == 1:
+            return F.linear(hidden, weight).float()
+        return self.tp.gather_vocab(F.linear(hidden, weight), self.config.vocab_size).float()

@@ -2,18 +2,73 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from common.engine.attention import AttentionMetadata
 from common.engine.cuda_graph import DecodeGraphs
 from common.engine.kv_cache import KVCache
 from common.engine.model import CausalLM
+from common.engine.parallel import SINGLE, TensorParallel
 from common.engine.sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    """What every rank needs to run one step's forward: the new tokens (flattened), their positions,
+    and per sequence its new-token count, context length after the step, block table and whether
+    its last token's logits are wanted."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    sample: list[bool]
+
+    @classmethod
+    def of(cls, scheduled: list[tuple[Sequence, int]], sample: list[bool]) -> "StepInputs":
+        """Each sequence computes ``n`` tokens from its ``num_computed_tokens`` on."""
+        inputs = cls([], [], [], [], [seq.block_table for seq, _ in scheduled], sample)
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            inputs.input_ids += seq.token_ids[start : start + n]
+            inputs.positions += range(start, start + n)
+            inputs.query_lens.append(n)
+            inputs.context_lens.append(start + n)
+        return inputs
+
+    def pack(self) -> list[int]:
+        """One flat list of ints (``unpack`` inverts it): how rank 0 broadcasts a step."""
+        header = [len(self.query_lens), len(self.input_ids)]
+        per_seq = self.query_lens + self.context_lens + [int(s) for s in self.sample]
+        tables = [len(t) for t in self.block_tables] + [b for t in self.block_tables for b in t]
+        return header + self.input_ids + self.positions + per_seq + tables
+
+    @classmethod
+    def unpack(cls, values: list[int]) -> "StepInputs":
+        num_seqs, num_tokens = values[0], values[1]
+        parts, at = [], 2
+        for length in (num_tokens, num_tokens, num_seqs, num_seqs, num_seqs, num_seqs):
+            parts.append(values[at : at + length])
+            at += length
+        input_ids, positions, query_lens, context_lens, sample, table_lens = parts
+        tables = []
+        for length in table_lens:
+            tables.append(values[at : at + length])
+            at += length
+        return cls(input_ids, positions, query_lens, context_lens, tables, [bool(s) for s in sample])
 
 
 class ModelRunner:
     """Runs steps eagerly, except decode-only batches on CUDA, which replay ``DecodeGraphs``
-    (unless ``enforce_eager``)."""
+    (unless ``enforce_eager``, or under tensor parallelism, which always runs eagerly).
+
+    Under tensor parallelism rank 0 calls ``run``, which broadcasts the step's inputs; every
+    other rank calls ``forward`` with the inputs it receives (``TensorParallel.receive``), so that
+    all ranks run the same collectives.
+    """
 
     def __init__(
         self,
@@ -23,39 +78,45 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int,
         enforce_eager: bool = False,
+        tp: TensorParallel = SINGLE,
     ):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
-        use_graphs = device.type == "cuda" and not enforce_eager
+        self.tp = tp
+        use_graphs = device.type == "cuda" and not enforce_eager and tp.world_size == 1
         self.graphs = DecodeGraphs(model, kv_cache, max_num_seqs, max_model_len) if use_graphs else None
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]], sample: list[bool]) -> torch.Tensor | None:
         """Compute each sequence's ``n`` tokens from ``num_computed_tokens`` on (writing their KV);
         returns float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + n]
-            positions += range(start, start + n)
-            query_lens.append(n)
-            context_lens.append(start + n)
-        tables = [seq.block_table for seq, _ in scheduled]
-        decode_only = len(input_ids) == len(scheduled)
-        if decode_only and self.graphs is not None and self.graphs.bucket(len(scheduled), max(context_lens)):
-            hidden = self.graphs.run(input_ids, positions, tables)
-            last = torch.arange(len(scheduled), device=self.device)
-        else:
-            meta = AttentionMetadata.build(query_lens, context_lens, tables, self.kv_cache.block_size, self.device)
-            ids_pos = torch.tensor([input_ids, positions], dtype=torch.int64).to(self.device, non_blocking=True)
-            hidden = self.model(ids_pos[0], ids_pos[1], meta, self.kv_cache)
-            last = meta.query_start_loc[1:] - 1
-        if not any(sample):
+        inputs = StepInputs.of(scheduled, sample)
+        if self.tp.world_size > 1:
+            self.tp.send(inputs.pack())
+        return self.forward(inputs)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Run the step; float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
+        hidden, last = self._hidden_states(inputs)
+        if not any(inputs.sample):
             return None
-        if not all(sample):
-            last = last[torch.tensor(sample, device=self.device)]
+        if not all(inputs.sample):
+            last = last[torch.tensor(inputs.sample, device=self.device)]
         return self.model.compute_logits(hidden[last])
+
+    def _hidden_states(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of every new token, the row of each sequence's last new token)."""
+        num_seqs = len(inputs.query_lens)
+        decode_only = len(inputs.input_ids) == num_seqs
+        if decode_only and self.graphs is not None and self.graphs.bucket(num_seqs, max(inputs.context_lens)):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.block_tables)
+            return hidden, torch.arange(num_seqs, device=self.device)
+        meta = AttentionMetadata.build(
+            inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device
+        )
+        ids_pos = torch.tensor([inputs.input_ids, inputs.positions], dtype=torch.int64)
+        ids_pos = ids_pos.to(self.device, non_blocking=True)
+        hidden = self.model(ids_pos[0], ids_pos[1], meta, self.kv_cache)
+        return hidden, meta.query_start_loc[1:] - 1
