@@ -26,6 +26,9 @@ from common.engine.model_config import ModelConfig
 from common.errors import PdserveError
 
 CONTROL_WAIT = timedelta(days=3650)  # a worker waits this long for rank 0's next step
+# Loading a shard can take minutes on a busy host, far longer than a step may: the start-up barrier waits
+# this long at least (a rank that dies meanwhile fails it at once: gloo sees its connection close).
+START_WAIT = timedelta(minutes=5)
 _STOP, _STEP = 0, 1
 
 
@@ -75,11 +78,13 @@ class TensorParallel:
         model_group: dist.ProcessGroup | None = None,
         control_group: dist.ProcessGroup | None = None,
         timeout: timedelta | None = None,
+        start_group: dist.ProcessGroup | None = None,
     ):
         self.rank = rank
         self.world_size = world_size
         self.model_group = model_group
         self.control_group = control_group
+        self.start_group = start_group  # gloo, waits START_WAIT at least: the start-up barrier
         self.timeout = timeout  # of rank 0's sends and of every model-group collective
 
     @staticmethod
@@ -103,9 +108,10 @@ class TensorParallel:
         try:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
             control = dist.new_group(backend="gloo", timeout=CONTROL_WAIT)
+            start = dist.new_group(backend="gloo", timeout=max(timeout, START_WAIT))
         except (RuntimeError, ValueError) as e:
             raise TensorParallelError(f"rank {rank}: joining the tensor-parallel group failed: {e}") from e
-        return cls(rank, world_size, dist.group.WORLD, control, timeout)
+        return cls(rank, world_size, dist.group.WORLD, control, timeout, start)
 
     def leave(self) -> None:
         """Destroy the process groups (this process may then join another)."""
@@ -161,12 +167,12 @@ class TensorParallel:
         dist.all_reduce(out, group=self.model_group)
         return out if linear.bias is None else out + linear.bias
 
-    def agree_min(self, value: int, device: torch.device) -> int:
-        """The smallest ``value`` over the ranks: a start-up barrier bounded by the model group's timeout
-        (``TensorParallelError`` when a rank does not get there)."""
-        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over the ranks: the start-up barrier, once every rank loaded its shard
+        (``TensorParallelError`` when a rank does not get there within ``START_WAIT``, or dies)."""
+        tensor = torch.tensor([value], dtype=torch.int64)
         try:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.model_group)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.start_group)
         except RuntimeError as e:
             raise TensorParallelError(f"rank {self.rank}: the ranks did not all start: {e}") from e
         return int(tensor.item())

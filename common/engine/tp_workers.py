@@ -198,7 +198,7 @@ def load_rank(
     num_kv_heads = tp.kv_heads(model_config.num_kv_heads)[1]
     num_blocks = num_kv_blocks(config, model_config, num_kv_heads, dtype, device, max_model_len)
     if tp.world_size > 1:
-        num_blocks = tp.agree_min(num_blocks, device)
+        num_blocks = tp.agree_min(num_blocks)
     mc = model_config
     kv_cache = KVCache(num_blocks, mc.num_layers, config.block_size, num_kv_heads, mc.head_dim, dtype, device,
                        kv_allocate)  # fmt: skip
