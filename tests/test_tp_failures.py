@@ -31,7 +31,7 @@ def gone(pid: int) -> bool:
     status = Path(f"/proc/{pid}/status")
     try:
         return "State:\tZ" in status.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, we read it
         return True
 
 
