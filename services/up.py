@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -57,6 +58,10 @@ class UpConfig:
     port: int = opt(8000, "gateway port")
     registry_port: int = opt(7100, "registry port on 127.0.0.1")
     engine_args: str = opt("", "extra flags for every engine, e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
+    prefill_args: str = opt("", "extra flags for the prefill engines only (after --engine-args, so they win), "
+                                "e.g. '--block-size 16'")
+    decode_args: str = opt("", "extra flags for the decode engines only (after --engine-args), "
+                               "e.g. '--block-size 32'")
     gpus: list[int] = opt([], "pin engine i (prefills first, then decodes) to GPU gpus[i % len] through "
                               "CUDA_VISIBLE_DEVICES, e.g. 0,1; empty: no pinning")
     gateway_args: str = opt("", "extra flags for the gateway")
@@ -117,21 +122,23 @@ class Stack:
     def children(self) -> list[Child]:
         return [c for group in self.groups.values() for c in group]
 
+    def engine_argv(self, role: str) -> list[str]:
+        """The ``pdserve`` arguments of one engine of ``role`` (prefill, decode, or both)."""
+        c = self.config
+        command = {"prefill": ["prefill"], "decode": ["decode"], "both": ["prefill", "--role", "both"]}[role]
+        own = {"prefill": c.prefill_args, "decode": c.decode_args, "both": ""}[role]
+        return [*command, "--registry", self.registry, "--model", c.model, "--dtype", c.dtype, "--device", c.device,
+                *shlex.split(c.engine_args), *shlex.split(own)]
+
     def start(self) -> None:
         c = self.config
         self.spawn("registry", ["registry", "--bind", self.registry])
-        engine = ["--registry", self.registry, "--model", c.model, "--dtype", c.dtype, "--device", c.device,
-                  *c.engine_args.split()]
-        if c.mode == "disagg":
-            for _ in range(c.prefill):
-                self.spawn("engines", ["prefill", *engine], self.engine_env())
-            for _ in range(c.decode):
-                self.spawn("engines", ["decode", *engine], self.engine_env())
-        else:
-            for _ in range(c.colocated):
-                self.spawn("engines", ["prefill", "--role", "both", *engine], self.engine_env())
+        counts = {"prefill": c.prefill, "decode": c.decode} if c.mode == "disagg" else {"both": c.colocated}
+        for role, count in counts.items():
+            for _ in range(count):
+                self.spawn("engines", self.engine_argv(role), self.engine_env())
         self.spawn("gateway", ["gateway", "--host", c.host, "--port", str(c.port), "--registry", self.registry,
-                               "--mode", c.mode, *c.gateway_args.split()])
+                               "--mode", c.mode, *shlex.split(c.gateway_args)])
 
     def dead(self) -> list[int]:
         return [c.proc.returncode for c in self.children() if c.proc.poll() is not None]

@@ -30,3 +30,13 @@ def test_invalid_settings_name_their_flag(config, flag):
 def test_counts_of_the_other_mode_do_not_matter():
     UpConfig(mode="colocated", prefill=0, decode=0, colocated=2).validate()
     UpConfig(mode="disagg", colocated=0).validate()
+
+
+def test_role_flags_follow_the_flags_for_every_engine():
+    stack = Stack(UpConfig(engine_args="--block-size 16 --max-num-seqs 8", prefill_args="--kv-transport shm",
+                           decode_args="--block-size 32 --served-model-name 'my model'"))
+    prefill, decode, both = (stack.engine_argv(role) for role in ("prefill", "decode", "both"))
+    assert prefill[0] == "prefill" and prefill[-2:] == ["--kv-transport", "shm"]
+    assert decode[0] == "decode" and decode[-4:] == ["--block-size", "32", "--served-model-name", "my model"]
+    assert decode.index("32") > decode.index("16")  # the decode's own flag comes last, so it wins
+    assert both[:3] == ["prefill", "--role", "both"] and both[-4:] == ["--block-size", "16", "--max-num-seqs", "8"]
