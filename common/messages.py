@@ -56,6 +56,8 @@ def kv_incompatibilities(prefill: Fingerprint, decode: Fingerprint) -> dict[str,
     Every fingerprint field must match, except that the block sizes may differ when both are
     powers of two (the reader then maps token positions, ``common.kv_transfer.ranges.token_ranges``).
     """
+    if prefill == decode:  # the usual case, asked once per decode candidate on every request
+        return {}
     reasons = {}
     for field in prefill.differences(decode):
         at_prefill, at_decode = getattr(prefill, field), getattr(decode, field)

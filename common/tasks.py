@@ -2,7 +2,7 @@
 
 asyncio keeps only weak references to tasks, so a fire-and-forget task can be
 garbage-collected mid-run; ``BackgroundTasks`` holds each until it ends and
-lets its owner wait for (or cancel) whatever is still running at shutdown.
+lets its owner wait for whatever is still running at shutdown.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ class BackgroundTasks:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task] = set()
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run ``coro`` on the running loop and keep it referenced until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -32,10 +29,3 @@ class BackgroundTasks:
         """Wait for the running tasks (their errors are theirs to log) for at most ``timeout`` seconds."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-
-    async def cancel(self) -> None:
-        """Cancel the running tasks and wait until they ended."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

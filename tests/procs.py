@@ -33,6 +33,16 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02) ->
         await asyncio.sleep(interval)
 
 
+class Clock:
+    """A clock a test moves by hand (``clock.now += 5``), for the pure state that takes one."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class PeerProcess:
     """``python -m <module> <args>`` that prints one JSON line once ready and runs until its stdin closes
     (a transfer peer in another process); ``with PeerProcess(...) as info:`` yields that line."""

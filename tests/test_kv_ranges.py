@@ -14,6 +14,7 @@ from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, block_ranges, token_ranges
 from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
 from common.messages import Fingerprint, HandshakeReply, KVTransferParams, MemoryRegion, Reply, TransportOffer
+from tests.procs import Clock
 
 S, F, P = TransferStatus.SUCCESS, TransferStatus.FAILED, TransferStatus.PENDING
 BB = 100  # block bytes
@@ -113,14 +114,6 @@ def test_unknown_worker_and_bad_quorum_are_errors():
 
 
 # -- leases -------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

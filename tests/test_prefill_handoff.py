@@ -22,20 +22,12 @@ from common.errors import PeerError
 from common.kv_transfer.leases import LeaseTable
 from common.messages import SamplingParams
 from services.prefill.handoff import PrefillHandoff
-from tests.procs import eventually
+from tests.procs import Clock, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 LEASE_S = 30.0
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Prefill:

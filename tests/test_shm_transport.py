@@ -133,11 +133,11 @@ def test_out_of_range_reads_fail_without_touching_memory(peer, local):
 
 def test_a_killed_owners_file_is_removed_as_stale(peer):
     owner = start_peer(SEED + 1)
-    files = peer_files(owner.__enter__())
-    assert files and all(f.exists() for f in files)
-    owner.proc.send_signal(signal.SIGKILL)
-    owner.stop()  # reaped: its pid no longer names a live process
-    removed = remove_stale_files()
+    with owner as info:  # stopped (reaped) on the way out, whatever fails
+        files = peer_files(info)
+        assert files and all(f.exists() for f in files)
+        owner.proc.send_signal(signal.SIGKILL)
+    removed = remove_stale_files()  # the owner is reaped: its pid no longer names a live process
     assert {f.name for f in files} <= set(removed)
     assert not any(f.exists() for f in files)
     assert all(f.exists() for f in peer_files(peer))  # a live owner's file stays

@@ -200,7 +200,8 @@ def learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
 def filler_tokens(count: int, taken: set[str]) -> list[str]:
     """``count`` byte-level token strings not in ``taken``: every string of 2, then 3, ... printable
     ASCII characters (space included), in a fixed order.  Each decodes to that ASCII text."""
-    alphabet = [bytes_to_unicode()[b] for b in range(ord(" "), ord("~") + 1)]
+    table = bytes_to_unicode()
+    alphabet = [table[b] for b in range(ord(" "), ord("~") + 1)]
     strings = ("".join(chars) for length in itertools.count(2) for chars in itertools.product(alphabet, repeat=length))
     return list(itertools.islice((token for token in strings if token not in taken), count))
 

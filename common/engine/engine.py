@@ -22,7 +22,7 @@ from common.engine.kv_cache import Allocate, zeros
 from common.engine.loader import parse_dtype, resolve_model_path
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
-from common.engine.parallel import SINGLE, TensorParallel
+from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import (
@@ -95,7 +95,9 @@ class LLMEngine:
         self.tp: TensorParallel = SINGLE
         try:
             self._build(path, kv_allocate)
-        except BaseException:
+        except BaseException as e:
+            if self.workers is not None:  # they are loading or at the start barrier, not waiting for a stop
+                self.workers.fail(TensorParallelError(f"rank 0 failed to start: {e!r}"))
             self.close()
             raise
 

@@ -79,11 +79,11 @@ def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges) 
     order; after a call with a failure the rest is not read (FAILED: the read fails anyway)."""
     statuses: list[TransferStatus] = []
     for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
-        if any(s is not TransferStatus.SUCCESS for s in statuses):
-            return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - i)
         window = slice(i, i + MAX_RANGES_PER_CALL)
-        statuses += backend.read(session, ranges.local_addrs[window], ranges.remote_addrs[window],
-                                 ranges.lengths[window])
+        batch = backend.read(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
+        statuses += batch
+        if any(s is not TransferStatus.SUCCESS for s in batch):
+            return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - len(statuses))
     return statuses
 
 

@@ -17,10 +17,23 @@ import torch
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, make_backend
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.shm import SharedKVFile
-from common.kv_transfer.transports import Placement, TransportError, plan, rdma_devices, this_host_id
+from common.kv_transfer.transports import (
+    Placement,
+    TransportError,
+    TransportPlan,
+    plan,
+    rdma_devices,
+    this_host_id,
+)
 from common.messages import MemoryRegion, TransportOffer
 
 logger = logging.getLogger(__name__)
+
+
+def plan_for(config: KVTransferConfig, device: torch.device) -> tuple[str, TransportPlan]:
+    """The memory kind of KV on ``device`` and the transports an engine with it serves here."""
+    memory = "cuda" if device.type == "cuda" else "cpu"
+    return memory, plan(config.kv_transport, memory, bool(rdma_devices()))
 
 
 def shared_kv_file(config: KVTransferConfig, device: torch.device) -> SharedKVFile | None:
@@ -29,8 +42,7 @@ def shared_kv_file(config: KVTransferConfig, device: torch.device) -> SharedKVFi
     With ``--kv-transport shm`` a cache that does not fit in ``/dev/shm`` fails the start; with ``auto``
     it falls back to private memory (and is served over the network transport).
     """
-    memory = "cuda" if device.type == "cuda" else "cpu"
-    if plan(config.kv_transport, memory, bool(rdma_devices())).same_host != "shm":
+    if plan_for(config, device)[1].same_host != "shm":
         return None
     return SharedKVFile(fallback=config.kv_transport == "auto")
 
@@ -60,8 +72,7 @@ class TransportSet:
     @classmethod
     def open(cls, config: KVTransferConfig, kv: torch.Tensor, region: MemoryRegion) -> TransportSet:
         """Open and register every planned transport; ``TransportError`` when a forced one cannot work."""
-        memory = "cuda" if kv.device.type == "cuda" else "cpu"
-        planned = plan(config.kv_transport, memory, bool(rdma_devices()))
+        memory, planned = plan_for(config, kv.device)
         forced = config.kv_transport != "auto"
         backends: dict[str, TransferBackend] = {}
         try:

@@ -67,7 +67,6 @@ class Gateway:
         self.router = Router(membership.instances, mode=config.mode, prefill_policy=config.prefill_policy,
                              decode_policy=config.decode_policy, failure_cooldown_s=config.failure_cooldown_s)
         self.connections = EngineConnections(control_timeout_s=config.abort_timeout_s,
-                                             stream_timeout_s=config.stream_idle_timeout_s,
                                              on_abort=self.metrics.on_abort)
         self.request_ids = RequestIds()
         self.context = FlowContext(config, self.router, self.connections, self.metrics, self.request_ids)

@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 class EngineConnections:
     """Clients of the engines' request endpoints; ``on_abort(role)`` hears every abort sent."""
 
-    def __init__(self, *, control_timeout_s: float, stream_timeout_s: float, on_abort: Callable[[Role], None]):
+    def __init__(self, *, control_timeout_s: float, on_abort: Callable[[Role], None]):
+        """Legs time themselves (``BusClient.request``); the pool's default timeout bounds the aborts."""
         self.control_timeout_s = control_timeout_s
         self.on_abort = on_abort
-        self._pool = ClientPool(name="gateway", timeout=stream_timeout_s)
+        self._pool = ClientPool(name="gateway", timeout=control_timeout_s)
         self._endpoints: dict[str, str] = {}  # instance id -> the request endpoint it registered last
         self._aborts = BackgroundTasks()
 

@@ -31,13 +31,10 @@ class PrefillRole(ColocatedRole):
         leases = LeaseTable(service.config.kv_lease_seconds)
         self.handoff = PrefillHandoff(service.instance_id, leases, service.engine.release_transfer)
         self._sweeper: asyncio.Task | None = None
-        self.incarnation = ""  # of the transports serving our KV, once open
 
     async def start(self) -> None:
         s = self.service
-        transports = s.open_transports()
-        self.incarnation = transports.incarnation
-        side_channel = KVSideChannel(s.instance_id, s.fingerprint, transports, s.layout, self.handoff)
+        side_channel = KVSideChannel(s.instance_id, s.fingerprint, s.open_transports(), s.layout, self.handoff)
         side_channel.attach(s.kv_server)
         self._sweeper = asyncio.create_task(self.handoff.run_sweeper(s.config.kv_lease_sweep_interval_s))
 
@@ -69,7 +66,7 @@ class PrefillRole(ColocatedRole):
             engine_id=self.service.instance_id, kv_endpoint=self.service.kv_endpoint,
             transfer_id=self.handoff.transfer_id(out.request_id), block_ids=list(out.pinned_block_ids or []),
             num_tokens=num_tokens, first_token_id=out.new_token_ids[0], lease_expiry=expiry,
-            first_token_logprob=out.logprobs[0] if out.logprobs else None, incarnation=self.incarnation,
+            first_token_logprob=out.logprobs[0] if out.logprobs else None, incarnation=self.service.transports.incarnation,
             block_size=self.service.core.block_size,
         )  # fmt: skip
 
