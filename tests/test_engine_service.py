@@ -19,6 +19,7 @@ from bench.processes import free_port
 from common.arith import ceil_div
 from common.bus import BusClient
 from common.engine.engine import LLMEngine
+from common.engine.kv_cache import KVCache
 from common.engine_service import ColocatedRole, EngineService, EngineServiceConfig
 from common.errors import PeerError
 from common.messages import (
@@ -118,7 +119,7 @@ async def test_registration_carries_fingerprint_and_capacity(cluster: Cluster):
     assert isinstance(reply, InstanceList)
     listed = {i.id: i for i in reply.instances}
     expected_fp = Fingerprint(model="demo", dtype="float32", block_size=BLOCK, num_layers=4, num_kv_heads=4,
-                              head_dim=32, kv_layout="block-major", transfer_backend="mooncake")
+                              head_dim=32, kv_layout=KVCache.LAYOUT, transfer_backend="mooncake")
     for service in cluster.services.values():
         inst = listed[service.instance_id]
         assert inst.role == service.config.role

@@ -2,9 +2,9 @@
 
 ``read_blocks(params, local_block_ids, skip_leading)`` handshakes once per
 prefill engine (one shared future per engine, failures not cached; the
-handshake picks the transport for that engine, see ``transports.py``), merges
-block runs into byte ranges (whole blocks when both engines have the same block
-size, token positions when they differ: ``ranges.token_ranges``), runs the
+handshake picks the transport for that engine, see ``transports.py``), maps
+token positions to merged byte ranges (``ranges.token_ranges``: whole-block runs
+when both engines have the same block size), runs the
 blocking backend read in a thread pool, at most ``MAX_RANGES_PER_CALL`` ranges
 a call (a started read is never abandoned, even when the caller is cancelled), renews
 the lease while it waits, checks every status, confirms the lease still held
@@ -26,7 +26,7 @@ from common.client_pool import ClientPool
 from common.errors import BusError, CallTimeout, HandshakeError, KVTransferError, PeerError
 from common.kv_transfer.backend import TransferBackend
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, block_ranges, token_ranges
+from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 from common.kv_transfer.status import RequestTransfers, TransferStatus
 from common.kv_transfer.transport_set import TransportSet
 from common.kv_transfer.transports import Placement, TransportError, candidates
@@ -270,9 +270,9 @@ class KVReader:
         """Read the prompt's KV from ``params.block_ids`` into ``local_block_ids`` (our blocks, one per
         ``block_size`` tokens of ``params.num_tokens``), but for the first ``skip_leading`` of ours.
 
-        Those are local prefix-cache hits.  When the peer's block size is ours, ``params.block_ids[i]``
-        is read into ``local_block_ids[i]`` whole; otherwise token positions map between the two
-        (``token_ranges``, which needs ``params.num_tokens`` to match the block lists).  Raises
+        Those are local prefix-cache hits.  Token positions map between the two block lists
+        (``token_ranges``, which needs ``params.num_tokens`` to match both): when the peer's block size
+        is ours, that is ``params.block_ids[i]`` into ``local_block_ids[i]``.  Raises
         ``HandshakeError`` / ``KVTransferError``; ``ReleaseKV`` is sent in every
         outcome (success, failure, cancellation) once no backend read is running.
         """
@@ -301,21 +301,11 @@ class KVReader:
 
     def _ranges(self, peer: Peer, params: KVTransferParams, local_block_ids: list[int],
                 skip_leading: int) -> ByteRanges:
-        """The byte ranges of a read: whole blocks between equal block sizes, token runs otherwise."""
-        if peer.block_size == self.fingerprint.block_size:
-            return block_ranges(
-                local_block_ids[skip_leading:],
-                params.block_ids[skip_leading:],
-                local_base=self.layout.base_addr,
-                remote_base=peer.layout.base_addr,
-                block_bytes=self.layout.block_bytes,
-                local_num_blocks=self.layout.num_blocks,
-                remote_num_blocks=peer.layout.num_blocks,
-            )
-        return token_ranges(BlockTable(self.layout, self.fingerprint.block_size, local_block_ids),
-                            BlockTable(peer.layout, peer.block_size, params.block_ids),
-                            num_layers=self.fingerprint.num_layers, num_tokens=params.num_tokens,
-                            skip_leading=skip_leading)
+        """The byte ranges of a read: every KV head of the prompt's token positions we lack."""
+        num_kv_heads = self.fingerprint.num_kv_heads
+        return token_ranges(BlockTable(self.layout, self.fingerprint.block_size, local_block_ids, 0, num_kv_heads),
+                            BlockTable(peer.layout, peer.block_size, params.block_ids, 0, num_kv_heads),
+                            heads=range(num_kv_heads), num_tokens=params.num_tokens, skip_leading=skip_leading)
 
     async def _read(self, peer: Peer, params: KVTransferParams, ranges: ByteRanges, num_blocks: int) -> ReadStats:
         if not ranges.lengths:
