@@ -158,14 +158,16 @@ LAYERS, HEADS, DIM = 3, 4, 4
 BB = 100  # block bytes of the address-only tables below: 4 heads x 5 tokens x 5 bytes
 
 
-def addresses(ids: list[int], base: int, block_size: int = 5, first_head: int = 0, num_heads: int = HEADS,
-          block_bytes: int = BB) -> BlockTable:
-    return BlockTable(KVLayout(base, block_bytes, 64), block_size, ids, first_head, num_heads)
+def addresses(ids: list[int], base: int, first_head: int = 0, num_heads: int = HEADS, block_bytes: int = BB
+              ) -> BlockTable:
+    """A side of 5-token blocks based at ``base``: addresses only, no memory."""
+    return BlockTable(KVLayout(base, block_bytes, 64), 5, ids, first_head, num_heads)
 
 
 def whole_blocks(local: list[int], remote: list[int]) -> ByteRanges:
     """Every head of ``len(local)`` full 5-token blocks, between two engines of the same block size."""
-    return token_ranges(addresses(local, 10_000), addresses(remote, 50_000), heads=range(HEADS), num_tokens=5 * len(local))
+    return token_ranges(addresses(local, 10_000), addresses(remote, 50_000), heads=range(HEADS),
+                        num_tokens=5 * len(local))
 
 
 def test_equal_block_sizes_merge_whole_blocks_consecutive_on_both_sides():
@@ -194,11 +196,11 @@ def test_nothing_to_read_is_no_range():
 
 def test_a_head_slice_of_equal_block_sizes_is_one_range_per_block():
     """Heads 2..3 of a 4-head prefill into a decode rank holding them: the second half of each block."""
-    r = token_ranges(addresses([3, 4], 10_000, first_head=2, num_heads=2, block_bytes=BB // 2),
-                     addresses([10, 11], 50_000),
-                     heads=range(2, 4), num_tokens=10)
-    assert r == ([10_000 + 3 * BB // 2, 10_000 + 4 * BB // 2], [50_000 + 10 * BB + BB // 2, 50_000 + 11 * BB + BB // 2],
-                 [BB // 2, BB // 2])
+    half = BB // 2
+    r = token_ranges(addresses([3, 4], 10_000, first_head=2, num_heads=2, block_bytes=half),
+                     addresses([10, 11], 50_000), heads=range(2, 4), num_tokens=10)
+    assert r == ([10_000 + 3 * half, 10_000 + 4 * half], [50_000 + 10 * BB + half, 50_000 + 11 * BB + half],
+                 [half, half])
 
 
 def test_byte_offsets_follow_the_cache_layout():
