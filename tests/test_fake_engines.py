@@ -60,7 +60,11 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
     reader = KVReader(transports, "d0", prefill.fingerprint, layout, KVTransferConfig(kv_transport="tcp"))
     try:
         stats = await reader.read_blocks(params, [5, 6, 7])
-        assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 1, 3 * BLOCK_BYTES)
+        # the prompt's tokens only: the partial last block is a piece per KV head (2), the first merged with
+        # the full blocks before it
+        assert params.num_tokens % prefill.fingerprint.block_size and prefill.fingerprint.num_kv_heads == 2
+        token_bytes = BLOCK_BYTES // prefill.fingerprint.block_size
+        assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 2, params.num_tokens * token_bytes)
         assert reader_transport.peers == {prefill.prefill_kv.transport.session}
         await eventually(lambda: prefill.load().kv_blocks_pinned == 0 and not prefill.prefill_kv.handoff)
     finally:
