@@ -73,8 +73,8 @@ class KVCache:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) of one layer: strided views ``[num_blocks, num_kv_heads, block_size, head_dim]``.
 
-        Each row of ``head_dim`` elements is contiguous and ``view(-1, head_dim)`` of either is a view (not a
-        copy), whose rows ``plane_rows`` numbers: what attention writes and gathers.
+        Only rows of ``head_dim`` elements are contiguous; ``view(-1, head_dim)`` of either is still a view,
+        its rows numbered by ``plane_rows``: the rows attention writes and gathers.
         """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"KVCache: layer {layer} out of range [0, {self.num_layers})")
