@@ -6,7 +6,7 @@ from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
 from common.kv_transfer.reader import KVReader, ReadStats, ReleaseSender
 from common.kv_transfer.side_channel import KVSideChannel, PinnedTransfers
-from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
+from common.kv_transfer.status import TransferQuorum, TransferStatus, aggregate
 
 __all__ = [
     "BackendUnavailable",
@@ -19,8 +19,8 @@ __all__ = [
     "PinnedTransfers",
     "ReadStats",
     "ReleaseSender",
-    "RequestTransfers",
     "TransferBackend",
+    "TransferQuorum",
     "TransferStatus",
     "aggregate",
     "block_ranges",
