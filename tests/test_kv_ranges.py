@@ -13,7 +13,15 @@ from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, block_ranges, token_ranges
 from common.kv_transfer.status import TransferQuorum, TransferStatus, aggregate
-from common.messages import Fingerprint, HandshakeReply, KVTransferParams, MemoryRegion, Reply, TransportOffer
+from common.messages import (
+    Fingerprint,
+    HandshakeReply,
+    KVRankMemory,
+    KVTransferParams,
+    MemoryRegion,
+    Reply,
+    TransportOffer,
+)
 from tests.procs import Clock
 
 S, F, P = TransferStatus.SUCCESS, TransferStatus.FAILED, TransferStatus.PENDING
@@ -222,15 +230,17 @@ def fingerprint(**over):
 
 
 def test_handshake_reply_and_params_roundtrip():
-    reply = HandshakeReply(
-        engine_id="p0", fingerprint=fingerprint(), host_id="h/boot", memory="cuda",
+    rank = KVRankMemory(
+        rank=0, first_head=0, num_heads=2, host_id="h/boot", memory="cuda",
         transports=[TransportOffer("nvlink", "nvlink", "ipc", b"\x00\xff"), TransportOffer("rdma", "mori", "k")],
-        regions=[MemoryRegion(2**47 + 5, 1 << 30)], block_bytes=4096, num_blocks=1024,
+        region=MemoryRegion(2**47 + 5, 1 << 30), block_bytes=4096, num_blocks=1024,
     )
+    reply = HandshakeReply(engine_id="p0", fingerprint=fingerprint(tensor_parallel_size=2),
+                           ranks=[rank, msgspec.structs.replace(rank, rank=1, first_head=1)], incarnation="i")
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=Reply)
     assert decoded == reply
     params = KVTransferParams(engine_id="p0", kv_endpoint="tcp://h:1", transfer_id="t", block_ids=[3, 1, 2],
-                              num_tokens=40, first_token_id=7, lease_expiry=1.5e9)
+                              num_tokens=40, first_token_id=7, lease_expiry=1.5e9, tensor_parallel_size=2)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=KVTransferParams) == params
 
 
