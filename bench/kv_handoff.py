@@ -59,7 +59,7 @@ from common.bus import BusServer
 from common.engine.kv_cache import KVCache, zeros
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
-from common.kv_transfer.ranges import ByteRanges, KVLayout, block_ranges
+from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 from common.kv_transfer.reader import KVReader, ReadStats
 from common.kv_transfer.side_channel import KVSideChannel
 from common.kv_transfer.transport_set import TransportSet, shared_kv_file
@@ -210,9 +210,11 @@ async def run_decode(args: argparse.Namespace) -> dict:
     block_bytes = KVCache.bytes_per_block(args.layers, args.block_size, args.kv_heads, args.head_dim, torch.float16)
 
     def ranges_of(local_base: int, remote_base: int) -> ByteRanges:
-        return block_ranges(local, remote, local_base=local_base, remote_base=remote_base,
-                            block_bytes=block_bytes, local_num_blocks=args.num_blocks,
-                            remote_num_blocks=args.num_blocks)
+        def side(base: int, ids: list[int]) -> BlockTable:
+            return BlockTable(KVLayout(base, block_bytes, args.num_blocks), args.block_size, ids, 0, args.kv_heads)
+
+        return token_ranges(side(local_base, local), side(remote_base, remote), heads=range(args.kv_heads),
+                            num_tokens=args.tokens)
 
     nbytes = len(remote) * block_bytes
     limits = limit_copies(args, ranges_of, nbytes)

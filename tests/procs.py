@@ -1,4 +1,5 @@
-"""Test-only helpers: waiting on a condition with a deadline; a transfer peer in another process.
+"""Test-only helpers: waiting on a condition with a deadline; a transfer peer in another process and the
+ranges reading its blocks.
 
 The service processes and the engine driver that tests share with the benchmarks
 live in ``bench/processes.py`` and ``bench/engine_driver.py``.
@@ -15,6 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
+
+if TYPE_CHECKING:
+    from common.engine.kv_cache import KVCache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,3 +81,12 @@ class PeerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def peer_block_ranges(kv: KVCache, peer_base: int, local_ids: list[int], remote_ids: list[int]) -> ByteRanges:
+    """Ranges reading whole blocks ``remote_ids`` of a peer's KV cache (``kv``'s geometry, based at
+    ``peer_base``) into ``local_ids`` of ``kv``, every head."""
+    heads = kv.num_kv_heads
+    local = BlockTable(KVLayout.of(kv), kv.block_size, local_ids, 0, heads)
+    remote = BlockTable(KVLayout(peer_base, kv.block_bytes, kv.num_blocks), kv.block_size, remote_ids, 0, heads)
+    return token_ranges(local, remote, heads=range(heads), num_tokens=len(local_ids) * kv.block_size)

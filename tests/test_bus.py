@@ -19,6 +19,7 @@ from common.bus import (
     BusServer,
     encode,
 )
+from common.engine.kv_cache import KVCache
 from common.errors import CallTimeout, PeerError, PeerGone
 from tests.procs import eventually
 from common.messages import (
@@ -260,7 +261,7 @@ async def test_message_of_another_union_is_refused(server, client):
     try:
         from common.messages import Capacity, Fingerprint, Instance
 
-        fp = Fingerprint("m", "float32", 16, 2, 2, 8, "block-major", "mooncake")
+        fp = Fingerprint("m", "float32", 16, 2, 2, 8, KVCache.LAYOUT, "mooncake")
         inst = Instance("i", "prefill", "tcp://x:1", "tcp://x:2", "m", fp, Capacity(1, 1, 1))
         _, _, reply = await raw.send(HEADER.pack(3, KIND_REQUEST), encode(Register(instance=inst)))
     finally:

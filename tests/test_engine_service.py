@@ -16,9 +16,9 @@ import pytest_asyncio
 
 from bench.engine_driver import GREEDY, EngineDriver, prompt_ids, tokens
 from bench.processes import free_port
-from common.arith import ceil_div
 from common.bus import BusClient
 from common.engine.engine import LLMEngine
+from common.engine.kv_cache import KVCache
 from common.engine_service import ColocatedRole, EngineService, EngineServiceConfig
 from common.errors import PeerError
 from common.messages import (
@@ -118,7 +118,7 @@ async def test_registration_carries_fingerprint_and_capacity(cluster: Cluster):
     assert isinstance(reply, InstanceList)
     listed = {i.id: i for i in reply.instances}
     expected_fp = Fingerprint(model="demo", dtype="float32", block_size=BLOCK, num_layers=4, num_kv_heads=4,
-                              head_dim=32, kv_layout="block-major", transfer_backend="mooncake")
+                              head_dim=32, kv_layout=KVCache.LAYOUT, transfer_backend="mooncake")
     for service in cluster.services.values():
         inst = listed[service.instance_id]
         assert inst.role == service.config.role
@@ -190,8 +190,8 @@ async def test_pd_output_token_identical_to_colocated(cluster: Cluster, length: 
     assert dec[-1].finish_reason == "length"
     assert dec[-1].usage.completion_tokens == GREEDY.max_tokens
     timings = dec[0].timings
-    num_blocks = ceil_div(length, BLOCK)
-    assert timings["kv_bytes"] == num_blocks * cluster.services["decode"].layout.block_bytes
+    token_bytes = cluster.services["decode"].layout.block_bytes // BLOCK
+    assert timings["kv_bytes"] == length * token_bytes  # the prompt's positions, a partial last block's only
     assert timings["kv_transfer_s"] > 0 and timings["first_decode_step_s"] > 0
     await cluster.wait_idle("prefill", "decode")
 
@@ -227,9 +227,9 @@ async def test_decode_prefix_cache_hit_reads_fewer_bytes(cluster: Cluster):
     pre1, dec1 = await cluster.pd("prefix-1", ids)
     pre2, dec2 = await cluster.pd("prefix-2", ids)
     assert tokens(pre1 + dec1) == tokens(pre2 + dec2) == ref
-    block_bytes = cluster.services["decode"].layout.block_bytes
-    assert dec1[0].timings["kv_bytes"] == 3 * block_bytes
-    assert dec2[0].timings["kv_bytes"] == 1 * block_bytes  # the two full blocks are decode-side cache hits
+    token_bytes = cluster.services["decode"].layout.block_bytes // BLOCK
+    assert dec1[0].timings["kv_bytes"] == 40 * token_bytes
+    assert dec2[0].timings["kv_bytes"] == (40 - 2 * BLOCK) * token_bytes  # the two full blocks are decode-side hits
     await cluster.wait_idle("prefill", "decode")
 
 

@@ -42,7 +42,7 @@ GEOMETRY = dict(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=to
 
 def fingerprint(**over) -> Fingerprint:
     base = dict(model="tiny", dtype="float16", block_size=4, num_layers=2, num_kv_heads=2, head_dim=8,
-                kv_layout="block-major", transfer_backend="mori")
+                kv_layout=KVCache.LAYOUT, transfer_backend="mori")
     return Fingerprint(**{**base, **over})
 
 
@@ -284,9 +284,10 @@ async def test_skip_leading_prefix_hits_are_not_read(prefill, decode):
 
 
 def token_kv(kv: KVCache, block_ids: list[int], first: int, end: int) -> torch.Tensor:
-    """K and V of a prompt's token positions ``[first, end)`` held in ``block_ids``."""
+    """K and V of a prompt's token positions ``[first, end)`` held in ``block_ids``: ``[tokens, heads, layers, 2,
+    head_dim]``."""
     positions = torch.arange(first, end)
-    return kv.data[torch.tensor(block_ids)[positions // kv.block_size], :, :, positions % kv.block_size]
+    return kv.data.transpose(1, 2)[torch.tensor(block_ids)[positions // kv.block_size], positions % kv.block_size]
 
 
 @pytest.mark.parametrize(("decode_block_size", "local", "skip"),

@@ -1,4 +1,4 @@
-"""L1: block ranges, status aggregation, leases, config and handshake metadata (no I/O)."""
+"""L1: token ranges, status aggregation, leases, config and handshake metadata (no I/O)."""
 
 import random
 
@@ -11,7 +11,7 @@ from common.config import ConfigError
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
-from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, block_ranges, token_ranges
+from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 from common.kv_transfer.status import TransferQuorum, TransferStatus, aggregate
 from common.messages import (
     Fingerprint,
@@ -25,62 +25,6 @@ from common.messages import (
 from tests.procs import Clock
 
 S, F, P = TransferStatus.SUCCESS, TransferStatus.FAILED, TransferStatus.PENDING
-BB = 100  # block bytes
-
-
-def ranges(local, remote, local_base=10_000, remote_base=50_000, n=64):
-    return block_ranges(
-        local, remote, local_base=local_base, remote_base=remote_base,
-        block_bytes=BB, local_num_blocks=n, remote_num_blocks=n,
-    )
-
-
-# -- ranges -------------------------------------------------------------------
-
-
-def test_consecutive_on_both_sides_is_one_range():
-    r = ranges([3, 4, 5, 6], [10, 11, 12, 13])
-    assert r == ([10_000 + 3 * BB], [50_000 + 10 * BB], [4 * BB])
-    assert r.total_bytes == 4 * BB
-
-
-def test_run_breaks_when_either_side_breaks():
-    # local consecutive, remote jumps after 2
-    assert ranges([0, 1, 2], [5, 6, 9]).lengths == [2 * BB, BB]
-    # remote consecutive, local jumps after 1
-    r = ranges([0, 7, 8], [5, 6, 7])
-    assert r.local_addrs == [10_000, 10_000 + 7 * BB]
-    assert r.remote_addrs == [50_000 + 5 * BB, 50_000 + 6 * BB]
-    assert r.lengths == [BB, 2 * BB]
-
-
-def test_descending_ids_are_not_merged():
-    assert ranges([5, 4], [5, 4]).lengths == [BB, BB]
-
-
-def test_single_block_and_empty():
-    assert ranges([7], [2]) == ([10_000 + 7 * BB], [50_000 + 2 * BB], [BB])
-    assert ranges([], []) == ([], [], [])
-
-
-def test_byte_offsets_follow_block_major_layout():
-    kv = KVCache(num_blocks=6, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
-    layout = KVLayout.of(kv)
-    assert layout.block_bytes == 2 * 2 * 4 * 2 * 8 * 2
-    assert layout.region == MemoryRegion(kv.data.data_ptr(), 6 * layout.block_bytes)
-    r = block_ranges([2], [0], local_base=layout.base_addr, remote_base=0, block_bytes=layout.block_bytes,
-                     local_num_blocks=6, remote_num_blocks=1)
-    assert r.local_addrs[0] == kv.block_view(2).data_ptr()
-
-
-@pytest.mark.parametrize(
-    "local, remote, match",
-    [([1, 2], [1], "2 local blocks but 1 remote"), ([64], [0], "local block id 64"),
-     ([0], [-1], "remote block id -1"), ([3, 3], [1, 2], "duplicate local")],
-)
-def test_bad_block_lists_are_value_errors(local, remote, match):
-    with pytest.raises(ValueError, match=match):
-        ranges(local, remote)
 
 
 # -- statuses -----------------------------------------------------------------
@@ -225,7 +169,7 @@ def test_config_defaults_validate_and_bad_values_name_the_flag():
 
 def fingerprint(**over):
     base = dict(model="m", dtype="float16", block_size=16, num_layers=2, num_kv_heads=2,
-                head_dim=8, kv_layout="block-major", transfer_backend="mooncake")
+                head_dim=8, kv_layout=KVCache.LAYOUT, transfer_backend="mooncake")
     return Fingerprint(**{**base, **over})
 
 
@@ -248,27 +192,85 @@ def test_fingerprint_differences_name_fields():
     assert fingerprint().differences(fingerprint(block_size=32, dtype="bfloat16")) == ["dtype", "block_size"]
 
 
-# -- token ranges (different block sizes) -------------------------------------
+# -- token ranges -------------------------------------------------------------
 
-LAYERS, HEADS, DIM = 3, 2, 4
+LAYERS, HEADS, DIM = 3, 4, 4
+BB = 100  # block bytes of the address-only tables below: 4 heads x 5 tokens x 5 bytes
 
 
-def filled_cache(block_size: int, num_blocks: int = 24) -> KVCache:
-    kv = KVCache(num_blocks=num_blocks, num_layers=LAYERS, block_size=block_size, num_kv_heads=HEADS, head_dim=DIM,
-                 dtype=torch.float16, device="cpu")
-    kv.data.copy_(torch.randn_like(kv.data))
+def addresses(ids: list[int], base: int, block_size: int = 5, first_head: int = 0, num_heads: int = HEADS,
+          block_bytes: int = BB) -> BlockTable:
+    return BlockTable(KVLayout(base, block_bytes, 64), block_size, ids, first_head, num_heads)
+
+
+def whole_blocks(local: list[int], remote: list[int]) -> ByteRanges:
+    """Every head of ``len(local)`` full 5-token blocks, between two engines of the same block size."""
+    return token_ranges(addresses(local, 10_000), addresses(remote, 50_000), heads=range(HEADS), num_tokens=5 * len(local))
+
+
+def test_equal_block_sizes_merge_whole_blocks_consecutive_on_both_sides():
+    r = whole_blocks([3, 4, 5, 6], [10, 11, 12, 13])
+    assert r == ([10_000 + 3 * BB], [50_000 + 10 * BB], [4 * BB])
+    assert r.total_bytes == 4 * BB
+    assert whole_blocks([7], [2]) == ([10_000 + 7 * BB], [50_000 + 2 * BB], [BB])
+
+
+def test_a_run_breaks_when_either_side_breaks():
+    assert whole_blocks([0, 1, 2], [5, 6, 9]).lengths == [2 * BB, BB]  # remote jumps after 2
+    r = whole_blocks([0, 7, 8], [5, 6, 7])  # local jumps after 1
+    assert r.local_addrs == [10_000, 10_000 + 7 * BB]
+    assert r.remote_addrs == [50_000 + 5 * BB, 50_000 + 6 * BB]
+    assert r.lengths == [BB, 2 * BB]
+    # pieces go in local address order: descending ids on both sides still merge
+    assert whole_blocks([5, 4], [5, 4]) == ([10_000 + 4 * BB], [50_000 + 4 * BB], [2 * BB])
+    assert whole_blocks([5, 4], [4, 5]).lengths == [BB, BB]
+
+
+def test_nothing_to_read_is_no_range():
+    assert token_ranges(addresses([], 0), addresses([], 0), heads=range(HEADS), num_tokens=0) == ([], [], [])
+    assert token_ranges(addresses([1, 2], 0), addresses([3, 4], 0), heads=range(HEADS), num_tokens=7,
+                        skip_leading=2) == ([], [], [])
+
+
+def test_a_head_slice_of_equal_block_sizes_is_one_range_per_block():
+    """Heads 2..3 of a 4-head prefill into a decode rank holding them: the second half of each block."""
+    r = token_ranges(addresses([3, 4], 10_000, first_head=2, num_heads=2, block_bytes=BB // 2),
+                     addresses([10, 11], 50_000),
+                     heads=range(2, 4), num_tokens=10)
+    assert r == ([10_000 + 3 * BB // 2, 10_000 + 4 * BB // 2], [50_000 + 10 * BB + BB // 2, 50_000 + 11 * BB + BB // 2],
+                 [BB // 2, BB // 2])
+
+
+def test_byte_offsets_follow_the_cache_layout():
+    kv = KVCache(num_blocks=6, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
+    layout = KVLayout.of(kv)
+    assert layout.block_bytes == 2 * 2 * 4 * 2 * 8 * 2
+    assert layout.region == MemoryRegion(kv.data.data_ptr(), 6 * layout.block_bytes)
+    local = BlockTable(layout, 4, [2], 0, 2)
+    r = token_ranges(local, BlockTable(KVLayout(0, layout.block_bytes, 1), 4, [0], 0, 2), heads=range(2), num_tokens=4)
+    assert r.local_addrs == [kv.block_view(2).data_ptr()]
+    one_head = BlockTable(KVLayout(0, layout.block_bytes // 2, 1), 4, [0], 1, 1)
+    r = token_ranges(local, one_head, heads=range(1, 2), num_tokens=3)
+    assert r == ([kv.block_view(2)[1].data_ptr()], [0], [3 * 2 * 2 * 8 * 2])  # 3 tokens of head 1: 2 layers, K, V
+
+
+def filled_cache(block_size: int, num_heads: int = HEADS, num_blocks: int = 24, first_value: int = 1) -> KVCache:
+    """A cache of ``num_heads`` heads whose every element holds a distinct value (from ``first_value``)."""
+    kv = KVCache(num_blocks=num_blocks, num_layers=LAYERS, block_size=block_size, num_kv_heads=num_heads,
+                 head_dim=DIM, dtype=torch.float32, device="cpu")
+    kv.data.copy_(torch.arange(first_value, first_value + kv.data.numel(), dtype=torch.float32).view(kv.data.shape))
     return kv
 
 
-def expected_read(decode: KVCache, prefill: KVCache, local_ids: list[int], remote_ids: list[int], first: int,
-                  end: int) -> torch.Tensor:
-    """``decode.data`` after token positions ``[first, end)`` of the prompt were copied from ``prefill``."""
+def expected_read(decode: KVCache, local: BlockTable, prefill: KVCache, remote: BlockTable, heads: range,
+                  first: int, end: int) -> torch.Tensor:
+    """``decode.data`` after tokens ``[first, end)`` of ``heads`` were copied from ``prefill``, one token and
+    head (every layer, K and V) at a time."""
     out = decode.data.clone()
-    positions = torch.arange(first, end)
-    local_blocks = torch.tensor(local_ids, dtype=torch.long)[positions // decode.block_size]
-    remote_blocks = torch.tensor(remote_ids, dtype=torch.long)[positions // prefill.block_size]
-    source = prefill.data[remote_blocks, :, :, positions % prefill.block_size]  # [tokens, layers, 2, heads, dim]
-    out.permute(0, 3, 1, 2, 4, 5)[local_blocks, positions % decode.block_size] = source
+    for t in range(first, end):
+        for h in heads:
+            out[local.block_ids[t // local.block_size], h - local.first_head, t % local.block_size] = \
+                prefill.data[remote.block_ids[t // remote.block_size], h - remote.first_head, t % remote.block_size]
     return out
 
 
@@ -279,8 +281,8 @@ def copy_ranges(into: KVCache, source: KVCache, r: ByteRanges) -> None:
         dst[la:la + n] = src[ra:ra + n]
 
 
-def blocks_of(kv: KVCache, block_ids: list[int]) -> BlockTable:
-    return BlockTable(KVLayout(0, kv.block_bytes, kv.num_blocks), kv.block_size, block_ids)
+def blocks_of(kv: KVCache, block_ids: list[int], first_head: int = 0) -> BlockTable:
+    return BlockTable(KVLayout(0, kv.block_bytes, kv.num_blocks), kv.block_size, block_ids, first_head, kv.num_kv_heads)
 
 
 def scattered(n: int, seed: int, num_blocks: int = 24) -> list[int]:
@@ -290,35 +292,72 @@ def scattered(n: int, seed: int, num_blocks: int = 24) -> list[int]:
     return sorted(ids[:n], key=lambda b: (b // 3, b))
 
 
-@pytest.mark.parametrize("remote_size, local_size", [(4, 8), (8, 4), (4, 16), (16, 4), (8, 8)])
-@pytest.mark.parametrize("num_tokens", [1, 3, 4, 8, 13, 16, 31, 32, 47])
-@pytest.mark.parametrize("skip_leading", [0, 1, 2])
-def test_token_ranges_read_exactly_the_tokens_decode_lacks(remote_size, local_size, num_tokens, skip_leading):
+def check_read(remote_size: int, local_size: int, num_tokens: int, skip_leading: int, remote_heads: range,
+               local_heads: range, heads: range) -> ByteRanges:
+    """Reads ``heads`` between caches holding ``remote_heads`` / ``local_heads`` and checks every byte against
+    the per-element reference: the tokens decode lacks arrive, nothing else changes."""
     remote_ids = scattered(ceil_div(num_tokens, remote_size), seed=num_tokens)
     local_ids = scattered(ceil_div(num_tokens, local_size), seed=num_tokens + 1)
     skip_leading = min(skip_leading, len(local_ids))
-    prefill, decode = filled_cache(remote_size), filled_cache(local_size)
+    prefill = filled_cache(remote_size, len(remote_heads))
+    decode = filled_cache(local_size, len(local_heads), first_value=1 + prefill.data.numel())
+    local, remote = blocks_of(decode, local_ids, local_heads.start), blocks_of(prefill, remote_ids, remote_heads.start)
     first = min(skip_leading * local_size, num_tokens)
-    expected = expected_read(decode, prefill, local_ids, remote_ids, first, num_tokens)
-    r = token_ranges(blocks_of(decode, local_ids), blocks_of(prefill, remote_ids), num_layers=LAYERS,
-                     num_tokens=num_tokens, skip_leading=skip_leading)
+    expected = expected_read(decode, local, prefill, remote, heads, first, num_tokens)
+    r = token_ranges(local, remote, heads=heads, num_tokens=num_tokens, skip_leading=skip_leading)
     copy_ranges(decode, prefill, r)
-    assert torch.equal(decode.data, expected)  # the missing tokens, byte for byte, and nothing else
-    assert r.total_bytes == (num_tokens - first) * 2 * LAYERS * HEADS * DIM * 2
+    assert torch.equal(decode.data, expected)
+    assert r.total_bytes == (num_tokens - first) * len(heads) * LAYERS * 2 * DIM * 4
+    return r
 
 
-@pytest.mark.parametrize("remote_size, local_size, expected", [(16, 32, 64 * 32 * 2 - 63), (32, 16, 128 * 32 - 63),
-                                                                (16, 16, 1)])
-def test_token_ranges_merge_what_is_contiguous_on_both_sides(remote_size, local_size, expected):
-    """A 2,048-token prompt, 16 layers, consecutive block ids on both sides: pieces merge across block
-    boundaries only where both sides continue (between equal block sizes, into one range)."""
-    def side(block_size: int) -> BlockTable:
-        return BlockTable(KVLayout(1 << 20, 16 * 2 * block_size * 64, 200), block_size,
-                          list(range(10, 10 + 2048 // block_size)))
+@pytest.mark.parametrize("remote_size, local_size", [(4, 8), (8, 4), (4, 16), (16, 4), (8, 8)])
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 8, 13, 16, 31, 32, 47])
+@pytest.mark.parametrize("skip_leading", [0, 1, 2])
+def test_every_head_reads_exactly_the_tokens_decode_lacks(remote_size, local_size, num_tokens, skip_leading):
+    check_read(remote_size, local_size, num_tokens, skip_leading, range(HEADS), range(HEADS), range(HEADS))
 
-    r = token_ranges(side(local_size), side(remote_size), num_layers=16, num_tokens=2048)
+
+@pytest.mark.parametrize(
+    "remote_heads, local_heads, heads",
+    [(range(4), range(0, 2), range(0, 2)),  # prefill TP 1 -> decode TP 2, rank 0
+     (range(4), range(2, 4), range(2, 4)),  # ... rank 1
+     (range(0, 2), range(4), range(0, 2)),  # prefill TP 2 -> decode TP 1, from rank 0
+     (range(2, 4), range(4), range(2, 4)),  # ... from rank 1
+     (range(2, 4), range(2, 4), range(2, 4)),  # TP 2 -> TP 2, rank 1
+     (range(1, 2), range(1, 2), range(1, 2)),  # KV heads replicated (TP > heads): one head on both sides
+     (range(4), range(3, 4), range(3, 4)),  # ... one head from a prefill holding every head
+     (range(1, 4), range(0, 3), range(1, 3))],  # a part of both sides' heads
+)
+@pytest.mark.parametrize("remote_size, local_size", [(8, 8), (4, 8), (8, 4)])
+@pytest.mark.parametrize("num_tokens, skip_leading", [(5, 0), (16, 0), (16, 1), (21, 1), (21, 2)])
+def test_a_head_slice_reads_exactly_its_heads(remote_heads, local_heads, heads, remote_size, local_size, num_tokens,
+                                             skip_leading):
+    check_read(remote_size, local_size, num_tokens, skip_leading, remote_heads, local_heads, heads)
+
+
+def llama_1b(block_size: int, heads: range) -> BlockTable:
+    """A Llama-3.2-1B-shaped side (16 layers, 64 head_dim, fp16) holding ``heads``, a 2,048-token prompt in
+    consecutive blocks."""
+    block_bytes = len(heads) * block_size * 16 * 2 * 64 * 2
+    return BlockTable(KVLayout(1 << 20, block_bytes, 200), block_size, list(range(10, 10 + 2048 // block_size)),
+                      heads.start, len(heads))
+
+
+@pytest.mark.parametrize(
+    "remote, local, heads, expected",
+    [((16, range(8)), (16, range(8)), range(8), 1),  # homogeneous: one range
+     ((16, range(8)), (16, range(4)), range(4), 128),  # p=1 -> d=2: one range per block
+     ((16, range(4, 8)), (16, range(8)), range(4, 8), 128),  # p=2 -> d=1, from one prefill rank
+     # 16 -> 32: a piece per head and 16 tokens (1,024), merged across every local block boundary (63)
+     ((16, range(8)), (32, range(8)), range(8), 1024 - 63),
+     ((32, range(8)), (16, range(8)), range(8), 1024 - 63),  # ... merged across every other local boundary
+     ((16, range(8)), (32, range(4)), range(4), 512)],  # p=1 -> d=2 and 16 -> 32: no merge
+)
+def test_ranges_per_request_merge_what_is_contiguous_on_both_sides(remote, local, heads, expected):
+    r = token_ranges(llama_1b(*local), llama_1b(*remote), heads=heads, num_tokens=2048)
     assert len(r.lengths) == expected
-    assert r.total_bytes == 2048 * 16 * 2 * 64
+    assert r.total_bytes == 2048 * len(heads) * 16 * 2 * 64 * 2
 
 
 @pytest.mark.parametrize(
@@ -326,25 +365,42 @@ def test_token_ranges_merge_what_is_contiguous_on_both_sides(remote_size, local_
     [([0], [0, 1], {}, "1 local blocks of 8 tokens for 9 tokens \\(need 2\\)"),
      ([0, 1], [0, 1], {}, "2 remote blocks of 4 tokens for 9 tokens \\(need 3\\)"),
      ([0, 1], [0, 1, 24], {}, "remote block id 24"),
+     ([0, 24], [0, 1, 2], {}, "local block id 24"),
+     ([0, 1], [0, 1, -1], {}, "remote block id -1"),
      ([3, 3], [0, 1, 2], {}, "duplicate local"),
      ([0, 1], [0, 1, 2], {"skip_leading": 3}, "skip_leading=3"),
-     ([0, 1], [0, 1, 2], {"num_layers": 5}, "do not hold 10 planes")],
+     ([0, 1], [0, 1, 2], {"heads": range(1, 5)}, "not a non-empty contiguous range"),
+     ([0, 1], [0, 1, 2], {"heads": range(2, 2)}, "not a non-empty contiguous range"),
+     ([0, 1], [0, 1, 2], {"heads": range(0, 4, 2)}, "not a non-empty contiguous range")],
 )
-def test_token_ranges_refuse_block_lists_that_do_not_fit(local_ids, remote_ids, over, match):
-    decode, prefill = filled_cache(8), filled_cache(4)
+def test_token_ranges_refuse_what_does_not_fit(local_ids, remote_ids, over, match):
+    decode, prefill = filled_cache(8, num_blocks=4), filled_cache(4)
     with pytest.raises(ValueError, match=match):
         token_ranges(blocks_of(decode, local_ids), blocks_of(prefill, remote_ids),
-                     **{"num_layers": LAYERS, "num_tokens": 9, **over})
+                     **{"heads": range(HEADS), "num_tokens": 9, **over})
+
+
+def test_token_ranges_refuse_heads_outside_either_side():
+    decode, prefill = filled_cache(8, num_heads=2), filled_cache(8, num_heads=2)
+    local, remote = blocks_of(decode, [0], first_head=2), blocks_of(prefill, [0], first_head=1)
+    token_ranges(local, remote, heads=range(2, 3), num_tokens=8)
+    with pytest.raises(ValueError, match="within local heads range\\(2, 4\\) and remote heads range\\(1, 3\\)"):
+        token_ranges(local, remote, heads=range(2, 4), num_tokens=8)
+    with pytest.raises(ValueError, match="not a non-empty contiguous range"):
+        token_ranges(local, remote, heads=range(1, 3), num_tokens=8)
 
 
 def test_token_ranges_refuse_different_token_sizes():
     decode = filled_cache(8)
-    wide = BlockTable(KVLayout(0, 2 * filled_cache(4).block_bytes, 24), 4, [0, 1, 2])
-    with pytest.raises(ValueError, match="bytes per token and plane locally"):
-        token_ranges(blocks_of(decode, [0, 1]), wide, num_layers=LAYERS, num_tokens=9)
+    wide = BlockTable(KVLayout(0, 2 * filled_cache(4).block_bytes, 24), 4, [0, 1, 2], 0, HEADS)
+    with pytest.raises(ValueError, match="bytes per token and head locally"):
+        token_ranges(blocks_of(decode, [0, 1]), wide, heads=range(HEADS), num_tokens=9)
+    odd = BlockTable(KVLayout(0, filled_cache(4).block_bytes, 24), 4, [0, 1, 2], 0, 5)  # 4 heads' bytes, 5 heads
+    with pytest.raises(ValueError, match="do not hold 5 heads of 4 tokens"):
+        token_ranges(blocks_of(decode, [0, 1]), odd, heads=range(HEADS), num_tokens=9)
 
 
 def test_token_ranges_refuse_block_sizes_that_do_not_divide():
     decode, prefill = filled_cache(8), filled_cache(12)
     with pytest.raises(ValueError, match="block sizes 8 and 12: neither divides the other"):
-        token_ranges(blocks_of(decode, [0, 1]), blocks_of(prefill, [0, 1]), num_layers=LAYERS, num_tokens=16)
+        token_ranges(blocks_of(decode, [0, 1]), blocks_of(prefill, [0, 1]), heads=range(HEADS), num_tokens=16)

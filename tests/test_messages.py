@@ -7,11 +7,12 @@ import msgspec
 import pytest
 
 import common.messages as m
+from common.engine.kv_cache import KVCache
 
 STRUCTS = [c for _, c in inspect.getmembers(m, inspect.isclass)
            if issubclass(c, msgspec.Struct) and c.__module__ == "common.messages" and c is not m.Message]
 
-FP = m.Fingerprint("demo", "float32", 16, 4, 4, 32, "block-major", "mooncake")
+FP = m.Fingerprint("demo", "float32", 16, 4, 4, 32, KVCache.LAYOUT, "mooncake")
 INSTANCE = m.Instance("p-1", "prefill", "tcp://127.0.0.1:7201", "tcp://127.0.0.1:7301", "demo", FP,
                       m.Capacity(64, 1024, 4096), m.Load(running=2, kv_blocks_total=1024))
 PARAMS = m.KVTransferParams("p-1", "tcp://127.0.0.1:7301", "p-1:r1", [3, 4, 9], 40, 17, 1e9,

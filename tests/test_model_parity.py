@@ -201,18 +201,27 @@ def test_metadata_rejects_bad_input(args, message):
         AttentionMetadata.build(*args, BLOCK_SIZE, "cpu")
 
 
-def test_kv_cache_is_block_major():
+def test_kv_cache_is_head_major():
     cache = KVCache(5, 3, BLOCK_SIZE, 2, 8, torch.float16, "cpu")
+    assert KVCache.LAYOUT == "head-major"
+    assert cache.data.shape == (5, 2, BLOCK_SIZE, 3, 2, 8)
     assert cache.block_bytes == 3 * 2 * BLOCK_SIZE * 2 * 8 * 2
     assert cache.block_bytes == KVCache.bytes_per_block(3, BLOCK_SIZE, 2, 8, torch.float16)
     k, v = cache.layer(1)
-    assert k.shape == (5, BLOCK_SIZE, 2, 8)
+    assert k.shape == v.shape == (5, 2, BLOCK_SIZE, 8)  # [blocks, heads, offsets, head_dim]
     k[3, 1] = 1.0
-    v[3, 2] = 2.0
+    v[3, 0, 2] = 2.0
     block = cache.block_view(3)
     assert block.is_contiguous()
     assert block.data_ptr() == cache.data.data_ptr() + 3 * cache.block_bytes
-    assert block.sum() == 2 * 8 * (1 + 2) and cache.data.sum() == block.sum()
+    assert block.sum() == BLOCK_SIZE * 8 * 1 + 8 * 2 and cache.data.sum() == block.sum()
+    head_bytes = cache.block_bytes // 2  # head 1 of block 3 is the second half of the block
+    head = block[1].view(-1).view(torch.uint8)
+    assert head.data_ptr() == block.data_ptr() + head_bytes and head.numel() == head_bytes
+    assert block[1, :, 1, 0].eq(1.0).all() and not block[1, :, [0, 2]].any()  # layer 1's K of head 1
+    assert block[0, 2, 1, 1].eq(2.0).all() and block[0].sum() == 8 * 2  # layer 1's V of head 0, offset 2
+    row = cache.plane_rows(torch.tensor(3 * BLOCK_SIZE + 2), torch.tensor(0))  # block 3, offset 2, head 0
+    assert v.view(-1, 8)[row].eq(2.0).all() and v.view(-1, 8).data_ptr() == v.data_ptr()
     with pytest.raises(IndexError):
         cache.layer(3)
     with pytest.raises(ValueError, match="num_blocks"):

@@ -13,9 +13,9 @@ import torch
 
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.mooncake import MooncakeBackend
-from common.kv_transfer.ranges import KVLayout, block_ranges
+from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.status import TransferStatus
-from tests.procs import PeerProcess
+from tests.procs import PeerProcess, peer_block_ranges
 
 GEOMETRY = dict(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu")
 NUM_BLOCKS = 32
@@ -55,10 +55,7 @@ def local():
 
 
 def read(backend, kv, peer, local_ids, remote_ids):
-    ranges = block_ranges(
-        local_ids, remote_ids, local_base=kv.data.data_ptr(), remote_base=peer["base"],
-        block_bytes=kv.block_bytes, local_num_blocks=NUM_BLOCKS, remote_num_blocks=NUM_BLOCKS,
-    )
+    ranges = peer_block_ranges(kv, peer["base"], local_ids, remote_ids)
     return ranges, backend.read(peer["session"], *ranges)
 
 

@@ -17,6 +17,7 @@ import pytest
 from bench.processes import free_port
 from common.bus import BusClient
 from common.config import ConfigError
+from common.engine.kv_cache import KVCache
 from common.errors import CallTimeout, PeerError, PeerGone
 from common.messages import (
     PROTOCOL_VERSION,
@@ -48,7 +49,7 @@ def make_instance(id: str = "p0", role: str = "prefill", port: int = 9000, **fin
         num_layers=2,
         num_kv_heads=2,
         head_dim=8,
-        kv_layout="block-major",
+        kv_layout=KVCache.LAYOUT,
         transfer_backend="mooncake",
     )
     fp.update(fingerprint)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from common.engine.kv_cache import KVCache
-from common.kv_transfer.ranges import KVLayout, block_ranges
+from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.shm import SharedKVFile, SharedRegion, ShmBackend, remove_stale_files
 from common.kv_transfer.status import TransferStatus
-from tests.procs import PeerProcess
+from tests.procs import PeerProcess, peer_block_ranges
 
 GEOMETRY = dict(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu")
 NUM_BLOCKS = 32
@@ -72,16 +72,12 @@ def local(peer):
 
 
 def read(backend: ShmBackend, kv: KVCache, peer: dict, local_ids: list[int], remote_ids: list[int]):
-    ranges = block_ranges(
-        local_ids, remote_ids, local_base=kv.data.data_ptr(), remote_base=peer["base"],
-        block_bytes=kv.block_bytes, local_num_blocks=NUM_BLOCKS, remote_num_blocks=NUM_BLOCKS,
-    )
+    ranges = peer_block_ranges(kv, peer["base"], local_ids, remote_ids)
     return ranges, backend.read(peer["session"], *ranges)
 
 
 def expected_cache() -> torch.Tensor:
-    data = torch.empty(NUM_BLOCKS, GEOMETRY["num_layers"], 2, GEOMETRY["block_size"], GEOMETRY["num_kv_heads"],
-                       GEOMETRY["head_dim"], dtype=GEOMETRY["dtype"])
+    data = KVCache(num_blocks=NUM_BLOCKS, **GEOMETRY).data
     seeded(data, SEED)
     return data
 

@@ -7,7 +7,6 @@ token from the prefill rank(s) holding them; a failed rank fails the whole read 
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import pytest

@@ -75,7 +75,7 @@ HandOff = Callable[[TokenOutput], str]
 def fingerprint(model: str, block_size: int) -> Fingerprint:
     """The KV fingerprint every fake of ``model`` shares (so the registry and handshakes accept them)."""
     return Fingerprint(model=model, dtype="float32", block_size=block_size, num_layers=2, num_kv_heads=2,
-                       head_dim=8, kv_layout="block-major", transfer_backend=FakeTransport.name)
+                       head_dim=8, kv_layout="head-major", transfer_backend=FakeTransport.name)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Paged attention over the block-major KV cache, in plain PyTorch (exact, any device).
+"""Paged attention over the head-major KV cache, in plain PyTorch (exact, any device).
 
 Everything derived from a step's metadata (gather indices, cache rows, masks) is computed
 once per step and shared by every layer; on CUDA it is also what a decode CUDA graph
@@ -174,22 +174,26 @@ class AttentionMetadata:
 
         return self._once(("mask", block_size, group, sliding_window, dtype), build)
 
-    def gather_index(self, block_size: int) -> torch.Tensor:
-        """int64 ``[B * num_blocks]``: the blocks each sequence reads, in order."""
-        return self._once(
-            ("gather", block_size), lambda: self.block_tables[:, : self.num_blocks(block_size)].flatten()
-        )
-
-    def cache_rows(self, cache: KVCache) -> torch.Tensor:
-        """int64 ``[num_layers, 2, N]``: row of each new token's K and V per layer in
-        ``cache.data.view(-1, num_kv_heads * head_dim)``."""
+    def gather_rows(self, cache: KVCache) -> torch.Tensor:
+        """int64 ``[B * num_kv_heads * num_keys]``: the rows each sequence reads, head by head, key by key
+        (``num_keys = num_blocks(block_size) * block_size``), in a layer's ``KVCache.plane_rows`` numbering."""
 
         def build() -> torch.Tensor:
             bs = cache.block_size
-            slots = self.slot_mapping
-            base = slots // bs * (cache.num_layers * 2 * bs) + slots % bs
-            layer_kv = torch.arange(cache.num_layers * 2, device=slots.device).view(cache.num_layers, 2, 1) * bs
-            return base + layer_kv
+            blocks = self.block_tables[:, : self.num_blocks(bs)]
+            key_slots = (blocks[:, :, None] * bs + torch.arange(bs, device=blocks.device)).view(self.num_seqs, 1, -1)
+            heads = torch.arange(cache.num_kv_heads, device=blocks.device).view(1, -1, 1)
+            return cache.plane_rows(key_slots, heads).flatten()
+
+        return self._once(("gather", id(cache)), build)
+
+    def cache_rows(self, cache: KVCache) -> torch.Tensor:
+        """int64 ``[N * num_kv_heads]``: the rows of each new token's K/V heads (token-major, as
+        ``k.reshape(-1, head_dim)``) in a layer's ``KVCache.plane_rows`` numbering."""
+
+        def build() -> torch.Tensor:
+            heads = torch.arange(cache.num_kv_heads, device=self.slot_mapping.device)
+            return cache.plane_rows(self.slot_mapping[:, None], heads).flatten()
 
         return self._once(("rows", id(cache)), build)
 
@@ -212,14 +216,12 @@ def paged_attention(
     dimension (``[B, Hkv, Q * G, D]``), so K/V are never repeated.  A batch mixing decode and
     prefill rows attends in its two ``parts``.  Returns ``[N, H, D]``.
     """
-    num_tokens, num_kv_heads, head_dim = k.shape
-    rows = cache.data.view(-1, num_kv_heads * head_dim)
-    k_rows, v_rows = k.reshape(num_tokens, -1), v.reshape(num_tokens, -1)
     if meta.kv_source_rows is not None:
-        k_rows, v_rows = k_rows[meta.kv_source_rows], v_rows[meta.kv_source_rows]
-    k_dst, v_dst = meta.cache_rows(cache)[layer]
-    rows.index_copy_(0, k_dst, k_rows)
-    rows.index_copy_(0, v_dst, v_rows)
+        k, v = k[meta.kv_source_rows], v[meta.kv_source_rows]
+    head_dim = k.shape[-1]
+    rows = meta.cache_rows(cache)
+    for plane, new in zip(cache.layer(layer), (k, v)):
+        plane.view(-1, head_dim).index_copy_(0, rows, new.reshape(-1, head_dim))
     if not meta.parts:
         return _attend(q, cache, layer, meta, scale, sliding_window)
     out = torch.empty_like(q)
@@ -238,12 +240,11 @@ def _attend(
     bs = cache.block_size
     num_seqs, max_q = meta.num_seqs, meta.max_query_len
     num_keys = meta.num_blocks(bs) * bs
-    index = meta.gather_index(bs)
+    rows = meta.gather_rows(cache)
     keys, values = (
-        cache.data[:, layer, kv].flatten(1).index_select(0, index).view(num_seqs, num_keys, num_kv_heads, head_dim)
-        .transpose(1, 2)  # [B, Hkv, K, D]
-        for kv in (0, 1)
-    )  # fmt: skip
+        plane.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_kv_heads, num_keys, head_dim)
+        for plane in cache.layer(layer)
+    )  # [B, Hkv, K, D]
 
     uniform = num_tokens == num_seqs * max_q  # every sequence has max_q new tokens: no query padding
     if uniform:

@@ -1,4 +1,4 @@
-"""The paged KV cache: one tensor, block-major (see docs/architecture.md)."""
+"""The paged KV cache: one tensor, head-major within each block (see docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 
 
 class KVCache:
-    """``data[num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]``.
+    """``data[num_blocks, num_kv_heads, block_size, num_layers, 2 (K, V), head_dim]``.
 
     Block ``b`` is the contiguous byte range ``[b * block_bytes, (b + 1) * block_bytes)``
-    of ``data``: K and V of every layer for ``block_size`` token positions.
+    of ``data``: K and V of every layer for ``block_size`` token positions.  Inside it, the
+    heads ``[h0, h1)`` (a TP rank's slice) are one contiguous range, and so is a run of
+    token positions of one head (every layer, K and V).
     """
 
-    LAYOUT = "block-major"
+    LAYOUT = "head-major"
 
     def __init__(
         self,
@@ -57,7 +59,7 @@ class KVCache:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
-        self.data = allocate((num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), dtype, device)
+        self.data = allocate((num_blocks, num_kv_heads, block_size, num_layers, 2, head_dim), dtype, device)
         self.block_bytes = self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
 
     @staticmethod
@@ -69,13 +71,22 @@ class KVCache:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of one layer: strided views ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        """(K, V) of one layer: strided views ``[num_blocks, num_kv_heads, block_size, head_dim]``.
+
+        Each row of ``head_dim`` elements is contiguous and ``view(-1, head_dim)`` of either is a view (not a
+        copy), whose rows ``plane_rows`` numbers: what attention writes and gathers.
+        """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"KVCache: layer {layer} out of range [0, {self.num_layers})")
-        return self.data[:, layer, 0], self.data[:, layer, 1]
+        return self.data[:, :, :, layer, 0], self.data[:, :, :, layer, 1]
+
+    def plane_rows(self, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Row of (slot, head) in ``layer(l)[kv].view(-1, head_dim)`` (the two broadcast), where slot
+        ``block_id * block_size + offset`` is a token position in the cache."""
+        return (slots // self.block_size * self.num_kv_heads + heads) * self.block_size + slots % self.block_size
 
     def block_view(self, block_id: int) -> torch.Tensor:
-        """``data[block_id]``: one block, contiguous ``[num_layers, 2, block_size, num_kv_heads, head_dim]``."""
+        """``data[block_id]``: one block, contiguous ``[num_kv_heads, block_size, num_layers, 2, head_dim]``."""
         if not 0 <= block_id < self.num_blocks:
             raise IndexError(f"KVCache: block {block_id} out of range [0, {self.num_blocks})")
         return self.data[block_id]

@@ -1,8 +1,8 @@
-"""Block ids -> byte ranges for the block-major KV layout.
+"""Token positions and KV heads -> byte ranges for the head-major KV layout (``KVCache.LAYOUT``).
 
-Block ``b`` of an engine is ``[base + b * block_bytes, base + (b + 1) * block_bytes)``.
-Consecutive pairs ``(local b, remote r)``, ``(b + 1, r + 1)`` are merged into
-one range; a run breaks as soon as either side stops being consecutive.
+Block ``b`` of an engine is ``[base + b * block_bytes, base + (b + 1) * block_bytes)``; inside it,
+head ``h`` (of the heads that engine holds) is ``block_size`` tokens, each token every
+layer's K and V.  Pieces contiguous on both sides are merged into one range.
 """
 
 from __future__ import annotations
@@ -45,70 +45,44 @@ class ByteRanges(NamedTuple):
     def total_bytes(self) -> int:
         return sum(self.lengths)
 
-    def add(self, local_addr: int, remote_addr: int, length: int) -> None:
-        """Append a range, or extend the last one when the new one follows it on both sides."""
-        if (self.lengths and local_addr == self.local_addrs[-1] + self.lengths[-1]
-                and remote_addr == self.remote_addrs[-1] + self.lengths[-1]):
-            self.lengths[-1] += length
-        else:
-            self.local_addrs.append(local_addr)
-            self.remote_addrs.append(remote_addr)
-            self.lengths.append(length)
-
-
-def block_ranges(
-    local_ids: list[int],
-    remote_ids: list[int],
-    *,
-    local_base: int,
-    remote_base: int,
-    block_bytes: int,
-    local_num_blocks: int,
-    remote_num_blocks: int,
-) -> ByteRanges:
-    """Merged ranges reading ``remote_ids[i]`` into ``local_ids[i]`` for every ``i``.
-
-    Raises ``ValueError`` on mismatched lengths, ids out of range, a duplicate
-    local id (two reads into one block) or a non-positive ``block_bytes``.
-    """
-    if len(local_ids) != len(remote_ids):
-        raise ValueError(f"{len(local_ids)} local blocks but {len(remote_ids)} remote blocks")
-    if block_bytes <= 0:
-        raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
-    _check_ids("local", local_ids, local_num_blocks)
-    _check_ids("remote", remote_ids, remote_num_blocks)
-    if len(set(local_ids)) != len(local_ids):
-        raise ValueError("duplicate local block ids")
-    out = ByteRanges([], [], [])
-    for local, remote in zip(local_ids, remote_ids):
-        out.add(local_base + local * block_bytes, remote_base + remote * block_bytes, block_bytes)
-    return out
-
 
 @dataclass(frozen=True, slots=True)
 class BlockTable:
-    """One side of a token-mapped read: where the engine's blocks live, how many tokens each holds,
-    and the request's block ids (block ``i`` holds tokens ``[i * block_size, (i + 1) * block_size)``)."""
+    """One side of a read: where the engine's blocks live, how many tokens each holds, the KV heads they hold
+    (global indices ``[first_head, first_head + num_heads)``: a TP rank's slice) and the request's block ids
+    (block ``i`` holds tokens ``[i * block_size, (i + 1) * block_size)``)."""
 
     layout: KVLayout
     block_size: int
     block_ids: list[int]
+    first_head: int = 0
+    num_heads: int = 1
+
+    @property
+    def heads(self) -> range:
+        return range(self.first_head, self.first_head + self.num_heads)
 
 
-def token_ranges(local: BlockTable, remote: BlockTable, *, num_layers: int, num_tokens: int,
+def token_ranges(local: BlockTable, remote: BlockTable, *, heads: range, num_tokens: int,
                  skip_leading: int = 0) -> ByteRanges:
-    """Merged ranges reading tokens ``[skip_leading * local.block_size, num_tokens)`` of a prompt from
-    ``remote``'s blocks into ``local``'s, whatever the two block sizes.
+    """Merged ranges reading tokens ``[skip_leading * local.block_size, num_tokens)`` of the global KV heads
+    ``heads`` from ``remote``'s blocks into ``local``'s, whatever the two block sizes.
 
-    The first ``skip_leading`` local blocks are already local (prefix-cache hits).  Ranges come in
-    local address order, which merges every pair contiguous on both sides.  Raises ``ValueError``
-    when a side's block ids do not cover ``num_tokens`` exactly, an id is out of range, a local id
-    repeats, the two sides' bytes per token differ, or neither block size divides the other.
+    The first ``skip_leading`` local blocks are already local (prefix-cache hits).  In the head-major layout a
+    run of tokens of one head is contiguous (every layer, K and V), so the read is one piece per head and run
+    of ``min(block sizes)`` tokens; pieces come in local address order, merged where contiguous on both sides
+    (equal block sizes: one range per block for a head slice, whole-block runs for every head).  Raises
+    ``ValueError`` when ``heads`` is not a contiguous range inside both sides' heads, a side's block ids do
+    not cover ``num_tokens`` exactly, an id is out of range, a local id repeats, the two sides' bytes per
+    token and head differ, or neither block size divides the other.
     """
-    planes = 2 * num_layers  # K and V of every layer
-    token_bytes, remote_token_bytes = _token_bytes("local", local, planes), _token_bytes("remote", remote, planes)
+    token_bytes, remote_token_bytes = _token_bytes("local", local), _token_bytes("remote", remote)
     if remote_token_bytes != token_bytes:
-        raise ValueError(f"{token_bytes} bytes per token and plane locally, {remote_token_bytes} remotely")
+        raise ValueError(f"{token_bytes} bytes per token and head locally, {remote_token_bytes} remotely")
+    if heads.step != 1 or not heads or not all(t.first_head <= heads.start and heads.stop <= t.heads.stop
+                                               for t in (local, remote)):
+        raise ValueError(f"heads {heads} are not a non-empty contiguous range within local heads {local.heads} "
+                         f"and remote heads {remote.heads}")
     if max(local.block_size, remote.block_size) % min(local.block_size, remote.block_size):
         raise ValueError(f"block sizes {local.block_size} and {remote.block_size}: neither divides the other")
     for side, table in (("local", local), ("remote", remote)):
@@ -122,19 +96,21 @@ def token_ranges(local: BlockTable, remote: BlockTable, *, num_layers: int, num_
     if not 0 <= skip_leading <= len(local.block_ids):
         raise ValueError(f"skip_leading={skip_leading} outside [0, {len(local.block_ids)}]")
     # Both block sizes are multiples of the smaller, so every run of that many tokens has one local
-    # and one remote block; each run is one piece per plane, at the same offset in every plane.
-    lsize, rsize = local.block_size, remote.block_size
-    run = min(lsize, rsize)
-    starts = np.arange(skip_leading * lsize, num_tokens, run, dtype=np.int64)
-    local_addrs = (local.layout.base_addr + np.asarray(local.block_ids, np.int64)[starts // lsize]
-                   * local.layout.block_bytes + starts % lsize * token_bytes)
-    remote_addrs = (remote.layout.base_addr + np.asarray(remote.block_ids, np.int64)[starts // rsize]
-                    * remote.layout.block_bytes + starts % rsize * token_bytes)
-    plane = np.arange(planes, dtype=np.int64)
-    local_addrs = (local_addrs[:, None] + plane * lsize * token_bytes).ravel()
-    remote_addrs = (remote_addrs[:, None] + plane * rsize * token_bytes).ravel()
-    lengths = np.repeat(np.minimum(run, num_tokens - starts) * token_bytes, planes)
+    # and one remote block; each run is one piece per head.
+    run = min(local.block_size, remote.block_size)
+    starts = np.arange(skip_leading * local.block_size, num_tokens, run, dtype=np.int64)
+    head_ids = np.arange(heads.start, heads.stop, dtype=np.int64)
+    local_addrs, remote_addrs = (_piece_addrs(table, starts, head_ids, token_bytes) for table in (local, remote))
+    lengths = np.repeat(np.minimum(run, num_tokens - starts) * token_bytes, len(head_ids))
     return _merged(local_addrs, remote_addrs, lengths)
+
+
+def _piece_addrs(table: BlockTable, starts: np.ndarray, heads: np.ndarray, token_bytes: int) -> np.ndarray:
+    """Address of token ``starts[i]`` of global head ``heads[j]`` on ``table``'s side, flattened ``[i, j]``."""
+    blocks = np.asarray(table.block_ids, np.int64)[starts // table.block_size]
+    token_addrs = table.layout.base_addr + blocks * table.layout.block_bytes + starts % table.block_size * token_bytes
+    head_offsets = (heads - table.first_head) * table.block_size * token_bytes
+    return (token_addrs[:, None] + head_offsets).ravel()
 
 
 def _merged(local_addrs: np.ndarray, remote_addrs: np.ndarray, lengths: np.ndarray) -> ByteRanges:
@@ -151,12 +127,12 @@ def _merged(local_addrs: np.ndarray, remote_addrs: np.ndarray, lengths: np.ndarr
                       np.add.reduceat(lengths, first).tolist())
 
 
-def _token_bytes(side: str, table: BlockTable, planes: int) -> int:
-    """Bytes of one token of one (layer, K/V) plane; ``ValueError`` when the block does not divide."""
-    if table.block_size <= 0 or table.layout.block_bytes % (planes * table.block_size):
-        raise ValueError(f"{side} blocks of {table.layout.block_bytes} bytes do not hold {planes} planes of "
+def _token_bytes(side: str, table: BlockTable) -> int:
+    """Bytes of one token of one head (every layer, K and V); ``ValueError`` when the block does not divide."""
+    if table.block_size <= 0 or table.num_heads <= 0 or table.layout.block_bytes % (table.num_heads * table.block_size):
+        raise ValueError(f"{side} blocks of {table.layout.block_bytes} bytes do not hold {table.num_heads} heads of "
                          f"{table.block_size} tokens")
-    return table.layout.block_bytes // (planes * table.block_size)
+    return table.layout.block_bytes // (table.num_heads * table.block_size)
 
 
 def _check_ids(side: str, ids: list[int], num_blocks: int) -> None:
