@@ -60,7 +60,9 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
     reader = KVReader([rank], "d0", prefill.fingerprint, KVTransferConfig(kv_transport="tcp"), {})
     try:
         stats = await reader.read_blocks(params, [5, 6, 7])
-        assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 1, 3 * BLOCK_BYTES)
+        # 10 tokens in 4-token blocks: blocks 0-1 whole and both heads' first 2 tokens of block 2 (the
+        # rest of it holds nothing), merged into 2 ranges: [blocks 0, 1, head 0 of block 2], [head 1 of block 2].
+        assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 2, params.num_tokens * BLOCK_BYTES // 4)
         assert reader_transport.peers == {prefill.prefill_kv.transport.session}
         await eventually(lambda: prefill.load().kv_blocks_pinned == 0 and not prefill.prefill_kv.handoff)
     finally:

@@ -171,8 +171,10 @@ async def test_every_decode_rank_reads_exactly_its_heads(heads, p, d, prefill_bs
         local = [3, 4, 12, 13, 20, 21, 1][: -(-num_tokens // decode_bs)]
         stats = await decode.reader.read_blocks(prefill.params("r", remote, num_tokens), local)
         check_copied(prefill, decode, remote, local, num_tokens)
-        per_token = 2 * LAYERS * HEAD_DIM * 4 * heads  # bytes of one token, all heads, float32
-        assert stats.bytes == num_tokens * per_token  # every head of every token read once
+        # Every decode rank reads each of its heads of every token once (a head replicated on several
+        # decode ranks is read by each of them).
+        per_token = 2 * LAYERS * HEAD_DIM * 4 * sum(rank.heads[1] for rank in decode.ranks)  # float32
+        assert stats.bytes == num_tokens * per_token
         # Prefix-cache hits: the leading local block is not read again.
         again = await decode.reader.read_blocks(prefill.params("r2", remote, num_tokens), local, skip_leading=1)
         assert again.bytes == (num_tokens - decode_bs) * per_token
