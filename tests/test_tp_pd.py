@@ -65,7 +65,8 @@ async def test_tp_sizes_are_in_the_registered_fingerprints(driver):
     ("p2-32", "d2", "tcp"),  # TP 2, 32-token blocks -> TP 2, 16-token blocks
 ])  # fmt: skip
 async def test_pd_across_tp_sizes_identical_to_colocated(driver, prefill: str, decode: str, transport: str):
-    prompts = [prompt_ids(length, seed=700 + length) for length in LENGTHS]
+    case = sum(map(ord, prefill + decode))  # prompts of their own: no prefix-cache hits from another case
+    prompts = [prompt_ids(length, seed=1000 * case + length) for length in LENGTHS]
     refs = await asyncio.gather(*(driver.reference(ids) for ids in prompts))
     results = await asyncio.gather(*(driver.pd(f"{prefill}-{decode}-{len(ids)}", ids, prefill=prefill,
                                                decode=decode) for ids in prompts))  # concurrent requests

@@ -116,7 +116,10 @@ class WorkerRanks:
             for rank in range(1, size)
         ], store)  # fmt: skip
         try:
-            workers.wait_for([_connected_key(rank) for rank in range(1, size)], timeout_s)
+            # Starting a Python process that imports torch takes seconds, far longer on a busy host than a
+            # step may: the rendezvous waits START_WAIT at least (a worker that exits fails it at once).
+            workers.wait_for([_connected_key(rank) for rank in range(1, size)],
+                             max(timeout_s, START_WAIT.total_seconds()))
             return workers, TensorParallel.join(0, size, store, device, timeout_s)
         except BaseException:
             workers.close(SINGLE)
