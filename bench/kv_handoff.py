@@ -23,10 +23,13 @@ interleaved so that every figure sees the same machine state:
 * backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
   same read, over ``--requests`` requests (p50/p99);
-* with ``--decode-block-size`` other than ``--block-size``: also a second
-  decode engine of that block size reading the same bytes from the same
-  prefill, token positions mapped (``ranges.token_ranges``), interleaved with
-  the homogeneous reads, as a fraction of them (goal >= 0.8).
+* with ``--decode-block-size`` other than ``--block-size`` and/or ``--decode-tp``
+  other than ``--tp``: also a second decode instance of that block size / TP
+  size reading the same prompt from the same prefill (token positions mapped,
+  each decode rank reading the heads it owns), interleaved with the homogeneous
+  reads, its GB/s as a fraction of theirs (goal >= 0.8).  A decode instance's
+  ranks 1.. read through their ``RankAgent`` (real ZMQ) on threads of this
+  process, not in processes of their own.
 
 Default geometry: a 2,048-token request, 16 layers x 8 KV heads x 64 head_dim,
 fp16, 16-token blocks = 512 KiB per block, 128 blocks, 64 MiB per request
@@ -35,6 +38,7 @@ fp16, 16-token blocks = 512 KiB per block, 128 blocks, 64 MiB per request
     python -m bench.kv_handoff --transport all                   # CPU: tcp and shm vs memcpy, one run
     python -m bench.kv_handoff --device cuda --transport nvlink  # one GPU: CUDA IPC vs a device copy
     python -m bench.kv_handoff --transport shm --decode-block-size 32  # CPU: 16 -> 32 vs 16 -> 16
+    python -m bench.kv_handoff --transport shm --decode-tp 2           # CPU: TP 1 -> TP 2 vs TP 1 -> TP 1
 """
 
 from __future__ import annotations
@@ -56,13 +60,18 @@ import torch
 from bench.serving_stats import percentile
 from common.arith import ceil_div
 from common.bus import BusServer
+from common.client_pool import ClientPool
 from common.engine.kv_cache import KVCache, zeros
+from common.engine.parallel import TensorParallel
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 from common.kv_transfer.reader import KVReader, ReadStats
 from common.kv_transfer.side_channel import KVSideChannel
-from common.kv_transfer.transport_set import TransportSet, shared_kv_file
+from common.kv_transfer.rank_agent import RankAgent
+from common.kv_transfer.rank_io import LocalRankIO, RemoteRankIO
+from common.kv_transfer.shm import SharedKVFile
+from common.kv_transfer.transport_set import shared_kv_file
 from common.messages import Fingerprint, KVRequest, KVTransferParams
 from common.service import new_event_loop
 from services.prefill.handoff import PrefillHandoff
@@ -74,33 +83,40 @@ HETERO_GOAL = 0.80  # a read across block sizes / a homogeneous read of the same
 
 
 class BenchEngineKV:
-    """One side's KV cache and the transports serving it, built as an engine builds them."""
+    """One engine instance's KV, built as an engine builds it: ``tp`` ranks, each a cache of its slice of the
+    KV heads (in a ``/dev/shm`` file where shm serves it) registered with its own transports."""
 
-    def __init__(self, args: argparse.Namespace, transport: str):
+    def __init__(self, args: argparse.Namespace, transport: str, tp: int = 1):
         self.config = KVTransferConfig(kv_transport=transport, kv_transfer_threads=max(2, args.shards),
                                        kv_read_shards=args.shards)
         self.config.validate()
-        self.file = shared_kv_file(self.config, torch.device(args.device))
+        self.files: list[SharedKVFile] = []
+        self.caches: list[KVCache] = []
+        self.ranks: list[LocalRankIO] = []
         try:
-            self.kv = make_cache(args, self.file.allocate if self.file else zeros)
-            self.layout = KVLayout.of(self.kv)
-            self.transports = TransportSet.open(self.config, self.kv.data, self.layout.region)
+            for rank in range(tp):
+                heads = TensorParallel(rank, tp).kv_heads(args.kv_heads)
+                file = shared_kv_file(self.config, torch.device(args.device))
+                if file is not None:
+                    self.files.append(file)
+                kv = make_cache(args, file.allocate if file else zeros, num_kv_heads=heads[1])
+                self.caches.append(kv)
+                self.ranks.append(LocalRankIO.open(self.config, rank, heads, kv.data, KVLayout.of(kv)))
         except BaseException:
-            self._close_file()
+            self.close()
             raise
 
-    def _close_file(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
     def close(self) -> None:
-        self.transports.close()
-        self._close_file()
+        for rank in self.ranks:
+            rank.close()
+        for file in self.files:
+            file.close()
 
 
-def make_cache(args: argparse.Namespace, allocate=zeros) -> KVCache:
-    return KVCache(args.num_blocks, args.layers, args.block_size, args.kv_heads, args.head_dim, torch.float16,
-                   args.device, allocate)
+def make_cache(args: argparse.Namespace, allocate=zeros, num_kv_heads: int = 0) -> KVCache:
+    """A cache of ``args``' geometry holding ``num_kv_heads`` heads (0: all of ``--kv-heads``)."""
+    return KVCache(args.num_blocks, args.layers, args.block_size, num_kv_heads or args.kv_heads, args.head_dim,
+                   torch.float16, args.device, allocate)
 
 
 def fill_random(kv: KVCache) -> None:
@@ -110,14 +126,19 @@ def fill_random(kv: KVCache) -> None:
         torch.cuda.synchronize(kv.data.device)
 
 
-def with_block_size(args: argparse.Namespace, block_size: int) -> argparse.Namespace:
-    """``args`` for an engine of another block size (the decode side of a heterogeneous read)."""
-    return argparse.Namespace(**{**vars(args), "block_size": block_size})
+def hetero_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` of the other decode engine (``--decode-block-size``, ``--decode-tp``) of a heterogeneous read."""
+    return argparse.Namespace(**{**vars(args), "block_size": args.decode_block_size or args.block_size,
+                                 "tp": args.decode_tp or args.tp})
+
+
+def is_hetero(args: argparse.Namespace) -> bool:
+    return args.decode_block_size not in (0, args.block_size) or args.decode_tp not in (0, args.tp)
 
 
 def fingerprint(args: argparse.Namespace) -> Fingerprint:
     return Fingerprint("bench", "float16", args.block_size, args.layers, args.kv_heads, args.head_dim,
-                       KVCache.LAYOUT, "mooncake")
+                       KVCache.LAYOUT, "mooncake", args.tp)
 
 
 def block_ids(args: argparse.Namespace, seed: int) -> list[int]:
@@ -128,19 +149,22 @@ def block_ids(args: argparse.Namespace, seed: int) -> list[int]:
 
 
 async def serve_prefill(args: argparse.Namespace) -> None:
-    engine = BenchEngineKV(args, args.transport)
+    engine = BenchEngineKV(args, args.transport, args.tp)
     try:
-        fill_random(engine.kv)
+        for kv in engine.caches:
+            fill_random(kv)
         handoff = PrefillHandoff("prefill-0", LeaseTable(3600.0), lambda transfer_id: asyncio.sleep(0))
         for i in range(args.transfers):
             handoff.begin(f"t{i}")
             handoff.lease(f"t{i}")
-        channel = KVSideChannel("prefill-0", fingerprint(args), engine.transports, engine.layout, handoff)
+        channel = KVSideChannel("prefill-0", fingerprint(args), [rank.memory for rank in engine.ranks],
+                                engine.ranks[0].transports.incarnation, handoff)
         server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
         channel.attach(server)
         await server.start()
-        sessions = {name: backend.session for name, backend in engine.transports.backends.items()}
-        print(json.dumps({"endpoint": server.endpoint, "sessions": sessions, "base": engine.layout.base_addr}),
+        rank0 = engine.ranks[0]
+        sessions = {name: backend.session for name, backend in rank0.transports.backends.items()}
+        print(json.dumps({"endpoint": server.endpoint, "sessions": sessions, "base": rank0.memory.region.addr}),
               flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
         await server.close()
@@ -234,6 +258,7 @@ async def run_decode(args: argparse.Namespace) -> dict:
         result["of_limit"] = result["connector_gbps"] / limit
     return {"setup": {"device": args.device, "tokens": args.tokens, "blocks": len(remote),
                       "block_size": args.block_size, "decode_block_size": args.decode_block_size or args.block_size,
+                      "tp": args.tp, "decode_tp": args.decode_tp or args.tp,
                       "block_bytes": block_bytes, "bytes": nbytes,
                       "ranges": len(ranges_of(0, 0).lengths), "shards": args.shards, "repeats": args.repeats,
                       "requests": args.requests},
@@ -256,12 +281,20 @@ async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict,
 
 
 class DecodeSide:
-    """A decode engine's KV cache and reader (``args``' geometry), reading the request into ``local``."""
+    """A decode instance's KV and reader (``args``' geometry and TP size), reading the request into ``local``.
+
+    Rank 0 reads in this process; ranks 1.. through their ``RankAgent`` over real ZMQ, as in an
+    instance, but on threads of this process rather than in processes of their own.
+    """
 
     def __init__(self, args: argparse.Namespace, transport: str, local: list[int]):
-        self.engine = BenchEngineKV(args, transport)
-        self.reader = KVReader(self.engine.transports, "decode-0", fingerprint(args), self.engine.layout,
-                               self.engine.config)
+        self.engine = BenchEngineKV(args, transport, args.tp)
+        self.agents = [RankAgent(rank) for rank in self.engine.ranks[1:]]
+        self.clients = ClientPool(name="bench-ranks", timeout=self.engine.config.kv_rpc_timeout_s)
+        ranks = [self.engine.ranks[0], *(RemoteRankIO(agent.io.memory, agent.start(), self.clients, self.engine.config)
+                                         for agent in self.agents)]
+        self.chosen: dict[str, str] = {}
+        self.reader = KVReader(ranks, "decode-0", fingerprint(args), self.engine.config, self.chosen)
         self.local = local
         self.transport = transport
 
@@ -275,9 +308,12 @@ class DecodeSide:
         """Flush the releases and close; raises when the reader did not use the forced transport."""
         try:
             await self.reader.releases.flush()
-            chosen = self.engine.transports.chosen.get("prefill-0")
+            chosen = self.chosen.get("prefill-0")
         finally:
             await self.reader.close()
+            await self.clients.close()
+            for agent in self.agents:
+                agent.close()  # and its rank's transports
             self.engine.close()
         if chosen != self.transport:
             raise RuntimeError(f"the reader chose {chosen}, not the forced {self.transport}")
@@ -289,20 +325,21 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
     ``--decode-block-size``), each repeat also timing every limit copy into ``limit_s``."""
     decode = DecodeSide(args, transport, local)
     hetero = None
-    if args.decode_block_size not in (0, args.block_size):
-        hetero_args = with_block_size(args, args.decode_block_size)
-        hetero = DecodeSide(hetero_args, transport, block_ids(hetero_args, seed=3))
-    nbytes = len(remote) * decode.engine.kv.block_bytes
+    if is_hetero(args):
+        other = hetero_args(args)
+        hetero = DecodeSide(other, transport, block_ids(other, seed=3))
+    nbytes = len(remote) * decode.engine.caches[0].block_bytes
     transfer_ids = iter(range(10**9))
 
     def params() -> KVTransferParams:
         return KVTransferParams("prefill-0", peer["endpoint"], f"prefill-0/t{next(transfer_ids)}", remote,
-                                args.tokens, 0, time.time() + 3600, block_size=args.block_size)
+                                args.tokens, 0, time.time() + 3600, block_size=args.block_size,
+                                tensor_parallel_size=args.tp)
 
     def raw_read() -> None:
-        backend = decode.engine.transports.backends["tcp"]
-        rc = backend.engine.transfer_sync_read(peer["sessions"]["tcp"], decode.engine.layout.base_addr, peer["base"],
-                                               nbytes)
+        backend = decode.engine.ranks[0].transports.backends["tcp"]
+        rc = backend.engine.transfer_sync_read(peer["sessions"]["tcp"], decode.engine.ranks[0].memory.region.addr,
+                                               peer["base"], nbytes)
         if rc < 0:
             raise RuntimeError(f"raw transfer_sync_read failed: {rc}")
 
@@ -313,6 +350,7 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         for side in filter(None, (decode, hetero)):
             await side.timed_read(params())
         raw_s, conn_s, backend_s, hetero_s, hetero_backend_s, ranges, hetero_ranges = [], [], [], [], [], 0, 0
+        hetero_bytes = 0
         for _ in range(args.repeats):
             for name, copy in limits.items():
                 limit_s[name].append(copy())
@@ -326,7 +364,7 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
                 seconds, stats = await hetero.timed_read(params())
                 hetero_s.append(seconds)
                 hetero_backend_s.append(stats.seconds)
-                hetero_ranges = stats.num_ranges
+                hetero_ranges, hetero_bytes = stats.num_ranges, stats.bytes
         overhead_ms = []
         for _ in range(args.requests):
             seconds, stats = await decode.timed_read(params())
@@ -340,8 +378,8 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
     if raw_s:
         result["raw_gbps"] = gbps(nbytes, statistics.median(raw_s))
     if hetero_s:
-        result["hetero_gbps"] = gbps(nbytes, statistics.median(hetero_s))
-        result["hetero_backend_gbps"] = gbps(nbytes, statistics.median(hetero_backend_s))
+        result["hetero_gbps"] = gbps(hetero_bytes, statistics.median(hetero_s))
+        result["hetero_backend_gbps"] = gbps(hetero_bytes, statistics.median(hetero_backend_s))
         result["hetero_ranges"] = hetero_ranges
         result["hetero_of_homogeneous"] = result["hetero_gbps"] / result["connector_gbps"]
     return result
@@ -366,10 +404,10 @@ def report(result: dict) -> str:
         lines.append(f"{transport:>6}   of which the backend's read alone: {r['backend_gbps']:8.2f} GB/s = "
                      f"{r['backend_gbps'] / limit:.3f} x limit")
         if "hetero_gbps" in r:
-            lines.append(f"{transport:>6} decode of {setup['decode_block_size']}-token blocks "
-                         f"(from {setup['block_size']}): {r['hetero_gbps']:8.2f} GB/s in {r['hetero_ranges']} ranges "
-                         f"= {r['hetero_of_homogeneous']:.3f} x the same bytes between equal block sizes (goal >= {HETERO_GOAL:.2f}); the backend's "
-                         f"read alone {r['hetero_backend_gbps']:.2f} GB/s")
+            lines.append(f"{transport:>6} decode of TP {setup['decode_tp']}, {setup['decode_block_size']}-token blocks "
+                         f"(prefill TP {setup['tp']}, {setup['block_size']}): {r['hetero_gbps']:8.2f} GB/s in "
+                         f"{r['hetero_ranges']} ranges = {r['hetero_of_homogeneous']:.3f} x a homogeneous read "
+                         f"(goal >= {HETERO_GOAL:.2f}); the backend's read alone {r['hetero_backend_gbps']:.2f} GB/s")
         if "raw_gbps" in r:
             lines.append(f"{transport:>6} raw Mooncake transfer_sync_read (1 contiguous range): {r['raw_gbps']:8.2f} "
                          f"GB/s; connector / raw {r['connector_gbps'] / r['raw_gbps']:.2f}")
@@ -377,7 +415,7 @@ def report(result: dict) -> str:
 
 
 def geometry(args: argparse.Namespace) -> dict:
-    keys = ("tokens", "layers", "kv_heads", "head_dim", "block_size", "num_blocks", "run_blocks", "shards")
+    keys = ("tokens", "layers", "kv_heads", "head_dim", "block_size", "num_blocks", "run_blocks", "shards", "tp")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -394,6 +432,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-block-size", type=int, default=0,
                    help="also read with a decode engine of this block size (0: none, the default)")
+    p.add_argument("--tp", type=int, default=1, help="TP size of the prefill and of the homogeneous decode")
+    p.add_argument("--decode-tp", type=int, default=0,
+                   help="also read with a decode instance of this TP size (0: none, the default)")
     p.add_argument("--num-blocks", type=int, default=256, help="KV cache size of each engine, in blocks")
     p.add_argument("--run-blocks", type=int, default=8, help="consecutive blocks per run in the block lists")
     p.add_argument("--repeats", type=int, default=10, help="interleaved runs of each path for the GB/s medians")

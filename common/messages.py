@@ -7,6 +7,7 @@ each socket accepts:
 * ``RegistryRequest``  -> the registry's ROUTER
 * ``EngineRequest``    -> an engine's request ROUTER
 * ``KVRequest``        -> an engine's KV side channel ROUTER
+* ``RankRequest``      -> a tensor-parallel rank's KV agent (inside one engine instance)
 
 Replies are members of ``Reply``.  ``docs/protocol.md`` lists who sends what.
 No pickle anywhere: a peer can only ever make us build these types.
@@ -18,7 +19,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: the handshake offers several KV transports
+PROTOCOL_VERSION = 3  # 2: the handshake offers several KV transports; 3: one KV memory per tensor-parallel rank
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for (engine and gateway agree)
 
 Role = Literal["prefill", "decode", "both"]
@@ -44,6 +45,7 @@ class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
     head_dim: int
     kv_layout: str
     transfer_backend: str
+    tensor_parallel_size: int = 1  # ranks of the instance, each holding its slice of the KV heads
 
     def differences(self, other: "Fingerprint") -> list[str]:
         """Names of the fields whose values differ, e.g. ``["block_size"]``."""
@@ -53,19 +55,25 @@ class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
 def kv_incompatibilities(prefill: Fingerprint, decode: Fingerprint) -> dict[str, str]:
     """Why ``decode`` cannot read ``prefill``'s KV blocks: field name -> reason; empty when it can.
 
-    Every fingerprint field must match, except that the block sizes may differ when both are
-    powers of two (the reader then maps token positions, ``common.kv_transfer.ranges.token_ranges``).
+    Every fingerprint field must match, except two that may differ within what the reader
+    implements: the block sizes when both are powers of two (it maps token positions), and the
+    tensor-parallel sizes when one divides the other (each decode rank reads the KV heads it owns
+    from the prefill ranks holding them): ``common.kv_transfer.read_plan``.
     """
     if prefill == decode:  # the usual case, asked once per decode candidate on every request
         return {}
     reasons = {}
     for field in prefill.differences(decode):
         at_prefill, at_decode = getattr(prefill, field), getattr(decode, field)
-        if field != "block_size":
+        if field == "block_size":
+            if not (_is_power_of_two(at_prefill) and _is_power_of_two(at_decode)):
+                reasons[field] = (f"block_size: prefill {at_prefill} and decode {at_decode} differ and are not both "
+                                  "powers of two")
+        elif field == "tensor_parallel_size":
+            if max(at_prefill, at_decode) % min(at_prefill, at_decode):
+                reasons[field] = f"prefill TP {at_prefill} and decode TP {at_decode}: neither divides the other"
+        else:
             reasons[field] = f"{field}: prefill {at_prefill!r}, decode {at_decode!r}"
-        elif not (_is_power_of_two(at_prefill) and _is_power_of_two(at_decode)):
-            reasons[field] = (f"block_size: prefill {at_prefill} and decode {at_decode} differ and are not both "
-                              "powers of two")
     return reasons
 
 
@@ -221,6 +229,7 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True):
     first_token_logprob: TokenLogprob | None = None
     incarnation: str = ""  # names the prefill's KV memory, as its handshake does: a restarted prefill's differs
     block_size: int = 0  # tokens per block of ``block_ids`` (the prefill's); 0: the decode's own (older senders)
+    tensor_parallel_size: int = 1  # the prefill instance's ranks, each holding its slice of the KV heads
 
 
 class Generate(Message):
@@ -308,16 +317,26 @@ class TransportOffer(msgspec.Struct, frozen=True):
     meta: bytes = b""  # backend-specific opaque blob (MoRI engine descriptor, shared-memory file...)
 
 
+class KVRankMemory(msgspec.Struct, frozen=True):
+    """One tensor-parallel rank's KV cache as a reader addresses it: the KV heads it holds, where
+    its blocks live, and the transports it is served over (each rank registers its own memory)."""
+
+    rank: int
+    first_head: int  # global index of its first KV head
+    num_heads: int  # KV heads it holds: [first_head, first_head + num_heads)
+    host_id: str  # hostname + boot id: equal ids can share memory
+    memory: str  # where the KV lives: "cpu" or "cuda"
+    transports: list[TransportOffer]  # what this rank serves, fastest first
+    region: MemoryRegion  # its registered KV memory
+    block_bytes: int  # bytes of one block (its heads, all layers, K and V)
+    num_blocks: int
+
+
 class HandshakeReply(Message):
     engine_id: str
     fingerprint: Fingerprint
-    host_id: str  # hostname + boot id: equal ids can share memory
-    memory: str  # where the KV lives: "cpu" or "cuda"
-    transports: list[TransportOffer]  # what this engine serves, fastest first
-    regions: list[MemoryRegion]  # registered KV memory
-    block_bytes: int  # bytes of one block (all layers, K and V)
-    num_blocks: int
-    incarnation: str = ""  # names this process's KV memory: a reader mapped an older one must handshake again
+    ranks: list[KVRankMemory]  # one per tensor-parallel rank, in rank order
+    incarnation: str = ""  # names this instance's KV memory: a reader mapped an older one must handshake again
 
 
 class RenewLease(Message):
@@ -335,12 +354,43 @@ class ReleaseKV(Message):
 
 
 # --------------------------------------------------------------------------- #
+# Inside one tensor-parallel instance: rank 0 -> a worker rank's KV agent
+# --------------------------------------------------------------------------- #
+
+
+class RankConnect(Message):
+    """Prepare to read a peer rank over ``transport`` (its offer's ``session`` and ``meta``)."""
+
+    transport: str
+    session: str
+    meta: bytes = b""
+
+
+class RankRead(Message):
+    """Copy each remote range of the peer rank at ``session`` into this rank's KV memory."""
+
+    transport: str
+    session: str
+    local_addrs: list[int]
+    remote_addrs: list[int]
+    lengths: list[int]
+
+
+class RankReadDone(Message):
+    """A ``RankRead`` ended: the indices of the ranges that failed (none: every range was copied)."""
+
+    failed: list[int]
+    seconds: float  # inside the backend
+
+
+# --------------------------------------------------------------------------- #
 # Unions
 # --------------------------------------------------------------------------- #
 
 RegistryRequest = Union[Register, Heartbeat, Deregister, ListInstances, Watch]
 EngineRequest = Union[Generate, Abort, GetStats]
 KVRequest = Union[Handshake, RenewLease, ReleaseKV]
+RankRequest = Union[RankConnect, RankRead]
 Reply = Union[
     Ack,
     ErrorReply,
@@ -351,4 +401,5 @@ Reply = Union[
     EngineStats,
     HandshakeReply,
     LeaseRenewed,
+    RankReadDone,
 ]

@@ -55,9 +55,9 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
     assert out.finish_reason == "remote_decode" and params.transfer_id == f"{prefill.id}/r1"
     assert prefill.load().kv_blocks_pinned == len(params.block_ids) == 3
     layout = KVLayout(0, BLOCK_BYTES, 16)
-    transports = FakeTransport.serving("fake://reader", layout.region)
-    reader_transport = transports.backends["tcp"]
-    reader = KVReader(transports, "d0", prefill.fingerprint, layout, KVTransferConfig(kv_transport="tcp"))
+    rank = FakeTransport.serving("fake://reader", layout, prefill.fingerprint.num_kv_heads)
+    reader_transport = rank.transports.backends["tcp"]
+    reader = KVReader([rank], "d0", prefill.fingerprint, KVTransferConfig(kv_transport="tcp"), {})
     try:
         stats = await reader.read_blocks(params, [5, 6, 7])
         # the prompt's tokens only: the partial last block is a piece per KV head (2), the first merged with
@@ -69,6 +69,7 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
         await eventually(lambda: prefill.load().kv_blocks_pinned == 0 and not prefill.prefill_kv.handoff)
     finally:
         await reader.close()
+        rank.close()
 
 
 async def test_lease_expiry_releases_through_the_handoff(start_engine):

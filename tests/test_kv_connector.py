@@ -16,15 +16,16 @@ from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.mori import MoriBackend
 from common.kv_transfer.ranges import ByteRanges, KVLayout
-from common.kv_transfer.reader import MAX_RANGES_PER_CALL, KVReader, read_in_batches
+from common.kv_transfer.rank_io import MAX_RANGES_PER_CALL, LocalRankIO, read_in_batches
+from common.kv_transfer.reader import KVReader
 from common.kv_transfer.side_channel import KVSideChannel
 from common.kv_transfer.status import TransferStatus
-from common.kv_transfer.transport_set import TransportSet
 from common.messages import (
     Ack,
     Fingerprint,
     Handshake,
     HandshakeReply,
+    KVRankMemory,
     KVRequest,
     KVTransferParams,
     LeaseRenewed,
@@ -53,6 +54,11 @@ def config(**over) -> KVTransferConfig:
     return cfg
 
 
+def open_rank(cfg: KVTransferConfig, kv: KVCache) -> LocalRankIO:
+    """A TP 1 engine's one rank: all of ``kv``'s heads, registered with its transports."""
+    return LocalRankIO.open(cfg, 0, (0, kv.num_kv_heads), kv.data, KVLayout.of(kv))
+
+
 def tid(request_id: str) -> str:
     """The transfer id prefill-0's handoff gives a request."""
     return f"prefill-0/{request_id}"
@@ -65,7 +71,7 @@ class Prefill:
     released: list  # transfer ids the handoff unpinned, in order
     channel: KVSideChannel
     server: BusServer
-    transports: TransportSet
+    rank: LocalRankIO
     backend: MoriBackend
 
     def params(self, block_ids: list[int], request_id: str = "t1") -> KVTransferParams:
@@ -92,22 +98,21 @@ def fake():
 async def prefill(fake):
     kv = KVCache(num_blocks=16, **GEOMETRY)
     kv.data.copy_(torch.randn_like(kv.data))
-    layout = KVLayout.of(kv)
-    transports = TransportSet.open(config(), kv.data, layout.region)
-    backend = transports.backends["tcp"]
+    rank = open_rank(config(), kv)
+    backend = rank.transports.backends["tcp"]
     released: list[str] = []
 
     async def unpin(transfer_id: str) -> None:
         released.append(transfer_id)
 
     handoff = PrefillHandoff("prefill-0", LeaseTable(30.0), unpin)
-    channel = KVSideChannel("prefill-0", fingerprint(), transports, layout, handoff)
+    channel = KVSideChannel("prefill-0", fingerprint(), [rank.memory], rank.transports.incarnation, handoff)
     server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
     channel.attach(server)
     await server.start()
-    yield Prefill(kv, handoff, released, channel, server, transports, backend)
+    yield Prefill(kv, handoff, released, channel, server, rank, backend)
     await server.close()
-    transports.close()
+    rank.close()
 
 
 @pytest.fixture
@@ -117,17 +122,16 @@ async def decode(fake):
     async def make(fp: Fingerprint | None = None, **over) -> tuple[KVReader, KVCache]:
         fp = fp or fingerprint()
         kv = KVCache(num_blocks=16, **{**GEOMETRY, "block_size": fp.block_size})
-        layout = KVLayout.of(kv)
         cfg = config(**over)
-        transports = TransportSet.open(cfg, kv.data, layout.region)
-        conn = KVReader(transports, "decode-0", fp, layout, cfg)
-        made.append((conn, transports))
+        rank = open_rank(cfg, kv)
+        conn = KVReader([rank], "decode-0", fp, cfg, rank.transports.chosen)
+        made.append((conn, rank))
         return conn, kv
 
     yield make
-    for conn, transports in made:
+    for conn, rank in made:
         await conn.close()
-        transports.close()
+        rank.close()
 
 
 # -- handshakes ---------------------------------------------------------------
@@ -135,10 +139,10 @@ async def decode(fake):
 
 async def test_handshake_roundtrip(prefill, decode):
     conn, _ = await decode()
-    peer = await conn.handshake("prefill-0", prefill.server.endpoint)
-    assert peer.session == prefill.backend.session
-    assert peer.layout == KVLayout.of(prefill.kv)
-    assert await conn.handshake("prefill-0", prefill.server.endpoint) is peer  # cached
+    peer = await conn.peers.peer("prefill-0", prefill.server.endpoint)
+    assert peer.links[0, 0].session == prefill.backend.session
+    assert peer.ranks == [prefill.rank.memory] and peer.ranks[0].region == KVLayout.of(prefill.kv).region
+    assert await conn.peers.peer("prefill-0", prefill.server.endpoint) is peer  # cached
     assert prefill.channel.num_handshakes == 1
 
 
@@ -147,14 +151,14 @@ async def test_a_restarted_prefill_at_the_same_endpoint_is_handshaken_again(pref
     old run fail instead of reading what a same-host mapping of the dead memory still shows."""
     conn, kv = await decode()
     old = prefill.params([3], request_id="before")
-    old.incarnation = prefill.transports.incarnation
+    old.incarnation = prefill.rank.transports.incarnation
     await conn.read_blocks(old, [1])
-    restarted = TransportSet.open(config(), prefill.kv.data, KVLayout.of(prefill.kv).region)
+    restarted = open_rank(config(), prefill.kv)
     try:
-        KVSideChannel("prefill-0", fingerprint(), restarted, KVLayout.of(prefill.kv), prefill.handoff).attach(
-            prefill.server)
+        KVSideChannel("prefill-0", fingerprint(), [restarted.memory], restarted.transports.incarnation,
+                      prefill.handoff).attach(prefill.server)
         new = prefill.params([4], request_id="after")
-        new.incarnation = restarted.incarnation
+        new.incarnation = restarted.transports.incarnation
         await conn.read_blocks(new, [2])
         assert torch.equal(kv.data[2], prefill.kv.data[4])
         stale = prefill.params([5], request_id="stale")
@@ -190,14 +194,14 @@ async def test_handshake_timeout_fails_fast_and_is_retried(decode):
         conn, _ = await decode(kv_handshake_timeout_s=0.3)
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(conn.handshake("prefill-0", server.endpoint) for _ in range(3)), return_exceptions=True
+            *(conn.peers.peer("prefill-0", server.endpoint) for _ in range(3)), return_exceptions=True
         )
         elapsed = time.perf_counter() - start
         assert all(isinstance(r, HandshakeError) and "timed out after 0.3 s" in str(r) for r in results)
         assert 0.3 <= elapsed < 1.5
         assert calls == 1  # three waiters, one attempt
         with pytest.raises(HandshakeError):
-            await conn.handshake("prefill-0", server.endpoint)
+            await conn.peers.peer("prefill-0", server.endpoint)
         assert calls == 2  # the failure was not cached
     finally:
         await server.close()
@@ -208,16 +212,16 @@ async def test_fingerprint_mismatch_is_refused_naming_fields(prefill, decode):
     with pytest.raises(HandshakeError, match="incompatible: decode cannot read our KV: block_size: prefill 4 and "
                                              "decode 6 differ and are not both powers of two; head_dim: prefill 8, "
                                              "decode 16"):
-        await conn.handshake("prefill-0", prefill.server.endpoint)
+        await conn.peers.peer("prefill-0", prefill.server.endpoint)
     with pytest.raises(HandshakeError):
-        await conn.handshake("prefill-0", prefill.server.endpoint)
+        await conn.peers.peer("prefill-0", prefill.server.endpoint)
     assert prefill.channel.num_handshakes == 2  # refusals are not cached
 
 
 async def test_wrong_engine_behind_endpoint_is_refused(prefill, decode):
     conn, _ = await decode()
     with pytest.raises(HandshakeError, match="is engine 'prefill-0', not 'prefill-9'"):
-        await conn.handshake("prefill-9", prefill.server.endpoint)
+        await conn.peers.peer("prefill-9", prefill.server.endpoint)
 
 
 async def test_protocol_version_mismatch(prefill):
@@ -347,7 +351,7 @@ async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode,
     conn, kv = await decode()
     fake.knobs.delay_s = 0.5
     started, finished = threading.Event(), threading.Event()
-    backend = conn.transports.backends["tcp"]
+    backend = conn.ranks[0].transports.backends["tcp"]
     read = backend.read
 
     def observed_read(*args):
@@ -371,7 +375,7 @@ async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode,
 
 @pytest.mark.parametrize(
     "remote, local, skip, match",
-    [([1, 2], [1], 0, "1 local blocks for 2 remote"), ([1], [1], 2, "skip_leading=2"),
+    [([1, 2], [1], 0, "1 local blocks of 4 tokens for 8 tokens"), ([1], [1], 2, "skip_leading=2"),
      ([99], [1], 0, "remote block id 99")],
 )
 async def test_bad_requests_are_kv_transfer_errors_and_still_release(prefill, decode, remote, local, skip, match):
@@ -399,20 +403,22 @@ async def test_a_failed_first_shard_fails_the_read_even_if_the_last_succeeds(pre
 
 
 @pytest.mark.parametrize(
-    "change, match",
-    [(dict(fingerprint=fingerprint(num_layers=4)), "num_layers: prefill 4, decode 2"),
-     (dict(block_bytes=123), "123-byte blocks"),
-     (dict(transports=[]), "no common KV transport \\(forced tcp\\): we offer tcp, the peer offers none"),
-     (dict(num_blocks=10**6), "does not hold its 1000000 blocks")],
+    "reply_change, rank_change, match",
+    [(dict(fingerprint=fingerprint(num_layers=4)), {}, "num_layers: prefill 4, decode 2"),
+     ({}, dict(block_bytes=123), "123-byte blocks"),
+     ({}, dict(transports=[]), "no common KV transport \\(forced tcp\\): we offer tcp, the peer offers none"),
+     ({}, dict(num_blocks=10**6), "does not hold its 1000000 blocks"),
+     ({}, dict(rank=1), "describes ranks \\[1\\] for TP 1"),
+     ({}, dict(first_head=1, num_heads=1, block_bytes=256), "no prefill rank holds KV head 0")],
 )
-async def test_decode_checks_the_reply_itself(prefill, decode, change, match):
+async def test_decode_checks_the_reply_itself(prefill, decode, reply_change, rank_change, match):
     """A prefill that does not check (older build, bug) still cannot hand us mismatched KV."""
     layout = KVLayout.of(prefill.kv)
     offer = TransportOffer("tcp", "mori", prefill.backend.session, prefill.backend.backend_meta())
-    good = HandshakeReply(engine_id="prefill-0", fingerprint=fingerprint(), host_id="h", memory="cpu",
-                          transports=[offer], regions=[layout.region], block_bytes=layout.block_bytes,
-                          num_blocks=layout.num_blocks)
-    bad = msgspec.structs.replace(good, **change)
+    rank = KVRankMemory(rank=0, first_head=0, num_heads=2, host_id="h", memory="cpu", transports=[offer],
+                        region=layout.region, block_bytes=layout.block_bytes, num_blocks=layout.num_blocks)
+    good = HandshakeReply(engine_id="prefill-0", fingerprint=fingerprint(), ranks=[rank])
+    bad = msgspec.structs.replace(good, ranks=[msgspec.structs.replace(rank, **rank_change)], **reply_change)
 
     async def sloppy(msg):
         return bad
@@ -423,7 +429,7 @@ async def test_decode_checks_the_reply_itself(prefill, decode, change, match):
     try:
         conn, _ = await decode()
         with pytest.raises(HandshakeError, match=match):
-            await conn.handshake("prefill-0", server.endpoint)
+            await conn.peers.peer("prefill-0", server.endpoint)
     finally:
         await server.close()
 

@@ -12,8 +12,16 @@ from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
-from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
-from common.messages import Fingerprint, HandshakeReply, KVTransferParams, MemoryRegion, Reply, TransportOffer
+from common.kv_transfer.status import TransferQuorum, TransferStatus, aggregate
+from common.messages import (
+    Fingerprint,
+    HandshakeReply,
+    KVRankMemory,
+    KVTransferParams,
+    MemoryRegion,
+    Reply,
+    TransportOffer,
+)
 from tests.procs import Clock
 
 S, F, P = TransferStatus.SUCCESS, TransferStatus.FAILED, TransferStatus.PENDING
@@ -31,30 +39,60 @@ def test_aggregate_looks_at_every_status(statuses, expected):
 
 
 def test_fail_then_success_is_not_done():
-    t = RequestTransfers(1)
-    assert t.report(0, [F, S]) is F
-    assert t.state is not S
+    q = TransferQuorum(1)
+    assert q.report(0, [F, S]) is F
+    assert q.state is not S
 
 
 def test_duplicate_reports_never_complete_the_quorum_early():
-    t = RequestTransfers(num_workers=2)
-    assert t.report(0, [S]) is P
-    assert t.report(0, [S]) is P  # worker 0 again: still one distinct worker
-    assert t.state is not S
-    assert t.report(1, [S, S]) is S
-    assert t.state is S
+    q = TransferQuorum(world_size=2)
+    assert q.report(0, [S]) is P
+    assert q.report(0, [S]) is P  # rank 0 again: still one distinct rank
+    assert q.state is not S
+    assert q.report(1, [S, S]) is S
+    assert q.state is S
 
 
-def test_one_worker_failure_fails_the_request_before_the_quorum():
-    t = RequestTransfers(num_workers=3)
-    assert t.report(2, [S, F]) is F
+def test_one_rank_failure_fails_the_request_before_the_quorum():
+    q = TransferQuorum(world_size=3)
+    assert q.report(2, [S, F]) is F
 
 
-def test_unknown_worker_and_bad_quorum_are_errors():
-    with pytest.raises(ValueError):
-        RequestTransfers(0)
-    with pytest.raises(ValueError, match="worker 2"):
-        RequestTransfers(2).report(2, [S])
+def test_a_failure_stays_whatever_is_reported_after_it():
+    q = TransferQuorum(world_size=2)
+    assert q.report(0, [F]) is F
+    assert q.report(0, [S]) is F  # the same rank again, now successful: still failed
+    assert q.report(1, [S]) is F
+
+
+def test_a_pending_status_keeps_a_full_quorum_pending():
+    q = TransferQuorum(world_size=2)
+    q.report(0, [S])
+    assert q.report(1, [S, P]) is P
+    assert q.report(1, [S, S]) is S
+
+
+def test_reset_clears_pending_state_and_failures():
+    q = TransferQuorum(world_size=2)
+    q.report(0, [S])
+    q.report(1, [F])
+    q.reset()
+    assert q.state is P
+    assert q.report(1, [S]) is P  # rank 0's report is gone too
+    assert q.report(0, [S]) is S
+
+
+@pytest.mark.parametrize("world_size", [0, -1])
+def test_a_world_size_below_one_is_refused(world_size):
+    with pytest.raises(ValueError, match="world_size"):
+        TransferQuorum(world_size)
+
+
+def test_an_unknown_rank_is_an_error():
+    with pytest.raises(ValueError, match="rank 2"):
+        TransferQuorum(2).report(2, [S])
+    with pytest.raises(ValueError, match="rank -1"):
+        TransferQuorum(2).report(-1, [S])
 
 
 # -- leases -------------------------------------------------------------------
@@ -136,15 +174,17 @@ def fingerprint(**over):
 
 
 def test_handshake_reply_and_params_roundtrip():
-    reply = HandshakeReply(
-        engine_id="p0", fingerprint=fingerprint(), host_id="h/boot", memory="cuda",
+    rank = KVRankMemory(
+        rank=0, first_head=0, num_heads=2, host_id="h/boot", memory="cuda",
         transports=[TransportOffer("nvlink", "nvlink", "ipc", b"\x00\xff"), TransportOffer("rdma", "mori", "k")],
-        regions=[MemoryRegion(2**47 + 5, 1 << 30)], block_bytes=4096, num_blocks=1024,
+        region=MemoryRegion(2**47 + 5, 1 << 30), block_bytes=4096, num_blocks=1024,
     )
+    reply = HandshakeReply(engine_id="p0", fingerprint=fingerprint(tensor_parallel_size=2),
+                           ranks=[rank, msgspec.structs.replace(rank, rank=1, first_head=1)], incarnation="i")
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=Reply)
     assert decoded == reply
     params = KVTransferParams(engine_id="p0", kv_endpoint="tcp://h:1", transfer_id="t", block_ids=[3, 1, 2],
-                              num_tokens=40, first_token_id=7, lease_expiry=1.5e9)
+                              num_tokens=40, first_token_id=7, lease_expiry=1.5e9, tensor_parallel_size=2)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=KVTransferParams) == params
 
 

@@ -17,6 +17,7 @@ from common.errors import HandshakeError
 from common.kv_transfer.backend import BackendUnavailable
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
+from common.kv_transfer.rank_io import LocalRankIO, rank_memory
 from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.reader import KVReader
 from common.kv_transfer.shm import SharedKVFile
@@ -173,12 +174,14 @@ class UnmappableShm(FakeTransport):
         raise FileNotFoundError(f"{peer_session}: no such file")
 
 
-def both_transports(name: str) -> TransportSet:
+def both_ranks(name: str, kv_transport: str = "auto") -> LocalRankIO:
+    """A TP 1 engine's one rank serving an unmappable shm and a fake tcp transport (2 KV heads)."""
     layout = KVLayout(0, BLOCK_BYTES, 16)
     shm, tcp = UnmappableShm(f"shm://{name}"), FakeTransport(f"fake://{name}")
     for backend in (shm, tcp):
         backend.register([layout.region])
-    return TransportSet("auto", Placement("one-host", "cpu"), {"shm": shm, "tcp": tcp})
+    transports = TransportSet(kv_transport, Placement("one-host", "cpu"), {"shm": shm, "tcp": tcp})
+    return LocalRankIO(rank_memory(0, (0, 2), transports, layout), transports, config(kv_transport=kv_transport))
 
 
 @pytest.fixture
@@ -186,31 +189,34 @@ async def side_channel():
     fp = fingerprint("m", 4)
     server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-p0")
     handoff = PrefillHandoff("p0", LeaseTable(30.0), lambda transfer_id: asyncio.sleep(0))
-    KVSideChannel("p0", fp, both_transports("p0"), KVLayout(0, BLOCK_BYTES, 16), handoff).attach(server)
+    rank = both_ranks("p0")
+    KVSideChannel("p0", fp, [rank.memory], rank.transports.incarnation, handoff).attach(server)
     await server.start()
     yield fp, server.endpoint
     await server.close()
+    rank.close()
 
 
 async def test_a_same_host_transport_that_cannot_connect_falls_back_to_the_network(side_channel):
     fp, endpoint = side_channel
-    transports = both_transports("d0")
-    reader = KVReader(transports, "d0", fp, KVLayout(0, BLOCK_BYTES, 16), config(kv_transport="auto"))
+    rank = both_ranks("d0")
+    reader = KVReader([rank], "d0", fp, config(kv_transport="auto"), rank.transports.chosen)
     try:
-        peer = await reader.handshake("p0", endpoint)
-        assert peer.transport == "tcp" and transports.chosen == {"p0": "tcp"}
+        peer = await reader.peers.peer("p0", endpoint)
+        assert peer.links[0, 0].transport == "tcp" and rank.transports.chosen == {"p0": "tcp"}
     finally:
         await reader.close()
+        rank.close()
 
 
 async def test_a_forced_transport_that_cannot_connect_fails_the_handshake_with_the_reason(side_channel):
     fp, endpoint = side_channel
-    transports = both_transports("d0")
-    transports.kv_transport = "shm"
-    reader = KVReader(transports, "d0", fp, KVLayout(0, BLOCK_BYTES, 16), config(kv_transport="shm"))
+    rank = both_ranks("d0", kv_transport="shm")
+    reader = KVReader([rank], "d0", fp, config(kv_transport="shm"), rank.transports.chosen)
     try:
-        with pytest.raises(HandshakeError, match="shm cannot connect to p0: .*no such file"):
-            await reader.handshake("p0", endpoint)
-        assert transports.chosen == {}
+        with pytest.raises(HandshakeError, match="shm cannot connect our rank 0 to p0 rank 0: .*no such file"):
+            await reader.peers.peer("p0", endpoint)
+        assert rank.transports.chosen == {}
     finally:
         await reader.close()
+        rank.close()

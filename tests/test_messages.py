@@ -25,16 +25,20 @@ SAMPLES = [
                remote_prefill=PARAMS),
     m.TokenOutput("r1", [17], "x", finish_reason="remote_decode", kv_transfer=PARAMS,
                   usage=m.Usage(40, 1, 16), timings={"prefill_s": 0.01}),
-    m.HandshakeReply("p-1", FP, "host/boot", "cpu", [m.TransportOffer("shm", "shm", "shm:h:1", b"\x91"),
-                                                  m.TransportOffer("tcp", "mooncake", "127.0.0.1:15001")],
-                     [m.MemoryRegion(1 << 40, 4096)], 512, 8),
+    m.HandshakeReply("p-1", FP, [
+        m.KVRankMemory(rank, rank, 1, "host/boot", "cpu", [m.TransportOffer("shm", "shm", f"shm:h:{rank}", b"\x91"),
+                                                           m.TransportOffer("tcp", "mooncake", "127.0.0.1:15001")],
+                       m.MemoryRegion(1 << 40, 4096), 512, 8) for rank in range(2)], "incarnation-1"),
+    m.RankConnect("tcp", "127.0.0.1:15001", b"\x00"),
+    m.RankRead("shm", "shm:h:1", [1 << 40], [1 << 41], [4096]),
+    m.RankReadDone([3, 7], 0.25),
     m.ErrorReply("incompatible", "block_size differs", param="block_size"),
 ]
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda s: type(s).__name__)
 def test_round_trip_through_the_socket_unions(msg):
-    union = next(u for u in (m.RegistryRequest, m.EngineRequest, m.KVRequest, m.Reply)
+    union = next(u for u in (m.RegistryRequest, m.EngineRequest, m.KVRequest, m.RankRequest, m.Reply)
                  if type(msg) in u.__args__)
     wire = msgspec.msgpack.encode(msg)
     assert msgspec.msgpack.decode(wire)["type"] == type(msg).__name__  # tagged by class name
@@ -66,6 +70,19 @@ def test_protocol_doc_lists_every_message():
 )
 def test_kv_incompatibilities_allow_power_of_two_block_sizes_only(decode, reasons):
     assert m.kv_incompatibilities(FP, msgspec.structs.replace(FP, **decode)) == reasons
+
+
+@pytest.mark.parametrize(
+    ("prefill_tp", "decode_tp", "reason"),
+    [(1, 2, None), (2, 1, None), (2, 2, None), (4, 2, None), (1, 8, None),
+     (3, 2, "prefill TP 3 and decode TP 2: neither divides the other"),
+     (2, 3, "prefill TP 2 and decode TP 3: neither divides the other")],
+)
+def test_kv_incompatibilities_allow_tp_sizes_where_one_divides_the_other(prefill_tp, decode_tp, reason):
+    prefill = msgspec.structs.replace(FP, tensor_parallel_size=prefill_tp)
+    decode = msgspec.structs.replace(FP, tensor_parallel_size=decode_tp, block_size=32)
+    expected = {} if reason is None else {"tensor_parallel_size": reason}
+    assert m.kv_incompatibilities(prefill, decode) == expected
 
 
 def test_transfer_params_carry_the_prefill_block_size_and_default_to_zero():

@@ -131,6 +131,20 @@ def test_block_sizes_may_differ_as_powers_of_two_but_head_dim_may_not():
     assert "d-hd" not in m.instances
 
 
+def test_tp_sizes_may_differ_when_one_divides_the_other():
+    m = Membership(lease_ttl_s=3.0)
+    m.register(make_instance("p1", "prefill", 9000), PROTOCOL_VERSION, 0.0)
+    m.register(make_instance("d2", "decode", 9100, tensor_parallel_size=2), PROTOCOL_VERSION, 0.0)
+    m.register(make_instance("p4", "prefill", 9200, tensor_parallel_size=4), PROTOCOL_VERSION, 0.0)
+    assert sorted(m.instances) == ["d2", "p1", "p4"]
+    with pytest.raises(PeerError) as err:
+        m.register(make_instance("d3", "decode", 9400, tensor_parallel_size=3), PROTOCOL_VERSION, 0.0)
+    assert err.value.code == "incompatible" and err.value.param == "instance.fingerprint"
+    assert "prefill TP 4 and decode TP 3: neither divides the other" in err.value.message
+    assert "prefill TP 1" not in err.value.message  # TP 1 divides 3: that pair could work
+    assert "d3" not in m.instances
+
+
 def test_transfer_backend_may_differ_only_for_both_role():
     m = Membership(lease_ttl_s=3.0)
     m.register(make_instance("p0", "prefill", 9000), PROTOCOL_VERSION, 0.0)

@@ -15,7 +15,7 @@ from common.engine.loader import load_model
 from common.engine.model_config import load_model_config
 from common.engine.model_runner import StepInputs
 from common.engine.parallel import TensorParallel
-from common.engine_service.config import TP_NEEDS_COLOCATED, EngineServiceConfig
+from common.engine_service.config import EngineServiceConfig
 from common.messages import SamplingParams
 from services.cli import build_parser
 from tests.checkpoints import FAMILIES, make_hf_checkpoint
@@ -193,11 +193,9 @@ def test_tp_size_must_divide_the_heads(checkpoints):
         EngineConfig(tensor_parallel_size=0).validate()
 
 
-def test_pd_roles_refuse_tp_and_cli_alias():
-    ns = build_parser("prefill").parse_args(["prefill", "--role", "both", "-tp", "2"])
-    assert ns.tensor_parallel_size == 2
-    EngineServiceConfig(role="both", tensor_parallel_size=2).validate()
-    for role in ("prefill", "decode"):
-        with pytest.raises(ConfigError) as e:
-            EngineServiceConfig(role=role, tensor_parallel_size=2).validate()
-        assert str(e.value) == TP_NEEDS_COLOCATED
+def test_every_role_takes_tp_and_the_cli_alias():
+    for command in ("prefill", "decode"):
+        ns = build_parser(command).parse_args([command, "-tp", "2"])
+        assert ns.tensor_parallel_size == 2
+    for role in ("both", "prefill", "decode"):
+        EngineServiceConfig(role=role, tensor_parallel_size=2).validate()

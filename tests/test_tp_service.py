@@ -1,22 +1,19 @@
 """An engine service process with --tensor-parallel-size 2 (colocated): it serves what TP 1 computes,
-fails its in-flight requests when a rank dies and exits; P/D roles refuse TP > 1 at start."""
+fails its in-flight requests when a rank dies and exits (P/D instances: tests/test_tp_pd.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.engine_driver import GREEDY, EngineDriver, prompt_ids
-from bench.processes import REPO, Processes
+from bench.processes import Processes
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
-from common.engine_service.config import TP_NEEDS_COLOCATED
 from common.errors import PeerError
 from common.messages import Generate, SamplingParams
 
@@ -62,11 +59,3 @@ async def test_tp2_service_serves_tp1_tokens_and_exits_when_a_rank_dies():
             assert await procs.wait_exit("tp2", timeout_s=30) != 0
         finally:
             await driver.close()
-
-
-def test_pd_roles_refuse_tp_at_start():
-    for service in ("prefill", "decode"):
-        run = subprocess.run([sys.executable, "-m", f"services.{service}", "-tp", "2"], cwd=REPO, capture_output=True,
-                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
-        assert run.returncode == 2
-        assert TP_NEEDS_COLOCATED in run.stderr

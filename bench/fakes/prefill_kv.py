@@ -35,9 +35,10 @@ class FakePrefillKV:
         self.lease_sweep_s = lease_sweep_s
         self.handoff = PrefillHandoff(engine_id, LeaseTable(lease_s), self._unpin)
         layout = KVLayout(0, BLOCK_BYTES, num_blocks)
-        self.transports = FakeTransport.serving(f"fake://{engine_id}", layout.region)
-        self.transport = self.transports.backends["tcp"]
-        KVSideChannel(engine_id, fingerprint, self.transports, layout, self.handoff).attach(kv_server)
+        self.rank = FakeTransport.serving(f"fake://{engine_id}", layout, fingerprint.num_kv_heads)
+        self.transport = self.rank.transports.backends["tcp"]
+        KVSideChannel(engine_id, fingerprint, [self.rank.memory], self.rank.transports.incarnation,
+                      self.handoff).attach(kv_server)
         self.pinned: dict[str, int] = {}  # transfer id -> blocks pinned under it
         self.pinned_blocks = 0  # sum of pinned.values()
         self._sweeper: asyncio.Task | None = None
@@ -71,7 +72,7 @@ class FakePrefillKV:
         if release:
             self.handoff.release_all()
         await self.handoff.drain()
-        self.transport.close()
+        self.rank.close()
 
     async def _unpin(self, transfer_id: str) -> None:
         """The handoff's unpin port: give back the blocks pinned under ``transfer_id``."""

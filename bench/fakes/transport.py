@@ -12,6 +12,9 @@ import time
 import torch
 
 from common.kv_transfer.backend import TransferBackend, check_batch
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.rank_io import LocalRankIO, rank_memory
+from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.status import TransferStatus
 from common.kv_transfer.transport_set import TransportSet
 from common.kv_transfer.transports import Placement
@@ -34,12 +37,14 @@ class FakeTransport(TransferBackend):
         return cls(f"fake://{host}")
 
     @classmethod
-    def serving(cls, session: str, region: MemoryRegion, read_delay_s: float = 0.0) -> TransportSet:
-        """An engine's transports as the side channel and the reader see them: this fake as ``tcp``,
-        the KV in host memory of a fake host, ``region`` registered."""
+    def serving(cls, session: str, layout: KVLayout, num_kv_heads: int, read_delay_s: float = 0.0) -> LocalRankIO:
+        """A TP 1 engine's one rank as the side channel and the reader see it: this fake as ``tcp``,
+        the KV (``num_kv_heads`` heads in ``layout``) in host memory of a fake host, registered."""
         transport = cls(session, read_delay_s)
-        transport.register([region])
-        return TransportSet("tcp", Placement("fake-host", "cpu"), {"tcp": transport})
+        transport.register([layout.region])
+        transports = TransportSet("tcp", Placement("fake-host", "cpu"), {"tcp": transport})
+        memory = rank_memory(0, (0, num_kv_heads), transports, layout)
+        return LocalRankIO(memory, transports, KVTransferConfig(kv_transport="tcp"))
 
     def register(self, regions: list[MemoryRegion]) -> None:
         self.regions = list(regions)

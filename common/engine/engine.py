@@ -74,8 +74,10 @@ class LLMEngine:
     """With ``tensor_parallel_size`` N > 1 this process is rank 0 of N: it starts the other ranks
     (``WorkerRanks``), broadcasts every step to them, and ``close()`` stops them."""
 
-    def __init__(self, config: EngineConfig, kv_allocate: Allocate = zeros):
-        """``kv_allocate`` allocates the KV cache tensor (a shared-memory file where the shm transport serves it)."""
+    def __init__(self, config: EngineConfig, kv_allocate: Allocate = zeros, kv_transfer: dict | None = None):
+        """``kv_allocate`` allocates the KV cache tensor (a shared-memory file where the shm transport serves it);
+        with ``kv_transfer`` (a P/D instance's KV transfer config fields) the other ranks serve their KV too,
+        and ``worker_kv`` holds what each published about it."""
         config.validate()
         self.config = config
         self.device = resolve_device(config.device)
@@ -93,22 +95,25 @@ class LLMEngine:
         self.block_size = config.block_size
         self.workers: WorkerRanks | None = None
         self.tp: TensorParallel = SINGLE
+        self.worker_kv: list[bytes] = []  # per worker rank: its KV agent's info (common.kv_transfer.rank_agent)
         try:
-            self._build(path, kv_allocate)
+            self._build(path, kv_allocate, kv_transfer)
         except BaseException as e:
             if self.workers is not None:  # they are loading or at the start barrier, not waiting for a stop
                 self.workers.fail(TensorParallelError(f"rank 0 failed to start: {e!r}"))
             self.close()
             raise
 
-    def _build(self, path, kv_allocate: Allocate) -> None:
+    def _build(self, path, kv_allocate: Allocate, kv_transfer: dict | None) -> None:
         """Start the other ranks (TP > 1), load this rank's weights, allocate its KV cache, build the rest."""
         config, mc = self.config, self.model_config
         if config.tensor_parallel_size > 1:
-            self.workers, self.tp = WorkerRanks.launch(config, mc, path, self.dtype_name, self.device)
+            self.workers, self.tp = WorkerRanks.launch(config, mc, path, self.dtype_name, self.device, kv_transfer)
         self.model, self.kv_cache = load_rank(
             config, mc, path, self.dtype, self.device, self.max_model_len, self.tp, kv_allocate
         )
+        if self.workers is not None and kv_transfer is not None:
+            self.worker_kv = self.workers.published("kv")
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)

@@ -3,6 +3,9 @@
 A worker (``python -m common.engine.tp_workers``) reads its ``WorkerSpec`` as one JSON line on
 stdin, joins the group, loads its shard, sizes its KV cache with the others (the smallest
 count wins), then runs the forward of every step rank 0 broadcasts until told to stop.
+A worker of a P/D instance also registers its KV cache with its own transports and runs
+a KV agent for rank 0 (``common.kv_transfer.rank_agent``), published in the rendezvous
+store (``WorkerRanks.published``).
 It exits as soon as rank 0 dies: its stdin (a pipe only rank 0 writes) reaches EOF.
 
 Rank 0 watches every worker's process: one that exits unasked sets ``failure`` and calls
@@ -32,7 +35,17 @@ from common.engine.loader import load_model, parse_dtype
 from common.engine.model import CausalLM
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner, StepInputs
-from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError, check_tensor_parallel
+from common.engine.parallel import (
+    SINGLE,
+    START_WAIT,
+    TensorParallel,
+    TensorParallelError,
+    check_tensor_parallel,
+)
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.rank_agent import open_rank_agent
+from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.transport_set import shared_kv_file
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +65,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     dtype: str
     device: str  # this rank's device
     engine_config: dict
+    kv_transfer: dict | None = None  # a P/D instance's KVTransferConfig fields: serve this rank's KV
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -69,8 +83,9 @@ def _worker_env() -> dict[str, str]:
 class WorkerRanks:
     """Rank 0's handle on its worker processes."""
 
-    def __init__(self, processes: list[subprocess.Popen]):
+    def __init__(self, processes: list[subprocess.Popen], store: dist.Store | None = None):
         self.processes = processes
+        self.store = store  # the rendezvous store, where workers publish what rank 0 collects
         self.failure: TensorParallelError | None = None
         self.on_exit: Callable[[], None] | None = None
         self._closing = False
@@ -79,9 +94,11 @@ class WorkerRanks:
 
     @classmethod
     def launch(
-        cls, config: EngineConfig, model_config: ModelConfig, path: Path, dtype: str, device: torch.device
+        cls, config: EngineConfig, model_config: ModelConfig, path: Path, dtype: str, device: torch.device,
+        kv_transfer: dict | None = None,
     ) -> tuple["WorkerRanks", TensorParallel]:
         """Start ranks 1..N-1 and join them as rank 0: (their handle, rank 0's ``TensorParallel``).
+        With ``kv_transfer`` (KV transfer config fields) every worker serves its KV (``WorkerSpec``).
         Raises ``ConfigError`` for a TP size the model or the machine cannot take."""
         size = config.tensor_parallel_size
         check_tensor_parallel(model_config, size)
@@ -95,18 +112,21 @@ class WorkerRanks:
         store = TensorParallel.rendezvous(0, size, 0, timeout_s)
         fields = {name: getattr(config, name) for name in EngineConfig.__dataclass_fields__}
         workers = cls.start([
-            WorkerSpec(rank, size, store.port, str(path), dtype, str(rank_device(device, rank)), fields)
+            WorkerSpec(rank, size, store.port, str(path), dtype, str(rank_device(device, rank)), fields, kv_transfer)
             for rank in range(1, size)
-        ])  # fmt: skip
+        ], store)  # fmt: skip
         try:
-            workers.wait_until_connected(store, timeout_s)
+            # Starting a Python process that imports torch takes seconds, far longer on a busy host than a
+            # step may: the rendezvous waits START_WAIT at least (a worker that exits fails it at once).
+            workers.wait_for([_connected_key(rank) for rank in range(1, size)],
+                             max(timeout_s, START_WAIT.total_seconds()))
             return workers, TensorParallel.join(0, size, store, device, timeout_s)
         except BaseException:
             workers.close(SINGLE)
             raise
 
     @classmethod
-    def start(cls, specs: list[WorkerSpec]) -> "WorkerRanks":
+    def start(cls, specs: list[WorkerSpec], store: dist.Store | None = None) -> "WorkerRanks":
         """Start one worker per spec (each gets its spec on stdin and keeps the pipe open)."""
         processes = []
         for spec in specs:
@@ -116,18 +136,25 @@ class WorkerRanks:
             process.stdin.write(msgspec.json.encode(spec) + b"\n")
             process.stdin.flush()
             processes.append(process)
-        return cls(processes)
+        return cls(processes, store)
 
-    def wait_until_connected(self, store: dist.TCPStore, timeout_s: float) -> None:
-        """Wait until every worker reached the rendezvous; ``TensorParallelError`` as soon as one exits
+    def wait_for(self, keys: list[str], timeout_s: float) -> None:
+        """Wait until every key is in the store; ``TensorParallelError`` as soon as a worker exits
         first, or after ``timeout_s``."""
-        keys = [_connected_key(rank) for rank in range(1, len(self.processes) + 1)]
         deadline = time.monotonic() + timeout_s
-        while not store.check(keys):
+        while not self.store.check(keys):
             self.check()
             if time.monotonic() > deadline:
-                raise TensorParallelError(f"the tensor-parallel workers did not all start within {timeout_s:g}s")
+                raise TensorParallelError(f"the tensor-parallel workers did not all publish {keys} "
+                                          f"within {timeout_s:g}s")
             time.sleep(CONNECT_POLL_S)
+
+    def published(self, name: str) -> list[bytes]:
+        """What each worker rank, in rank order, published as ``name`` (``publish``), waiting up to
+        ``START_WAIT`` for it (a worker that exits meanwhile fails it at once)."""
+        keys = [_published_key(name, rank) for rank in range(1, len(self.processes) + 1)]
+        self.wait_for(keys, START_WAIT.total_seconds())
+        return [self.store.get(key) for key in keys]
 
     @property
     def pids(self) -> list[int]:
@@ -209,9 +236,23 @@ def _connected_key(rank: int) -> str:
     return f"pdserve-tp-connected-{rank}"
 
 
+def _published_key(name: str, rank: int) -> str:
+    return f"pdserve-tp-{name}-{rank}"
+
+
+def publish(store: dist.Store, name: str, rank: int, value: bytes) -> None:
+    """Worker ``rank``: hand ``value`` to rank 0 (``WorkerRanks.published(name)``)."""
+    store.set(_published_key(name, rank), value)
+
+
+_at_exit: list[Callable[[], None]] = []  # what a worker undoes before it exits with rank 0 (shared-memory files)
+
+
 def _exit_with_rank_zero() -> None:
     """Block until rank 0 closes our stdin (it stopped us, or it died), then exit at once."""
     sys.stdin.buffer.read()
+    for undo in _at_exit:
+        undo()
     os._exit(0)
 
 
@@ -227,11 +268,26 @@ def serve_rank(spec: WorkerSpec) -> None:
     tp = TensorParallel.join(spec.rank, spec.world_size, store, device, timeout_s)
     model_config = load_model_config(spec.model_path)
     max_model_len = config.max_model_len or model_config.max_model_len
+    kv_config = KVTransferConfig(**spec.kv_transfer) if spec.kv_transfer is not None else None
+    kv_file = shared_kv_file(kv_config, device) if kv_config is not None else None
+    if kv_file is not None:
+        _at_exit.append(kv_file.close)
     model, kv_cache = load_rank(config, model_config, Path(spec.model_path), parse_dtype(spec.dtype), device,
-                                max_model_len, tp)  # fmt: skip
+                                max_model_len, tp, kv_file.allocate if kv_file is not None else zeros)  # fmt: skip
+    agent = None
+    if kv_config is not None:
+        heads = tp.kv_heads(model_config.num_kv_heads)
+        agent, info = open_rank_agent(kv_config, spec.rank, heads, kv_cache.data, KVLayout.of(kv_cache))
+        publish(store, "kv", spec.rank, msgspec.msgpack.encode(info))
     runner = ModelRunner(model, kv_cache, device, config.max_num_seqs, max_model_len, enforce_eager=True, tp=tp)
-    while (message := tp.receive()) is not None:
-        runner.forward(StepInputs.unpack(message))
+    try:
+        while (message := tp.receive()) is not None:
+            runner.forward(StepInputs.unpack(message))
+    finally:
+        if agent is not None:
+            agent.close()
+        if kv_file is not None:
+            kv_file.close()
     tp.leave()
 
 

@@ -11,12 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.bus import DEFAULT_MAX_FRAME_BYTES
-from common.config import ConfigError, opt, require
+from common.config import opt, require
 from common.engine.config import EngineConfig
 from common.kv_transfer.config import KVTransferConfig
-
-
-TP_NEEDS_COLOCATED = "--tensor-parallel-size > 1 is served colocated (--role both) until TP-aware KV transfer exists"
 
 
 @dataclass
@@ -37,8 +34,6 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
     def validate(self) -> None:
         roles = typing.get_args(typing.get_type_hints(type(self))["role"])
         require(self.role in roles, "role", f"must be one of {', '.join(roles)}")
-        if self.tensor_parallel_size > 1 and self.role != "both":
-            raise ConfigError(TP_NEEDS_COLOCATED)
         EngineConfig.validate(self)
         KVTransferConfig.validate(self)
         for name in ("bind", "kv_bind", "registry"):

@@ -28,7 +28,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import Protocol
 
+import msgspec
+
 from common.bus import BusServer
+from common.client_pool import ClientPool
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
 from common.engine.kv_cache import KVCache, zeros
@@ -36,6 +39,9 @@ from common.engine.sequence import InvalidRequest, RequestOutput
 from common.engine_service.config import EngineServiceConfig
 from common.engine_service.prompt import prompt_token_ids
 from common.errors import PeerError
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.rank_agent import RankAgentInfo
+from common.kv_transfer.rank_io import LocalRankIO, RankIO, RemoteRankIO
 from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.transport_set import TransportSet, shared_kv_file
 from common.messages import (
@@ -109,6 +115,7 @@ class EngineService:
             model=config.model_name, dtype=core.dtype_name, block_size=core.block_size,
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_layout=KVCache.LAYOUT, transfer_backend=config.kv_backend,
+            tensor_parallel_size=config.tensor_parallel_size,
         )  # fmt: skip
         self.layout = KVLayout.of(core.kv_cache)
         self.server = BusServer(config.bind, EngineRequest, name=self.instance_id,
@@ -118,7 +125,9 @@ class EngineService:
         self.server.on(GetStats, self.on_stats)
         self.kv_server = BusServer(config.kv_bind, KVRequest, name=f"{self.instance_id}-kv",
                                    max_frame_bytes=config.max_frame_bytes)
-        self.transports: TransportSet | None = None
+        self.transports: TransportSet | None = None  # rank 0's
+        self.kv_ranks: list[RankIO] = []  # every rank's KV, in rank order, rank 0's a LocalRankIO (roles moving KV)
+        self.rank_clients = ClientPool(name=f"{self.instance_id}-ranks", timeout=config.kv_rpc_timeout_s)
         self.active: set[str] = set()  # request ids with a running Generate handler
         self.registry = RegistryClient(config.registry, timeout=config.registry_timeout_s)
         self.accepting = False
@@ -128,11 +137,16 @@ class EngineService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open_transports(self) -> TransportSet:
-        """The KV transports this engine serves, all KV memory registered (roles that move KV call this
-        from ``start``, so the memory is registered before any peer can learn our address)."""
-        self.transports = TransportSet.open(self.config, self.core.kv_cache.data, self.layout.region)
-        return self.transports
+    def open_kv_ranks(self) -> list[RankIO]:
+        """Every rank's KV as transfers see it, rank 0's memory registered with its transports here (roles
+        that move KV call this from ``start``, so the memory is registered before any peer can learn our
+        address; the other ranks registered theirs before the engine finished loading)."""
+        heads = self.core.tp.kv_heads(self.core.model_config.num_kv_heads)
+        own = LocalRankIO.open(self.config, 0, heads, self.core.kv_cache.data, self.layout)
+        self.transports = own.transports
+        workers = [msgspec.msgpack.decode(info, type=RankAgentInfo) for info in self.core.worker_kv]
+        self.kv_ranks = [own, *(RemoteRankIO(w.memory, w.endpoint, self.rank_clients, self.config) for w in workers)]
+        return self.kv_ranks
 
     async def start(self) -> None:
         await self.role.start()
@@ -161,8 +175,9 @@ class EngineService:
         await self._quietly(self.role.shutdown(), "releasing the role's transfers")
         await self.kv_server.close()
         await self.engine.shutdown(timeout=self.config.shutdown_timeout_s)
-        if self.transports is not None:
-            self.transports.close()
+        await self.rank_clients.close()
+        if self.kv_ranks:  # rank 0's reads and transports (the workers' stop with their processes)
+            self.kv_ranks[0].close()
         await self.registry.close()
         log.info("%s stopped", self.instance_id)
 
@@ -289,9 +304,11 @@ async def serve(config: EngineServiceConfig, roles: Mapping[str, RoleFactory]) -
     role = roles[config.role]
     moves_kv = role.serves_prefill_leg or role.serves_decode_leg
     kv_file = shared_kv_file(config, resolve_device(config.device)) if moves_kv else None
+    kv_transfer = {name: getattr(config, name) for name in KVTransferConfig.__dataclass_fields__} if moves_kv else None
     try:
         core = await asyncio.get_running_loop().run_in_executor(
-            None, partial(LLMEngine, config, kv_allocate=kv_file.allocate if kv_file else zeros))
+            None, partial(LLMEngine, config, kv_allocate=kv_file.allocate if kv_file else zeros,
+                          kv_transfer=kv_transfer))
         service = EngineService(config, core, role)
         try:
             await service.start()

@@ -6,7 +6,7 @@ from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 from common.kv_transfer.reader import KVReader, ReadStats, ReleaseSender
 from common.kv_transfer.side_channel import KVSideChannel, PinnedTransfers
-from common.kv_transfer.status import RequestTransfers, TransferStatus, aggregate
+from common.kv_transfer.status import TransferQuorum, TransferStatus, aggregate
 
 __all__ = [
     "BackendUnavailable",
@@ -20,8 +20,8 @@ __all__ = [
     "PinnedTransfers",
     "ReadStats",
     "ReleaseSender",
-    "RequestTransfers",
     "TransferBackend",
+    "TransferQuorum",
     "TransferStatus",
     "aggregate",
     "make_backend",

@@ -1,15 +1,16 @@
-"""Decode side of the KV handoff: ``KVReader`` reads a prompt's blocks from a prefill engine.
+"""Decode side of the KV handoff: ``KVReader`` reads a prompt's KV from a prefill instance.
 
 ``read_blocks(params, local_block_ids, skip_leading)`` handshakes once per
-prefill engine (one shared future per engine, failures not cached; the
-handshake picks the transport for that engine, see ``transports.py``), maps
-token positions to merged byte ranges (``ranges.token_ranges``: whole-block runs
-when both engines have the same block size), runs the
-blocking backend read in a thread pool, at most ``MAX_RANGES_PER_CALL`` ranges
-a call (a started read is never abandoned, even when the caller is cancelled), renews
-the lease while it waits, checks every status, confirms the lease still held
-after the read, and always sends ``ReleaseKV`` afterwards through a
-``ReleaseSender`` (in the background), after the backend stopped touching memory.
+prefill instance (``peers.PeerDirectory``: which prefill rank each of our ranks
+reads each of its heads from, and over which transport), maps token positions
+into byte ranges for every (our rank, source) pair (``ranges.token_ranges``:
+whole blocks merge into runs when both sides have the same block size and
+heads), has every rank of ours copy its ranges (``rank_io``: rank 0 in this
+process, the others through their agents), renews the lease while they run,
+completes the read only when EVERY rank reported success for EVERY range
+(``status.TransferQuorum``), confirms the lease still held after the read, and
+always sends ``ReleaseKV`` afterwards through a ``ReleaseSender`` (in the
+background), after no rank touches memory any more.
 
 The prefill side that answers these calls is ``common.kv_transfer.side_channel``.
 """
@@ -19,49 +20,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from common.client_pool import ClientPool
-from common.errors import BusError, CallTimeout, HandshakeError, KVTransferError, PeerError
-from common.kv_transfer.backend import TransferBackend
+from common.errors import BusError, KVTransferError
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
-from common.kv_transfer.status import RequestTransfers, TransferStatus
-from common.kv_transfer.transport_set import TransportSet
-from common.kv_transfer.transports import Placement, TransportError, candidates
-from common.messages import (
-    Fingerprint,
-    Handshake,
-    HandshakeReply,
-    KVTransferParams,
-    LeaseRenewed,
-    ReleaseKV,
-    RenewLease,
-    kv_incompatibilities,
-)
+from common.kv_transfer.peers import Peer, PeerDirectory
+from common.kv_transfer.rank_io import RankIO, finish_uncancellable
+from common.kv_transfer.ranges import ByteRanges, token_ranges
+from common.kv_transfer.read_plan import Source, table_of
+from common.kv_transfer.status import TransferQuorum, TransferStatus
+from common.messages import Fingerprint, KVTransferParams, LeaseRenewed, ReleaseKV, RenewLease
 from common.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Peer:
-    """A prefill engine we completed a handshake with, and the transport we read it over."""
-
-    engine_id: str
-    kv_endpoint: str
-    transport: str
-    backend: TransferBackend
-    session: str
-    layout: KVLayout
-    block_size: int  # tokens per block of the peer's KV (may differ from ours)
-    incarnation: str  # the KV memory the handshake described (a restarted prefill has another)
-
-
-@dataclass(frozen=True)
 class ReadStats:
-    """One request's read: blocks and merged ranges moved, bytes, seconds inside the backend."""
+    """One request's read: blocks and merged ranges moved (over all ranks), bytes, seconds of the read."""
 
     num_blocks: int
     num_ranges: int
@@ -69,58 +46,13 @@ class ReadStats:
     seconds: float
 
 
-# Most ranges handed to one backend call: Mooncake's TCP transport rejects a batch of a few thousand
-# ("TCP lane queue-full"), which a long prompt read between different block sizes easily makes.
-MAX_RANGES_PER_CALL = 512
+@dataclass(frozen=True)
+class RankRead:
+    """What one of our ranks copies from one prefill rank for a request."""
 
-
-def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges) -> list[TransferStatus]:
-    """``backend.read`` of ``ranges``, at most ``MAX_RANGES_PER_CALL`` per call, one status per range in
-    order; after a call with a failure the rest is not read (FAILED: the read fails anyway)."""
-    statuses: list[TransferStatus] = []
-    for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
-        window = slice(i, i + MAX_RANGES_PER_CALL)
-        batch = backend.read(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
-        statuses += batch
-        if any(s is not TransferStatus.SUCCESS for s in batch):
-            return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - len(statuses))
-    return statuses
-
-
-def _shards(ranges: ByteRanges, n: int) -> list[ByteRanges]:
-    """Split ranges into at most ``n`` batches of about equal byte size, keeping order."""
-    n = max(1, min(n, len(ranges.lengths)))
-    target = ranges.total_bytes / n
-    out: list[ByteRanges] = [ByteRanges([], [], [])]
-    size = 0
-    for la, ra, length in zip(*ranges):
-        if size >= target * len(out) and len(out) < n:
-            out.append(ByteRanges([], [], []))
-        out[-1].local_addrs.append(la)
-        out[-1].remote_addrs.append(ra)
-        out[-1].lengths.append(length)
-        size += length
-    return out
-
-
-async def _finish_uncancellable(fut: asyncio.Future):
-    """Await ``fut`` to completion even if we are cancelled meanwhile; then re-raise the cancel.
-
-    A backend read cannot be stopped once started: returning early would let the
-    engine reuse (and the peer free) memory the read is still writing/reading.
-    """
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(fut)
-            break
-        except asyncio.CancelledError:
-            if fut.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
+    rank: int  # ours
+    source: Source
+    ranges: ByteRanges
 
 
 class ReleaseSender:
@@ -147,122 +79,18 @@ class ReleaseSender:
 
 
 class KVReader:
-    """Decode side: reads prompt KV blocks from prefill engines."""
+    """Decode side: our ranks (``ranks``, rank order) read prompt KV from prefill instances."""
 
-    def __init__(
-        self,
-        transports: TransportSet,
-        engine_id: str,
-        fingerprint: Fingerprint,
-        layout: KVLayout,
-        config: KVTransferConfig,
-    ):
-        self.transports = transports
-        self.engine_id = engine_id
+    def __init__(self, ranks: list[RankIO], engine_id: str, fingerprint: Fingerprint, config: KVTransferConfig,
+                 chosen: dict[str, str]):
+        """``chosen`` (prefill id -> the transports we read it over) is kept up to date for stats."""
+        self.ranks = ranks
         self.fingerprint = fingerprint
-        self.layout = layout
         self.config = config
-        self._pool = ThreadPoolExecutor(config.kv_transfer_threads, thread_name_prefix="kv-read")
-        self._peers: dict[str, asyncio.Future[Peer]] = {}
         self.clients = ClientPool(name=f"kv-{engine_id}", timeout=config.kv_rpc_timeout_s)
+        self.peers = PeerDirectory(ranks, engine_id, fingerprint, config.kv_transport, self.clients,
+                                   config.kv_handshake_timeout_s, chosen)
         self.releases = ReleaseSender(self.clients)
-
-    # -- handshakes -------------------------------------------------------
-
-    async def handshake(self, engine_id: str, kv_endpoint: str, incarnation: str = "") -> Peer:
-        """The peer for ``engine_id``, handshaking once; concurrent callers share one attempt.
-
-        ``incarnation`` (from the transfer params, when given) names the prefill's KV memory: a cached
-        peer of another one (the prefill restarted) is handshaken again, because a same-host mapping
-        of the old memory would still read, silently, what the dead process left.
-        Raises ``HandshakeError``; a failed attempt is forgotten so the next call retries.
-        """
-        fut = self._peers.get(engine_id)
-        if fut is not None and fut.done():
-            if (fut.cancelled() or fut.exception() is not None or fut.result().kv_endpoint != kv_endpoint
-                    or (incarnation and fut.result().incarnation != incarnation)):
-                fut = None  # failed, or the engine moved or restarted: handshake again
-        if fut is None:
-            fut = asyncio.ensure_future(self._handshake(engine_id, kv_endpoint))
-            self._peers[engine_id] = fut
-            fut.add_done_callback(lambda f: self._forget_failed(engine_id, f))
-        return await asyncio.shield(fut)
-
-    def _forget_failed(self, engine_id: str, fut: asyncio.Future) -> None:
-        if (fut.cancelled() or fut.exception() is not None) and self._peers.get(engine_id) is fut:
-            del self._peers[engine_id]
-
-    def forget_peer(self, engine_id: str) -> None:
-        """Drop a cached handshake (after a failed read): the next request handshakes again."""
-        fut = self._peers.get(engine_id)
-        if fut is not None and fut.done():
-            del self._peers[engine_id]
-
-    async def _handshake(self, engine_id: str, kv_endpoint: str) -> Peer:
-        timeout = self.config.kv_handshake_timeout_s
-        try:
-            reply = await self.clients.get(kv_endpoint).call(Handshake(self.engine_id, self.fingerprint),
-                                                             timeout=timeout)
-        except CallTimeout:
-            self.clients.drop(kv_endpoint)
-            raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} timed out after {timeout:g} s") from None
-        except PeerError as e:
-            raise HandshakeError(f"{engine_id} refused the handshake: {e.code}: {e.message}") from e
-        except BusError as e:
-            self.clients.drop(kv_endpoint)
-            raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} failed: {e}") from e
-        layout = self._check_reply(engine_id, kv_endpoint, reply)
-        return await self._connect(engine_id, kv_endpoint, reply, layout)
-
-    async def _connect(self, engine_id: str, kv_endpoint: str, reply: HandshakeReply, layout: KVLayout) -> Peer:
-        """Connect over the first transport that works with this peer (they are tried fastest first)."""
-        try:
-            order = candidates(self.transports.kv_transport, self.transports.placement,
-                               Placement(reply.host_id, reply.memory), list(self.transports.backends),
-                               [o.name for o in reply.transports])
-        except TransportError as e:
-            raise HandshakeError(f"{engine_id}: {e}") from e
-        for transport in order[:-1]:
-            try:
-                return await self._connect_over(transport, engine_id, kv_endpoint, reply, layout)
-            except HandshakeError as e:
-                logger.warning("%s; trying the next transport", e)
-        return await self._connect_over(order[-1], engine_id, kv_endpoint, reply, layout)
-
-    async def _connect_over(self, transport: str, engine_id: str, kv_endpoint: str, reply: HandshakeReply,
-                            layout: KVLayout) -> Peer:
-        """The peer, read over ``transport``; ``HandshakeError`` when its backend cannot connect."""
-        backend = self.transports.backends[transport]
-        offer = next(o for o in reply.transports if o.name == transport)
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, backend.connect, offer.session, offer.meta)
-        except Exception as e:  # whatever the backend raises, the request gets a typed error
-            raise HandshakeError(f"{transport} cannot connect to {engine_id}: {e}") from e
-        if self.transports.chosen.get(engine_id) != transport:
-            logger.info("KV from %s (%s) over %s (%s memory on %s, we offer %s, it offers %s)", engine_id, kv_endpoint,
-                        transport, reply.memory, reply.host_id, ", ".join(self.transports.backends),
-                        ", ".join(o.name for o in reply.transports))
-        self.transports.chosen[engine_id] = transport
-        return Peer(engine_id, kv_endpoint, transport, backend, offer.session, layout, reply.fingerprint.block_size,
-                    reply.incarnation)
-
-    def _check_reply(self, engine_id: str, kv_endpoint: str, reply: object) -> KVLayout:
-        if not isinstance(reply, HandshakeReply):
-            raise HandshakeError(f"{engine_id} answered the handshake with {type(reply).__name__}")
-        if reply.engine_id != engine_id:
-            raise HandshakeError(f"{kv_endpoint} is engine {reply.engine_id!r}, not {engine_id!r}")
-        reasons = kv_incompatibilities(reply.fingerprint, self.fingerprint)
-        if reasons:
-            raise HandshakeError(f"{engine_id} has an incompatible KV cache: {'; '.join(reasons.values())}")
-        ours, theirs = self.fingerprint.block_size, reply.fingerprint.block_size
-        if reply.block_bytes * ours != self.layout.block_bytes * theirs:  # the same bytes per token
-            raise HandshakeError(f"{engine_id} has {reply.block_bytes}-byte blocks of {theirs} tokens, "
-                                 f"ours are {self.layout.block_bytes} bytes for {ours}")
-        if not reply.regions or reply.regions[0].length < reply.block_bytes * reply.num_blocks:
-            raise HandshakeError(f"{engine_id}'s registered memory does not hold its {reply.num_blocks} blocks")
-        return KVLayout(reply.regions[0].addr, reply.block_bytes, reply.num_blocks)
-
-    # -- reads ------------------------------------------------------------
 
     async def read_blocks(
         self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
@@ -270,45 +98,48 @@ class KVReader:
         """Read the prompt's KV from ``params.block_ids`` into ``local_block_ids`` (our blocks, one per
         ``block_size`` tokens of ``params.num_tokens``), but for the first ``skip_leading`` of ours.
 
-        Those are local prefix-cache hits.  Token positions map between the two block lists
-        (``token_ranges``, which needs ``params.num_tokens`` to match both): when the peer's block size
-        is ours, that is ``params.block_ids[i]`` into ``local_block_ids[i]``.  Raises
-        ``HandshakeError`` / ``KVTransferError``; ``ReleaseKV`` is sent in every
-        outcome (success, failure, cancellation) once no backend read is running.
+        Those are local prefix-cache hits.  Token positions map between the two sides' blocks
+        (whatever their block sizes) and every rank of ours reads the heads it owns.  Raises
+        ``HandshakeError`` / ``KVTransferError``; ``ReleaseKV`` is sent in every outcome (success,
+        failure, cancellation) once no backend read is running.
         """
         try:
-            same_block_size = params.block_size in (0, self.fingerprint.block_size)
-            if same_block_size and len(local_block_ids) != len(params.block_ids):
-                raise KVTransferError(
-                    f"{len(local_block_ids)} local blocks for {len(params.block_ids)} remote blocks"
-                )
             if not 0 <= skip_leading <= len(local_block_ids):
                 raise KVTransferError(f"skip_leading={skip_leading} outside [0, {len(local_block_ids)}]")
-            peer = await self.handshake(params.engine_id, params.kv_endpoint, params.incarnation)
+            peer = await self.peers.peer(params.engine_id, params.kv_endpoint, params.incarnation)
             if params.incarnation and peer.incarnation != params.incarnation:
                 raise KVTransferError(f"transfer {params.transfer_id} is from an earlier run of {params.engine_id}: "
                                       "its blocks are gone")
             if params.block_size not in (0, peer.block_size):
                 raise KVTransferError(f"transfer {params.transfer_id} names {params.block_size}-token blocks, "
                                       f"{params.engine_id} has {peer.block_size}")
+            if params.tensor_parallel_size != len(peer.ranks):
+                raise KVTransferError(f"transfer {params.transfer_id} names prefill TP {params.tensor_parallel_size}, "
+                                      f"{params.engine_id} has {len(peer.ranks)} ranks")
             try:
-                ranges = self._ranges(peer, params, local_block_ids, skip_leading)
+                reads = self._plan(peer, params, local_block_ids, skip_leading)
             except ValueError as e:
                 raise KVTransferError(f"transfer {params.transfer_id}: {e}") from e
-            return await self._read(peer, params, ranges, len(local_block_ids) - skip_leading)
+            return await self._read(peer, params, reads, len(local_block_ids) - skip_leading)
         finally:
             self.release(params)
 
-    def _ranges(self, peer: Peer, params: KVTransferParams, local_block_ids: list[int],
-                skip_leading: int) -> ByteRanges:
-        """The byte ranges of a read: every KV head of the prompt's token positions we lack."""
-        num_kv_heads = self.fingerprint.num_kv_heads
-        return token_ranges(BlockTable(self.layout, self.fingerprint.block_size, local_block_ids, 0, num_kv_heads),
-                            BlockTable(peer.layout, peer.block_size, params.block_ids, 0, num_kv_heads),
-                            heads=range(num_kv_heads), num_tokens=params.num_tokens, skip_leading=skip_leading)
+    def _plan(self, peer: Peer, params: KVTransferParams, local_block_ids: list[int], skip_leading: int
+              ) -> list[RankRead]:
+        """Every (our rank, source) read of the request; ``ValueError`` when the block lists do not fit."""
+        reads = []
+        for ours, sources in enumerate(peer.sources):
+            local = table_of(self.ranks[ours].memory, self.fingerprint.block_size, local_block_ids)
+            for source in sources:
+                remote = table_of(peer.ranks[source.rank], peer.block_size, params.block_ids)
+                ranges = token_ranges(local, remote, heads=source.heads, num_tokens=params.num_tokens,
+                                      skip_leading=skip_leading)
+                if ranges.lengths:
+                    reads.append(RankRead(ours, source, ranges))
+        return reads
 
-    async def _read(self, peer: Peer, params: KVTransferParams, ranges: ByteRanges, num_blocks: int) -> ReadStats:
-        if not ranges.lengths:
+    async def _read(self, peer: Peer, params: KVTransferParams, reads: list[RankRead], num_blocks: int) -> ReadStats:
+        if not reads:
             return ReadStats(0, 0, 0, 0.0)
         tid = params.transfer_id
         if params.lease_expiry - time.time() < self.config.kv_renew_interval_s:
@@ -320,30 +151,22 @@ class KVReader:
                 raise KVTransferError(f"lease of transfer {tid} expired before the read")
         lease_lost = asyncio.Event()
         renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
-        shards = _shards(ranges, min(self.config.kv_read_shards or peer.backend.read_shards,
-                                     self.config.kv_transfer_threads))
-        tracker = RequestTransfers(len(shards))
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            futures = [loop.run_in_executor(self._pool, read_in_batches, peer.backend, peer.session, s)
-                       for s in shards]
-            results = await _finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
+            results = await finish_uncancellable(asyncio.gather(*(self._read_one(peer, r) for r in reads)))
         finally:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
         seconds = time.perf_counter() - start
-        for worker, result in enumerate(results):
-            if isinstance(result, BaseException):
-                logger.warning("KV read shard %d of %s raised %r", worker, tid, result)
-                result = [TransferStatus.FAILED]
-            tracker.report(worker, result)
-        if tracker.state is not TransferStatus.SUCCESS:
-            self.forget_peer(peer.engine_id)
-            failed = sum(s is not TransferStatus.SUCCESS for r in results if isinstance(r, list) for s in r)
-            raise KVTransferError(
-                f"reading transfer {tid} from {peer.engine_id} failed ({failed} of {len(ranges.lengths)} ranges)"
-            )
+        quorum = TransferQuorum(len(self.ranks))
+        for rank in range(len(self.ranks)):  # a rank with nothing to read (all prefix hits) reports none
+            quorum.report(rank, [s for read, statuses in zip(reads, results) if read.rank == rank for s in statuses])
+        num_ranges = sum(len(r.ranges.lengths) for r in reads)
+        if quorum.state is not TransferStatus.SUCCESS:
+            self.peers.forget(peer.engine_id)
+            failed = sum(s is not TransferStatus.SUCCESS for statuses in results for s in statuses)
+            raise KVTransferError(f"reading transfer {tid} from {peer.engine_id} failed ({failed} of {num_ranges} "
+                                  "ranges)")
         # The read succeeded only if prefill still held the blocks when it ended: a lease released or
         # expired meanwhile (an abort, a retried decode, a clock far off) means they may hold other KV.
         try:
@@ -352,7 +175,12 @@ class KVReader:
             raise KVTransferError(f"cannot confirm the lease of transfer {tid} after the read: {e}") from e
         if not held:
             raise KVTransferError(f"lease of transfer {tid} ended during the read; the blocks may be reused")
-        return ReadStats(num_blocks, len(ranges.lengths), ranges.total_bytes, seconds)
+        return ReadStats(num_blocks, num_ranges, sum(r.ranges.total_bytes for r in reads), seconds)
+
+    async def _read_one(self, peer: Peer, read: RankRead) -> list[TransferStatus]:
+        link = peer.links[(read.rank, read.source.rank)]
+        statuses, _ = await self.ranks[read.rank].read(link.transport, link.session, read.ranges)
+        return statuses
 
     async def _renew(self, peer: Peer, transfer_id: str) -> bool:
         """Renew one lease; False when prefill no longer knows it.  Bus errors propagate."""
@@ -375,10 +203,7 @@ class KVReader:
         self.releases.send(params)
 
     async def close(self) -> None:
-        """Wait for pending releases, close clients and the thread pool."""
+        """Wait for pending releases, forget handshakes, close clients (the ranks are closed by their owner)."""
         await self.releases.flush()
-        for fut in self._peers.values():
-            fut.cancel()
-        self._peers.clear()
+        self.peers.close()
         await self.clients.close()
-        self._pool.shutdown(wait=True)

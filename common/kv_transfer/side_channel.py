@@ -2,8 +2,8 @@
 
 ``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version,
 or a decode that cannot read our KV: ``common.messages.kv_incompatibilities``)
-with the memory a reader needs and every transport it can be read over (the
-reader picks one), and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
+with every rank's KV memory and the transports it can be read over (the
+reader's ranks pick one per pair of ranks), and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
 the pinned transfers (the prefill handoff): the side channel never frees blocks
 itself.  The reader is ``common.kv_transfer.reader``.
 """
@@ -15,14 +15,13 @@ from typing import Protocol
 
 from common.bus import BusServer
 from common.errors import PeerError
-from common.kv_transfer.ranges import KVLayout
-from common.kv_transfer.transport_set import TransportSet
 from common.messages import (
     PROTOCOL_VERSION,
     Ack,
     Fingerprint,
     Handshake,
     HandshakeReply,
+    KVRankMemory,
     LeaseRenewed,
     ReleaseKV,
     RenewLease,
@@ -49,25 +48,16 @@ class KVSideChannel:
         self,
         engine_id: str,
         fingerprint: Fingerprint,
-        transports: TransportSet,
-        layout: KVLayout,
+        ranks: list[KVRankMemory],
+        incarnation: str,
         transfers: PinnedTransfers,
     ):
+        """``ranks``: every rank's KV memory, in rank order; ``incarnation`` names it (``TransportSet``)."""
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.transfers = transfers
         self.num_handshakes = 0
-        self._reply = HandshakeReply(
-            engine_id=engine_id,
-            fingerprint=fingerprint,
-            host_id=transports.placement.host_id,
-            memory=transports.placement.memory,
-            transports=transports.offers(),
-            regions=[layout.region],
-            block_bytes=layout.block_bytes,
-            num_blocks=layout.num_blocks,
-            incarnation=transports.incarnation,
-        )
+        self._reply = HandshakeReply(engine_id, fingerprint, ranks, incarnation)
 
     def attach(self, server: BusServer) -> None:
         server.on(Handshake, self.on_handshake)

@@ -1,9 +1,10 @@
 """Transfer statuses and their aggregation per request.
 
-A request's KV read is made of many transfers (one per merged range), possibly
-reported by several workers (parallel batches).  The request is done only when
-every worker has reported and every status of every transfer succeeded; one
-failure anywhere fails it; anything missing or still running keeps it pending.
+A request's KV read is made of many transfers (one per merged range), reported by
+every decode rank of a tensor-parallel instance (each reads the heads it owns).
+The request is done only when every rank has reported and every status of every
+transfer succeeded; one failure anywhere fails it; anything missing or still
+running keeps it pending.
 (ATOM looked only at the last status of a list, so an earlier failure or a
 still-running read went unseen.)
 """
@@ -31,30 +32,41 @@ def aggregate(statuses: Iterable[TransferStatus]) -> TransferStatus:
     return TransferStatus.PENDING if pending else TransferStatus.SUCCESS
 
 
-class RequestTransfers:
-    """Statuses of one request's transfers, reported by ``num_workers`` distinct workers.
+class TransferQuorum:
+    """One request's read across ``world_size`` decode ranks: done only when every rank reported
+    and every status of every report succeeded.
 
-    A worker that reports again replaces its earlier report (a duplicate never
-    counts twice towards the quorum); a worker index outside ``range(num_workers)``
-    is a ``ValueError``.
+    A failure is final: once any rank reported a failed status the quorum stays FAILED (until
+    ``reset``), whatever that rank or the others report later.  A rank that reports again
+    replaces its statuses but never counts twice, so duplicates cannot complete the quorum early
+    (ATOM's ``KVOutputAggregator`` could).  A rank outside ``range(world_size)`` is a ``ValueError``.
     """
 
-    def __init__(self, num_workers: int = 1):
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self.num_workers = num_workers
+    def __init__(self, world_size: int = 1):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
         self._reports: dict[int, list[TransferStatus]] = {}
+        self._failed = False
 
-    def report(self, worker: int, statuses: Iterable[TransferStatus]) -> TransferStatus:
-        """Record ``worker``'s statuses; returns the request's state afterwards."""
-        if not 0 <= worker < self.num_workers:
-            raise ValueError(f"worker {worker} not in [0, {self.num_workers})")
-        self._reports[worker] = list(statuses)
+    def report(self, rank: int, statuses: Iterable[TransferStatus]) -> TransferStatus:
+        """Record ``rank``'s statuses; returns the request's state afterwards."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} not in [0, {self.world_size})")
+        report = list(statuses)
+        self._reports[rank] = report
+        self._failed = self._failed or aggregate(report) is TransferStatus.FAILED
         return self.state
+
+    def reset(self) -> None:
+        """Forget every report (and a failure): the quorum is pending again."""
+        self._reports.clear()
+        self._failed = False
 
     @property
     def state(self) -> TransferStatus:
-        reported = aggregate(s for statuses in self._reports.values() for s in statuses)
-        if reported is TransferStatus.FAILED or len(self._reports) == self.num_workers:
-            return reported
-        return TransferStatus.PENDING
+        if self._failed:
+            return TransferStatus.FAILED
+        if len(self._reports) < self.world_size:
+            return TransferStatus.PENDING
+        return aggregate(s for statuses in self._reports.values() for s in statuses)

@@ -49,7 +49,7 @@ class DecodeHandoff(ColocatedRole):
 
     async def start(self) -> None:
         s = self.service
-        self.reader = KVReader(s.open_transports(), s.instance_id, s.fingerprint, s.layout, s.config)
+        self.reader = KVReader(s.open_kv_ranks(), s.instance_id, s.fingerprint, s.config, s.transports.chosen)
 
     async def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
         params = msg.remote_prefill

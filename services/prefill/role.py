@@ -34,7 +34,8 @@ class PrefillRole(ColocatedRole):
 
     async def start(self) -> None:
         s = self.service
-        side_channel = KVSideChannel(s.instance_id, s.fingerprint, s.open_transports(), s.layout, self.handoff)
+        ranks = [rank.memory for rank in s.open_kv_ranks()]
+        side_channel = KVSideChannel(s.instance_id, s.fingerprint, ranks, s.transports.incarnation, self.handoff)
         side_channel.attach(s.kv_server)
         self._sweeper = asyncio.create_task(self.handoff.run_sweeper(s.config.kv_lease_sweep_interval_s))
 
@@ -67,7 +68,7 @@ class PrefillRole(ColocatedRole):
             transfer_id=self.handoff.transfer_id(out.request_id), block_ids=list(out.pinned_block_ids or []),
             num_tokens=num_tokens, first_token_id=out.new_token_ids[0], lease_expiry=expiry,
             first_token_logprob=out.logprobs[0] if out.logprobs else None, incarnation=self.service.transports.incarnation,
-            block_size=self.service.core.block_size,
+            block_size=self.service.core.block_size, tensor_parallel_size=self.service.core.tp.world_size,
         )  # fmt: skip
 
     async def abort(self, request_id: str) -> None:

@@ -30,7 +30,8 @@ from common.roles import serves
 logger = logging.getLogger(__name__)
 
 # Fingerprint fields a `both`-role instance may have different from its peers.
-BOTH_ROLE_MAY_DIFFER = frozenset({"transfer_backend"})
+BOTH_ROLE_MAY_DIFFER = frozenset({"transfer_backend", "tensor_parallel_size"})  # a both instance moves no KV
+SAME_ROLE_MAY_DIFFER = frozenset({"tensor_parallel_size"})
 
 
 def incompatibilities(a: Instance, b: Instance) -> dict[str, str]:
@@ -43,6 +44,8 @@ def incompatibilities(a: Instance, b: Instance) -> dict[str, str]:
     reasons = kv_incompatibilities(prefill.fingerprint, decode.fingerprint)
     if "both" in (a.role, b.role):
         reasons = {f: why for f, why in reasons.items() if f not in BOTH_ROLE_MAY_DIFFER}
+    if a.role == b.role:  # two prefills (or two decodes) never read each other's KV
+        reasons = {f: why for f, why in reasons.items() if f not in SAME_ROLE_MAY_DIFFER}
     return reasons
 
 

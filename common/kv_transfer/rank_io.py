@@ -1,0 +1,182 @@
+"""One tensor-parallel rank's side of a KV read: connect to a peer rank, copy byte ranges into our memory.
+
+Every rank of an instance registers its own KV memory with its own transports
+(``TransportSet``) and is described to peers by a ``KVRankMemory``.  Rank 0
+drives every read of its instance through one ``RankIO`` per rank:
+
+* ``LocalRankIO``: rank 0's own memory, read in this process (blocking backend
+  calls on a thread pool); a worker rank's agent (``rank_agent.py``) wraps one too;
+* ``RemoteRankIO``: a worker rank's memory, read by that rank's agent, asked over the bus.
+
+A started backend read is never abandoned, even when the caller is cancelled:
+returning early would let the engine reuse (and the peer free) memory it is still
+writing or reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import torch
+
+from common.client_pool import ClientPool
+from common.errors import BusError
+from common.kv_transfer.backend import TransferBackend
+from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.ranges import ByteRanges, KVLayout
+from common.kv_transfer.status import TransferStatus
+from common.kv_transfer.transport_set import TransportSet
+from common.messages import KVRankMemory, RankConnect, RankRead, RankReadDone
+
+logger = logging.getLogger(__name__)
+
+# Most ranges handed to one backend call: Mooncake's TCP transport rejects a batch of a few thousand
+# ("TCP lane queue-full"), which a long prompt read between different block sizes easily makes.
+MAX_RANGES_PER_CALL = 512
+
+
+def rank_memory(rank: int, heads: tuple[int, int], transports: TransportSet, layout: KVLayout) -> KVRankMemory:
+    """How peers see rank ``rank`` holding KV heads ``heads`` = (first, count) in ``layout``."""
+    return KVRankMemory(rank=rank, first_head=heads[0], num_heads=heads[1], host_id=transports.placement.host_id,
+                        memory=transports.placement.memory, transports=transports.offers(), region=layout.region,
+                        block_bytes=layout.block_bytes, num_blocks=layout.num_blocks)  # fmt: skip
+
+
+def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges) -> list[TransferStatus]:
+    """``backend.read`` of ``ranges``, at most ``MAX_RANGES_PER_CALL`` per call, one status per range in
+    order; after a call with a failure the rest is not read (FAILED: the read fails anyway)."""
+    statuses: list[TransferStatus] = []
+    for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
+        window = slice(i, i + MAX_RANGES_PER_CALL)
+        batch = backend.read(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
+        statuses += batch
+        if any(s is not TransferStatus.SUCCESS for s in batch):
+            return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - len(statuses))
+    return statuses
+
+
+def split_by_bytes(ranges: ByteRanges, n: int) -> list[ByteRanges]:
+    """Split ranges into at most ``n`` batches of about equal byte size, keeping order."""
+    n = max(1, min(n, len(ranges.lengths)))
+    target = ranges.total_bytes / n
+    out: list[ByteRanges] = [ByteRanges([], [], [])]
+    size = 0
+    for la, ra, length in zip(*ranges):
+        if size >= target * len(out) and len(out) < n:
+            out.append(ByteRanges([], [], []))
+        out[-1].local_addrs.append(la)
+        out[-1].remote_addrs.append(ra)
+        out[-1].lengths.append(length)
+        size += length
+    return out
+
+
+async def finish_uncancellable(fut: asyncio.Future):
+    """Await ``fut`` to completion even if we are cancelled meanwhile; then re-raise the cancel."""
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(fut)
+            break
+        except asyncio.CancelledError:
+            if fut.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class RankIO(Protocol):
+    """One rank of our instance, as the reader drives it."""
+
+    memory: KVRankMemory
+
+    async def connect(self, transport: str, session: str, meta: bytes) -> None:
+        """Prepare to read the peer rank at ``session`` over ``transport``; raises when it cannot."""
+
+    async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+        """Copy ``ranges`` from the peer rank into this rank's memory: one status per range, and the
+        seconds spent in the backend.  Never raises for a failed copy (FAILED statuses)."""
+
+
+class LocalRankIO:
+    """A rank whose memory this process holds, and the owner of its transports: its backends run on a
+    pool of ``--kv-transfer-threads``; a read is split into ``--kv-read-shards`` concurrent batches (0: what
+    the transport does best)."""
+
+    def __init__(self, memory: KVRankMemory, transports: TransportSet, config: KVTransferConfig):
+        self.memory = memory
+        self.transports = transports
+        self.threads = config.kv_transfer_threads
+        self.read_shards = config.kv_read_shards
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kv-read")
+
+    @classmethod
+    def open(cls, config: KVTransferConfig, rank: int, heads: tuple[int, int], kv: torch.Tensor,
+             layout: KVLayout) -> LocalRankIO:
+        """Rank ``rank``'s KV (``kv``, laid out as ``layout``, holding KV heads ``heads`` = (first, count))
+        registered with every transport planned for it (``TransportSet.open``: ``TransportError``
+        when a forced one cannot work)."""
+        transports = TransportSet.open(config, kv, layout.region)
+        return cls(rank_memory(rank, heads, transports, layout), transports, config)
+
+    async def connect(self, transport: str, session: str, meta: bytes) -> None:
+        backend = self.transports.backends[transport]
+        await asyncio.get_running_loop().run_in_executor(self.pool, backend.connect, session, meta)
+
+    async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+        backend = self.transports.backends[transport]
+        shards = split_by_bytes(ranges, min(self.read_shards or backend.read_shards, self.threads))
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        futures = [loop.run_in_executor(self.pool, read_in_batches, backend, session, s) for s in shards]
+        results = await finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
+        seconds = time.perf_counter() - start
+        statuses: list[TransferStatus] = []
+        for shard, result in zip(shards, results):
+            if isinstance(result, BaseException):  # a backend bug: this shard's ranges count as failed
+                logger.warning("KV read of %d ranges from %s raised %r", len(shard.lengths), session, result)
+                result = [TransferStatus.FAILED] * len(shard.lengths)
+            statuses += result
+        return statuses, seconds
+
+    def close(self) -> None:
+        """Wait for running backend calls, stop the threads, close the transports."""
+        self.pool.shutdown(wait=True)
+        self.transports.close()
+
+
+class RemoteRankIO:
+    """A worker rank of our instance: its agent (``rank_agent.RankAgent``) at ``endpoint`` runs the reads."""
+
+    def __init__(self, memory: KVRankMemory, endpoint: str, clients: ClientPool, config: KVTransferConfig):
+        self.memory = memory
+        self.endpoint = endpoint
+        self.clients = clients
+        self.connect_timeout_s = config.kv_handshake_timeout_s
+        self.read_timeout_s = config.kv_read_timeout_s + config.kv_rpc_timeout_s  # the agent's read, then the reply
+
+    async def connect(self, transport: str, session: str, meta: bytes) -> None:
+        await self.clients.get(self.endpoint).call(RankConnect(transport, session, meta),
+                                                   timeout=self.connect_timeout_s)
+
+    async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+        """A dead or stuck agent fails every range (after the read timeout, plus the reply's)."""
+        order = RankRead(transport, session, *ranges)
+        call = asyncio.ensure_future(self.clients.get(self.endpoint).call(order, timeout=self.read_timeout_s))
+        try:
+            reply = await finish_uncancellable(call)
+        except BusError as e:
+            logger.warning("KV read of rank %d (%s) failed: %s", self.memory.rank, self.endpoint, e)
+            return [TransferStatus.FAILED] * len(ranges.lengths), 0.0
+        if not isinstance(reply, RankReadDone):
+            logger.warning("rank %d answered a read with %s", self.memory.rank, type(reply).__name__)
+            return [TransferStatus.FAILED] * len(ranges.lengths), 0.0
+        failed = set(reply.failed)
+        return [TransferStatus.FAILED if i in failed else TransferStatus.SUCCESS
+                for i in range(len(ranges.lengths))], reply.seconds

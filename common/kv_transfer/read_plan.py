@@ -1,0 +1,56 @@
+"""Which prefill rank each decode rank reads each of its KV heads from, and the byte ranges of that read.
+
+A rank of TP size N holds a contiguous slice of the KV heads (``KVRankMemory.first_head``,
+``num_heads``); when N exceeds the model's KV heads, several ranks hold the same head.
+Each decode rank reads exactly the heads it owns: for every head, from one of the
+prefill ranks holding it (the ``reader.rank mod holders``-th, so replicated heads
+spread over the readers); consecutive heads with the same source form one ``Source``.
+Between two engines of equal TP size every rank reads its own counterpart whole.
+
+The ranges of one (decode rank, source) pair are ``ranges.token_ranges`` over the
+two ranks' block tables: token positions map between different block sizes, and a
+head slice of a block is one contiguous range in the head-major layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.kv_transfer.ranges import BlockTable, KVLayout
+from common.messages import KVRankMemory
+
+
+@dataclass(frozen=True)
+class Source:
+    """A decode rank reads KV heads ``heads`` (global indices) from prefill rank ``rank``."""
+
+    rank: int
+    heads: range
+
+
+def plan_sources(reader: KVRankMemory, peers: list[KVRankMemory]) -> list[Source]:
+    """Where ``reader`` reads each of its heads from, among the prefill ranks ``peers`` (in rank order).
+
+    Raises ``ValueError`` when a head of ``reader`` is held by no peer rank.
+    """
+    sources: list[Source] = []
+    for head in range(reader.first_head, reader.first_head + reader.num_heads):
+        holders = [p.rank for p in peers if p.first_head <= head < p.first_head + p.num_heads]
+        if not holders:
+            raise ValueError(f"no prefill rank holds KV head {head}")
+        rank = holders[reader.rank % len(holders)]
+        if sources and sources[-1].rank == rank and sources[-1].heads.stop == head:
+            sources[-1] = Source(rank, range(sources[-1].heads.start, head + 1))
+        else:
+            sources.append(Source(rank, range(head, head + 1)))
+    return sources
+
+
+def layout_of(memory: KVRankMemory) -> KVLayout:
+    return KVLayout(memory.region.addr, memory.block_bytes, memory.num_blocks)
+
+
+def table_of(memory: KVRankMemory, block_size: int, block_ids: list[int]) -> BlockTable:
+    """``memory``'s blocks ``block_ids`` as one side of a token-mapped read."""
+    return BlockTable(layout_of(memory), block_size, block_ids, memory.first_head, memory.num_heads)
+
