@@ -6,8 +6,10 @@ For each model and TP size one ``LLMEngine`` (TP > 1: rank 0 here, the other ran
 ``common/engine/tp_workers.py`` processes, gloo on CPU, NCCL on CUDA from ``--device`` on)
 puts ``batch`` random prompts of ``--input-len`` tokens into decode, runs ``--warmup``
 steps, then times ``--steps`` steps (``bench.decode_floor.time_steps``: each must advance
-every sequence by one token); the median is the figure.  Engines run one after the other
-(one model's weights in memory at a time) and are closed before the next starts.
+every sequence by one token); the median is the figure.  Engines run one after the other,
+each closed before the next opens: with two open, alternating their steps, the idle one's
+OpenMP threads spin on after each of its steps and slowed the other 4x on 2 cores.  The load
+average at the start and the end is printed: on a shared machine, it says how loud the noise was.
 
 On CPU every rank gets ``cpu_count // TP`` threads: the workers take that share themselves,
 and this script sets it for rank 0, so TP 2 and TP 1 use the same cores.  TP > 1 runs
@@ -56,9 +58,9 @@ def int_list(text: str) -> list[int]:
 
 @dataclass(slots=True)
 class Run:
-    """What one engine measured."""
+    """What one TP size measured (batch size -> median decode step seconds)."""
 
-    step_s: dict[int, float]  # batch size -> median decode step seconds
+    step_s: dict[int, float]
     greedy: list[list[int]]  # the greedy check's tokens, per prompt ([] without --check-tokens)
 
 
@@ -81,42 +83,53 @@ def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> str
     return ""
 
 
+def max_new_tokens(args: argparse.Namespace) -> int:
+    return 1 + max(args.warmup + args.steps + 2, args.check_tokens)
+
+
+def open_engine(model: str, tp: int, args: argparse.Namespace) -> LLMEngine:
+    """A TP ``tp`` engine of ``model`` with room for the largest batch through warm-up, timing and the check."""
+    max_len = args.input_len + max_new_tokens(args)
+    batch = max(args.batch_sizes)
+    return LLMEngine(EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, tensor_parallel_size=tp, max_num_seqs=batch,
+        max_model_len=max_len, block_size=BLOCK_SIZE, num_kv_blocks=batch * ceil_div(max_len, BLOCK_SIZE) + 1,
+        max_num_batched_tokens=batch * args.input_len, enforce_eager=args.enforce_eager,
+    ))  # fmt: skip
+
+
+def use_threads(engine: LLMEngine) -> None:
+    """On CPU, give rank 0 (this process) the share of the cores each worker rank takes itself."""
+    if engine.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // engine.tp.world_size))
+
+
 def measure(model: str, tp: int, args: argparse.Namespace) -> Run:
-    """Step times and greedy tokens of a TP ``tp`` engine of ``model``."""
-    max_tokens = 1 + max(args.warmup + args.steps + 2, args.check_tokens)
-    max_len = args.input_len + max_tokens
-    batches = args.batch_sizes
-    config = EngineConfig(model=model, dtype=args.dtype, device=args.device, tensor_parallel_size=tp,
-                          max_num_seqs=max(batches), max_model_len=max_len, block_size=BLOCK_SIZE,
-                          num_kv_blocks=max(batches) * ceil_div(max_len, BLOCK_SIZE) + 1,
-                          max_num_batched_tokens=max(batches) * args.input_len, enforce_eager=args.enforce_eager)
-    engine = LLMEngine(config)
+    """Step times and greedy tokens of a TP ``tp`` engine of ``model``, closed afterwards."""
+    engine = open_engine(model, tp, args)
     try:
-        if engine.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))  # the workers' own share
-        medians = {}
-        for batch in batches:
-            seqs = start_decoding(engine, batch, args.input_len, max_tokens, seed=batch)
+        use_threads(engine)
+        step_s = {}
+        for batch in args.batch_sizes:
+            seqs = start_decoding(engine, batch, args.input_len, max_new_tokens(args), seed=batch)
             time_steps(engine, seqs, args.warmup)
-            medians[batch] = statistics.median(time_steps(engine, seqs, args.steps))
+            step_s[batch] = statistics.median(time_steps(engine, seqs, args.steps))
             for seq in seqs:
                 engine.abort(seq.request_id)
             engine.step()  # hands out the aborts
-        return Run(medians, greedy_tokens(engine, args.check_tokens, args.input_len))
+        return Run(step_s, greedy_tokens(engine, args.check_tokens, args.input_len))
     finally:
         engine.close()
 
 
 def table(model: str, runs: dict[int, Run], batches: list[int]) -> str:
     """Markdown: one row per batch size, ms per TP size, then each size's ratio to TP 1."""
-    times = {tp: run.step_s for tp, run in runs.items()}
-    sizes = list(times)
-    others = [tp for tp in sizes if tp != 1]
-    head = ["batch", *(f"TP{tp} ms" for tp in sizes), *(f"TP{tp}/TP1" for tp in others)]
+    others = [tp for tp in runs if tp != 1]
+    head = ["batch", *(f"TP{tp} ms" for tp in runs), *(f"TP{tp}/TP1" for tp in others)]
     rows = [f"| {' | '.join(head)} |", f"|{'---:|' * len(head)}"]
     for batch in batches:
-        cells = [str(batch), *(f"{times[tp][batch] * 1e3:.2f}" for tp in sizes)]
-        cells += [f"{times[tp][batch] / times[1][batch]:.2f}" for tp in others]
+        cells = [str(batch), *(f"{run.step_s[batch] * 1e3:.2f}" for run in runs.values())]
+        cells += [f"{runs[tp].step_s[batch] / runs[1].step_s[batch]:.2f}" for tp in others]
         rows.append(f"| {' | '.join(cells)} |")
     return f"{model}\n\n" + "\n".join(rows)
 
@@ -145,7 +158,7 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}, input {args.input_len} tokens, "
-          f"median of {args.steps} steps after {args.warmup}")
+          f"median of {args.steps} steps after {args.warmup}, load average {os.getloadavg()[0]:.2f}")
     figures, differences = {}, []
     for model in models:
         runs = {tp: measure(model, tp, args) for tp in sizes}
@@ -159,6 +172,7 @@ def main() -> None:
                   + (f"DIFFERS from TP1 at {where}" if where else "equals TP1"), flush=True)
             if where:
                 differences.append(f"{model} TP{tp}: {where}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "args": {k: str(v) for k, v in vars(args).items()},
                                          "step_ms": figures, "greedy_differences": differences}, indent=1))
