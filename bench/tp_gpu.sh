@@ -30,20 +30,7 @@ OUT=${OUT:-/tmp/tp-gpu}
 PARTS=${PARTS:-a b c}
 CKPT_8B=${CKPT_8B:-/tmp/llama-3.1-8b-random}
 CKPT_1B=${CKPT_1B:-/tmp/llama-3.2-1b-random}
-mkdir -p "$OUT"
-: >"$OUT/status.txt"
-export PYTHONUNBUFFERED=1 GLOG_minloglevel=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing .whl/*.whl failed"; exit 1; }
-  export PYTHONPATH=/tmp/site  # the TP workers and pdserve up's children put the repository before it
-else
-  echo "no .whl/*.whl: using the installed packages"
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import msgspec, zmq" || { echo "msgspec/pyzmq missing: carry their cp312 wheels in .whl/"; exit 1; }
+source bench/gpu_steps.sh
 
 GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 if [ "$GPUS" -ge 4 ]; then TP_SIZES=1,2,4; else TP_SIZES=1,2; fi
@@ -55,17 +42,6 @@ if [ "$GPUS" -ge 4 ]; then TP_SIZES=1,2,4; else TP_SIZES=1,2; fi
 } 2>&1 | tee "$OUT/env.txt"
 [ "$GPUS" -ge 2 ] || { echo "tensor parallelism needs at least 2 GPUs"; exit 1; }
 
-status=0
-# step NAME SECONDS CMD...: runs CMD under a time limit, its output (without Mooncake's glog lines) to $OUT/NAME.log
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "== $name: $*"
-  timeout -k 15 "$limit" "$@" 2>&1 | grep --line-buffered -v '^[IW][0-9]\{4\} ' | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "$name rc=$rc" | tee -a "$OUT/status.txt"
-  [ "$rc" = 0 ] || status=1
-}
 checkpoint() {  # checkpoint SHAPE DIR: write it unless it is there
   [ -f "$2/model.safetensors" ] || step "checkpoint_$1" 240 python3 -m bench.make_checkpoint --shape "$1" --out "$2" \
     --device cuda --seed 0
