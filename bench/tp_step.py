@@ -6,10 +6,11 @@ For each model and TP size one ``LLMEngine`` (TP > 1: rank 0 here, the other ran
 ``common/engine/tp_workers.py`` processes, gloo on CPU, NCCL on CUDA from ``--device`` on)
 puts ``batch`` random prompts of ``--input-len`` tokens into decode, runs ``--warmup``
 steps, then times ``--steps`` steps (``bench.decode_floor.time_steps``: each must advance
-every sequence by one token); the median is the figure.  Engines run one after the other,
-each closed before the next opens: with two open, alternating their steps, the idle one's
-OpenMP threads spin on after each of its steps and slowed the other 4x on 2 cores.  The load
-average at the start and the end is printed: on a shared machine, it says how loud the noise was.
+every sequence by one token), ``--repeats`` times; the least of the medians is the figure
+(on a shared, noisy machine the least disturbed window).  Engines run one after the other,
+each closed before the next opens, so one copy of the weights is in memory at a time.  The
+load average at the start and the end is printed: on a shared machine it says how loud the
+noise was.
 
 On CPU every rank gets ``cpu_count // TP`` threads: the workers take that share themselves,
 and this script sets it for rank 0, so TP 2 and TP 1 use the same cores.  TP > 1 runs
@@ -84,7 +85,7 @@ def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> str
 
 
 def max_new_tokens(args: argparse.Namespace) -> int:
-    return 1 + max(args.warmup + args.steps + 2, args.check_tokens)
+    return 1 + max(args.warmup + args.repeats * args.steps + 2, args.check_tokens)
 
 
 def open_engine(model: str, tp: int, args: argparse.Namespace) -> LLMEngine:
@@ -113,7 +114,7 @@ def measure(model: str, tp: int, args: argparse.Namespace) -> Run:
         for batch in args.batch_sizes:
             seqs = start_decoding(engine, batch, args.input_len, max_new_tokens(args), seed=batch)
             time_steps(engine, seqs, args.warmup)
-            step_s[batch] = statistics.median(time_steps(engine, seqs, args.steps))
+            step_s[batch] = min(statistics.median(time_steps(engine, seqs, args.steps)) for _ in range(args.repeats))
             for seq in seqs:
                 engine.abort(seq.request_id)
             engine.step()  # hands out the aborts
@@ -141,7 +142,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8], help="sequences in decode, comma-separated")
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens of each sequence")
     parser.add_argument("--warmup", type=int, default=5, help="decode steps before timing")
-    parser.add_argument("--steps", type=int, default=20, help="timed decode steps (median reported)")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps of a window (its median counts)")
+    parser.add_argument("--repeats", type=int, default=3, help="windows of --steps per batch (the least median "
+                        "is reported)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (TP N uses N GPUs from it)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at TP 1 either")
@@ -149,8 +152,8 @@ def main() -> None:
                         "with TP 1 (0: no check)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    for name, value, least in (("input-len", args.input_len, 1), ("warmup", args.warmup, 0),
-                               ("steps", args.steps, 1), ("check-tokens", args.check_tokens, 0)):  # fmt: skip
+    for name, value, least in (("input-len", args.input_len, 1), ("warmup", args.warmup, 0), ("steps", args.steps, 1),
+                               ("repeats", args.repeats, 1), ("check-tokens", args.check_tokens, 0)):  # fmt: skip
         if value < least:
             parser.error(f"--{name} must be >= {least}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -158,7 +161,8 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}, input {args.input_len} tokens, "
-          f"median of {args.steps} steps after {args.warmup}, load average {os.getloadavg()[0]:.2f}")
+          f"least of {args.repeats} medians of {args.steps} steps after {args.warmup}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     figures, differences = {}, []
     for model in models:
         runs = {tp: measure(model, tp, args) for tp in sizes}
