@@ -59,9 +59,9 @@ def int_list(text: str) -> list[int]:
 
 @dataclass(slots=True)
 class Run:
-    """What one TP size measured (batch size -> median decode step seconds)."""
+    """What one TP size measured."""
 
-    step_s: dict[int, float]
+    step_s: dict[int, float]  # batch size -> decode step seconds (the least window median)
     greedy: list[list[int]]  # the greedy check's tokens, per prompt ([] without --check-tokens)
 
 
