@@ -68,8 +68,11 @@ class EvalConfig:
     colocated: int = opt(2, "role-both instances (colocated)")
     engine_args: str = opt("--num-kv-blocks 2048 --max-num-batched-tokens 1024 --dtype float32 --device cpu",
                            "flags for every engine")
+    prefill_args: str = opt("", "flags for the prefill engines only (pdserve up --prefill-args), e.g. '-tp 2'")
+    decode_args: str = opt("", "flags for the decode engines only (pdserve up --decode-args)")
     gateway_args: str = opt("", "flags for the gateway")
-    gpus: list[int] = opt([], "pin engine i to GPU gpus[i % len] (pdserve up --gpus); empty: no pinning")
+    gpus: list[int] = opt([], "GPUs of the engines, as many per engine as its TP size (pdserve up --gpus); "
+                              "empty: no pinning")
     threads: int = opt(1, "OMP_NUM_THREADS of every process of the stack (0: leave unset)")
     input_len: int = opt(768, "prompt length in tokens (mean)")
     range_ratio: float = opt(0.333, "prompt lengths uniform in [L*(1-r), L*(1+r)]")
@@ -127,8 +130,8 @@ class Stack:
 
     def start(self) -> None:
         c = self.config
-        counts = (["--prefill", str(c.prefill), "--decode", str(c.decode)] if self.mode == "disagg"
-                  else ["--colocated", str(c.colocated)])
+        counts = (["--prefill", str(c.prefill), "--decode", str(c.decode), f"--prefill-args={c.prefill_args}",
+                   f"--decode-args={c.decode_args}"] if self.mode == "disagg" else ["--colocated", str(c.colocated)])
         gpus = ["--gpus", ",".join(map(str, c.gpus))] if c.gpus else []
         argv = ["up", "--mode", self.mode, *counts, *gpus, "--model", self.model, "--port", str(self.port),
                 "--registry-port", str(self.registry_port), "--engine-args", c.engine_args,

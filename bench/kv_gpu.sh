@@ -26,20 +26,7 @@ DTYPE=${DTYPE:-bfloat16}
 SHAPE=${SHAPE:-llama-3.2-1b}  # the checkpoint of c.
 PROMPT_LEN=${PROMPT_LEN:-2048}
 CKPT=${CKPT:-/tmp/$SHAPE-random}
-mkdir -p "$OUT"
-: >"$OUT/status.txt"
-export PYTHONUNBUFFERED=1 GLOG_minloglevel=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing .whl/*.whl failed"; exit 1; }
-  export PYTHONPATH=/tmp/site  # bench/processes.py puts the repository before it for the engines it starts
-else
-  echo "no .whl/*.whl: using the installed packages"
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import msgspec, zmq" || { echo "msgspec/pyzmq missing: carry their cp312 wheels in .whl/"; exit 1; }
+source bench/gpu_steps.sh
 
 {
   [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
@@ -50,18 +37,6 @@ if python3 -c "from common.kv_transfer.mooncake import load_transfer_engine_clas
 else
   MOONCAKE=0; echo "mooncake does not load: no tcp figure (see env.txt)" | tee -a "$OUT/env.txt"
 fi
-
-status=0
-# step NAME SECONDS CMD...: runs CMD under a time limit, its output (without Mooncake's glog lines) to $OUT/NAME.log
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "== $name: $*"
-  timeout -k 15 "$limit" "$@" 2>&1 | grep --line-buffered -v '^[IW][0-9]\{4\} ' | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "$name rc=$rc" | tee -a "$OUT/status.txt"
-  [ "$rc" = 0 ] || status=1
-}
 
 # a. the connector over nvlink (then tcp) vs the device copy limit, 64 MiB (the default geometry)
 step "kv_handoff_$KV" 75 python3 -m bench.kv_handoff --device "$DEVICE" --transport "$KV" --repeats 50 \

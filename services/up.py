@@ -9,6 +9,8 @@ release KV, deregister), registry — each within ``--shutdown-timeout-s``,
 then SIGKILL.  A child that dies unexpectedly is restarted with the same
 flags (at most ``--max-restarts`` times per child), as a supervisor would:
 engines re-register, the gateway and engines find a restarted registry again.
+With ``--gpus``, each engine gets as many GPUs as its tensor-parallel size
+(``engine_gpus``) through ``CUDA_VISIBLE_DEVICES``.
 Children run in their own session (a terminal's Ctrl-C reaches
 only this process, which orders the shutdown) and die with this process
 (PR_SET_PDEATHSIG), so no orphan outlives it.
@@ -16,6 +18,7 @@ only this process, which orders the shutdown) and die with this process
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import logging
@@ -30,7 +33,8 @@ from typing import Literal
 
 import httpx
 
-from common.config import opt, require
+from common.config import ConfigError, add_arguments, from_args, opt, require
+from common.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,11 @@ class UpConfig:
                                 "e.g. '--block-size 16'")
     decode_args: str = opt("", "extra flags for the decode engines only (after --engine-args), "
                                "e.g. '--block-size 32'")
-    gpus: list[int] = opt([], "pin engine i (prefills first, then decodes) to GPU gpus[i % len] through "
-                              "CUDA_VISIBLE_DEVICES, e.g. 0,1; empty: no pinning")
+    gpus: list[int] = opt([], "GPUs handed out through CUDA_VISIBLE_DEVICES, each once: every engine "
+                              "(prefills first, then decodes) takes the next N of them, N its "
+                              "--tensor-parallel-size; a stack needing more is refused, except that "
+                              "engines all of TP 1 wrap around and share (engine i on gpus[i % len]); "
+                              "empty: no pinning")
     gateway_args: str = opt("", "extra flags for the gateway")
     ready_timeout_s: float = opt(180.0, "give up if the stack is not ready after this long")
     shutdown_timeout_s: float = opt(30.0, "per process group: SIGKILL after this long (engines drain "
@@ -83,6 +90,66 @@ class UpConfig:
         require(self.max_restarts >= 0, "max_restarts", "must be >= 0")
         require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
         require(all(g >= 0 for g in self.gpus), "gpus", "GPU ids are >= 0")
+        require(len(set(self.gpus)) == len(self.gpus), "gpus", "lists a GPU twice")
+        self.engine_gpus()  # refuses a stack that needs more GPUs than --gpus lists
+
+    def engine_roles(self) -> list[str]:
+        """The role of each engine instance, in start order: prefills then decodes, or ``both``."""
+        counts = {"prefill": self.prefill, "decode": self.decode} if self.mode == "disagg" else {"both": self.colocated}
+        return [role for role, count in counts.items() for _ in range(count)]
+
+    def engine_flags(self, role: str) -> list[str]:
+        """The extra flags of an engine of ``role``: ``--engine-args``, then the role's own (which win)."""
+        own = {"prefill": self.prefill_args, "decode": self.decode_args, "both": ""}[role]
+        return [*shlex.split(self.engine_args), *shlex.split(own)]
+
+    def engine_gpus(self) -> list[list[int]]:
+        """The GPUs of each engine of ``engine_roles()`` (all empty without ``--gpus``); raises ``ConfigError``."""
+        roles = self.engine_roles()
+        if not self.gpus:
+            return [[] for _ in roles]
+        sizes = []
+        for role in roles:
+            try:
+                sizes.append(tensor_parallel_size(self.engine_flags(role)))
+            except ConfigError as e:
+                source = "--engine-args" if role == "both" else f"--engine-args/--{role}-args"
+                raise ConfigError(f"{source}: {e}") from None
+        return assign_gpus(self.gpus, sizes)
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """An argument parser whose errors are ``ConfigError`` rather than an exit."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def tensor_parallel_size(flags: list[str]) -> int:
+    """The TP size of an engine started with ``flags``, read as the engine reads them: the last
+    ``--tensor-parallel-size``/``-tp`` wins, else ``PDSERVE_TENSOR_PARALLEL_SIZE``, else 1.
+    Raises ``ConfigError`` when the engine's own flags among ``flags`` are invalid; others are skipped."""
+    parser = _RaisingParser(add_help=False)
+    add_arguments(parser, EngineConfig)
+    known, _ = parser.parse_known_args(flags)
+    return from_args(EngineConfig, known).tensor_parallel_size
+
+
+def assign_gpus(gpus: list[int], tp_sizes: list[int]) -> list[list[int]]:
+    """The GPUs of each engine, in order: engine i takes the next ``tp_sizes[i]`` GPUs of ``gpus``.
+
+    A stack needing more GPUs than ``gpus`` lists is refused with ``ConfigError`` — two TP groups
+    never share a GPU — unless every engine has TP 1: those wrap around (engine i on
+    ``gpus[i % len(gpus)]``), so small engines may share one GPU.
+    """
+    needed = sum(tp_sizes)
+    if needed <= len(gpus):
+        starts = [sum(tp_sizes[:i]) for i in range(len(tp_sizes))]
+        return [gpus[start:start + size] for start, size in zip(starts, tp_sizes)]
+    if all(size == 1 for size in tp_sizes):
+        return [[gpus[i % len(gpus)]] for i in range(len(tp_sizes))]
+    raise ConfigError(f"--gpus: the engines need {needed} GPUs (tensor-parallel sizes "
+                      f"{', '.join(map(str, tp_sizes))}) but --gpus lists {len(gpus)}")
 
 
 class Child:
@@ -114,11 +181,6 @@ class Stack:
         cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
         self.groups[group].append(Child(cmd, env))
 
-    def engine_env(self) -> dict[str, str] | None:
-        """The next engine's environment: its GPU, when ``--gpus`` pins engines."""
-        gpus = self.config.gpus
-        return {"CUDA_VISIBLE_DEVICES": str(gpus[len(self.groups["engines"]) % len(gpus)])} if gpus else None
-
     def children(self) -> list[Child]:
         return [c for group in self.groups.values() for c in group]
 
@@ -126,17 +188,15 @@ class Stack:
         """The ``pdserve`` arguments of one engine of ``role`` (prefill, decode, or both)."""
         c = self.config
         command = {"prefill": ["prefill"], "decode": ["decode"], "both": ["prefill", "--role", "both"]}[role]
-        own = {"prefill": c.prefill_args, "decode": c.decode_args, "both": ""}[role]
         return [*command, "--registry", self.registry, "--model", c.model, "--dtype", c.dtype, "--device", c.device,
-                *shlex.split(c.engine_args), *shlex.split(own)]
+                *c.engine_flags(role)]
 
     def start(self) -> None:
         c = self.config
         self.spawn("registry", ["registry", "--bind", self.registry])
-        counts = {"prefill": c.prefill, "decode": c.decode} if c.mode == "disagg" else {"both": c.colocated}
-        for role, count in counts.items():
-            for _ in range(count):
-                self.spawn("engines", self.engine_argv(role), self.engine_env())
+        for role, gpus in zip(c.engine_roles(), c.engine_gpus()):
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else None
+            self.spawn("engines", self.engine_argv(role), env)
         self.spawn("gateway", ["gateway", "--host", c.host, "--port", str(c.port), "--registry", self.registry,
                                "--mode", c.mode, *shlex.split(c.gateway_args)])
 

@@ -1,15 +1,20 @@
-"""The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split, the greedy check."""
+"""The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split, the greedy check;
+the ``pdserve up`` command it starts."""
 
 import contextlib
 import json
+import subprocess
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench.eval_pd import check_completion, checks_agree, handoff_split, metric_means, scrape
+from bench.eval_pd import EvalConfig, Stack, check_completion, checks_agree, handoff_split, metric_means, scrape
+from common.config import from_args
+from services.cli import build_parser
 from services.gateway.metrics import GatewayMetrics
+from services.up import UpConfig
 
 
 @contextlib.contextmanager
@@ -106,3 +111,20 @@ def test_greedy_check_compares_tokens_not_only_text():
     # the same text from other tokens (here: one token fewer that decodes to nothing) is a disagreement
     assert not checks_agree([check, check | {"tokens": ["a", ""]}])
     assert checks_agree([check, dict(check)])
+
+
+@pytest.mark.parametrize("mode, prefill_args, decode_args", [("disagg", "-tp 2", "--block-size=32"),
+                                                             ("colocated", "", "")])
+def test_role_flags_reach_pdserve_up_for_the_disaggregated_stack_only(monkeypatch, tmp_path, mode, prefill_args,
+                                                                       decode_args):
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kwargs: started.append(argv))
+    config = EvalConfig(prefill_args="-tp 2", decode_args="--block-size=32", gpus=[0, 1, 2])
+    stack = Stack(config, mode, "demo", tmp_path)
+    try:
+        stack.start()
+    finally:
+        stack.log.close()
+    (argv,) = started
+    up = from_args(UpConfig, build_parser("up").parse_args(argv[argv.index("up"):]))
+    assert (up.mode, up.prefill_args, up.decode_args, up.gpus) == (mode, prefill_args, decode_args, [0, 1, 2])
