@@ -2,6 +2,8 @@
 # Issue 6's GPU part: P/D (prefill on GPU 0, decode on GPU 1) vs two colocated instances (one per GPU).
 #
 #   OUT=/tmp/eval-gpu bash bench/eval_gpu.sh        # from the repository root, on a host with 2 NVIDIA GPUs
+#   SHAPE=llama-3.1-8b INPUT_LEN=8192 SLO_TTFT_MS=2000 SLO_TPOT_MS=40 RATES=0.5,1,2,3 TAG=gpu8k \
+#     OUT=/tmp/eval-gpu bash bench/eval_gpu.sh      # issue 19's 8B, 8,192-token workload
 #
 # Needs, in .whl/ (git-ignored), the cp312 manylinux wheels the device image lacks: msgspec, pyzmq,
 # starlette, uvicorn, httptools and pdserve's `cuda13` Mooncake build, mooncake-transfer-engine-cuda13==0.3.14
@@ -15,12 +17,20 @@
 #    3 rates x 48 requests per configuration, a handoff run of 8 requests one in flight,
 #    goodput at TTFT <= 1,000 ms and TPOT <= 30 ms; engines pinned with CUDA_VISIBLE_DEVICES by
 #    bench.eval_pd --gpus, which passes them to pdserve up --gpus.
-# Writes 7 files under $OUT: gpu.{json,md,log}, gpu_sweep.png, gpu_handoff.png, gpu_processes.log .
+# Writes 7 files under $OUT: $TAG.{json,md,log}, ${TAG}_sweep.png, ${TAG}_handoff.png, ${TAG}_processes.log .
 # Budget: ~1 min install + checkpoint, <= 7.8 min for both configurations (timeout 470 s): under 9 min.
 set -euo pipefail
 OUT=${OUT:-/tmp/eval-gpu}
-CKPT=${CKPT:-/tmp/llama-3.2-1b-random}
+SHAPE=${SHAPE:-llama-3.2-1b}
+CKPT=${CKPT:-/tmp/$SHAPE-random}
 RATES=${RATES:-2,6,12}
+INPUT_LEN=${INPUT_LEN:-2048}
+OUTPUT_LEN=${OUTPUT_LEN:-256}
+SLO_TTFT_MS=${SLO_TTFT_MS:-1000}
+SLO_TPOT_MS=${SLO_TPOT_MS:-30}
+NUM_PROMPTS=${NUM_PROMPTS:-48}
+TAG=${TAG:-gpu}
+MAX_LEN=$((INPUT_LEN + OUTPUT_LEN + 64))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GLOG_minloglevel=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -36,24 +46,25 @@ print("torch", torch.__version__, "GPUs:", [torch.cuda.get_device_name(i) for i 
       "| mooncake loads")
 PY
 
-[ -f "$CKPT/model.safetensors" ] || python3 -m bench.make_checkpoint --shape llama-3.2-1b --out "$CKPT" --device cuda --seed 0
+[ -f "$CKPT/model.safetensors" ] || python3 -m bench.make_checkpoint --shape "$SHAPE" --out "$CKPT" --device cuda --seed 0
 
-ENGINE="--dtype bfloat16 --device cuda --max-num-batched-tokens 4096 --max-model-len 4096"
+ENGINE="--dtype bfloat16 --device cuda --max-num-batched-tokens 8192 --max-model-len $MAX_LEN"
 COMMON=(--model "$CKPT" --gpus 0,1 --engine-args "$ENGINE" --threads 0 --work-dir /tmp/pdserve-eval
-        --input-len 2048 --range-ratio 0 --output-len 256 --slo-ttft-ms 1000 --slo-tpot-ms 30
+        --input-len "$INPUT_LEN" --range-ratio 0 --output-len "$OUTPUT_LEN" --slo-ttft-ms "$SLO_TTFT_MS"
+        --slo-tpot-ms "$SLO_TPOT_MS"
         --ready-timeout-s 150 --stop-timeout-s 20 --out-dir "$OUT")
 
 # 2 + 3. For each configuration bench.eval_pd first sends the greedy check (no load yet): a P/D stack that
 # cannot start or serve it is recorded under "failed" in gpu.json and the colocated run still happens;
 # "greedy_agree" says whether P/D and colocated produced the same 32 tokens.
 status=0
-timeout -k 15 470 python3 -m bench.eval_pd "${COMMON[@]}" --tag gpu --check-tokens 32 --handoff-prompts 8 \
-  --rates "$RATES" --num-prompts 48 --run-timeout-s 60 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/gpu.log" || status=$?
-python3 - "$OUT/gpu.json" <<'PY' || true
+timeout -k 15 470 python3 -m bench.eval_pd "${COMMON[@]}" --tag "$TAG" --check-tokens 32 --handoff-prompts 8 \
+  --rates "$RATES" --num-prompts "$NUM_PROMPTS" --run-timeout-s 60 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/$TAG.log" || status=$?
+python3 - "$OUT/$TAG.json" <<'PY' || true
 import json, sys
 d = json.load(open(sys.argv[1]))
 print("P/D on GPU:", "FAILED: " + d["failed"]["disagg"] if "disagg" in d["failed"] else "works",
       "| greedy tokens agree with colocated:", d.get("greedy_agree"))
 PY
-for f in /tmp/pdserve-eval/gpu/*.log; do echo "== $f"; grep -v '^[IW][0-9]' "$f" | tail -30; done >"$OUT/gpu_processes.log" 2>&1
+for f in /tmp/pdserve-eval/$TAG/*.log; do echo "== $f"; grep -v '^[IW][0-9]' "$f" | tail -30; done >"$OUT/${TAG}_processes.log" 2>&1
 exit $status

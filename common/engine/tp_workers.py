@@ -108,7 +108,7 @@ class WorkerRanks:
                     f"{size} ranks from {device} need GPUs up to cuda:{first + size - 1}")  # fmt: skip
         timeout_s = config.tensor_parallel_timeout_s
         if device.type == "cuda":
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device.index or 0)
         store = TensorParallel.rendezvous(0, size, 0, timeout_s)
         fields = {name: getattr(config, name) for name in EngineConfig.__dataclass_fields__}
         workers = cls.start([
