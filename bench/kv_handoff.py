@@ -101,7 +101,7 @@ class BenchEngineKV:
                     self.files.append(file)
                 kv = make_cache(args, file.allocate if file else zeros, num_kv_heads=heads[1])
                 self.caches.append(kv)
-                self.ranks.append(LocalRankIO.open(self.config, rank, heads, kv.data, KVLayout.of(kv)))
+                self.ranks.append(LocalRankIO.open(self.config, rank, heads, kv.data, KVLayout.of(kv), tp))
         except BaseException:
             self.close()
             raise

@@ -277,7 +277,8 @@ def serve_rank(spec: WorkerSpec) -> None:
     agent = None
     if kv_config is not None:
         heads = tp.kv_heads(model_config.num_kv_heads)
-        agent, info = open_rank_agent(kv_config, spec.rank, heads, kv_cache.data, KVLayout.of(kv_cache))
+        agent, info = open_rank_agent(kv_config, spec.rank, heads, kv_cache.data, KVLayout.of(kv_cache),
+                                      spec.world_size)
         publish(store, "kv", spec.rank, msgspec.msgpack.encode(info))
     runner = ModelRunner(model, kv_cache, device, config.max_num_seqs, max_model_len, enforce_eager=True, tp=tp)
     try:

@@ -142,7 +142,7 @@ class EngineService:
         that move KV call this from ``start``, so the memory is registered before any peer can learn our
         address; the other ranks registered theirs before the engine finished loading)."""
         heads = self.core.tp.kv_heads(self.core.model_config.num_kv_heads)
-        own = LocalRankIO.open(self.config, 0, heads, self.core.kv_cache.data, self.layout)
+        own = LocalRankIO.open(self.config, 0, heads, self.core.kv_cache.data, self.layout, self.core.tp.world_size)
         self.transports = own.transports
         workers = [msgspec.msgpack.decode(info, type=RankAgentInfo) for info in self.core.worker_kv]
         self.kv_ranks = [own, *(RemoteRankIO(w.memory, w.endpoint, self.rank_clients, self.config) for w in workers)]

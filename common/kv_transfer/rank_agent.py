@@ -111,9 +111,9 @@ class RankAgent:
         return RankReadDone([i for i, s in enumerate(statuses) if s is not TransferStatus.SUCCESS], seconds)
 
 
-def open_rank_agent(config: KVTransferConfig, rank: int, heads: tuple[int, int], kv: torch.Tensor, layout: KVLayout
-                    ) -> tuple[RankAgent, RankAgentInfo]:
-    """Register rank ``rank``'s KV (``kv``, laid out as ``layout``, holding KV heads ``heads``) with its
-    transports and start its agent (whose ``close`` closes them)."""
-    agent = RankAgent(LocalRankIO.open(config, rank, heads, kv, layout))
+def open_rank_agent(config: KVTransferConfig, rank: int, heads: tuple[int, int], kv: torch.Tensor, layout: KVLayout,
+                    tp_size: int) -> tuple[RankAgent, RankAgentInfo]:
+    """Register rank ``rank`` of ``tp_size``'s KV (``kv``, laid out as ``layout``, holding KV heads ``heads``)
+    with its transports and start its agent (whose ``close`` closes them)."""
+    agent = RankAgent(LocalRankIO.open(config, rank, heads, kv, layout, tp_size))
     return agent, RankAgentInfo(agent.io.memory, agent.start())

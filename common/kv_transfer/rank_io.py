@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -107,23 +108,25 @@ class RankIO(Protocol):
 class LocalRankIO:
     """A rank whose memory this process holds, and the owner of its transports: its backends run on a
     pool of ``--kv-transfer-threads``; a read is split into ``--kv-read-shards`` concurrent batches (0: what
-    the transport does best)."""
+    the transport does best, but no more than this rank's share of the host's cores: the ``tp_size`` ranks
+    of an instance read at once, and copy threads beyond the cores only preempt each other)."""
 
-    def __init__(self, memory: KVRankMemory, transports: TransportSet, config: KVTransferConfig):
+    def __init__(self, memory: KVRankMemory, transports: TransportSet, config: KVTransferConfig, tp_size: int = 1):
         self.memory = memory
         self.transports = transports
         self.threads = config.kv_transfer_threads
         self.read_shards = config.kv_read_shards
+        self.cores = max(1, (os.cpu_count() or 1) // tp_size)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kv-read")
 
     @classmethod
     def open(cls, config: KVTransferConfig, rank: int, heads: tuple[int, int], kv: torch.Tensor,
-             layout: KVLayout) -> LocalRankIO:
+             layout: KVLayout, tp_size: int = 1) -> LocalRankIO:
         """Rank ``rank``'s KV (``kv``, laid out as ``layout``, holding KV heads ``heads`` = (first, count))
         registered with every transport planned for it (``TransportSet.open``: ``TransportError``
         when a forced one cannot work)."""
         transports = TransportSet.open(config, kv, layout.region)
-        return cls(rank_memory(rank, heads, transports, layout), transports, config)
+        return cls(rank_memory(rank, heads, transports, layout), transports, config, tp_size)
 
     async def connect(self, transport: str, session: str, meta: bytes) -> None:
         backend = self.transports.backends[transport]
@@ -131,7 +134,7 @@ class LocalRankIO:
 
     async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
         backend = self.transports.backends[transport]
-        shards = split_by_bytes(ranges, min(self.read_shards or backend.read_shards, self.threads))
+        shards = split_by_bytes(ranges, min(self.read_shards or min(backend.read_shards, self.cores), self.threads))
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         futures = [loop.run_in_executor(self.pool, read_in_batches, backend, session, s) for s in shards]
