@@ -1,33 +1,33 @@
 """Paged attention in Triton that reads K/V where the cache keeps them (no gather), with PyTorch references.
 
 Layout: ``kv_data[num_blocks, num_kv_heads, block_size, num_layers, 2 (K, V), head_dim]`` (``KVCache``
-"head-major"); token slot ``s`` is block ``s // block_size``, offset ``s % block_size``.  The kernels take
-every stride from the tensor and need only ``head_dim`` contiguous; block tables are int32 or int64
-``[num_seqs, max_blocks]``.  A tile of ``BLOCK_N`` key positions looks up each position's block id in the
-block table, so a tile may span several cache blocks (or part of one): any block size works.
+"head-major"); slot ``s`` is block ``s // block_size``, offset ``s % block_size``.  The kernels take every
+stride from the tensor and need only ``head_dim`` contiguous; block tables are int32/int64 ``[B, max_blocks]``.
+A tile of ``BLOCK_N`` key positions looks up each position's block id, so any block size works.
 
 - ``write_kv``: one program per new token stores its K and V rows of every KV head at its slot.
-- ``decode_attention`` (flash-decoding): program (sequence, KV head, partition) scores the ``G`` query
-  heads sharing that KV head against the ``partition_size`` keys of its partition (one K/V tile load
-  serves all ``G`` heads: they are the rows of one ``tl.dot``) with an online softmax, and writes the
-  partition's unnormalised output, max and sum of exponentials; a reduce program per (sequence, query
-  head) merges the partitions by their log-sum-exp.  The partition count comes from the block table's
-  width (no host synchronisation: CUDA-graph safe); partitions past a sequence's context exit at once.
-- ``prefill_attention`` (flash-attention over the block table, varlen): program (query tile, KV head)
-  holds ``BLOCK_M // G`` query tokens times the ``G`` heads of one KV head as ``BLOCK_M`` rows, and walks
-  the key tiles from the window's start (or 0) to its last query's position, causal mask on the
-  diagonal.  Query tiles are numbered as in vLLM's unified attention (sequence ``i``'s first tile is
-  ``query_start_loc[i] // BLOCK_Q + i``, found by binary search), so the grid follows from shapes alone.
+- ``decode_attention`` (flash-decoding): program (sequence, KV head, partition) scores the ``G`` query heads
+  of that KV head (the rows of one ``tl.dot``: each K/V tile is loaded once for all of them) against its
+  partition's keys with an online softmax, and writes the partition's unnormalised output, max and sum of
+  exponentials; a reduce program per (sequence, query head) merges the partitions by log-sum-exp.  The
+  partition count follows from the block table's width (no host sync: CUDA-graph safe); partitions past a
+  sequence's context exit at once.
+- ``prefill_attention`` (flash-attention over the block table, varlen): program (query tile, KV head) holds
+  ``BLOCK_M // G`` query tokens times the ``G`` heads of one KV head as ``BLOCK_M`` rows, and walks the key
+  tiles from the window's start (or 0) to its last query's position, masked causally.  Query tiles are numbered
+  as in vLLM's unified attention (sequence ``i``'s first is ``query_start_loc[i] // BLOCK_Q + i``, found by
+  binary search), so the grid follows from shapes alone.
 
 Softmax in base 2 with fp32 max, sum and accumulator; fp32 inputs multiply in IEEE precision (no TF32).
-Constexpr (one compilation each): head dim, GQA group, cache block size, tile sizes, dot precision.
-Tuning knobs (module constants, overridable per call): ``partition_size``
-and ``block_n`` for decode, ``block_m`` and ``block_n`` for prefill, and the warp counts.
+Constexpr (one compilation each): head dim, GQA group, cache block size, tile sizes, dot precision.  Tuning
+knobs (module constants, overridable per call): ``partition_size``, ``block_n`` (decode), ``block_m``,
+``block_n`` (prefill); warp counts.  K/V loads vectorise and pipeline when the cache's strides and
+``layer * stride`` are multiples of 16 elements (``KVCache`` with head_dim >= 16).  Every sequence has
+``context_lens >= 1`` and at least one query.  The references share the kernels' signatures (less the
+tuning keywords), compute in fp32, and loop over sequences on the host.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -96,7 +96,7 @@ def _decode_partition_kernel(
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
     k_base = kv_ptr + layer_offset + kv_head * stride_head
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     # every tile holds at least one key in [first_key, part_end): m is finite after the first
     for tile in range(tl.maximum(part_start, first_key - first_key % BLOCK_N), part_end, BLOCK_N):
@@ -110,14 +110,14 @@ def _decode_partition_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         v_mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
         v = tl.load(k_base + stride_kind + row[:, None] + dims[None, :], mask=v_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     stat = (seq * num_heads + heads).to(tl.int64) * num_parts + part
     tl.store(part_max_ptr + stat, m, mask=rows < GROUP)
-    tl.store(part_sum_ptr + stat, l, mask=rows < GROUP)
+    tl.store(part_sum_ptr + stat, denom, mask=rows < GROUP)
     tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=(rows < GROUP)[:, None])
 
 
@@ -134,17 +134,17 @@ def _decode_reduce_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     stat = (seq * num_heads + head).to(tl.int64) * num_parts
     m = tl.load(part_max_ptr + stat + first)
-    l = tl.load(part_sum_ptr + stat + first)
+    denom = tl.load(part_sum_ptr + stat + first)
     acc = tl.load(part_acc_ptr + (stat + first) * HEAD_DIM_PAD + dims)
     for part in range(first + 1, tl.cdiv(context_len, PARTITION_SIZE)):
         m_part = tl.load(part_max_ptr + stat + part)
         m_new = tl.maximum(m, m_part)
         alpha, beta = tl.exp2(m - m_new), tl.exp2(m_part - m_new)
-        l = l * alpha + tl.load(part_sum_ptr + stat + part) * beta
+        denom = denom * alpha + tl.load(part_sum_ptr + stat + part) * beta
         acc = acc * alpha + tl.load(part_acc_ptr + (stat + part) * HEAD_DIM_PAD + dims) * beta
         m = m_new
     out = out_ptr + seq * stride_ob + head * stride_oh + dims
-    tl.store(out, (acc / l).to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(out, (acc / denom).to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 @_jit
@@ -186,7 +186,7 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_rows + dims[None, :], mask=q_mask, other=0.0)
     k_base = kv_ptr + layer_offset + kv_head * stride_head
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     key_start = tl.maximum(first_pos - window + 1, 0)
     for tile in range(key_start - key_start % BLOCK_N, key_end, BLOCK_N):
@@ -203,27 +203,26 @@ def _prefill_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet (sliding window)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         v_mask = in_range[:, None] & (dims < HEAD_DIM)[None, :]
         v = tl.load(k_base + stride_kind + row[:, None] + dims[None, :], mask=v_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     o_rows = (query_start + token).to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh
-    tl.store(out_ptr + o_rows + dims[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(out_ptr + o_rows + dims[None, :], (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def write_kv(kv_data: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store ``k``/``v`` ``[N, Hkv, D]`` into layer ``layer`` of ``kv_data`` at the slots ``slot_mapping`` (int [N])."""
-    block_size, stride_layer = _check_cache(kv_data, layer, k)
+    block_size, layer_offset, strides, _ = _cache_args(kv_data, layer, k)
     num_tokens, num_kv_heads, head_dim = k.shape
     if v.shape != k.shape or slot_mapping.shape != (num_tokens,) or v.stride(-1) != 1:
         raise ValueError(f"write_kv: v {tuple(v.shape)} and slot_mapping {tuple(slot_mapping.shape)} must match k")
     if num_tokens == 0:
         return
-    s_block, s_head, s_tok, _, s_kind, _ = kv_data.stride()
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_data, slot_mapping, layer * stride_layer, block_size, num_kv_heads,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), s_block, s_head, s_tok, s_kind,
+        k, v, kv_data, slot_mapping, layer_offset, block_size, num_kv_heads,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *strides,
         HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
     )  # fmt: skip
@@ -246,23 +245,20 @@ def decode_attention(
 
     ``partition_size`` (a multiple of ``block_n``) keys per split-K program; ``block_n`` keys per tile.
     """
-    block_size, stride_layer = _check_cache(kv_data, layer, q)
+    block_size, layer_offset, strides, group = _cache_args(kv_data, layer, q)
     num_seqs, num_heads, head_dim = q.shape
-    group = _group(num_heads, kv_data)
     if partition_size % block_n or not _pow2_16(block_n):
         raise ValueError(f"decode_attention: block_n {block_n} (a power of 2 >= 16) must divide {partition_size}")
     num_parts = triton.cdiv(block_tables.shape[1] * block_size, partition_size)
     head_dim_pad = max(triton.next_power_of_2(head_dim), 16)
     part_acc = q.new_empty(num_seqs, num_heads, num_parts, head_dim_pad, dtype=torch.float32)
-    part_max = q.new_empty(num_seqs, num_heads, num_parts, dtype=torch.float32)
-    part_sum = torch.empty_like(part_max)
+    part_max, part_sum = q.new_empty(2, num_seqs, num_heads, num_parts, dtype=torch.float32)
     out = q.new_empty(q.shape)
     window = _window(sliding_window)
-    s_block, s_head, s_tok, _, s_kind, _ = kv_data.stride()
     _decode_partition_kernel[(num_seqs, kv_data.shape[1], num_parts)](
         q, kv_data, block_tables, context_lens, part_acc, part_max, part_sum,
-        layer * stride_layer, scale * LOG2E, window, num_parts, num_heads,
-        q.stride(0), q.stride(1), s_block, s_head, s_tok, s_kind, block_tables.stride(0),
+        layer_offset, scale * LOG2E, window, num_parts, num_heads,
+        q.stride(0), q.stride(1), *strides, block_tables.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
         DOT_PRECISION=_dot_precision(q), num_warps=DECODE_NUM_WARPS,
@@ -293,19 +289,16 @@ def prefill_attention(
     cache; each attends causally to the keys up to its position (the last ``sliding_window`` if given).
     Returns ``[N, H, D]``.  ``block_m`` rows (query tokens x GQA group) and ``block_n`` keys per tile.
     """
-    block_size, stride_layer = _check_cache(kv_data, layer, q)
-    num_tokens, num_heads, head_dim = q.shape
-    group = _group(num_heads, kv_data)
+    block_size, layer_offset, strides, group = _cache_args(kv_data, layer, q)
+    num_tokens, num_seqs, head_dim = q.shape[0], context_lens.shape[0], q.shape[2]
     if group > block_m or not (_pow2_16(block_m) and _pow2_16(block_n)):
         raise ValueError(f"prefill_attention: block_m {block_m}, block_n {block_n}: powers of 2 >= 16 and >= {group}")
     out = q.new_empty(q.shape)
-    num_seqs = context_lens.shape[0]
     block_q = block_m // group
-    s_block, s_head, s_tok, _, s_kind, _ = kv_data.stride()
     _prefill_kernel[(num_tokens // block_q + num_seqs, kv_data.shape[1])](
         q, kv_data, out, block_tables, query_start_loc, context_lens,
-        layer * stride_layer, scale * LOG2E, _window(sliding_window), num_seqs,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), s_block, s_head, s_tok, s_kind, block_tables.stride(0),
+        layer_offset, scale * LOG2E, _window(sliding_window), num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(triton.next_power_of_2(head_dim), 16), GROUP=group,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q), num_warps=PREFILL_NUM_WARPS,
@@ -313,8 +306,9 @@ def prefill_attention(
     return out
 
 
-def _check_cache(kv_data: torch.Tensor, layer: int, x: torch.Tensor) -> tuple[int, int]:
-    """(block size, layer stride) of ``kv_data``; raises on a layout the kernels cannot read."""
+def _cache_args(kv_data: torch.Tensor, layer: int, x: torch.Tensor) -> tuple[int, int, tuple[int, ...], int]:
+    """(block size, offset of layer ``layer``, strides of block / head / token / K-to-V, heads of ``x`` per KV
+    head) of ``kv_data``; raises on what the kernels cannot read."""
     if triton is None:
         raise RuntimeError("paged attention kernels need triton (use the *_reference functions without it)")
     if kv_data.dim() != 6 or kv_data.shape[4] != 2 or kv_data.stride(5) != 1 or x.stride(-1) != 1:
@@ -322,18 +316,14 @@ def _check_cache(kv_data: torch.Tensor, layer: int, x: torch.Tensor) -> tuple[in
             f"paged attention: kv_data [blocks, kv_heads, block_size, layers, 2, head_dim] with contiguous head_dim "
             f"rows, got {tuple(kv_data.shape)} strides {kv_data.stride()}; input strides {x.stride()}"
         )
-    if not 0 <= layer < kv_data.shape[3] or x.shape[-1] != kv_data.shape[5] or x.dtype != kv_data.dtype:
+    _, num_kv_heads, block_size, num_layers, _, head_dim = kv_data.shape
+    if not 0 <= layer < num_layers or x.shape[-1] != head_dim or x.dtype != kv_data.dtype or x.shape[1] % num_kv_heads:
         raise ValueError(
-            f"paged attention: layer {layer}, head_dim {x.shape[-1]}, {x.dtype} for kv_data {tuple(kv_data.shape)} "
-            f"{kv_data.dtype}"
+            f"paged attention: layer {layer}, {x.shape[1]} heads of {x.shape[-1]} {x.dtype} for kv_data "
+            f"{tuple(kv_data.shape)} {kv_data.dtype}"
         )
-    return kv_data.shape[2], kv_data.stride(3)
-
-
-def _group(num_heads: int, kv_data: torch.Tensor) -> int:
-    if num_heads % kv_data.shape[1]:
-        raise ValueError(f"paged attention: {num_heads} query heads for {kv_data.shape[1]} KV heads")
-    return num_heads // kv_data.shape[1]
+    s_block, s_head, s_tok, s_layer, s_kind, _ = kv_data.stride()
+    return block_size, layer * s_layer, (s_block, s_head, s_tok, s_kind), x.shape[1] // num_kv_heads
 
 
 def _window(sliding_window: int | None) -> int:
@@ -371,10 +361,8 @@ def decode_attention_reference(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """``decode_attention`` in PyTorch: one query per sequence, at its last position."""
-    query_start_loc = torch.arange(q.shape[0] + 1, device=q.device)
-    return prefill_attention_reference(
-        q, kv_data, layer, block_tables, query_start_loc, context_lens, scale, sliding_window
-    )
+    starts = torch.arange(q.shape[0] + 1, device=q.device)
+    return prefill_attention_reference(q, kv_data, layer, block_tables, starts, context_lens, scale, sliding_window)
 
 
 def prefill_attention_reference(
@@ -388,13 +376,13 @@ def prefill_attention_reference(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """``prefill_attention`` in PyTorch (fp32 math), one sequence at a time over its gathered K/V."""
-    num_blocks, num_kv_heads, block_size, _, _, head_dim = kv_data.shape
+    _, num_kv_heads, block_size, _, _, head_dim = kv_data.shape
     group = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)
     starts, ctx_lens = query_start_loc.tolist(), context_lens.tolist()
     for i, context_len in enumerate(ctx_lens):
         first, last = starts[i], starts[i + 1]
-        blocks = block_tables[i, : math.ceil(context_len / block_size)].long()
+        blocks = block_tables[i, : (context_len + block_size - 1) // block_size].long()
         keys, values = (
             kv_data[blocks, :, :, layer, kind].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :context_len]
             .float().repeat_interleave(group, 0)  # [H, context_len, D]
