@@ -192,6 +192,28 @@ def test_sliding_window(window):
 
 
 @kernels
+def test_int64_metadata_and_head_dim_not_a_power_of_two():
+    """The engine's metadata is int64 (``AttentionMetadata``); head dim 80 pads to 128 lanes."""
+    batch = make_batch(CONTEXTS, 2, 80, 16)
+    tables, context_lens = batch.block_tables.long(), batch.context_lens.long()
+    q1 = queries(len(CONTEXTS), 4, 80)
+    args = (q1, batch.kv_data, LAYER, tables, context_lens, 80**-0.5, 40)
+    out = pa.decode_attention(*args, partition_size=32, block_n=16)
+    torch.testing.assert_close(out, pa.decode_attention_reference(*args), **TOL[torch.float32])
+    query_lens = [1, 15, 3, 17, 60]
+    q = queries(sum(query_lens), 4, 80)
+    args = (q, batch.kv_data, LAYER, tables, start_loc(query_lens).long(), context_lens, 80**-0.5)
+    out = pa.prefill_attention(*args, block_m=16, block_n=16)
+    torch.testing.assert_close(out, pa.prefill_attention_reference(*args), **TOL[torch.float32])
+    k, v = (torch.randn(3, 2, 80, device=DEVICE) for _ in range(2))
+    slots = torch.tensor([0, 17, 40], device=DEVICE)
+    expected = batch.kv_data.clone()
+    pa.write_kv_reference(expected, LAYER, k, v, slots)
+    pa.write_kv(batch.kv_data, LAYER, k, v, slots)
+    assert torch.equal(batch.kv_data, expected)
+
+
+@kernels
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_precision_and_default_tiles(dtype):
     batch = make_batch(CONTEXTS, 2, 64, 16, dtype=dtype)
@@ -231,36 +253,37 @@ def test_kernels_compile_for_sm90():
 
 
 def compile_for_sm90() -> None:
-    """Compile every kernel for sm_90 at head dims 64/128 and GQA groups 4, 8, 7.  Pointers and strides carry
-    the divisibility-by-16 hint that launches with such values get (vectorised, pipelined K/V loads)."""
+    """Compile every kernel for sm_90 at head dims 64/128, GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers
+    and strides carry the divisibility-by-16 hint that launches with such values get (vectorised, pipelined K/V
+    loads)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    def build(kernel, constants, **options):
+    def build(kernel, constants, index="i32", **options):
         names = [n for n in kernel.arg_names if n not in constants]
         types = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kv_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*bf16",
                  "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "slot_ptr": "*i64",
                  "scale_log2": "fp32"}  # fmt: skip
-        signature = {n: types.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in names}
+        signature = {n: types.get(n, f"*{index}" if n.endswith("_ptr") else "i32") for n in names}
         signature |= {n: "constexpr" for n in constants}
         aligned = [n for n in names if n.endswith("_ptr") or n == "layer_offset" or n.startswith("stride")]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned if n != "stride_table"}
         source = ASTSource(kernel, {n: signature[n] for n in kernel.arg_names}, constants, attrs)
         assert compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
-    for head_dim, group in [(64, 4), (128, 8), (128, 7)]:
+    for head_dim, group, index in [(64, 4, "i32"), (128, 8, "i64"), (128, 7, "i32")]:
         dims = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim)
         build(pa._write_kv_kernel, dict(HEAD_DIM=head_dim, HEADS_PAD=8, HEAD_DIM_PAD=head_dim))
         build(
             pa._decode_partition_kernel,
             dict(**dims, GROUP=group, GROUP_PAD=16, BLOCK_SIZE=16, BLOCK_N=pa.DECODE_BLOCK_N,
                  PARTITION_SIZE=pa.DECODE_PARTITION_SIZE, DOT_PRECISION="tf32"),
-            num_warps=pa.DECODE_NUM_WARPS,
+            index, num_warps=pa.DECODE_NUM_WARPS,
         )  # fmt: skip
-        build(pa._decode_reduce_kernel, dict(**dims, PARTITION_SIZE=pa.DECODE_PARTITION_SIZE))
+        build(pa._decode_reduce_kernel, dict(**dims, PARTITION_SIZE=pa.DECODE_PARTITION_SIZE), index)
         build(
             pa._prefill_kernel,
             dict(**dims, GROUP=group, BLOCK_SIZE=16, BLOCK_M=pa.PREFILL_BLOCK_M,
                  BLOCK_Q=pa.PREFILL_BLOCK_M // group, BLOCK_N=pa.PREFILL_BLOCK_N, DOT_PRECISION="tf32"),
-            num_warps=pa.PREFILL_NUM_WARPS,
+            index, num_warps=pa.PREFILL_NUM_WARPS,
         )  # fmt: skip
