@@ -214,10 +214,10 @@ def _prefill_kernel(
 
 def write_kv(kv_data: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store ``k``/``v`` ``[N, Hkv, D]`` into layer ``layer`` of ``kv_data`` at the slots ``slot_mapping`` (int [N])."""
-    block_size, layer_offset, strides, _ = _cache_args(kv_data, layer, k)
+    block_size, layer_offset, strides, group = _cache_args(kv_data, layer, k)
     num_tokens, num_kv_heads, head_dim = k.shape
-    if v.shape != k.shape or slot_mapping.shape != (num_tokens,) or v.stride(-1) != 1:
-        raise ValueError(f"write_kv: v {tuple(v.shape)} and slot_mapping {tuple(slot_mapping.shape)} must match k")
+    if group != 1 or v.shape != k.shape or slot_mapping.shape != (num_tokens,) or v.stride(-1) != 1:
+        raise ValueError(f"write_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping {tuple(slot_mapping.shape)}")
     if num_tokens == 0:
         return
     _write_kv_kernel[(num_tokens,)](
