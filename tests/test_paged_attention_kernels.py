@@ -1,0 +1,289 @@
+"""The Triton paged-attention kernels against their PyTorch references, and the references against dense SDPA.
+
+The kernels run on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (float32/16 only: the interpreter gets
+bfloat16 wrong); shapes stay small.  Each case scatters per-sequence K/V into shuffled, non-contiguous cache
+blocks of layer 1 of 2 (every other slot holds noise), with block tables wider than needed, so reading a wrong
+block, layer, K/V plane or position shows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.engine.kernels import paged_attention as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+kernels = pytest.mark.skipif(
+    not pa.available() or (DEVICE == "cpu" and not INTERPRET), reason="needs triton, and CUDA or TRITON_INTERPRET=1"
+)
+LAYER = 1
+CONTEXTS = [1, 15, 16, 17, 100]
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def interpreter_loop_bounds(monkeypatch):
+    """Triton 3.6's interpreter turns a loaded scalar into a Python int with ``int(array of shape (1,))``,
+    which NumPy >= 2.4 refuses (triton-lang/triton#9171): loops bounded by a loaded length need ``.item()``."""
+    if not (INTERPRET and pa.available()):
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
+@dataclass
+class Batch:
+    kv_data: torch.Tensor  # [blocks, kv_heads, block_size, 2 layers, 2, head_dim]
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    context_lens: torch.Tensor  # int32 [B]
+    keys: list[torch.Tensor]  # per sequence [context_len, kv_heads, head_dim]
+    values: list[torch.Tensor]
+
+
+def slots_of(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    return table[positions // block_size].long() * block_size + positions % block_size
+
+
+def make_batch(
+    context_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int, dtype=torch.float32, seed: int = 0
+) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    needed = [math.ceil(c / block_size) for c in context_lens]
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.randint(0, num_blocks, (len(context_lens), max(needed) + 2), generator=gen, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(needed):
+        tables[i, :n] = order[start : start + n]
+        start += n
+    kv_data = torch.randn(num_blocks, num_kv_heads, block_size, 2, 2, head_dim, generator=gen).to(DEVICE, dtype)
+    keys, values = [], []
+    for i, c in enumerate(context_lens):
+        k, v = (torch.randn(c, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
+        pa.write_kv_reference(kv_data, LAYER, k, v, slots_of(tables[i], torch.arange(c), block_size).to(DEVICE))
+        keys.append(k)
+        values.append(v)
+    context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    return Batch(kv_data, tables.to(DEVICE), context_lens, keys, values)
+
+
+def queries(num_tokens: int, num_heads: int, head_dim: int, dtype=torch.float32, strided: bool = False):
+    """``[N, H, D]``; ``strided``: a view into a wider packed QKV tensor, as the model produces."""
+    gen = torch.Generator().manual_seed(1)
+    if strided:
+        return torch.randn(num_tokens, num_heads + 4, head_dim, generator=gen).to(DEVICE, dtype)[:, 2 : 2 + num_heads]
+    return torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(DEVICE, dtype)
+
+
+def start_loc(query_lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def dense_attention(q, batch: Batch, query_lens: list[int], scale: float, window: int | None) -> torch.Tensor:
+    """SDPA per sequence on the dense K/V the batch was built from (float64)."""
+    out, start = [], 0
+    group = q.shape[1] // batch.keys[0].shape[1]
+    for k, v, n in zip(batch.keys, batch.values, query_lens):
+        c = k.shape[0]
+        query_pos, key_pos = torch.arange(c - n, c, device=DEVICE)[:, None], torch.arange(c, device=DEVICE)[None, :]
+        allowed = (key_pos <= query_pos) & (key_pos > query_pos - (window or c + 1))
+        qs, ks, vs = (x.double().transpose(0, 1) for x in (q[start : start + n], k, v))
+        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+@kernels
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_write_kv_matches_reference(block_size, head_dim):
+    batch = make_batch([17, 40], 3, head_dim, block_size)
+    gen = torch.Generator().manual_seed(2)
+    k, v = (torch.randn(9, 3 + 2, head_dim, generator=gen).to(DEVICE)[:, 1:4] for _ in range(2))  # strided views
+    slots = torch.randperm(batch.kv_data.shape[0] * block_size, generator=gen)[:9].to(DEVICE)
+    expected = batch.kv_data.clone()
+    pa.write_kv_reference(expected, LAYER, k, v, slots)
+    pa.write_kv(batch.kv_data, LAYER, k, v, slots)
+    assert torch.equal(batch.kv_data, expected)
+
+
+@pytest.mark.parametrize("window", [None, 1, 7, 40])
+@pytest.mark.parametrize("group", [1, 4])
+def test_references_agree_with_dense_sdpa(group, window):
+    batch = make_batch(CONTEXTS, 2, 64, 16)
+    query_lens = [1, 15, 3, 17, 37]
+    q = queries(sum(query_lens), 2 * group, 64)
+    args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, 0.125, window)
+    dense = dense_attention(q, batch, query_lens, 0.125, window).float()
+    torch.testing.assert_close(pa.prefill_attention_reference(*args), dense, **TOL[torch.float32])
+    q1 = queries(len(CONTEXTS), 2 * group, 64)
+    args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
+    dense = dense_attention(q1, batch, [1] * len(CONTEXTS), 0.125, window).float()
+    torch.testing.assert_close(pa.decode_attention_reference(*args), dense, **TOL[torch.float32])
+
+
+@kernels
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_decode_matches_reference(block_size, head_dim, group):
+    num_kv_heads = 2 if group <= 2 else 1  # (a small head count keeps the interpreter quick)
+    batch = make_batch(CONTEXTS, num_kv_heads, head_dim, block_size)
+    q = queries(len(CONTEXTS), num_kv_heads * group, head_dim, strided=group == 2)
+    args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, head_dim**-0.5)
+    # partitions of 32 keys in tiles of 16: several partitions and tiles per sequence
+    out = pa.decode_attention(*args, partition_size=32, block_n=16)
+    torch.testing.assert_close(out, pa.decode_attention_reference(*args), **TOL[torch.float32])
+
+
+@kernels
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_prefill_matches_reference(block_size, head_dim, group):
+    # mixed batch: whole prompts, single tokens, chunks after cached prefixes (prefix-cache hits)
+    contexts, query_lens = [1, 15, 16, 17, 100, 40], [1, 15, 1, 17, 37, 23]
+    num_kv_heads = 2 if group <= 2 else 1
+    batch = make_batch(contexts, num_kv_heads, head_dim, block_size)
+    q = queries(sum(query_lens), num_kv_heads * group, head_dim, strided=group == 2)
+    args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, head_dim**-0.5)
+    # tiles of 32 (group 8: 64) rows: several query tiles per sequence, some of them partly padding
+    out = pa.prefill_attention(*args, block_m=max(32, 8 * group), block_n=16)
+    torch.testing.assert_close(out, pa.prefill_attention_reference(*args), **TOL[torch.float32])
+
+
+@kernels
+@pytest.mark.parametrize("window", [1, 7, 16, 40])
+def test_sliding_window(window):
+    batch = make_batch(CONTEXTS, 2, 64, 16)
+    q1 = queries(len(CONTEXTS), 4, 64)
+    args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
+    out = pa.decode_attention(*args, partition_size=32, block_n=16)
+    torch.testing.assert_close(out, pa.decode_attention_reference(*args), **TOL[torch.float32])
+    query_lens = [1, 15, 3, 17, 60]
+    q = queries(sum(query_lens), 4, 64)
+    args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, 0.125, window)
+    out = pa.prefill_attention(*args, block_m=16, block_n=16)
+    torch.testing.assert_close(out, pa.prefill_attention_reference(*args), **TOL[torch.float32])
+
+
+@kernels
+def test_int64_metadata_and_head_dim_not_a_power_of_two():
+    """The engine's metadata is int64 (``AttentionMetadata``); head dim 80 pads to 128 lanes."""
+    batch = make_batch(CONTEXTS, 2, 80, 16)
+    tables, context_lens = batch.block_tables.long(), batch.context_lens.long()
+    q1 = queries(len(CONTEXTS), 4, 80)
+    args = (q1, batch.kv_data, LAYER, tables, context_lens, 80**-0.5, 40)
+    out = pa.decode_attention(*args, partition_size=32, block_n=16)
+    torch.testing.assert_close(out, pa.decode_attention_reference(*args), **TOL[torch.float32])
+    query_lens = [1, 15, 3, 17, 60]
+    q = queries(sum(query_lens), 4, 80)
+    args = (q, batch.kv_data, LAYER, tables, start_loc(query_lens).long(), context_lens, 80**-0.5)
+    out = pa.prefill_attention(*args, block_m=16, block_n=16)
+    torch.testing.assert_close(out, pa.prefill_attention_reference(*args), **TOL[torch.float32])
+    k, v = (torch.randn(3, 2, 80, device=DEVICE) for _ in range(2))
+    slots = torch.tensor([0, 17, 40], device=DEVICE)
+    expected = batch.kv_data.clone()
+    pa.write_kv_reference(expected, LAYER, k, v, slots)
+    pa.write_kv(batch.kv_data, LAYER, k, v, slots)
+    assert torch.equal(batch.kv_data, expected)
+
+
+@kernels
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_and_default_tiles(dtype):
+    batch = make_batch(CONTEXTS, 2, 64, 16, dtype=dtype)
+    q1 = queries(len(CONTEXTS), 8, 64, dtype)
+    args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
+    torch.testing.assert_close(pa.decode_attention(*args), pa.decode_attention_reference(*args), **TOL[dtype])
+    query_lens = [1, 15, 3, 17, 100]
+    q = queries(sum(query_lens), 8, 64, dtype)
+    args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, 0.125)
+    torch.testing.assert_close(pa.prefill_attention(*args), pa.prefill_attention_reference(*args), **TOL[dtype])
+
+
+@kernels
+def test_rejects_what_the_kernels_cannot_read():
+    batch = make_batch([5], 2, 64, 16)
+    q = queries(1, 6, 64)
+    with pytest.raises(ValueError, match="3 heads"):
+        pa.decode_attention(q[:, :3], batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
+    with pytest.raises(ValueError, match="layer 2"):
+        pa.decode_attention(q[:, :4], batch.kv_data, 2, batch.block_tables, batch.context_lens, 0.125)
+    with pytest.raises(ValueError, match="head_dim rows"):
+        pa.write_kv(
+            batch.kv_data.transpose(3, 5), LAYER, q[:, :2], q[:, :2], torch.zeros(1, dtype=torch.long, device=DEVICE)
+        )
+
+
+@pytest.mark.skipif(not pa.available(), reason="needs triton")
+def test_kernels_compile_for_sm90():
+    """What the interpreter never checks: Triton compiles each kernel for an H100/H200 (sm_90, bf16, default
+    tiles) down to a cubin with the ptxas it ships, no GPU needed.  In a process of its own: the interpreter
+    (TRITON_INTERPRET=1) replaces Triton's library functions at import, which compiling cannot use."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    code = "from test_paged_attention_kernels import compile_for_sm90; compile_for_sm90()"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def compile_for_sm90() -> None:
+    """Compile every kernel for sm_90 at head dims 64/128, GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers
+    and strides carry the divisibility-by-16 hint that launches with such values get (vectorised, pipelined K/V
+    loads)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    def build(kernel, constants, index="i32", **options):
+        names = [n for n in kernel.arg_names if n not in constants]
+        types = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kv_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*bf16",
+                 "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "slot_ptr": "*i64",
+                 "scale_log2": "fp32"}  # fmt: skip
+        signature = {n: types.get(n, f"*{index}" if n.endswith("_ptr") else "i32") for n in names}
+        signature |= {n: "constexpr" for n in constants}
+        aligned = [n for n in names if n.endswith("_ptr") or n == "layer_offset" or n.startswith("stride")]
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned if n != "stride_table"}
+        source = ASTSource(kernel, {n: signature[n] for n in kernel.arg_names}, constants, attrs)
+        assert compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+    for head_dim, group, index in [(64, 4, "i32"), (128, 8, "i64"), (128, 7, "i32")]:
+        dims = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim)
+        build(pa._write_kv_kernel, dict(HEAD_DIM=head_dim, HEADS_PAD=8, HEAD_DIM_PAD=head_dim))
+        build(
+            pa._decode_partition_kernel,
+            dict(**dims, GROUP=group, GROUP_PAD=16, BLOCK_SIZE=16, BLOCK_N=pa.DECODE_BLOCK_N,
+                 PARTITION_SIZE=pa.DECODE_PARTITION_SIZE, DOT_PRECISION="tf32"),
+            index, num_warps=pa.DECODE_NUM_WARPS,
+        )  # fmt: skip
+        build(pa._decode_reduce_kernel, dict(**dims, PARTITION_SIZE=pa.DECODE_PARTITION_SIZE), index)
+        build(
+            pa._prefill_kernel,
+            dict(**dims, GROUP=group, BLOCK_SIZE=16, BLOCK_M=pa.PREFILL_BLOCK_M,
+                 BLOCK_Q=pa.PREFILL_BLOCK_M // group, BLOCK_N=pa.PREFILL_BLOCK_N, DOT_PRECISION="tf32"),
+            index, num_warps=pa.PREFILL_NUM_WARPS,
+        )  # fmt: skip
