@@ -23,9 +23,9 @@ Tokens tied with it are all kept (``Sampler`` keeps whichever the sort put first
 The Triton kernel splits each row's vocabulary into parts of ``span`` tokens (a constexpr: 4096
 makes 32 programs a row for a 128K vocabulary, enough to fill the GPU at batch 1); each program
 writes its best (score, index), and a torch argmax over the parts picks the first best, so ties
-still go to the lowest index.  The kernel's scores may differ from the
-reference's by an ulp (FMA contraction, ``log`` approximations), which can change a draw only
-between candidates tied to within that.
+still go to the lowest index.  The kernel's scores may differ from the reference's by an ulp (FMA
+contraction, ``log`` approximations), which can change a draw only between candidates tied to
+within that.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ if triton is not None:
         greedy = tl.load(greedy_ptr + row) != 0
         best = tl.full([], float("-inf"), tl.float32)
         start = split * SPAN
-        best_index = start  # kept if every score is -inf: torch.argmax of such a row is 0
+        best_index = start  # kept if all scores are -inf: then part 0 wins, index 0 as torch.argmax
         for offset in range(0, SPAN, BLOCK):  # SPAN: a multiple of BLOCK
             cols = start + offset + tl.arange(0, BLOCK)
             mask = cols < vocab
