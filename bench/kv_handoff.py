@@ -64,6 +64,7 @@ from common.bus import BusServer
 from common.client_pool import ClientPool
 from common.engine.kv_cache import KVCache, zeros
 from common.engine.parallel import TensorParallel
+from common.engine.tp_workers import rank_device
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
@@ -101,7 +102,8 @@ class BenchEngineKV:
                 file = shared_kv_file(self.config, torch.device(args.device))
                 if file is not None:
                     self.files.append(file)
-                kv = make_cache(args, file.allocate if file else zeros, num_kv_heads=heads[1])
+                device = rank_device(torch.device(args.device), rank)  # on CUDA: rank r on the r-th GPU
+                kv = make_cache(args, file.allocate if file else zeros, num_kv_heads=heads[1], device=device)
                 self.caches.append(kv)
                 self.ranks.append(LocalRankIO.open(self.config, rank, heads, kv.data, KVLayout.of(kv), tp))
         except BaseException:
@@ -115,10 +117,12 @@ class BenchEngineKV:
             file.close()
 
 
-def make_cache(args: argparse.Namespace, allocate=zeros, num_kv_heads: int = 0) -> KVCache:
-    """A cache of ``args``' geometry holding ``num_kv_heads`` heads (0: all of ``--kv-heads``)."""
+def make_cache(args: argparse.Namespace, allocate=zeros, num_kv_heads: int = 0,
+               device: torch.device | None = None) -> KVCache:
+    """A cache of ``args``' geometry holding ``num_kv_heads`` heads (0: all of ``--kv-heads``) on ``device``
+    (default ``--device``)."""
     return KVCache(args.num_blocks, args.layers, args.block_size, num_kv_heads or args.kv_heads, args.head_dim,
-                   torch.float16, args.device, allocate)
+                   torch.float16, device or args.device, allocate)
 
 
 def fill_random(kv: KVCache) -> None:
