@@ -114,7 +114,8 @@ class ModelRunner:
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.block_tables)
             return hidden, torch.arange(num_seqs, device=self.device)
         meta = AttentionMetadata.build(
-            inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device
+            inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device,
+            split_parts=self.model.attention_backend == "torch",
         )
         ids_pos = torch.tensor([inputs.input_ids, inputs.positions], dtype=torch.int64)
         ids_pos = ids_pos.to(self.device, non_blocking=True)
