@@ -275,8 +275,9 @@ def serve_rank(spec: WorkerSpec) -> None:
     if kv_file is not None:
         _at_exit.append(kv_file.close)
     backend = resolve_attention_backend(config.attention_backend, device)
+    allocate = kv_file.allocate if kv_file is not None else zeros
     model, kv_cache = load_rank(config, model_config, Path(spec.model_path), parse_dtype(spec.dtype), device,
-                                max_model_len, tp, backend, kv_file.allocate if kv_file is not None else zeros)  # fmt: skip
+                                max_model_len, tp, backend, allocate)  # fmt: skip
     agent = None
     if kv_config is not None:
         heads = tp.kv_heads(model_config.num_kv_heads)
