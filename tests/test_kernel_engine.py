@@ -136,8 +136,9 @@ def test_padded_decode_graph_batch_matches_torch_backend(demo_path):
     """The decode graphs' forward (fixed buffers, padded rows rewriting row 0's K/V) on the triton path."""
     ps = prompts((5, 20, 17), seed=4)
     expected = tokens(engine(demo_path, "torch", enable_prefix_caching=False, max_num_seqs=8).generate(ps, GREEDY))
-    graphed = LLMEngine(EngineConfig(model=str(demo_path), dtype="float32", device=DEVICE, num_kv_blocks=64,
-                                     enable_prefix_caching=False, max_num_seqs=8, attention_backend="triton"))  # fmt: skip
+    config = EngineConfig(model=str(demo_path), dtype="float32", device=DEVICE, num_kv_blocks=64,
+                          enable_prefix_caching=False, max_num_seqs=8, attention_backend="triton")  # fmt: skip
+    graphed = LLMEngine(config)
     runner = graphed.runner
     runner.graphs = RerunGraphs(runner.model, runner.kv_cache, 8, graphed.max_model_len)
     assert tokens(graphed.generate(ps, GREEDY)) == expected
