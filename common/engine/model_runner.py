@@ -63,7 +63,9 @@ class StepInputs:
 
 class ModelRunner:
     """Runs steps eagerly, except decode-only batches on CUDA, which replay ``DecodeGraphs``
-    (unless ``enforce_eager``, or under tensor parallelism, which always runs eagerly).
+    (unless ``enforce_eager``, or under tensor parallelism, which always runs eagerly).  The model's
+    ``attention_backend`` decides whether a mixed batch's metadata is split into decode and prefill
+    ``parts`` (torch) or attended in one call (triton).
 
     Under tensor parallelism rank 0 calls ``run``, which broadcasts the step's inputs; every
     other rank calls ``forward`` with the inputs it receives (``TensorParallel.receive``), so that
