@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from bench.datasets import (EXACT, Dataset, DatasetError, Sample, jsonl_dataset, model_tokenizer, random_dataset,
                             tokenizer_file)
-from bench.serving_stats import RequestRecord, summarize
+from bench.serving_report import failure_report, format_run, format_sweep, length_report, measured_mean_prompt_len
+from bench.serving_stats import RequestRecord, Run, summarize
 from bench.stream_tokens import StreamTokens
 from common.config import ConfigError, add_arguments, from_args, opt, require
 from common.errors import PdserveError
@@ -226,9 +227,11 @@ async def send_request(
                 streaming = True
                 await read_stream(response, record, sent)
     except TimeoutError:
-        record.error, record.error_detail = "timeout", f"not done within --request-timeout-s {config.request_timeout_s:g}"
+        record.error = "timeout"
+        record.error_detail = f"not done within --request-timeout-s {config.request_timeout_s:g}"
     except httpx.TimeoutException as e:
-        record.error, record.error_detail = "timeout", f"{type(e).__name__}: nothing within --timeout-s {config.timeout_s:g}"
+        record.error = "timeout"
+        record.error_detail = f"{type(e).__name__}: nothing within --timeout-s {config.timeout_s:g}"
     except httpx.ConnectError as e:
         record.error, record.error_detail = "connect_error", str(e)[:ERROR_DETAIL_CHARS]
     except (httpx.RemoteProtocolError, httpx.ReadError) as e:
@@ -301,18 +304,6 @@ async def run_once(
     return records, time.perf_counter() - t0
 
 
-@dataclass(slots=True)
-class Run:
-    """One run at one request rate."""
-
-    rate: float
-    records: list[RequestRecord]
-    summary: dict
-
-    def to_json(self) -> dict:
-        return {"request_rate": self.rate, "summary": self.summary, "requests": [r.to_json() for r in self.records]}
-
-
 APPROX_WARNING = ("WARNING: no tokenizer found for model {model!r} (no --tokenizer; the model is not a local "
                   "directory, pdserve's demo model or in the Hugging Face cache): prompt lengths are APPROXIMATE "
                   "(one word ~ one token; a byte-level tokenizer makes ~3 of each).  Pass --tokenizer (a "
@@ -348,12 +339,6 @@ def results_document(config: BenchConfig, model: str, dataset: Dataset, runs: li
     })
 
 
-def measured_mean_prompt_len(runs: list[Run]) -> float | None:
-    """The server's mean prompt length over every request of every run that reported one."""
-    counts = [r.prompt_tokens for run in runs for r in run.records if r.prompt_tokens_source == "usage"]
-    return sum(counts) / len(counts) if counts else None
-
-
 def json_safe(value):
     """``value`` with non-finite floats written as the strings 'inf', '-inf', 'nan'."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -363,55 +348,6 @@ def json_safe(value):
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
-
-
-def _fmt(value, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def format_run(title: str, rate: float, s: dict) -> str:
-    """One run's summary as an aligned plain-text table."""
-    rows = [
-        ("Request rate (req/s)", f"{rate:g}"),
-        ("Successful requests", s["completed"]),
-        ("Failed requests", s["failed"]),
-        ("Duration (s)", s["duration_s"]),
-        ("Total input tokens", s["total_input_tokens"]),
-        ("Mean input tokens (server)", s["measured_prompt_len"]["mean"]),
-        ("Total output tokens", s["total_output_tokens"]),
-        ("Request throughput (req/s)", s["request_throughput"]),
-        ("Input token throughput (tok/s)", s["input_throughput"]),
-        ("Output token throughput (tok/s)", s["output_throughput"]),
-        ("SLO TTFT (ms)", s["slo_ttft_ms"]),
-        ("SLO TPOT (ms)", s["slo_tpot_ms"]),
-        ("Goodput (req/s)", s["goodput"]),
-        ("SLO attainment", s["slo_attainment"]),
-    ]
-    for metric in ("ttft", "tpot", "itl", "e2e"):
-        stats = s[f"{metric}_ms"]
-        for key in ("mean", "p50", "p90", "p99"):
-            rows.append((f"{key} {metric.upper()} (ms)", stats[key]))
-    for kind, count in sorted(s["errors"].items()):
-        rows.append((f"errors: {kind}", count))
-    width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{name:<{width}}{_fmt(value):>14}" for name, value in rows]
-    rule = "=" * (width + 14)
-    return "\n".join([f" {title} ".center(width + 14, "="), *lines, rule])
-
-
-def format_sweep(runs: list[Run]) -> str:
-    """One aligned line per rate of a sweep."""
-    header = ("rate", "ok", "failed", "req/s", "goodput", "attain", "p99 TTFT", "p99 TPOT", "p99 ITL")
-    rows = [header]
-    for run in runs:
-        s = run.summary
-        rows.append((f"{run.rate:g}", str(s["completed"]), str(s["failed"]), _fmt(s["request_throughput"]),
-                     _fmt(s["goodput"]), _fmt(s["slo_attainment"]), _fmt(s["ttft_ms"]["p99"]),
-                     _fmt(s["tpot_ms"]["p99"]), _fmt(s["itl_ms"]["p99"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
 def write_outputs(config: BenchConfig, document: dict, model: str, runs: list[Run]) -> None:
@@ -428,43 +364,6 @@ def write_outputs(config: BenchConfig, document: dict, model: str, runs: list[Ru
             plot_sweep([run.rate for run in runs], [run.summary for run in runs], config.plot)
         else:
             plot_latency(runs[0].records, config.plot, title=f"{model} @ {runs[0].rate:g} req/s")
-
-
-def length_report(config: BenchConfig, dataset: Dataset, runs: list[Run]) -> str:
-    """The prompt length asked for against the server's count; a warning when the lengths were approximate."""
-    measured = measured_mean_prompt_len(runs)
-    asked = dataset.describe()
-    counted = ("the server reported no prompt length" if measured is None
-               else f"the server counted {measured:.1f} tokens on average")
-    if dataset.length_method == EXACT:
-        return (f"prompt length: {asked['mean_prompt_len']:.1f} tokens by {dataset.tokenizer} (without special "
-                f"tokens); {counted}")
-    return (f"WARNING: APPROXIMATE prompt lengths: {asked['mean_prompt_words']:.1f} words per prompt, {counted}; "
-            "pass --tokenizer for exact lengths")
-
-
-def error_message(detail: str) -> str:
-    """The ``error.message`` of an OpenAI-style error body, else ``detail`` itself."""
-    try:
-        error = json.loads(detail).get("error")
-    except (ValueError, AttributeError):
-        return detail
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
-    return detail if error is None else str(error)
-
-
-def failure_report(config: BenchConfig, runs: list[Run]) -> str | None:
-    """Why the benchmark failed: the first run where more than ``--max-failure-ratio`` of the requests
-    failed, with its first failure's message; None when no run did."""
-    for run in runs:
-        s = run.summary
-        if s["failed"] > config.max_failure_ratio * s["num_requests"]:
-            first = min((r for r in run.records if not r.ok), key=lambda r: r.start_s)
-            return (f"{s['failed']} of {s['num_requests']} requests failed at rate {run.rate:g} (more than "
-                    f"--max-failure-ratio {config.max_failure_ratio:g}); the first: {first.error}: "
-                    f"{error_message(first.error_detail)}")
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,11 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         print(format_run(f"pdserve bench: {model}", run.rate, run.summary))
     if len(runs) > 1:
         print(format_sweep(runs))
-    lengths = length_report(config, dataset, runs)
+    lengths = length_report(dataset, runs)
     print(lengths, file=sys.stdout if dataset.length_method == EXACT else sys.stderr)
     write_outputs(config, results_document(config, model, dataset, runs), model, runs)
     print(f"dataset: {dataset.source} ({dataset.length_method}); results: {config.out or 'not written (no --out)'}")
-    if (failure := failure_report(config, runs)) is not None:
+    if (failure := failure_report(runs, config.max_failure_ratio)) is not None:
         print(f"pdserve bench: {failure}", file=sys.stderr)
         return 1
     return 0

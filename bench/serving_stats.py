@@ -57,6 +57,18 @@ class RequestRecord:
         return out
 
 
+@dataclass(slots=True)
+class Run:
+    """One run at one request rate."""
+
+    rate: float
+    records: list[RequestRecord]
+    summary: dict
+
+    def to_json(self) -> dict:
+        return {"request_rate": self.rate, "summary": self.summary, "requests": [r.to_json() for r in self.records]}
+
+
 def percentile(values: list[float], q: float) -> float:
     """The ``q``-th percentile with linear interpolation (numpy's default method)."""
     if not values:
