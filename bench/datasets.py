@@ -95,8 +95,8 @@ def tokenizer_file(path: str | None) -> Path | None:
 def model_tokenizer(name: str, pdserve_demo: bool = False) -> Path | None:
     """The ``tokenizer.json`` of model ``name``, found without the network: ``name`` is a local
     model directory or tokenizer file, pdserve's built-in demo model (``'demo'`` served by pdserve:
-    ``pdserve_demo``), or a Hugging Face hub id whose tokenizer is in the local hub cache.  None
-    when it is none of these."""
+    ``pdserve_demo``; byte-identical everywhere, so written into the local cache if absent), or a
+    Hugging Face hub id whose tokenizer is in the local hub cache.  None when it is none of these."""
     if (file := tokenizer_file(name)) is not None:
         return file
     if pdserve_demo and name == "demo":

@@ -4,8 +4,11 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from bench.datasets import EXACT, DatasetError, jsonl_dataset, random_dataset
 from bench.serving import arrival_offsets, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).parents[1]
 
 
 @dataclass
@@ -321,6 +325,24 @@ def test_the_servers_model_directory_gives_exact_lengths(tmp_path, capsys, entry
     captured = capsys.readouterr()
     assert "WARNING" not in captured.err
     assert "prompt length: 12.0 tokens by" in captured.out
+
+
+def test_a_hub_model_uses_the_tokenizer_in_the_local_hub_cache(tmp_path):
+    # vLLM lists a hub id; the Hugging Face cache layout: refs/main names the snapshot holding the files
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer.json").write_bytes((Path(make_tokenizer(tmp_path)) / "tokenizer.json").read_bytes())
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0, models=[{"id": "org/tiny", "object": "model"}])) as url:
+        run = subprocess.run([sys.executable, "-m", "services.cli", "bench", "--url", url, "--num-prompts", "2",
+                              "--input-len", "10", "--output-len", "2", "--progress", "false"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(tmp_path / "hub"),
+                                  "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert f"prompt length: 10.0 tokens by {snapshot / 'tokenizer.json'}" in run.stdout
 
 
 def test_approximate_lengths_warn_and_record_the_servers_count(tmp_path, capsys):
