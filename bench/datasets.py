@@ -102,7 +102,11 @@ def model_tokenizer(name: str, pdserve_demo: bool = False) -> Path | None:
     if pdserve_demo and name == "demo":
         from common.engine.demo_model import ensure_demo_checkpoint  # torch only for the demo model
 
-        return ensure_demo_checkpoint() / "tokenizer.json"
+        try:
+            return ensure_demo_checkpoint() / "tokenizer.json"
+        except OSError as e:
+            raise DatasetError(f"cannot write the demo model's tokenizer ({e}): set PDSERVE_CACHE_DIR or pass "
+                               "--tokenizer") from e
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 

@@ -345,6 +345,19 @@ def test_a_hub_model_uses_the_tokenizer_in_the_local_hub_cache(tmp_path):
     assert f"prompt length: 10.0 tokens by {snapshot / 'tokenizer.json'}" in run.stdout
 
 
+def test_pdserves_demo_model_without_a_writable_cache_is_one_clear_line(tmp_path):
+    (tmp_path / "cache").write_text("a file, not a directory")
+    demo = {"id": "demo", "object": "model", "owned_by": "pdserve"}
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0, models=[demo])) as url:
+        run = subprocess.run([sys.executable, "-m", "services.cli", "bench", "--url", url, "--progress", "false"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "PDSERVE_CACHE_DIR": str(tmp_path / "cache")})
+    assert run.returncode == 1
+    assert run.stderr.startswith("pdserve bench: cannot write the demo model's tokenizer (")
+    assert run.stderr.rstrip().endswith("set PDSERVE_CACHE_DIR or pass --tokenizer")
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
 def test_approximate_lengths_warn_and_record_the_servers_count(tmp_path, capsys):
     # a byte-level tokenizer makes several tokens of each word: the server's count is the real length
     with serve(FakeServer(first_delay_s=0.0, gap_s=0.0, tokens_per_word=3)) as url:
