@@ -1,6 +1,7 @@
 """The engine on the Triton backend (paged attention in place, fused norm/rotary/SiLU*mul) gives the greedy
 tokens of the PyTorch backend: batches, prefix-cache hits, chunked prefill, batches mixing prefill and
-decode rows, padded decode-graph batches, and the Qwen3 (q/k norms) and Mistral (sliding window) families.
+decode rows, padded decode-graph batches, and the checkpoint families of ``tests/checkpoints.py`` (Qwen3's
+q/k norms, Mistral's sliding window).
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``),
 float32, tiny models and few tokens; the module is skipped without triton, or without CUDA and the
@@ -145,9 +146,10 @@ def test_padded_decode_graph_batch_matches_torch_backend(demo_path):
     assert runner.graphs.captured and runner.graphs.replays == GREEDY.max_tokens - 1
 
 
-@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "llama", "qwen2"])
 def test_families_match_torch_backend(family, demo_path, tmp_path):
-    """Qwen3: q/k norms before the in-place rotary; Mistral: sliding window 12 < the prompt lengths."""
+    """Qwen3: q/k norms before the in-place rotary; Mistral: sliding window 12 < the prompt lengths, GQA 4;
+    Llama: llama3 rope scaling; Qwen2: q/k/v biases."""
     make_hf_checkpoint(tmp_path, family, demo_path)
     torch_tokens, triton_tokens = both(tmp_path, prompts((6, 21)))
     assert triton_tokens == torch_tokens
