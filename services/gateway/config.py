@@ -39,7 +39,9 @@ class GatewayConfig:
     max_n: int = opt(16, "largest accepted n (choices per prompt)")
     default_max_tokens: int = opt(256, "max_tokens of a chat request that sets none "
                                   "(capped by the instances' context length)")
-    api_key: str | None = opt(None, "when set, /v1 requests need 'Authorization: Bearer <key>'")
+    api_key: str | None = opt(None, "when set, /v1 requests, /tokenize, /detokenize and /metrics need "
+                              "'Authorization: Bearer <key>'")
+    metrics_public: bool = opt(False, "serve /metrics without the API key (for a Prometheus that sends none)")
     shutdown_timeout_s: float = opt(10.0, "on shutdown, how long in-flight requests may finish")
     gc_threshold: int = opt(20_000, "net allocations between two young-generation garbage collections "
                             "(Python's default: 700; fewer collections cost less CPU per request)")

@@ -16,10 +16,13 @@ from services.gateway.router import Router
 
 
 class ChoiceTiming(Protocol):
-    """What the observer reads of a finished choice (``flow.ChoiceStats``)."""
+    """What the observer reads of a finished choice (``flow.ChoiceStats``); ``finish_reason`` None: it
+    never finished (an error, a disconnect, shutdown)."""
 
+    prompt_tokens: int
     completion_tokens: int
     first_token_at: float | None
+    finish_reason: str | None
 
 
 class FlowObserver(Protocol):
@@ -54,9 +57,10 @@ class FlowObserver(Protocol):
 
 
 class FlowContext:
-    """The gateway's parts a request run uses: config, router, engine connections, observer, request ids."""
+    """The gateway's parts a request run uses: config, router, engine connections, observer, request ids;
+    ``runs`` holds every request run not yet closed (``flow.RequestRun``)."""
 
-    __slots__ = ("config", "router", "connections", "observer", "request_ids")
+    __slots__ = ("config", "router", "connections", "observer", "request_ids", "runs")
 
     def __init__(self, config: GatewayConfig, router: Router, connections: EngineConnections,
                  observer: FlowObserver, request_ids: RequestIds):
@@ -65,3 +69,4 @@ class FlowContext:
         self.connections = connections
         self.observer = observer
         self.request_ids = request_ids
+        self.runs: set = set()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import msgspec
 
 from services.gateway import openai_protocol as oai
+from services.gateway.tokenize import DetokenizeRequest, TokenizeRequest
 
 
 def openapi_document() -> dict:
     """The OpenAPI 3.1 description of the API; request schemas come from the request structs."""
-    (completion, chat), components = msgspec.json.schema_components(
-        [oai.CompletionRequest, oai.ChatCompletionRequest], ref_template="#/components/schemas/{name}")
+    (completion, chat, tokenize, detokenize), components = msgspec.json.schema_components(
+        [oai.CompletionRequest, oai.ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
+        ref_template="#/components/schemas/{name}")
 
     def post(summary: str, schema: dict) -> dict:
         return {"post": {"summary": summary,
@@ -34,9 +36,12 @@ def openapi_document() -> dict:
             "/v1/chat/completions": post("Chat completion (OpenAI)", chat),
             "/v1/models": get("Served models"),
             "/v1/instances": get("Registered instances with their load"),
+            "/tokenize": post("Token ids of a prompt or chat messages (vLLM)", tokenize),
+            "/detokenize": post("Text of token ids (vLLM)", detokenize),
             "/health": get("Process alive"),
             "/ready": get("A serving set of instances is registered (503 otherwise)"),
             "/metrics": get("Prometheus metrics"),
+            "/version": get("pdserve's version"),
         },
         "components": {"schemas": components},
     }
