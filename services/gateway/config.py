@@ -23,7 +23,8 @@ class GatewayConfig:
     max_retries: int = opt(2, "retries of a failed prefill (or colocated) leg on another instance")
     failure_cooldown_s: float = opt(5.0, "skip an instance this long after it failed a leg, "
                                     "unless no other instance is left")
-    abort_timeout_s: float = opt(5.0, "timeout of an Abort sent to an engine")
+    abort_timeout_s: float = opt(5.0, "timeout of a control call to an engine: Abort, and the "
+                                 "Tokenize/Detokenize of /tokenize, /detokenize and echo")
     registry_idle_timeout_s: float = opt(5.0, "reconnect the registry watch after this long without a message "
                                          "(must exceed the registry's heartbeat interval)")
     membership_grace_s: float = opt(5.0, "keep an instance a restarted registry has not heard from yet "

@@ -1,6 +1,6 @@
 """OpenAI request parsing and validation, and response building.
 
-``parse_completion`` / ``parse_chat`` turn a raw JSON body into a ``ParsedRequest``
+``parse_completion`` / ``parse_chat`` turn a raw JSON body (``request_bodies``) into a ``ParsedRequest``
 (typed, validated, engine-ready) or raise ``APIError(400)`` naming the bad
 parameter.  The ``*_response`` / ``*_chunk`` builders produce the JSON objects of
 the official API (checked in the tests against the ``openai`` client's models).
@@ -22,70 +22,13 @@ import msgspec
 
 from common.messages import MAX_LOGPROBS, ChatMessage, SamplingParams, TokenLogprob
 from services.gateway.errors import invalid
+from services.gateway.request_bodies import ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest
 
 INT64_MAX = (1 << 63) - 1
 MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 Kind = Literal["completion", "chat"]
-
-
-# --------------------------------------------------------------------------- #
-# Request structs (strict JSON types; unknown fields are ignored)
-# --------------------------------------------------------------------------- #
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-
-
-class ResponseFormat(msgspec.Struct):
-    type: str
-
-
-class _Common(msgspec.Struct):
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    response_format: ResponseFormat | None = None
-    echo: bool = False
-    ignore_eos: bool = False
-    user: str | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
-
-
-class ChatMessageIn(msgspec.Struct):
-    role: str
-    content: str | list[ContentPart] | None = None
-
-
-class ChatCompletionRequest(_Common):
-    messages: list[ChatMessageIn] | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict] | None = None
 
 
 # --------------------------------------------------------------------------- #
@@ -172,7 +115,7 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _sampling(req: _Common, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(req: CommonFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     _check_int(max_tokens, "max_tokens", 1)
     if req.temperature is not None and not req.temperature >= 0:
         raise invalid(f"'temperature' must be >= 0, got {req.temperature}", "temperature")
@@ -197,7 +140,7 @@ def _sampling(req: _Common, max_tokens: int, logprobs: int | None) -> SamplingPa
     )
 
 
-def _check_common(req: _Common, max_n: int) -> None:
+def _check_common(req: CommonFields, max_n: int) -> None:
     if req.model == "":
         raise invalid("'model' must not be empty", "model")
     _check_int(req.n, "n", 1, max_n)

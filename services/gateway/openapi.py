@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import msgspec
 
-from services.gateway import openai_protocol as oai
+from services.gateway.request_bodies import ChatCompletionRequest, CompletionRequest
 from services.gateway.tokenize import DetokenizeRequest, TokenizeRequest
 
 
 def openapi_document() -> dict:
     """The OpenAPI 3.1 description of the API; request schemas come from the request structs."""
     (completion, chat, tokenize, detokenize), components = msgspec.json.schema_components(
-        [oai.CompletionRequest, oai.ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
+        [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
         ref_template="#/components/schemas/{name}")
 
     def post(summary: str, schema: dict) -> dict:

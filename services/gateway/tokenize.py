@@ -21,7 +21,8 @@ from common.errors import BusError, PeerError
 from common.messages import Detokenize, Message, Text, Tokenize, Tokens
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.errors import APIError, invalid
-from services.gateway.openai_protocol import ChatMessageIn, chat_message, decode_body
+from services.gateway.openai_protocol import chat_message, decode_body
+from services.gateway.request_bodies import ChatMessageIn
 from services.gateway.router import Router
 
 
