@@ -2,8 +2,8 @@
 
 The gateway runs as a child process (``python -m services.gateway``), the registry and a
 slow fake colocated engine in the test's loop.  On SIGINT a stream that can finish within
-``--shutdown-timeout-s`` finishes; one that cannot gets a final error event and ``[DONE]``;
-the process exits 0 with no traceback in its log.
+``--shutdown-timeout-s`` finishes; one that cannot gets a final error event and ``[DONE]``
+(a JSON request: the 503); the process exits 0 with no traceback in its log.
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ async def test_sigint_finishes_or_ends_streams_with_an_error_event_and_a_clean_l
                 await long_started.wait()
                 short = asyncio.create_task(read_stream(h, 10, short_started))
                 await short_started.wait()
+                whole = asyncio.create_task(h.post("/v1/completions", json={"model": "fake", "prompt": "json",
+                                                                             "max_tokens": 400}))
+                await eventually(lambda: cluster.engines[0].load().running == 3)
                 gateway.signal(signal.SIGINT)
-                short_events, long_events = await short, await long
+                short_events, long_events, whole_answer = await short, await long, await whole
                 status = await procs.wait_exit("gateway", timeout_s=DRAIN_S + 10)
             log = gateway.log_path.read_text()
     finally:
@@ -79,5 +82,6 @@ async def test_sigint_finishes_or_ends_streams_with_an_error_event_and_a_clean_l
     error = long_events[-2]["error"]
     assert error["code"] == "shutting_down" and error["type"] == "service_unavailable_error"
     assert all("choices" in e for e in long_events[:-2])
+    assert whole_answer.status_code == 503 and whole_answer.json()["error"]["code"] == "shutting_down"
     assert status == 0, log
     assert "Traceback" not in log and "CancelledError" not in log, log
