@@ -29,6 +29,11 @@ MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 Kind = Literal["completion", "chat"]
+# vLLM's sampling parameters pdserve does not build, each with the value that changes nothing (None: any
+# value is refused); a request setting another is refused naming it rather than served as if it were not set.
+NOT_BUILT = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0, "min_tokens": 0,
+             "logit_bias": {}, "guided_json": None, "guided_regex": None, "guided_choice": None,
+             "guided_grammar": None}
 
 
 # --------------------------------------------------------------------------- #
@@ -125,9 +130,10 @@ def _sampling(req: CommonFields, max_tokens: int, logprobs: int | None) -> Sampl
     _check_int(top_k, "top_k", 0)
     if req.seed is not None:
         _check_int(req.seed, "seed", -(INT64_MAX + 1))
-    for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
+    for name, neutral in NOT_BUILT.items():
         if getattr(req, name) not in (None, neutral):
-            raise invalid(f"'{name}' is not supported (only {neutral})", name, "unsupported_parameter")
+            only = f" (only {neutral})" if isinstance(neutral, (int, float)) else ""
+            raise invalid(f"'{name}' is not supported{only}", name, "unsupported_parameter")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
