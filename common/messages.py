@@ -285,7 +285,7 @@ class GetStats(Message):
 
 class Tokenize(Message):
     """The token ids the engine's tokenizer gives ``prompt`` or ``messages`` (exactly one; messages rendered
-    by the chat template, as ``Generate`` renders them with the defaults).  Answered with ``Tokens``."""
+    by the chat template, as ``Generate`` renders them with the defaults).  Answered with ``Tokenized``."""
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -294,7 +294,7 @@ class Tokenize(Message):
     return_token_strs: bool = False
 
 
-class Tokens(Message):
+class Tokenized(Message):
     token_ids: list[int]
     max_model_len: int
     token_strs: list[str] | None = None  # the vocabulary string of each id, when asked
@@ -302,12 +302,12 @@ class Tokens(Message):
 
 class Detokenize(Message):
     """The text of ``token_ids`` (special tokens kept, as vLLM's ``/detokenize`` gives it).  Answered with
-    ``Text``."""
+    ``Detokenized``."""
 
     token_ids: list[int]
 
 
-class Text(Message):
+class Detokenized(Message):
     text: str
 
 
@@ -427,8 +427,8 @@ Reply = Union[
     MembershipEvent,
     TokenOutput,
     EngineStats,
-    Tokens,
-    Text,
+    Tokenized,
+    Detokenized,
     HandshakeReply,
     LeaseRenewed,
     RankReadDone,

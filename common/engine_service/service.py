@@ -49,6 +49,7 @@ from common.messages import (
     Ack,
     Capacity,
     Detokenize,
+    Detokenized,
     EngineRequest,
     EngineStats,
     Fingerprint,
@@ -58,10 +59,9 @@ from common.messages import (
     KVRequest,
     Load,
     SamplingParams,
-    Text,
     Tokenize,
     TokenOutput,
-    Tokens,
+    Tokenized,
 )
 from common.registry_client import RegistryClient
 
@@ -226,7 +226,7 @@ class EngineService:
         return EngineStats(self.instance_id, self.config.role, self.load(), self.num_finished,
                            self.role.num_transfers(), dict(self.transports.chosen) if self.transports else {})
 
-    async def on_tokenize(self, msg: Tokenize) -> Tokens:
+    async def on_tokenize(self, msg: Tokenize) -> Tokenized:
         tokenizer = self.core.tokenizer
         if (msg.prompt is None) == (msg.messages is None):
             raise PeerError("invalid_request", "give exactly one of prompt, messages", "prompt")
@@ -239,13 +239,13 @@ class EngineService:
                 raise PeerError("invalid_request", str(e), "messages") from e
         ids = tokenizer.encode(text, add_special_tokens=msg.add_special_tokens)
         strs = tokenizer.convert_ids_to_tokens(ids) if msg.return_token_strs else None
-        return Tokens(ids, self.core.max_model_len, strs)
+        return Tokenized(ids, self.core.max_model_len, strs)
 
-    async def on_detokenize(self, msg: Detokenize) -> Text:
+    async def on_detokenize(self, msg: Detokenize) -> Detokenized:
         tokenizer = self.core.tokenizer
         if not all(0 <= t < tokenizer.vocab_size for t in msg.token_ids):
             raise PeerError("invalid_request", f"token ids must be in 0..{tokenizer.vocab_size - 1}", "tokens")
-        return Text(tokenizer.decode(msg.token_ids, skip_special_tokens=False))
+        return Detokenized(tokenizer.decode(msg.token_ids, skip_special_tokens=False))
 
     async def on_abort(self, msg: Abort) -> Ack:
         await self.role.abort(msg.request_id)

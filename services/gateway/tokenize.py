@@ -18,7 +18,7 @@ from __future__ import annotations
 import msgspec
 
 from common.errors import BusError, PeerError
-from common.messages import Detokenize, Message, Text, Tokenize, Tokens
+from common.messages import Detokenize, Detokenized, Message, Tokenize, Tokenized
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.errors import APIError, invalid
 from services.gateway.openai_protocol import chat_message, decode_body
@@ -58,7 +58,7 @@ class Tokenization:
                        add_special_tokens=not chat if req.add_special_tokens is None else req.add_special_tokens,
                        add_generation_prompt=req.add_generation_prompt, return_token_strs=req.return_token_strs)
         reply = await self._ask(req.model, msg)
-        assert isinstance(reply, Tokens)
+        assert isinstance(reply, Tokenized)
         return {"count": len(reply.token_ids), "max_model_len": reply.max_model_len, "tokens": reply.token_ids,
                 "token_strs": reply.token_strs}
 
@@ -70,7 +70,7 @@ class Tokenization:
     async def text(self, model: str | None, token_ids: list[int]) -> str:
         """The text of ``token_ids`` as ``model``'s tokenizer decodes it (special tokens kept)."""
         reply = await self._ask(model, Detokenize(token_ids))
-        assert isinstance(reply, Text)
+        assert isinstance(reply, Detokenized)
         return reply.text
 
     async def _ask(self, model: str | None, msg: Message) -> Message:
