@@ -6,13 +6,16 @@ the observer (``GatewayMetrics`` implements it; a test may pass its own).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from common.messages import Role
 from services.gateway.config import GatewayConfig
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.request_ids import RequestIds
 from services.gateway.router import Router
+
+if TYPE_CHECKING:
+    from services.gateway.flow import RequestRun
 
 
 class ChoiceTiming(Protocol):
@@ -69,4 +72,4 @@ class FlowContext:
         self.connections = connections
         self.observer = observer
         self.request_ids = request_ids
-        self.runs: set = set()
+        self.runs: set[RequestRun] = set()
