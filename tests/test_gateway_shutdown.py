@@ -3,7 +3,8 @@
 The gateway runs as a child process (``python -m services.gateway``), the registry and a
 slow fake colocated engine in the test's loop.  On SIGINT a stream that can finish within
 ``--shutdown-timeout-s`` finishes; one that cannot gets a final error event and ``[DONE]``
-(a JSON request: the 503); the process exits 0 with no traceback in its log.
+(a JSON request: the 503), and a request whose body arrives after the signal is refused with
+the same 503; the process exits 0 with no traceback in its log.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ async def read_stream(h: httpx.AsyncClient, max_tokens: int, started: asyncio.Ev
     return events
 
 
+async def refused(port: int) -> bool:
+    """A new connection to ``port`` is refused."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as fresh:
+        try:
+            await fresh.get("/health")
+        except httpx.ConnectError:
+            return True
+    return False
+
+
 async def test_sigint_finishes_or_ends_streams_with_an_error_event_and_a_clean_log():
     cluster = FakeCluster(prefill=0, decode=0, both=0)
     await cluster.start_registry()
@@ -65,9 +76,21 @@ async def test_sigint_finishes_or_ends_streams_with_an_error_event_and_a_clean_l
                 await short_started.wait()
                 whole = asyncio.create_task(h.post("/v1/completions", json={"model": "fake", "prompt": "json",
                                                                              "max_tokens": 400}))
+                signalled = asyncio.Event()
+
+                async def body_sent_after_the_signal():
+                    yield b'{"model": "fake", '
+                    await signalled.wait()
+                    yield b'"prompt": "late", "max_tokens": 2}'
+
+                late = asyncio.create_task(h.post("/v1/completions", content=body_sent_after_the_signal(),
+                                                  headers={"Content-Type": "application/json"}))
                 await eventually(lambda: cluster.engines[0].load().running == 3)
                 gateway.signal(signal.SIGINT)
+                await eventually(lambda: refused(port), timeout=10)  # listening stopped: draining
+                signalled.set()
                 short_events, long_events, whole_answer = await short, await long, await whole
+                late_answer = await late
                 status = await procs.wait_exit("gateway", timeout_s=DRAIN_S + 10)
             log = gateway.log_path.read_text()
     finally:
@@ -83,5 +106,6 @@ async def test_sigint_finishes_or_ends_streams_with_an_error_event_and_a_clean_l
     assert error["code"] == "shutting_down" and error["type"] == "service_unavailable_error"
     assert all("choices" in e for e in long_events[:-2])
     assert whole_answer.status_code == 503 and whole_answer.json()["error"]["code"] == "shutting_down"
+    assert late_answer.status_code == 503 and late_answer.json()["error"]["code"] == "shutting_down"
     assert status == 0, log
     assert "Traceback" not in log and "CancelledError" not in log, log
