@@ -6,16 +6,14 @@ the observer (``GatewayMetrics`` implements it; a test may pass its own).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from common.messages import Role
 from services.gateway.config import GatewayConfig
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.request_ids import RequestIds
+from services.gateway.errors import APIError
 from services.gateway.router import Router
-
-if TYPE_CHECKING:
-    from services.gateway.flow import RequestRun
 
 
 class ChoiceTiming(Protocol):
@@ -59,6 +57,13 @@ class FlowObserver(Protocol):
         """A request to ``endpoint`` was answered with ``status``, ``elapsed`` after it arrived."""
 
 
+class OpenRun(Protocol):
+    """A request run not yet closed (``flow.RequestRun``), as shutdown sees it."""
+
+    def fail(self, error: APIError) -> None:
+        """End the run with ``error``: its answer, or its stream's last event."""
+
+
 class FlowContext:
     """The gateway's parts a request run uses: config, router, engine connections, observer, request ids;
     ``runs`` holds every request run not yet closed (``flow.RequestRun``)."""
@@ -72,4 +77,4 @@ class FlowContext:
         self.connections = connections
         self.observer = observer
         self.request_ids = request_ids
-        self.runs: set[RequestRun] = set()
+        self.runs: set[OpenRun] = set()
