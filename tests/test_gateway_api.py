@@ -255,19 +255,22 @@ async def test_metrics_count_tokens_and_finish_reasons_and_show_kv_usage(client,
         assert after[("pdserve_instance_running", labels)] == after[("pdserve_instance_waiting", labels)] == 0.0
 
 
-async def test_kv_usage_ratio_follows_the_heartbeats(http, cluster):
-    prefill = cluster.of("prefill")[0]
-    labels = (("instance", prefill.id), ("role", "prefill"))
-    running = prefill._allocate("held", 4 * 1024)  # a quarter of its 4,096 blocks of 4 tokens
-    try:
-        await eventually(lambda: _ratio(http, labels, 0.25))
-    finally:
-        prefill._free(running.request_id)
-    await eventually(lambda: _ratio(http, labels, 0.0))
+async def test_kv_usage_ratio_follows_the_heartbeats():
+    """A stream in flight holds KV blocks: the ratio rises above 0 while it runs, and falls back after."""
+    async with FakeCluster(prefill=0, decode=0, both=1, num_blocks=128, token_delay_s=0.02,
+                           gateway={"mode": "colocated"}) as c:
+        labels = (("instance", c.of("both")[0].id), ("role", "both"))
+        async with httpx.AsyncClient(base_url=c.url, timeout=30) as h:
+            body = {"model": MODEL, "prompt": "kv" * 40, "max_tokens": 200, "stream": True}
+            async with h.stream("POST", "/v1/completions", json=body) as r:
+                await eventually(lambda: _ratio(h, labels, lambda v: v > 0), timeout=10)
+            await eventually(lambda: _ratio(h, labels, lambda v: v == 0), timeout=10)
+            assert r.status_code == 200
 
 
-async def _ratio(http: httpx.AsyncClient, labels: tuple, value: float) -> bool:
-    return samples((await http.get("/metrics")).text).get(("pdserve_instance_kv_usage_ratio", labels)) == value
+async def _ratio(h: httpx.AsyncClient, labels: tuple, check) -> bool:
+    value = samples((await h.get("/metrics")).text).get(("pdserve_instance_kv_usage_ratio", labels))
+    return value is not None and check(value)
 
 
 async def test_metrics_expose_request_counters_histograms_and_instance_gauges(client, http, cluster):
