@@ -283,6 +283,34 @@ class GetStats(Message):
     pass
 
 
+class Tokenize(Message):
+    """The token ids the engine's tokenizer gives ``prompt`` or ``messages`` (exactly one; messages rendered
+    by the chat template, as ``Generate`` renders them with the defaults).  Answered with ``Tokenized``."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class Tokenized(Message):
+    token_ids: list[int]
+    max_model_len: int
+    token_strs: list[str] | None = None  # the vocabulary string of each id, when asked
+
+
+class Detokenize(Message):
+    """The text of ``token_ids`` (special tokens kept, as vLLM's ``/detokenize`` gives it).  Answered with
+    ``Detokenized``."""
+
+    token_ids: list[int]
+
+
+class Detokenized(Message):
+    text: str
+
+
 class EngineStats(Message):
     instance_id: str
     role: Role
@@ -388,7 +416,7 @@ class RankReadDone(Message):
 # --------------------------------------------------------------------------- #
 
 RegistryRequest = Union[Register, Heartbeat, Deregister, ListInstances, Watch]
-EngineRequest = Union[Generate, Abort, GetStats]
+EngineRequest = Union[Generate, Abort, GetStats, Tokenize, Detokenize]
 KVRequest = Union[Handshake, RenewLease, ReleaseKV]
 RankRequest = Union[RankConnect, RankRead]
 Reply = Union[
@@ -399,6 +427,8 @@ Reply = Union[
     MembershipEvent,
     TokenOutput,
     EngineStats,
+    Tokenized,
+    Detokenized,
     HandshakeReply,
     LeaseRenewed,
     RankReadDone,

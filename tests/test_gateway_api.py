@@ -7,17 +7,20 @@ real bus) serves the whole module; tests that need another setup start their own
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 
 import httpx
 import openai
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from bench.fakes import FakeCluster, token_at
 from common.messages import SamplingParams
 from services.gateway.openai_protocol import parse_chat, parse_completion
+from tests.procs import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -205,18 +208,69 @@ async def test_max_completion_tokens_is_honoured(client):
 async def test_models_instances_health_ready_openapi(client, http, cluster):
     models = await client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].max_model_len == 512  # as vLLM lists it
+    assert (await http.get("/version")).json() == {"version": version("pdserve")}
     inst = (await http.get("/v1/instances")).json()["data"]
     assert sorted(i["role"] for i in inst) == ["decode", "prefill"]
     assert all("load" in i and i["load"]["kv_blocks_total"] == 4096 for i in inst)
     assert (await http.get("/health")).status_code == 200
     assert (await http.get("/ready")).json() == {"status": "ready"}
     spec = (await http.get("/openapi.json")).json()
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+            "/version"} <= set(spec["paths"])
     assert "CompletionRequest" in spec["components"]["schemas"]
     r = await http.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await http.get("/v1/completions")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics page: (name, sorted labels) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_metrics_count_tokens_and_finish_reasons_and_show_kv_usage(client, http, cluster):
+    """What vLLM users graph: prompt and generation tokens, finished requests by reason, running and
+    waiting requests and the KV usage ratio per instance."""
+    before = samples((await http.get("/metrics")).text)
+    await client.completions.create(model=MODEL, prompt="tokens", max_tokens=3, n=2)
+    stopped = await client.completions.create(model=MODEL, prompt="stop", max_tokens=50, temperature=0,
+                                              stop=[expected_text("stop", 50)[2]])
+    assert stopped.choices[0].finish_reason == "stop"
+    after = samples((await http.get("/metrics")).text)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("pdserve_gateway_prompt_tokens_total") == 2 * len("tokens") + len("stop")
+    assert delta("pdserve_gateway_generation_tokens_total") == 2 * 3 + stopped.usage.completion_tokens
+    assert delta("pdserve_gateway_request_success_total", finished_reason="length") == 2
+    assert delta("pdserve_gateway_request_success_total", finished_reason="stop") == 1
+    for e in cluster.engines:
+        labels = (("instance", e.id), ("role", e.role))
+        assert after[("pdserve_instance_kv_usage_ratio", labels)] == 0.0
+        assert after[("pdserve_instance_running", labels)] == after[("pdserve_instance_waiting", labels)] == 0.0
+
+
+async def test_kv_usage_ratio_follows_the_heartbeats():
+    """A stream in flight holds KV blocks: the ratio rises above 0 while it runs, and falls back after."""
+    async with FakeCluster(prefill=0, decode=0, both=1, num_blocks=128, token_delay_s=0.02,
+                           gateway={"mode": "colocated"}) as c:
+        labels = (("instance", c.of("both")[0].id), ("role", "both"))
+        async with httpx.AsyncClient(base_url=c.url, timeout=30) as h:
+            body = {"model": MODEL, "prompt": "kv" * 40, "max_tokens": 200, "stream": True}
+            async with h.stream("POST", "/v1/completions", json=body) as r:
+                await eventually(lambda: _ratio(h, labels, lambda v: v > 0), timeout=10)
+            await eventually(lambda: _ratio(h, labels, lambda v: v == 0), timeout=10)
+            assert r.status_code == 200
+
+
+async def _ratio(h: httpx.AsyncClient, labels: tuple, check) -> bool:
+    value = samples((await h.get("/metrics")).text).get(("pdserve_instance_kv_usage_ratio", labels))
+    return value is not None and check(value)
 
 
 async def test_metrics_expose_request_counters_histograms_and_instance_gauges(client, http, cluster):
@@ -275,7 +329,6 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": ""}, "prompt", "invalid_value"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, -2]}, "prompt", "invalid_type"),
     ("/v1/completions", {"model": MODEL, "prompt": {"a": 1}}, "prompt", "invalid_type"),
-    ("/v1/completions", {"model": "nope", "prompt": "x"}, "model", "model_not_found"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens", "invalid_value"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, "max_tokens", "invalid_value"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 100000}, "max_tokens", "invalid_value"),
@@ -291,7 +344,29 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["s"] * 17}, "stop", "invalid_value"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 99}, "logprobs", "invalid_value"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 1 << 70}, "seed", "invalid_value"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, "echo", "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, "echo",
+     "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, "presence_penalty",
+     "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty",
+     "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty",
+     "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "min_p": 0.1}, "min_p", "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "min_tokens": 4}, "min_tokens", "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias",
+     "unsupported_parameter"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "guided_json": {"type": "object"}}, "guided_json", "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice",
+     "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}},
+     "response_format", "unsupported_parameter"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "s"}}},
+     "response_format", "unsupported_parameter"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "repetition_penalty": 0.9}, "repetition_penalty", "unsupported_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": 1}},
      "stream_options.include_usage", "invalid_type"),
     ("/v1/chat/completions", {"model": MODEL}, "messages", "missing_required_parameter"),
@@ -321,6 +396,43 @@ async def test_bad_input_is_a_400_with_the_openai_error_body(http, path, body, p
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["message"]
     assert (err["param"], err["code"]) == (param, code)
+
+
+async def test_unknown_model_is_a_404_as_vllm_answers(client, http):
+    with pytest.raises(openai.NotFoundError) as e:
+        await client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert (e.value.body["param"], e.value.body["code"]) == ("model", "model_not_found")
+    assert "fake" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    r = await http.post("/tokenize", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_echo_starts_each_choice_with_the_prompt(client):
+    out = await client.completions.create(model=MODEL, prompt=["ab", "cd"], max_tokens=3, n=2, temperature=0,
+                                          echo=True)
+    assert [c.text for c in out.choices] == ["ab" + expected_text("ab", 3)] * 2 + ["cd" + expected_text("cd", 3)] * 2
+    assert out.usage.completion_tokens == 4 * 3
+    stream = await client.completions.create(model=MODEL, prompt="ef", max_tokens=3, temperature=0, echo=True,
+                                             stream=True)
+    chunks = [c.choices[0].text async for c in stream]
+    assert chunks[0] == "ef" + expected_text("ef", 3)[0] and "".join(chunks) == "ef" + expected_text("ef", 3)
+
+
+async def test_chat_echo_repeats_a_final_assistant_message_as_vllm_does(client):
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Sure, "}]
+    prompt = "user: q\nassistant: Sure, \nassistant:"
+    out = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
+                                               extra_body={"echo": True})
+    assert out.choices[0].message.content == "Sure, " + expected_text(prompt, 2)
+    stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
+                                                  stream=True, extra_body={"echo": True})
+    pieces = [c.choices[0].delta.content async for c in stream]
+    assert pieces[0] == "" and pieces[1].startswith("Sure, ") and "".join(pieces) == out.choices[0].message.content
+    out = await client.chat.completions.create(model=MODEL, messages=messages[:1], max_tokens=2, temperature=0,
+                                               extra_body={"echo": True})
+    assert out.choices[0].message.content == expected_text(chat_prompt("q"), 2)  # the last message is the user's
 
 
 async def test_bad_input_through_the_client_raises_bad_request(client):
@@ -366,10 +478,23 @@ async def test_api_key_guards_v1_routes():
             r = await h.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
             assert r.status_code == 401
             assert (await h.get("/v1/models")).status_code == 401
+            assert (await h.post("/tokenize", json={"prompt": "k"})).status_code == 401
+            assert (await h.post("/detokenize", json={"tokens": [1]})).status_code == 401
+            r = await h.get("/metrics")
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert (await h.get("/metrics", headers={"Authorization": "Bearer sekret"})).status_code == 200
             assert (await h.get("/health")).status_code == 200
+            assert (await h.get("/version")).status_code == 200
         async with openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="sekret", max_retries=0) as client:
             out = await client.completions.create(model=MODEL, prompt="k", max_tokens=2)
             assert out.usage.completion_tokens == 2
+
+
+async def test_metrics_public_serves_metrics_without_the_key():
+    async with FakeCluster(prefill=1, decode=1, gateway={"api_key": "sekret", "metrics_public": True}) as c:
+        async with httpx.AsyncClient(base_url=c.url) as h:
+            assert (await h.get("/metrics")).status_code == 200
+            assert (await h.get("/v1/models")).status_code == 401
 
 
 async def test_colocated_mode_serves_from_both_instances_with_the_same_output():

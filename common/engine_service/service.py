@@ -1,7 +1,7 @@
 """The engine service every engine process runs (``pdserve prefill`` / ``pdserve decode``).
 
 One process = one ``AsyncEngine`` + a request ROUTER (``Generate``, ``Abort``,
-``GetStats``) + a KV side-channel ROUTER + a registration with heartbeats.
+``GetStats``, ``Tokenize``, ``Detokenize``) + a KV side-channel ROUTER + a registration with heartbeats.
 What a role adds is a small role object the service delegates to (``EngineRole``):
 
 * ``both`` (``ColocatedRole``): plain colocated serving, the baseline every comparison uses;
@@ -48,6 +48,8 @@ from common.messages import (
     Abort,
     Ack,
     Capacity,
+    Detokenize,
+    Detokenized,
     EngineRequest,
     EngineStats,
     Fingerprint,
@@ -57,7 +59,9 @@ from common.messages import (
     KVRequest,
     Load,
     SamplingParams,
+    Tokenize,
     TokenOutput,
+    Tokenized,
 )
 from common.registry_client import RegistryClient
 
@@ -123,6 +127,8 @@ class EngineService:
         self.server.on(Generate, self.on_generate)
         self.server.on(Abort, self.on_abort)
         self.server.on(GetStats, self.on_stats)
+        self.server.on(Tokenize, self.on_tokenize)
+        self.server.on(Detokenize, self.on_detokenize)
         self.kv_server = BusServer(config.kv_bind, KVRequest, name=f"{self.instance_id}-kv",
                                    max_frame_bytes=config.max_frame_bytes)
         self.transports: TransportSet | None = None  # rank 0's
@@ -219,6 +225,27 @@ class EngineService:
     async def on_stats(self, msg: GetStats) -> EngineStats:
         return EngineStats(self.instance_id, self.config.role, self.load(), self.num_finished,
                            self.role.num_transfers(), dict(self.transports.chosen) if self.transports else {})
+
+    async def on_tokenize(self, msg: Tokenize) -> Tokenized:
+        tokenizer = self.core.tokenizer
+        if (msg.prompt is None) == (msg.messages is None):
+            raise PeerError("invalid_request", "give exactly one of prompt, messages", "prompt")
+        text = msg.prompt
+        if msg.messages is not None:
+            try:
+                text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msg.messages],
+                                                     add_generation_prompt=msg.add_generation_prompt)
+            except ValueError as e:
+                raise PeerError("invalid_request", str(e), "messages") from e
+        ids = tokenizer.encode(text, add_special_tokens=msg.add_special_tokens)
+        strs = tokenizer.convert_ids_to_tokens(ids) if msg.return_token_strs else None
+        return Tokenized(ids, self.core.max_model_len, strs)
+
+    async def on_detokenize(self, msg: Detokenize) -> Detokenized:
+        tokenizer = self.core.tokenizer
+        if not all(0 <= t < tokenizer.vocab_size for t in msg.token_ids):
+            raise PeerError("invalid_request", f"token ids must be in 0..{tokenizer.vocab_size - 1}", "tokens")
+        return Detokenized(tokenizer.decode(msg.token_ids, skip_special_tokens=False))
 
     async def on_abort(self, msg: Abort) -> Ack:
         await self.role.abort(msg.request_id)

@@ -1,9 +1,11 @@
 """The gateway's HTTP API: ``Gateway`` and its routes.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/instances``, ``GET /health``, ``GET /ready``, ``GET /metrics``,
-``GET /openapi.json``.  Every error is an OpenAI error body; every response
-carries ``X-Request-Id`` (the client's, when it sent a valid one).
+``GET /v1/instances``, ``POST /tokenize``, ``POST /detokenize`` (``tokenize``), ``GET /health``, ``GET /ready``, ``GET /metrics``,
+``GET /version``, ``GET /openapi.json``.  Every error is an OpenAI error body; every
+response carries ``X-Request-Id`` (the client's, when it sent a valid one).  With
+an API key, ``/v1``, ``/tokenize``, ``/detokenize`` and ``/metrics`` (unless
+``metrics_public``) need it.
 
 A generation request is admitted (API key, request id, body, parse, model),
 then becomes a ``RequestRun`` answered as JSON (``responses``) or as an event
@@ -12,9 +14,12 @@ stream (``streaming``); the run's ``close`` is its one cleanup.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from functools import partial
-from typing import Callable, Protocol
+from importlib.metadata import version
+from typing import Awaitable, Callable, Protocol
 
 import msgspec
 from starlette.applications import Starlette
@@ -31,7 +36,7 @@ from services.gateway.auth import unauthorized
 from services.gateway.config import GatewayConfig
 from services.gateway.context import FlowContext
 from services.gateway.engine_connections import EngineConnections
-from services.gateway.errors import APIError, invalid, no_instance
+from services.gateway.errors import APIError, invalid
 from services.gateway.limits import read_body
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.openapi import openapi_document
@@ -40,6 +45,12 @@ from services.gateway.flow import CLIENT_GONE, RequestRun
 from services.gateway.responses import JSONResponse, ResponseCollector, error_response
 from services.gateway.router import Router
 from services.gateway.streaming import EventQueue, SSEWriter
+from services.gateway.tokenize import Tokenization
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_ANSWER_S = 1.0  # after ending what was left at shutdown, how long its answers get to go out
+DRAIN_POLL_S = 0.02
 
 
 class Membership(Protocol):
@@ -69,7 +80,9 @@ class Gateway:
         self.connections = EngineConnections(control_timeout_s=config.abort_timeout_s,
                                              on_abort=self.metrics.on_abort)
         self.request_ids = RequestIds()
+        self.draining = False
         self.context = FlowContext(config, self.router, self.connections, self.metrics, self.request_ids)
+        self.tokenization = Tokenization(self.router, self.connections, config.abort_timeout_s)
         self.metrics.in_flight.set_function(self.request_ids.__len__)
         for inst in membership.instances.values():
             self.on_membership("joined", inst)
@@ -83,9 +96,12 @@ class Gateway:
         self._starlette = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/instances", self.instances, methods=["GET"]),
+            Route("/tokenize", partial(self._tokenization, call=self.tokenization.tokenize), methods=["POST"]),
+            Route("/detokenize", partial(self._tokenization, call=self.tokenization.detokenize), methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/version", self.version, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
         ], exception_handlers={HTTPException: self.http_error})
 
@@ -113,6 +129,19 @@ class Gateway:
             self.metrics.observe_instance(inst)
             self.connections.track(inst)
 
+    async def drain(self, timeout_s: float) -> None:
+        """Shutdown: refuse new generation requests (503), let those in flight finish within
+        ``timeout_s``, then end the rest with a 503 ``shutting_down`` (a stream's last event before
+        ``[DONE]``) and give their answers ``SHUTDOWN_ANSWER_S`` to go out."""
+        self.draining = True
+        await _wait_until(lambda: not self.request_ids, timeout_s)
+        if self.context.runs:
+            log.warning("shutdown: ending %d request(s) still in flight after %g s", len(self.context.runs),
+                        timeout_s)
+        for run in list(self.context.runs):
+            run.fail(APIError(503, "the gateway is shutting down", code="shutting_down"))
+        await _wait_until(lambda: not self.request_ids, SHUTDOWN_ANSWER_S)
+
     async def close(self) -> None:
         await self.connections.close()
 
@@ -134,14 +163,21 @@ class Gateway:
                                        f"for mode {self.config.mode}", code="not_ready"))
 
     async def prometheus(self, request: Request) -> ASGIApp:
+        if not self.config.metrics_public and (
+                denied := unauthorized(self.config.api_key, request.headers.get("authorization"))) is not None:
+            return denied
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def version(self, request: Request) -> ASGIApp:
+        """pdserve's version, as vLLM's ``/version`` answers."""
+        return JSONResponse({"version": version("pdserve")})
 
     async def models(self, request: Request) -> ASGIApp:
         if (denied := unauthorized(self.config.api_key, request.headers.get("authorization"))) is not None:
             return denied
         created = int(time.time())
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "pdserve"}
-                for m in self.router.models()]
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "pdserve", "root": m,
+                 "max_model_len": self.router.max_model_len(m)} for m in self.router.models()]
         return JSONResponse({"object": "list", "data": data})
 
     async def instances(self, request: Request) -> ASGIApp:
@@ -150,18 +186,23 @@ class Gateway:
         data = [msgspec.to_builtins(i) for i in sorted(self.membership.instances.values(), key=lambda i: i.id)]
         return JSONResponse({"object": "list", "data": data})
 
+    async def _tokenization(self, request: Request, call: Callable[[bytes], Awaitable[dict]]) -> ASGIApp:
+        """``/tokenize`` and ``/detokenize``: the body read and handed to ``call``, its answer as JSON."""
+        if (denied := unauthorized(self.config.api_key, request.headers.get("authorization"))) is not None:
+            return denied
+        try:
+            body = await read_body(dict(request.scope["headers"]), request.receive, self.config.max_body_bytes)
+            return JSONResponse(await call(body))
+        except (APIError, sse.ClientGone) as e:
+            return _answer_failure(e, None)
+
     async def openapi(self, request: Request) -> ASGIApp:
         return JSONResponse(openapi_document())
 
     # -- generation ------------------------------------------------------------
 
     def _check_model(self, req: oai.ParsedRequest) -> None:
-        models = self.router.models()
-        if not models:
-            raise no_instance("no instance is registered")
-        if req.model not in models:
-            raise invalid(f"model {req.model!r} is not served; available: {', '.join(models)}", "model",
-                          "model_not_found")
+        self.router.served(req.model)
         self.router.mode_for(req.model)  # 503 fast when a needed role is missing
         context = self.router.max_model_len(req.model)
         if req.max_tokens_given:
@@ -185,6 +226,12 @@ class Gateway:
             body = await read_body(headers, receive, self.config.max_body_bytes)
             req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
             self._check_model(req)
+            if self.draining:
+                raise APIError(503, "the gateway is shutting down", code="shutting_down")
+            if req.echo:
+                for p in req.prompts:
+                    if p.token_ids is not None:
+                        p.echo_text = await self.tokenization.text(req.model, p.token_ids)
         except (APIError, sse.ClientGone) as e:
             if request_id is not None:
                 self.request_ids.release(request_id)
@@ -220,6 +267,12 @@ class Gateway:
         except BaseException as e:
             return _close_failed(run, e)
         return sse.EventStream(SSEWriter(run, events, first).body(), run.close, {"X-Request-Id": run.request_id})
+
+
+async def _wait_until(done: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
 
 
 def _answer_failure(e: APIError | sse.ClientGone, request_id: str | None) -> ASGIApp:

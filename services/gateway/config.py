@@ -23,7 +23,8 @@ class GatewayConfig:
     max_retries: int = opt(2, "retries of a failed prefill (or colocated) leg on another instance")
     failure_cooldown_s: float = opt(5.0, "skip an instance this long after it failed a leg, "
                                     "unless no other instance is left")
-    abort_timeout_s: float = opt(5.0, "timeout of an Abort sent to an engine")
+    abort_timeout_s: float = opt(5.0, "timeout of a control call to an engine: Abort, and the "
+                                 "Tokenize/Detokenize of /tokenize, /detokenize and echo")
     registry_idle_timeout_s: float = opt(5.0, "reconnect the registry watch after this long without a message "
                                          "(must exceed the registry's heartbeat interval)")
     membership_grace_s: float = opt(5.0, "keep an instance a restarted registry has not heard from yet "
@@ -39,7 +40,9 @@ class GatewayConfig:
     max_n: int = opt(16, "largest accepted n (choices per prompt)")
     default_max_tokens: int = opt(256, "max_tokens of a chat request that sets none "
                                   "(capped by the instances' context length)")
-    api_key: str | None = opt(None, "when set, /v1 requests need 'Authorization: Bearer <key>'")
+    api_key: str | None = opt(None, "when set, /v1 requests, /tokenize, /detokenize and /metrics need "
+                              "'Authorization: Bearer <key>'")
+    metrics_public: bool = opt(False, "serve /metrics without the API key (for a Prometheus that sends none)")
     shutdown_timeout_s: float = opt(10.0, "on shutdown, how long in-flight requests may finish")
     gc_threshold: int = opt(20_000, "net allocations between two young-generation garbage collections "
                             "(Python's default: 700; fewer collections cost less CPU per request)")

@@ -12,14 +12,18 @@ from common.messages import Role
 from services.gateway.config import GatewayConfig
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.request_ids import RequestIds
+from services.gateway.errors import APIError
 from services.gateway.router import Router
 
 
 class ChoiceTiming(Protocol):
-    """What the observer reads of a finished choice (``flow.ChoiceStats``)."""
+    """What the observer reads of a finished choice (``flow.ChoiceStats``); ``finish_reason`` None: it
+    never finished (an error, a disconnect, shutdown)."""
 
+    prompt_tokens: int
     completion_tokens: int
     first_token_at: float | None
+    finish_reason: str | None
 
 
 class FlowObserver(Protocol):
@@ -53,10 +57,18 @@ class FlowObserver(Protocol):
         """A request to ``endpoint`` was answered with ``status``, ``elapsed`` after it arrived."""
 
 
-class FlowContext:
-    """The gateway's parts a request run uses: config, router, engine connections, observer, request ids."""
+class OpenRun(Protocol):
+    """A request run not yet closed (``flow.RequestRun``), as shutdown sees it."""
 
-    __slots__ = ("config", "router", "connections", "observer", "request_ids")
+    def fail(self, error: APIError) -> None:
+        """End the run with ``error``: its answer, or its stream's last event."""
+
+
+class FlowContext:
+    """The gateway's parts a request run uses: config, router, engine connections, observer, request ids;
+    ``runs`` holds every request run not yet closed (``flow.RequestRun``)."""
+
+    __slots__ = ("config", "router", "connections", "observer", "request_ids", "runs")
 
     def __init__(self, config: GatewayConfig, router: Router, connections: EngineConnections,
                  observer: FlowObserver, request_ids: RequestIds):
@@ -65,3 +77,4 @@ class FlowContext:
         self.connections = connections
         self.observer = observer
         self.request_ids = request_ids
+        self.runs: set[OpenRun] = set()

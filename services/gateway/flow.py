@@ -52,13 +52,14 @@ class Piece:
 @dataclass(slots=True)
 class ChoiceStats:
     """Usage of one choice: prompt and cached tokens from prefill, completion tokens from the last leg;
-    when its first token was emitted, and whether its second was."""
+    when its first token was emitted, whether its second was, and its finish reason once it finished."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     first_token_at: float | None = None
     second_token_seen: bool = False
+    finish_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -158,6 +159,8 @@ class ChoiceRun:
             else:
                 stats.second_token_seen = True
                 self.context.observer.on_second_token(now - stats.first_token_at)
+        if finish_reason is not None:
+            stats.finish_reason = finish_reason
         self.run.emit(ChoiceEvent(self.index, Piece(out.text, out.token_ids, out.logprobs, finish_reason)))
 
     def _on_colocated(self, inst: Instance, out: TokenOutput) -> None:
@@ -238,7 +241,8 @@ class RequestRun:
 
     ``stats`` holds one ``ChoiceStats`` per choice.  ``done`` resolves once every
     choice finished, or with the first choice's error, the others then being
-    cancelled.  ``deadline`` (the loop's clock) is when the request times out.
+    cancelled; ``fail(error)`` ends it so from outside (shutdown).  ``deadline`` (the loop's clock)
+    is when the request times out.  The run is in ``context.runs`` until it closes.
     ``close(status)`` is the run's one cleanup, whoever ends it (the JSON answer,
     the event stream, a failure): it stops every choice still running (aborting
     their legs, freeing their router slots), reports the request to the observer
@@ -263,6 +267,7 @@ class RequestRun:
         self.closed = False
         self._remaining = total
         self._runs = [ChoiceRun(self, i) for i in range(total)]
+        context.runs.add(self)
 
     def start(self) -> None:
         """Send every choice's first leg."""
@@ -278,6 +283,7 @@ class RequestRun:
         if self.closed:
             return
         self.closed = True
+        self.context.runs.discard(self)
         self._cancel()
         self.context.observer.on_request_done(self.endpoint, status, time.perf_counter() - self.started_at,
                                               self.stats)
@@ -285,15 +291,22 @@ class RequestRun:
 
     def choice_done(self, error: APIError | None) -> None:
         """A choice ended by itself (``error`` None or its ``APIError``)."""
-        if self.done.done():
-            return
         if error is not None:
-            self._cancel()
-            self.done.set_exception(error)
+            self.fail(error)
+            return
+        if self.done.done():
             return
         self._remaining -= 1
         if self._remaining == 0:
             self.done.set_result(None)
+
+    def fail(self, error: APIError) -> None:
+        """End the run with ``error`` unless it already ended: every choice still running is stopped, and
+        the answer (or the stream's last event) is ``error``."""
+        if self.done.done():
+            return
+        self._cancel()
+        self.done.set_exception(error)
 
     def _cancel(self) -> None:
         for run in self._runs:

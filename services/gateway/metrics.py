@@ -8,8 +8,12 @@ output as the gateway sees it, and decode's own split of that: KV transfer time
 and bytes and the first decode step (``timings["kv_transfer_s"]`` /
 ``["kv_bytes"]`` / ``["first_decode_step_s"]`` on its first output).  TTFT
 minus the prefill leg is the gateway's own share of TTFT.
+Per choice, what vLLM users graph: prompt and generation tokens, and finished
+choices by finish reason (``stop``, ``length``; ``abort`` for one cut short by
+an error, a disconnect or shutdown).
 Per instance, from registry heartbeats: running and waiting requests, KV blocks
-used, total and pinned for transfer, labelled by instance id and role.
+used, total and pinned for transfer, and the KV usage ratio (used / total),
+labelled by instance id and role.
 
 ``GatewayMetrics`` is the flow's ``FlowObserver``: the flow reports moments
 (``on_first_token``, ``on_request_done``...), and only this module knows which
@@ -110,11 +114,20 @@ class GatewayMetrics:
         self.kv_transfer = latency("kv_transfer", "KV transfer time reported by decode")
         self.kv_bytes = LoopHistogram("pdserve_gateway_kv_transfer_bytes", "KV bytes read by decode",
                                   buckets=BYTES_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("pdserve_gateway_prompt_tokens", "prompt tokens of each choice (each runs "
+                                     "its prompt), counted when its request ends", registry=r)
+        self.generation_tokens = Counter("pdserve_gateway_generation_tokens", "tokens generated, counted when "
+                                         "their request ends", registry=r)
+        self.finished = Counter("pdserve_gateway_request_success", "choices by finish reason (abort: cut short)",
+                                ["finished_reason"], registry=r)
+        self._finished_children: dict[str, Counter] = {}
         self.load = {
             name: Gauge(f"pdserve_instance_{name}", f"{name} from the instance's last heartbeat",
                         ["instance", "role"], registry=r)
             for name in LOAD_FIELDS
         }
+        self.kv_usage = Gauge("pdserve_instance_kv_usage_ratio", "KV blocks used / total (0..1) from the "
+                              "instance's last heartbeat", ["instance", "role"], registry=r)
 
     # -- FlowObserver ----------------------------------------------------------
 
@@ -150,11 +163,20 @@ class GatewayMetrics:
         self.first_itl.observe(gap)
 
     def on_request_done(self, endpoint: str, status: int, elapsed: float, choices: Sequence[ChoiceTiming]) -> None:
-        """Counted by endpoint and status; a 200 also observes its latency and each choice's time per token."""
+        """Counted by endpoint and status, each choice's tokens and finish reason; a 200 also observes its
+        latency and each choice's time per token."""
         child = self._request_children.get((endpoint, status))
         if child is None:
             child = self._request_children[(endpoint, status)] = self.requests.labels(endpoint, str(status))
         child.inc()
+        for c in choices:
+            self.prompt_tokens.inc(c.prompt_tokens)
+            self.generation_tokens.inc(c.completion_tokens)
+            reason = c.finish_reason or "abort"
+            finished = self._finished_children.get(reason)
+            if finished is None:
+                finished = self._finished_children[reason] = self.finished.labels(reason)
+            finished.inc()
         if status != 200:
             return
         self.e2e.observe(elapsed)
@@ -168,9 +190,11 @@ class GatewayMetrics:
     def observe_instance(self, inst: Instance) -> None:
         for name, gauge in self.load.items():
             gauge.labels(inst.id, inst.role).set(getattr(inst.load, name))
+        total = inst.load.kv_blocks_total
+        self.kv_usage.labels(inst.id, inst.role).set(inst.load.kv_blocks_used / total if total else 0.0)
 
     def forget_instance(self, inst: Instance) -> None:
-        for gauge in self.load.values():
+        for gauge in (*self.load.values(), self.kv_usage):
             try:
                 gauge.remove(inst.id, inst.role)
             except KeyError:

@@ -1,6 +1,6 @@
 """OpenAI request parsing and validation, and response building.
 
-``parse_completion`` / ``parse_chat`` turn a raw JSON body into a ``ParsedRequest``
+``parse_completion`` / ``parse_chat`` turn a raw JSON body (``request_bodies``) into a ``ParsedRequest``
 (typed, validated, engine-ready) or raise ``APIError(400)`` naming the bad
 parameter.  The ``*_response`` / ``*_chunk`` builders produce the JSON objects of
 the official API (checked in the tests against the ``openai`` client's models).
@@ -22,69 +22,18 @@ import msgspec
 
 from common.messages import MAX_LOGPROBS, ChatMessage, SamplingParams, TokenLogprob
 from services.gateway.errors import invalid
+from services.gateway.request_bodies import ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest
 
 INT64_MAX = (1 << 63) - 1
 MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 Kind = Literal["completion", "chat"]
-
-
-# --------------------------------------------------------------------------- #
-# Request structs (strict JSON types; unknown fields are ignored)
-# --------------------------------------------------------------------------- #
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-
-
-class _Common(msgspec.Struct):
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    ignore_eos: bool = False
-    user: str | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list | None = None
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
-
-
-class ChatMessageIn(msgspec.Struct):
-    role: str
-    content: str | list[ContentPart] | None = None
-
-
-class ResponseFormat(msgspec.Struct):
-    type: str
-
-
-class ChatCompletionRequest(_Common):
-    messages: list[ChatMessageIn] | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None
+# vLLM's sampling parameters pdserve does not build, each with the value that changes nothing (None: any
+# value is refused); a request setting another is refused naming it rather than served as if it were not set.
+NOT_BUILT = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0, "min_tokens": 0,
+             "logit_bias": {}, "guided_json": None, "guided_regex": None, "guided_choice": None,
+             "guided_grammar": None}
 
 
 # --------------------------------------------------------------------------- #
@@ -94,11 +43,13 @@ class ChatCompletionRequest(_Common):
 
 @dataclass(slots=True)
 class Prompt:
-    """Exactly one of the three is set: what the engine's ``Generate`` carries."""
+    """Exactly one of the three is set: what the engine's ``Generate`` carries; ``echo_text`` starts
+    each of its choices' output (``echo``)."""
 
     text: str | None = None
     token_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
+    echo_text: str = ""
 
     def generate_fields(self) -> dict:
         if self.text is not None:
@@ -119,6 +70,7 @@ class ParsedRequest:
     include_usage: bool
     logprobs: bool  # the response carries logprobs
     max_tokens_given: bool  # False: ``sampling.max_tokens`` is the gateway's default
+    echo: bool = False  # the output starts with each prompt's ``echo_text`` (a token-id prompt's: its text)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def choice_sampling(self, choice: int) -> SamplingParams:
@@ -127,12 +79,17 @@ class ParsedRequest:
             return self.sampling
         return msgspec.structs.replace(self.sampling, seed=(self.sampling.seed + choice) & INT64_MAX)
 
+    def echo_text(self, index: int) -> str:
+        """What choice ``index`` (of all prompts) starts with: its prompt's ``echo_text``."""
+        return self.prompts[index // self.n].echo_text
+
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
-def _decode(body: bytes, cls: type):
+def decode_body(body: bytes, cls: type):
+    """``body`` as a ``cls`` struct; a 400 naming the bad or missing field otherwise."""
     try:
         return msgspec.json.decode(body, type=cls, strict=True)
     except msgspec.ValidationError as e:
@@ -163,7 +120,7 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _sampling(req: _Common, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(req: CommonFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     _check_int(max_tokens, "max_tokens", 1)
     if req.temperature is not None and not req.temperature >= 0:
         raise invalid(f"'temperature' must be >= 0, got {req.temperature}", "temperature")
@@ -173,9 +130,10 @@ def _sampling(req: _Common, max_tokens: int, logprobs: int | None) -> SamplingPa
     _check_int(top_k, "top_k", 0)
     if req.seed is not None:
         _check_int(req.seed, "seed", -(INT64_MAX + 1))
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise invalid(f"'{name}' is not supported (only 0)", name, "unsupported_parameter")
+    for name, neutral in NOT_BUILT.items():
+        if getattr(req, name) not in (None, neutral):
+            only = f" (only {neutral})" if isinstance(neutral, (int, float)) else ""
+            raise invalid(f"'{name}' is not supported{only}", name, "unsupported_parameter")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -188,10 +146,13 @@ def _sampling(req: _Common, max_tokens: int, logprobs: int | None) -> SamplingPa
     )
 
 
-def _check_common(req: _Common, max_n: int) -> None:
+def _check_common(req: CommonFields, max_n: int) -> None:
     if req.model == "":
         raise invalid("'model' must not be empty", "model")
     _check_int(req.n, "n", 1, max_n)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise invalid(f"response_format type {req.response_format.type!r} is not supported (only 'text': no "
+                      "constrained decoding)", "response_format", "unsupported_parameter")
 
 
 def _prompts(prompt: str | list | None) -> list[Prompt]:
@@ -224,10 +185,11 @@ def _prompts(prompt: str | list | None) -> list[Prompt]:
 
 def parse_completion(body: bytes, *, default_max_tokens: int, max_n: int) -> ParsedRequest:
     """Validate a ``/v1/completions`` body."""
-    req = _decode(body, CompletionRequest)
+    req = decode_body(body, CompletionRequest)
     _check_common(req, max_n)
-    if req.echo:
-        raise invalid("'echo' is not supported", "echo", "unsupported_parameter")
+    if req.echo and req.logprobs is not None:
+        raise invalid("'echo' with 'logprobs' is not supported (prompt logprobs are not computed)", "echo",
+                      "unsupported_parameter")
     if req.suffix:
         raise invalid("'suffix' is not supported", "suffix", "unsupported_parameter")
     if req.best_of not in (None, 1) and req.best_of != req.n:
@@ -235,6 +197,9 @@ def parse_completion(body: bytes, *, default_max_tokens: int, max_n: int) -> Par
     if req.logprobs is not None:
         _check_int(req.logprobs, "logprobs", 0, MAX_LOGPROBS)
     prompts = _prompts(req.prompt)
+    if req.echo:
+        for p in prompts:
+            p.echo_text = p.text or ""  # a token-id prompt's text comes from the model's tokenizer
     max_tokens = default_max_tokens if req.max_tokens is None else req.max_tokens
     return ParsedRequest(
         kind="completion",
@@ -246,10 +211,12 @@ def parse_completion(body: bytes, *, default_max_tokens: int, max_n: int) -> Par
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         logprobs=req.logprobs is not None,
         max_tokens_given=req.max_tokens is not None,
+        echo=req.echo,
     )
 
 
-def _message(i: int, m: ChatMessageIn) -> ChatMessage:
+def chat_message(i: int, m: ChatMessageIn) -> ChatMessage:
+    """Message ``i`` of a request, validated (text parts joined)."""
     if m.role not in CHAT_ROLES:
         raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}",
                       f"messages[{i}].role")
@@ -269,28 +236,27 @@ def _message(i: int, m: ChatMessageIn) -> ChatMessage:
 
 def parse_chat(body: bytes, *, default_max_tokens: int, max_n: int) -> ParsedRequest:
     """Validate a ``/v1/chat/completions`` body."""
-    req = _decode(body, ChatCompletionRequest)
+    req = decode_body(body, ChatCompletionRequest)
     _check_common(req, max_n)
     if not req.messages:
         raise invalid("'messages' is required and must not be empty", "messages",
                       "missing_required_parameter" if req.messages is None else "invalid_value")
     if req.tools:
         raise invalid("'tools' is not supported", "tools", "unsupported_parameter")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise invalid("only response_format type 'text' is supported", "response_format",
-                      "unsupported_parameter")
     if req.top_logprobs is not None:
         _check_int(req.top_logprobs, "top_logprobs", 0, MAX_LOGPROBS)
         if not req.logprobs:
             raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
-    messages = [_message(i, m) for i, m in enumerate(req.messages)]
+    messages = [chat_message(i, m) for i, m in enumerate(req.messages)]
     given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if req.max_completion_tokens is not None:
         _check_int(req.max_completion_tokens, "max_completion_tokens", 1)
+    last = messages[-1]
+    echo = last.content if req.echo and last.role == "assistant" else ""  # as vLLM: the reply's own role only
     return ParsedRequest(
         kind="chat",
         model=req.model,
-        prompts=[Prompt(messages=messages)],
+        prompts=[Prompt(messages=messages, echo_text=echo)],
         sampling=_sampling(req, default_max_tokens if given is None else given,
                            (req.top_logprobs or 0) if req.logprobs else None),
         n=req.n,

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import msgspec
 
-from services.gateway import openai_protocol as oai
+from services.gateway.request_bodies import ChatCompletionRequest, CompletionRequest
+from services.gateway.tokenize import DetokenizeRequest, TokenizeRequest
 
 
 def openapi_document() -> dict:
     """The OpenAPI 3.1 description of the API; request schemas come from the request structs."""
-    (completion, chat), components = msgspec.json.schema_components(
-        [oai.CompletionRequest, oai.ChatCompletionRequest], ref_template="#/components/schemas/{name}")
+    (completion, chat, tokenize, detokenize), components = msgspec.json.schema_components(
+        [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
+        ref_template="#/components/schemas/{name}")
 
-    def post(summary: str, schema: dict) -> dict:
+    def post(summary: str, schema: dict, answer: str = "JSON, or text/event-stream when stream is true") -> dict:
         return {"post": {"summary": summary,
                          "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-                         "responses": {"200": {"description": "JSON, or text/event-stream when stream is true"},
+                         "responses": {"200": {"description": answer},
                                        "400": {"description": "invalid request (OpenAI error body)"},
                                        "401": {"description": "missing or invalid API key"},
+                                       "404": {"description": "the model is not served"},
                                        "413": {"description": "body too large"},
                                        "502": {"description": "an engine failed"},
                                        "503": {"description": "no instance available"},
@@ -34,9 +37,13 @@ def openapi_document() -> dict:
             "/v1/chat/completions": post("Chat completion (OpenAI)", chat),
             "/v1/models": get("Served models"),
             "/v1/instances": get("Registered instances with their load"),
+            "/tokenize": post("Token ids of a prompt or chat messages (vLLM)", tokenize,
+                              "JSON: count, max_model_len, tokens, token_strs"),
+            "/detokenize": post("Text of token ids (vLLM)", detokenize, "JSON: prompt"),
             "/health": get("Process alive"),
             "/ready": get("A serving set of instances is registered (503 otherwise)"),
             "/metrics": get("Prometheus metrics"),
+            "/version": get("pdserve's version"),
         },
         "components": {"schemas": components},
     }

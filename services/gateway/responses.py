@@ -91,5 +91,6 @@ class ResponseCollector:
             if req.logprobs:
                 logprobs = (oai.completion_logprobs(c.logprobs, 0) if req.kind == "completion"
                             else oai.chat_logprobs(c.logprobs))
-            out.append(oai.full_choice(req.kind, i, "".join(c.text), c.finish_reason or "stop", logprobs))
+            text = req.echo_text(i) + "".join(c.text)
+            out.append(oai.full_choice(req.kind, i, text, c.finish_reason or "stop", logprobs))
         return oai.full_response(req, request_id, out, usage(req, stats))

@@ -27,7 +27,7 @@ from typing import Iterable, Literal, Mapping, get_args
 
 from common.messages import Instance, Role, kv_incompatibilities
 from common.roles import serves
-from services.gateway.errors import APIError, no_instance
+from services.gateway.errors import APIError, invalid, no_instance
 
 ServingMode = Literal["disagg", "colocated"]  # P/D legs (prefill then decode), or one leg on a `both` instance
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -96,6 +96,27 @@ class Router:
         if self._models is None:
             self._models = sorted({i.model for i in self.instances.values()})
         return self._models
+
+    def served(self, model: str | None) -> str:
+        """``model`` if some instance serves it, or with None the one model served; else the error vLLM
+        answers: 404 for a model not served, 400 for None among several, 503 when none is registered."""
+        models = self.models()
+        if not models:
+            raise no_instance("no instance is registered")
+        if model is None:
+            if len(models) > 1:
+                raise invalid(f"'model' is required: several are served ({', '.join(models)})", "model",
+                              "missing_required_parameter")
+            return models[0]
+        if model not in models:
+            raise APIError(404, f"The model `{model}` does not exist; served: {', '.join(models)}",
+                           param="model", code="model_not_found")
+        return model
+
+    def of_model(self, model: str) -> list[Instance]:
+        """Every instance of ``model``, fewest legs outstanding here first."""
+        return sorted((i for i in self.instances.values() if i.model == model),
+                      key=lambda i: (self.outstanding[i.id], i.id))
 
     def max_model_len(self, model: str) -> int:
         """The smallest context length among the model's instances (0 when none)."""

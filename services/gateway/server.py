@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Callable
 
 import uvicorn
 
 from common.registry_client import MembershipWatcher
 from common.service import tune_gc
-from services.gateway.app import Gateway
+from services.gateway.app import SHUTDOWN_ANSWER_S, Gateway
 from services.gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     """Watch the registry and serve HTTP until cancelled, then shut down in order.
 
     Once listening it tunes the process's garbage collector (``tune_gc``).
-    Shutdown: stop accepting, let in-flight requests finish for ``shutdown_timeout_s``,
-    cancel the rest (their engine legs get ``Abort``), close engine clients, stop watching.
+    Shutdown: stop accepting, let in-flight requests finish for ``shutdown_timeout_s``, end
+    the rest with a 503 ``shutting_down`` (a stream's last event, then ``[DONE]``; their engine
+    legs get ``Abort``), close engine clients, stop watching (``Gateway.drain``).
     ``started(server)`` is called once listening (tests read ``server.port``);
     ``gateway_class`` lets a benchmark serve a variant of the app under the same process setup.
     """
@@ -56,7 +58,8 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     server = HTTPServer(uvicorn.Config(
         gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http="httptools",
         lifespan="off", log_level=config.log_level, access_log=False, **UVICORN_LEAN,
-        timeout_graceful_shutdown=max(1, round(config.shutdown_timeout_s)),
+        # uvicorn cancels what still runs after this: the drain has ended every request by then
+        timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s + SHUTDOWN_ANSWER_S) + 1,
     ))
     task = asyncio.create_task(server.serve(), name="gateway-http")
     try:
@@ -75,6 +78,7 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
         await asyncio.shield(task)
     finally:
         server.should_exit = True
+        await gateway.drain(config.shutdown_timeout_s)
         await asyncio.gather(task, return_exceptions=True)
         wait_snapshot.cancel()
         await gateway.close()

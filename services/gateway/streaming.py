@@ -55,7 +55,8 @@ class SSEWriter:
 
     A chat choice opens with a role-only chunk (``delta: {"role": "assistant", "content": ""}``),
     as OpenAI, vLLM and SGLang send it, so that clients take every later chunk for output; it
-    leaves in the same write as the choice's first piece, which comes with the first event.
+    leaves in the same write as the choice's first piece, which comes with the first event and
+    starts with the choice's echoed text (``echo``).
     """
 
     __slots__ = ("run", "events", "first")
@@ -66,11 +67,13 @@ class SSEWriter:
     async def body(self) -> AsyncIterator[bytes]:
         run, req = self.run, self.run.req
         offsets = [0] * len(run.stats)
-        unannounced = set(range(len(run.stats))) if req.kind == "chat" else set()
+        unopened = set(range(len(run.stats)))
         try:
             event = self.first
             while event is not None:
                 piece = event.piece
+                opening = event.index in unopened
+                text = req.echo_text(event.index) + piece.text if opening else piece.text
                 logprobs = None
                 if req.logprobs:
                     entries = logprob_entries(event)
@@ -79,11 +82,12 @@ class SSEWriter:
                     else:
                         logprobs = oai.chat_logprobs(entries)
                 offsets[event.index] += len(piece.text)
-                choice = oai.chunk_choice(req.kind, event.index, piece.text, piece.finish_reason, logprobs)
+                choice = oai.chunk_choice(req.kind, event.index, text, piece.finish_reason, logprobs)
                 data = sse.event(oai.chunk(req, run.request_id, [choice]))
-                if event.index in unannounced:
-                    unannounced.remove(event.index)
-                    data = sse.event(oai.chunk(req, run.request_id, [oai.role_chunk_choice(event.index)])) + data
+                if opening:
+                    unopened.remove(event.index)
+                    if req.kind == "chat":
+                        data = sse.event(oai.chunk(req, run.request_id, [oai.role_chunk_choice(event.index)])) + data
                 yield data
                 event = await self.events.next(run)
             if req.include_usage:
