@@ -1,9 +1,12 @@
 """``pdserve up``: the whole stack on this machine, as child processes.
 
-Starts the registry, the engine instances (``--prefill N`` prefill and
-``--decode M`` decode, or ``--colocated K`` instances of role ``both`` with
-``--mode colocated``) and the gateway; waits until the gateway's ``/ready``;
-prints the URL and a ``curl`` to paste.  On SIGINT/SIGTERM it stops them in
+Refuses a gateway port already in use, then starts the registry (on a free
+port unless ``--registry-port``), the engine instances (``--prefill N`` prefill
+and ``--decode M`` decode, or ``--colocated K`` instances of role ``both`` with
+``--mode colocated``), each under an instance id this run generated, and the
+gateway; waits until the gateway lists every one of those ids; prints the URL
+and a ``curl`` to paste.  Each child's output line is copied to stderr after its
+name (``[prefill-0] ...``).  On SIGINT/SIGTERM it stops them in
 order — gateway (no new requests), engines (finish or abort in-flight work,
 release KV, deregister), registry — each within ``--shutdown-timeout-s``,
 then SIGKILL.  A child that dies unexpectedly is restarted with the same
@@ -21,20 +24,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import json
 import logging
 import os
+import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import httpx
 
-from common.config import ConfigError, add_arguments, from_args, opt, require
-from common.engine.config import EngineConfig
+from common.config import ConfigError, add_arguments, flag_name, from_args, opt, require
+from common.engine_service.config import EngineServiceConfig
+from services.gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +57,34 @@ def _die_with_parent() -> None:
         pass
 
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+# UpConfig fields handed to every engine as the same flag, when set.
+ENGINE_FLAGS = ("model", "dtype", "device", "served_model_name", "max_model_len", "block_size",
+                "gpu_memory_utilization", "tensor_parallel_size")
+
+
 @dataclass
 class UpConfig:
     mode: Literal["disagg", "colocated"] = opt("disagg", "disagg: prefill + decode instances; colocated: role-both instances")
-    prefill: int = opt(1, "prefill instances (disagg)")
-    decode: int = opt(1, "decode instances (disagg)")
-    colocated: int = opt(1, "role-both instances (colocated)")
+    prefill: int | None = opt(None, "prefill instances, disagg only (none: 1)")
+    decode: int | None = opt(None, "decode instances, disagg only (none: 1)")
+    colocated: int | None = opt(None, "role-both instances, colocated only (none: 1)")
     model: str = opt("demo", "model directory, hub id, or 'demo' (tiny random model, meaningless text)")
-    dtype: str = opt("auto", "engine dtype")
-    device: str = opt("auto", "engine device")
+    dtype: str = opt("auto", "engine dtype: auto, float32, float16, bfloat16")
+    device: str = opt("auto", "engine device: auto, cpu, cuda, cuda:N")
+    served_model_name: str | None = opt(None, "model name clients use (engines' flag); none = --model")
+    max_model_len: int | None = opt(None, "context length limit (engines' flag); none = the model's")
+    block_size: int | None = opt(None, "tokens per KV block (engines' flag); none = the engines' default")
+    gpu_memory_utilization: float | None = opt(None, "share of free GPU memory for the KV cache (engines' "
+                                                     "flag); none = the engines' default")
+    tensor_parallel_size: int | None = opt(None, "ranks per engine (engines' flag); none = 1", aliases=("-tp",))
+    api_key: str | None = opt(None, "gateway: /v1 requests need 'Authorization: Bearer <key>'")
     host: str = opt("127.0.0.1", "gateway host")
     port: int = opt(8000, "gateway port")
-    registry_port: int = opt(7100, "registry port on 127.0.0.1")
-    engine_args: str = opt("", "extra flags for every engine, e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
+    registry_port: int = opt(0, "registry port on 127.0.0.1 (0: a free one)")
+    engine_args: str = opt("", "extra flags for every engine, after the ones above so they win, "
+                               "e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
     prefill_args: str = opt("", "extra flags for the prefill engines only (after --engine-args, so they win), "
                                 "e.g. '--block-size 16'")
     decode_args: str = opt("", "extra flags for the decode engines only (after --engine-args), "
@@ -76,46 +99,82 @@ class UpConfig:
     shutdown_timeout_s: float = opt(30.0, "per process group: SIGKILL after this long (engines drain "
                                           "for up to their own --shutdown-timeout-s, 10 s by default)")
     max_restarts: int = opt(5, "restart a child that died unexpectedly at most this many times")
-    log_level: str = opt("info", "log level of every process")
+    log_level: LogLevel = opt("info", "log level of every process")
 
     def validate(self) -> None:
+        """Refuses counts and role flags the mode does not use, and any engine or gateway flag the child
+        would refuse (naming the flag, or the ``--*-args`` it came from)."""
         if self.mode == "disagg":
-            require(self.prefill >= 1, "prefill", "disagg needs at least 1 prefill instance")
-            require(self.decode >= 1, "decode", "disagg needs at least 1 decode instance")
+            require(self.colocated is None, "colocated", "counts instances of --mode colocated only")
+            require(self.prefill is None or self.prefill >= 1, "prefill", "disagg needs at least 1 prefill instance")
+            require(self.decode is None or self.decode >= 1, "decode", "disagg needs at least 1 decode instance")
         else:
-            require(self.colocated >= 1, "colocated", "colocated needs at least 1 instance")
+            for name in ("prefill", "decode", "prefill_args", "decode_args"):
+                require(not getattr(self, name), name, "applies to --mode disagg only")
+            require(self.colocated is None or self.colocated >= 1, "colocated", "colocated needs at least 1 instance")
         require(0 < self.port < 65536, "port", "must be a TCP port")
-        require(0 < self.registry_port < 65536, "registry_port", "must be a TCP port")
+        require(0 <= self.registry_port < 65536, "registry_port", "must be a TCP port (0: a free one)")
         require(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
         require(self.max_restarts >= 0, "max_restarts", "must be >= 0")
         require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
         require(all(g >= 0 for g in self.gpus), "gpus", "GPU ids are >= 0")
         require(len(set(self.gpus)) == len(self.gpus), "gpus", "lists a GPU twice")
-        self.engine_gpus()  # refuses a stack that needs more GPUs than --gpus lists
+        self.gateway_config("tcp://127.0.0.1:1")
+        self.engine_gpus()  # parses every engine's flags; refuses a stack needing more GPUs than --gpus lists
 
     def engine_roles(self) -> list[str]:
         """The role of each engine instance, in start order: prefills then decodes, or ``both``."""
-        counts = {"prefill": self.prefill, "decode": self.decode} if self.mode == "disagg" else {"both": self.colocated}
+        if self.mode == "disagg":
+            counts = {"prefill": self.prefill or 1, "decode": self.decode or 1}
+        else:
+            counts = {"both": self.colocated or 1}
         return [role for role, count in counts.items() for _ in range(count)]
 
-    def engine_flags(self, role: str) -> list[str]:
-        """The extra flags of an engine of ``role``: ``--engine-args``, then the role's own (which win)."""
+    def own_engine_flags(self) -> list[str]:
+        """The engine flags ``up`` sets itself (``ENGINE_FLAGS`` that are set)."""
+        values = ((name, getattr(self, name)) for name in ENGINE_FLAGS)
+        return [arg for name, value in values if value is not None for arg in (flag_name(name), str(value))]
+
+    def engine_flag_sources(self, role: str) -> list[tuple[str, list[str]]]:
+        """An engine of ``role``'s flags by where they come from: ``up``'s own, ``--engine-args``, then the
+        role's own (``--prefill-args``/``--decode-args``): the last given wins."""
         own = {"prefill": self.prefill_args, "decode": self.decode_args, "both": ""}[role]
-        return [*shlex.split(self.engine_args), *shlex.split(own)]
+        return [("", self.own_engine_flags()), ("--engine-args", shlex.split(self.engine_args)),
+                (f"--{role}-args", shlex.split(own))]
+
+    def engine_flags(self, role: str) -> list[str]:
+        """The flags of an engine of ``role``, in the order of ``engine_flag_sources``."""
+        return [flag for _, flags in self.engine_flag_sources(role) for flag in flags]
+
+    def engine_config(self, role: str) -> EngineServiceConfig:
+        """The config an engine of ``role`` runs with; ``ConfigError`` names the flag, after the
+        ``--*-args`` it came from."""
+        flags: list[str] = []
+        for source, more in self.engine_flag_sources(role):
+            flags += more
+            try:
+                config = parse_engine_flags(flags, role)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+        return config
 
     def engine_gpus(self) -> list[list[int]]:
         """The GPUs of each engine of ``engine_roles()`` (all empty without ``--gpus``); raises ``ConfigError``."""
-        roles = self.engine_roles()
-        if not self.gpus:
-            return [[] for _ in roles]
-        sizes = []
-        for role in roles:
-            try:
-                sizes.append(tensor_parallel_size(self.engine_flags(role)))
-            except ConfigError as e:
-                source = "--engine-args" if role == "both" else f"--engine-args/--{role}-args"
-                raise ConfigError(f"{source}: {e}") from None
-        return assign_gpus(self.gpus, sizes)
+        sizes = [self.engine_config(role).tensor_parallel_size for role in self.engine_roles()]
+        return assign_gpus(self.gpus, sizes) if self.gpus else [[] for _ in sizes]
+
+    def gateway_argv(self, registry: str) -> list[str]:
+        """The ``pdserve gateway`` flags: ``up``'s, then ``--gateway-args`` (which win)."""
+        key = ["--api-key", self.api_key] if self.api_key is not None else []
+        return ["--host", self.host, "--port", str(self.port), "--registry", registry, "--mode", self.mode,
+                *key, *shlex.split(self.gateway_args)]
+
+    def gateway_config(self, registry: str) -> GatewayConfig:
+        """The config the gateway runs with; ``ConfigError`` names the flag."""
+        try:
+            return from_args(GatewayConfig, _parse(GatewayConfig, self.gateway_argv(registry)))
+        except ConfigError as e:
+            raise ConfigError(f"--gateway-args: {e}") from None
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -125,14 +184,22 @@ class _RaisingParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def tensor_parallel_size(flags: list[str]) -> int:
-    """The TP size of an engine started with ``flags``, read as the engine reads them: the last
-    ``--tensor-parallel-size``/``-tp`` wins, else ``PDSERVE_TENSOR_PARALLEL_SIZE``, else 1.
-    Raises ``ConfigError`` when the engine's own flags among ``flags`` are invalid; others are skipped."""
+def _parse(config_cls: type, flags: list[str], defaults: dict | None = None) -> argparse.Namespace:
     parser = _RaisingParser(add_help=False)
-    add_arguments(parser, EngineConfig)
-    known, _ = parser.parse_known_args(flags)
-    return from_args(EngineConfig, known).tensor_parallel_size
+    add_arguments(parser, config_cls, defaults)
+    return parser.parse_args(flags)
+
+
+def parse_engine_flags(flags: list[str], role: str = "both") -> EngineServiceConfig:
+    """The config of an engine of ``role`` started with ``flags``, read as the engine reads them (the last
+    flag wins, then ``PDSERVE_*``, then the default); raises ``ConfigError``."""
+    return from_args(EngineServiceConfig, _parse(EngineServiceConfig, flags, {"role": role}))
+
+
+def tensor_parallel_size(flags: list[str]) -> int:
+    """The TP size of an engine started with ``flags`` (``-tp``/``--tensor-parallel-size``, else
+    ``PDSERVE_TENSOR_PARALLEL_SIZE``, else 1); raises ``ConfigError``."""
+    return parse_engine_flags(flags).tensor_parallel_size
 
 
 def assign_gpus(gpus: list[int], tp_sizes: list[int]) -> list[list[int]]:
@@ -152,83 +219,155 @@ def assign_gpus(gpus: list[int], tp_sizes: list[int]) -> list[list[int]]:
                       f"{', '.join(map(str, tp_sizes))}) but --gpus lists {len(gpus)}")
 
 
-class Child:
-    """One child process and the command that (re)starts it."""
+class StackFailed(ConfigError):
+    """The stack could not start or keep running; ``str()`` says what failed and what to change."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse, naming ``flag``, a TCP port something on this machine is already listening on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot listen on {host}:{port} ({e.strerror}): another server "
+                          f"(another pdserve up?) has it; stop it or choose another {flag}") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+class Child:
+    """One child process: its name (the prefix of each of its output lines), its command, its restarts."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
+        self.name = name
         self.argv = argv
-        self.env = env
-        self.name = " ".join(argv[3:5])
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.restarts = 0
+        self.pump: threading.Thread | None = None
         self.proc = self.start()
 
     def start(self) -> subprocess.Popen:
-        log.info("starting %s%s", " ".join(self.argv[3:]), f" ({self.env})" if self.env else "")
-        env = {**os.environ, **self.env} if self.env else None
-        return subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        """Start (or restart) the process; a thread copies its output to ours, each line prefixed."""
+        log.info("starting %s: %s", self.name, shlex.join(self.argv[3:]))
+        proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        self.pump = threading.Thread(target=_copy_lines, args=(proc.stdout, f"[{self.name}] ".encode()),
+                                     name=f"output-{self.name}", daemon=True)
+        self.pump.start()
+        return proc
+
+
+_output_lock = threading.Lock()
+
+
+def _copy_lines(pipe, prefix: bytes) -> None:
+    """Copy ``pipe`` to our stderr line by line, each line after ``prefix``, until it closes."""
+    with pipe:
+        for line in pipe:
+            with _output_lock:
+                sys.stderr.buffer.write(prefix + line)
+                sys.stderr.buffer.flush()
 
 
 class Stack:
-    """The child processes, grouped in start order."""
+    """The child processes, grouped in start order, and the instance ids this stack's engines register."""
 
     def __init__(self, config: UpConfig):
         self.config = config
         self.groups: dict[str, list[Child]] = {"registry": [], "engines": [], "gateway": []}
-        self.registry = f"tcp://127.0.0.1:{config.registry_port}"
-        self.url = f"http://{config.host}:{config.port}"
+        self.registry_port = config.registry_port or free_port()
+        self.registry = f"tcp://127.0.0.1:{self.registry_port}"
+        self.gateway = config.gateway_config(self.registry)
+        self.url = f"http://{self.gateway.host}:{self.gateway.port}"
+        token = secrets.token_hex(3)  # tells this stack's instances from any other's
+        roles = config.engine_roles()
+        self.engines = [(f"{role}-{roles[:i].count(role)}", role) for i, role in enumerate(roles)]
+        self.instance_ids = {name: f"{name}-{token}" for name, _ in self.engines}
 
-    def spawn(self, group: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def spawn(self, group: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
-        self.groups[group].append(Child(cmd, env))
+        self.groups[group].append(Child(name, cmd, env))
 
     def children(self) -> list[Child]:
         return [c for group in self.groups.values() for c in group]
 
-    def engine_argv(self, role: str) -> list[str]:
-        """The ``pdserve`` arguments of one engine of ``role`` (prefill, decode, or both)."""
-        c = self.config
+    def engine_argv(self, role: str, name: str | None = None) -> list[str]:
+        """The ``pdserve`` arguments of engine ``name`` (one of role prefill, decode, or both)."""
         command = {"prefill": ["prefill"], "decode": ["decode"], "both": ["prefill", "--role", "both"]}[role]
-        return [*command, "--registry", self.registry, "--model", c.model, "--dtype", c.dtype, "--device", c.device,
-                *c.engine_flags(role)]
+        own_id = ["--instance-id", self.instance_ids[name]] if name else []
+        return [*command, "--registry", self.registry, *own_id, *self.config.engine_flags(role)]
 
     def start(self) -> None:
-        c = self.config
-        self.spawn("registry", ["registry", "--bind", self.registry])
-        for role, gpus in zip(c.engine_roles(), c.engine_gpus()):
+        """Refuse ports in use, then start the registry, the engines and the gateway."""
+        check_port_free(self.gateway.host, self.gateway.port, "--port")
+        if self.config.registry_port:
+            check_port_free("127.0.0.1", self.registry_port, "--registry-port")
+        self.spawn("registry", "registry", ["registry", "--bind", self.registry])
+        for (name, role), gpus in zip(self.engines, self.config.engine_gpus()):
             env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else None
-            self.spawn("engines", self.engine_argv(role), env)
-        self.spawn("gateway", ["gateway", "--host", c.host, "--port", str(c.port), "--registry", self.registry,
-                               "--mode", c.mode, *shlex.split(c.gateway_args)])
+            self.spawn("engines", name, self.engine_argv(role, name), env)
+        self.spawn("gateway", "gateway", ["gateway", *self.config.gateway_argv(self.registry)])
 
-    def dead(self) -> list[int]:
-        return [c.proc.returncode for c in self.children() if c.proc.poll() is not None]
+    def exited(self) -> list[Child]:
+        return [c for c in self.children() if c.proc.poll() is not None]
 
     def restart_dead(self) -> None:
-        """Restart children that exited; raise when one has used up its restarts."""
-        for child in self.children():
-            code = child.proc.poll()
-            if code is None:
-                continue
+        """Restart children that exited; ``StackFailed`` when one has used up its restarts."""
+        for child in self.exited():
+            code = child.proc.returncode
             if child.restarts >= self.config.max_restarts:
-                raise RuntimeError(f"{child.name} exited ({code}) after {child.restarts} restarts")
+                raise StackFailed(f"{child.name} exited ({code}) after {child.restarts} restarts "
+                                  f"(--max-restarts); its lines above, prefixed [{child.name}], say why")
             child.restarts += 1
             log.warning("%s exited (%s): restarting it (%d/%d)", child.name, code, child.restarts,
                         self.config.max_restarts)
             child.proc = child.start()
 
-    async def wait_ready(self) -> None:
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.gateway.api_key}"} if self.gateway.api_key else {}
+
+    async def joined(self, http: httpx.AsyncClient) -> dict[str, str]:
+        """This stack's engines that this stack's gateway serves (name -> model); empty while it answers
+        nothing, or answers for another stack."""
+        try:
+            if (await http.get(self.url + "/ready")).status_code != 200:
+                return {}
+            instances = (await http.get(self.url + "/v1/instances")).json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return {}
+        ids = {i["id"]: i["model"] for i in instances}
+        return {name: ids[iid] for name, iid in self.instance_ids.items() if iid in ids}
+
+    async def wait_ready(self) -> str:
+        """Wait until the gateway serves every engine of this stack; returns the model name they serve."""
         deadline = time.monotonic() + self.config.ready_timeout_s
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.dead():
-                    raise RuntimeError(f"a child process exited during start-up (codes {self.dead()})")
-                try:
-                    if (await http.get(self.url + "/ready")).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
+        joined: dict[str, str] = {}
+        async with httpx.AsyncClient(timeout=2.0, headers=self.auth()) as http:
+            while len(joined) < len(self.instance_ids):
+                if exited := self.exited():
+                    child = exited[0]
+                    raise StackFailed(f"{child.name} exited ({child.proc.returncode}) during start-up; its lines "
+                                      f"above, prefixed [{child.name}], say why")
+                if time.monotonic() > deadline:
+                    waiting = ", ".join(name for name in self.instance_ids if name not in joined)
+                    raise StackFailed(f"--ready-timeout-s: not ready after {self.config.ready_timeout_s:g} s "
+                                      f"(not yet serving: {waiting}); a large model may need a longer one")
+                joined = await self.joined(http)
                 await asyncio.sleep(0.25)
-        raise TimeoutError(f"stack not ready after {self.config.ready_timeout_s:g} s")
+        return next(iter(joined.values()))
+
+    def banner(self, model: str) -> str:
+        """What ``up`` prints once ready: the URL, the engines, and a ``curl`` that works as pasted."""
+        body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 16})
+        headers = [f"{k}: {v}" for k, v in {"Content-Type": "application/json", **self.auth()}.items()]
+        curl = shlex.join(["curl", self.url + "/v1/completions", *(a for h in headers for a in ("-H", h)),
+                           "-d", body])
+        return (f"\npdserve is ready at {self.url}  (mode {self.config.mode}, model {model}, engines "
+                f"{', '.join(self.instance_ids.values())})\n  {curl}\nCtrl-C stops everything.")
 
     def stop(self) -> None:
         """Gateway, then engines, then registry; SIGTERM, then SIGKILL after the timeout."""
@@ -245,6 +384,8 @@ class Stack:
                     log.warning("%s pid %d did not stop in time: killing it", name, p.pid)
                     p.kill()
                     p.wait()
+        for child in self.children():  # their last lines
+            child.pump.join(timeout=1.0)
 
 
 async def serve(config: UpConfig) -> None:
@@ -252,13 +393,15 @@ async def serve(config: UpConfig) -> None:
     stack = Stack(config)
     try:
         stack.start()
-        await stack.wait_ready()
-        print(f"\npdserve is ready at {stack.url}  (mode {config.mode}, model {config.model})\n"
-              f"  curl {stack.url}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{config.model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
-              "Ctrl-C stops everything.", flush=True)
+        print(stack.banner(await stack.wait_ready()), flush=True)
         while True:
             await asyncio.sleep(0.5)
             stack.restart_dead()
     finally:
         await asyncio.get_running_loop().run_in_executor(None, stack.stop)
+
+
+if __name__ == "__main__":  # python -m services.up: the same as pdserve up
+    from services.cli import main
+
+    main(["up", *sys.argv[1:]])
