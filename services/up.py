@@ -166,15 +166,17 @@ class UpConfig:
     def gateway_argv(self, registry: str) -> list[str]:
         """The ``pdserve gateway`` flags: ``up``'s, then ``--gateway-args`` (which win)."""
         key = ["--api-key", self.api_key] if self.api_key is not None else []
-        return ["--host", self.host, "--port", str(self.port), "--registry", registry, "--mode", self.mode,
-                *key, *shlex.split(self.gateway_args)]
+        own = ["--host", self.host, "--port", str(self.port), "--registry", registry, "--mode", self.mode, *key]
+        return [*own, *shlex.split(self.gateway_args)]
 
     def gateway_config(self, registry: str) -> GatewayConfig:
-        """The config the gateway runs with; ``ConfigError`` names the flag."""
+        """The config the gateway runs with; ``ConfigError`` names the flag (after ``--gateway-args:``
+        when it came from there)."""
+        flags = self.gateway_argv(registry)
         try:
-            return from_args(GatewayConfig, _parse(GatewayConfig, self.gateway_argv(registry)))
+            return from_args(GatewayConfig, _parse(GatewayConfig, flags))
         except ConfigError as e:
-            raise ConfigError(f"--gateway-args: {e}") from None
+            raise ConfigError(f"--gateway-args: {e}" if self.gateway_args else str(e)) from None
 
 
 class _RaisingParser(argparse.ArgumentParser):
