@@ -267,12 +267,16 @@ _output_lock = threading.Lock()
 
 
 def _copy_lines(pipe, prefix: bytes) -> None:
-    """Copy ``pipe`` to our stderr line by line, each line after ``prefix``, until it closes."""
+    """Copy ``pipe`` to our stderr line by line, each line after ``prefix``, until it closes (lines
+    are dropped once our stderr is gone, so that a child never blocks on a full pipe)."""
     with pipe:
         for line in pipe:
             with _output_lock:
-                sys.stderr.buffer.write(prefix + line)
-                sys.stderr.buffer.flush()
+                try:
+                    sys.stderr.buffer.write(prefix + line)
+                    sys.stderr.buffer.flush()
+                except (OSError, ValueError):
+                    pass
 
 
 class Stack:

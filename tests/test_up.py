@@ -1,5 +1,7 @@
 """``pdserve up``'s configuration and GPU pinning (the processes themselves: test_up_e2e.py)."""
 
+import socket
+
 import pytest
 
 from common.config import ConfigError
@@ -124,3 +126,10 @@ def test_role_flags_follow_the_flags_for_every_engine():
     assert decode[0] == "decode" and decode[-4:] == ["--block-size", "32", "--served-model-name", "my model"]
     assert decode.index("32") > decode.index("16")  # the decode's own flag comes last, so it wins
     assert both[:3] == ["prefill", "--role", "both"] and both[-4:] == ["--block-size", "16", "--max-num-seqs", "8"]
+
+
+def test_the_registry_port_is_a_free_one_unless_given():
+    assert UpConfig().registry_port == 0
+    port = Stack(UpConfig()).registry_port
+    socket.create_server(("127.0.0.1", port)).close()  # nothing listens on it
+    assert Stack(UpConfig(registry_port=7123)).registry == "tcp://127.0.0.1:7123"
