@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -129,3 +130,29 @@ def test_a_child_out_of_restarts_ends_up_with_one_line(tmp_path):
     errors = [line for line in up.stderr().splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "registry exited (-9) after 0 restarts (--max-restarts)" in errors[0]
     assert "Traceback" not in up.stderr()
+
+
+def test_the_readmes_up_and_curl_commands_work_as_written(tmp_path):
+    """README, "The model": its ``pdserve up`` and ``curl``, with the demo model's checkpoint directory as the
+    checkpoint, a free port for 8000, and a short ``--ready-timeout-s``."""
+    from common.engine.demo_model import ensure_demo_checkpoint
+
+    section = (ROOT / "README.md").read_text().split("## The model", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    up_line, curl = (line for line in block.splitlines() if line.strip())
+    port = free_port()
+    fill = {"/path/to/hf-checkpoint": str(ensure_demo_checkpoint()), "127.0.0.1:8000": f"127.0.0.1:{port}"}
+    for placeholder, value in fill.items():
+        up_line, curl = up_line.replace(placeholder, value), curl.replace(placeholder, value)
+    command = shlex.split(up_line)
+    assert command[:2] == ["pdserve", "up"]
+    up = Up(tmp_path, *command[2:], "--port", str(port), "--ready-timeout-s", "120")
+    try:
+        wait_for(lambda: "Ctrl-C stops everything." in up.stdout() or up.proc.poll() is not None, 300, "ready")
+        out = subprocess.run(["bash", "-c", curl + " -sS -w '\\n%{http_code}'"], capture_output=True, text=True,
+                             timeout=60)
+        body, status = out.stdout.rsplit("\n", 1)
+        assert status == "200", body
+        assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        assert up.stop() == 0
