@@ -10,7 +10,10 @@ the same range ratio applies to the output length.  How a length becomes text:
   count excludes special tokens and chat-template tokens the server may add.
 - ``approx-words``: without a tokenizer, words drawn from a fixed vocabulary of
   common short English words, each of which is one token (with its leading
-  space) in common BPE vocabularies: one word ~ one token.
+  space) in common BPE vocabularies: one word ~ one token.  Only an
+  approximation: a byte-level tokenizer makes ~3 tokens of each word.
+
+``model_tokenizer`` finds a model's ``tokenizer.json`` without the network.
 
 A JSONL file holds one object per line: ``{"prompt": str}`` or
 ``{"messages": [{"role", "content"}, ...]}`` (chat only), each with an optional
@@ -64,14 +67,18 @@ class Dataset:
     samples: list[Sample]
     source: str  # "random" or the file path
     length_method: str  # EXACT or APPROX
+    tokenizer: str | None = None  # the tokenizer.json that counted the lengths (EXACT)
 
     def describe(self) -> dict:
+        """What the prompts are; their mean length in tokens only when a tokenizer counted it, else in words."""
         n = len(self.samples)
+        unit = "mean_prompt_len" if self.length_method == EXACT else "mean_prompt_words"
         return {
             "source": self.source,
             "length_method": self.length_method,
+            "tokenizer": self.tokenizer,
             "num_samples": n,
-            "mean_prompt_len": sum(s.prompt_len for s in self.samples) / n,
+            unit: sum(s.prompt_len for s in self.samples) / n,
             "mean_output_len": sum(s.output_len for s in self.samples) / n,
         }
 
@@ -85,11 +92,32 @@ def tokenizer_file(path: str | None) -> Path | None:
     return file if file.is_file() and file.suffix == ".json" else None
 
 
-def find_tokenizer(path: str | None) -> Tokenizer | None:
-    """The tokenizer of a local model directory (or a tokenizer.json path); None if there is none."""
-    file = tokenizer_file(path)
-    if file is None:
+def model_tokenizer(name: str, pdserve_demo: bool = False) -> Path | None:
+    """The ``tokenizer.json`` of model ``name``, found without the network: ``name`` is a local
+    model directory or tokenizer file, pdserve's built-in demo model (``'demo'`` served by pdserve:
+    ``pdserve_demo``; byte-identical everywhere, so written into the local cache if absent), or a
+    Hugging Face hub id whose tokenizer is in the local hub cache.  None when it is none of these."""
+    if (file := tokenizer_file(name)) is not None:
+        return file
+    if pdserve_demo and name == "demo":
+        from common.engine.demo_model import ensure_demo_checkpoint  # torch only for the demo model
+
+        try:
+            return ensure_demo_checkpoint() / "tokenizer.json"
+        except OSError as e:
+            raise DatasetError(f"cannot write the demo model's tokenizer ({e}): set PDSERVE_CACHE_DIR or pass "
+                               "--tokenizer") from e
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "tokenizer.json")
+    except HFValidationError:  # not a hub id
         return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def load_tokenizer(file: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the tokenizers library raises plain Exception subclasses
@@ -134,8 +162,9 @@ class ExactPromptMaker:
 
 
 def random_dataset(
-    num: int, input_len: int, output_len: int, range_ratio: float, seed: int, tokenizer: Tokenizer | None
+    num: int, input_len: int, output_len: int, range_ratio: float, seed: int, tokenizer_path: Path | None
 ) -> Dataset:
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     rng = random.Random(seed)
     in_lens = sample_lengths(rng, num, input_len, range_ratio)
     out_lens = sample_lengths(rng, num, output_len, range_ratio)
@@ -147,7 +176,7 @@ def random_dataset(
         prompts = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in in_lens]
         method = APPROX
     samples = [Sample(p, None, n, o) for p, n, o in zip(prompts, in_lens, out_lens)]
-    return Dataset(samples, "random", method)
+    return Dataset(samples, "random", method, str(tokenizer_path) if tokenizer_path else None)
 
 
 def _count(text: str, tokenizer: Tokenizer | None) -> int:
@@ -176,8 +205,9 @@ def _parse_line(obj: object, where: str, default_output_len: int, tokenizer: Tok
     return Sample(None, messages, sum(_count(m["content"], tokenizer) for m in messages), output_len)
 
 
-def jsonl_dataset(path: str, num: int, default_output_len: int, tokenizer: Tokenizer | None, chat: bool) -> Dataset:
+def jsonl_dataset(path: str, num: int, default_output_len: int, tokenizer_path: Path | None, chat: bool) -> Dataset:
     """The first ``num`` samples of a JSONL file (``messages`` lines need ``chat``)."""
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     samples: list[Sample] = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -199,4 +229,5 @@ def jsonl_dataset(path: str, num: int, default_output_len: int, tokenizer: Token
         raise DatasetError(f"cannot read dataset {path}: {e.strerror}") from e
     if len(samples) < num:
         raise DatasetError(f"{path} has {len(samples)} samples, fewer than --num-prompts {num}")
-    return Dataset(samples, path, EXACT if tokenizer is not None else APPROX)
+    return Dataset(samples, path, EXACT if tokenizer is not None else APPROX,
+                   str(tokenizer_path) if tokenizer_path else None)

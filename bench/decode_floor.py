@@ -236,6 +236,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed decode steps (median reported)")
     parser.add_argument("--profile-steps", type=int, default=10, help="steps under torch.profiler on CUDA (0: none)")
     parser.add_argument("--trace-dir", type=Path, default=None, help="write a Chrome trace per batch size here")
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
+                        help="the engine's --attention-backend (auto: triton on CUDA when installed)")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="exclude SDPA's cuDNN backend (the proposed fix)")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the bandwidth copy in MiB")
     args = parser.parse_args()
@@ -263,6 +265,7 @@ def main() -> None:
             max_model_len=max_len,
             num_kv_blocks=max(batches) * ceil_div(max_len, block_size) + 1,
             block_size=block_size,
+            attention_backend=args.attention_backend,
         )
     )
     device = engine.device
@@ -273,7 +276,8 @@ def main() -> None:
         results = [measure_batch(engine, batch, args, bandwidth) for batch in batches]
 
     sdpa = "cuDNN excluded" if args.no_cudnn_attention else "default backends"
-    print(f"device {name}, torch {torch.__version__}, {engine.dtype_name}, model {args.model}, SDPA {sdpa}")
+    print(f"device {name}, torch {torch.__version__}, {engine.dtype_name}, model {args.model}, SDPA {sdpa}, "
+          f"attention backend {engine.attention_backend}")
     print(f"memory bandwidth (read + write, {args.bandwidth_mib} MiB copy): {bandwidth / 1e12:.3f} TB/s")
     print(f"weights: {weights / 1e9:.3f} GB ({sum(p.numel() for p in engine.model.parameters()) / 1e9:.3f} B params)")
     print("batch  context  step_ms  floor_ms  step/floor  eager_fwd_ms  graph_fwd_ms  gpu_busy  kernels/step")

@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in our engine")
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
+                        help="our engine's --attention-backend (auto: triton on CUDA when installed)")
     parser.add_argument("--repeats", type=int, default=1, help="batches per side; the best time of each is compared")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -110,6 +112,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=None,
         enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend,
     )
     engine = LLMEngine(config)
     device = resolve_device(args.device)

@@ -21,8 +21,9 @@ For each configuration (``disagg``: ``--prefill`` + ``--decode`` instances; ``co
 Writes ``<tag>.json`` (summaries, metric means, the handoff split; no per-request records),
 ``<tag>_sweep.png`` (goodput, SLO attainment, TTFT and TPOT percentiles against the rate),
 ``<tag>_handoff.png`` (TTFT and first inter-token gap split by component) and ``<tag>.md``
-(the side-by-side tables) under ``--out-dir``.  Raw bench outputs and process logs stay in
-``--work-dir``.
+(the side-by-side tables) under ``--out-dir``, by default ``<work-dir>/<tag>`` beside the raw
+bench outputs and process logs: the committed results in ``docs/eval`` change only when
+``--out-dir docs/eval`` says so.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class EvalConfig:
     slo_tpot_ms: float = opt(50.0, "TPOT SLO of goodput (ms)")
     handoff_prompts: int = opt(16, "requests of the handoff run, one in flight (0: skip it)")
     check_tokens: int = opt(32, "tokens of the greedy agreement check (0: skip it)")
-    out_dir: str = opt("docs/eval", "where the JSON, PNG and Markdown results go")
+    out_dir: str | None = opt(None, "where the JSON, PNG and Markdown results go; default: <work-dir>/<tag> "
+                                    "(pass docs/eval to replace the committed results)")
     tag: str = opt("cpu", "file name prefix of the results")
     work_dir: str = opt("/tmp/pdserve-eval", "raw bench JSON and process logs")
     ready_timeout_s: float = opt(240.0, "give up if a stack is not ready after this long")
@@ -212,7 +214,7 @@ def bench(config: EvalConfig, url: str, model: str, rate: float, seed: int, n: i
             "--num-prompts", str(n), "--input-len", str(config.input_len), "--range-ratio", str(config.range_ratio),
             "--output-len", str(config.output_len), "--request-rate", str(rate), "--seed", str(seed),
             "--slo-ttft-ms", str(config.slo_ttft_ms), "--slo-tpot-ms", str(config.slo_tpot_ms),
-            "--out", str(out), "--progress", "false"]
+            "--out", str(out), "--progress", "false", "--max-failure-ratio", "1"]  # failures go in the tables
     if max_concurrency:
         argv += ["--max-concurrency", str(max_concurrency)]
     try:
@@ -289,16 +291,22 @@ def measure(config: EvalConfig, mode: str, model: str, work: Path) -> dict:
 def handoff_split(result: dict) -> dict:
     """TTFT and first inter-token gap of one configuration's handoff run, split by component (ms).
 
-    From the gateway's histograms where it has them, ``None`` where it does not (``missing``):
+    From the gateway's histograms where it has them, ``None`` where it does not (``missing``).
+    Every part is a histogram of its own or an interval minus the intervals nested inside it in
+    every request (the engine's times lie inside the gateway's leg), so none is negative; never
+    a difference of intervals that start at unordered events (first gap - decode's first output
+    is not the dispatch: it went negative).
     TTFT = gateway (TTFT - prefill leg) + bus and engine service (prefill leg - queue - compute)
     + prefill queue + prefill compute, the prefill leg being the first token's leg (``both``
-    when colocated).  The first gap in P/D = gateway dispatch (first gap - decode's first
-    output) + bus, block allocation and handshake (decode's first output - transfer - first
-    step) + KV transfer + first decode step; colocated it is one batched decode step."""
+    when colocated).  The first gap in P/D is covered by the gateway's dispatch (prefill's
+    first token received to decode Generate sent) + bus, block allocation and handshake
+    (decode's first output - transfer - first step) + KV transfer + first decode step;
+    colocated it is one batched decode step."""
     m = result["handoff"]["metrics"]
     ttft, leg = mean_ms(m, "ttft"), mean_ms(m, "prefill_leg")
     queue, prefill = mean_ms(m, "prefill_queue"), mean_ms(m, "prefill")
-    first_itl, decode_first = mean_ms(m, "first_itl"), mean_ms(m, "decode_first_output")
+    first_itl, dispatch = mean_ms(m, "first_itl"), mean_ms(m, "decode_dispatch")
+    decode_first = mean_ms(m, "decode_first_output")
     transfer, step = mean_ms(m, "kv_transfer"), mean_ms(m, "first_decode_step")
 
     def minus(total: float | None, *parts: float | None) -> float | None:
@@ -308,10 +316,10 @@ def handoff_split(result: dict) -> dict:
                   "prefill queue": queue, "prefill compute": prefill}
     used = {"ttft": ttft, "prefill_leg": leg, "prefill_queue": queue, "prefill": prefill, "first_itl": first_itl}
     if result["mode"] == "disagg":
-        itl_parts = {"gateway dispatch": minus(first_itl, decode_first),
-                     "bus + alloc + handshake": minus(decode_first, transfer, step),
+        itl_parts = {"gateway dispatch": dispatch, "bus + alloc + handshake": minus(decode_first, transfer, step),
                      "KV transfer": transfer, "first decode step": step}
-        used |= {"decode_first_output": decode_first, "kv_transfer": transfer, "first_decode_step": step}
+        used |= {"decode_dispatch": dispatch, "decode_first_output": decode_first, "kv_transfer": transfer,
+                 "first_decode_step": step}
     else:
         itl_parts = {"decode step (batched)": first_itl}
     return {
@@ -445,7 +453,8 @@ def environment() -> dict:
 
 def run(config: EvalConfig) -> dict:
     model = config.model_dir()
-    work, out = Path(config.work_dir) / config.tag, Path(config.out_dir)
+    work = Path(config.work_dir) / config.tag
+    out = Path(config.out_dir) if config.out_dir else work
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"tool": "bench.eval_pd", "config": asdict(config), "model_dir": model, "environment": environment()}

@@ -28,8 +28,8 @@ interleaved so that every figure sees the same machine state:
   size reading the same prompt from the same prefill (token positions mapped,
   each decode rank reading the heads it owns), interleaved with the homogeneous
   reads, its GB/s as a fraction of theirs (goal >= 0.8).  A decode instance's
-  ranks 1.. read through their ``RankAgent`` (real ZMQ) on threads of this
-  process, not in processes of their own.
+  ranks 1.. are child processes reading through their ``RankAgent`` (ZMQ), as
+  an engine's worker ranks do.
 
 Default geometry: a 2,048-token request, 16 layers x 8 KV heads x 64 head_dim,
 fp16, 16-token blocks = 512 KiB per block, 128 blocks, 64 MiB per request
@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import torch
 
 from bench.serving_stats import percentile
@@ -63,12 +64,13 @@ from common.bus import BusServer
 from common.client_pool import ClientPool
 from common.engine.kv_cache import KVCache, zeros
 from common.engine.parallel import TensorParallel
+from common.engine.tp_workers import rank_device
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 from common.kv_transfer.reader import KVReader, ReadStats
 from common.kv_transfer.side_channel import KVSideChannel
-from common.kv_transfer.rank_agent import RankAgent
+from common.kv_transfer.rank_agent import RankAgent, RankAgentInfo
 from common.kv_transfer.rank_io import LocalRankIO, RemoteRankIO
 from common.kv_transfer.shm import SharedKVFile
 from common.kv_transfer.transport_set import shared_kv_file
@@ -86,7 +88,8 @@ class BenchEngineKV:
     """One engine instance's KV, built as an engine builds it: ``tp`` ranks, each a cache of its slice of the
     KV heads (in a ``/dev/shm`` file where shm serves it) registered with its own transports."""
 
-    def __init__(self, args: argparse.Namespace, transport: str, tp: int = 1):
+    def __init__(self, args: argparse.Namespace, transport: str, tp: int = 1, ranks: list[int] | None = None):
+        """Builds ``ranks`` of the ``tp`` (default: all of them)."""
         self.config = KVTransferConfig(kv_transport=transport, kv_transfer_threads=max(2, args.shards),
                                        kv_read_shards=args.shards)
         self.config.validate()
@@ -94,12 +97,13 @@ class BenchEngineKV:
         self.caches: list[KVCache] = []
         self.ranks: list[LocalRankIO] = []
         try:
-            for rank in range(tp):
+            for rank in range(tp) if ranks is None else ranks:
                 heads = TensorParallel(rank, tp).kv_heads(args.kv_heads)
                 file = shared_kv_file(self.config, torch.device(args.device))
                 if file is not None:
                     self.files.append(file)
-                kv = make_cache(args, file.allocate if file else zeros, num_kv_heads=heads[1])
+                device = rank_device(torch.device(args.device), rank)  # on CUDA: rank r on the r-th GPU
+                kv = make_cache(args, file.allocate if file else zeros, num_kv_heads=heads[1], device=device)
                 self.caches.append(kv)
                 self.ranks.append(LocalRankIO.open(self.config, rank, heads, kv.data, KVLayout.of(kv), tp))
         except BaseException:
@@ -113,10 +117,12 @@ class BenchEngineKV:
             file.close()
 
 
-def make_cache(args: argparse.Namespace, allocate=zeros, num_kv_heads: int = 0) -> KVCache:
-    """A cache of ``args``' geometry holding ``num_kv_heads`` heads (0: all of ``--kv-heads``)."""
+def make_cache(args: argparse.Namespace, allocate=zeros, num_kv_heads: int = 0,
+               device: torch.device | None = None) -> KVCache:
+    """A cache of ``args``' geometry holding ``num_kv_heads`` heads (0: all of ``--kv-heads``) on ``device``
+    (default ``--device``)."""
     return KVCache(args.num_blocks, args.layers, args.block_size, num_kv_heads or args.kv_heads, args.head_dim,
-                   torch.float16, args.device, allocate)
+                   torch.float16, device or args.device, allocate)
 
 
 def fill_random(kv: KVCache) -> None:
@@ -265,38 +271,67 @@ async def run_decode(args: argparse.Namespace) -> dict:
             "limit_gbps": limit_gbps, "limit": max(limit_gbps, key=limit_gbps.get), "transports": results}
 
 
-async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict, subprocess.Popen]:
-    """The prefill child serving ``transport`` and the JSON line it printed once ready."""
+async def start_child(args: argparse.Namespace, role: str, transport: str, *flags: str
+                      ) -> tuple[str, subprocess.Popen]:
+    """A child of ``role`` (``prefill``, or ``decode-rank``: a decode instance's worker rank) serving
+    ``transport`` with ``args``' geometry, and the JSON line it printed once ready; it runs until its stdin
+    closes."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.kv_handoff", "--role", "prefill", "--transport", transport,
-         "--transfers", str(2 * (args.repeats + 1) + args.requests), "--device", args.device,
-         *[f"--{k.replace('_', '-')}={v}" for k, v in geometry(args).items()]],
+        [sys.executable, "-m", "bench.kv_handoff", "--role", role, "--transport", transport, "--device", args.device,
+         *[f"--{k.replace('_', '-')}={v}" for k, v in geometry(args).items()], *flags],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     line = await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
     if not line:
         child.stdin.close()
-        raise RuntimeError(f"the {transport} prefill child exited with {child.wait()} before it was ready")
+        raise RuntimeError(f"the {transport} {role} child exited with {child.wait()} before it was ready")
+    return line, child
+
+
+async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict, subprocess.Popen]:
+    """The prefill child serving ``transport``, with a lease for every read the measurement makes."""
+    line, child = await start_child(args, "prefill", transport, "--transfers", str(2 * (args.repeats + 1) + args.requests))
     return json.loads(line), child
+
+
+async def serve_decode_rank(args: argparse.Namespace) -> None:
+    """Worker rank ``--rank`` of a decode instance: its KV registered and its agent serving, as in an engine."""
+    engine = BenchEngineKV(args, args.transport, args.tp, ranks=[args.rank])
+    agent = RankAgent(engine.ranks[0])
+    try:
+        print(msgspec.json.encode(RankAgentInfo(agent.io.memory, agent.start())).decode(), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    finally:
+        agent.close()  # and its transports
+        engine.close()
 
 
 class DecodeSide:
     """A decode instance's KV and reader (``args``' geometry and TP size), reading the request into ``local``.
 
-    Rank 0 reads in this process; ranks 1.. through their ``RankAgent`` over real ZMQ, as in an
-    instance, but on threads of this process rather than in processes of their own.
+    Rank 0 reads in this process; ranks 1.. are child processes (``--role decode-rank``) reading through
+    their ``RankAgent`` over ZMQ, as the worker ranks of an engine do.  ``open`` builds one.
     """
 
-    def __init__(self, args: argparse.Namespace, transport: str, local: list[int]):
-        self.engine = BenchEngineKV(args, transport, args.tp)
-        self.agents = [RankAgent(rank) for rank in self.engine.ranks[1:]]
-        self.clients = ClientPool(name="bench-ranks", timeout=self.engine.config.kv_rpc_timeout_s)
-        ranks = [self.engine.ranks[0], *(RemoteRankIO(agent.io.memory, agent.start(), self.clients, self.engine.config)
-                                         for agent in self.agents)]
+    def __init__(self, engine: BenchEngineKV, workers: list[tuple[RankAgentInfo, subprocess.Popen]],
+                 args: argparse.Namespace, transport: str, local: list[int]):
+        self.engine = engine
+        self.workers = [child for _, child in workers]
+        self.clients = ClientPool(name="bench-ranks", timeout=engine.config.kv_rpc_timeout_s)
+        ranks = [engine.ranks[0], *(RemoteRankIO(info.memory, info.endpoint, self.clients, engine.config)
+                                    for info, _ in workers)]
         self.chosen: dict[str, str] = {}
-        self.reader = KVReader(ranks, "decode-0", fingerprint(args), self.engine.config, self.chosen)
+        self.reader = KVReader(ranks, "decode-0", fingerprint(args), engine.config, self.chosen)
         self.local = local
         self.transport = transport
+
+    @classmethod
+    async def open(cls, args: argparse.Namespace, transport: str, local: list[int]) -> DecodeSide:
+        workers = []
+        for rank in range(1, args.tp):
+            line, child = await start_child(args, "decode-rank", transport, f"--rank={rank}")
+            workers.append((msgspec.json.decode(line, type=RankAgentInfo), child))
+        return cls(BenchEngineKV(args, transport, args.tp, ranks=[0]), workers, args, transport, local)
 
     async def timed_read(self, params: KVTransferParams) -> tuple[float, ReadStats]:
         """``read_blocks``' wall time in seconds, and its stats."""
@@ -312,8 +347,9 @@ class DecodeSide:
         finally:
             await self.reader.close()
             await self.clients.close()
-            for agent in self.agents:
-                agent.close()  # and its rank's transports
+            for child in self.workers:
+                child.stdin.close()
+                child.wait(timeout=30)
             self.engine.close()
         if chosen != self.transport:
             raise RuntimeError(f"the reader chose {chosen}, not the forced {self.transport}")
@@ -323,11 +359,11 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
                   limits: dict[str, Callable[[], float]], limit_s: dict[str, list[float]]) -> dict:
     """Connector reads over ``transport`` (and raw Mooncake reads for tcp, and reads by a decode of
     ``--decode-block-size``), each repeat also timing every limit copy into ``limit_s``."""
-    decode = DecodeSide(args, transport, local)
+    decode = await DecodeSide.open(args, transport, local)
     hetero = None
     if is_hetero(args):
         other = hetero_args(args)
-        hetero = DecodeSide(other, transport, block_ids(other, seed=3))
+        hetero = await DecodeSide.open(other, transport, block_ids(other, seed=3))
     nbytes = len(remote) * decode.engine.caches[0].block_bytes
     transfer_ids = iter(range(10**9))
 
@@ -421,7 +457,8 @@ def geometry(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--role", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--role", choices=("decode", "prefill", "decode-rank"), default="decode")
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--transport", choices=("tcp", "shm", "nvlink", "all"), default="all",
                    help="the connector's transport; all: tcp and shm on CPU, nvlink and tcp on CUDA (default)")
     p.add_argument("--device", default="cpu", help="where both KV caches live: cpu or cuda[:N] (default cpu)")
@@ -445,16 +482,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if ceil_div(args.tokens, min(args.block_size, args.decode_block_size or args.block_size)) > args.num_blocks:
         p.error("--num-blocks is too small for --tokens")
-    if args.role == "prefill" and args.transport == "all":
-        p.error("the prefill child serves one transport")
+    if args.role != "decode" and args.transport == "all":
+        p.error("a child serves one transport")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     loop = new_event_loop()
-    if args.role == "prefill":
-        loop.run_until_complete(serve_prefill(args))
+    if args.role != "decode":
+        loop.run_until_complete(serve_prefill(args) if args.role == "prefill" else serve_decode_rank(args))
         return
     result = loop.run_until_complete(run_decode(args))
     print(report(result))

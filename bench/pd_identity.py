@@ -9,6 +9,7 @@ over the forced transport.  Exits 1 on any FAIL.
 
     python -m bench.pd_identity --device cpu --kv-transport shm
     python -m bench.pd_identity --device cuda --kv-transport nvlink      # both engines on one GPU
+    python -m bench.pd_identity --device cuda --kv-transport nvlink --prefill-args "-tp 2"  # 2 GPUs: TP 2 -> 1
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-transport", default="shm", help="every engine's --kv-transport (default shm)")
     p.add_argument("--num-kv-blocks", type=int, default=256, help="KV cache blocks per engine (default 256)")
     p.add_argument("--engine-args", default="", help="more flags for every engine, one string")
+    p.add_argument("--prefill-args", default="", help="more flags for the prefill only, e.g. '-tp 2'")
+    p.add_argument("--decode-args", default="", help="more flags for the decode only, e.g. '-tp 2 --block-size 32'")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="wait this long for the engines to start")
 
 
@@ -42,8 +45,10 @@ async def start_engines(procs: Processes, args: argparse.Namespace) -> None:
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     flags = ["--model", args.model, "--device", args.device, "--dtype", dtype, *shlex.split(args.engine_args)]
     procs.start_registry()
-    procs.start_engine("prefill", "prefill", *flags, num_kv_blocks=args.num_kv_blocks, kv_transport=args.kv_transport)
-    procs.start_engine("decode", "decode", *flags, num_kv_blocks=args.num_kv_blocks, kv_transport=args.kv_transport)
+    procs.start_engine("prefill", "prefill", *flags, *shlex.split(args.prefill_args), num_kv_blocks=args.num_kv_blocks,
+                       kv_transport=args.kv_transport)
+    procs.start_engine("decode", "decode", *flags, *shlex.split(args.decode_args), num_kv_blocks=args.num_kv_blocks,
+                       kv_transport=args.kv_transport)
     procs.start_engine("both", "prefill", "--role", "both", *flags, num_kv_blocks=args.num_kv_blocks,
                        kv_transport=args.kv_transport)
     await procs.wait_registered(*ENGINES, timeout_s=args.ready_timeout_s)

@@ -6,9 +6,15 @@ Sends streaming completions or chat completions (``stream_options.include_usage`
 times every chunk that carries a token (counted from ``usage`` and the chunks, not
 from text: a token may decode to nothing; see ``bench.stream_tokens``), and reports
 TTFT, TPOT, ITL, E2E, throughputs, goodput and errors by kind (see
-``bench.serving_stats``) as a table on stdout, a JSON file and optionally a PNG.
-``--sweep-rate`` repeats the run per rate with the same prompts.  Works against
-pdserve, vLLM and SGLang.
+``bench.serving_stats``) as a table on stdout and, when asked for, a JSON file
+(``--out``) and a PNG (``--plot``).  ``--sweep-rate`` repeats the run per rate with
+the same prompts.  Works against pdserve, vLLM and SGLang.
+
+Prompt lengths are exact when a tokenizer is found (``--tokenizer``, else the
+model's own: see ``find_tokenizer``); otherwise a warning says they are
+approximate, and the table shows the server's count either way.  More failed
+requests than ``--max-failure-ratio`` of a run make the exit status 1, with the
+first failure's message.
 
 Error kinds: ``http_<status>``, ``timeout``, ``connect_error``,
 ``truncated_stream`` (the stream ended or broke before ``[DONE]``),
@@ -38,8 +44,10 @@ from typing import Literal
 import httpx
 from tqdm import tqdm
 
-from bench.datasets import Dataset, DatasetError, Sample, find_tokenizer, jsonl_dataset, random_dataset, tokenizer_file
-from bench.serving_stats import RequestRecord, summarize
+from bench.datasets import (EXACT, Dataset, DatasetError, Sample, jsonl_dataset, model_tokenizer, random_dataset,
+                            tokenizer_file)
+from bench.serving_report import failure_report, format_run, format_sweep, length_report, measured_mean_prompt_len
+from bench.serving_stats import RequestRecord, Run, summarize
 from bench.stream_tokens import StreamTokens
 from common.config import ConfigError, add_arguments, from_args, opt, require
 from common.errors import PdserveError
@@ -58,7 +66,9 @@ class BenchError(PdserveError):
 class BenchConfig:
     url: str = opt("http://127.0.0.1:8000", "base URL of the OpenAI-compatible server (with or without /v1)")
     model: str | None = opt(None, "model name to request; default: the first of GET /v1/models")
-    tokenizer: str | None = opt(None, "local tokenizer.json or model dir for exact prompt lengths; default: --model if local")
+    tokenizer: str | None = opt(None, "tokenizer.json or model dir for exact prompt lengths; default: the model's own "
+                                      "when found: a local dir named by the model or the server's /v1/models entry, "
+                                      "pdserve's demo model, or a hub id in the local Hugging Face cache")
     endpoint: Literal["completions", "chat"] = opt("completions", "which API to call")
     dataset: str = opt("random", "'random' or a JSONL file of {prompt|messages[, output_len]} lines")
     num_prompts: int = opt(100, "number of requests per run")
@@ -77,7 +87,8 @@ class BenchConfig:
     timeout_s: float = opt(30.0, "connect timeout and longest wait for the next chunk")
     request_timeout_s: float = opt(600.0, "longest time for one whole request")
     api_key: str | None = opt(None, "bearer token sent as Authorization, if the server wants one")
-    out: str = opt("results/bench.json", "JSON results file")
+    max_failure_ratio: float = opt(0.05, "exit with status 1 when more than this fraction of a run's requests fail")
+    out: str | None = opt(None, "JSON results file; none: no file is written")
     plot: str | None = opt(None, "PNG file: latency CDFs + throughput over time (sweep: goodput, p99 TPOT vs rate)")
     progress: bool = opt(True, "show a progress bar on stderr")
 
@@ -100,7 +111,8 @@ class BenchConfig:
             require(value is None or 0 < value < math.inf, name, "must be a finite number > 0")
         for name in ("timeout_s", "request_timeout_s"):
             require(0 < getattr(self, name) < math.inf, name, "must be a finite number > 0")
-        require(bool(self.out), "out", "must name a file")
+        require(0 <= self.max_failure_ratio <= 1, "max_failure_ratio", "must be in [0, 1]")
+        require(self.out is None or bool(self.out), "out", "must name a file")
         require(self.plot is None or self.plot.endswith(".png"), "plot", "must be a .png file")
 
     @property
@@ -113,8 +125,20 @@ class BenchConfig:
         return self.sweep_rate or [self.request_rate]
 
 
-def load_dataset(config: BenchConfig) -> Dataset:
-    tokenizer = find_tokenizer(config.tokenizer or config.model)
+def find_tokenizer(config: BenchConfig, model: str, entry: dict | None) -> Path | None:
+    """``--tokenizer``, else the first of the model's name and the ``root`` of its ``/v1/models``
+    entry (vLLM's: the model's path) that ``model_tokenizer`` resolves; None when none does."""
+    if config.tokenizer:
+        return tokenizer_file(config.tokenizer)
+    entry = entry or {}
+    pdserve = entry.get("owned_by") == "pdserve"
+    for name in dict.fromkeys(n for n in (model, entry.get("root")) if isinstance(n, str) and n):
+        if (file := model_tokenizer(name, pdserve_demo=pdserve)) is not None:
+            return file
+    return None
+
+
+def load_dataset(config: BenchConfig, tokenizer: Path | None) -> Dataset:
     if config.dataset == "random":
         return random_dataset(config.num_prompts, config.input_len, config.output_len,
                               config.range_ratio, config.seed, tokenizer)
@@ -173,7 +197,7 @@ async def read_stream(response: httpx.Response, record: RequestRecord, sent: flo
     record.e2e_s = time.perf_counter() - sent
     stream.close()
     if stream.prompt_tokens is not None:
-        record.prompt_tokens = stream.prompt_tokens
+        record.prompt_tokens, record.prompt_tokens_source = stream.prompt_tokens, "usage"
     record.output_tokens, record.output_tokens_source = stream.output_tokens, stream.source
     if stream.times:
         record.ttft_s = stream.times[0] - sent
@@ -202,8 +226,12 @@ async def send_request(
                     return
                 streaming = True
                 await read_stream(response, record, sent)
-    except (TimeoutError, httpx.TimeoutException) as e:
-        record.error, record.error_detail = "timeout", type(e).__name__
+    except TimeoutError:
+        record.error = "timeout"
+        record.error_detail = f"not done within --request-timeout-s {config.request_timeout_s:g}"
+    except httpx.TimeoutException as e:
+        record.error = "timeout"
+        record.error_detail = f"{type(e).__name__}: nothing within --timeout-s {config.timeout_s:g}"
     except httpx.ConnectError as e:
         record.error, record.error_detail = "connect_error", str(e)[:ERROR_DETAIL_CHARS]
     except (httpx.RemoteProtocolError, httpx.ReadError) as e:
@@ -215,10 +243,8 @@ async def send_request(
         record.e2e_s = None
 
 
-async def resolve_model(client: httpx.AsyncClient, config: BenchConfig) -> str:
-    """``--model``, or the first model the server lists."""
-    if config.model:
-        return config.model
+async def list_models(client: httpx.AsyncClient, config: BenchConfig) -> list[dict]:
+    """The entries of the server's ``GET /v1/models``; BenchError when it cannot be read."""
     url = config.base_url + "/v1/models"
     try:
         response = await client.get(url)
@@ -226,9 +252,25 @@ async def resolve_model(client: httpx.AsyncClient, config: BenchConfig) -> str:
         models = response.json().get("data") or []
     except (httpx.HTTPError, ValueError, AttributeError) as e:
         raise BenchError(f"cannot list models at {url}: {e}") from e
-    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
-        raise BenchError(f"{url} lists no model; pass --model")
-    return models[0]["id"]
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+        raise BenchError(f"{url} answered a model list without string ids")
+    return models
+
+
+async def resolve_model(client: httpx.AsyncClient, config: BenchConfig) -> tuple[str, dict | None]:
+    """The model to request and its ``/v1/models`` entry: ``--model`` (entry None when the list lacks
+    it or cannot be read), else the first model listed."""
+    try:
+        models = await list_models(client, config)
+    except BenchError:
+        if config.model:
+            return config.model, None
+        raise
+    if config.model:
+        return config.model, next((m for m in models if m["id"] == config.model), None)
+    if not models:
+        raise BenchError(f"{config.base_url}/v1/models lists no model; pass --model")
+    return models[0]["id"], models[0]
 
 
 async def run_once(
@@ -262,30 +304,28 @@ async def run_once(
     return records, time.perf_counter() - t0
 
 
-@dataclass(slots=True)
-class Run:
-    """One run at one request rate."""
-
-    rate: float
-    records: list[RequestRecord]
-    summary: dict
-
-    def to_json(self) -> dict:
-        return {"request_rate": self.rate, "summary": self.summary, "requests": [r.to_json() for r in self.records]}
+APPROX_WARNING = ("WARNING: no tokenizer found for model {model!r} (no --tokenizer; the model is not a local "
+                  "directory, pdserve's demo model or in the Hugging Face cache): prompt lengths are APPROXIMATE "
+                  "(one word ~ one token; a byte-level tokenizer makes ~3 of each).  Pass --tokenizer (a "
+                  "tokenizer.json or a model directory) for exact lengths.")
 
 
-async def run_benchmark(config: BenchConfig, dataset: Dataset) -> tuple[str, list[Run]]:
-    """The model asked for and every run of ``config`` (one per rate, same prompts)."""
+async def run_benchmark(config: BenchConfig) -> tuple[str, Dataset, list[Run]]:
+    """The model asked for, the prompts, and every run of ``config`` (one per rate, same prompts)."""
     limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
     timeout = httpx.Timeout(config.timeout_s)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
-        model = await resolve_model(client, config)
+        model, entry = await resolve_model(client, config)
+        dataset = load_dataset(config, find_tokenizer(config, model, entry))
+        logger.info("dataset: %s", dataset.describe())
+        if dataset.length_method != EXACT:
+            print(f"pdserve bench: {APPROX_WARNING.format(model=model)}", file=sys.stderr)
         runs = []
         for rate in config.rates:
             records, duration = await run_once(client, config, model, dataset, rate)
             runs.append(Run(rate, records, summarize(records, duration, config.slo_ttft_ms, config.slo_tpot_ms)))
-    return model, runs
+    return model, dataset, runs
 
 
 def results_document(config: BenchConfig, model: str, dataset: Dataset, runs: list[Run]) -> dict:
@@ -294,7 +334,7 @@ def results_document(config: BenchConfig, model: str, dataset: Dataset, runs: li
         "tool": "pdserve bench",
         "model": model,
         "config": dataclasses.asdict(config) | {"api_key": None},
-        "dataset": dataset.describe(),
+        "dataset": dataset.describe() | {"measured_mean_prompt_len": measured_mean_prompt_len(runs)},
         "runs": [run.to_json() for run in runs],
     })
 
@@ -310,58 +350,12 @@ def json_safe(value):
     return value
 
 
-def _fmt(value, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def format_run(title: str, rate: float, s: dict) -> str:
-    """One run's summary as an aligned plain-text table."""
-    rows = [
-        ("Request rate (req/s)", f"{rate:g}"),
-        ("Successful requests", s["completed"]),
-        ("Failed requests", s["failed"]),
-        ("Duration (s)", s["duration_s"]),
-        ("Total input tokens", s["total_input_tokens"]),
-        ("Total output tokens", s["total_output_tokens"]),
-        ("Request throughput (req/s)", s["request_throughput"]),
-        ("Input token throughput (tok/s)", s["input_throughput"]),
-        ("Output token throughput (tok/s)", s["output_throughput"]),
-        ("SLO TTFT (ms)", s["slo_ttft_ms"]),
-        ("SLO TPOT (ms)", s["slo_tpot_ms"]),
-        ("Goodput (req/s)", s["goodput"]),
-        ("SLO attainment", s["slo_attainment"]),
-    ]
-    for metric in ("ttft", "tpot", "itl", "e2e"):
-        stats = s[f"{metric}_ms"]
-        for key in ("mean", "p50", "p90", "p99"):
-            rows.append((f"{key} {metric.upper()} (ms)", stats[key]))
-    for kind, count in sorted(s["errors"].items()):
-        rows.append((f"errors: {kind}", count))
-    width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{name:<{width}}{_fmt(value):>14}" for name, value in rows]
-    rule = "=" * (width + 14)
-    return "\n".join([f" {title} ".center(width + 14, "="), *lines, rule])
-
-
-def format_sweep(runs: list[Run]) -> str:
-    """One aligned line per rate of a sweep."""
-    header = ("rate", "ok", "failed", "req/s", "goodput", "attain", "p99 TTFT", "p99 TPOT", "p99 ITL")
-    rows = [header]
-    for run in runs:
-        s = run.summary
-        rows.append((f"{run.rate:g}", str(s["completed"]), str(s["failed"]), _fmt(s["request_throughput"]),
-                     _fmt(s["goodput"]), _fmt(s["slo_attainment"]), _fmt(s["ttft_ms"]["p99"]),
-                     _fmt(s["tpot_ms"]["p99"]), _fmt(s["itl_ms"]["p99"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
-
-
 def write_outputs(config: BenchConfig, document: dict, model: str, runs: list[Run]) -> None:
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1, allow_nan=False))
+    """``--out`` and ``--plot``, those that were given."""
+    if config.out:
+        out = Path(config.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(document, indent=1, allow_nan=False))
     if config.plot:
         from bench.serving_plot import plot_latency, plot_sweep  # matplotlib only when asked for
 
@@ -373,30 +367,31 @@ def write_outputs(config: BenchConfig, document: dict, model: str, runs: list[Ru
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``pdserve bench``: 0 on a finished benchmark, 2 on a bad flag, 1 when it cannot run."""
+    """``pdserve bench``: 0 on a finished benchmark, 2 on a bad flag, 1 when it cannot run or more requests
+    failed than ``--max-failure-ratio`` allows."""
     parser = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser, BenchConfig)
     try:
         config = from_args(BenchConfig, parser.parse_args(argv))
-        dataset = load_dataset(config)
     except ConfigError as e:
         print(f"pdserve bench: {e}", file=sys.stderr)
         return 2
-    except DatasetError as e:
-        print(f"pdserve bench: {e}", file=sys.stderr)
-        return 1
-    logger.info("dataset: %s", dataset.describe())
     try:
-        model, runs = asyncio.run(run_benchmark(config, dataset))
-    except BenchError as e:
+        model, dataset, runs = asyncio.run(run_benchmark(config))
+    except (BenchError, DatasetError) as e:
         print(f"pdserve bench: {e}", file=sys.stderr)
         return 1
     for run in runs:
         print(format_run(f"pdserve bench: {model}", run.rate, run.summary))
     if len(runs) > 1:
         print(format_sweep(runs))
-    print(f"dataset: {dataset.source} ({dataset.length_method}); results: {config.out}")
+    lengths = length_report(dataset, runs)
+    print(lengths, file=sys.stdout if dataset.length_method == EXACT else sys.stderr)
     write_outputs(config, results_document(config, model, dataset, runs), model, runs)
+    print(f"dataset: {dataset.source} ({dataset.length_method}); results: {config.out or 'not written (no --out)'}")
+    if (failure := failure_report(runs, config.max_failure_ratio)) is not None:
+        print(f"pdserve bench: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

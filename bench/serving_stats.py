@@ -12,6 +12,8 @@ Definitions (all measured by the client, times in seconds, reported in ms):
   SLO always passes, an undefined TPOT passes the TPOT SLO, failed requests never count.
 - SLO attainment: those good requests / all requests sent (failures count as misses).
 - Throughputs count successful requests and their tokens over the run's duration.
+- Measured prompt length: the server's own count (``usage.prompt_tokens``, special and
+  template tokens included) of every request that reported one.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ class RequestRecord:
 
     index: int
     start_s: float  # send time, relative to the start of the run
-    prompt_tokens: int
+    prompt_tokens: int  # the dataset's count until the server reports its own
     output_tokens: int = 0
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     output_tokens_source: str = "chunks"  # "usage" when the server reported it
+    prompt_tokens_source: str = "dataset"  # "usage" when the server reported it
     error: str | None = None  # kind: "http_500", "timeout", "connect_error", "truncated_stream", ...
     error_detail: str = ""
 
@@ -52,6 +55,18 @@ class RequestRecord:
         out = asdict(self)
         out["tpot_s"] = self.tpot_s
         return out
+
+
+@dataclass(slots=True)
+class Run:
+    """One run at one request rate."""
+
+    rate: float
+    records: list[RequestRecord]
+    summary: dict
+
+    def to_json(self) -> dict:
+        return {"request_rate": self.rate, "summary": self.summary, "requests": [r.to_json() for r in self.records]}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,7 +140,15 @@ def summarize(
         "itl_ms": metric_stats([gap for r in done for gap in r.itl_s]),
         "e2e_ms": metric_stats([r.e2e_s for r in done if r.e2e_s is not None]),
         "errors": dict(Counter(r.error for r in records if r.error is not None)),
+        "measured_prompt_len": count_stats([r.prompt_tokens for r in records if r.prompt_tokens_source == "usage"]),
     }
+
+
+def count_stats(values: list[int]) -> dict[str, float | int | None]:
+    """count, mean, min and max of ``values`` (None but the count when there are none)."""
+    if not values:
+        return {"count": 0, "mean": None, "min": None, "max": None}
+    return {"count": len(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
 
 
 def chunk_times(record: RequestRecord) -> list[float]:

@@ -4,10 +4,15 @@ import asyncio
 import contextlib
 import json
 import math
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -21,6 +26,7 @@ from bench.datasets import EXACT, DatasetError, jsonl_dataset, random_dataset
 from bench.serving import arrival_offsets, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).parents[1]
 
 
 @dataclass
@@ -30,7 +36,8 @@ class FakeServer:
 
     The n-th request (1-based, in arrival order) gets a 500 when ``n % fail_every == 0``,
     a stream cut before ``[DONE]`` when ``n % truncate_every == 0``, and a stall
-    longer than any client timeout when ``n % stall_every == 0``.
+    longer than any client timeout when ``n % stall_every == 0``.  A model not in
+    ``models`` gets a 404; usage counts ``tokens_per_word`` prompt tokens per word.
     """
 
     first_delay_s: float = 0.05
@@ -42,6 +49,8 @@ class FakeServer:
     fail_every: int = 0
     truncate_every: int = 0
     stall_every: int = 0
+    models: list[dict] = field(default_factory=lambda: [{"id": "tiny-test", "object": "model"}])
+    tokens_per_word: int = 1
     bodies: list[dict] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -54,7 +63,7 @@ class FakeServer:
         ])
 
     async def list_models(self, request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": "tiny-test", "object": "model"}]})
+        return JSONResponse({"object": "list", "data": self.models})
 
     def _is(self, every: int, n: int) -> bool:
         return every > 0 and n % every == 0
@@ -65,9 +74,12 @@ class FakeServer:
         n = len(self.bodies)
         if self._is(self.fail_every, n):
             return JSONResponse({"error": {"message": "injected failure"}}, status_code=500)
+        if body["model"] not in {m["id"] for m in self.models}:
+            return JSONResponse({"error": {"message": f"The model `{body['model']}` does not exist.",
+                                           "type": "NotFoundError", "param": "model", "code": 404}}, status_code=404)
         chat = "messages" in body
         prompt = " ".join(m["content"] for m in body["messages"]) if chat else body["prompt"]
-        return StreamingResponse(self.events(n, chat, len(prompt.split()), body["max_tokens"]),
+        return StreamingResponse(self.events(n, chat, len(prompt.split()) * self.tokens_per_word, body["max_tokens"]),
                                  media_type="text/event-stream")
 
     async def events(self, n: int, chat: bool, prompt_tokens: int, max_tokens: int):
@@ -127,10 +139,11 @@ def serve(fake: FakeServer):
         sock.close()
 
 
-def bench(url: str, tmp_path, *extra: str) -> dict:
+def bench(url: str, tmp_path, *extra: str, status: int = 0) -> dict:
+    """``pdserve bench`` with ``extra`` flags, which must exit with ``status``; its results document."""
     out = tmp_path / "results.json"
     rc = main(["--url", url, "--out", str(out), "--progress", "false", *extra])
-    assert rc == 0
+    assert rc == status
     return json.loads(out.read_text())
 
 
@@ -195,12 +208,15 @@ def test_sweep_runs_every_rate_with_the_same_prompts(tmp_path, capsys):
     assert "goodput" in capsys.readouterr().out
 
 
-def test_errors_are_counted_by_kind(tmp_path):
+def test_errors_are_counted_by_kind(tmp_path, capsys):
     # requests 3, 6, 9 -> 500; 4, 8 -> cut stream; 5 -> stalls past the read timeout
     fake = FakeServer(first_delay_s=0.0, gap_s=0.005, usage=False, fail_every=3, truncate_every=4, stall_every=5)
     with serve(fake) as url:
         doc = bench(url, tmp_path, "--num-prompts", "9", "--input-len", "5", "--output-len", "5",
-                    "--max-concurrency", "1", "--timeout-s", "0.3", "--request-timeout-s", "5")
+                    "--max-concurrency", "1", "--timeout-s", "0.3", "--request-timeout-s", "5", status=1)
+    # more failures than --max-failure-ratio: the exit status says so, with the first failure's message
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "6 of 9 requests failed" in last and last.endswith("the first: http_500: injected failure")
     s = doc["runs"][0]["summary"]
     assert s["errors"] == {"http_500": 3, "truncated_stream": 2, "timeout": 1}
     assert (s["completed"], s["failed"]) == (3, 6)
@@ -229,7 +245,7 @@ def test_tokens_with_empty_text_count(tmp_path, endpoint):
 def test_a_stream_without_tokens_fails(tmp_path):
     fake = FakeServer(first_delay_s=0.0, max_output=0)
     with serve(fake) as url:
-        doc = bench(url, tmp_path, "--num-prompts", "2", "--input-len", "5", "--output-len", "4")
+        doc = bench(url, tmp_path, "--num-prompts", "2", "--input-len", "5", "--output-len", "4", status=1)
     s = doc["runs"][0]["summary"]
     assert (s["completed"], s["errors"]) == (0, {"no_output_tokens": 2})
     assert "usage.completion_tokens=0" in doc["runs"][0]["requests"][0]["error_detail"]
@@ -240,7 +256,8 @@ def test_unreachable_server(tmp_path, capsys):
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
-    doc = bench(url, tmp_path, "--model", "m", "--num-prompts", "2", "--input-len", "4", "--output-len", "2")
+    doc = bench(url, tmp_path, "--model", "m", "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+                status=1)
     assert doc["runs"][0]["summary"]["errors"] == {"connect_error": 2}
     assert main(["--url", url, "--out", str(tmp_path / "x.json"), "--progress", "false"]) == 1
     assert "cannot list models" in capsys.readouterr().err
@@ -256,12 +273,12 @@ def test_connection_closed_before_a_response(tmp_path):
             conn.recv(65536)
             conn.close()
 
-    thread = threading.Thread(target=accept_and_close, args=(2,), daemon=True)
+    thread = threading.Thread(target=accept_and_close, args=(3,), daemon=True)  # the model list, 2 requests
     thread.start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
         doc = bench(url, tmp_path, "--model", "m", "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
-                    "--max-concurrency", "1")
+                    "--max-concurrency", "1", status=1)
     finally:
         thread.join(10)
         listener.close()
@@ -282,8 +299,9 @@ def make_tokenizer(tmp_path) -> str:
 
 
 def test_random_prompts_have_exact_token_lengths(tmp_path):
-    tok = Tokenizer.from_file(make_tokenizer(tmp_path) + "/tokenizer.json")
-    ds = random_dataset(30, 40, 8, 0.5, seed=3, tokenizer=tok)
+    file = Path(make_tokenizer(tmp_path)) / "tokenizer.json"
+    tok = Tokenizer.from_file(str(file))
+    ds = random_dataset(30, 40, 8, 0.5, seed=3, tokenizer_path=file)
     assert ds.length_method == EXACT
     lengths = [s.prompt_len for s in ds.samples]
     assert min(lengths) >= 20 and max(lengths) <= 60 and len(set(lengths)) > 5
@@ -291,8 +309,93 @@ def test_random_prompts_have_exact_token_lengths(tmp_path):
         assert len(tok.encode(s.prompt, add_special_tokens=False).ids) == s.prompt_len
         assert "<s>" not in s.prompt
         assert 4 <= s.output_len <= 12
-    again = random_dataset(30, 40, 8, 0.5, seed=3, tokenizer=tok)
+    again = random_dataset(30, 40, 8, 0.5, seed=3, tokenizer_path=file)
     assert [s.prompt for s in again.samples] == [s.prompt for s in ds.samples]
+
+
+@pytest.mark.parametrize("entry", ["id", "root"])
+def test_the_servers_model_directory_gives_exact_lengths(tmp_path, capsys, entry):
+    # pdserve lists a local model by its path; vLLM lists a served name with the path as its root
+    model_dir = make_tokenizer(tmp_path)
+    listed = {"id": model_dir} if entry == "id" else {"id": "served-name", "root": model_dir}
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0, models=[listed | {"object": "model"}])) as url:
+        doc = bench(url, tmp_path, "--num-prompts", "3", "--input-len", "12", "--output-len", "2")
+    assert doc["dataset"]["length_method"] == EXACT and doc["dataset"]["mean_prompt_len"] == 12
+    assert doc["dataset"]["tokenizer"] == str(Path(model_dir) / "tokenizer.json")
+    captured = capsys.readouterr()
+    assert "WARNING" not in captured.err
+    assert "prompt length: 12.0 tokens by" in captured.out
+
+
+def test_a_hub_model_uses_the_tokenizer_in_the_local_hub_cache(tmp_path):
+    # vLLM lists a hub id; the Hugging Face cache layout: refs/main names the snapshot holding the files
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer.json").write_bytes((Path(make_tokenizer(tmp_path)) / "tokenizer.json").read_bytes())
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0, models=[{"id": "org/tiny", "object": "model"}])) as url:
+        run = subprocess.run([sys.executable, "-m", "services.cli", "bench", "--url", url, "--num-prompts", "2",
+                              "--input-len", "10", "--output-len", "2", "--progress", "false"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(tmp_path / "hub"),
+                                  "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert f"prompt length: 10.0 tokens by {snapshot / 'tokenizer.json'}" in run.stdout
+
+
+def test_pdserves_demo_model_without_a_writable_cache_is_one_clear_line(tmp_path):
+    (tmp_path / "cache").write_text("a file, not a directory")
+    demo = {"id": "demo", "object": "model", "owned_by": "pdserve"}
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0, models=[demo])) as url:
+        run = subprocess.run([sys.executable, "-m", "services.cli", "bench", "--url", url, "--progress", "false"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "PDSERVE_CACHE_DIR": str(tmp_path / "cache")})
+    assert run.returncode == 1
+    assert run.stderr.startswith("pdserve bench: cannot write the demo model's tokenizer (")
+    assert run.stderr.rstrip().endswith("set PDSERVE_CACHE_DIR or pass --tokenizer")
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_approximate_lengths_warn_and_record_the_servers_count(tmp_path, capsys):
+    # a byte-level tokenizer makes several tokens of each word: the server's count is the real length
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0, tokens_per_word=3)) as url:
+        doc = bench(url, tmp_path, "--num-prompts", "4", "--input-len", "20", "--output-len", "2")
+    dataset = doc["dataset"]
+    assert dataset["length_method"] == "approx-words" and dataset["tokenizer"] is None
+    assert dataset["mean_prompt_words"] == 20 and "mean_prompt_len" not in dataset  # words are not tokens
+    assert dataset["measured_mean_prompt_len"] == 60
+    measured = doc["runs"][0]["summary"]["measured_prompt_len"]
+    assert measured == {"count": 4, "mean": 60, "min": 60, "max": 60}
+    assert all(r["prompt_tokens_source"] == "usage" for r in doc["runs"][0]["requests"])
+    captured = capsys.readouterr()
+    first, *_, last = captured.err.strip().splitlines()
+    assert "WARNING: no tokenizer found for model 'tiny-test'" in first and "--tokenizer" in first
+    assert last == ("WARNING: APPROXIMATE prompt lengths: 20.0 words per prompt, the server counted 60.0 tokens "
+                    "on average; pass --tokenizer for exact lengths")
+    assert re.search(r"^Mean input tokens \(server\) +60\.00$", captured.out, re.M)
+
+
+def test_failures_beyond_the_ratio_exit_1_with_the_servers_message(tmp_path, capsys):
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0)) as url:
+        doc = bench(url, tmp_path, "--model", "nosuch", "--num-prompts", "3", "--input-len", "4",
+                    "--output-len", "2", status=1)
+        assert doc["runs"][0]["summary"]["errors"] == {"http_404": 3}
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == ("pdserve bench: 3 of 3 requests failed at rate inf (more than --max-failure-ratio 0.05); "
+                       "the first: http_404: The model `nosuch` does not exist.")
+        bench(url, tmp_path, "--model", "nosuch", "--num-prompts", "3", "--input-len", "4", "--output-len", "2",
+              "--max-failure-ratio", "1")
+
+
+def test_nothing_is_written_without_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with serve(FakeServer(first_delay_s=0.0, gap_s=0.0)) as url:
+        assert main(["--url", url, "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+                     "--progress", "false"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "results: not written (no --out)" in capsys.readouterr().out
 
 
 def test_chat_with_jsonl_messages(tmp_path):

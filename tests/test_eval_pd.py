@@ -1,20 +1,26 @@
 """The evaluation driver's arithmetic: scraping /metrics, per-run means, the handoff split, the greedy check;
-the ``pdserve up`` command it starts."""
+the ``pdserve up`` command it starts; where its results go."""
 
 import contextlib
 import json
+import os
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from bench.eval_pd import EvalConfig, Stack, check_completion, checks_agree, handoff_split, metric_means, scrape
+from bench.eval_pd import (EvalConfig, Stack, check_completion, checks_agree, handoff_split, metric_means, scrape,
+                           tables)
 from common.config import from_args
 from services.cli import build_parser
 from services.gateway.metrics import GatewayMetrics
 from services.up import UpConfig
+
+ROOT = Path(__file__).parents[1]
 
 
 @contextlib.contextmanager
@@ -74,7 +80,8 @@ def _result(mode: str, **ms: float) -> dict:
 
 def test_handoff_split_adds_up_to_the_measured_totals():
     split = handoff_split(_result("disagg", ttft=104, prefill_leg=102, prefill_queue=0.5, prefill=99,
-                                  first_itl=11, decode_first_output=10, kv_transfer=3, first_decode_step=6))
+                                  first_itl=11, decode_dispatch=1, decode_first_output=10, kv_transfer=3,
+                                  first_decode_step=6))
     ttft, itl = split["ttft_parts"], split["first_itl_parts"]
     assert ttft == pytest.approx({"gateway": 2, "bus + engine service": 2.5, "prefill queue": 0.5,
                                   "prefill compute": 99})
@@ -84,11 +91,24 @@ def test_handoff_split_adds_up_to_the_measured_totals():
     assert sum(itl.values()) == pytest.approx(11) and not split["missing"]
 
 
+def test_gateway_dispatch_is_the_measured_dispatch_never_negative():
+    # the first gap is timed from the first token's delivery, decode's first output from the decode Generate's
+    # send: when the delivery comes after the send, first gap < decode's first output (here by 4.5 ms)
+    split = handoff_split(_result("disagg", ttft=104, prefill_leg=102, prefill_queue=0.5, prefill=99,
+                                  first_itl=8, decode_dispatch=0.1, decode_first_output=12.5, kv_transfer=3,
+                                  first_decode_step=6))
+    assert split["first_itl_parts"]["gateway dispatch"] == pytest.approx(0.1)
+    assert all(v >= 0 for part in ("ttft_parts", "first_itl_parts") for v in split[part].values())
+    assert "| first_itl: gateway dispatch | 0.1 |" in tables({"disagg": {"sweep": [], "handoff_split": split}})
+
+
 def test_handoff_split_names_what_the_gateway_did_not_expose():
     split = handoff_split(_result("disagg", ttft=104, prefill_leg=102, prefill=99, first_itl=11))
     assert split["ttft_parts"]["bus + engine service"] is None  # the queue time is missing
     assert "pdserve_gateway_prefill_queue_seconds" in split["missing"]
     assert "pdserve_gateway_kv_transfer_seconds" in split["missing"]
+    assert "pdserve_gateway_decode_dispatch_seconds" in split["missing"]
+    assert split["first_itl_parts"]["gateway dispatch"] is None
     colocated = handoff_split(_result("colocated", ttft=50, prefill_leg=48, prefill_queue=0.1, prefill=45,
                                       first_itl=3.3))
     assert colocated["first_itl_parts"] == pytest.approx({"decode step (batched)": 3.3})
@@ -128,3 +148,17 @@ def test_role_flags_reach_pdserve_up_for_the_disaggregated_stack_only(monkeypatc
     (argv,) = started
     up = from_args(UpConfig, build_parser("up").parse_args(argv[argv.index("up"):]))
     assert (up.mode, up.prefill_args, up.decode_args, up.gpus) == (mode, prefill_args, decode_args, [0, 1, 2])
+
+
+def test_results_go_to_the_work_dir_not_the_working_directory(tmp_path):
+    """By default nothing lands in the working directory (run from the repository, that was docs/eval)."""
+    cwd, work = tmp_path / "cwd", tmp_path / "work"
+    cwd.mkdir()
+    run = subprocess.run([sys.executable, "-m", "bench.eval_pd", "--modes", "disagg", "--engine-args", "--dtype nosuch",
+                          "--work-dir", str(work), "--ready-timeout-s", "120"],
+                         cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 1 and "no configuration could be measured" in run.stderr
+    assert list(cwd.iterdir()) == []
+    doc = json.loads((work / "cpu" / "cpu.json").read_text())  # the failure is recorded beside the logs
+    assert set(doc["failed"]) == {"disagg"} and (work / "cpu" / "disagg.log").is_file()

@@ -37,23 +37,6 @@ TOL = {
 HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
-@pytest.fixture(autouse=True)
-def interpreter_loop_bounds(monkeypatch):
-    """Triton 3.6's interpreter turns a loaded scalar into a Python int with ``int(array of shape (1,))``,
-    which NumPy >= 2.4 refuses (triton-lang/triton#9171): loops bounded by a loaded length need ``.item()``."""
-    if not (INTERPRET and pa.available()):
-        return
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
-
-
 @dataclass
 class Batch:
     kv_data: torch.Tensor  # [blocks, kv_heads, block_size, 2 layers, 2, head_dim]

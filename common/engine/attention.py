@@ -1,4 +1,5 @@
-"""Paged attention over the head-major KV cache, in plain PyTorch (exact, any device).
+"""Paged attention over the head-major KV cache: plain PyTorch (``paged_attention``: exact, any
+device), or the Triton kernels reading the blocks in place (``paged_attention_triton``).
 
 Everything derived from a step's metadata (gather indices, cache rows, masks) is computed
 once per step and shared by every layer; on CUDA it is also what a decode CUDA graph
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.arith import ceil_div
+from common.engine.kernels import paged_attention as kernels
 from common.engine.kv_cache import KVCache
 
 # cuDNN's SDPA builds a new plan for every new shape: on an H100 ~35 ms of CPU once per
@@ -91,8 +93,10 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str,
+        split_parts: bool = True,
     ) -> "AttentionMetadata":
-        """Index math for one step; raises ``ValueError`` on inconsistent inputs."""
+        """Index math for one step; raises ``ValueError`` on inconsistent inputs.  ``split_parts``: fill
+        ``parts`` for a batch mixing decode and prefill rows (only the PyTorch path attends by parts)."""
         if not (len(query_lens) == len(context_lens) == len(block_tables)) or not query_lens:
             raise ValueError(
                 f"AttentionMetadata: need one query_len, context_len and block table per sequence, got "
@@ -130,7 +134,7 @@ class AttentionMetadata:
             max_context_len=max(context_lens),
         )
         decodes = [i for i, q in enumerate(query_lens) if q == 1]
-        if 0 < len(decodes) < num_seqs:
+        if split_parts and 0 < len(decodes) < num_seqs:
             prefills = [i for i, q in enumerate(query_lens) if q > 1]
             for rows in (decodes, prefills):
                 tokens = [t for i in rows for t in range(query_start_loc[i], query_start_loc[i + 1])]
@@ -266,3 +270,28 @@ def _attend(
     if uniform:
         return out.reshape(num_tokens, num_heads, head_dim)
     return out[meta.token_seq_ids, meta.token_offsets].reshape(num_tokens, num_heads, head_dim)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """``paged_attention`` with the Triton kernels: ``write_kv`` stores the new K/V at ``meta.slot_mapping``,
+    then ``decode_attention`` when every sequence has one query, else one ``prefill_attention`` over the
+    whole (possibly mixed) batch; both read K/V from the blocks where they are (no gather, no ``parts``)."""
+    if meta.kv_source_rows is not None:
+        k, v = k[meta.kv_source_rows], v[meta.kv_source_rows]
+    kernels.write_kv(cache.data, layer, k, v, meta.slot_mapping)
+    if meta.max_query_len == 1:
+        return kernels.decode_attention(
+            q, cache.data, layer, meta.block_tables, meta.context_lens, scale, sliding_window
+        )
+    return kernels.prefill_attention(
+        q, cache.data, layer, meta.block_tables, meta.query_start_loc, meta.context_lens, scale, sliding_window
+    )

@@ -19,6 +19,9 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
 @dataclass
 class EngineConfig:
     model: str = opt("demo", "model directory, hub id, or 'demo' for the built-in tiny random model")
@@ -54,6 +57,13 @@ class EngineConfig:
         "TP > 1: a rank's start-up (joining, loading its shard) or a step's collective that takes longer "
         "fails the engine",
     )
+    attention_backend: Literal["auto", "torch", "triton"] = opt(
+        "auto",
+        "attention, norms, rotary and SiLU*mul: triton (paged attention reading the KV blocks in place, fused "
+        "kernels; CUDA, or CPU under TRITON_INTERPRET=1 for tests), torch (plain PyTorch, any device), or auto "
+        "(triton on CUDA when Triton is importable, else torch)",
+        choices=ATTENTION_BACKENDS,
+    )
     kv_load_failure_policy: Literal["recompute", "fail"] = opt(
         "recompute",
         "when reading a remote prefill's KV fails: compute the prompt locally, or fail the request",
@@ -74,6 +84,8 @@ class EngineConfig:
         dtypes = ("auto", "float32", "float16", "bfloat16")
         require(self.dtype in dtypes, "dtype", f"must be one of {', '.join(dtypes)}")
         policies = ("recompute", "fail")
+        backends = ", ".join(ATTENTION_BACKENDS)
+        require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", f"must be one of {backends}")
         require(self.kv_load_failure_policy in policies, "kv_load_failure_policy", "must be recompute or fail")
         device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
         require(device_ok, "device", "must be auto, cpu, cuda or cuda:N")

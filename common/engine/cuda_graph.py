@@ -6,7 +6,9 @@ smallest of 1, 2, 4, 8, 16, 32, ... (multiples of 16) and ``max_num_seqs`` that 
 ``blocks`` the next power of two >= n (at most the blocks of ``max_model_len``).  Graphs
 are captured on first use, share one memory pool, and read fixed input buffers.  Padded
 rows repeat row 0 (token, position, slot, blocks) and write row 0's own K/V to its slot
-(``AttentionMetadata.kv_source_rows``), so they change nothing.
+(``AttentionMetadata.kv_source_rows``), so they change nothing.  A graph records whichever
+backend the model runs: on the triton backend the decode kernels (no host sync; their split-K
+scratch is allocated inside the call, from the graph's pool).
 """
 
 from __future__ import annotations

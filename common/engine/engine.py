@@ -18,6 +18,7 @@ from common.config import require
 from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig
 from common.engine.detokenizer import Detokenizer
+from common.engine.kernels.backend import resolve_attention_backend
 from common.engine.kv_cache import Allocate, zeros
 from common.engine.loader import parse_dtype, resolve_model_path
 from common.engine.model_config import ModelConfig, load_model_config
@@ -84,6 +85,7 @@ class LLMEngine:
         path = resolve_model_path(config.model)
         self.model_config: ModelConfig = load_model_config(path)
         self.dtype = parse_dtype(config.dtype, self.model_config, self.device)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         self.tokenizer = Tokenizer.from_dir(path)
         model_len = self.model_config.max_model_len
         require(
@@ -110,7 +112,8 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:
             self.workers, self.tp = WorkerRanks.launch(config, mc, path, self.dtype_name, self.device, kv_transfer)
         self.model, self.kv_cache = load_rank(
-            config, mc, path, self.dtype, self.device, self.max_model_len, self.tp, kv_allocate
+            config, mc, path, self.dtype, self.device, self.max_model_len, self.tp, self.attention_backend,
+            kv_allocate,
         )
         if self.workers is not None and kv_transfer is not None:
             self.worker_kv = self.workers.published("kv")
@@ -126,9 +129,11 @@ class LLMEngine:
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
         self._offline_count = 0
         logger.info(
-            "engine ready: model %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, TP %d",
+            "engine ready: model %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, TP %d, "
+            "attention backend %s",
             path, self.dtype_name, self.device, self.kv_cache.num_blocks, self.block_size,
             self.kv_cache.num_blocks * self.kv_cache.block_bytes / 2**20, self.max_model_len, self.tp.world_size,
+            self.attention_backend,
         )  # fmt: skip
 
     def check_health(self) -> None:

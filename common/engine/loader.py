@@ -117,7 +117,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load_model(
-    path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel = SINGLE
+    path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel = SINGLE,
+    attention_backend: str = "torch",
 ) -> CausalLM:
     """Build the model and fill every parameter from the checkpoint, in ``dtype`` on ``device``, eval mode,
     prepared for inference (``CausalLM.prepare``: fused projections, rope table).  Under tensor
@@ -127,7 +128,7 @@ def load_model(
     """
     device = torch.device(device)
     with torch.device("meta"):
-        model = CausalLM(config, tp)
+        model = CausalLM(config, tp, attention_backend)
     shards = model.weight_shards()
     expected = {name: _checkpoint_shape(tuple(p.shape), shards.get(name)) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}

@@ -4,6 +4,12 @@ A freshly built ``CausalLM`` mirrors the Hugging Face checkpoints (``named_param
 are the safetensors tensor names); ``prepare`` then fuses q/k/v and gate/up into one
 matmul each.  Every layer reads and writes the paged ``KVCache``.
 
+``attention_backend`` (resolved by ``common.engine.kernels.backend``) picks the implementation once, at
+build: ``torch`` runs each module's ``forward`` (plain PyTorch); ``triton`` runs their ``forward_fused``,
+HF's residual stream carried as vLLM does (each layer returns its MLP output and the residual before it;
+the next norm adds them in one fused kernel), rotary in place on the q/k views, paged attention reading
+the KV blocks in place, and SiLU*mul in one kernel.
+
 Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of
 the checkpoint, as ``weight_shards`` says: q/k/v and gate/up column-parallel (its heads, its
 part of the intermediate size), o_proj and down_proj row-parallel (summed over the ranks by
@@ -19,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.engine.attention import AttentionMetadata, paged_attention
+from common.engine.attention import AttentionMetadata, paged_attention, paged_attention_triton
+from common.engine.kernels import activation, norm, rotary
 from common.engine.kv_cache import KVCache
 from common.engine.model_config import ModelConfig
 from common.engine.parallel import SINGLE, Shard, TensorParallel
@@ -133,6 +140,24 @@ class Attention(nn.Module):
         )
         return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size))
 
+    def forward_fused(
+        self, x: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor, meta: AttentionMetadata,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """``forward`` with the Triton kernels: q/k norms (Qwen3) then rotary in place on q and k (views of
+        the qkv output, or the norms' outputs), then ``paged_attention_triton``."""
+        n, heads = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x)
+        q = qkv[:, : self.q_size].view(n, heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = norm.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = norm.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        rotary.apply_rotary_(q, k, positions, rope_table)
+        out = paged_attention_triton(q, k, v, cache, self.layer_idx, meta, self.scale, self.sliding_window)
+        return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size))
+
 
 class MLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``; ``fuse`` merges ``gate_proj``/``up_proj`` into ``gate_up_proj``.
@@ -154,6 +179,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.tp.row_linear(self.down_proj, F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.row_linear(self.down_proj, activation.silu_and_mul(self.gate_up_proj(x)))
 
 
 def fuse_linears(*linears: nn.Linear) -> nn.Linear:
@@ -178,6 +206,21 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rope_table: torch.Tensor,
+        meta: AttentionMetadata, cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, residual)`` such that ``forward``'s output is ``residual + mlp_out``.  The input is
+        ``residual + x`` (``residual`` None: ``x`` itself, the first layer); ``residual`` is updated in place."""
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual, h = x, norm.rms_norm(x, ln1.weight, ln1.eps)
+        else:
+            h, residual = norm.fused_add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        h = self.self_attn.forward_fused(h, positions, rope_table, meta, cache)
+        h, residual = norm.fused_add_rms_norm(h, residual, ln2.weight, ln2.eps)
+        return self.mlp.forward_fused(h), residual
+
 
 class Model(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel):
@@ -196,13 +239,17 @@ class CausalLM(nn.Module):
     Built in the checkpoint's layout (``named_parameters()`` are the safetensors names);
     ``prepare`` (``load_model`` calls it) then fuses projections and builds the rope table,
     and only a prepared model runs ``forward``.  ``tp``: this rank's place in its tensor-parallel
-    group (``SINGLE``: the whole model, no collectives).
+    group (``SINGLE``: the whole model, no collectives).  ``attention_backend``: ``torch`` or ``triton``
+    (see the module docstring).
     """
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE, attention_backend: str = "torch"):
         super().__init__()
+        if attention_backend not in ("torch", "triton"):
+            raise ValueError(f"CausalLM: attention_backend must be torch or triton, got {attention_backend!r}")
         self.config = config
         self.tp = tp
+        self.attention_backend = attention_backend
         self.vocab_start = tp.vocab_rows(config.vocab_size)[0]
         self.model = Model(config, tp)
         if not config.tie_word_embeddings:
@@ -253,10 +300,23 @@ class CausalLM(nn.Module):
         if kv_cache.num_layers != self.config.num_layers:
             raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {self.config.num_layers}")
         x = self.tp.embed(self.model.embed_tokens, input_ids, self.vocab_start)
+        if self.attention_backend == "triton":
+            return self._forward_fused(x, positions, meta, kv_cache)
         cos_sin = self.model.rotary_emb(positions)
         for layer in self.model.layers:
             x = layer(x, cos_sin, meta, kv_cache)
         return self.model.norm(x)
+
+    def _forward_fused(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """``forward``'s layers and final norm with the Triton kernels (``DecoderLayer.forward_fused``)."""
+        table = self.model.rotary_emb.table
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer.forward_fused(x, residual, positions, table, meta, kv_cache)
+        final = self.model.norm
+        return norm.fused_add_rms_norm(x, residual, final.weight, final.eps)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

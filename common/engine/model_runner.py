@@ -63,7 +63,9 @@ class StepInputs:
 
 class ModelRunner:
     """Runs steps eagerly, except decode-only batches on CUDA, which replay ``DecodeGraphs``
-    (unless ``enforce_eager``, or under tensor parallelism, which always runs eagerly).
+    (unless ``enforce_eager``, or under tensor parallelism, which always runs eagerly).  The model's
+    ``attention_backend`` decides whether a mixed batch's metadata is split into decode and prefill
+    ``parts`` (torch) or attended in one call (triton).
 
     Under tensor parallelism rank 0 calls ``run``, which broadcasts the step's inputs; every
     other rank calls ``forward`` with the inputs it receives (``TensorParallel.receive``), so that
@@ -114,7 +116,8 @@ class ModelRunner:
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.block_tables)
             return hidden, torch.arange(num_seqs, device=self.device)
         meta = AttentionMetadata.build(
-            inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device
+            inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device,
+            split_parts=self.model.attention_backend == "torch",
         )
         ids_pos = torch.tensor([inputs.input_ids, inputs.positions], dtype=torch.int64)
         ids_pos = ids_pos.to(self.device, non_blocking=True)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from common.config import require
 from common.engine.config import EngineConfig
+from common.engine.kernels.backend import resolve_attention_backend
 from common.engine.kv_cache import Allocate, KVCache, num_kv_blocks, zeros
 from common.engine.loader import load_model, parse_dtype
 from common.engine.model import CausalLM
@@ -218,10 +219,11 @@ class WorkerRanks:
 
 def load_rank(
     config: EngineConfig, model_config: ModelConfig, path: Path, dtype: torch.dtype, device: torch.device,
-    max_model_len: int, tp: TensorParallel, kv_allocate: Allocate = zeros,
+    max_model_len: int, tp: TensorParallel, attention_backend: str, kv_allocate: Allocate = zeros,
 ) -> tuple[CausalLM, KVCache]:
-    """This rank's model (its shard) and KV cache (its KV heads; the block count every rank can hold)."""
-    model = load_model(path, model_config, dtype, device, tp)
+    """This rank's model (its shard; ``attention_backend`` resolved: torch or triton) and KV cache (its KV
+    heads; the block count every rank can hold)."""
+    model = load_model(path, model_config, dtype, device, tp, attention_backend)
     num_kv_heads = tp.kv_heads(model_config.num_kv_heads)[1]
     num_blocks = num_kv_blocks(config, model_config, num_kv_heads, dtype, device, max_model_len)
     if tp.world_size > 1:
@@ -272,8 +274,10 @@ def serve_rank(spec: WorkerSpec) -> None:
     kv_file = shared_kv_file(kv_config, device) if kv_config is not None else None
     if kv_file is not None:
         _at_exit.append(kv_file.close)
+    backend = resolve_attention_backend(config.attention_backend, device)
+    allocate = kv_file.allocate if kv_file is not None else zeros
     model, kv_cache = load_rank(config, model_config, Path(spec.model_path), parse_dtype(spec.dtype), device,
-                                max_model_len, tp, kv_file.allocate if kv_file is not None else zeros)  # fmt: skip
+                                max_model_len, tp, backend, allocate)  # fmt: skip
     agent = None
     if kv_config is not None:
         heads = tp.kv_heads(model_config.num_kv_heads)

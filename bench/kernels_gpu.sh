@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Issue 13's GPU part on one H200 (nvidia-h200): the Triton kernels compiled and checked, greedy identity of the
+# triton backend against the torch one, the decode step against its floor, prefill against the matmul peak.
+#
+#   OUT=/tmp/kernels-gpu bash bench/kernels_gpu.sh                 # from the repository root
+#   OUT=/tmp/kernels-gpu PARTS="tests floor" bash bench/kernels_gpu.sh   # some parts only
+#
+# Needs, in .whl/ (git-ignored), the cp312 wheels the device image lacks (bench/gpu_steps.sh) and pytest's
+# (pytest, pluggy, iniconfig, packaging, pytest_asyncio: pure Python).
+# tests:    the kernel tests compiled on the GPU (bf16 included) and the engine on the triton backend;
+# identity: 29 greedy requests through the triton backend (decode CUDA graphs) and the torch backend, 1B shape;
+# floor:    bench.decode_floor, batches 1 and 32, triton backend, for the Llama-3.2-1B and Llama-3.1-8B shapes;
+# prefill:  bench.prefill_roof, 1 x 2,048 and 8 x 2,048 tokens, both shapes;
+# offline:  bench.engine_throughput 32 x 128 -> 128 against transformers (cuDNN SDPA off for both), 1B shape.
+# Writes $OUT/<step>.log and status.txt.  A failed step does not stop the next one.
+set -uo pipefail
+OUT=${OUT:-/tmp/kernels-gpu}
+PARTS=${PARTS:-tests identity floor prefill offline}
+CKPT_1B=${CKPT_1B:-/tmp/llama-3.2-1b-random}
+CKPT_8B=${CKPT_8B:-/tmp/llama-3.1-8b-random}
+source bench/gpu_steps.sh
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+has tests && step kernel_tests 240 python3 -m pytest -q -p no:cacheprovider -x tests/test_paged_attention_kernels.py \
+  tests/test_fused_kernels.py tests/test_kernel_engine.py
+[ -f "$CKPT_1B/model.safetensors" ] || step checkpoint_1b 120 python3 -m bench.make_checkpoint --shape llama-3.2-1b \
+  --out "$CKPT_1B" --device cuda --seed 0
+if has floor || has prefill; then
+  [ -f "$CKPT_8B/model.safetensors" ] || step checkpoint_8b 200 python3 -m bench.make_checkpoint --shape llama-3.1-8b \
+    --out "$CKPT_8B" --device cuda --seed 0
+fi
+
+if has identity; then
+  step identity 240 python3 - "$CKPT_1B" <<'PY'
+import random, sys
+
+import torch
+
+from common.engine.config import EngineConfig
+from common.engine.engine import LLMEngine
+from common.messages import SamplingParams
+
+rng = random.Random(0)
+prompts = [[rng.randrange(1000, 100000) for _ in range(rng.randrange(20, 600))] for _ in range(29)]
+sampling = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+outputs = {}
+for dtype in ("float32", "bfloat16"):
+    for backend in ("torch", "triton"):
+        engine = LLMEngine(EngineConfig(model=sys.argv[1], dtype=dtype, device="cuda", max_num_seqs=32,
+                                        max_model_len=1024, kv_cache_memory="8GiB", attention_backend=backend))
+        outputs[dtype, backend] = [o.new_token_ids for o in engine.generate(prompts, sampling)]
+        del engine
+        torch.cuda.empty_cache()
+    same = sum(a == b for a, b in zip(outputs[dtype, "torch"], outputs[dtype, "triton"]))
+    print(f"{dtype}: triton backend vs torch backend: {same}/{len(prompts)} requests with identical greedy tokens")
+PY
+fi
+
+if has floor; then
+  for ckpt in "$CKPT_1B" "$CKPT_8B"; do
+    step "floor_$(basename "$ckpt")" 200 python3 -m bench.decode_floor --model "$ckpt" --dtype bfloat16 --device cuda \
+      --batch-sizes 1,32 --attention-backend triton --profile-steps 10
+  done
+fi
+if has prefill; then
+  for ckpt in "$CKPT_1B" "$CKPT_8B"; do
+    step "prefill_$(basename "$ckpt")" 200 python3 -m bench.prefill_roof --model "$ckpt" --dtype bfloat16 \
+      --batches 1,8 --attention-backend triton
+  done
+fi
+if has offline; then
+  step offline_1b 240 python3 -c 'import sys, torch, bench.engine_throughput as et
+torch.backends.cuda.enable_cudnn_sdp(False)  # transformers too runs without the cuDNN SDPA backend
+print("SDPA cuDNN backend disabled for both"); sys.argv[0] = "engine_throughput"; et.main()' \
+    --model "$CKPT_1B" --num-requests 32 --input-len 128 --output-len 128 --dtype bfloat16 --device cuda \
+    --attention-backend triton
+fi
+cat "$OUT/status.txt"
+exit $status

@@ -1,0 +1,35 @@
+"""Which implementation of attention, norms, rotary and SiLU*mul the engine runs (``--attention-backend``).
+
+``torch``: plain PyTorch (any device; the CPU default).  ``triton``: the kernels of this package (paged
+attention reading the KV blocks in place, fused residual-add RMSNorm, in-place rotary, SiLU*mul); they
+run on CUDA, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from common.config import require
+from common.engine.kernels import paged_attention
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for ``--attention-backend`` ``name`` on ``device``: ``auto`` is triton on
+    CUDA when Triton is importable, else torch.  Raises ``ConfigError`` when triton cannot run there."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and paged_attention.available() else "torch"
+    if name == "triton":
+        require(paged_attention.available(), "attention_backend", "triton: the triton package is not installed")
+        require(
+            device.type == "cuda" or interpreted(),
+            "attention_backend",
+            f"triton: the kernels need a CUDA device (got {device}), or TRITON_INTERPRET=1 to interpret them on CPU",
+        )
+    return name

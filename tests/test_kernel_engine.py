@@ -1,0 +1,153 @@
+"""The engine on the Triton backend (paged attention in place, fused norm/rotary/SiLU*mul) gives the greedy
+tokens of the PyTorch backend: batches, prefix-cache hits, chunked prefill, batches mixing prefill and
+decode rows, padded decode-graph batches, and the Qwen3 (q/k norms) and Mistral (sliding window) families.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``),
+float32, tiny models and few tokens; the module is skipped without triton, or without CUDA and the
+interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from common.config import ConfigError  # noqa: E402
+from common.engine import attention  # noqa: E402
+from common.engine.config import EngineConfig  # noqa: E402
+from common.engine.engine import LLMEngine  # noqa: E402
+from common.engine.kernels.backend import resolve_attention_backend  # noqa: E402
+from common.engine.loader import resolve_model_path  # noqa: E402
+from common.messages import SamplingParams  # noqa: E402
+from tests.checkpoints import make_hf_checkpoint  # noqa: E402
+from tests.test_cuda_graph import RerunGraphs  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+_engines: dict[tuple, LLMEngine] = {}
+
+
+def engine(model, backend: str, **overrides) -> LLMEngine:
+    """An idle float32 engine (cached per config)."""
+    kwargs = {"model": str(model), "dtype": "float32", "device": DEVICE, "num_kv_blocks": 64,
+              "attention_backend": backend, **overrides}  # fmt: skip
+    key = tuple(sorted(kwargs.items()))
+    if key not in _engines:
+        _engines[key] = LLMEngine(EngineConfig(**kwargs))
+    eng = _engines[key]
+    assert not eng.has_unfinished() and eng.block_manager.num_used == 0
+    return eng
+
+
+def prompts(lengths, seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 330) for _ in range(n)] for n in lengths]
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.new_token_ids for o in outputs]
+
+
+def both(model, ps, **overrides) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy tokens of ``ps`` batched on the torch and on the triton backend (prefix caching off)."""
+    overrides = {"enable_prefix_caching": False, **overrides}
+    return tuple(tokens(engine(model, b, **overrides).generate(ps, GREEDY)) for b in ("torch", "triton"))
+
+
+@pytest.fixture(scope="module")
+def demo_path():
+    return resolve_model_path("demo")
+
+
+@pytest.fixture
+def query_lens_seen(monkeypatch) -> list[list[int]]:
+    """Per ``prefill_attention`` call of the triton path: its sequences' query lengths."""
+    seen: list[list[int]] = []
+    prefill = attention.kernels.prefill_attention
+
+    def spy(q, kv_data, layer, block_tables, query_start_loc, *args, **kwargs):
+        if layer == 0:
+            seen.append(query_start_loc.diff().tolist())
+        return prefill(q, kv_data, layer, block_tables, query_start_loc, *args, **kwargs)
+
+    monkeypatch.setattr(attention.kernels, "prefill_attention", spy)
+    return seen
+
+
+def test_backend_resolution(monkeypatch):
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_attention_backend("torch", torch.device("cpu")) == "torch"
+    assert resolve_attention_backend("triton", torch.device("cpu")) == "triton"  # under the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="attention-backend.*TRITON_INTERPRET"):
+        resolve_attention_backend("triton", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="attention-backend"):
+        EngineConfig(attention_backend="flash").validate()
+
+
+@pytest.mark.parametrize("block_size", [16, 8])
+def test_batch_matches_torch_backend(demo_path, block_size):
+    torch_tokens, triton_tokens = both(demo_path, prompts((3, 17, 40)), block_size=block_size)
+    assert triton_tokens == torch_tokens
+    assert engine(demo_path, "triton", block_size=block_size, enable_prefix_caching=False).model.attention_backend \
+        == "triton"  # fmt: skip
+
+
+def test_prefix_cache_hit_matches_torch_backend(demo_path):
+    shared = prompts((34,), seed=1)[0]
+    ps = [shared + tail for tail in prompts((1, 9), seed=2)]
+    reference = tokens(engine(demo_path, "torch", enable_prefix_caching=False).generate(ps, GREEDY))
+    eng = engine(demo_path, "triton")
+    first = eng.generate(ps[:1], GREEDY)[0]
+    second = eng.generate(ps[1:], GREEDY)[0]
+    assert [first.new_token_ids, second.new_token_ids] == reference
+    assert second.usage.cached_tokens == 32
+
+
+def test_chunked_prefill_mixed_with_decode_matches_torch_backend(demo_path, query_lens_seen):
+    """A request decoding while another's prompt is prefilled in chunks of the step budget: the mixed steps
+    attend in one ``prefill_attention`` call."""
+    ps = prompts((5, 30), seed=3)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        eng = engine(demo_path, backend, max_num_batched_tokens=8, enable_prefix_caching=False)
+        eng.add_request("a", ps[0], GREEDY)
+        generated: dict[str, list[int]] = {"a": eng.step()[0].new_token_ids, "b": []}  # a: prefill, then decodes
+        eng.add_request("b", ps[1], GREEDY)
+        while eng.has_unfinished():
+            for out in eng.step():
+                generated[out.request_id] += out.new_token_ids
+        outputs[backend] = generated
+    assert outputs["triton"] == outputs["torch"]
+    assert [len(t) for t in outputs["triton"].values()] == [GREEDY.max_tokens] * 2
+    assert any(1 in lens and max(lens) > 1 for lens in query_lens_seen), query_lens_seen
+
+
+def test_padded_decode_graph_batch_matches_torch_backend(demo_path):
+    """The decode graphs' forward (fixed buffers, padded rows rewriting row 0's K/V) on the triton path."""
+    ps = prompts((5, 20, 17), seed=4)
+    expected = tokens(engine(demo_path, "torch", enable_prefix_caching=False, max_num_seqs=8).generate(ps, GREEDY))
+    config = EngineConfig(model=str(demo_path), dtype="float32", device=DEVICE, num_kv_blocks=64,
+                          enable_prefix_caching=False, max_num_seqs=8, attention_backend="triton")  # fmt: skip
+    graphed = LLMEngine(config)
+    runner = graphed.runner
+    runner.graphs = RerunGraphs(runner.model, runner.kv_cache, 8, graphed.max_model_len)
+    assert tokens(graphed.generate(ps, GREEDY)) == expected
+    assert runner.graphs.captured and runner.graphs.replays == GREEDY.max_tokens - 1
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_families_match_torch_backend(family, demo_path, tmp_path):
+    """Qwen3: q/k norms before the in-place rotary; Mistral: sliding window 12 < the prompt lengths."""
+    make_hf_checkpoint(tmp_path, family, demo_path)
+    torch_tokens, triton_tokens = both(tmp_path, prompts((6, 21)))
+    assert triton_tokens == torch_tokens
