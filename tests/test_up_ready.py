@@ -98,7 +98,7 @@ def test_each_childs_output_lines_carry_its_name(stack):
     for name in ("registry", "prefill-0", "prefill-1", "decode-0", "decode-1", "gateway"):
         assert any(line.startswith(f"[{name}] ") for line in lines), name
     logged = [line for line in lines if re.match(r"(\[[\w-]+\] )?\d{4}-\d\d-\d\d ", line)]
-    assert all(line.startswith("[") or " services.up " in line for line in logged)
+    assert all(line.startswith("[") or " services.up." in line for line in logged)
 
 
 def test_a_taken_port_is_one_line_before_anything_starts(tmp_path):
