@@ -99,6 +99,7 @@ def test_each_childs_output_lines_carry_its_name(stack):
         assert any(line.startswith(f"[{name}] ") for line in lines), name
     logged = [line for line in lines if re.match(r"(\[[\w-]+\] )?\d{4}-\d\d-\d\d ", line)]
     assert all(line.startswith("[") or " services.up." in line for line in logged)
+    assert "s3cret" not in up.stderr()  # the API key is masked where up logs the gateway's command
 
 
 def test_a_taken_port_is_one_line_before_anything_starts(tmp_path):

@@ -38,13 +38,20 @@ class Child:
 
     def start(self) -> subprocess.Popen:
         """Start (or restart) the process; a thread copies its output to ours, each line prefixed."""
-        log.info("starting %s: %s", self.name, shlex.join(self.argv[3:]))
+        log.info("starting %s: %s", self.name, shown(self.argv[3:]))
         proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)
         self.pump = threading.Thread(target=_copy_lines, args=(proc.stdout, f"[{self.name}] ".encode()),
                                      name=f"output-{self.name}", daemon=True)
         self.pump.start()
         return proc
+
+
+def shown(argv: list[str]) -> str:
+    """``argv`` as a shell line for the log, the value of ``--api-key`` masked."""
+    masked = ["***" if before == "--api-key" else "--api-key=***" if arg.startswith("--api-key=") else arg
+              for before, arg in zip(["", *argv], argv)]
+    return shlex.join(masked)
 
 
 _output_lock = threading.Lock()
