@@ -86,7 +86,7 @@ def test_invalid_settings_name_their_flag(config, flag):
 
 @pytest.mark.parametrize("config, match", [
     (UpConfig(mode="colocated", prefill=2), "--prefill: applies to --mode disagg only"),
-    (UpConfig(mode="colocated", decode=1), "--decode: applies to --mode disagg only"),
+    (UpConfig(mode="colocated", decode=0), "--decode: applies to --mode disagg only"),
     (UpConfig(mode="colocated", decode_args="--block-size 32"), "--decode-args: applies to --mode disagg only"),
     (UpConfig(mode="disagg", colocated=2), "--colocated: counts instances of --mode colocated only"),
 ])

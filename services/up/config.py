@@ -22,6 +22,8 @@ ENGINE_FLAGS = ("model", "dtype", "device", "served_model_name", "max_model_len"
 
 @dataclass
 class UpConfig:
+    """The flags of ``pdserve up``; counts left at none mean 1."""
+
     mode: Literal["disagg", "colocated"] = opt("disagg", "disagg: prefill + decode instances; colocated: role-both instances")
     prefill: int | None = opt(None, "prefill instances, disagg only (none: 1)")
     decode: int | None = opt(None, "decode instances, disagg only (none: 1)")
@@ -66,7 +68,7 @@ class UpConfig:
             require(self.decode is None or self.decode >= 1, "decode", "disagg needs at least 1 decode instance")
         else:
             for name in ("prefill", "decode", "prefill_args", "decode_args"):
-                require(not getattr(self, name), name, "applies to --mode disagg only")
+                require(getattr(self, name) in (None, ""), name, "applies to --mode disagg only")
             require(self.colocated is None or self.colocated >= 1, "colocated", "colocated needs at least 1 instance")
         require(0 < self.port < 65536, "port", "must be a TCP port")
         require(0 <= self.registry_port < 65536, "registry_port", "must be a TCP port (0: a free one)")
@@ -75,7 +77,7 @@ class UpConfig:
         require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
         require(all(g >= 0 for g in self.gpus), "gpus", "GPU ids are >= 0")
         require(len(set(self.gpus)) == len(self.gpus), "gpus", "lists a GPU twice")
-        self.gateway_config("tcp://127.0.0.1:1")
+        self.gateway_config("tcp://127.0.0.1:7100")  # the registry address is up's own: any valid one will do
         self.engine_gpus()  # parses every engine's flags; refuses a stack needing more GPUs than --gpus lists
 
     def engine_roles(self) -> list[str]:
