@@ -115,9 +115,8 @@ class Stack:
     async def wait_ready(self) -> str:
         """Wait until the gateway serves every engine of this stack; returns the model name they serve."""
         deadline = time.monotonic() + self.config.ready_timeout_s
-        joined: dict[str, str] = {}
         async with httpx.AsyncClient(timeout=2.0, headers=self.auth()) as http:
-            while len(joined) < len(self.instance_ids):
+            while len(joined := await self.joined(http)) < len(self.instance_ids):
                 if exited := self.exited():
                     child = exited[0]
                     raise StackFailed(f"{child.name} exited ({child.proc.returncode}) during start-up; its lines "
@@ -126,7 +125,6 @@ class Stack:
                     waiting = ", ".join(name for name in self.instance_ids if name not in joined)
                     raise StackFailed(f"--ready-timeout-s: not ready after {self.config.ready_timeout_s:g} s "
                                       f"(not yet serving: {waiting}); a large model may need a longer one")
-                joined = await self.joined(http)
                 await asyncio.sleep(0.25)
         return next(iter(joined.values()))
 
