@@ -1,11 +1,15 @@
 """``pdserve up``'s configuration and GPU pinning (the processes themselves: test_up_e2e.py)."""
 
+import asyncio
+import json
 import socket
 
+import httpx
 import pytest
 
 from common.config import ConfigError
 from services.up import Stack, UpConfig, assign_gpus, tensor_parallel_size
+from tests.test_eval_pd import http_server
 
 
 def test_engines_of_tp_1_are_pinned_round_robin_to_the_given_gpus():
@@ -133,3 +137,24 @@ def test_the_registry_port_is_a_free_one_unless_given():
     port = Stack(UpConfig()).registry_port
     socket.create_server(("127.0.0.1", port)).close()  # nothing listens on it
     assert Stack(UpConfig(registry_port=7123)).registry == "tcp://127.0.0.1:7123"
+
+
+def test_ready_needs_this_stacks_own_instance_ids_from_the_gateway():
+    """A gateway that answers ``/ready`` and lists instances, but not this stack's ids (another stack on the
+    port), is not this stack being ready; this stack's engines count once its gateway lists their ids."""
+    stack = Stack(UpConfig(decode=2))
+
+    def joined(ids: list[str]) -> dict[str, str]:
+        body = json.dumps({"status": "ready", "data": [{"id": i, "model": "m"} for i in ids]}).encode()
+        with http_server(lambda: body) as stack.url:
+            return asyncio.run(_joined(stack))
+
+    ours = list(stack.instance_ids.values())
+    assert joined(["prefill-0-abcdef", "decode-0-abcdef"]) == {}
+    assert joined(ours[:2]) == {"prefill-0": "m", "decode-0": "m"}
+    assert joined(ours) == {"prefill-0": "m", "decode-0": "m", "decode-1": "m"}
+
+
+async def _joined(stack: Stack) -> dict[str, str]:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return await stack.joined(http)
