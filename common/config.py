@@ -5,7 +5,9 @@ metadata.  ``add_arguments`` turns each field into ``--field-name`` with its
 default shown in ``--help``; the environment variable ``PDSERVE_FIELD_NAME``
 overrides the default; a flag given on the command line overrides both.
 ``from_args`` builds the dataclass and calls its ``validate()``, whose
-``ConfigError`` the CLI prints as one clear line.
+``ConfigError`` the CLI prints as one clear line.  A ``Literal`` field (or one
+with ``choices``) accepts only its values; a boolean field also gets
+``--no-field-name``.
 
     @dataclass
     class RegistryConfig:
@@ -68,11 +70,11 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, optional
 
 
-def _parser_for(tp: Any, optional: bool, field: str):
-    """A function parsing one string into the field's type."""
+def _parser_for(tp: Any, optional: bool, field: str, choices: tuple | None = None):
+    """A function parsing one string into the field's type (one of ``choices`` when given)."""
     origin = get_origin(tp)
-    if origin is Literal:
-        values = get_args(tp)
+    if origin is Literal or choices:
+        values = get_args(tp) if origin is Literal else choices
 
         def parse_literal(s: str):
             if s not in values:
@@ -112,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type, defaults: d
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         tp, optional = _base_type(hints[f.name])
-        parse = _parser_for(tp, optional, f.name)
+        choices = get_args(tp) if get_origin(tp) is Literal else f.metadata.get("choices")
+        parse = _parser_for(tp, optional, f.name, choices)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         default = (defaults or {}).get(f.name, default)
         env = os.environ.get(env_name(f.name))
@@ -124,12 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type, defaults: d
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = f"{f.metadata.get('help', '')} (default: {shown}; env {env_name(f.name)})".replace("%", "%%")
         kwargs: dict[str, Any] = dict(dest=f.name, default=default, help=help_text, type=parse)
-        if get_origin(tp) is Literal:
-            kwargs["metavar"] = "{" + ",".join(map(str, get_args(tp))) + "}"
+        if choices:
+            kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
         if tp is bool:
             kwargs["nargs"] = "?"
             kwargs["const"] = True
         parser.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **kwargs)
+        if tp is bool:
+            parser.add_argument("--no-" + flag_name(f.name)[2:], dest=f.name, action="store_false",
+                                help=f"the same as {flag_name(f.name)} false")
 
 
 def from_args(config_cls: type[C], ns: argparse.Namespace) -> C:

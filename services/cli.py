@@ -4,19 +4,24 @@ Each subcommand's module exposes a config dataclass and ``serve(config)``;
 flags come from the dataclass (``common.config``), so every flag has a default
 shown in ``--help`` and a ``PDSERVE_<FLAG>`` environment variable.  An engine
 subcommand's module also exposes ``ROLES`` (role -> role object): the roles it
-runs, the first being its ``--role`` default.  Modules are
-imported only for the subcommand that runs, so ``pdserve registry`` never
-imports torch.
+runs, the first being its ``--role`` default.  A subcommand whose config has
+a ``model`` also takes it as a positional argument (``pdserve up MODEL``), and
+a model path that is not a directory is refused before anything starts.
+Modules are imported only for the subcommand that runs, so ``pdserve registry``
+never imports torch.  An invalid flag prints the subcommand's usage and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import NamedTuple
 
-from common.config import ConfigError, add_arguments, from_args
+from common.config import ConfigError, add_arguments, from_args, require
 from common.service import run_service, setup_logging
 
 
@@ -36,17 +41,55 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def pdserve_version() -> str:
+    """The installed distribution's version ("unknown" when run from a source tree that is not installed)."""
+    try:
+        return version("pdserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="pdserve", description="P/D disaggregated LLM serving.")
+    parser.add_argument("--version", action="version", version=f"pdserve {pdserve_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if command in (None, name):
             module = importlib.import_module(cmd.module)
+            config = getattr(module, cmd.config)
             roles = getattr(module, "ROLES", None)
-            add_arguments(p, getattr(module, cmd.config), {"role": next(iter(roles))} if roles else None)
+            add_arguments(p, config, {"role": next(iter(roles))} if roles else None)
+            p.usage = f"pdserve {name} [options]"  # an error is two lines; --help lists every flag
+            if "model" in {f.name for f in dataclasses.fields(config)}:
+                p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, instead of --model")
+                p.usage = f"pdserve {name} [MODEL] [options]"
     return parser
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (its errors print its own usage)."""
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
+def take_positional_model(sub: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Move a positional MODEL into ``ns.model``; giving a different ``--model`` as well is an error."""
+    tag = getattr(ns, "model_tag", None)
+    if tag is None:
+        return
+    require(ns.model in (tag, sub.get_default("model")), "model", f"the model is given twice ({tag} and "
+            f"{ns.model}): give it as MODEL or as --model")
+    ns.model = tag
+
+
+def check_model_path(model: str) -> None:
+    """Refuse a model that names a local path which is not a directory (a hub id or ``demo`` passes)."""
+    path = Path(model).expanduser()
+    looks_like_path = path.exists() or model.startswith(("/", "./", "../", "~"))
+    require(path.is_dir() or not looks_like_path, "model",
+            f"{model} is not a directory (give a model directory, a Hugging Face hub id, or 'demo')")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,16 +100,22 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(bench_main(argv[1:]))
     parser = build_parser(command or "__none__")
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
     cmd = COMMANDS[ns.command]
+    sub = subcommand_parser(parser, ns.command)
+    if unknown:
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(cmd.module)
     try:
+        take_positional_model(sub, ns)
         config = from_args(getattr(module, cmd.config), ns)
+        if hasattr(config, "model"):
+            check_model_path(config.model)
     except ConfigError as e:
-        parser.error(str(e))
+        sub.error(str(e))
     roles = getattr(module, "ROLES", None)
     if roles and config.role not in roles:
-        parser.error(f"--role: pdserve {ns.command} runs {' or '.join(roles)}, not {config.role}")
+        sub.error(f"--role: pdserve {ns.command} runs {' or '.join(roles)}, not {config.role}")
     setup_logging(getattr(config, "log_level", "info"))
     sys.exit(run_service(module.serve(config)))
 

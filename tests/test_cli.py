@@ -144,3 +144,62 @@ def test_a_forced_kv_transport_this_host_cannot_serve_is_refused_at_start(flags,
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert reason in out.stderr and "Traceback" not in out.stderr
+
+
+def pdserve(*args: str, module: str = "services.cli") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_boolean_flags_have_a_negation():
+    assert parse(["--verbose", "--no-verbose"]).verbose is False
+    assert parse(["--no-verbose", "--verbose"]).verbose is True  # the last one wins
+    ns = build_parser("prefill").parse_args(["prefill", "--no-enable-prefix-caching"])
+    assert ns.enable_prefix_caching is False
+
+
+def test_choices_of_a_str_field_are_enforced(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("gateway").parse_args(["gateway", "--log-level", "loud"])
+    assert "'loud' is not one of debug, info, warning, error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["up", "prefill", "decode"])
+def test_the_model_may_be_given_as_a_positional_argument(command):
+    parser = build_parser(command)
+    ns = parser.parse_args([command, str(ROOT), "--dtype", "float32"])
+    assert ns.model_tag == str(ROOT)
+    out = pdserve(command, "/nonexistent/model", "--dtype", "float32")
+    assert out.returncode == 2 and "--model: /nonexistent/model is not a directory" in out.stderr
+    out = pdserve(command, str(ROOT / "docs"), "--model", str(ROOT / "tests"))
+    assert out.returncode == 2 and "the model is given twice" in out.stderr
+
+
+@pytest.mark.parametrize("args, usage, message", [
+    (["registry", "--lease-ttl-s", "-1"], "usage: pdserve registry [options]", "--lease-ttl-s: must be > heartbeat interval"),
+    (["registry", "--bogus"], "usage: pdserve registry [options]", "unrecognized arguments: --bogus"),
+    (["up", "--model", "/nonexistent"], "usage: pdserve up [MODEL] [options]",
+     "--model: /nonexistent is not a directory (give a model directory, a Hugging Face hub id, or 'demo')"),
+    (["up", "--dtype", "fp8"], "usage: pdserve up [MODEL] [options]", "--dtype: must be one of auto, float32"),
+    (["up", "--device", "tpu"], "usage: pdserve up [MODEL] [options]", "--device: must be auto, cpu, cuda"),
+    (["up", "--log-level", "loud"], "usage: pdserve up [MODEL] [options]", "'loud' is not one of debug, info"),
+    (["up", "--mode", "colocated", "--prefill", "2"], "usage: pdserve up [MODEL] [options]",
+     "--prefill: applies to --mode disagg only"),
+    (["up", "--colocated", "2"], "usage: pdserve up [MODEL] [options]", "--colocated: counts instances of"),
+])
+def test_a_user_error_is_the_subcommands_usage_and_one_line(args, usage, message):
+    out = pdserve(*args)
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[0] == usage and message in out.stderr.splitlines()[1]
+    assert len(out.stderr.splitlines()) == 2, out.stderr
+
+
+def test_python_m_services_up_is_pdserve_up():
+    out = pdserve("--dtype", "fp8", module="services.up")
+    assert out.returncode == 2 and "pdserve up: error: --dtype" in out.stderr
+    assert "usage: pdserve up" in pdserve("--help", module="services.up").stdout
+
+
+def test_version():
+    out = pdserve("--version")
+    assert out.returncode == 0 and out.stdout.startswith("pdserve ")

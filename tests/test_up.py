@@ -1,9 +1,15 @@
 """``pdserve up``'s configuration and GPU pinning (the processes themselves: test_up_e2e.py)."""
 
+import asyncio
+import json
+import socket
+
+import httpx
 import pytest
 
 from common.config import ConfigError
 from services.up import Stack, UpConfig, assign_gpus, tensor_parallel_size
+from tests.test_eval_pd import http_server
 
 
 def test_engines_of_tp_1_are_pinned_round_robin_to_the_given_gpus():
@@ -61,8 +67,8 @@ def test_the_role_flags_win_over_the_flags_for_every_engine_in_the_gpu_plan():
 
 
 @pytest.mark.parametrize("config, match", [
-    (UpConfig(gpus=[0, 1], decode_args="-tp two"), "--engine-args/--decode-args: .*'two' is not a valid int"),
-    (UpConfig(gpus=[0, 1], prefill_args="-tp 0"), "--engine-args/--prefill-args: --tensor-parallel-size: must be"),
+    (UpConfig(gpus=[0, 1], decode_args="-tp two"), "--decode-args: .*'two' is not a valid int"),
+    (UpConfig(gpus=[0, 1], prefill_args="-tp 0"), "--prefill-args: --tensor-parallel-size: must be"),
     (UpConfig(gpus=[0, 0]), "--gpus: lists a GPU twice"),
 ])
 def test_invalid_engine_flags_or_gpu_lists_are_refused_naming_where(config, match):
@@ -73,6 +79,7 @@ def test_invalid_engine_flags_or_gpu_lists_are_refused_naming_where(config, matc
 @pytest.mark.parametrize("config, flag", [
     (UpConfig(mode="disagg", decode=0), "--decode"),
     (UpConfig(mode="colocated", colocated=0), "--colocated"),
+    (UpConfig(port=0), "--port"),
     (UpConfig(shutdown_timeout_s=0), "--shutdown-timeout-s"),
     (UpConfig(gpus=[-1]), "--gpus"),
 ])
@@ -81,9 +88,38 @@ def test_invalid_settings_name_their_flag(config, flag):
         config.validate()
 
 
-def test_counts_of_the_other_mode_do_not_matter():
-    UpConfig(mode="colocated", prefill=0, decode=0, colocated=2).validate()
-    UpConfig(mode="disagg", colocated=0).validate()
+@pytest.mark.parametrize("config, match", [
+    (UpConfig(mode="colocated", prefill=2), "--prefill: applies to --mode disagg only"),
+    (UpConfig(mode="colocated", decode=0), "--decode: applies to --mode disagg only"),
+    (UpConfig(mode="colocated", decode_args="--block-size 32"), "--decode-args: applies to --mode disagg only"),
+    (UpConfig(mode="disagg", colocated=2), "--colocated: counts instances of --mode colocated only"),
+])
+def test_flags_that_do_nothing_in_the_chosen_mode_are_refused(config, match):
+    with pytest.raises(ConfigError, match=match):
+        config.validate()
+
+
+@pytest.mark.parametrize("config, match", [
+    (UpConfig(dtype="fp8"), "^--dtype: must be one of auto, float32, float16, bfloat16$"),
+    (UpConfig(device="tpu"), "^--device: must be auto, cpu, cuda or cuda:N$"),
+    (UpConfig(block_size=3), "^--block-size: must be a power of two$"),
+    (UpConfig(engine_args="--num-kv-blocks 8 --bogus 1"), "^--engine-args: unrecognized arguments: --bogus 1$"),
+    (UpConfig(decode_args="--dtype fp8"), "^--decode-args: --dtype: must be one of"),
+    (UpConfig(gateway_args="--max-n 0"), "^--gateway-args: --max-n: must be >= 1$"),
+])
+def test_up_refuses_what_a_child_would_refuse_naming_the_flag_and_where_it_came_from(config, match):
+    with pytest.raises(ConfigError, match=match):
+        config.validate()
+
+
+def test_the_common_engine_and_gateway_flags_reach_the_children_before_the_extra_flags():
+    config = UpConfig(served_model_name="m", max_model_len=512, block_size=32, gpu_memory_utilization=0.5,
+                      tensor_parallel_size=2, api_key="k", engine_args="--block-size 64")
+    config.validate()
+    engine = config.engine_config("decode")
+    assert (engine.model_name, engine.max_model_len, engine.gpu_memory_utilization) == ("m", 512, 0.5)
+    assert (engine.tensor_parallel_size, engine.block_size) == (2, 64)  # --engine-args come later: they win
+    assert config.gateway_config("tcp://127.0.0.1:7100").api_key == "k"
 
 
 def test_role_flags_follow_the_flags_for_every_engine():
@@ -94,3 +130,31 @@ def test_role_flags_follow_the_flags_for_every_engine():
     assert decode[0] == "decode" and decode[-4:] == ["--block-size", "32", "--served-model-name", "my model"]
     assert decode.index("32") > decode.index("16")  # the decode's own flag comes last, so it wins
     assert both[:3] == ["prefill", "--role", "both"] and both[-4:] == ["--block-size", "16", "--max-num-seqs", "8"]
+
+
+def test_the_registry_port_is_a_free_one_unless_given():
+    assert UpConfig().registry_port == 0
+    port = Stack(UpConfig()).registry_port
+    socket.create_server(("127.0.0.1", port)).close()  # nothing listens on it
+    assert Stack(UpConfig(registry_port=7123)).registry == "tcp://127.0.0.1:7123"
+
+
+def test_ready_needs_this_stacks_own_instance_ids_from_the_gateway():
+    """A gateway that answers ``/ready`` and lists instances, but not this stack's ids (another stack on the
+    port), is not this stack being ready; this stack's engines count once its gateway lists their ids."""
+    stack = Stack(UpConfig(decode=2))
+
+    def joined(ids: list[str]) -> dict[str, str]:
+        body = json.dumps({"status": "ready", "data": [{"id": i, "model": "m"} for i in ids]}).encode()
+        with http_server(lambda: body) as stack.url:
+            return asyncio.run(_joined(stack))
+
+    ours = list(stack.instance_ids.values())
+    assert joined(["prefill-0-abcdef", "decode-0-abcdef"]) == {}
+    assert joined(ours[:2]) == {"prefill-0": "m", "decode-0": "m"}
+    assert joined(ours) == {"prefill-0": "m", "decode-0": "m", "decode-1": "m"}
+
+
+async def _joined(stack: Stack) -> dict[str, str]:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return await stack.joined(http)

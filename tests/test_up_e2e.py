@@ -40,14 +40,14 @@ def wait_for(cond, timeout: float, what: str):
 
 class Stack:
     def __init__(self, tmp: Path):
-        self.port, self.registry_port = free_port(), free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / "up.log", "wb")
         engine_args = ("--num-kv-blocks 1024 --dtype float32 --device cpu "
                        "--kv-lease-seconds 10 --shutdown-timeout-s 5")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "up", "--prefill", "2", "--decode", "1",
-             "--port", str(self.port), "--registry-port", str(self.registry_port),
+             "--port", str(self.port),
              "--engine-args", engine_args,
              "--gateway-args", f"--stream-idle-timeout-s {IDLE_TIMEOUT_S} --failure-cooldown-s 1",
              "--shutdown-timeout-s", "10", "--log-level", "warning"],
@@ -65,9 +65,15 @@ class Stack:
     def instances(self) -> list[dict]:
         return httpx.get(self.url + "/v1/instances", timeout=5).json()["data"]
 
-    def pid_of(self, role: str) -> int:
+    def pid_of(self, pattern: str) -> int:
+        """The pid of the child of ``pdserve up`` whose command line has ``pattern``."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "--", pattern], capture_output=True, text=True)
+        (pid,) = out.stdout.split()
+        return int(pid)
+
+    def engine_pid(self, role: str) -> int:
         inst = next(i for i in self.instances() if i["role"] == role)
-        return int(inst["id"].rsplit("-", 1)[1])  # default instance ids end with the pid
+        return self.pid_of(f"--instance-id {inst['id']} ")
 
     def gauges(self, name: str) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=5).text
@@ -285,7 +291,7 @@ async def _many(url: str, n: int) -> list[str]:
 
 
 def test_prefill_killed_with_requests_in_flight(stack):
-    pid = stack.pid_of("prefill")
+    pid = stack.engine_pid("prefill")
 
     async def run() -> list[str]:
         task = asyncio.create_task(_many(stack.url, 20))
@@ -299,8 +305,7 @@ def test_prefill_killed_with_requests_in_flight(stack):
 
 
 def test_registry_restart_keeps_serving(stack, client):
-    pid = int(subprocess.run(["pgrep", "-f", f"registry --bind tcp://127.0.0.1:{stack.registry_port}"],
-                             capture_output=True, text=True).stdout.split()[0])
+    pid = stack.pid_of("services.cli registry ")
     os.kill(pid, signal.SIGKILL)
     r = client.completions.create(prompt="while the registry is down", max_tokens=4, **GREEDY)
     assert r.choices[0].finish_reason == "length"
@@ -312,7 +317,7 @@ def test_registry_restart_keeps_serving(stack, client):
 def test_decode_killed_mid_stream_ends_with_an_error_event(stack):
     body = {"model": "demo", "prompt": "kill the decode", "max_tokens": 3000, "stream": True, "ignore_eos": True}
     wait_for(lambda: len(stack.instances()) == 3, 30, "three instances")
-    pid = stack.pid_of("decode")
+    pid = stack.engine_pid("decode")
     events: list[str] = []
     with httpx.stream("POST", stack.url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
