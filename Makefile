@@ -44,10 +44,12 @@ install: system-deps torch
 	if $(PY) -m pip show -q $(OTHER_BUILDS) >/dev/null 2>&1; then \
 	  $(PY) -m pip uninstall -qq -y $(OTHER_BUILDS) $(DIST_$(MOONCAKE)); fi
 	$(if $(filter cpu,$(MOONCAKE)),$(PY) -m pip uninstall -qq -y $(CUDA_RUNTIME_PIN))
-	$(PY) -m pip install -q -e '.[$(MOONCAKE),dev]'
+	$(PY) -m pip install -q -e '.[$(MOONCAKE)$(EXTRAS)]'
 
 up: install
 	$(PY) -m services.cli up $(ARGS)
 
+# The dev extra (test tools, triton for the kernel tests) only where the tests run.
+test: EXTRAS = ,dev
 test: install
 	$(PY) -m pytest -q
