@@ -2,11 +2,13 @@
 
 Runs the real Makefile against a fresh virtual environment and small stand-in torch wheels served from
 local indexes (no network, nothing 190 MB): pip's own configuration is switched off and its default
-index is one offering only the stand-in of PyPI's build.
+index is one offering only the stand-in of PyPI's build.  The project's own install step resolves its
+real dependencies through the machine's pip configuration (a dry run).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,3 +99,15 @@ def test_a_torch_outside_the_projects_range_is_replaced(env):
     out = make_torch(env, f"TORCH_INDEX_URL={env['cpu']}")
     assert out.returncode == 0, out.stderr
     assert installed_torch(env) == "2.13.0+cpu"
+
+
+def test_the_projects_install_keeps_an_installed_torch(env):
+    """pip installs the project's dependencies only if needed: a torch in range stays, whatever index
+    (here the machine's own pip configuration) offers."""
+    pip_install(env, env["old"], "torch==2.5.0")
+    out = subprocess.run([env["python"], "-m", "pip", "install", "--dry-run", "-q", "--report", "-", f"{ROOT}[cpu]"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    to_install = {item["metadata"]["name"] for item in json.loads(out.stdout)["install"]}
+    assert "pdserve" in to_install
+    assert not {name for name in to_install if name == "torch" or name.startswith("nvidia-")}, to_install
