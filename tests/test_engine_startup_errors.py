@@ -47,6 +47,11 @@ def test_an_unreachable_hub_id(tmp_path):
     assert_one_error_line(out, "'nosuch/hub-id'", "Hugging Face Hub", "pass a local model directory or 'demo'")
 
 
+def test_an_unreachable_tokenizer_hub_id(tmp_path):
+    out = start_prefill(tmp_path, "--tokenizer", "nosuch/tokenizer")
+    assert_one_error_line(out, "tokenizer 'nosuch/tokenizer'", "pass a local tokenizer directory or 'demo'")
+
+
 def test_a_directory_that_is_no_checkpoint(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
