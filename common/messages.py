@@ -29,9 +29,7 @@ class Message(msgspec.Struct, tag=True, omit_defaults=True, forbid_unknown_field
     """Base of all wire messages: the tag is the class name."""
 
 
-# --------------------------------------------------------------------------- #
-# Shared records
-# --------------------------------------------------------------------------- #
+# --- Shared records ----------------------------------------------------------
 
 
 class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -50,35 +48,6 @@ class Fingerprint(msgspec.Struct, frozen=True, omit_defaults=True):
     def differences(self, other: "Fingerprint") -> list[str]:
         """Names of the fields whose values differ, e.g. ``["block_size"]``."""
         return [f for f in self.__struct_fields__ if getattr(self, f) != getattr(other, f)]
-
-
-def kv_incompatibilities(prefill: Fingerprint, decode: Fingerprint) -> dict[str, str]:
-    """Why ``decode`` cannot read ``prefill``'s KV blocks: field name -> reason; empty when it can.
-
-    Every fingerprint field must match, except two that may differ within what the reader
-    implements: the block sizes when both are powers of two (it maps token positions), and the
-    tensor-parallel sizes when one divides the other (each decode rank reads the KV heads it owns
-    from the prefill ranks holding them): ``common.kv_transfer.read_plan``.
-    """
-    if prefill == decode:  # the usual case, asked once per decode candidate on every request
-        return {}
-    reasons = {}
-    for field in prefill.differences(decode):
-        at_prefill, at_decode = getattr(prefill, field), getattr(decode, field)
-        if field == "block_size":
-            if not (_is_power_of_two(at_prefill) and _is_power_of_two(at_decode)):
-                reasons[field] = (f"block_size: prefill {at_prefill} and decode {at_decode} differ and are not both "
-                                  "powers of two")
-        elif field == "tensor_parallel_size":
-            if max(at_prefill, at_decode) % min(at_prefill, at_decode):
-                reasons[field] = f"prefill TP {at_prefill} and decode TP {at_decode}: neither divides the other"
-        else:
-            reasons[field] = f"{field}: prefill {at_prefill!r}, decode {at_decode!r}"
-    return reasons
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 class Capacity(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -110,9 +79,7 @@ class Instance(msgspec.Struct, omit_defaults=True):
     load: Load = msgspec.field(default_factory=Load)
 
 
-# --------------------------------------------------------------------------- #
-# Generic replies
-# --------------------------------------------------------------------------- #
+# --- Generic replies ---------------------------------------------------------
 
 
 class Ack(Message):
@@ -142,9 +109,7 @@ class ErrorReply(Message):
     param: str | None = None
 
 
-# --------------------------------------------------------------------------- #
-# Registry
-# --------------------------------------------------------------------------- #
+# --- Registry ----------------------------------------------------------------
 
 
 class Register(Message):
@@ -186,9 +151,7 @@ class MembershipEvent(Message):
     instance: Instance
 
 
-# --------------------------------------------------------------------------- #
-# Engine requests
-# --------------------------------------------------------------------------- #
+# --- Engine requests ---------------------------------------------------------
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True):
@@ -320,9 +283,7 @@ class EngineStats(Message):
     kv_transports: dict[str, str] = {}  # decode: prefill engine id -> the KV transport chosen for it
 
 
-# --------------------------------------------------------------------------- #
-# KV side channel (decode -> prefill)
-# --------------------------------------------------------------------------- #
+# --- KV side channel (decode -> prefill) -------------------------------------
 
 
 class MemoryRegion(msgspec.Struct, frozen=True):
@@ -381,9 +342,7 @@ class ReleaseKV(Message):
     transfer_ids: list[str]
 
 
-# --------------------------------------------------------------------------- #
-# Inside one tensor-parallel instance: rank 0 -> a worker rank's KV agent
-# --------------------------------------------------------------------------- #
+# --- Inside one tensor-parallel instance: rank 0 -> a worker rank's KV agent ---
 
 
 class RankConnect(Message):
@@ -411,9 +370,7 @@ class RankReadDone(Message):
     seconds: float  # inside the backend
 
 
-# --------------------------------------------------------------------------- #
-# Unions
-# --------------------------------------------------------------------------- #
+# --- Unions ------------------------------------------------------------------
 
 RegistryRequest = Union[Register, Heartbeat, Deregister, ListInstances, Watch]
 EngineRequest = Union[Generate, Abort, GetStats, Tokenize, Detokenize]

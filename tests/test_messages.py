@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 import common.messages as m
+from common.kv_compat import kv_incompatibilities
 from common.engine.kv_cache import KVCache
 
 STRUCTS = [c for _, c in inspect.getmembers(m, inspect.isclass)
@@ -69,7 +70,7 @@ def test_protocol_doc_lists_every_message():
        "num_layers": "num_layers: prefill 4, decode 2"})],
 )
 def test_kv_incompatibilities_allow_power_of_two_block_sizes_only(decode, reasons):
-    assert m.kv_incompatibilities(FP, msgspec.structs.replace(FP, **decode)) == reasons
+    assert kv_incompatibilities(FP, msgspec.structs.replace(FP, **decode)) == reasons
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def test_kv_incompatibilities_allow_tp_sizes_where_one_divides_the_other(prefill
     prefill = msgspec.structs.replace(FP, tensor_parallel_size=prefill_tp)
     decode = msgspec.structs.replace(FP, tensor_parallel_size=decode_tp, block_size=32)
     expected = {} if reason is None else {"tensor_parallel_size": reason}
-    assert m.kv_incompatibilities(prefill, decode) == expected
+    assert kv_incompatibilities(prefill, decode) == expected
 
 
 def test_transfer_params_carry_the_prefill_block_size_and_default_to_zero():

@@ -24,7 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.engine.engine import LLMEngine, StepStats
+from common.engine.engine import LLMEngine
+from common.engine.stats import StepStats
 from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
 from common.errors import PdserveError
 from common.messages import SamplingParams

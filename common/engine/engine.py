@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -34,32 +33,11 @@ from common.engine.sequence import (
     Sequence,
     SequenceStatus,
 )
+from common.engine.stats import StepStats
 from common.engine.tp_workers import WorkerRanks, load_rank
-from common.messages import MAX_LOGPROBS, Load, SamplingParams, TokenLogprob, Usage
+from common.messages import MAX_LOGPROBS, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepStats:
-    """The engine's counts between two steps (the wire ``EngineStats`` carries them as ``Load``)."""
-
-    running: int
-    waiting: int
-    waiting_for_remote_kvs: int
-    kv_blocks_used: int
-    kv_blocks_pinned: int
-    kv_blocks_total: int
-    num_preemptions: int
-
-    def to_load(self) -> Load:
-        return Load(
-            running=self.running,
-            waiting=self.waiting + self.waiting_for_remote_kvs,
-            kv_blocks_used=self.kv_blocks_used,
-            kv_blocks_total=self.kv_blocks_total,
-            kv_blocks_pinned=self.kv_blocks_pinned,
-        )
 
 
 def resolve_device(name: str) -> torch.device:

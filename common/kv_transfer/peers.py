@@ -20,7 +20,8 @@ from common.errors import BusError, CallTimeout, HandshakeError, PeerError
 from common.kv_transfer.rank_io import RankIO
 from common.kv_transfer.read_plan import Source, plan_sources
 from common.kv_transfer.transports import Placement, TransportError, candidates
-from common.messages import Fingerprint, Handshake, HandshakeReply, KVRankMemory, kv_incompatibilities
+from common.kv_compat import kv_incompatibilities
+from common.messages import Fingerprint, Handshake, HandshakeReply, KVRankMemory
 
 logger = logging.getLogger(__name__)
 

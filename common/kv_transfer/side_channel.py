@@ -1,7 +1,7 @@
 """Prefill side of the KV handoff: the side channel decode engines call on the KV ROUTER.
 
 ``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version,
-or a decode that cannot read our KV: ``common.messages.kv_incompatibilities``)
+or a decode that cannot read our KV: ``common.kv_compat.kv_incompatibilities``)
 with every rank's KV memory and the transports it can be read over (the
 reader's ranks pick one per pair of ranks), and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
 the pinned transfers (the prefill handoff): the side channel never frees blocks
@@ -15,6 +15,7 @@ from typing import Protocol
 
 from common.bus import BusServer
 from common.errors import PeerError
+from common.kv_compat import kv_incompatibilities
 from common.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -25,7 +26,6 @@ from common.messages import (
     LeaseRenewed,
     ReleaseKV,
     RenewLease,
-    kv_incompatibilities,
 )
 
 logger = logging.getLogger(__name__)

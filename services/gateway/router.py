@@ -15,7 +15,7 @@ each have their own policy object, so their choices are never locked together.
 
 An instance that failed a leg is skipped for ``failure_cooldown_s`` unless no
 other candidate is left.  A decode instance is only paired with a prefill
-instance of the same model whose KV it can read (``common.messages.kv_incompatibilities``).
+instance of the same model whose KV it can read (``common.kv_compat.kv_incompatibilities``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import time
 from collections import Counter
 from typing import Iterable, Literal, Mapping, get_args
 
-from common.messages import Instance, Role, kv_incompatibilities
+from common.kv_compat import kv_incompatibilities
+from common.messages import Instance, Role
 from common.roles import serves
 from services.gateway.errors import APIError, invalid, no_instance
 

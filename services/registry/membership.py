@@ -10,7 +10,7 @@ Rules:
   (never a second entry).  Same id -> one "updated" event; an endpoint taken
   over by a new id -> "left" for the old id, then "joined" for the new one.
 * Instances serving the same model must be able to read each other's KV
-  (``common.messages.kv_incompatibilities``: block sizes may differ, both powers
+  (``common.kv_compat.kv_incompatibilities``: block sizes may differ, both powers
   of two), except that a ``both``-role instance may differ in ``transfer_backend``.
 * A record whose last register/heartbeat is older than ``lease_ttl_s`` expires.
 * A heartbeat emits "updated" only when the load changed (so a watcher sees
@@ -24,7 +24,8 @@ import logging
 import msgspec
 
 from common.errors import PeerError
-from common.messages import PROTOCOL_VERSION, Instance, Load, MembershipEvent, Role, kv_incompatibilities
+from common.kv_compat import kv_incompatibilities
+from common.messages import PROTOCOL_VERSION, Instance, Load, MembershipEvent, Role
 from common.roles import serves
 
 logger = logging.getLogger(__name__)
