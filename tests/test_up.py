@@ -122,6 +122,15 @@ def test_the_common_engine_and_gateway_flags_reach_the_children_before_the_extra
     assert config.gateway_config("tcp://127.0.0.1:7100").api_key == "k"
 
 
+def test_the_tokenizer_and_chat_template_flags_reach_the_engines(tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    config = UpConfig(tokenizer="/models/tok", chat_template=str(template))
+    config.validate()
+    engine = config.engine_config("prefill")
+    assert (engine.tokenizer, engine.chat_template) == ("/models/tok", str(template))
+
+
 def test_role_flags_follow_the_flags_for_every_engine():
     stack = Stack(UpConfig(engine_args="--block-size 16 --max-num-seqs 8", prefill_args="--kv-transport shm",
                            decode_args="--block-size 32 --served-model-name 'my model'"))

@@ -17,7 +17,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 # UpConfig fields handed to every engine as the same flag, when set.
 ENGINE_FLAGS = ("model", "dtype", "device", "served_model_name", "max_model_len", "block_size",
-                "gpu_memory_utilization", "tensor_parallel_size")
+                "gpu_memory_utilization", "tensor_parallel_size", "tokenizer", "chat_template")
 
 
 @dataclass
@@ -37,6 +37,8 @@ class UpConfig:
     gpu_memory_utilization: float | None = opt(None, "share of free GPU memory for the KV cache (engines' "
                                                      "flag); none = the engines' default")
     tensor_parallel_size: int | None = opt(None, "ranks per engine (engines' flag); none = 1", aliases=("-tp",))
+    tokenizer: str | None = opt(None, "tokenizer instead of the model's, a directory or hub id (engines' flag)")
+    chat_template: str | None = opt(None, "chat template file or inline Jinja instead of the model's (engines' flag)")
     api_key: str | None = opt(None, "gateway: /v1 requests need 'Authorization: Bearer <key>'")
     host: str = opt("127.0.0.1", "gateway host")
     port: int = opt(8000, "gateway port")
