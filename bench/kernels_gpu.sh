@@ -8,6 +8,8 @@
 # Needs, in .whl/ (git-ignored), the cp312 wheels the device image lacks (bench/gpu_steps.sh) and pytest's
 # (pytest, pluggy, iniconfig, packaging, pytest_asyncio: pure Python).
 # tests:    the kernel tests compiled on the GPU (bf16 included) and the engine on the triton backend;
+# gpu-tests: the test plan's GPU layer (tests/test_gpu_layer.py, `-m gpu`: registration metadata, a producer ->
+#           consumer loopback compared byte for byte, gateway + prefill + decode end to end; needs openai's wheels);
 # identity: 29 greedy requests through the triton backend (decode CUDA graphs) and the torch backend, 1B shape;
 # floor:    bench.decode_floor, batches 1 and 32, triton backend, for the Llama-3.2-1B and Llama-3.1-8B shapes;
 # prefill:  bench.prefill_roof, 1 x 2,048 and 8 x 2,048 tokens, both shapes;
@@ -15,7 +17,7 @@
 # Writes $OUT/<step>.log and status.txt.  A failed step does not stop the next one.
 set -uo pipefail
 OUT=${OUT:-/tmp/kernels-gpu}
-PARTS=${PARTS:-tests identity floor prefill offline}
+PARTS=${PARTS:-tests gpu-tests identity floor prefill offline}
 CKPT_1B=${CKPT_1B:-/tmp/llama-3.2-1b-random}
 CKPT_8B=${CKPT_8B:-/tmp/llama-3.1-8b-random}
 source bench/gpu_steps.sh
@@ -23,6 +25,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 has tests && step kernel_tests 240 python3 -m pytest -q -p no:cacheprovider -x tests/test_paged_attention_kernels.py \
   tests/test_fused_kernels.py tests/test_kernel_engine.py
+has gpu-tests && step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_layer.py
 [ -f "$CKPT_1B/model.safetensors" ] || step checkpoint_1b 120 python3 -m bench.make_checkpoint --shape llama-3.2-1b \
   --out "$CKPT_1B" --device cuda --seed 0
 if has floor || has prefill; then

@@ -61,7 +61,8 @@ class PeerProcess:
 
     def __enter__(self) -> dict:
         self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+                                     env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
         ready, _, _ = select.select([self.proc.stdout], [], [], self.ready_timeout_s)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
