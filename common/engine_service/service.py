@@ -36,6 +36,7 @@ from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
 from common.engine.kv_cache import KVCache, zeros
 from common.engine.sequence import InvalidRequest, RequestOutput
+from common.engine_service.addresses import WILDCARDS, tcp_host
 from common.engine_service.config import EngineServiceConfig
 from common.engine_service.prompt import prompt_token_ids
 from common.errors import PeerError
@@ -160,6 +161,9 @@ class EngineService:
         await self.server.start()
         self.accepting = True
         await self.registry.start_heartbeats(self.instance(), self.load)
+        if tcp_host(self.config.bind) in WILDCARDS:
+            log.info("%s listens on all interfaces (%s): --advertise-host %s is not an address of this host",
+                     self.instance_id, self.server.endpoint, self.config.advertise_host)
         log.info("%s serving %s on %s (KV side channel %s)", self.instance_id, self.config.model_name,
                  self.request_endpoint, self.kv_endpoint)
 
