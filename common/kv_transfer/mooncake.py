@@ -5,13 +5,20 @@ The ``mooncake`` module comes from one of three builds, one per host kind (pdser
 engine binds an RPC port and peers address it as ``host:rpc_port``.  RDMA when NICs exist, TCP
 otherwise or when forced (``MC_FORCE_TCP=1``).  Batch reads are synchronous and busy-poll: run
 them off the event loop.
+
+Mooncake logs through glog straight to file descriptor 2.  Its level follows ``--log-level``
+(``MC_LOG_LEVEL``, read when the module loads; Mooncake's own INFO lines show at ``debug``), and
+the lines it prints on every healthy start (``BENIGN_START_LINES``) are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import sys
+import tempfile
+from typing import Any, Iterator
 
 import torch
 
@@ -30,8 +37,46 @@ INSTALL_HINT = (
 )
 
 
+GLOG_LEVELS = {logging.DEBUG: "INFO", logging.INFO: "WARNING", logging.WARNING: "WARNING",
+               logging.ERROR: "ERROR", logging.CRITICAL: "FATAL"}  # our level -> the least severe glog shows
+BENIGN_START_LINES = (
+    "Logging before InitGoogleLogging",  # glog's notice that it logs to stderr: what we want
+    "Using default malloc/free for protocol",  # TCP needs no special allocator
+    # P2PHANDSHAKE: initialize() looks up this engine's own segment before the transport it installs next
+    # has published it (the transport's "listen on port" line follows); nothing is missing once it returns.
+    "Local segment descriptor not found",
+)
+
+
+def glog_level() -> str:
+    """The glog level (``MC_LOG_LEVEL``) matching this module's effective log level."""
+    level = logger.getEffectiveLevel()
+    return next((name for lvl, name in sorted(GLOG_LEVELS.items()) if level <= lvl), "FATAL")
+
+
+@contextlib.contextmanager
+def without_benign_start_lines() -> Iterator[None]:
+    """What is written to fd 2 inside the block, minus ``BENIGN_START_LINES``, is written after it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not any(b in line for b in BENIGN_START_LINES)))
+            sys.stderr.flush()
+
+
 def load_transfer_engine_class() -> Any:
-    """``mooncake.engine.TransferEngine``, or ``BackendUnavailable`` naming the fix."""
+    """``mooncake.engine.TransferEngine`` with glog at our level (unless ``MC_LOG_LEVEL`` is set),
+    or ``BackendUnavailable`` naming the fix."""
+    os.environ.setdefault("MC_LOG_LEVEL", glog_level())
     try:
         from mooncake.engine import TransferEngine
     except (ImportError, OSError) as e:
@@ -60,9 +105,11 @@ class MooncakeBackend(TransferBackend):
         if self.use_tcp:
             os.environ["MC_FORCE_TCP"] = "1"
         os.environ["MC_TRANSFER_TIMEOUT"] = str(transfer_timeout_s)
-        self.engine = engine_cls()
         protocol = "tcp" if self.use_tcp else "rdma"
-        if self.engine.initialize(host, "P2PHANDSHAKE", protocol, "") != 0:
+        with without_benign_start_lines():
+            self.engine = engine_cls()
+            status = self.engine.initialize(host, "P2PHANDSHAKE", protocol, "")
+        if status != 0:
             raise RuntimeError(f"Mooncake initialize({host!r}, P2PHANDSHAKE, {protocol}) failed")
         self._session = f"{host}:{self.engine.get_rpc_port()}"
         self._registered: list[int] = []
