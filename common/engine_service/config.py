@@ -34,6 +34,8 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
     shutdown_timeout_s: float = opt(10.0, "on SIGTERM, let in-flight requests finish this long, then abort them")
     max_frame_bytes: int = opt(DEFAULT_MAX_FRAME_BYTES, "largest accepted message in bytes")
     log_level: str = opt("info", "log level")
+    stats_interval_s: float = opt(10.0, "log a stats line (throughput, requests, KV usage) this often while "
+                                        "work is in flight or something changed; 0: never")
 
     def __post_init__(self) -> None:
         """Unset addresses follow ``--advertise-host`` (``addresses.bind_host``)."""
@@ -55,6 +57,7 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
             require(mismatch is None, name, str(mismatch))
         for name in ("registry_timeout_s", "remote_blocks_timeout_s", "shutdown_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.stats_interval_s >= 0, "stats_interval_s", "must be >= 0 (0: no stats line)")
 
     @property
     def model_name(self) -> str:
