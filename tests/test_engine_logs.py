@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from bench.engine_driver import EngineDriver, prompt_ids
 from bench.processes import free_port
-from common.engine.loader import load_model, resolve_model_path
 from common.engine.engine import StepStats
+from common.engine.loader import load_model, resolve_model_path
 from common.engine.model_config import load_model_config
 from common.engine_service.stats_log import StatsLog
 from common.messages import SamplingParams
@@ -71,7 +71,11 @@ class EngineProcess:
             "--dtype", "float32", "--num-kv-blocks", "64", "--registry", self.registry_endpoint, *self.flags,
             cwd=ROOT, stderr=asyncio.subprocess.PIPE)
         self.reader = asyncio.create_task(self._read())
-        await eventually(lambda: asyncio.sleep(0, self.serving() is not None), timeout=120, interval=0.1)
+        try:
+            await eventually(lambda: self.serving() is not None, timeout=120, interval=0.1)
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def _read(self) -> None:
@@ -112,8 +116,7 @@ async def test_engine_listens_where_it_advertises_and_logs_stats_while_busy():
             assert len(await driver.reference(prompt_ids(40, 1), sampling, name="e")) == 64
         finally:
             await driver.close()
-        await eventually(lambda: asyncio.sleep(0, any(float(m.group(2)) > 0 for m in engine.stats_lines()[before:])),
-                         timeout=30)
+        await eventually(lambda: any(float(m.group(2)) > 0 for m in engine.stats_lines()[before:]), timeout=30)
         assert any(float(m.group(1)) > 0 for m in engine.stats_lines()[before:])  # the 40-token prompt
     assert all(" INFO " in line for line in engine.lines if STATS.search(line))
 

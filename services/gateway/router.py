@@ -14,7 +14,8 @@ each have their own policy object, so their choices are never locked together.
   then most free KV blocks, ties rotated.
 
 An instance that failed a leg is skipped for ``failure_cooldown_s`` unless no
-other candidate is left; the first failure of an episode is logged at warning with its error.  A decode instance is only paired with a prefill
+other candidate is left; the first failure of an episode (until a leg on it
+succeeds) is logged at warning with its error.  A decode instance is only paired with a prefill
 instance of the same model whose KV it can read (``common.messages.kv_incompatibilities``).
 """
 
