@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -56,21 +56,29 @@ def glog_level() -> str:
 
 @contextlib.contextmanager
 def without_benign_start_lines() -> Iterator[None]:
-    """What is written to fd 2 inside the block, minus ``BENIGN_START_LINES``, is written after it."""
+    """Inside the block, fd 2 goes through a pipe that forwards every line but ``BENIGN_START_LINES``
+    as it comes (so a library abort still leaves its last words on stderr)."""
     sys.stderr.flush()
+    read_end, write_end = os.pipe()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not any(b in line for b in BENIGN_START_LINES)))
-            sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not any(b.encode() in line for b in BENIGN_START_LINES):
+                    os.write(saved, line)
+
+    forwarder = threading.Thread(target=forward, name="mooncake-stderr", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the forwarder reads to its end
+        forwarder.join()
+        os.close(saved)
 
 
 def load_transfer_engine_class() -> Any:
@@ -113,7 +121,9 @@ class MooncakeBackend(TransferBackend):
             raise RuntimeError(f"Mooncake initialize({host!r}, P2PHANDSHAKE, {protocol}) failed")
         self._session = f"{host}:{self.engine.get_rpc_port()}"
         self._registered: list[int] = []
-        logger.info("Mooncake engine up at %s over %s", self._session, protocol)
+        # Mooncake binds its RPC and TCP data ports to INADDR_ANY whatever the host (no bind address in
+        # its API or environment, MC_TCP_BIND_ADDRESS only names the advertised address): say so.
+        logger.info("Mooncake engine up at %s over %s (it listens on all interfaces)", self._session, protocol)
 
     @property
     def session(self) -> str:
