@@ -22,7 +22,7 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
     role: Literal["prefill", "decode", "both"] = opt("both", "prefill, decode, or both (colocated, no transfer)")
     bind: str | None = opt(None, "request ROUTER address (port 0: any free port); none: port 0 on the address "
                                  "--advertise-host resolves to here, or 0.0.0.0 when it is not one of this host's")
-    kv_bind: str | None = opt(None, "KV side-channel ROUTER address; none: as --bind")
+    kv_bind: str | None = opt(None, "KV side-channel ROUTER address; none: as the default of --bind")
     advertise_host: str = opt("127.0.0.1", "host the registry hands out for this engine's sockets "
                                            "(other hosts connect there: give this host's routable address)")
     kv_host: str | None = opt(None, "address peers reach this engine's transfer backend at; none: --advertise-host")
