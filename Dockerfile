@@ -7,11 +7,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-# torch before the project, so the project's torch range accepts it. For a
-# CPU-only image point pip at a CPU wheel index with --build-arg TORCH_INDEX=...
+# torch before the project, so the project's torch range accepts it and pip keeps it.  By default the CPU
+# wheel (about 190 MB) from PyTorch's CPU index; --build-arg TORCH_INDEX_URL= (empty) takes pip's index
+# instead, where PyPI's Linux x86_64 torch is the CUDA build with about 2.6 GB of NVIDIA and triton wheels.
 ARG TORCH_SPEC="torch==2.13.0"
-ARG TORCH_INDEX=""
-RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 
 COPY pyproject.toml README.md ./
 COPY common ./common

@@ -21,20 +21,35 @@ system-deps:
 	@dpkg -s libibverbs1 librdmacm1 libnuma1 libcurl4 >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 libnuma1 libcurl4)
 
-# torch first: on CPU-only hosts 2.13.0 is the local CPU wheel; the project then
-# accepts the installed build instead of pulling CUDA packages.
+# torch first, so that the project's torch range (pyproject.toml) accepts it and pip keeps it.  A torch already
+# installed in that range is kept whatever its build (a CUDA one on a GPU host); otherwise TORCH is installed from
+# TORCH_INDEX_URL when set, else from pip's configured index.  PyPI's Linux x86_64 torch is the CUDA build: with
+# its NVIDIA and triton wheels about 2.6 GB.  On a CPU host:
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu   (the CPU wheel, about 190 MB)
+TORCH ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+# Exits 0 when the installed torch satisfies the project's torch requirement.
+TORCH_IN_RANGE = $(PY) -c 'import importlib.metadata as m, tomllib; \
+  from pip._vendor.packaging.requirements import Requirement; \
+  deps = map(Requirement, tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]); \
+  torch = next(r for r in deps if r.name == "torch"); \
+  raise SystemExit(not torch.specifier.contains(m.version("torch"), prereleases=True))' 2>/dev/null
+
 torch:
-	$(PY) -m pip install -q torch==2.13.0
+	@if $(TORCH_IN_RANGE); then echo "keeping the installed torch $$($(PY) -m pip show torch | sed -n 's/^Version: //p')"; \
+	else $(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url '$(TORCH_INDEX_URL)') '$(TORCH)'; fi
 
 install: system-deps torch
 	@test -n "$(DIST_$(MOONCAKE))" || { echo "MOONCAKE=$(MOONCAKE): expected cpu, cuda12 or cuda13" >&2; exit 1; }
 	if $(PY) -m pip show -q $(OTHER_BUILDS) >/dev/null 2>&1; then \
 	  $(PY) -m pip uninstall -qq -y $(OTHER_BUILDS) $(DIST_$(MOONCAKE)); fi
 	$(if $(filter cpu,$(MOONCAKE)),$(PY) -m pip uninstall -qq -y $(CUDA_RUNTIME_PIN))
-	$(PY) -m pip install -q -e '.[$(MOONCAKE),dev]'
+	$(PY) -m pip install -q -e '.[$(MOONCAKE)$(EXTRAS)]'
 
 up: install
 	$(PY) -m services.cli up $(ARGS)
 
+# The dev extra (test tools, triton for the kernel tests) only where the tests run.
+test: EXTRAS = ,dev
 test: install
 	$(PY) -m pytest -q

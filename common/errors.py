@@ -7,6 +7,11 @@ class PdserveError(Exception):
     """Base of every pdserve error."""
 
 
+class StartupError(PdserveError):
+    """An expected reason a service cannot start (e.g. a model that cannot be loaded); ``str()`` says
+    what to change, and the service exits with status 2 printing only that."""
+
+
 class BusError(PdserveError):
     """A bus call did not produce the reply it asked for."""
 

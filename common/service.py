@@ -5,6 +5,8 @@ arrives.  The first SIGTERM/SIGINT cancels the serve task, whose own
 ``finally`` blocks do the ordered shutdown (stop accepting, finish or abort
 in-flight work within its timeout, deregister, close sockets); a second signal
 exits at once with status 1.  Signals are handled once, here, for every service.
+An expected start-up failure (``ConfigError``, ``StartupError``) ends the process with
+status 2 and its one-line message; anything else is logged with its traceback, status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from typing import Coroutine
 
 from common.config import ConfigError
+from common.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ def run_service(main: Coroutine) -> int:
         return 0
     except asyncio.CancelledError:
         return 0 if signals_seen else 1
-    except ConfigError as e:  # found at start (e.g. a forced KV transport this host cannot serve)
+    except (ConfigError, StartupError) as e:  # found at start: a bad flag, a model that cannot be loaded...
         log.error("%s", e)
         return 2
     except Exception:

@@ -8,10 +8,12 @@ The installed-environment checks hold after ``make install`` (as CI runs it).
 import importlib.metadata
 import re
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -63,3 +65,33 @@ def test_cpu_host_has_the_non_cuda_build_and_no_cuda_package():
     assert mooncake_providers() == {CPU_BUILD}
     installed = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()}
     assert not {name for name in installed if is_cuda_package(name)}
+
+
+def dockerfile_torch_command(build_args: dict[str, str]) -> list[str]:
+    """The pip command of the Dockerfile's torch step, expanded by a shell as ``docker build`` would run it."""
+    lines = (PYPROJECT.parent / "Dockerfile").read_text().splitlines()
+    defaults = dict(re.fullmatch(r'ARG (\w+)="(.*)"', line).groups() for line in lines if line.startswith("ARG "))
+    run = next(line[len("RUN "):] for line in lines if line.startswith("RUN pip install") and "TORCH_SPEC" in line)
+    env = {"PATH": "/usr/bin:/bin", **defaults, **build_args}
+    out = subprocess.run(["sh", "-c", f'set -- {run.replace("pip install", "", 1)}; printf "%s\\n" "$@"'],
+                         env=env, capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_the_image_takes_the_cpu_torch_wheel_unless_its_build_names_another_index():
+    assert dockerfile_torch_command({}) == [
+        "--no-cache-dir", "--index-url", "https://download.pytorch.org/whl/cpu", "torch==2.13.0"
+    ]
+    assert dockerfile_torch_command({"TORCH_INDEX_URL": ""}) == ["--no-cache-dir", "torch==2.13.0"]
+    compose = yaml.safe_load((PYPROJECT.parent / "compose.yaml").read_text())
+    assert compose["x-pdserve"]["build"]["args"] == ["TORCH_INDEX_URL"]  # passed on only where set
+
+
+def test_only_make_test_installs_the_dev_extra():
+    def project_install(target: str) -> str:
+        out = subprocess.run(["make", "-n", target, "MOONCAKE=cpu"], cwd=PYPROJECT.parent, capture_output=True,
+                             text=True, check=True).stdout
+        return next(line for line in out.splitlines() if "pip install -q -e" in line)
+
+    assert project_install("up").endswith("-e '.[cpu]'")
+    assert project_install("test").endswith("-e '.[cpu,dev]'")

@@ -27,6 +27,7 @@ from common.engine.loader import resolve_model_path  # noqa: E402
 from common.messages import SamplingParams  # noqa: E402
 from tests.checkpoints import make_hf_checkpoint  # noqa: E402
 from tests.test_cuda_graph import RerunGraphs  # noqa: E402
+from tests.test_engine import engine as cached_engine  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -34,19 +35,9 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
-_engines: dict[tuple, LLMEngine] = {}
-
-
 def engine(model, backend: str, **overrides) -> LLMEngine:
-    """An idle float32 engine (cached per config)."""
-    kwargs = {"model": str(model), "dtype": "float32", "device": DEVICE, "num_kv_blocks": 64,
-              "attention_backend": backend, **overrides}  # fmt: skip
-    key = tuple(sorted(kwargs.items()))
-    if key not in _engines:
-        _engines[key] = LLMEngine(EngineConfig(**kwargs))
-    eng = _engines[key]
-    assert not eng.has_unfinished() and eng.block_manager.num_used == 0
-    return eng
+    """An idle float32 engine on ``backend`` (cached per config, as test_engine's)."""
+    return cached_engine(model, attention_backend=backend, device=DEVICE, num_kv_blocks=64, **overrides)
 
 
 def prompts(lengths, seed=0) -> list[list[int]]:

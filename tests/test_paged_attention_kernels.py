@@ -114,6 +114,24 @@ def test_write_kv_matches_reference(block_size, head_dim):
     assert torch.equal(batch.kv_data, expected)
 
 
+@kernels
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_write_kv_takes_source_rows_as_cuda_graph_padding_does(block_size):
+    """Padded rows repeat row 0: slot i of the padding gets row source_rows[i]'s K/V, read in place."""
+    batch = make_batch([17, 40], 2, 64, block_size)
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(6, 2, 64, generator=gen).to(DEVICE) for _ in range(2))
+    source = torch.tensor([0, 1, 2, 3, 0, 0], device=DEVICE)
+    slots = torch.tensor([5, 9, 30, 31, 5, 5], device=DEVICE)  # padding writes row 0's K/V to row 0's slot
+    expected = batch.kv_data.clone()
+    pa.write_kv_reference(expected, LAYER, k, v, slots, source)
+    pa.write_kv(batch.kv_data, LAYER, k, v, slots, source)
+    assert torch.equal(batch.kv_data, expected)
+    gathered = batch.kv_data.clone()
+    pa.write_kv_reference(gathered, LAYER, k[source], v[source], slots)
+    assert torch.equal(batch.kv_data, gathered)
+
+
 @pytest.mark.parametrize("window", [None, 1, 7, 40])
 @pytest.mark.parametrize("group", [1, 4])
 def test_references_agree_with_dense_sdpa(group, window):
@@ -245,7 +263,7 @@ def compile_for_sm90() -> None:
     def build(kernel, constants, index="i32", **options):
         names = [n for n in kernel.arg_names if n not in constants]
         types = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kv_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*bf16",
-                 "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "slot_ptr": "*i64",
+                 "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "slot_ptr": "*i64", "source_ptr": "*i64",
                  "scale_log2": "fp32"}  # fmt: skip
         signature = {n: types.get(n, f"*{index}" if n.endswith("_ptr") else "i32") for n in names}
         signature |= {n: "constexpr" for n in constants}
@@ -256,7 +274,9 @@ def compile_for_sm90() -> None:
 
     for head_dim, group, index in [(64, 4, "i32"), (128, 8, "i64"), (128, 7, "i32")]:
         dims = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim)
-        build(pa._write_kv_kernel, dict(HEAD_DIM=head_dim, HEADS_PAD=8, HEAD_DIM_PAD=head_dim))
+        for has_source in (False, True):
+            build(pa._write_kv_kernel, dict(HEAD_DIM=head_dim, HEADS_PAD=8, HEAD_DIM_PAD=head_dim,
+                                            HAS_SOURCE=has_source))
         build(
             pa._decode_partition_kernel,
             dict(**dims, GROUP=group, GROUP_PAD=16, BLOCK_SIZE=16, BLOCK_N=pa.DECODE_BLOCK_N,

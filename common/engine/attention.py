@@ -285,9 +285,7 @@ def paged_attention_triton(
     """``paged_attention`` with the Triton kernels: ``write_kv`` stores the new K/V at ``meta.slot_mapping``,
     then ``decode_attention`` when every sequence has one query, else one ``prefill_attention`` over the
     whole (possibly mixed) batch; both read K/V from the blocks where they are (no gather, no ``parts``)."""
-    if meta.kv_source_rows is not None:
-        k, v = k[meta.kv_source_rows], v[meta.kv_source_rows]
-    kernels.write_kv(cache.data, layer, k, v, meta.slot_mapping)
+    kernels.write_kv(cache.data, layer, k, v, meta.slot_mapping, meta.kv_source_rows)
     if meta.max_query_len == 1:
         return kernels.decode_attention(
             q, cache.data, layer, meta.block_tables, meta.context_lens, scale, sliding_window

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.config import ConfigError, opt, require
+from common.engine.tokenizer import read_chat_template
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -25,6 +26,15 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 @dataclass
 class EngineConfig:
     model: str = opt("demo", "model directory, hub id, or 'demo' for the built-in tiny random model")
+    tokenizer: str | None = opt(
+        None, "tokenizer to use instead of the model's: a directory with tokenizer.json, or a hub id"
+    )
+    chat_template: str | None = opt(
+        None, "chat template to use instead of the model's: a file, or the Jinja template itself"
+    )
+    trust_remote_code: bool = opt(
+        False, "accepted for vLLM compatibility and ignored: pdserve never runs a model's custom code"
+    )
     dtype: str = opt("auto", "weights and KV dtype: auto, float32, float16, bfloat16")
     device: str = opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     block_size: int = opt(16, "tokens per KV cache block")
@@ -89,3 +99,5 @@ class EngineConfig:
         require(self.kv_load_failure_policy in policies, "kv_load_failure_policy", "must be recompute or fail")
         device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
         require(device_ok, "device", "must be auto, cpu, cuda or cuda:N")
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)

@@ -20,7 +20,7 @@ from common.engine.config import EngineConfig
 from common.engine.detokenizer import Detokenizer
 from common.engine.kernels.backend import resolve_attention_backend
 from common.engine.kv_cache import Allocate, zeros
-from common.engine.loader import parse_dtype, resolve_model_path
+from common.engine.loader import load_tokenizer, parse_dtype, resolve_model_path
 from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_runner import ModelRunner
 from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError
@@ -34,7 +34,6 @@ from common.engine.sequence import (
     Sequence,
     SequenceStatus,
 )
-from common.engine.tokenizer import Tokenizer
 from common.engine.tp_workers import WorkerRanks, load_rank
 from common.messages import MAX_LOGPROBS, Load, SamplingParams, TokenLogprob, Usage
 
@@ -86,7 +85,9 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(path)
         self.dtype = parse_dtype(config.dtype, self.model_config, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
-        self.tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer = load_tokenizer(config, path, self.model_config.vocab_size)
+        if config.trust_remote_code:
+            logger.warning("--trust-remote-code is ignored: pdserve never runs a model's custom code")
         model_len = self.model_config.max_model_len
         require(
             config.max_model_len is None or config.max_model_len <= model_len,

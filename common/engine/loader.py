@@ -1,4 +1,5 @@
-"""Model weights: resolve a model name to a directory, pick the dtype, load the safetensors weights.
+"""Model weights: resolve a model name to a directory, pick the dtype, load the safetensors weights
+and the tokenizer (the model's, or ``--tokenizer``'s).
 
 The architecture itself (``config.json``) is read by ``common.engine.model_config``.
 """
@@ -14,14 +15,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from common.config import require
+from common.engine.config import EngineConfig
 from common.engine.demo_model import ensure_demo_checkpoint
 from common.engine.model import CausalLM
 from common.engine.model_config import ModelConfig, ModelLoadError, read_json
 from common.engine.parallel import SINGLE, Shard, TensorParallel
+from common.engine.tokenizer import Tokenizer, read_chat_template
 
 logger = logging.getLogger(__name__)
 
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+TOKENIZER_PATTERNS = ["*.json", "*.jinja"]  # a tokenizer without the weights
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,8 +39,11 @@ def parse_dtype(name: str, config: ModelConfig | None = None, device: torch.devi
     return _DTYPES.get(config.torch_dtype or "", torch.bfloat16)
 
 
-def resolve_model_path(model: str, hub_timeout_s: float = 10.0) -> Path:
-    """``"demo"`` -> the built-in checkpoint; a directory -> itself; else the Hugging Face Hub.
+def resolve_model_path(
+    model: str, hub_timeout_s: float = 10.0, flag: str = "model", allow_patterns: list[str] = HUB_ALLOW_PATTERNS
+) -> Path:
+    """``"demo"`` -> the built-in checkpoint; a directory -> itself; else the Hugging Face Hub's files
+    matching ``allow_patterns``.  Errors name ``flag`` (the option that gave ``model``).
 
     A hub id already in the local hub cache is used without network.  Otherwise the hub must
     answer within ``hub_timeout_s`` (so without network this fails fast with ``ModelLoadError``);
@@ -48,29 +55,30 @@ def resolve_model_path(model: str, hub_timeout_s: float = 10.0) -> Path:
     if path.is_dir():
         return path
     if path.exists() or model.startswith(("/", "./", "../", "~")):
-        raise ModelLoadError(f"model {model!r}: not a directory")
-    return _download(model, hub_timeout_s)
+        raise ModelLoadError(f"{flag} {model!r}: not a directory")
+    return _download(model, hub_timeout_s, flag, allow_patterns)
 
 
-def _download(repo_id: str, timeout_s: float) -> Path:
+def _download(repo_id: str, timeout_s: float, flag: str, allow_patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    hint = "pass a local model directory or 'demo'"
+    hint = f"pass a local {flag} directory or 'demo'"
+    name = f"{flag} {repo_id!r}"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True))
     except LocalEntryNotFoundError:
         pass  # not cached: ask the hub
     except Exception as e:  # e.g. an invalid repo id
-        raise ModelLoadError(f"model {repo_id!r} is neither a local directory nor a hub id ({e}); {hint}") from e
-    _probe_hub(repo_id, timeout_s, hint)
+        raise ModelLoadError(f"{name} is neither a local directory nor a hub id ({e}); {hint}") from e
+    _probe_hub(repo_id, timeout_s, name, hint)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, etag_timeout=timeout_s))
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, etag_timeout=timeout_s))
     except Exception as e:  # every hub failure becomes one ModelLoadError
-        raise ModelLoadError(f"model {repo_id!r}: Hugging Face Hub download failed ({_first_line(e)}); {hint}") from e
+        raise ModelLoadError(f"{name}: Hugging Face Hub download failed ({_first_line(e)}); {hint}") from e
 
 
-def _probe_hub(repo_id: str, timeout_s: float, hint: str) -> None:
+def _probe_hub(repo_id: str, timeout_s: float, name: str, hint: str) -> None:
     """``repo_info`` on a daemon thread, abandoned after ``timeout_s`` (DNS lookups ignore HTTP timeouts)."""
     from huggingface_hub import HfApi
 
@@ -86,12 +94,28 @@ def _probe_hub(repo_id: str, timeout_s: float, hint: str) -> None:
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise ModelLoadError(f"model {repo_id!r}: no answer from the Hugging Face Hub within {timeout_s:g}s; {hint}")
+        raise ModelLoadError(f"{name}: no answer from the Hugging Face Hub within {timeout_s:g}s; {hint}")
     if errors:
         raise ModelLoadError(
-            f"model {repo_id!r} is not a local directory and the Hugging Face Hub cannot provide it "
+            f"{name} is not a local directory and the Hugging Face Hub cannot provide it "
             f"({_first_line(errors[0])}); {hint}"
         ) from errors[0]
+
+
+def load_tokenizer(config: EngineConfig, model_path: Path, vocab_size: int) -> Tokenizer:
+    """The engine's tokenizer: ``--tokenizer``'s (a directory or hub id; its vocabulary must fit the model's
+    ``vocab_size``) if given, else the model directory's; with ``--chat-template``'s template if given.
+    Raises ``ModelLoadError``."""
+    chat_template = read_chat_template(config.chat_template) if config.chat_template is not None else None
+    if config.tokenizer is None:
+        return Tokenizer.from_dir(model_path, chat_template)
+    path = resolve_model_path(config.tokenizer, flag="tokenizer", allow_patterns=TOKENIZER_PATTERNS)
+    tokenizer = Tokenizer.from_dir(path, chat_template)
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelLoadError(
+            f"tokenizer {config.tokenizer!r}: {tokenizer.vocab_size} tokens, more than the model's {vocab_size}"
+        )
+    return tokenizer
 
 
 def _first_line(e: Exception) -> str:

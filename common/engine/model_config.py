@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import PdserveError
+from common.errors import StartupError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-class ModelLoadError(PdserveError):
+class ModelLoadError(StartupError):
     """A model cannot be found, understood or loaded; ``str()`` says what and where."""
 
 

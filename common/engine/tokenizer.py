@@ -12,6 +12,7 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from common.config import ConfigError
 from common.engine.model_config import ModelLoadError, read_eos_token_ids, read_json
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -36,6 +37,23 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+def read_chat_template(value: str) -> str:
+    """The template a ``--chat-template`` value gives: a file's text, or the value itself when it holds
+    Jinja (``{``); ``ConfigError`` if it is neither or does not compile."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        source = path.read_text(encoding="utf-8")
+    elif "{" in value:
+        source = value
+    else:
+        raise ConfigError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    try:
+        compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"--chat-template: the template does not compile ({e})") from e
+    return source
 
 
 def _token_text(value: Any) -> str | None:
@@ -80,8 +98,9 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_dir(cls, path: Path) -> "Tokenizer":
-        """Load from a model directory; raises ``ModelLoadError`` if ``tokenizer.json`` is absent or bad."""
+    def from_dir(cls, path: Path, chat_template: str | None = None) -> "Tokenizer":
+        """Load from a model directory, with ``chat_template`` (a template's source) instead of the directory's
+        when given; raises ``ModelLoadError`` if ``tokenizer.json`` is absent or bad."""
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -99,7 +118,8 @@ class Tokenizer:
             eos_ids[eos_token_id] = None
         bos_token_id = backend.token_to_id(special["bos_token"]) if "bos_token" in special else None
         try:
-            return cls(backend, special, _chat_template_source(path, config), tuple(eos_ids), bos_token_id)
+            template = chat_template if chat_template is not None else _chat_template_source(path, config)
+            return cls(backend, special, template, tuple(eos_ids), bos_token_id)
         except jinja2.TemplateSyntaxError as e:
             raise ModelLoadError(f"{path}: chat template does not compile ({e})") from e
 

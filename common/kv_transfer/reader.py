@@ -47,7 +47,7 @@ class ReadStats:
 
 
 @dataclass(frozen=True)
-class RankRead:
+class PlannedRead:
     """What one of our ranks copies from one prefill rank for a request."""
 
     rank: int  # ours
@@ -125,7 +125,7 @@ class KVReader:
             self.release(params)
 
     def _plan(self, peer: Peer, params: KVTransferParams, local_block_ids: list[int], skip_leading: int
-              ) -> list[RankRead]:
+              ) -> list[PlannedRead]:
         """Every (our rank, source) read of the request; ``ValueError`` when the block lists do not fit."""
         reads = []
         for ours, sources in enumerate(peer.sources):
@@ -135,10 +135,10 @@ class KVReader:
                 ranges = token_ranges(local, remote, heads=source.heads, num_tokens=params.num_tokens,
                                       skip_leading=skip_leading)
                 if ranges.lengths:
-                    reads.append(RankRead(ours, source, ranges))
+                    reads.append(PlannedRead(ours, source, ranges))
         return reads
 
-    async def _read(self, peer: Peer, params: KVTransferParams, reads: list[RankRead], num_blocks: int) -> ReadStats:
+    async def _read(self, peer: Peer, params: KVTransferParams, reads: list[PlannedRead], num_blocks: int) -> ReadStats:
         if not reads:
             return ReadStats(0, 0, 0, 0.0)
         tid = params.transfer_id
@@ -177,7 +177,7 @@ class KVReader:
             raise KVTransferError(f"lease of transfer {tid} ended during the read; the blocks may be reused")
         return ReadStats(num_blocks, num_ranges, sum(r.ranges.total_bytes for r in reads), seconds)
 
-    async def _read_one(self, peer: Peer, read: RankRead) -> list[TransferStatus]:
+    async def _read_one(self, peer: Peer, read: PlannedRead) -> list[TransferStatus]:
         link = peer.links[(read.rank, read.source.rank)]
         statuses, _ = await self.ranks[read.rank].read(link.transport, link.session, read.ranges)
         return statuses

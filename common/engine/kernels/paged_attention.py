@@ -58,12 +58,15 @@ def _jit(fn):
 
 @_jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, kv_ptr, slot_ptr, layer_offset, block_size, num_kv_heads,
+    k_ptr, v_ptr, kv_ptr, slot_ptr, source_ptr, layer_offset, block_size, num_kv_heads,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_block, stride_head, stride_tok, stride_kind,
-    HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_SOURCE: tl.constexpr,
 ):  # fmt: skip
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
+    slot = tl.load(slot_ptr + tl.program_id(0)).to(tl.int64)
+    if HAS_SOURCE:  # the row of k/v this slot takes (CUDA-graph padding repeats a real row)
+        token = tl.load(source_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        token = tl.program_id(0)
     heads = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, HEAD_DIM_PAD)[None, :]
     mask = (heads < num_kv_heads) & (dims < HEAD_DIM)
@@ -212,19 +215,25 @@ def _prefill_kernel(
     tl.store(out_ptr + o_rows + dims[None, :], (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def write_kv(kv_data: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store ``k``/``v`` ``[N, Hkv, D]`` into layer ``layer`` of ``kv_data`` at the slots ``slot_mapping`` (int [N])."""
+def write_kv(kv_data: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             source_rows: torch.Tensor | None = None) -> None:
+    """Store ``k``/``v`` ``[N, Hkv, D]`` into layer ``layer`` of ``kv_data`` at the slots ``slot_mapping`` (int [N]);
+    with ``source_rows`` (int [M]) slot ``i`` of ``slot_mapping[:M]`` takes row ``source_rows[i]`` instead of row ``i``
+    (what CUDA-graph padding asks, without gathering ``k`` and ``v`` first)."""
     block_size, layer_offset, strides, group = _cache_args(kv_data, layer, k)
-    num_tokens, num_kv_heads, head_dim = k.shape
-    if group != 1 or v.shape != k.shape or slot_mapping.shape != (num_tokens,) or v.stride(-1) != 1:
-        raise ValueError(f"write_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping {tuple(slot_mapping.shape)}")
+    num_rows, num_kv_heads, head_dim = k.shape
+    num_tokens = num_rows if source_rows is None else source_rows.shape[0]
+    if (group != 1 or v.shape != k.shape or slot_mapping.shape != (num_tokens,) or v.stride(-1) != 1
+            or (source_rows is not None and source_rows.dim() != 1)):
+        raise ValueError(f"write_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping {tuple(slot_mapping.shape)}"
+                         + ("" if source_rows is None else f", source_rows {tuple(source_rows.shape)}"))
     if num_tokens == 0:
         return
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_data, slot_mapping, layer_offset, block_size, num_kv_heads,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *strides,
+        k, v, kv_data, slot_mapping, slot_mapping if source_rows is None else source_rows, layer_offset, block_size,
+        num_kv_heads, k.stride(0), k.stride(1), v.stride(0), v.stride(1), *strides,
         HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_SOURCE=source_rows is not None,
     )  # fmt: skip
 
 
@@ -342,9 +351,12 @@ def _dot_precision(q: torch.Tensor) -> str:
 
 
 def write_kv_reference(
-    kv_data: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    kv_data: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    source_rows: torch.Tensor | None = None,
 ) -> None:
     """``write_kv`` in PyTorch."""
+    if source_rows is not None:
+        k, v = k[source_rows], v[source_rows]
     block_size = kv_data.shape[2]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     for kind, rows in enumerate((k, v)):
