@@ -72,7 +72,9 @@ class EngineProcess:
             cwd=ROOT, stderr=asyncio.subprocess.PIPE)
         self.reader = asyncio.create_task(self._read())
         try:
-            await eventually(lambda: self.serving() is not None, timeout=120, interval=0.1)
+            await eventually(lambda: self.serving() is not None or self.proc.returncode is not None, timeout=120,
+                             interval=0.1)
+            assert self.serving() is not None, f"the engine exited: {''.join(self.lines[-5:])}"
         except BaseException:
             await self.__aexit__()
             raise
