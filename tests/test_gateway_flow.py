@@ -17,6 +17,7 @@ import pytest
 
 from bench.fakes import FakeCluster, fingerprint
 from common.bus import MAX_BATCH_RECORDS
+from common.errors import PeerGone
 from common.messages import Capacity, Instance, Load
 from services.gateway.errors import APIError
 from services.gateway.router import Router
@@ -316,7 +317,7 @@ async def test_pick_skips_excluded_incompatible_other_models_and_recently_failed
                decode_policy="round_robin", failure_cooldown_s=60)
     picks = {r.pick("decode", MODEL, like=p).id for _ in range(4)}
     assert picks == {"d", "d2"}
-    r.mark_failed(r.instances["d"])
+    r.mark_failed(r.instances["d"], PeerGone("gone"))
     assert {r.pick("decode", MODEL, like=p).id for _ in range(3)} == {"d2"}
     assert r.pick("decode", MODEL, like=p, exclude=["d2"]).id == "d"  # failed, but the only one left
     assert r.pick("decode", MODEL, like=p, exclude=["d", "d2"]) is None

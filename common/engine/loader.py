@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -157,7 +158,9 @@ def load_model(
     expected = {name: _checkpoint_shape(tuple(p.shape), shards.get(name)) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
     wrong_shape: list[str] = []
-    for file in weight_files(Path(path)):
+    files = weight_files(Path(path))
+    for i, file in enumerate(files, 1):
+        started = time.monotonic()
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in f.keys():
@@ -172,6 +175,8 @@ def load_model(
                     loaded[name] = tensor.to(dtype)
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelLoadError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
+        logger.info("loaded shard %d/%d %s (%.1f MiB) in %.2f s", i, len(files), file.name,
+                    file.stat().st_size / 2**20, time.monotonic() - started)
     if wrong_shape:
         raise ModelLoadError(f"{path}: tensors with the wrong shape: {', '.join(wrong_shape)}")
     missing = sorted(set(expected) - set(loaded))

@@ -13,15 +13,19 @@ from typing import Literal
 from common.bus import DEFAULT_MAX_FRAME_BYTES
 from common.config import opt, require
 from common.engine.config import EngineConfig
+from common.engine_service.addresses import bind_host, check_reachable
 from common.kv_transfer.config import KVTransferConfig
 
 
 @dataclass
 class EngineServiceConfig(EngineConfig, KVTransferConfig):
     role: Literal["prefill", "decode", "both"] = opt("both", "prefill, decode, or both (colocated, no transfer)")
-    bind: str = opt("tcp://127.0.0.1:0", "request ROUTER address (port 0: any free port)")
-    kv_bind: str = opt("tcp://127.0.0.1:0", "KV side-channel ROUTER address (port 0: any free port)")
-    advertise_host: str = opt("127.0.0.1", "host the registry hands out for this engine's sockets")
+    bind: str | None = opt(None, "request ROUTER address (port 0: any free port); none: port 0 on the address "
+                                 "--advertise-host resolves to here, or 0.0.0.0 when it is not one of this host's")
+    kv_bind: str | None = opt(None, "KV side-channel ROUTER address; none: as the default of --bind")
+    advertise_host: str = opt("127.0.0.1", "host the registry hands out for this engine's sockets "
+                                           "(other hosts connect there: give this host's routable address)")
+    kv_host: str | None = opt(None, "address peers reach this engine's transfer backend at; none: --advertise-host")
     registry: str = opt("tcp://127.0.0.1:7100", "registry endpoint")
     instance_id: str | None = opt(None, "unique instance id; none = <role>-<hostname>-<pid>")
     served_model_name: str | None = opt(None, "model name clients use; none = --model")
@@ -30,6 +34,16 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
     shutdown_timeout_s: float = opt(10.0, "on SIGTERM, let in-flight requests finish this long, then abort them")
     max_frame_bytes: int = opt(DEFAULT_MAX_FRAME_BYTES, "largest accepted message in bytes")
     log_level: str = opt("info", "log level")
+    stats_interval_s: float = opt(10.0, "log a stats line (throughput, requests, KV usage) this often while "
+                                        "work is in flight or something changed; 0: never")
+
+    def __post_init__(self) -> None:
+        """Unset addresses follow ``--advertise-host`` (``addresses.bind_host``)."""
+        if self.bind is None or self.kv_bind is None:
+            host = bind_host(self.advertise_host)
+            self.bind = self.bind or f"tcp://{host}:0"
+            self.kv_bind = self.kv_bind or f"tcp://{host}:0"
+        self.kv_host = self.kv_host or self.advertise_host
 
     def validate(self) -> None:
         roles = typing.get_args(typing.get_type_hints(type(self))["role"])
@@ -38,8 +52,12 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig):
         KVTransferConfig.validate(self)
         for name in ("bind", "kv_bind", "registry"):
             require(getattr(self, name).startswith(("tcp://", "ipc://")), name, "must be a tcp:// or ipc:// address")
+        for name in ("bind", "kv_bind", "kv_host"):
+            mismatch = check_reachable(getattr(self, name), self.advertise_host)
+            require(mismatch is None, name, str(mismatch))
         for name in ("registry_timeout_s", "remote_blocks_timeout_s", "shutdown_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.stats_interval_s >= 0, "stats_interval_s", "must be >= 0 (0: no stats line)")
 
     @property
     def model_name(self) -> str:

@@ -36,8 +36,10 @@ from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
 from common.engine.kv_cache import KVCache, zeros
 from common.engine.sequence import InvalidRequest, RequestOutput
+from common.engine_service.addresses import WILDCARDS, tcp_host
 from common.engine_service.config import EngineServiceConfig
 from common.engine_service.prompt import prompt_token_ids
+from common.engine_service.stats_log import StatsLog
 from common.errors import PeerError
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.rank_agent import RankAgentInfo
@@ -140,6 +142,9 @@ class EngineService:
         self.stopped = False
         self.num_finished = 0
         self.role = make_role(self)
+        moves_kv = self.role.serves_prefill_leg or self.role.serves_decode_leg
+        self.stats_log = StatsLog(self.instance_id, lambda: self.engine.latest_stats,
+                                  self.role.num_transfers if moves_kv else None, config.stats_interval_s)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,6 +165,10 @@ class EngineService:
         await self.server.start()
         self.accepting = True
         await self.registry.start_heartbeats(self.instance(), self.load)
+        self.stats_log.start()
+        if tcp_host(self.config.bind) in WILDCARDS:
+            log.info("%s listens on all interfaces (%s): --advertise-host %s is not an address of this host",
+                     self.instance_id, self.server.endpoint, self.config.advertise_host)
         log.info("%s serving %s on %s (KV side channel %s)", self.instance_id, self.config.model_name,
                  self.request_endpoint, self.kv_endpoint)
 
@@ -169,6 +178,7 @@ class EngineService:
             return
         self.stopped = True
         self.accepting = False
+        await self.stats_log.stop()
         await self._quietly(self.registry.stop(), "deregistering")
         # In-flight requests finish and decode engines read what we pinned, within the timeout...
         await self._wait_until(lambda: not (self.server.num_active or self.role.num_transfers()),
@@ -288,8 +298,12 @@ class EngineService:
                             pin_for_transfer: str | None = None) -> AsyncIterator[RequestOutput]:
         """The engine computes the prompt itself (colocated, or a prefill leg pinning under
         ``pin_for_transfer``); engine refusals and failures become ``PeerError``."""
+        first = True
         try:
             async for out in self.engine.generate(request_id, prompt_ids, sampling, pin_for_transfer=pin_for_transfer):
+                if first:
+                    self.stats_log.count_prompt(len(prompt_ids))
+                    first = False
                 if out.finish_reason == "error":
                     raise PeerError("internal", out.error or "the request failed in the engine")
                 yield out
@@ -303,6 +317,7 @@ class EngineService:
         ``on_final`` may complete the final one (the prefill leg adds its ``kv_transfer``)."""
         first = True
         async for out in outputs:
+            self.stats_log.count_generated(len(out.new_token_ids))
             token = self._to_message(request_id, out)
             if first:
                 token.prompt_token_ids = prompt_ids

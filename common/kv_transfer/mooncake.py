@@ -5,13 +5,20 @@ The ``mooncake`` module comes from one of three builds, one per host kind (pdser
 engine binds an RPC port and peers address it as ``host:rpc_port``.  RDMA when NICs exist, TCP
 otherwise or when forced (``MC_FORCE_TCP=1``).  Batch reads are synchronous and busy-poll: run
 them off the event loop.
+
+Mooncake logs through glog straight to file descriptor 2.  Its level follows ``--log-level``
+(``MC_LOG_LEVEL``, read when the module loads; Mooncake's own INFO lines show at ``debug``), and
+the lines it prints on every healthy start (``BENIGN_START_LINES``) are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import sys
+import threading
+from typing import Any, Iterator
 
 import torch
 
@@ -30,8 +37,54 @@ INSTALL_HINT = (
 )
 
 
+GLOG_LEVELS = {logging.DEBUG: "INFO", logging.INFO: "WARNING", logging.WARNING: "WARNING",
+               logging.ERROR: "ERROR", logging.CRITICAL: "FATAL"}  # our level -> the least severe glog shows
+BENIGN_START_LINES = (
+    "Logging before InitGoogleLogging",  # glog's notice that it logs to stderr: what we want
+    "Using default malloc/free for protocol",  # TCP needs no special allocator
+    # P2PHANDSHAKE: initialize() looks up this engine's own segment before the transport it installs next
+    # has published it (the transport's "listen on port" line follows); nothing is missing once it returns.
+    "Local segment descriptor not found",
+)
+
+
+def glog_level() -> str:
+    """The glog level (``MC_LOG_LEVEL``) matching this module's effective log level."""
+    level = logger.getEffectiveLevel()
+    return next((name for lvl, name in sorted(GLOG_LEVELS.items()) if level <= lvl), "FATAL")
+
+
+@contextlib.contextmanager
+def without_benign_start_lines() -> Iterator[None]:
+    """Inside the block, fd 2 goes through a pipe that forwards every line but ``BENIGN_START_LINES``
+    as it comes (so a library abort still leaves its last words on stderr)."""
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not any(b.encode() in line for b in BENIGN_START_LINES):
+                    os.write(saved, line)
+
+    forwarder = threading.Thread(target=forward, name="mooncake-stderr", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the forwarder reads to its end
+        forwarder.join()
+        os.close(saved)
+
+
 def load_transfer_engine_class() -> Any:
-    """``mooncake.engine.TransferEngine``, or ``BackendUnavailable`` naming the fix."""
+    """``mooncake.engine.TransferEngine`` with glog at our level (unless ``MC_LOG_LEVEL`` is set),
+    or ``BackendUnavailable`` naming the fix."""
+    os.environ.setdefault("MC_LOG_LEVEL", glog_level())
     try:
         from mooncake.engine import TransferEngine
     except (ImportError, OSError) as e:
@@ -60,13 +113,17 @@ class MooncakeBackend(TransferBackend):
         if self.use_tcp:
             os.environ["MC_FORCE_TCP"] = "1"
         os.environ["MC_TRANSFER_TIMEOUT"] = str(transfer_timeout_s)
-        self.engine = engine_cls()
         protocol = "tcp" if self.use_tcp else "rdma"
-        if self.engine.initialize(host, "P2PHANDSHAKE", protocol, "") != 0:
+        with without_benign_start_lines():
+            self.engine = engine_cls()
+            status = self.engine.initialize(host, "P2PHANDSHAKE", protocol, "")
+        if status != 0:
             raise RuntimeError(f"Mooncake initialize({host!r}, P2PHANDSHAKE, {protocol}) failed")
         self._session = f"{host}:{self.engine.get_rpc_port()}"
         self._registered: list[int] = []
-        logger.info("Mooncake engine up at %s over %s", self._session, protocol)
+        # Mooncake binds its RPC and TCP data ports to INADDR_ANY whatever the host (no bind address in
+        # its API or environment, MC_TCP_BIND_ADDRESS only names the advertised address): say so.
+        logger.info("Mooncake engine up at %s over %s (it listens on all interfaces)", self._session, protocol)
 
     @property
     def session(self) -> str:

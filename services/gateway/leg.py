@@ -166,6 +166,7 @@ class Leg:
                 self.on_output(inst, reply)
             if last:
                 self._close(cancel=False)
+                self.context.router.succeeded(inst)
                 self._end(None)
         except APIError as e:
             self._close(cancel=True)
@@ -183,7 +184,7 @@ class Leg:
             self._end(None)
             return
         if not isinstance(e, PeerError) or e.code not in ("invalid_request", "kv_transfer_failed"):
-            self.context.router.mark_failed(inst)  # not for bad input, nor for a read from a failing prefill
+            self.context.router.mark_failed(inst, e)  # not for bad input, nor for a read from a failing prefill
         retryable = retry_untaken if self.role == "decode" else retry_before_output
         if self.output_seen or not retryable(e):
             self._end(leg_error(self.role, inst, e))

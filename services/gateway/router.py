@@ -14,21 +14,26 @@ each have their own policy object, so their choices are never locked together.
   then most free KV blocks, ties rotated.
 
 An instance that failed a leg is skipped for ``failure_cooldown_s`` unless no
-other candidate is left.  A decode instance is only paired with a prefill
+other candidate is left; the first failure of an episode (until a leg on it
+succeeds) is logged at warning with its error.  A decode instance is only paired with a prefill
 instance of the same model whose KV it can read (``common.kv_compat.kv_incompatibilities``).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import Counter
 from typing import Iterable, Literal, Mapping, get_args
 
+from common.errors import CallTimeout
 from common.kv_compat import kv_incompatibilities
 from common.messages import Instance, Role
 from common.roles import serves
 from services.gateway.errors import APIError, invalid, no_instance
+
+log = logging.getLogger(__name__)
 
 ServingMode = Literal["disagg", "colocated"]  # P/D legs (prefill then decode), or one leg on a `both` instance
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -70,6 +75,7 @@ class Router:
         self.failure_cooldown_s = failure_cooldown_s
         self.outstanding: Counter = Counter()  # legs sent and not yet finished, per instance id
         self._failed_until: dict[str, float] = {}
+        self._failing: set[str] = set()  # instances in a failure episode (logged once, at its start)
         self._groups: dict[tuple[str, str], list[Instance]] | None = None  # (role, model) -> sorted by id
         self._models: list[str] | None = None
         self._max_model_len: dict[str, int] = {}
@@ -81,6 +87,7 @@ class Router:
         self._max_model_len = {}
         if change in ("left", "expired"):
             self._failed_until.pop(inst.id, None)
+            self._failing.discard(inst.id)
 
     def _of(self, role: Role, model: str) -> list[Instance]:
         """The instances of ``model`` that serve ``role`` (``common.roles.serves``), sorted by id."""
@@ -175,5 +182,19 @@ class Router:
         if self.outstanding[inst.id] <= 0:
             del self.outstanding[inst.id]
 
-    def mark_failed(self, inst: Instance) -> None:
+    def mark_failed(self, inst: Instance, error: Exception) -> None:
+        """A leg on ``inst`` failed with ``error``: skip it for the cooldown; the first failure of an
+        episode (until a leg on it succeeds, or it leaves) is logged with its error."""
+        if inst.id not in self._failing:
+            self._failing.add(inst.id)
+            hint = (f" (is {inst.request_endpoint} reachable from this gateway?)"
+                    if isinstance(error, CallTimeout) else "")
+            log.warning("%s instance %s failed: %s%s; skipped for %g s while others serve", inst.role, inst.id,
+                        error, hint, self.failure_cooldown_s)
         self._failed_until[inst.id] = time.monotonic() + self.failure_cooldown_s
+
+    def succeeded(self, inst: Instance) -> None:
+        """A leg on ``inst`` ended well: its failure episode, if any, is over."""
+        if inst.id in self._failing:
+            self._failing.discard(inst.id)
+            log.info("%s instance %s serves again", inst.role, inst.id)

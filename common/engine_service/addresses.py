@@ -1,0 +1,71 @@
+"""Where an engine binds, given the host it advertises (``--advertise-host``).
+
+Peers connect to the advertised host, so the sockets must listen on an address that host
+reaches.  Unset binds follow the advertised host (``bind_host``); a bind that peers could not
+reach through the advertised host is refused (``check_reachable``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
+
+
+def resolve(host: str) -> list[str]:
+    """The IP addresses ``host`` resolves to (none when it does not)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` resolves to loopback addresses only (a name that does not resolve is not loopback)."""
+    addresses = resolve(host)
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def is_local(address: str) -> bool:
+    """``address`` is one of this machine's addresses (a socket can bind it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def bind_host(advertise_host: str) -> str:
+    """The address to bind for ``advertise_host``: the first address it resolves to that belongs to
+    this machine, else ``0.0.0.0`` (the advertised host is a NAT or load-balancer address)."""
+    for address in resolve(advertise_host):
+        if is_local(address):
+            return f"[{address}]" if ":" in address else address
+    return "0.0.0.0"
+
+
+def tcp_host(endpoint: str) -> str | None:
+    """The host of a ``tcp://host:port`` endpoint (None for ``ipc://``)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0]
+
+
+def check_reachable(bound: str, advertise_host: str) -> str | None:
+    """Why peers told to connect to ``advertise_host`` could not reach a socket bound at ``bound``
+    (a host or a ``tcp://`` endpoint), or None when they can."""
+    host = tcp_host(bound) if bound.startswith(("tcp://", "ipc://")) else bound
+    if host is None or host in WILDCARDS:
+        return None
+    host = host.strip("[]")
+    if is_loopback(host) and not is_loopback(advertise_host):
+        return (f"{bound} is loopback only, but --advertise-host {advertise_host} tells other hosts to connect "
+                f"to this engine: give an address they reach, or leave it unset to follow --advertise-host")
+    if not is_loopback(host) and is_loopback(advertise_host):
+        return (f"{bound} is not loopback, but --advertise-host {advertise_host} tells peers to connect on "
+                f"loopback; give --advertise-host {host}")
+    return None
