@@ -9,7 +9,9 @@ an API key, ``/v1``, ``/tokenize``, ``/detokenize`` and ``/metrics`` (unless
 
 A generation request is admitted (API key, request id, body, parse, model),
 then becomes a ``RequestRun`` answered as JSON (``responses``) or as an event
-stream (``streaming``); the run's ``close`` is its one cleanup.
+stream (``streaming``); the run's ``close`` is its one cleanup.  Its request id is
+reserved for the admission (``RequestIds.reserved``), which releases it however
+the admission fails; the run owns it from then on.
 """
 
 from __future__ import annotations
@@ -232,14 +234,18 @@ class Gateway:
                     for p in req.prompts:
                         if p.token_ids is not None:
                             p.echo_text = await self.tokenization.text(req.model, p.token_ids)
-                events, collector = (EventQueue(), None) if req.stream else (None, ResponseCollector(req))
-                emit = events.put if events is not None else collector.add
-                run = RequestRun(self.context, req, request_id, endpoint, started_at, emit)  # owns the id now
+                if req.stream:
+                    events = EventQueue()
+                    run = RequestRun(self.context, req, request_id, endpoint, started_at, events.put)
+                else:
+                    collector = ResponseCollector(req)
+                    run = RequestRun(self.context, req, request_id, endpoint, started_at, collector.add)
+                # from here the run owns the request id: its close releases it
         except (APIError, sse.ClientGone) as e:
             status = e.status if isinstance(e, APIError) else CLIENT_GONE
             self.metrics.on_request_done(endpoint, status, time.perf_counter() - started_at, ())
             return _answer_failure(e, request_id)
-        if events is not None:
+        if req.stream:
             return await self._stream(run, events, receive)
         return await self._respond(run, collector, receive)
 
