@@ -9,7 +9,9 @@ an API key, ``/v1``, ``/tokenize``, ``/detokenize`` and ``/metrics`` (unless
 
 A generation request is admitted (API key, request id, body, parse, model),
 then becomes a ``RequestRun`` answered as JSON (``responses``) or as an event
-stream (``streaming``); the run's ``close`` is its one cleanup.
+stream (``streaming``); the run's ``close`` is its one cleanup.  Its request id is
+reserved for the admission (``RequestIds.reserved``), which releases it however
+the admission fails; the run owns it from then on.
 """
 
 from __future__ import annotations
@@ -222,29 +224,30 @@ class Gateway:
             if (denied := unauthorized(self.config.api_key, _header(headers, b"authorization"))) is not None:
                 self.metrics.on_request_done(endpoint, denied.status_code, time.perf_counter() - started_at, ())
                 return denied
-            request_id = self.request_ids.reserve(_header(headers, b"x-request-id"))
-            body = await read_body(headers, receive, self.config.max_body_bytes)
-            req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
-            self._check_model(req)
-            if self.draining:
-                raise APIError(503, "the gateway is shutting down", code="shutting_down")
-            if req.echo:
-                for p in req.prompts:
-                    if p.token_ids is not None:
-                        p.echo_text = await self.tokenization.text(req.model, p.token_ids)
+            with self.request_ids.reserved(_header(headers, b"x-request-id")) as request_id:
+                body = await read_body(headers, receive, self.config.max_body_bytes)
+                req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
+                self._check_model(req)
+                if self.draining:
+                    raise APIError(503, "the gateway is shutting down", code="shutting_down")
+                if req.echo:
+                    for p in req.prompts:
+                        if p.token_ids is not None:
+                            p.echo_text = await self.tokenization.text(req.model, p.token_ids)
+                if req.stream:
+                    events = EventQueue()
+                    run = RequestRun(self.context, req, request_id, endpoint, started_at, events.put)
+                else:
+                    collector = ResponseCollector(req)
+                    run = RequestRun(self.context, req, request_id, endpoint, started_at, collector.add)
+                # from here the run owns the request id: its close releases it
         except (APIError, sse.ClientGone) as e:
-            if request_id is not None:
-                self.request_ids.release(request_id)
             status = e.status if isinstance(e, APIError) else CLIENT_GONE
             self.metrics.on_request_done(endpoint, status, time.perf_counter() - started_at, ())
             return _answer_failure(e, request_id)
         if req.stream:
-            events = EventQueue()
-            return await self._stream(RequestRun(self.context, req, request_id, endpoint, started_at, events.put),
-                                      events, receive)
-        collector = ResponseCollector(req)
-        return await self._respond(RequestRun(self.context, req, request_id, endpoint, started_at, collector.add),
-                                   collector, receive)
+            return await self._stream(run, events, receive)
+        return await self._respond(run, collector, receive)
 
     async def _respond(self, run: RequestRun, collector: ResponseCollector, receive: Receive) -> ASGIApp:
         """The JSON answer once every choice finished (or the failure's)."""

@@ -89,7 +89,8 @@ _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
 def decode_body(body: bytes, cls: type):
-    """``body`` as a ``cls`` struct; a 400 naming the bad or missing field otherwise."""
+    """``body`` as a ``cls`` struct; a 400 naming the bad or missing field, or saying the JSON is invalid
+    or nested too deeply for the decoder's recursion limit, otherwise."""
     try:
         return msgspec.json.decode(body, type=cls, strict=True)
     except msgspec.ValidationError as e:
@@ -103,6 +104,8 @@ def decode_body(body: bytes, cls: type):
         raise invalid(f"invalid type: {text}", param, "invalid_type") from None
     except msgspec.DecodeError as e:
         raise invalid(f"request body is not valid JSON: {e}", None, "invalid_json") from None
+    except RecursionError:  # msgspec's guard against deep nesting, raised before the C stack runs out
+        raise invalid("request body nests arrays or objects too deeply", None, "invalid_json") from None
 
 
 def _check_int(value: int, name: str, lo: int, hi: int = INT64_MAX) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 from services.gateway.errors import invalid
 
@@ -38,6 +40,17 @@ class RequestIds:
             raise invalid(f"request id {given!r} is already in flight", "X-Request-Id", "duplicate_request_id")
         self.active.add(given)
         return given
+
+    @contextmanager
+    def reserved(self, given: str | None) -> Iterator[str]:
+        """``reserve(given)`` for the block: released if the block raises (anything, cancellation too);
+        once the block ends without raising, the id is the caller's to release (a request run's ``close``)."""
+        request_id = self.reserve(given)
+        try:
+            yield request_id
+        except BaseException:
+            self.release(request_id)
+            raise
 
     def release(self, request_id: str) -> None:
         self.active.discard(request_id)
