@@ -1,11 +1,12 @@
 """Life cycle of a request in the decode server (``DecodeHandoff``, the ``decode`` role).
 
 1. ``Generate(remote_prefill=params)`` arrives with the prefill's
-   ``KVTransferParams``.  A ``kv_endpoint`` that is not one
-   (``common.bus.endpoints``) is refused at once.  The params are checked against the prompt (token
-   count, one block id per block of the PREFILL's block size, which may differ
-   from ours); a request refused here, or anywhere before
-   the read, sends ``ReleaseKV`` so prefill does not hold blocks nobody reads.
+   ``KVTransferParams``.  A ``kv_endpoint`` that cannot be dialed
+   (``common.bus.endpoints``) is refused at once, before any socket exists.
+   The params are checked against the prompt (token count, one block id per
+   block of the PREFILL's block size, which may differ from ours); a request
+   refused here, or anywhere before the read, sends ``ReleaseKV`` so prefill
+   does not hold blocks nobody reads.
 2. Allocate: the engine gets the request (one ``RemoteRequest``) and gives it
    blocks for the prompt plus its first token, prefix-cache hits leading; with
    too few free blocks it waits (FIFO) up to ``--remote-blocks-timeout-s``.  The
