@@ -14,7 +14,7 @@ from common.messages import Ack, Instance, MembershipChange, ReleaseKV
 from common.registry_client import MembershipWatcher
 from tests.procs import eventually
 
-HEARTBEAT_S, LEASE_S = 0.2, 1.0
+HEARTBEAT_S, LEASE_S = 0.2, 2.0
 FLOOD_S = 4.0
 BATCH = 500  # requests sent per turn of the flooding loop
 
