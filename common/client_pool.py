@@ -34,8 +34,11 @@ class ClientPool:
             self._clients[endpoint] = client
         return client
 
-    def drop(self, endpoint: str) -> None:
-        """Close ``endpoint``'s client in the background (its pending calls fail with ``PeerGone``)."""
+    def drop(self, endpoint: str, client: BusClient | None = None) -> None:
+        """Close ``endpoint``'s client in the background (its pending calls fail with ``PeerGone``);
+        given ``client``, only while it is still the pool's one (a failed call drops no newer client)."""
+        if client is not None and self._clients.get(endpoint) is not client:
+            return
         client = self._clients.pop(endpoint, None)
         if client is not None:
             self._closing.spawn(client.close())

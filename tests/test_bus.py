@@ -242,8 +242,10 @@ class RawDealer:
         ([HEADER.pack(8, KIND_REQUEST), msgspec.msgpack.encode({"type": "Nope"})], "bad_frame", 8),
         ([HEADER.pack(9, KIND_REQUEST), msgspec.msgpack.encode({"type": "Abort"})], "bad_frame", 9),
         ([HEADER.pack(10, KIND_REQUEST), b"\x00" * 5000], "too_large", 10),
+        ([f for i in range(MAX_BATCH_RECORDS + 1) for f in (HEADER.pack(100 + i, KIND_REQUEST), encode(GetStats()))],
+         "bad_frame", 0),
     ],
-    ids=["one-frame", "bad-header", "not-msgpack", "unknown-tag", "missing-field", "oversized"],
+    ids=["one-frame", "bad-header", "not-msgpack", "unknown-tag", "missing-field", "oversized", "too-many-records"],
 )
 async def test_malformed_frames_are_answered_and_survived(server, client, frames, code, req_id):
     raw = RawDealer(server.endpoint)

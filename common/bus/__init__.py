@@ -25,15 +25,22 @@ batches a loaded gateway hands a whole iteration's requests to an engine at once
 and then idles until they all come back, so the processes take turns in
 lock-step convoys instead of overlapping.  Records of one request keep their order.
 
+A flooding peer cannot stall the loop: one ``Reader`` drain takes a bounded
+number of frames and then yields (the handlers it started, timers and other
+sockets such as the registry's heartbeats run first), what it left waits in
+libzmq's bounded queues, and the server refuses a message of more than
+``MAX_BATCH_RECORDS`` records.  Endpoints are checked before a client's socket
+exists (``endpoints``).
+
 Nothing here blocks on a slow, dead or restarted peer: the server sends with
 NOBLOCK and ROUTER_MANDATORY (a vanished or stuck peer's running handlers are
 cancelled), the client fails pending calls with ``PeerGone`` when its
 connection drops or its send queue is full, and every wait has a finite timeout.
 
 Modules: ``records`` (header layout, flags, limits, body encoding), ``sockets``
-(socket options and non-blocking sends), ``reader`` (incoming messages),
-``outbox`` (per-iteration batching), ``server`` (``BusServer``), ``client``
-(``BusClient``).
+(socket options and non-blocking sends), ``endpoints`` (what a client may
+dial), ``reader`` (incoming messages), ``outbox`` (per-iteration batching),
+``server`` (``BusServer``), ``client`` (``BusClient``).
 """
 
 from common.bus.client import BusClient

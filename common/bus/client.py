@@ -12,6 +12,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from common.bus.endpoints import check_endpoint
 from common.bus.outbox import Outbox
 from common.bus.reader import Reader
 from common.bus.records import (
@@ -78,21 +79,26 @@ class BusClient:
         timeout: float = 10.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ):
-        self.endpoint = endpoint
+        """Raises ``BadEndpoint`` (before any socket exists) unless ``endpoint`` is tcp://host:port or ipc://path."""
+        self.endpoint = check_endpoint(endpoint)
         self.name = name or endpoint
         self.timeout = timeout
         self._decoder = msgspec.msgpack.Decoder(Reply)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Replies | _Callback] = {}
         self._loop = asyncio.get_running_loop()
-        ctx = zmq.Context.instance()
-        self._sock = ctx.socket(zmq.DEALER)
-        tune(self._sock, max_frame_bytes)
-        # Reconnect quickly after a peer restart, backing off to 1 s for a long outage.
-        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1_000)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._sock.connect(endpoint)
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._monitor: zmq.Socket | None = None
+        try:
+            tune(self._sock, max_frame_bytes)
+            # Reconnect quickly after a peer restart, backing off to 1 s for a long outage.
+            self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1_000)
+            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._sock.connect(endpoint)
+        except zmq.ZMQError:  # whatever libzmq refuses, no socket may outlive the failed client
+            self._close_sockets()
+            raise
         self._closed = False
         self._reader = Reader(self._sock, self._on_frames)
         self._monitor_reader = Reader(self._monitor, self._on_monitor_event)
@@ -174,11 +180,15 @@ class BusClient:
         self._reader.close()
         self._monitor_reader.close()
         self._fail_all(PeerGone(f"client for {self.endpoint} closed"))
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
-        self._sock.close(linger=0)
+        self._close_sockets()
 
     # -- internals ---------------------------------------------------------
+
+    def _close_sockets(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+        self._sock.close(linger=0)
 
     def _send(self, msg: Message) -> tuple[int, _Replies]:
         if self._closed:

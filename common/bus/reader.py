@@ -13,12 +13,20 @@ from common.bus.sockets import EVENTS, NOBLOCK, POLLIN
 log = logging.getLogger(__name__)
 
 
+# Frames one drain takes at most before it yields to the loop: the handlers it started, timers and the
+# other sockets (the registry's heartbeats) run before it reads more, however fast a peer sends.
+DRAIN_BUDGET_FRAMES = 256
+
+
 class Reader:
     """Feeds every message arriving on a plain zmq socket to ``on_frames``.
 
     Driven by the event loop's reader on the socket's FD, so a burst of
     messages costs one wake-up.  ZMQ's FD is edge-triggered and a send can
     consume the edge, so after every send ``poke()`` re-checks for input.
+    One drain reads about ``DRAIN_BUDGET_FRAMES`` frames, then reschedules
+    itself: what it did not read waits in libzmq's bounded queue (RCVHWM), so a
+    flooding peer meets backpressure instead of the loop stalling in here.
     """
 
     def __init__(self, sock: zmq.Socket, on_frames: Callable[[list[bytes]], None]):
@@ -38,13 +46,18 @@ class Reader:
     def _drain(self) -> None:
         self._scheduled = False
         sock = self._sock
+        budget = DRAIN_BUDGET_FRAMES
         while not sock.closed and sock.getsockopt(EVENTS) & POLLIN:
+            if budget <= 0:  # more is waiting: read it on the next loop iteration
+                self.poke()
+                return
             # Frame objects say whether more follow; a getsockopt(RCVMORE) per frame costs more.
             frame = sock.recv(NOBLOCK, copy=False)
             frames = [frame.bytes]
             while frame.more:
                 frame = sock.recv(NOBLOCK, copy=False)
                 frames.append(frame.bytes)
+            budget -= len(frames)
             try:
                 self._on_frames(frames)
             except Exception:  # one bad frame must never stop the reader

@@ -19,6 +19,7 @@ from common.bus.records import (
     FLAG_ITEM,
     HEADER,
     KIND_CANCEL,
+    MAX_BATCH_RECORDS,
     encode,
 )
 from common.bus.sockets import tune
@@ -100,6 +101,11 @@ class BusServer:
         if len(frames) < 3 or len(frames) % 2 == 0:
             log.warning("%s: malformed message (%d frames) from %r", self.name, len(frames), identity)
             self._reply(identity, 0, FLAG_FINAL, ErrorReply("bad_frame", "expected [header, body] frame pairs"))
+            return
+        if len(frames) > 1 + 2 * MAX_BATCH_RECORDS:  # no client batches more: one message must not be a flood
+            log.warning("%s: %d records in one message from %r", self.name, len(frames) // 2, identity)
+            self._reply(identity, 0, FLAG_FINAL,
+                        ErrorReply("bad_frame", f"more than {MAX_BATCH_RECORDS} records in one message"))
             return
         for i in range(1, len(frames), 2):
             header = frames[i]

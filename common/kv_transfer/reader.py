@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from common.client_pool import ClientPool
-from common.errors import BusError, KVTransferError
+from common.errors import BusError, CallTimeout, KVTransferError, PeerGone
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.peers import Peer, PeerDirectory
 from common.kv_transfer.rank_io import RankIO, finish_uncancellable
@@ -57,7 +57,8 @@ class PlannedRead:
 
 class ReleaseSender:
     """Sends ``ReleaseKV`` in the background, so a dead prefill never delays the caller; a failed
-    send is logged (the lease then expires on the prefill side)."""
+    send is logged (the lease then expires on the prefill side), and a prefill that did not answer
+    or left loses its pooled client (no socket stays behind dialing a dead endpoint)."""
 
     def __init__(self, clients: ClientPool):
         self.clients = clients
@@ -71,9 +72,13 @@ class ReleaseSender:
         await self._sending.wait()
 
     async def _send(self, params: KVTransferParams) -> None:
+        client = None
         try:
-            await self.clients.get(params.kv_endpoint).call(ReleaseKV([params.transfer_id]))
+            client = self.clients.get(params.kv_endpoint)
+            await client.call(ReleaseKV([params.transfer_id]))
         except BusError as e:
+            if isinstance(e, (CallTimeout, PeerGone)):
+                self.clients.drop(params.kv_endpoint, client)
             logger.warning("ReleaseKV %s to %s failed (its lease will expire): %s", params.transfer_id,
                            params.engine_id, e)
 

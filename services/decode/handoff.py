@@ -1,10 +1,12 @@
 """Life cycle of a request in the decode server (``DecodeHandoff``, the ``decode`` role).
 
 1. ``Generate(remote_prefill=params)`` arrives with the prefill's
-   ``KVTransferParams``.  The params are checked against the prompt (token
-   count, one block id per block of the PREFILL's block size, which may differ
-   from ours); a request refused here, or anywhere before
-   the read, sends ``ReleaseKV`` so prefill does not hold blocks nobody reads.
+   ``KVTransferParams``.  A ``kv_endpoint`` that cannot be dialed
+   (``common.bus.endpoints``) is refused at once, before any socket exists.
+   The params are checked against the prompt (token count, one block id per
+   block of the PREFILL's block size, which may differ from ours); a request
+   refused here, or anywhere before the read, sends ``ReleaseKV`` so prefill
+   does not hold blocks nobody reads.
 2. Allocate: the engine gets the request (one ``RemoteRequest``) and gives it
    blocks for the prompt plus its first token, prefix-cache hits leading; with
    too few free blocks it waits (FIFO) up to ``--remote-blocks-timeout-s``.  The
@@ -26,6 +28,7 @@ import time
 from collections.abc import AsyncIterator
 
 from common.arith import ceil_div
+from common.bus.endpoints import endpoint_problem
 from common.engine.async_engine import RequestAborted
 from common.engine.sequence import InvalidRequest, RemoteAllocation, RemoteRequest, RequestOutput
 from common.engine_service import ColocatedRole, EngineService
@@ -57,6 +60,9 @@ class DecodeHandoff(ColocatedRole):
             async for token in self.service.serve_locally(msg):
                 yield token
             return
+        problem = endpoint_problem(params.kv_endpoint)
+        if problem is not None:  # refused before any socket exists; there is nowhere to send even a ReleaseKV
+            raise PeerError("invalid_request", f"remote_prefill.kv_endpoint: {problem}", "remote_prefill.kv_endpoint")
         try:
             try:
                 prompt_ids = self.service.prompt_token_ids(msg)
