@@ -483,8 +483,11 @@ async def test_api_key_guards_v1_routes():
             r = await h.get("/metrics")
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             assert (await h.get("/metrics", headers={"Authorization": "Bearer sekret"})).status_code == 200
+            for path in ("/version", "/openapi.json"):  # everything but the probes needs the key
+                assert (await h.get(path)).status_code == 401
+                assert (await h.get(path, headers={"Authorization": "Bearer sekret"})).status_code == 200
             assert (await h.get("/health")).status_code == 200
-            assert (await h.get("/version")).status_code == 200
+            assert (await h.get("/ready")).status_code == 200
         async with openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="sekret", max_retries=0) as client:
             out = await client.completions.create(model=MODEL, prompt="k", max_tokens=2)
             assert out.usage.completion_tokens == 2

@@ -4,8 +4,8 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 ``GET /v1/instances``, ``POST /tokenize``, ``POST /detokenize`` (``tokenize``), ``GET /health``, ``GET /ready``, ``GET /metrics``,
 ``GET /version``, ``GET /openapi.json``.  Every error is an OpenAI error body; every
 response carries ``X-Request-Id`` (the client's, when it sent a valid one).  With
-an API key, ``/v1``, ``/tokenize``, ``/detokenize`` and ``/metrics`` (unless
-``metrics_public``) need it.
+an API key every route needs it but ``/health`` and ``/ready`` (and ``/metrics`` with
+``metrics_public``).
 
 A generation request is admitted (API key, request id, body, parse, model),
 then becomes a ``RequestRun`` answered as JSON (``responses``) or as an event
@@ -172,6 +172,8 @@ class Gateway:
 
     async def version(self, request: Request) -> ASGIApp:
         """pdserve's version, as vLLM's ``/version`` answers."""
+        if (denied := unauthorized(self.config.api_key, request.headers.get("authorization"))) is not None:
+            return denied
         return JSONResponse({"version": version("pdserve")})
 
     async def models(self, request: Request) -> ASGIApp:
@@ -199,6 +201,8 @@ class Gateway:
             return _answer_failure(e, None)
 
     async def openapi(self, request: Request) -> ASGIApp:
+        if (denied := unauthorized(self.config.api_key, request.headers.get("authorization"))) is not None:
+            return denied
         return JSONResponse(openapi_document())
 
     # -- generation ------------------------------------------------------------
