@@ -46,11 +46,8 @@ def plan_sources(reader: KVRankMemory, peers: list[KVRankMemory]) -> list[Source
     return sources
 
 
-def layout_of(memory: KVRankMemory) -> KVLayout:
-    return KVLayout(memory.region.addr, memory.block_bytes, memory.num_blocks)
-
-
 def table_of(memory: KVRankMemory, block_size: int, block_ids: list[int]) -> BlockTable:
     """``memory``'s blocks ``block_ids`` as one side of a token-mapped read."""
-    return BlockTable(layout_of(memory), block_size, block_ids, memory.first_head, memory.num_heads)
+    layout = KVLayout(memory.region.addr, memory.block_bytes, memory.num_blocks)
+    return BlockTable(layout, block_size, block_ids, memory.first_head, memory.num_heads)
 

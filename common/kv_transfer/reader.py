@@ -133,11 +133,11 @@ class KVReader:
               ) -> list[PlannedRead]:
         """Every (our rank, source) read of the request; ``ValueError`` when the block lists do not fit."""
         reads = []
+        remote = [table_of(rank, peer.block_size, params.block_ids) for rank in peer.ranks]  # one per prefill rank
         for ours, sources in enumerate(peer.sources):
             local = table_of(self.ranks[ours].memory, self.fingerprint.block_size, local_block_ids)
             for source in sources:
-                remote = table_of(peer.ranks[source.rank], peer.block_size, params.block_ids)
-                ranges = token_ranges(local, remote, heads=source.heads, num_tokens=params.num_tokens,
+                ranges = token_ranges(local, remote[source.rank], heads=source.heads, num_tokens=params.num_tokens,
                                       skip_leading=skip_leading)
                 if ranges.lengths:
                     reads.append(PlannedRead(ours, source, ranges))
