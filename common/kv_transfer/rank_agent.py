@@ -80,7 +80,8 @@ class RankAgent:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = BusServer("tcp://127.0.0.1:0", RankRequest, name=f"kv-agent-{self.io.memory.rank}")
+        server = BusServer("tcp://127.0.0.1:0", RankRequest, name=f"kv-agent-{self.io.memory.rank}",
+                           admits=frozenset({"engine"}))
         server.on(RankConnect, self.on_connect)
         server.on(RankRead, self.on_read)
         await server.start()
