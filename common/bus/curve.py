@@ -176,8 +176,9 @@ def configure(flags: BusSecurity) -> Keys | None:
     if keys is None:
         os.environ.pop(KEYS_DIR_ENV, None)
         public = [e for e in flags.bus_endpoints() if not is_loopback(e)]
-        require(flags.insecure or not public, "keys_dir", f"{public[0]} is not on loopback: give a "
-                "--keys-dir (`pdserve keys DIR`), or --insecure to run unauthenticated and unencrypted")
+        if public and not flags.insecure:
+            raise ConfigError(f"--keys-dir: {public[0]} is not on loopback: give a --keys-dir (`pdserve keys "
+                              "DIR`), or --insecure to run unauthenticated and unencrypted")
         log.warning("bus sockets without CURVE%s", " (--insecure)" if flags.insecure else ": loopback only")
     else:
         os.environ[KEYS_DIR_ENV] = str(Path(flags.keys_dir).resolve())  # type: ignore[arg-type]
