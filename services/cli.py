@@ -104,7 +104,11 @@ def keys_main(argv: list[str]) -> int:
                                 "directory as --keys-dir (secret keys are readable by their owner only).")
     p.add_argument("dir", metavar="DIR")
     args = p.parse_args(argv)
-    for role, path in create_keys(args.dir).items():
+    try:
+        dirs = create_keys(args.dir)
+    except (ConfigError, OSError) as e:
+        p.error(str(e))
+    for role, path in dirs.items():
         print(f"{role:9s} --keys-dir {path}")
     return 0
 

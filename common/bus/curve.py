@@ -114,21 +114,25 @@ def load_keys(directory: str | Path) -> Keys:
 
 
 def create_keys(directory: str | Path) -> dict[str, Path]:
-    """Write a fresh keypair per role and each role's keys directory under ``directory``; returns them."""
+    """Write a fresh keypair per role and each role's keys directory under ``directory``; returns them.
+
+    Raises ``ConfigError`` rather than overwrite keys already there."""
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
     dirs = {role: root / role for role in ROLES}
-    publics: dict[str, tuple[bytes, bytes]] = {}
+    taken = [str(d) for d in dirs.values() if d.exists() and any(d.iterdir())]
+    if taken:
+        raise ConfigError(f"{', '.join(taken)} already hold keys: give an empty or new directory")
+    publics: dict[str, bytes] = {}
     for role, path in dirs.items():
-        path.mkdir(exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
         path.chmod(0o700)
         public_file, secret_file = zmq.auth.create_certificates(path, role)
         Path(secret_file).chmod(0o600)
-        publics[role] = (Path(public_file).read_bytes(), Path(public_file).name.encode())
+        publics[role] = Path(public_file).read_bytes()
     for role, path in dirs.items():
         for other in TALKS_TO[role]:
             if other != role:
-                (path / f"{other}.key").write_bytes(publics[other][0])
+                (path / f"{other}.key").write_bytes(publics[other])
     return dirs
 
 
@@ -159,8 +163,8 @@ class BusSecurity:
 
     keys_dir: str | None = opt(None, "CURVE keys directory of this role (`pdserve keys DIR` makes them): every "
                                      "bus socket is encrypted and admits only the roles' known keys")
-    insecure: bool = opt(False, "run without CURVE even off loopback (without --keys-dir only loopback "
-                                "endpoints are allowed)")
+    insecure: bool = opt(False, "run without CURVE, even off loopback and even with --keys-dir (without "
+                                "keys, only loopback endpoints are allowed)")
 
     def bus_endpoints(self) -> list[str]:
         """The endpoints this service binds or dials."""
