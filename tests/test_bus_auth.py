@@ -20,11 +20,13 @@ import pytest_asyncio
 import zmq.auth
 
 from bench.processes import Processes, free_port
-from common.bus import BusClient
-from common.bus import curve
+from common.bus import BusClient, BusServer, curve
 from common.errors import CallTimeout, PeerError, PeerGone
 from common.messages import (
+    Abort,
+    Ack,
     Deregister,
+    EngineRequest,
     Generate,
     GetStats,
     Heartbeat,
@@ -177,6 +179,32 @@ async def test_stack_with_keys_serves_the_openai_client(deployment: Deployment):
     out = await client.completions.create(model="demo", prompt="Hello", max_tokens=4, temperature=0)
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 4
     deployment.procs.check_alive()
+
+
+@pytest.mark.parametrize("secure", [True, False])
+async def test_a_handler_learns_who_sent_its_message(deployment: Deployment, secure: bool):
+    """``with_peer``: the sender's role and public key under CURVE, its connection without."""
+    keys = deployment.keys["engine"] if secure else None
+    peers = []
+
+    async def on_abort(msg: Abort, peer: curve.Peer) -> Ack:
+        peers.append(peer)
+        return Ack()
+
+    with acting_as(keys):  # the server's ZAP handler, too, knows the keys this process has
+        server = BusServer("tcp://127.0.0.1:0", EngineRequest, name="peers", admits=frozenset({"engine"}))
+        server.on(Abort, on_abort, with_peer=True)
+        await server.start()
+        try:
+            await deployment.call(keys, server.endpoint, Abort("r1"))
+            await deployment.call(keys, server.endpoint, Abort("r2"))
+        finally:
+            await server.close()
+    if secure:
+        assert peers == [curve.Peer("engine", deployment.keys["engine"].public.decode())] * 2
+    else:  # two clients, two connections
+        assert [p.role for p in peers] == [None, None] and peers[0] != peers[1]
+        assert all(p.id.startswith("zmq:") and p.acts_as("engine") for p in peers)
 
 
 async def test_no_keys_off_loopback_needs_insecure():
