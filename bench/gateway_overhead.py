@@ -354,9 +354,9 @@ def report(result: dict) -> None:
         print(f"  gateway/bare rate: {r['rate_ratio']:.2f}   p50 added: {r['p50_added_ms']:.2f} ms   "
               f"CPU/request bare/gateway (all processes): {r['cpu_ratio']:.2f}")
         if "curve_cpu_ratio" in r:
+            gateway_cpu = [r[name]["cpu_us_per_request"]["gateway"] for name in ("gateway+curve", "gateway")]
             print(f"  with CURVE / without: rate {r['curve_rate_ratio']:.2f}   CPU/request (all processes) "
-                  f"{r['curve_cpu_ratio']:.2f}   gateway process CPU/request "
-                  f"{r['gateway+curve']['cpu_us_per_request']['gateway'] / r['gateway']['cpu_us_per_request']['gateway']:.2f}")
+                  f"{r['curve_cpu_ratio']:.2f}   gateway process CPU/request {gateway_cpu[0] / gateway_cpu[1]:.2f}")
     print("\n" + json.dumps(result))
 
 
