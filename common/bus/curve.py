@@ -41,6 +41,10 @@ ROLES = ("gateway", "engine", "registry")
 # The roles whose public keys a role needs: those that dial it and those it dials.
 TALKS_TO = {"gateway": ("engine", "registry"), "engine": ("gateway", "engine", "registry"),
             "registry": ("gateway", "engine")}
+# Which roles each kind of server admits (its ZAP domain): the whole policy, in one place.
+REGISTRY_ADMITS = frozenset({"engine", "gateway"})  # gateways watch; only engines register (registry.server)
+ENGINE_ADMITS = frozenset({"gateway"})  # an engine's request socket: Generate, Abort, stats, tokenize
+KV_ADMITS = frozenset({"engine"})  # KV side channels (decode -> prefill) and rank agents (rank 0 -> rank)
 KEYS_DIR_ENV = "PDSERVE_KEYS_DIR"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 

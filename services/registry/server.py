@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from common.bus import BusServer
-from common.bus.curve import BusSecurity, Peer
+from common.bus.curve import REGISTRY_ADMITS, BusSecurity, Peer
 from common.config import opt, require
 from common.errors import PeerError
 from common.messages import (
@@ -75,7 +75,7 @@ class Registry:
         self.membership = Membership(config.lease_ttl_s)
         self.watchers: set[asyncio.Queue[MembershipEvent | None]] = set()
         self.server = BusServer(config.bind, RegistryRequest, name="registry", max_frame_bytes=config.max_frame_bytes,
-                                admits=frozenset({"engine", "gateway"}))
+                                admits=REGISTRY_ADMITS)
         self.server.on(Register, self._register, with_peer=True)
         self.server.on(Heartbeat, self._heartbeat, with_peer=True)
         self.server.on(Deregister, self._deregister, with_peer=True)
