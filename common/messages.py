@@ -93,6 +93,7 @@ ErrorCode = Literal[
     "protocol_version",
     "invalid_request",  # request-level validation failed (OpenAI 400)
     "unknown_instance",
+    "forbidden",  # the sender's key may not do this (another key owns the instance, or its role may not)
     "incompatible",
     "overloaded",
     "shutting_down",

@@ -64,7 +64,7 @@ class RegistryClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self.heartbeat_interval_s = 1.0  # replaced by the registry's value at registration
-        self._bus = BusClient(endpoint, name="registry", timeout=timeout)
+        self._bus = BusClient(endpoint, name="registry", timeout=timeout, server_role="registry")
         self._heartbeats: asyncio.Task | None = None
         self._instance_id: str | None = None
 
@@ -195,7 +195,7 @@ class MembershipWatcher:
     async def _run(self) -> None:
         backoff = self.backoff_initial_s
         while True:
-            bus = BusClient(self.endpoint, name="registry-watch", timeout=self.idle_timeout)
+            bus = BusClient(self.endpoint, name="registry-watch", timeout=self.idle_timeout, server_role="registry")
             try:
                 async for reply in bus.stream(Watch(), idle_timeout=self.idle_timeout):
                     self._drop_unconfirmed()

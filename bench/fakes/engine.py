@@ -38,6 +38,7 @@ from bench.fakes.prefill_kv import BLOCK_BYTES, FakePrefillKV
 from bench.fakes.transport import FakeTransport
 from common.arith import ceil_div
 from common.bus import BusServer
+from common.bus.curve import ENGINE_ADMITS, KV_ADMITS
 from common.client_pool import ClientPool
 from common.engine.detokenizer import Detokenizer
 from common.engine_service.prompt import prompt_token_ids
@@ -118,8 +119,8 @@ class FakeEngine:
         self.fingerprint = fingerprint(model, block_size)
         self.tokenizer = ByteTokenizer()
         self.prefix_cache = PrefixCache(block_size)
-        self.server = BusServer(f"tcp://{host}:0", EngineRequest, name=self.id)
-        self.kv_server = BusServer(f"tcp://{host}:0", KVRequest, name=f"{self.id}-kv")
+        self.server = BusServer(f"tcp://{host}:0", EngineRequest, name=self.id, admits=ENGINE_ADMITS)
+        self.kv_server = BusServer(f"tcp://{host}:0", KVRequest, name=f"{self.id}-kv", admits=KV_ADMITS)
         self.server.on(Generate, self._generate)
         self.server.on(Abort, self._abort)
         self.server.on(GetStats, self._stats)

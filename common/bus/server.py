@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Union
 import msgspec
 import zmq
 
+from common.bus.curve import Peer, insecure_peer, peer_from_user_id, secure_server
 from common.bus.outbox import Outbox
 from common.bus.reader import Reader
 from common.bus.records import (
@@ -32,7 +33,12 @@ Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
 
 
 class BusServer:
-    """ROUTER side: decodes each record into ``accepts``, dispatches it by type, replies."""
+    """ROUTER side: decodes each record into ``accepts``, dispatches it by type, replies.
+
+    With the process's CURVE keys (``curve``) it admits only clients whose keys are of a role in
+    ``admits``; a handler registered ``with_peer`` is called ``handler(msg, peer)``, ``peer``
+    (``curve.Peer``) the sender's role and key, or without CURVE its connection.
+    """
 
     def __init__(
         self,
@@ -41,25 +47,34 @@ class BusServer:
         *,
         name: str,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        admits: frozenset[str] = frozenset(),
     ):
         self.bind = bind
+        self.admits = admits
         self.name = name
         self.max_frame_bytes = max_frame_bytes
         self.endpoint = bind
         self._decoder = msgspec.msgpack.Decoder(accepts)
-        self._handlers: dict[type, tuple[Handler, bool]] = {}  # type -> (handler, is an async generator)
+        self._handlers: dict[type, tuple[Handler, bool, bool]] = {}  # type -> (handler, streams, with_peer)
         self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
         self._sock: zmq.Socket | None = None
         self._reader: Reader | None = None
         self._outbox: Outbox | None = None
+        self._curve = False
 
-    def on(self, msg_type: type, handler: Handler) -> None:
-        """Route ``msg_type`` to ``handler`` (a coroutine function or async generator function)."""
-        self._handlers[msg_type] = (handler, inspect.isasyncgenfunction(handler))
+    def on(self, msg_type: type, handler: Handler, *, with_peer: bool = False) -> None:
+        """Route ``msg_type`` to ``handler`` (a coroutine function or async generator function),
+        called ``handler(msg, peer)`` when ``with_peer``."""
+        self._handlers[msg_type] = (handler, inspect.isasyncgenfunction(handler), with_peer)
 
     async def start(self) -> None:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         tune(sock, self.max_frame_bytes)
+        try:
+            self._curve = secure_server(sock, self.admits)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         # Sending to an identity that is no longer connected raises EHOSTUNREACH
         # instead of silently dropping, so we learn the peer is gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -142,17 +157,27 @@ class BusServer:
         if key in self._tasks:  # a second request under a running one's id could never be cancelled
             self._reply(identity, req_id, FLAG_FINAL, ErrorReply("bad_frame", f"request id {req_id} is in use"))
             return
-        self._tasks[key] = asyncio.create_task(self._run(key, entry[0], entry[1], msg))
+        handler, streams, with_peer = entry
+        args = (msg, self._peer(identity)) if with_peer else (msg,)
+        self._tasks[key] = asyncio.create_task(self._run(key, handler, streams, args))
 
-    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message) -> None:
+    def _peer(self, identity: bytes) -> Peer:
+        """Who sent the message being read: the User-Id the ZAP handler gave its connection (CURVE)."""
+        if self._curve:
+            assert self._reader is not None
+            return peer_from_user_id(self._reader.frame.get("User-Id"))
+        return insecure_peer(identity)
+
+    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, args: tuple) -> None:
         identity, req_id = key
+        msg = args[0]
         try:
             if streams:
-                async for item in handler(msg):  # type: ignore[union-attr]
+                async for item in handler(*args):  # type: ignore[union-attr]
                     self._reply(identity, req_id, FLAG_ITEM, item)
                 self._end_stream(identity, req_id)
             else:
-                self._reply(identity, req_id, FLAG_FINAL, await handler(msg))  # type: ignore[misc]
+                self._reply(identity, req_id, FLAG_FINAL, await handler(*args))  # type: ignore[misc]
         except asyncio.CancelledError:
             pass
         except PeerError as e:

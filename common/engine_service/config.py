@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.bus import DEFAULT_MAX_FRAME_BYTES
+from common.bus.curve import BusSecurity
 from common.config import opt, require
 from common.engine.config import EngineConfig
 from common.engine_service.addresses import bind_host, check_reachable
@@ -18,7 +19,7 @@ from common.kv_transfer.config import KVTransferConfig
 
 
 @dataclass
-class EngineServiceConfig(EngineConfig, KVTransferConfig):
+class EngineServiceConfig(EngineConfig, KVTransferConfig, BusSecurity):
     role: Literal["prefill", "decode", "both"] = opt("both", "prefill, decode, or both (colocated, no transfer)")
     bind: str | None = opt(None, "request ROUTER address (port 0: any free port); none: port 0 on the address "
                                  "--advertise-host resolves to here, or 0.0.0.0 when it is not one of this host's")

@@ -31,6 +31,7 @@ from typing import Protocol
 import msgspec
 
 from common.bus import BusServer
+from common.bus.curve import ENGINE_ADMITS, KV_ADMITS
 from common.client_pool import ClientPool
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
@@ -125,14 +126,14 @@ class EngineService:
         )  # fmt: skip
         self.layout = KVLayout.of(core.kv_cache)
         self.server = BusServer(config.bind, EngineRequest, name=self.instance_id,
-                                max_frame_bytes=config.max_frame_bytes)
+                                max_frame_bytes=config.max_frame_bytes, admits=ENGINE_ADMITS)
         self.server.on(Generate, self.on_generate)
         self.server.on(Abort, self.on_abort)
         self.server.on(GetStats, self.on_stats)
         self.server.on(Tokenize, self.on_tokenize)
         self.server.on(Detokenize, self.on_detokenize)
         self.kv_server = BusServer(config.kv_bind, KVRequest, name=f"{self.instance_id}-kv",
-                                   max_frame_bytes=config.max_frame_bytes)
+                                   max_frame_bytes=config.max_frame_bytes, admits=KV_ADMITS)
         self.transports: TransportSet | None = None  # rank 0's
         self.kv_ranks: list[RankIO] = []  # every rank's KV, in rank order, rank 0's a LocalRankIO (roles moving KV)
         self.rank_clients = ClientPool(name=f"{self.instance_id}-ranks", timeout=config.kv_rpc_timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from common.bus.curve import BusSecurity
 from common.config import opt, require
 
 Mode = Literal["auto", "disagg", "colocated"]
@@ -12,7 +13,7 @@ Policy = Literal["round_robin", "least_loaded"]
 
 
 @dataclass(slots=True)
-class GatewayConfig:
+class GatewayConfig(BusSecurity):
     host: str = opt("127.0.0.1", "HTTP address to listen on")
     port: int = opt(8000, "HTTP port (0 picks a free one)")
     registry: str = opt("tcp://127.0.0.1:7100", "registry ROUTER endpoint to watch")

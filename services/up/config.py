@@ -59,6 +59,7 @@ class UpConfig:
     shutdown_timeout_s: float = opt(30.0, "per process group: SIGKILL after this long (engines drain "
                                           "for up to their own --shutdown-timeout-s, 10 s by default)")
     max_restarts: int = opt(5, "restart a child that died unexpectedly at most this many times")
+    insecure: bool = opt(False, "no CURVE between the children (by default up makes throwaway keys for this run)")
     log_level: LogLevel = opt("info", "log level of every process")
 
     def validate(self) -> None:

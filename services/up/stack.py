@@ -8,14 +8,18 @@ import json
 import logging
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
+from common.bus.curve import create_keys
 from common.config import ConfigError
 from services.up.children import Child
 from services.up.config import UpConfig
@@ -57,9 +61,13 @@ class Stack:
         roles = config.engine_roles()
         self.engines = [(f"{role}-{roles[:i].count(role)}", role) for i, role in enumerate(roles)]
         self.instance_ids = {name: f"{name}-{token}" for name, _ in self.engines}
+        self.keys: dict[str, Path] = {}  # role -> its keys directory, made by start unless --insecure
 
     def spawn(self, group: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
+        """Start ``pdserve *argv`` with this run's keys of the group's role (before ``argv``'s flags, which win)."""
+        role = {"registry": "registry", "engines": "engine", "gateway": "gateway"}[group]
+        keys = ["--keys-dir", str(self.keys[role])] if self.keys else ["--insecure"]
+        cmd = [sys.executable, "-m", "services.cli", argv[0], *keys, *argv[1:], "--log-level", self.config.log_level]
         self.groups[group].append(Child(name, cmd, env))
 
     def children(self) -> list[Child]:
@@ -76,6 +84,8 @@ class Stack:
         check_port_free(self.gateway.host, self.gateway.port, "--port")
         if self.config.registry_port:
             check_port_free("127.0.0.1", self.registry_port, "--registry-port")
+        if not self.config.insecure:  # throwaway keys: even this run's own processes authenticate each other
+            self.keys = create_keys(tempfile.mkdtemp(prefix="pdserve-keys-"))
         self.spawn("registry", "registry", ["registry", "--bind", self.registry])
         for (name, role), gpus in zip(self.engines, self.config.engine_gpus()):
             env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else None
@@ -154,6 +164,8 @@ class Stack:
                     p.wait()
         for child in self.children():  # their last lines
             child.pump.join(timeout=1.0)
+        if self.keys:
+            shutil.rmtree(next(iter(self.keys.values())).parent, ignore_errors=True)
 
 
 async def serve(config: UpConfig) -> None:
