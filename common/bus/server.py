@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Union
@@ -29,6 +30,15 @@ from common.messages import ErrorReply, Message
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
+
+_sender: contextvars.ContextVar[bytes] = contextvars.ContextVar("bus_sender")
+
+
+def sender() -> bytes:
+    """Who sent the message the running handler serves (only inside a handler; ``LookupError`` elsewhere):
+    today the ROUTER routing id of its connection, which a peer cannot choose for another's connection.
+    Ownership checks (``Abort``, ``RenewLease``, ``ReleaseKV``) compare these values and nothing else."""
+    return _sender.get()
 
 
 class BusServer:
@@ -146,6 +156,7 @@ class BusServer:
 
     async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message) -> None:
         identity, req_id = key
+        _sender.set(identity)  # this task's own context: seen by the handler only
         try:
             if streams:
                 async for item in handler(msg):  # type: ignore[union-attr]

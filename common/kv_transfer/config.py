@@ -17,6 +17,8 @@ class KVTransferConfig:
         "rdma where NICs exist, else tcp); a forced one that cannot work is refused",
         choices=("auto", "nvlink", "shm", "rdma", "tcp"))
     kv_lease_seconds: float = opt(30.0, "prefill frees pinned blocks this long after the last renewal")
+    kv_lease_max_seconds: float = opt(300.0, "prefill frees pinned blocks this long after pinning them, "
+                                             "however often their reader renews")
     kv_lease_sweep_interval_s: float = opt(1.0, "how often prefill looks for expired leases")
     kv_handshake_timeout_s: float = opt(5.0, "give up a handshake with a prefill engine after this long")
     kv_rpc_timeout_s: float = opt(5.0, "timeout of RenewLease / ReleaseKV calls")
@@ -37,6 +39,8 @@ class KVTransferConfig:
             "kv_read_timeout_s",
         ):
             require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds",
+                f"must be >= --kv-lease-seconds ({self.kv_lease_seconds:g})")
         require(
             self.kv_renew_interval_s < self.kv_lease_seconds,
             "kv_renew_interval_s",
