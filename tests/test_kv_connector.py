@@ -11,7 +11,7 @@ import torch
 
 from common.bus import BusClient, BusServer
 from common.engine.kv_cache import KVCache
-from common.errors import HandshakeError, KVTransferError, PeerError
+from common.errors import HandshakeError, KVBlocksRefused, KVTransferError, PeerError
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.mori import MoriBackend
@@ -341,6 +341,16 @@ async def test_expired_lease_is_detected_before_reading(prefill, decode):
     params.lease_expiry = time.time() - 1
     with pytest.raises(KVTransferError, match="ended before the read"):
         await conn.read_blocks(params, [2])
+
+
+async def test_params_naming_other_blocks_than_the_lease_holds_are_refused_before_reading(prefill, decode):
+    conn, kv = await decode()
+    params = msgspec.structs.replace(prefill.params([1, 2]), block_ids=[5, 6])  # the lease holds 1 and 2
+    with pytest.raises(KVBlocksRefused, match="names 2 blocks that are not the 2 its lease holds"):
+        await conn.read_blocks(params, [3, 4])
+    assert not kv.data[3].any() and not kv.data[4].any()  # nothing was read
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]  # and the transfer was still released
 
 
 async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode, fake):

@@ -178,3 +178,17 @@ async def test_sweeper_expires_on_its_own(engine):
     finally:
         sweeper.cancel()
     assert prefill.unpins == [(prefill.transfer_ids["r-swept"], True)]
+
+
+async def test_renewals_never_push_a_lease_past_its_maximum_life():
+    clock = Clock()
+    leases = LeaseTable(10.0, clock=clock, max_seconds=25.0)
+    start = clock.now
+    leases.start("t")
+    expiries = []
+    for _ in range(3):
+        clock.now += 8
+        expiries.append(leases.renew(["t"])["t"] - start)
+    assert expiries == [18.0, 25.0, 25.0]
+    clock.now = start + 25.0
+    assert leases.expired() == ["t"] and leases.renew(["t"]) == {}
