@@ -7,44 +7,22 @@ Real prefill, decode and colocated services over real ZMQ and Mooncake TCP on lo
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 import pytest
 import pytest_asyncio
 
 from bench.engine_driver import prompt_ids, tokens
-from common.engine.engine import LLMEngine
-from common.engine_service import EngineService
 from common.errors import PeerError
 from common.messages import Abort
-from services.registry import Registry, RegistryConfig
-from tests.test_engine_service import BLOCK, ROLES, Cluster, service_config
+from tests.test_engine_service import BLOCK, Cluster, running_cluster
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster():
-    registry = Registry(RegistryConfig(bind="tcp://127.0.0.1:0"))
-    await registry.start()
-    loop = asyncio.get_running_loop()
-    services: dict[str, EngineService] = {}
-    try:
-        for role in ("prefill", "decode", "both"):
-            cfg = service_config(registry.endpoint, role, role)
-            services[role] = service = EngineService(cfg, await loop.run_in_executor(None, LLMEngine, cfg),
-                                                     ROLES[role])
-            await service.start()
-        cluster = Cluster(registry, services)
-        try:
-            yield cluster
-        finally:
-            await cluster.close()
-    finally:
-        for service in services.values():
-            await service.shutdown()
-        await registry.close()
+    async with running_cluster({role: dict(role=role) for role in ("prefill", "decode", "both")}) as cluster:
+        yield cluster
 
 
 async def test_a_decode_given_other_blocks_than_the_lease_holds_refuses_and_caches_nothing(cluster: Cluster):

@@ -19,13 +19,10 @@ import pytest_asyncio
 from bench.engine_driver import GREEDY, prompt_ids, tokens
 from bench.fakes import FakeCluster
 from common.bus import BusClient
-from common.engine.engine import LLMEngine
-from common.engine_service import EngineService
 from common.messages import Abort, Ack, Generate, LeaseRenewed, ReleaseKV, RenewLease, SamplingParams
 from services.gateway.request_ids import RequestIds
-from services.registry import Registry, RegistryConfig
 from tests.procs import eventually
-from tests.test_engine_service import ROLES, Cluster, service_config
+from tests.test_engine_service import Cluster, running_cluster
 
 HEX128 = re.compile(r"[0-9a-f]{32}")
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -77,27 +74,10 @@ async def test_an_x_request_id_naming_another_requests_choice_does_not_touch_it(
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster():
-    registry = Registry(RegistryConfig(bind="tcp://127.0.0.1:0"))
-    await registry.start()
-    specs = {"prefill": dict(role="prefill"),
-             "pinning": dict(role="prefill", kv_lease_seconds=1.0, kv_lease_max_seconds=2.0)}
-    loop = asyncio.get_running_loop()
-    services: dict[str, EngineService] = {}
-    try:
-        for name, spec in specs.items():
-            cfg = service_config(registry.endpoint, name=name, **spec)
-            services[name] = service = EngineService(cfg, await loop.run_in_executor(None, LLMEngine, cfg),
-                                                     ROLES[cfg.role])
-            await service.start()
-        cluster = Cluster(registry, services)
-        try:
-            yield cluster
-        finally:
-            await cluster.close()
-    finally:
-        for service in services.values():
-            await service.shutdown()
-        await registry.close()
+    async with running_cluster({"prefill": dict(role="prefill"),
+                                "pinning": dict(role="prefill", kv_lease_seconds=1.0, kv_lease_max_seconds=2.0)}
+                               ) as cluster:
+        yield cluster
 
 
 @pytest_asyncio.fixture(loop_scope="module")
