@@ -192,3 +192,20 @@ async def test_renewals_never_push_a_lease_past_its_maximum_life():
     assert expiries == [18.0, 25.0, 25.0]
     clock.now = start + 25.0
     assert leases.expired() == ["t"] and leases.renew(["t"]) == {}
+
+
+async def test_a_peer_holding_its_cap_of_pinned_blocks_is_refused_until_they_are_released():
+    async def unpin(transfer_id: str) -> None:
+        pass
+
+    handoff = PrefillHandoff("p0", LeaseTable(LEASE_S), unpin, max_pinned_per_peer=4)
+    handoff.begin("a1", GATEWAY)
+    handoff.lease("a1", [0, 1, 2])
+    handoff.begin("a2", GATEWAY)  # 3 < 4: one more leg may run
+    handoff.lease("a2", [3, 4])
+    with pytest.raises(PeerError) as refused:
+        handoff.begin("a3", GATEWAY)
+    assert refused.value.code == "overloaded"
+    handoff.begin("b1", b"another gateway")  # the cap is per peer
+    handoff.abort("a1", GATEWAY)
+    handoff.begin("a3", GATEWAY)

@@ -30,6 +30,7 @@ import asyncio
 import enum
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -68,11 +69,14 @@ def new_transfer_id() -> str:
 class PrefillHandoff:
     """Transfer id -> every request whose KV prefill holds or may hold for a reader."""
 
-    def __init__(self, engine_id: str, leases: LeaseTable, unpin: Unpin):
+    def __init__(self, engine_id: str, leases: LeaseTable, unpin: Unpin, max_pinned_per_peer: int = 0):
+        """``max_pinned_per_peer``: ``begin`` refuses a peer holding this many pinned blocks (0: no cap)."""
         self.engine_id = engine_id
         self.leases = leases
+        self.max_pinned_per_peer = max_pinned_per_peer
         self._unpin = unpin
         self._transfers: dict[str, Transfer] = {}
+        self._pinned: Counter[bytes] = Counter()  # owner -> blocks its leased transfers hold
         self._by_request: dict[str, str] = {}  # request id -> its open transfer's id
         self._unpinning = BackgroundTasks()
 
@@ -85,9 +89,12 @@ class PrefillHandoff:
         return self._by_request.get(request_id)
 
     def begin(self, request_id: str, owner: bytes) -> str:
-        """Open the request's transfer for ``owner``; returns its id.  ``PeerError`` while one is still open."""
+        """Open the request's transfer for ``owner``; returns its id.  ``PeerError`` while one is still open,
+        or (``overloaded``) while ``owner`` holds ``max_pinned_per_peer`` pinned blocks."""
         if request_id in self._by_request:
             raise PeerError("invalid_request", f"request {request_id!r} is already running here", "request_id")
+        if 0 < self.max_pinned_per_peer <= self._pinned[owner]:
+            raise PeerError("overloaded", f"{self._pinned[owner]} blocks are pinned for this peer already")
         transfer_id = new_transfer_id()
         self._transfers[transfer_id] = Transfer(request_id, owner)
         self._by_request[request_id] = transfer_id
@@ -101,6 +108,7 @@ class PrefillHandoff:
             self._release(self._by_request.get(request_id))
             return None
         transfer.state, transfer.block_ids = TransferState.LEASED, list(block_ids)
+        self._pinned[transfer.owner] += len(block_ids)
         return self.leases.start(self._by_request[request_id])
 
     def abort(self, request_id: str, peer: bytes) -> None:
@@ -183,6 +191,10 @@ class PrefillHandoff:
         if transfer is None:
             return
         del self._by_request[transfer.request_id]
+        if transfer.block_ids:
+            self._pinned[transfer.owner] -= len(transfer.block_ids)
+            if not self._pinned[transfer.owner]:
+                del self._pinned[transfer.owner]
         self.leases.end(transfer_id)
         self._unpinning.spawn(self._unpin_logged(transfer_id))
 

@@ -30,7 +30,8 @@ class PrefillRole(ColocatedRole):
     def __init__(self, service: EngineService):
         super().__init__(service)
         leases = LeaseTable(service.config.kv_lease_seconds, max_seconds=service.config.kv_lease_max_seconds)
-        self.handoff = PrefillHandoff(service.instance_id, leases, service.engine.release_transfer)
+        self.handoff = PrefillHandoff(service.instance_id, leases, service.engine.release_transfer,
+                                      service.config.kv_max_pinned_blocks_per_peer)
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
