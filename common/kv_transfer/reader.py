@@ -11,8 +11,9 @@ params name (``KVBlocksRefused``: nothing is read), has every rank of ours copy
 its ranges (``rank_io``: rank 0 in this process, the others through their
 agents), renews the lease while they run, completes the read only when EVERY
 rank reported success for EVERY range (``status.TransferQuorum``), confirms the
-lease still held (the same blocks) after the read, and always sends ``ReleaseKV`` afterwards through a ``ReleaseSender`` (in the
-background), after no rank touches memory any more.
+lease still held (the same blocks) after the read, and always sends
+``ReleaseKV`` afterwards through a ``ReleaseSender`` (in the background), after
+no rank touches memory any more.
 
 The prefill side that answers these calls is ``common.kv_transfer.side_channel``.
 """

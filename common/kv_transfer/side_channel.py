@@ -4,8 +4,9 @@
 or a decode that cannot read our KV: ``common.kv_compat.kv_incompatibilities``)
 with every rank's KV memory and the transports it can be read over (the
 reader's ranks pick one per pair of ranks), and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
-the pinned transfers (the prefill handoff) with their sender (``common.bus.server.sender``), which only
-the transfer's reader may be: the side channel never frees blocks itself.  The reader is ``common.kv_transfer.reader``.
+the pinned transfers (the prefill handoff) with their sender (``common.bus.server.sender``): only
+the transfer's reader may renew or release it, and the side channel never frees blocks itself.  The
+reader is ``common.kv_transfer.reader``.
 """
 
 from __future__ import annotations

@@ -250,8 +250,8 @@ class RequestRun:
     and releases the request id.  A second ``close`` does nothing.
     """
 
-    __slots__ = ("context", "req", "request_id", "handle", "endpoint", "started_at", "deadline", "emit", "stats", "done",
-                 "closed", "_remaining", "_runs")
+    __slots__ = ("context", "req", "request_id", "handle", "endpoint", "started_at", "deadline", "emit", "stats",
+                 "done", "closed", "_remaining", "_runs")
 
     def __init__(self, context: FlowContext, req: ParsedRequest, ids: RequestId, endpoint: str,
                  started_at: float, emit: Emit):
