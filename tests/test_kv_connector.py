@@ -343,12 +343,15 @@ async def test_expired_lease_is_detected_before_reading(prefill, decode):
         await conn.read_blocks(params, [2])
 
 
-async def test_params_naming_other_blocks_than_the_lease_holds_are_refused_before_reading(prefill, decode):
+@pytest.mark.parametrize("lease_left_s", [30.0, 0.0])  # confirmed after the read; also renewed before it
+async def test_params_naming_other_blocks_than_the_lease_holds_are_refused(prefill, decode, lease_left_s):
     conn, kv = await decode()
-    params = msgspec.structs.replace(prefill.params([1, 2]), block_ids=[5, 6])  # the lease holds 1 and 2
+    params = msgspec.structs.replace(prefill.params([1, 2]), block_ids=[5, 6],  # the lease holds 1 and 2
+                                     lease_expiry=time.time() + lease_left_s)
     with pytest.raises(KVBlocksRefused, match="names 2 blocks that are not the 2 its lease holds"):
         await conn.read_blocks(params, [3, 4])
-    assert not kv.data[3].any() and not kv.data[4].any()  # nothing was read
+    if not lease_left_s:
+        assert not kv.data[3].any() and not kv.data[4].any()  # refused before reading
     await conn.releases.flush()
     assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]  # and the transfer was still released
 

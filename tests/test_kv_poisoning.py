@@ -1,5 +1,5 @@
 """Issue 15, decode prefix-cache poisoning: a decode given block ids other than those the prefill's lease
-holds refuses the transfer (typed error, nothing read, nothing cached, its blocks freed), whatever its
+holds refuses the transfer (typed error, nothing cached, its blocks freed), whatever its
 ``--kv-load-failure-policy``; the right prompt later still gives the colocated output.
 
 Real prefill, decode and colocated services over real ZMQ and Mooncake TCP on loopback.

@@ -5,15 +5,17 @@ prefill instance (``peers.PeerDirectory``: which prefill rank each of our ranks
 reads each of its heads from, and over which transport), maps token positions
 into byte ranges for every (our rank, source) pair (``ranges.token_ranges``:
 whole blocks merge into runs when both sides have the same block size and
-heads), claims the transfer at the prefill (its first ``RenewLease`` binds the
-transfer to us) and refuses it unless the lease holds exactly the block ids the
-params name (``KVBlocksRefused``: nothing is read), has every rank of ours copy
-its ranges (``rank_io``: rank 0 in this process, the others through their
-agents), renews the lease while they run, completes the read only when EVERY
-rank reported success for EVERY range (``status.TransferQuorum``), confirms the
-lease still held (the same blocks) after the read, and always sends
-``ReleaseKV`` afterwards through a ``ReleaseSender`` (in the background), after
-no rank touches memory any more.
+heads), has every rank of ours copy its ranges (``rank_io``: rank 0 in this
+process, the others through their agents), renews the lease while they run,
+completes the read only when EVERY rank reported success for EVERY range
+(``status.TransferQuorum``), confirms the lease still held after the read, and
+always sends ``ReleaseKV`` afterwards through a ``ReleaseSender`` (in the
+background), after no rank touches memory any more.
+
+Every ``RenewLease`` (the first one claims the transfer: the prefill answers
+no other peer for it) answers with the block ids the lease holds; the read
+fails with ``KVBlocksRefused`` unless they are exactly the params' block ids
+(other blocks would be another prompt's KV): the caller must not use what was read.
 
 The prefill side that answers these calls is ``common.kv_transfer.side_channel``.
 """
@@ -150,11 +152,12 @@ class KVReader:
         if not reads:
             return ReadStats(0, 0, 0, 0.0)
         tid = params.transfer_id
-        try:
-            held = await self._renew(peer, tid)
-        except BusError as e:
-            raise KVTransferError(f"cannot claim the lease of transfer {tid} before reading: {e}") from e
-        _check_held(params, held, "before the read")
+        if params.lease_expiry - time.time() < self.config.kv_renew_interval_s:
+            try:
+                held = await self._renew(peer, tid)
+            except BusError as e:
+                raise KVTransferError(f"cannot renew the lease of transfer {tid} before reading: {e}") from e
+            _check_held(params, held, "before the read")
         lease_lost = asyncio.Event()
         renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
         start = time.perf_counter()

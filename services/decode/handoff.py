@@ -11,14 +11,15 @@
    blocks for the prompt plus its first token, prefix-cache hits leading; with
    too few free blocks it waits (FIFO) up to ``--remote-blocks-timeout-s``.  The
    request then waits in ``WAITING_FOR_REMOTE_KVS``.
-3. Read: ``KVReader.read_blocks`` claims the transfer (only this engine may then
-   renew or release it), copies the blocks that are not local hits from the
-   prefill engine, then sends ``ReleaseKV`` whatever happened.
+3. Read: ``KVReader.read_blocks`` copies the blocks that are not local hits from
+   the prefill engine, confirms the lease (its first ``RenewLease`` claims the
+   transfer: only this engine may then renew or release it), then sends
+   ``ReleaseKV`` whatever happened.
 4. Hand the request to the engine: ``finish_remote_kv(ok)`` decodes (or, when
    the read failed, recomputes or fails per ``--kv-load-failure-policy``).  A
    transfer whose params name other blocks than the prefill's lease holds
-   (``KVBlocksRefused``: the reader found out before reading) fails the request
-   whatever the policy: its blocks are freed and nothing is cached.  An
+   (``KVBlocksRefused``: the lease's confirmation names its blocks) fails the
+   request whatever the policy: its blocks are freed and nothing is cached.  An
    ``Abort`` that came during the read takes effect now, once the read stopped
    writing into the request's blocks, never before (they could be reused).
 5. Stream tokens 2..., the first carrying the transfer's timings.

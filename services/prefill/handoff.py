@@ -8,13 +8,12 @@
 2. The final output (finish reason ``remote_decode``) comes back: ``lease`` moves
    the transfer to ``LEASED``, records the pinned block ids and starts its lease;
    the reply carries the ``KVTransferParams`` the gateway hands to a decode engine.
-3. The decode engine handshakes with the side channel and claims the transfer
-   with its first ``RenewLease``: the transfer is bound to that reader, and from
-   then on ``RenewLease`` and ``ReleaseKV`` from any other peer find nothing
-   (exactly what an unknown id gets).  Each renewal answers with the block ids the
-   lease holds, so the reader refuses blocks it was not given.  It reads the
-   blocks (renewing meanwhile, never past the lease's maximum life) and sends
-   ``ReleaseKV``: ``release``.
+3. The decode engine handshakes with the side channel, reads the blocks and
+   confirms the lease (renewing meanwhile, never past the lease's maximum life).
+   Its first ``RenewLease`` (or ``ReleaseKV``) claims the transfer: from then on
+   both find nothing when another peer sends them (exactly what an unknown id
+   gets).  Each renewal answers with the block ids the lease holds, so the
+   reader refuses blocks it was not given.  It sends ``ReleaseKV``: ``release``.
 4. The transfer is released, exactly once, by the first of:
    ``ReleaseKV`` (``release``), ``Abort`` (``abort``), lease expiry (``expire``),
    an ``Abort`` that raced with the finish (``lease`` after ``abort``), the
