@@ -21,6 +21,7 @@ import zmq.auth
 
 from bench.processes import Processes, free_port
 from common.bus import BusClient, BusServer, curve
+from common.bus.server import sender
 from common.errors import CallTimeout, PeerError, PeerGone
 from common.messages import (
     Abort,
@@ -183,17 +184,17 @@ async def test_stack_with_keys_serves_the_openai_client(deployment: Deployment):
 
 @pytest.mark.parametrize("secure", [True, False])
 async def test_a_handler_learns_who_sent_its_message(deployment: Deployment, secure: bool):
-    """``with_peer``: the sender's role and public key under CURVE, its connection without."""
+    """``sender()``: the sender's role and public key under CURVE, its connection without."""
     keys = deployment.keys["engine"] if secure else None
     peers = []
 
-    async def on_abort(msg: Abort, peer: curve.Peer) -> Ack:
-        peers.append(peer)
+    async def on_abort(msg: Abort) -> Ack:
+        peers.append(sender())
         return Ack()
 
     with acting_as(keys):  # the server's ZAP handler, too, knows the keys this process has
         server = BusServer("tcp://127.0.0.1:0", EngineRequest, name="peers", admits=frozenset({"engine"}))
-        server.on(Abort, on_abort, with_peer=True)
+        server.on(Abort, on_abort)
         await server.start()
         try:
             await deployment.call(keys, server.endpoint, Abort("r1"))

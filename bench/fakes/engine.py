@@ -39,6 +39,7 @@ from bench.fakes.transport import FakeTransport
 from common.arith import ceil_div
 from common.bus import BusServer
 from common.bus.curve import ENGINE_ADMITS, KV_ADMITS
+from common.bus.server import sender
 from common.client_pool import ClientPool
 from common.engine.detokenizer import Detokenizer
 from common.engine_service.prompt import prompt_token_ids
@@ -224,7 +225,7 @@ class FakeEngine:
         if entry is not None:
             entry.aborted.set()
         if self.prefill_kv is not None:
-            self.prefill_kv.handoff.abort(msg.request_id)
+            self.prefill_kv.handoff.abort(msg.request_id, sender())
         return Ack()
 
     async def _generate(self, gen: Generate) -> AsyncIterator[TokenOutput]:
@@ -268,7 +269,7 @@ class FakeEngine:
         """Compute the prompt and first token, then pin the prompt's blocks for a decode engine."""
         prompt_ids = self._prompt_ids(gen)
         handoff = self.prefill_kv.handoff
-        handoff.begin(gen.request_id)
+        handoff.begin(gen.request_id, sender())
         try:
             hand_off = partial(self.prefill_kv.hand_off, len(prompt_ids))
             async for out in self._compute(gen, prompt_ids, len(prompt_ids), hand_off):

@@ -39,7 +39,7 @@ connection drops or its send queue is full, and every wait has a finite timeout.
 
 With the process's CURVE keys every socket is encrypted and a server admits
 only the roles it names (``curve``, ``zap``); a handler may ask who sent its
-message (``BusServer.on(..., with_peer=True)``).
+message (``common.bus.server.sender()``).
 
 Modules: ``records`` (header layout, flags, limits, body encoding), ``sockets``
 (socket options and non-blocking sends), ``endpoints`` (what a client may

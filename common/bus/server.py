@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Union
@@ -31,13 +32,22 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
 
+_sender: contextvars.ContextVar[Peer] = contextvars.ContextVar("bus_sender")
+
+
+def sender() -> Peer:
+    """Who sent the message the running handler serves (only inside a handler; ``LookupError`` elsewhere):
+    under CURVE its role and public key (the ZAP handler's User-Id), else the ROUTER routing id of its
+    connection, which a peer cannot choose for another's connection.  Ownership checks (Register,
+    Heartbeat, ``Abort``, ``RenewLease``, ``ReleaseKV``) compare these values and nothing else."""
+    return _sender.get()
+
 
 class BusServer:
     """ROUTER side: decodes each record into ``accepts``, dispatches it by type, replies.
 
     With the process's CURVE keys (``curve``) it admits only clients whose keys are of a role in
-    ``admits``; a handler registered ``with_peer`` is called ``handler(msg, peer)``, ``peer``
-    (``curve.Peer``) the sender's role and key, or without CURVE its connection.
+    ``admits``; a handler learns who sent its message from ``sender()``.
     """
 
     def __init__(
@@ -55,17 +65,16 @@ class BusServer:
         self.max_frame_bytes = max_frame_bytes
         self.endpoint = bind
         self._decoder = msgspec.msgpack.Decoder(accepts)
-        self._handlers: dict[type, tuple[Handler, bool, bool]] = {}  # type -> (handler, streams, with_peer)
+        self._handlers: dict[type, tuple[Handler, bool]] = {}  # type -> (handler, is an async generator)
         self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
         self._sock: zmq.Socket | None = None
         self._reader: Reader | None = None
         self._outbox: Outbox | None = None
         self._curve = False
 
-    def on(self, msg_type: type, handler: Handler, *, with_peer: bool = False) -> None:
-        """Route ``msg_type`` to ``handler`` (a coroutine function or async generator function),
-        called ``handler(msg, peer)`` when ``with_peer``."""
-        self._handlers[msg_type] = (handler, inspect.isasyncgenfunction(handler), with_peer)
+    def on(self, msg_type: type, handler: Handler) -> None:
+        """Route ``msg_type`` to ``handler`` (a coroutine function or async generator function)."""
+        self._handlers[msg_type] = (handler, inspect.isasyncgenfunction(handler))
 
     async def start(self) -> None:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
@@ -157,9 +166,7 @@ class BusServer:
         if key in self._tasks:  # a second request under a running one's id could never be cancelled
             self._reply(identity, req_id, FLAG_FINAL, ErrorReply("bad_frame", f"request id {req_id} is in use"))
             return
-        handler, streams, with_peer = entry
-        args = (msg, self._peer(identity)) if with_peer else (msg,)
-        self._tasks[key] = asyncio.create_task(self._run(key, handler, streams, args))
+        self._tasks[key] = asyncio.create_task(self._run(key, *entry, msg, self._peer(identity)))
 
     def _peer(self, identity: bytes) -> Peer:
         """Who sent the message being read: the User-Id the ZAP handler gave its connection (CURVE)."""
@@ -168,16 +175,16 @@ class BusServer:
             return peer_from_user_id(self._reader.frame.get("User-Id"))
         return insecure_peer(identity)
 
-    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, args: tuple) -> None:
+    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message, peer: Peer) -> None:
         identity, req_id = key
-        msg = args[0]
+        _sender.set(peer)  # this task's own context: seen by the handler only
         try:
             if streams:
-                async for item in handler(*args):  # type: ignore[union-attr]
+                async for item in handler(msg):  # type: ignore[union-attr]
                     self._reply(identity, req_id, FLAG_ITEM, item)
                 self._end_stream(identity, req_id)
             else:
-                self._reply(identity, req_id, FLAG_FINAL, await handler(*args))  # type: ignore[misc]
+                self._reply(identity, req_id, FLAG_FINAL, await handler(msg))  # type: ignore[misc]
         except asyncio.CancelledError:
             pass
         except PeerError as e:

@@ -17,6 +17,10 @@ class KVTransferConfig:
         "rdma where NICs exist, else tcp); a forced one that cannot work is refused",
         choices=("auto", "nvlink", "shm", "rdma", "tcp"))
     kv_lease_seconds: float = opt(30.0, "prefill frees pinned blocks this long after the last renewal")
+    kv_lease_max_seconds: float = opt(300.0, "prefill frees pinned blocks this long after pinning them, "
+                                             "however often their reader renews")
+    kv_max_pinned_blocks_per_peer: int = opt(0, "prefill refuses the prefill legs of a peer that holds this many "
+                                                "pinned blocks (0: no cap)")
     kv_lease_sweep_interval_s: float = opt(1.0, "how often prefill looks for expired leases")
     kv_handshake_timeout_s: float = opt(5.0, "give up a handshake with a prefill engine after this long")
     kv_rpc_timeout_s: float = opt(5.0, "timeout of RenewLease / ReleaseKV calls")
@@ -37,11 +41,14 @@ class KVTransferConfig:
             "kv_read_timeout_s",
         ):
             require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds",
+                f"must be >= --kv-lease-seconds ({self.kv_lease_seconds:g})")
         require(
             self.kv_renew_interval_s < self.kv_lease_seconds,
             "kv_renew_interval_s",
             f"must be < --kv-lease-seconds ({self.kv_lease_seconds:g}) or leases expire mid-read",
         )
+        require(self.kv_max_pinned_blocks_per_peer >= 0, "kv_max_pinned_blocks_per_peer", "must be >= 0")
         require(self.kv_transfer_threads >= 1, "kv_transfer_threads", "must be >= 1")
         require(self.kv_read_shards >= 0, "kv_read_shards", "must be >= 0")
         require(

@@ -3,13 +3,14 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /v1/instances``, ``POST /tokenize``, ``POST /detokenize`` (``tokenize``), ``GET /health``, ``GET /ready``, ``GET /metrics``,
 ``GET /version``, ``GET /openapi.json``.  Every error is an OpenAI error body; every
-response carries ``X-Request-Id`` (the client's, when it sent a valid one).  With
+response carries ``X-Request-Id`` (the client's label, when it sent a valid one; engines see only a
+random handle: ``request_ids``).  With
 an API key every route needs it but ``/health`` and ``/ready`` (and ``/metrics`` with
 ``metrics_public``).
 
 A generation request is admitted (API key, request id, body, parse, model),
 then becomes a ``RequestRun`` answered as JSON (``responses``) or as an event
-stream (``streaming``); the run's ``close`` is its one cleanup.  Its request id is
+stream (``streaming``); the run's ``close`` is its one cleanup.  Its request handle is
 reserved for the admission (``RequestIds.reserved``), which releases it however
 the admission fails; the run owns it from then on.
 """
@@ -228,7 +229,8 @@ class Gateway:
             if (denied := unauthorized(self.config.api_key, _header(headers, b"authorization"))) is not None:
                 self.metrics.on_request_done(endpoint, denied.status_code, time.perf_counter() - started_at, ())
                 return denied
-            with self.request_ids.reserved(_header(headers, b"x-request-id")) as request_id:
+            with self.request_ids.reserved(_header(headers, b"x-request-id")) as ids:
+                request_id = ids.label
                 body = await read_body(headers, receive, self.config.max_body_bytes)
                 req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
                 self._check_model(req)
@@ -240,10 +242,10 @@ class Gateway:
                             p.echo_text = await self.tokenization.text(req.model, p.token_ids)
                 if req.stream:
                     events = EventQueue()
-                    run = RequestRun(self.context, req, request_id, endpoint, started_at, events.put)
+                    run = RequestRun(self.context, req, ids, endpoint, started_at, events.put)
                 else:
                     collector = ResponseCollector(req)
-                    run = RequestRun(self.context, req, request_id, endpoint, started_at, collector.add)
+                    run = RequestRun(self.context, req, ids, endpoint, started_at, collector.add)
                 # from here the run owns the request id: its close releases it
         except (APIError, sse.ClientGone) as e:
             status = e.status if isinstance(e, APIError) else CLIENT_GONE

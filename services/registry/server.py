@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from common.bus import BusServer
+from common.bus.server import sender
 from common.bus.curve import REGISTRY_ADMITS, BusSecurity, Peer
 from common.config import opt, require
 from common.errors import PeerError
@@ -76,9 +77,9 @@ class Registry:
         self.watchers: set[asyncio.Queue[MembershipEvent | None]] = set()
         self.server = BusServer(config.bind, RegistryRequest, name="registry", max_frame_bytes=config.max_frame_bytes,
                                 admits=REGISTRY_ADMITS)
-        self.server.on(Register, self._register, with_peer=True)
-        self.server.on(Heartbeat, self._heartbeat, with_peer=True)
-        self.server.on(Deregister, self._deregister, with_peer=True)
+        self.server.on(Register, self._register)
+        self.server.on(Heartbeat, self._heartbeat)
+        self.server.on(Deregister, self._deregister)
         self.server.on(ListInstances, self._list)
         self.server.on(Watch, self._watch)
         self._expiry_task: asyncio.Task | None = None
@@ -129,18 +130,18 @@ class Registry:
 
     # -- handlers -----------------------------------------------------------
 
-    async def _register(self, msg: Register, peer: Peer) -> Registered:
+    async def _register(self, msg: Register) -> Registered:
         now = asyncio.get_running_loop().time()
-        self._publish(self.membership.register(msg.instance, msg.protocol_version, now, owner(peer, "register")))
+        self._publish(self.membership.register(msg.instance, msg.protocol_version, now, owner(sender(), "register")))
         return Registered(lease_ttl_s=self.config.lease_ttl_s, heartbeat_interval_s=self.config.heartbeat_interval_s)
 
-    async def _heartbeat(self, msg: Heartbeat, peer: Peer) -> Ack:
+    async def _heartbeat(self, msg: Heartbeat) -> Ack:
         now = asyncio.get_running_loop().time()
-        self._publish(self.membership.heartbeat(msg.instance_id, msg.load, now, owner(peer, "heartbeat")))
+        self._publish(self.membership.heartbeat(msg.instance_id, msg.load, now, owner(sender(), "heartbeat")))
         return Ack()
 
-    async def _deregister(self, msg: Deregister, peer: Peer) -> Ack:
-        self._publish(self.membership.deregister(msg.instance_id, owner(peer, "deregister")))
+    async def _deregister(self, msg: Deregister) -> Ack:
+        self._publish(self.membership.deregister(msg.instance_id, owner(sender(), "deregister")))
         return Ack()
 
     async def _list(self, msg: ListInstances) -> InstanceList:
