@@ -7,6 +7,7 @@ Engines register through ``EtcdRegistration`` (the fake engines and the engine s
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ if shutil.which("etcd") is None:
 
 from bench.etcd_cluster import EtcdCluster  # noqa: E402
 from bench.fakes import FakeCluster  # noqa: E402
+from services.up import Stack, UpConfig  # noqa: E402
 from common.discovery import registration_for, url_problem, watcher_for  # noqa: E402
 from common.discovery.etcd_url import EtcdURL  # noqa: E402
 from common.errors import PeerError  # noqa: E402
@@ -193,3 +195,21 @@ async def test_losing_an_etcd_member_mid_load_fails_no_request():
             await check.close()
         assert (await client.models.list()).data[0].id == "fake"
         await client.close()
+
+
+async def test_up_with_the_etcd_backend_runs_a_local_etcd_for_its_stack():
+    stack = Stack(UpConfig(registry_backend="etcd"))
+    assert stack.registry == f"etcd://127.0.0.1:{stack.registry_port}"
+    assert ["--registry", stack.registry] == stack.engine_argv("prefill")[1:3]
+    assert stack.gateway.registry == stack.registry
+    try:
+        stack.start_etcd()
+        client = registration_for(stack.registry, timeout=2.0)
+        try:
+            await client.register(make_instance("p0"))
+            assert [i.id for i in await client.list()] == ["p0"]
+        finally:
+            await client.close()
+    finally:
+        stack.stop()
+    assert not os.path.exists(stack.etcd_dir)
