@@ -90,7 +90,8 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lease-ttl-s", type=int, default=2, help="lease TTL of both backends (whole seconds: etcd's unit)")
+    parser.add_argument("--lease-ttl-s", type=int, default=2,
+                        help="lease TTL of both backends (whole seconds: etcd's unit)")
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
     json.dump(asyncio.run(run(args)), sys.stdout, indent=2)

@@ -35,7 +35,8 @@ def url_problem(url: str) -> str | None:
         except ValueError as e:
             return str(e)
         return None
-    return f"{url!r}: must be a registry endpoint tcp://host:port (ipc://, inproc://) or etcd://host:port[,host:port...]"
+    return (f"{url!r}: must be a registry endpoint tcp://host:port (ipc://, inproc://) "
+            "or etcd://host:port[,host:port...]")
 
 
 def _etcd_module(name: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from typing import Callable
 
 from common.messages import Instance, MembershipChange, Role
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 Listener = Callable[[MembershipChange, Instance], None]
 
 
-class MembershipCache:
+class MembershipCache(ABC):
     """``instances`` (id -> Instance) kept current by a backend task; ``close()`` it."""
 
     endpoint: str  # where discovery is, for logs
@@ -54,9 +55,9 @@ class MembershipCache:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    @abstractmethod
     async def _run(self) -> None:
         """Follow the backend until cancelled, reconnecting as needed."""
-        raise NotImplementedError
 
     def _apply(self, change: MembershipChange, instance: Instance) -> None:
         """Update the cache; listeners hear only real changes ("joined" = new to the cache)."""

@@ -17,6 +17,7 @@ Deregister revokes the lease (etcd deletes the key with it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import msgspec
@@ -24,7 +25,7 @@ import msgspec
 from common.discovery.etcd_store import EtcdStore, encode
 from common.discovery.etcd_url import EtcdURL
 from common.discovery.registration import Registration
-from common.errors import PeerError
+from common.errors import BusError, PeerError
 from common.messages import PROTOCOL_VERSION, Instance, Load, Registered, Role
 from common.roles import serves
 from services.registry.membership import Membership
@@ -50,7 +51,8 @@ class EtcdRegistration(Registration):
         try:
             revision = await self._put(instance, lease_id)
         except BaseException:
-            await self.store.revoke(lease_id)
+            with contextlib.suppress(BusError):  # else the unused lease expires
+                await self.store.revoke(lease_id)
             raise
         old = self._records.get(instance.id)
         self._records[instance.id] = (lease_id, revision, instance)

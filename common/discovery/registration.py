@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from abc import ABC, abstractmethod
 from typing import Awaitable, Callable, Union
 
 import msgspec
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 LoadFn = Callable[[], Union[Load, Awaitable[Load]]]
 
 
-class Registration:
+class Registration(ABC):
     """Register / deregister / list, and a heartbeat task for one instance; ``close()`` it."""
 
     endpoint: str  # where discovery is, for logs
@@ -36,21 +37,21 @@ class Registration:
         self._heartbeats: asyncio.Task | None = None
         self._instance_id: str | None = None
 
+    @abstractmethod
     async def register(self, instance: Instance) -> Registered:
         """Register (or replace) ``instance``; raises PeerError("incompatible" | "protocol_version" | ...)."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def deregister(self, instance_id: str) -> None:
         """Remove the instance at once (idempotent)."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def list(self, role: Role | None = None) -> list[Instance]:
         """Instances that serve ``role`` (``common.roles.serves``: the exact role; None: all)."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _heartbeat(self, instance_id: str, load: Load) -> None:
         """Keep the lease and report ``load``; PeerError("unknown_instance") when the record is gone."""
-        raise NotImplementedError
 
     async def heartbeat_loop(self, instance: Instance, load_fn: LoadFn, *, registered: bool = False) -> None:
         """Run forever: heartbeat every interval with ``load_fn()``; (re-)register when needed."""
