@@ -23,7 +23,9 @@ if shutil.which("etcd") is None:
 
 from bench.etcd_cluster import EtcdCluster  # noqa: E402
 from bench.fakes import FakeCluster  # noqa: E402
+from services.gateway.config import GatewayConfig  # noqa: E402
 from services.up import Stack, UpConfig  # noqa: E402
+from common.config import ConfigError  # noqa: E402
 from common.discovery import registration_for, url_problem, watcher_for  # noqa: E402
 from common.discovery.etcd_url import EtcdURL  # noqa: E402
 from common.errors import PeerError  # noqa: E402
@@ -51,6 +53,8 @@ def test_urls_name_their_members_prefix_and_lease():
     assert EtcdURL.parse("etcd://127.0.0.1:2379").prefix == "/pdserve"
     for bad in ("etcd://host", "etcd://h:1?lease_ttl_s=0.5", "etcd://h:1?ttl=3", "http://h:1"):
         assert url_problem(bad), bad
+    with pytest.raises(ConfigError, match="registry.*is not host:port"):
+        GatewayConfig(registry="etcd://host").validate()
 
 
 async def test_register_heartbeat_and_deregister(etcd):
@@ -103,6 +107,25 @@ async def test_same_id_or_endpoint_replaces_and_incompatible_is_refused(etcd):
     finally:
         await watcher.close()
         await client.close()
+
+
+async def test_concurrent_registrations_are_checked_atomically(etcd):
+    """Two registrations that exclude each other, racing: the transaction lets exactly one in."""
+    clients = [registration_for(etcd.url, timeout=2.0) for _ in range(2)]
+    try:
+        for round in range(3):
+            rivals = [make_instance(f"p{round}", "prefill", 9000), make_instance(f"d{round}", "decode", 9100, head_dim=16)]
+            results = await asyncio.gather(*(c.register(i) for c, i in zip(clients, rivals)), return_exceptions=True)
+            assert [r.code for r in results if isinstance(r, PeerError)] == ["incompatible"], results
+            same_endpoint = [make_instance(f"a{round}", "prefill", 9200), make_instance(f"b{round}", "prefill", 9200)]
+            await asyncio.gather(*(c.register(i) for c, i in zip(clients, same_endpoint)))
+            listed = await clients[0].list()
+            assert len([i for i in listed if i.request_endpoint.endswith(":9200")]) == 1 and len(listed) == 2
+            for instance in listed:
+                await clients[0].deregister(instance.id)
+    finally:
+        for c in clients:
+            await c.close()
 
 
 async def test_a_sigkilled_engine_expires(etcd):
