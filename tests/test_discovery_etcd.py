@@ -28,6 +28,7 @@ from services.up import Stack, UpConfig  # noqa: E402
 from common.config import ConfigError  # noqa: E402
 from common.discovery import registration_for, url_problem, watcher_for  # noqa: E402
 from common.discovery.etcd_url import EtcdURL  # noqa: E402
+from common.discovery.etcd_watch import EtcdWatcher  # noqa: E402
 from common.errors import PeerError  # noqa: E402
 from common.messages import Load  # noqa: E402
 from test_registry import make_instance  # noqa: E402
@@ -172,7 +173,8 @@ async def test_the_watch_resumes_from_its_revision_on_another_member():
     """Changes made while the watcher's member is down -- even one that came and went -- arrive once each."""
     async with EtcdCluster(3, lease_ttl_s=60) as etcd:  # nothing heartbeats here: no lease may run out
         client = registration_for(etcd.member_url("m1", "m2"), timeout=2.0)
-        watcher = watcher_for(etcd.url, idle_timeout=2.0, grace_s=0.0)  # talks to m0 first
+        # talks to m0 first; reconnects 1 s after losing it, when every change below is made
+        watcher = EtcdWatcher(etcd.url, idle_timeout=2.0, backoff_initial_s=1.0)
         seen = log_of(watcher)
         try:
             await client.register(make_instance("a", "prefill", 9000))
