@@ -14,7 +14,7 @@ at registration, leases renewed by heartbeats.
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 
 from common.discovery.cache import MembershipCache
 from common.discovery.etcd_url import SCHEME as ETCD_SCHEME
@@ -39,9 +39,11 @@ def url_problem(url: str) -> str | None:
             "or etcd://host:port[,host:port...]")
 
 
-def _etcd_module(name: str):
+@contextlib.contextmanager
+def _etcd_client():
+    """Around importing the etcd backend: without its client, a ``StartupError`` saying what to install."""
     try:
-        return importlib.import_module(f"common.discovery.{name}")
+        yield
     except ImportError as e:
         raise StartupError(f"etcd:// discovery needs the etcd client: pip install 'pdserve[etcd]' ({e})") from None
 
@@ -49,7 +51,9 @@ def _etcd_module(name: str):
 def registration_for(url: str, *, timeout: float) -> Registration:
     """The engine side of the backend ``url`` names; create it inside a running event loop."""
     if url.startswith(ETCD_SCHEME):
-        return _etcd_module("etcd_registration").EtcdRegistration(url, timeout=timeout)
+        with _etcd_client():
+            from common.discovery.etcd_registration import EtcdRegistration
+        return EtcdRegistration(url, timeout=timeout)
     from common.registry_client import RegistryClient
 
     return RegistryClient(url, timeout=timeout)
@@ -59,7 +63,9 @@ def watcher_for(url: str, *, idle_timeout: float, grace_s: float) -> MembershipC
     """The gateway side of the backend ``url`` names (``grace_s``: the ZMQ registry's restart grace;
     etcd keeps its state across member losses and needs none)."""
     if url.startswith(ETCD_SCHEME):
-        return _etcd_module("etcd_watch").EtcdWatcher(url, idle_timeout=idle_timeout)
+        with _etcd_client():
+            from common.discovery.etcd_watch import EtcdWatcher
+        return EtcdWatcher(url, idle_timeout=idle_timeout)
     from common.registry_client import MembershipWatcher
 
     return MembershipWatcher(url, idle_timeout=idle_timeout, grace_s=grace_s)
