@@ -63,7 +63,7 @@ from common.messages import (
     TokenOutput,
     Usage,
 )
-from common.registry_client import RegistryClient
+from common.discovery import Registration, registration_for
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class FakeEngine:
                                             lease_sweep_s)
         elif role == "decode":
             self.releases = ReleaseSender(ClientPool(name=f"{self.id}-kv", timeout=KV_RPC_TIMEOUT_S))
-        self._registry_client: RegistryClient | None = None
+        self._registry_client: Registration | None = None
         self._heartbeats: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -156,7 +156,7 @@ class FakeEngine:
             model=self.model, fingerprint=self.fingerprint,
             capacity=Capacity(max_num_seqs=256, num_kv_blocks=self.num_blocks, max_model_len=self.max_model_len),
             load=self.load())
-        self._registry_client = RegistryClient(self.registry, timeout=2.0)
+        self._registry_client = registration_for(self.registry, timeout=2.0)
         await self._registry_client.register(self.instance)
         self._heartbeats = asyncio.create_task(
             self._registry_client.heartbeat_loop(self.instance, self.load, registered=True))

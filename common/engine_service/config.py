@@ -13,6 +13,7 @@ from typing import Literal
 from common.bus import DEFAULT_MAX_FRAME_BYTES
 from common.bus.curve import BusSecurity
 from common.config import opt, require
+from common.discovery import url_problem
 from common.engine.config import EngineConfig
 from common.engine_service.addresses import bind_host, check_reachable
 from common.kv_transfer.config import KVTransferConfig
@@ -27,7 +28,8 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig, BusSecurity):
     advertise_host: str = opt("127.0.0.1", "host the registry hands out for this engine's sockets "
                                            "(other hosts connect there: give this host's routable address)")
     kv_host: str | None = opt(None, "address peers reach this engine's transfer backend at; none: --advertise-host")
-    registry: str = opt("tcp://127.0.0.1:7100", "registry endpoint")
+    registry: str = opt("tcp://127.0.0.1:7100", "discovery: the registry's tcp://host:port, "
+                        "or etcd://host:port[,host:port...]")
     instance_id: str | None = opt(None, "unique instance id; none = <role>-<hostname>-<pid>")
     served_model_name: str | None = opt(None, "model name clients use; none = --model")
     registry_timeout_s: float = opt(5.0, "timeout of registry calls")
@@ -51,7 +53,8 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig, BusSecurity):
         require(self.role in roles, "role", f"must be one of {', '.join(roles)}")
         EngineConfig.validate(self)
         KVTransferConfig.validate(self)
-        for name in ("bind", "kv_bind", "registry"):
+        require(url_problem(self.registry) is None, "registry", str(url_problem(self.registry)))
+        for name in ("bind", "kv_bind"):
             require(getattr(self, name).startswith(("tcp://", "ipc://")), name, "must be a tcp:// or ipc:// address")
         for name in ("bind", "kv_bind", "kv_host"):
             mismatch = check_reachable(getattr(self, name), self.advertise_host)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from common.bus.curve import BusSecurity
 from common.config import opt, require
+from common.discovery import url_problem
 
 Mode = Literal["auto", "disagg", "colocated"]
 Policy = Literal["round_robin", "least_loaded"]
@@ -16,7 +17,8 @@ Policy = Literal["round_robin", "least_loaded"]
 class GatewayConfig(BusSecurity):
     host: str = opt("127.0.0.1", "HTTP address to listen on")
     port: int = opt(8000, "HTTP port (0 picks a free one)")
-    registry: str = opt("tcp://127.0.0.1:7100", "registry ROUTER endpoint to watch")
+    registry: str = opt("tcp://127.0.0.1:7100", "discovery to watch: the registry's tcp://host:port, "
+                        "or etcd://host:port[,host:port...]")
     mode: Mode = opt("auto", "disagg: prefill then decode; colocated: one 'both' instance; "
                      "auto: disagg when prefill and decode instances exist, else colocated")
     prefill_policy: Policy = opt("least_loaded", "how a prefill instance is picked")
@@ -51,8 +53,7 @@ class GatewayConfig(BusSecurity):
 
     def validate(self) -> None:
         require(0 <= self.port < 65536, "port", "must be in 0..65535")
-        require(self.registry.startswith(("tcp://", "ipc://", "inproc://")), "registry",
-                "must be a zmq endpoint like tcp://host:port")
+        require(url_problem(self.registry) is None, "registry", str(url_problem(self.registry)))
         require(self.max_retries >= 0, "max_retries", "must be >= 0")
         require(self.failure_cooldown_s >= 0, "failure_cooldown_s", "must be >= 0")
         require(self.membership_grace_s >= 0, "membership_grace_s", "must be >= 0")

@@ -10,7 +10,7 @@ from typing import Callable
 
 import uvicorn
 
-from common.registry_client import MembershipWatcher
+from common.discovery import watcher_for
 from common.service import tune_gc
 from services.gateway.app import SHUTDOWN_ANSWER_S, Gateway
 from services.gateway.config import GatewayConfig
@@ -48,8 +48,8 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     ``gateway_class`` lets a benchmark serve a variant of the app under the same process setup.
     """
     config.validate()
-    watcher = MembershipWatcher(config.registry, idle_timeout=config.registry_idle_timeout_s,
-                                grace_s=config.membership_grace_s)
+    watcher = watcher_for(config.registry, idle_timeout=config.registry_idle_timeout_s,
+                          grace_s=config.membership_grace_s)
     snapshot = asyncio.Event()
     watcher.start()
     wait_snapshot = asyncio.create_task(watcher.wait_ready())

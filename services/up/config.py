@@ -42,7 +42,9 @@ class UpConfig:
     api_key: str | None = opt(None, "gateway: /v1 requests need 'Authorization: Bearer <key>'")
     host: str = opt("127.0.0.1", "gateway host")
     port: int = opt(8000, "gateway port")
-    registry_port: int = opt(0, "registry port on 127.0.0.1 (0: a free one)")
+    registry_backend: Literal["zmq", "etcd"] = opt("zmq", "discovery: zmq (pdserve's own registry) or etcd (a "
+                                                   "local etcd member, Debian's etcd-server, for trying it)")
+    registry_port: int = opt(0, "registry (or etcd client) port on 127.0.0.1 (0: a free one)")
     engine_args: str = opt("", "extra flags for every engine, after the ones above so they win, "
                                "e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
     prefill_args: str = opt("", "extra flags for the prefill engines only (after --engine-args, so they win), "
