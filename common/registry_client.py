@@ -58,13 +58,7 @@ class RegistryClient(Registration):
         self.endpoint = endpoint
         self.timeout = timeout
         self.heartbeat_interval_s = 1.0  # replaced by the registry's value at registration
-<<<<<<< HEAD
         self._bus = BusClient(endpoint, name="registry", timeout=timeout, server_role="registry")
-        self._heartbeats: asyncio.Task | None = None
-        self._instance_id: str | None = None
-=======
-        self._bus = BusClient(endpoint, name="registry", timeout=timeout)
->>>>>>> etcd
 
     async def register(self, instance: Instance) -> Registered:
         reply = await self._bus.call(Register(instance=instance))

@@ -139,13 +139,8 @@ class EngineService:
         self.transports: TransportSet | None = None  # rank 0's
         self.kv_ranks: list[RankIO] = []  # every rank's KV, in rank order, rank 0's a LocalRankIO (roles moving KV)
         self.rank_clients = ClientPool(name=f"{self.instance_id}-ranks", timeout=config.kv_rpc_timeout_s)
-<<<<<<< HEAD
         self.active: dict[str, Peer] = {}  # request id with a running Generate handler -> the peer that sent it
-        self.registry = RegistryClient(config.registry, timeout=config.registry_timeout_s)
-=======
-        self.active: set[str] = set()  # request ids with a running Generate handler
         self.registry = registration_for(config.registry, timeout=config.registry_timeout_s)
->>>>>>> etcd
         self.accepting = False
         self.stopped = False
         self.num_finished = 0
