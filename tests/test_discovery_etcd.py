@@ -118,12 +118,13 @@ async def test_concurrent_registrations_are_checked_atomically(etcd):
             rivals = [make_instance(f"p{round}", "prefill", 9000), make_instance(f"d{round}", "decode", 9100, head_dim=16)]
             results = await asyncio.gather(*(c.register(i) for c, i in zip(clients, rivals)), return_exceptions=True)
             assert [r.code for r in results if isinstance(r, PeerError)] == ["incompatible"], results
+            for instance in await clients[0].list():  # whichever won: the next pair must not depend on it
+                await clients[0].deregister(instance.id)
             same_endpoint = [make_instance(f"a{round}", "prefill", 9200), make_instance(f"b{round}", "prefill", 9200)]
             await asyncio.gather(*(c.register(i) for c, i in zip(clients, same_endpoint)))
             listed = await clients[0].list()
-            assert len([i for i in listed if i.request_endpoint.endswith(":9200")]) == 1 and len(listed) == 2
-            for instance in listed:
-                await clients[0].deregister(instance.id)
+            assert len(listed) == 1 and listed[0].request_endpoint.endswith(":9200"), listed
+            await clients[0].deregister(listed[0].id)
     finally:
         for c in clients:
             await c.close()

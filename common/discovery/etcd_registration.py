@@ -69,9 +69,7 @@ class EtcdRegistration(Registration):
                 raise PeerError("protocol_version", f"instances registered in {self.endpoint} speak protocol "
                                 f"version {others[0].protocol_version}, this instance speaks {PROTOCOL_VERSION}",
                                 "protocol_version")
-            membership = Membership(lease_ttl_s=float(self.url.lease_ttl_s))
-            membership.instances = {e.record.instance.id: e.record.instance for e in entries}
-            membership.last_seen = dict.fromkeys(membership.instances, 0.0)
+            membership = Membership.holding([e.record.instance for e in entries], float(self.url.lease_ttl_s))
             events = membership.register(instance, PROTOCOL_VERSION, now=0.0)  # refusals raise PeerError
             replaced = [self.url.key(e.instance.id) for e in events if e.change == "left"]
             written = await self.store.put_unless_changed(self.url.key(instance.id), encode(instance), lease_id,

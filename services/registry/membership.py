@@ -79,6 +79,16 @@ class Membership:
         self.last_seen: dict[str, float] = {}
         self.owners: dict[str, str | None] = {}
 
+    @classmethod
+    def holding(cls, instances: list[Instance], lease_ttl_s: float) -> Membership:
+        """A membership of ``instances`` as another store keeps them (etcd): seen at time 0, bound to no key."""
+        membership = cls(lease_ttl_s)
+        for instance in instances:
+            membership.instances[instance.id] = instance
+            membership.last_seen[instance.id] = 0.0
+            membership.owners[instance.id] = None
+        return membership
+
     def list(self, role: Role | None = None) -> list[Instance]:
         """The live instances that serve ``role`` (``common.roles.serves``: the exact role; None: all)."""
         return [i for i in self.instances.values() if serves(i, role)]
