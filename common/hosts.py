@@ -19,3 +19,8 @@ def is_loopback(host: str) -> bool:
     """``host`` resolves to loopback addresses only (a name that does not resolve is not loopback)."""
     addresses = resolve(host)
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def is_public(host: str) -> bool:
+    """``host`` resolves to at least one globally routable address (not private, loopback or reserved)."""
+    return any(ipaddress.ip_address(a.split("%")[0]).is_global for a in resolve(host))

@@ -12,6 +12,7 @@ from bench.fakes import fingerprint
 from bench.fakes.prefill_kv import BLOCK_BYTES
 from bench.fakes.transport import FakeTransport
 from common.bus import BusServer
+from common.config import ConfigError
 from common.errors import HandshakeError
 
 from common.kv_transfer.backend import BackendUnavailable
@@ -234,3 +235,17 @@ async def test_a_forced_transport_that_cannot_connect_fails_the_handshake_with_t
     finally:
         await reader.close()
         rank.close()
+
+
+@pytest.mark.parametrize(("kv_host", "allowed"), [
+    ("8.8.8.8", False), ("2001:4860:4860::8888", False),  # public: anyone reaching Mooncake could read the KV
+    ("10.0.0.5", True), ("172.16.3.4", True), ("fd00::1", True), ("127.0.0.1", True), ("localhost", True),
+])
+def test_a_public_kv_host_needs_an_explicit_flag(kv_host, allowed):
+    """Issue 15: the KV backend authenticates no one, so a public --kv-host is refused unless asked for."""
+    if allowed:
+        config(kv_host=kv_host)
+    else:
+        with pytest.raises(ConfigError, match=f"--kv-host: {kv_host} is a public address.*--kv-allow-public-host"):
+            config(kv_host=kv_host)
+        assert config(kv_host=kv_host, kv_allow_public_host=True).kv_host == kv_host
