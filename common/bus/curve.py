@@ -33,6 +33,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from common.bus import zap
+from common import hosts
 from common.config import ConfigError, opt, require
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ REGISTRY_ADMITS = frozenset({"engine", "gateway"})  # gateways watch; only engin
 ENGINE_ADMITS = frozenset({"gateway"})  # an engine's request socket: Generate, Abort, stats, tokenize
 KV_ADMITS = frozenset({"engine"})  # KV side channels (decode -> prefill) and rank agents (rank 0 -> rank)
 KEYS_DIR_ENV = "PDSERVE_KEYS_DIR"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 
 
 class Peer(NamedTuple):
@@ -198,7 +198,7 @@ def is_loopback(endpoint: str) -> bool:
     """Whether ``endpoint`` is reachable from this host only (ipc, inproc, or tcp on a loopback host)."""
     if not endpoint.startswith("tcp://"):
         return endpoint.startswith(("ipc://", "inproc://"))
-    return endpoint[len("tcp://"):].rsplit(":", 1)[0] in LOOPBACK_HOSTS
+    return hosts.is_loopback(endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]"))
 
 
 # -- per socket ---------------------------------------------------------------

@@ -6,12 +6,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.config import opt, require
+from common.hosts import is_public
 
 
 @dataclass
 class KVTransferConfig:
     kv_backend: Literal["mooncake", "mori"] = opt("mooncake", "KV transfer backend", choices=("mooncake", "mori"))
     kv_host: str = opt("127.0.0.1", "address peers reach this engine's transfer backend at")
+    kv_allow_public_host: bool = opt(False, "let --kv-host be a public address: anyone who reaches the KV "
+                                            "backend's ports can read and write the KV cache (Mooncake "
+                                            "authenticates no one), so keep them on a private network")
     kv_transport: Literal["auto", "nvlink", "shm", "rdma", "tcp"] = opt(
         "auto", "how KV moves: auto picks per peer (nvlink: GPUs of one host, shm: host memory of one host, "
         "rdma where NICs exist, else tcp); a forced one that cannot work is refused",
@@ -32,6 +36,9 @@ class KVTransferConfig:
 
     def validate(self) -> None:
         require(bool(self.kv_host), "kv_host", "must not be empty")
+        require(self.kv_allow_public_host or not is_public(self.kv_host), "kv_host",
+                f"{self.kv_host} is a public address, and the KV backend lets anyone who reaches its ports read "
+                "and write the KV cache: use a private-network address, or --kv-allow-public-host if you mean it")
         for name in (
             "kv_lease_seconds",
             "kv_lease_sweep_interval_s",
