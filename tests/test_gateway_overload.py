@@ -93,3 +93,17 @@ async def test_a_client_that_disconnects_while_queued_leaves_the_queue_and_the_g
             assert "gives up" not in {g.prompt for e in cluster.engines for g in e.received}
             after = await completion(c, "the slot came back", 3)  # the slot was not leaked
             assert after.usage.completion_tokens == 3
+
+
+async def test_shutdown_refuses_queued_requests_with_503_and_lets_the_running_one_finish():
+    async with FakeCluster(token_delay_s=TOKEN_DELAY_S, gateway=gateway(max_inflight_requests=1)) as cluster:
+        async with client(cluster.url) as c:
+            running = asyncio.create_task(completion(c, "long", 40))
+            await eventually(lambda: gauge_is(cluster.url, "in_flight", 1))
+            queued = asyncio.create_task(completion(c, "queued at shutdown", 5))
+            await eventually(lambda: gauge_is(cluster.url, "queued", 1))
+            cluster._gateway.cancel()  # what SIGTERM does to the gateway's serve(): drain
+            with pytest.raises(openai.InternalServerError) as refused:
+                await queued
+            assert refused.value.body["code"] == "shutting_down"
+            assert (await running).usage.completion_tokens == 40
