@@ -107,3 +107,16 @@ async def test_shutdown_refuses_queued_requests_with_503_and_lets_the_running_on
                 await queued
             assert refused.value.body["code"] == "shutting_down"
             assert (await running).usage.completion_tokens == 40
+
+
+async def test_by_default_the_gateway_runs_what_the_decoding_engines_can_and_grows_as_one_joins():
+    async with FakeCluster(token_delay_s=TOKEN_DELAY_S, max_num_seqs=2, gateway=gateway()) as cluster:
+        async with client(cluster.url) as c:
+            first = [asyncio.create_task(completion(c, f"first {i}", 40)) for i in range(2)]
+            await eventually(lambda: gauge_is(cluster.url, "in_flight", 2))
+            third = asyncio.create_task(completion(c, "third", 3))
+            await eventually(lambda: gauge_is(cluster.url, "queued", 1))  # one decode engine: 2 at once
+            await cluster.add_engine("decode", max_num_seqs=2)
+            assert (await third).usage.completion_tokens == 3  # admitted as the second decode joined
+            assert not any(t.done() for t in first), "the third must not have waited for the first two"
+            assert [r.usage.completion_tokens for r in await asyncio.gather(*first)] == [40, 40]

@@ -39,10 +39,12 @@ async def stack(request):
             procs.start_engine("decode", "decode", *engine)
             streamer = "decode"
         port = free_port()
+        # more requests in flight than the engines run: the rest waits in the engines' queues
         procs.spawn("gateway", "services.gateway", [
             "--port", str(port), "--registry", procs.registry_endpoint, "--mode", request.param,
             "--prefill-timeout-s", str(SILENCE_S), "--stream-idle-timeout-s", str(SILENCE_S),
-            "--decode-first-token-timeout-s", str(SILENCE_S), "--max-retries", "0"])  # fmt: skip
+            "--decode-first-token-timeout-s", str(SILENCE_S), "--max-retries", "0",
+            "--max-inflight-requests", "8"])  # fmt: skip
         await procs.wait_registered(*(n for n in procs.procs if n not in ("registry", "gateway")))
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                     timeout=60)

@@ -1,7 +1,8 @@
 """Admission: how many generation requests run at once, and the bounded queue of those waiting.
 
-At most ``max_inflight`` requests run (hold a slot); up to ``max_queued`` more wait
-for one, first come first served.  A request that finds the queue full is refused
+At most ``max_inflight`` requests run (hold a slot; ``resize`` changes it, e.g. as
+engines join and leave); up to ``max_queued`` more wait for one, first come first
+served.  A request that finds the queue full is refused
 at once with a 429 (``queue_full``); one that waited ``queue_timeout_s`` without a
 slot gets a 503 (``queue_timeout``: the engines are saturated).  Both carry
 ``Retry-After``.  So overload is shed before a request starts, never by failing
@@ -62,9 +63,20 @@ class Admission:
                                retry_after=self.retry_after_s) from None
             raise
 
+    def resize(self, max_inflight: int) -> None:
+        """Run at most ``max_inflight`` requests from now on: waiters take the slots a raise frees; a cut
+        takes effect as running requests end."""
+        self.max_inflight = max_inflight
+        while self.running < max_inflight and self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                self.running += 1
+                waiter.set_result(None)
+
     def release(self) -> None:
-        """A slot is free again: handed to the first waiter, else returned."""
-        while self.waiters:
+        """A slot is free again: handed to the first waiter (unless a cut leaves too many running),
+        else returned."""
+        while self.waiters and self.running <= self.max_inflight:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)

@@ -85,8 +85,8 @@ class Gateway:
         self.connections = EngineConnections(control_timeout_s=config.abort_timeout_s,
                                              on_abort=self.metrics.on_abort)
         self.request_ids = RequestIds()
-        self.admission = Admission(config.max_inflight_requests, config.max_queued_requests, config.queue_timeout_s,
-                                   config.retry_after_s)
+        self.admission = Admission(config.max_inflight_requests or 1, config.max_queued_requests,
+                                   config.queue_timeout_s, config.retry_after_s)
         self.draining = False
         self.context = FlowContext(config, self.router, self.connections, self.metrics, self.request_ids,
                                    self.admission)
@@ -131,6 +131,9 @@ class Gateway:
 
     def on_membership(self, change: MembershipChange, inst: Instance) -> None:
         self.router.changed(change, inst)
+        if not self.config.max_inflight_requests:  # the engines' capacity: what they can decode at once
+            self.admission.resize(max(1, sum(i.capacity.max_num_seqs for i in self.membership.instances.values()
+                                             if i.role in ("decode", "both"))))
         if change in ("left", "expired"):
             self.metrics.forget_instance(inst)
             self.connections.drop(inst)

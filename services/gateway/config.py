@@ -32,8 +32,9 @@ class GatewayConfig(BusSecurity):
                                          "(must exceed the registry's heartbeat interval)")
     membership_grace_s: float = opt(5.0, "keep an instance a restarted registry has not heard from yet "
                                     "this long before routing stops")
-    max_inflight_requests: int = opt(512, "most generation requests running at once (each holds its choices' "
-                                     "legs on the engines); more wait in the gateway's queue")
+    max_inflight_requests: int = opt(0, "most generation requests running at once (each with all its "
+                                     "choices); more wait in the gateway's queue; 0: the sum of the registered "
+                                     "--max-num-seqs of the instances that decode (decode and both)")
     max_queued_requests: int = opt(1024, "most requests waiting for a slot; past that a request gets 429 "
                                    "(queue_full) with Retry-After at once")
     queue_timeout_s: float = opt(60.0, "longest wait in the queue; then 503 (queue_timeout) with Retry-After")
@@ -68,7 +69,7 @@ class GatewayConfig(BusSecurity):
                      "stream_idle_timeout_s", "request_timeout_s", "shutdown_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.max_body_bytes > 0, "max_body_bytes", "must be > 0")
-        require(self.max_inflight_requests >= 1, "max_inflight_requests", "must be >= 1")
+        require(self.max_inflight_requests >= 0, "max_inflight_requests", "must be >= 0 (0: the engines' capacity)")
         require(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0 (0: no queue)")
         require(self.queue_timeout_s > 0, "queue_timeout_s", "must be > 0")
         require(self.retry_after_s >= 0, "retry_after_s", "must be >= 0")
