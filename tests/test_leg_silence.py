@@ -25,42 +25,46 @@ SILENCE_S = 1.0  # every leg timeout of the gateway
 PROGRESS_S = 0.1  # the engine's progress interval
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["colocated", "disagg"])
-async def stack(request):
-    """``(procs, client, streamer)``: the stack of one mode and the name of the engine that streams tokens."""
+MODES = {"colocated": "both", "disagg": "decode"}  # each mode's gateway, and the engine streaming its tokens
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack():
+    """``(procs, clients)``: one stack with a colocated engine, a prefill and a decode, and one gateway
+    per mode (``clients[mode]``)."""
     async with Processes() as procs:
         procs.start_registry()
         engine = ["--max-num-seqs", "1", "--progress-interval-s", str(PROGRESS_S)]
-        if request.param == "colocated":
-            procs.start_engine("both", "prefill", "--role", "both", *engine)
-            streamer = "both"
-        else:
-            procs.start_engine("prefill", "prefill", *engine)
-            procs.start_engine("decode", "decode", *engine)
-            streamer = "decode"
-        port = free_port()
-        # more requests in flight than the engines run: the rest waits in the engines' queues
-        procs.spawn("gateway", "services.gateway", [
-            "--port", str(port), "--registry", procs.registry_endpoint, "--mode", request.param,
-            "--prefill-timeout-s", str(SILENCE_S), "--stream-idle-timeout-s", str(SILENCE_S),
-            "--decode-first-token-timeout-s", str(SILENCE_S), "--max-retries", "0",
-            "--max-inflight-requests", "8"])  # fmt: skip
-        await procs.wait_registered(*(n for n in procs.procs if n not in ("registry", "gateway")))
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
-                                    timeout=60)
+        procs.start_engine("both", "prefill", "--role", "both", *engine)
+        procs.start_engine("prefill", "prefill", *engine)
+        procs.start_engine("decode", "decode", *engine)
+        clients = {}
+        for mode in MODES:
+            port = free_port()
+            # more requests in flight than the engines run: the rest waits in the engines' queues
+            procs.spawn(f"gateway-{mode}", "services.gateway", [
+                "--port", str(port), "--registry", procs.registry_endpoint, "--mode", mode,
+                "--prefill-timeout-s", str(SILENCE_S), "--stream-idle-timeout-s", str(SILENCE_S),
+                "--decode-first-token-timeout-s", str(SILENCE_S), "--max-retries", "0",
+                "--max-inflight-requests", "8"])  # fmt: skip
+            clients[mode] = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                                               max_retries=0, timeout=60)
+        await procs.wait_registered(*MODES.values(), "prefill")
 
         async def ready() -> bool:
             try:
-                return bool((await client.models.list()).data)
+                return all([(await c.models.list()).data for c in clients.values()])
             except openai.APIConnectionError:
                 return False
 
         await eventually(ready, timeout=60, interval=0.1)
         try:
-            yield procs, client, streamer
+            yield procs, clients
         finally:
-            procs.procs[streamer].signal(signal.SIGCONT)
-            await client.close()
+            for name in MODES.values():
+                procs.procs[name].signal(signal.SIGCONT)
+            for c in clients.values():
+                await c.close()
 
 
 async def stream(client: openai.AsyncOpenAI, max_tokens: int, chunks: list[float] | None = None) -> int:
@@ -78,8 +82,9 @@ async def stream(client: openai.AsyncOpenAI, max_tokens: int, chunks: list[float
     return tokens
 
 
-async def test_a_request_queued_in_the_engine_far_longer_than_the_timeouts_succeeds(stack):
-    _, client, _ = stack
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_request_queued_in_the_engine_far_longer_than_the_timeouts_succeeds(stack, mode):
+    client = stack[1][mode]
     long_chunks: list[float] = []
     long = asyncio.create_task(stream(client, 1200, long_chunks))
     await eventually(lambda: long_chunks, timeout=30)
@@ -92,8 +97,9 @@ async def test_a_request_queued_in_the_engine_far_longer_than_the_timeouts_succe
     assert max(waits) > 1.5 * SILENCE_S, "the test must queue the request past the timeouts"
 
 
-async def test_an_engine_gone_silent_fails_the_leg_with_upstream_timeout_within_the_timeout(stack):
-    procs, client, streamer = stack
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_engine_gone_silent_fails_the_leg_with_upstream_timeout_within_the_timeout(stack, mode):
+    procs, client, streamer = stack[0], stack[1][mode], MODES[mode]
     chunks: list[float] = []
     running = asyncio.create_task(stream(client, 2000, chunks))
     await eventually(lambda: chunks, timeout=30)
