@@ -104,7 +104,7 @@ class FakeEngine:
                  block_size: int = 4, num_blocks: int = 4096, max_model_len: int = 512,
                  prefill_delay_s: float = 0.0, transfer_delay_s: float = 0.0, token_delay_s: float = 0.0,
                  lease_s: float = 30.0, lease_sweep_s: float = 1.0, tokens_per_output: int = 1,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", max_num_seqs: int = 256):
         self.role = role
         self.registry = registry
         self.id = id or f"fake-{role}-{uuid.uuid4().hex[:6]}"
@@ -112,6 +112,7 @@ class FakeEngine:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs  # registered capacity only: a fake runs whatever it is sent
         self.prefill_delay_s = prefill_delay_s
         self.transfer_delay_s = transfer_delay_s
         self.token_delay_s = token_delay_s
@@ -154,7 +155,8 @@ class FakeEngine:
         self.instance = Instance(
             id=self.id, role=self.role, request_endpoint=self.server.endpoint, kv_endpoint=self.kv_server.endpoint,
             model=self.model, fingerprint=self.fingerprint,
-            capacity=Capacity(max_num_seqs=256, num_kv_blocks=self.num_blocks, max_model_len=self.max_model_len),
+            capacity=Capacity(max_num_seqs=self.max_num_seqs, num_kv_blocks=self.num_blocks,
+                              max_model_len=self.max_model_len),
             load=self.load())
         self._registry_client = registration_for(self.registry, timeout=2.0)
         await self._registry_client.register(self.instance)

@@ -34,6 +34,9 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig, BusSecurity):
     served_model_name: str | None = opt(None, "model name clients use; none = --model")
     registry_timeout_s: float = opt(5.0, "timeout of registry calls")
     remote_blocks_timeout_s: float = opt(30.0, "decode: wait this long for free blocks for a remote prefill")
+    progress_interval_s: float = opt(1.0, "send each request waiting in the engine's queue (or computing its "
+                                          "prompt) an empty output this often: the gateway's silence timeouts "
+                                          "then tell waiting from dead (keep it well below them)")
     shutdown_timeout_s: float = opt(10.0, "on SIGTERM, let in-flight requests finish this long, then abort them")
     max_frame_bytes: int = opt(DEFAULT_MAX_FRAME_BYTES, "largest accepted message in bytes")
     log_level: str = opt("info", "log level")
@@ -59,7 +62,7 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig, BusSecurity):
         for name in ("bind", "kv_bind", "kv_host"):
             mismatch = check_reachable(getattr(self, name), self.advertise_host)
             require(mismatch is None, name, str(mismatch))
-        for name in ("registry_timeout_s", "remote_blocks_timeout_s", "shutdown_timeout_s"):
+        for name in ("registry_timeout_s", "remote_blocks_timeout_s", "shutdown_timeout_s", "progress_interval_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.stats_interval_s >= 0, "stats_interval_s", "must be >= 0 (0: no stats line)")
 

@@ -32,12 +32,20 @@ class GatewayConfig(BusSecurity):
                                          "(must exceed the registry's heartbeat interval)")
     membership_grace_s: float = opt(5.0, "keep an instance a restarted registry has not heard from yet "
                                     "this long before routing stops")
-    prefill_timeout_s: float = opt(60.0, "longest wait for a prefill (or colocated first token) reply; "
-                                   "then the leg is retried on another instance")
-    decode_first_token_timeout_s: float = opt(60.0, "longest wait for decode's first output "
+    max_inflight_requests: int = opt(0, "most generation requests running at once (each with all its "
+                                     "choices); more wait in the gateway's queue; 0: the sum of the registered "
+                                     "--max-num-seqs of the instances that decode (decode and both)")
+    max_queued_requests: int = opt(1024, "most requests waiting for a slot; past that a request gets 429 "
+                                   "(queue_full) with Retry-After at once")
+    queue_timeout_s: float = opt(60.0, "longest wait in the queue; then 503 (queue_timeout) with Retry-After")
+    retry_after_s: int = opt(1, "the Retry-After (seconds) of a 429 or 503 from the queue")
+    prefill_timeout_s: float = opt(60.0, "longest silence before a prefill (or colocated) leg's first reply "
+                                   "(token or engine progress); then the leg is retried on another instance")
+    decode_first_token_timeout_s: float = opt(60.0, "longest silence before decode's first reply "
                                               "(covers the KV transfer and one decode step)")
-    stream_idle_timeout_s: float = opt(30.0, "longest gap between two outputs of a running leg; "
-                                       "then the client gets an error and the request is aborted")
+    stream_idle_timeout_s: float = opt(30.0, "longest silence of a running leg: no token, no engine progress "
+                                       "(engines send progress while a request waits in their queue); then "
+                                       "the client gets upstream_timeout and the request is aborted")
     request_timeout_s: float = opt(600.0, "longest end-to-end time of one request")
     max_body_bytes: int = opt(1 << 20, "larger request bodies get 413")
     max_n: int = opt(16, "largest accepted n (choices per prompt)")
@@ -61,6 +69,10 @@ class GatewayConfig(BusSecurity):
                      "stream_idle_timeout_s", "request_timeout_s", "shutdown_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.max_body_bytes > 0, "max_body_bytes", "must be > 0")
+        require(self.max_inflight_requests >= 0, "max_inflight_requests", "must be >= 0 (0: the engines' capacity)")
+        require(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0 (0: no queue)")
+        require(self.queue_timeout_s > 0, "queue_timeout_s", "must be > 0")
+        require(self.retry_after_s >= 0, "retry_after_s", "must be >= 0")
         require(self.max_n >= 1, "max_n", "must be >= 1")
         require(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
         require(self.gc_threshold >= 100, "gc_threshold", "must be >= 100")

@@ -247,7 +247,8 @@ class RequestRun:
     ``close(status)`` is the run's one cleanup, whoever ends it (the JSON answer,
     the event stream, a failure): it stops every choice still running (aborting
     their legs, freeing their router slots), reports the request to the observer
-    and releases the request id.  A second ``close`` does nothing.
+    and releases the request id and its admission slot (taken before the run was made).
+    A second ``close`` does nothing.
     """
 
     __slots__ = ("context", "req", "request_id", "handle", "endpoint", "started_at", "deadline", "emit", "stats",
@@ -291,6 +292,7 @@ class RequestRun:
         self.context.observer.on_request_done(self.endpoint, status, time.perf_counter() - self.started_at,
                                               self.stats)
         self.context.request_ids.release(self.handle)
+        self.context.admission.release()
 
     def choice_done(self, error: APIError | None) -> None:
         """A choice ended by itself (``error`` None or its ``APIError``)."""
