@@ -60,6 +60,8 @@ def test_plan_serves_the_same_host_transport_of_its_memory_and_the_network(kv_tr
     ("auto", "cpu", False, TransportPlan("shm", None, fallback="tcp")),
     ("auto", "cuda", True, TransportPlan("nvlink", None, fallback="rdma")),
     ("tcp", "cpu", False, TransportPlan(None, "tcp")),  # forced: served, though it listens everywhere
+    ("shm,tcp", "cpu", False, TransportPlan("shm", "tcp")),  # both asked for
+    ("tcp,nvlink", "cuda", True, TransportPlan("nvlink", "tcp")),
 ])
 def test_a_loopback_kv_host_opens_the_network_transport_only_as_a_fallback(kv_transport, memory, rdma, expected):
     assert plan(kv_transport, memory, rdma, loopback_only=True) == expected
@@ -70,6 +72,8 @@ def test_a_loopback_kv_host_opens_the_network_transport_only_as_a_fallback(kv_tr
     ("shm", "cuda", False, "shm moves cpu memory; this engine's KV is in cuda memory"),
     ("rdma", "cpu", False, "no RDMA devices"),
     ("ucx", "cpu", False, "unknown KV transport 'ucx'"),
+    ("shm,rdma,tcp", "cpu", True, "unknown KV transport"), ("tcp,rdma", "cpu", True, "unknown KV transport"),
+    ("nvlink,tcp", "cpu", False, "--kv-transport nvlink,tcp: nvlink moves cuda memory"),
 ])
 def test_plan_refuses_a_forced_transport_this_engine_cannot_serve(kv_transport, memory, rdma, match):
     with pytest.raises(TransportError, match=match):
@@ -97,6 +101,12 @@ def test_auto_skips_what_one_side_does_not_offer():
 def test_a_forced_transport_is_the_only_candidate():
     assert candidates("tcp", HOST_A_CPU, HOST_A_CPU, ["tcp"], ["shm", "tcp"]) == ["tcp"]
     assert candidates("shm", HOST_A_CPU, HOST_A_CPU, ["shm"], ["shm", "tcp"]) == ["shm"]
+
+
+def test_a_forced_pair_is_tried_in_its_order_where_each_can_work():
+    assert candidates("shm,tcp", HOST_A_CPU, HOST_A_CPU, ["shm", "tcp"], ["shm", "tcp"]) == ["shm", "tcp"]
+    assert candidates("shm,tcp", HOST_A_CPU, HOST_B_CPU, ["shm", "tcp"], ["shm", "tcp"]) == ["tcp"]  # other host
+    assert candidates("shm,tcp", HOST_A_CPU, HOST_A_CPU, ["shm", "tcp"], ["tcp"]) == ["tcp"]
 
 
 @pytest.mark.parametrize(("forced", "ours", "peer", "match"), [

@@ -42,11 +42,11 @@ async def deployment():
     async with Processes() as procs:
         procs.start_registry()
         procs.start_engine("prefill", "prefill", *ENGINE_FLAGS, "--kv-lease-seconds", str(LEASE_S),
-                           kv_transport="auto")
+                           kv_transport="shm,tcp")
         procs.start_engine("decode", "decode", *ENGINE_FLAGS)
         procs.start_engine("decode-shm", "decode", *ENGINE_FLAGS, kv_transport="auto")
         procs.start_engine("prefill-32", "prefill", *ENGINE_FLAGS, "--block-size", "32", "--kv-lease-seconds",
-                           str(LEASE_S), kv_transport="auto")
+                           str(LEASE_S), kv_transport="shm,tcp")
         procs.start_engine("decode-32", "decode", *ENGINE_FLAGS, "--block-size", "32")
         # A short drain: the SIGTERM test needs its long stream to outlast it.
         procs.start_engine("both", "prefill", "--role", "both", *ENGINE_FLAGS, "--shutdown-timeout-s", "1")

@@ -37,10 +37,10 @@ async def driver():
     async with Processes() as procs:
         procs.start_registry()
         procs.start_engine("p1", "prefill", *PREFILL)
-        procs.start_engine("p2", "prefill", *PREFILL, "-tp", "2", kv_transport="auto")
+        procs.start_engine("p2", "prefill", *PREFILL, "-tp", "2", kv_transport="shm,tcp")
         procs.start_engine("p2-32", "prefill", *PREFILL, "-tp", "2", "--block-size", "32")
         procs.start_engine("d1", "decode", *FLAGS)
-        procs.start_engine("d2", "decode", *FLAGS, "-tp", "2", kv_transport="auto")
+        procs.start_engine("d2", "decode", *FLAGS, "-tp", "2", kv_transport="shm,tcp")
         procs.start_engine("both", "prefill", "--role", "both", *FLAGS)
         await procs.wait_registered("p1", "p2", "p2-32", "d1", "d2", "both", timeout_s=240)
         d = EngineDriver(procs.engine_endpoints(), timeout_s=120.0)

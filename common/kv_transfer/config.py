@@ -7,6 +7,7 @@ from typing import Literal
 
 from common.config import opt, require
 from common.hosts import is_public
+from common.kv_transfer.transports import TransportError, forced
 
 
 @dataclass
@@ -16,10 +17,10 @@ class KVTransferConfig:
     kv_allow_public_host: bool = opt(False, "let --kv-host be a public address: anyone who reaches the KV "
                                             "backend's ports can read and write the KV cache (Mooncake "
                                             "authenticates no one), so keep them on a private network")
-    kv_transport: Literal["auto", "nvlink", "shm", "rdma", "tcp"] = opt(
+    kv_transport: str = opt(
         "auto", "how KV moves: auto picks per peer (nvlink: GPUs of one host, shm: host memory of one host, "
-        "rdma where NICs exist, else tcp); a forced one that cannot work is refused",
-        choices=("auto", "nvlink", "shm", "rdma", "tcp"))
+        "rdma where NICs exist, else tcp; with a loopback --kv-host only the same-host one); a forced one "
+        "(or a same-host and a network one: shm,tcp) that cannot work is refused")
     kv_lease_seconds: float = opt(30.0, "prefill frees pinned blocks this long after the last renewal")
     kv_lease_max_seconds: float = opt(300.0, "prefill frees pinned blocks this long after pinning them, "
                                              "however often their reader renews")
@@ -36,6 +37,10 @@ class KVTransferConfig:
 
     def validate(self) -> None:
         require(bool(self.kv_host), "kv_host", "must not be empty")
+        try:
+            forced(self.kv_transport)
+        except TransportError as e:
+            require(False, "kv_transport", str(e))
         require(self.kv_allow_public_host or not is_public(self.kv_host), "kv_host",
                 f"{self.kv_host} is a public address, and the KV backend lets anyone who reaches its ports read "
                 "and write the KV cache: use a private-network address, or --kv-allow-public-host if you mean it")

@@ -21,6 +21,8 @@ same-host one cannot be (``fallback``).  A forced transport that cannot work her
 sides' ``Placement`` and offers, and the reader tries ``candidates`` in order:
 the same-host transport when host and memory kind match, then the network one.
 A forced transport the peer cannot meet fails the handshake with the reason.
+``--kv-transport`` may also name a same-host and a network transport together
+(``shm,tcp``, ``nvlink,rdma``): both are served, and tried in that order.
 """
 
 from __future__ import annotations
@@ -76,28 +78,40 @@ class TransportPlan:
         return [t for t in (self.same_host, self.network) if t is not None]
 
 
+def forced(kv_transport: str) -> list[str]:
+    """The transports ``--kv-transport`` names, in order ([] for ``auto``); ``TransportError`` for a value
+    that is not ``auto``, one transport, or a same-host and a network one (``shm,tcp``)."""
+    if kv_transport == "auto":
+        return []
+    names = kv_transport.split(",")
+    if (not set(names) <= set(TRANSPORT_CHOICES[1:]) or len(names) != len(set(names)) or len(names) > 2
+            or len(names) == 2 and sum(t in NETWORK for t in names) != 1):
+        raise TransportError(f"unknown KV transport {kv_transport!r} (auto, one of {', '.join(TRANSPORT_CHOICES[1:])}, "
+                             "or a same-host and a network one, e.g. shm,tcp)")
+    return names
+
+
 def plan(kv_transport: str, memory: str, has_rdma: bool, loopback_only: bool = False) -> TransportPlan:
     """The transports an engine with KV in ``memory`` serves under ``--kv-transport kv_transport``;
     ``loopback_only``: its ``--kv-host`` is a loopback address.
 
     Raises ``TransportError`` for a forced transport this engine cannot serve.
     """
-    if kv_transport not in TRANSPORT_CHOICES:
-        raise TransportError(f"unknown KV transport {kv_transport!r} (one of {', '.join(TRANSPORT_CHOICES)})")
+    names = forced(kv_transport)
     network = "rdma" if has_rdma else "tcp"
-    if kv_transport == "auto":
+    if not names:
         if loopback_only:
             return TransportPlan(SAME_HOST[memory], None, fallback=network)
         return TransportPlan(SAME_HOST[memory], network)
-    if kv_transport in NETWORK:
-        if kv_transport == "rdma" and not has_rdma:
-            raise TransportError("--kv-transport rdma: this host has no RDMA devices (/sys/class/infiniband is empty)")
-        return TransportPlan(None, kv_transport)
-    if SAME_HOST[memory] != kv_transport:
-        wanted = next(m for m, t in SAME_HOST.items() if t == kv_transport)
-        raise TransportError(f"--kv-transport {kv_transport} moves {wanted} memory; this engine's KV is in {memory} "
-                             f"memory (use --kv-transport {SAME_HOST[memory]} or auto)")
-    return TransportPlan(kv_transport, None)
+    if "rdma" in names and not has_rdma:
+        raise TransportError("--kv-transport rdma: this host has no RDMA devices (/sys/class/infiniband is empty)")
+    for name in names:
+        if name not in NETWORK and SAME_HOST[memory] != name:
+            wanted = next(m for m, t in SAME_HOST.items() if t == name)
+            which = f"{kv_transport}: {name}" if len(names) > 1 else name
+            raise TransportError(f"--kv-transport {which} moves {wanted} memory; this engine's KV is in {memory} "
+                                 f"memory (use --kv-transport {SAME_HOST[memory]} or auto)")
+    return TransportPlan(next((t for t in names if t not in NETWORK), None), next((t for t in names if t in NETWORK), None))
 
 
 def candidates(kv_transport: str, ours: Placement, peer: Placement, our_offers: Sequence[str],
@@ -107,14 +121,15 @@ def candidates(kv_transport: str, ours: Placement, peer: Placement, our_offers: 
     Raises ``TransportError`` when none can work, naming what each side offers.
     """
     local = SAME_HOST[ours.memory] if ours == peer else None  # same host and same memory kind
-    wanted = [kv_transport] if kv_transport != "auto" else [t for t in (local, "rdma", "tcp") if t is not None]
+    wanted = forced(kv_transport) or [t for t in (local, "rdma", "tcp") if t is not None]
     usable = [t for t in wanted if t in our_offers and t in peer_offers and (t in NETWORK or t == local)]
     if usable:
         return usable
     why = ""
-    if kv_transport in SAME_HOST.values() and kv_transport != local:
-        why = (f"; {kv_transport} needs both engines on one host with KV in "
-               f"{next(m for m, t in SAME_HOST.items() if t == kv_transport)} memory "
+    same_host = next((t for t in forced(kv_transport) if t not in NETWORK), None)
+    if same_host is not None and same_host != local:
+        why = (f"; {same_host} needs both engines on one host with KV in "
+               f"{next(m for m, t in SAME_HOST.items() if t == same_host)} memory "
                f"(we are {ours.host_id} {ours.memory}, the peer {peer.host_id} {peer.memory})")
     raise TransportError(f"no common KV transport ({'forced ' + kv_transport if kv_transport != 'auto' else 'auto'}): "
                          f"we offer {', '.join(our_offers) or 'none'}, the peer offers "
