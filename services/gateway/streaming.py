@@ -21,6 +21,9 @@ from services.gateway.responses import logprob_entries, usage
 log = logging.getLogger(__name__)
 
 
+WAIT = object()  # EventQueue.ready: nothing queued yet
+
+
 class EventQueue:
     """The emit target of a streaming request: its events, then the end (None, or the run's error)."""
 
@@ -44,9 +47,36 @@ class EventQueue:
                 item = await self._queue.get()
         except TimeoutError:
             raise run.timed_out() from None
-        if isinstance(item, Exception):
-            raise item
-        return item
+        return _event(item)
+
+    def ready(self) -> ChoiceEvent | None | object:
+        """As ``next`` when an item is queued already, else ``WAIT``."""
+        try:
+            return _event(self._queue.get_nowait())
+        except asyncio.QueueEmpty:
+            return WAIT
+
+
+def _event(item: ChoiceEvent | Exception | None) -> ChoiceEvent | None:
+    if isinstance(item, Exception):
+        raise item
+    return item
+
+
+class ChunkFrame:
+    """The pre-encoded bytes around the choices of a request's chunks: ``event(choice)`` is
+    ``sse.event(oai.chunk(req, request_id, [choice]))``, byte for byte, without building or
+    encoding the rest of the chunk for every event."""
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, req: oai.ParsedRequest, request_id: str):
+        # the key in quotes can only be the key itself: a quote inside a JSON string is escaped
+        head, tail = sse.event(oai.chunk(req, request_id, [])).split(b'"choices":[]', 1)
+        self.head, self.tail = head + b'"choices":[', b"]" + tail
+
+    def event(self, choice: dict) -> bytes:
+        return self.head + sse.encode(choice) + self.tail
 
 
 class SSEWriter:
@@ -56,7 +86,8 @@ class SSEWriter:
     A chat choice opens with a role-only chunk (``delta: {"role": "assistant", "content": ""}``),
     as OpenAI, vLLM and SGLang send it, so that clients take every later chunk for output; it
     leaves in the same write as the choice's first piece, which comes with the first event and
-    starts with the choice's echoed text (``echo``).
+    starts with the choice's echoed text (``echo``).  Events already queued when one is written
+    leave in the same write; the last one carries ``[DONE]``.
     """
 
     __slots__ = ("run", "events", "first")
@@ -66,8 +97,10 @@ class SSEWriter:
 
     async def body(self) -> AsyncIterator[bytes]:
         run, req = self.run, self.run.req
+        frame = ChunkFrame(req, run.request_id)
         offsets = [0] * len(run.stats)
         unopened = set(range(len(run.stats)))
+        batch: list[bytes] = []
         try:
             event = self.first
             while event is not None:
@@ -82,20 +115,23 @@ class SSEWriter:
                     else:
                         logprobs = oai.chat_logprobs(entries)
                 offsets[event.index] += len(piece.text)
-                choice = oai.chunk_choice(req.kind, event.index, text, piece.finish_reason, logprobs)
-                data = sse.event(oai.chunk(req, run.request_id, [choice]))
                 if opening:
                     unopened.remove(event.index)
                     if req.kind == "chat":
-                        data = sse.event(oai.chunk(req, run.request_id, [oai.role_chunk_choice(event.index)])) + data
-                yield data
-                event = await self.events.next(run)
+                        batch.append(frame.event(oai.role_chunk_choice(event.index)))
+                batch.append(frame.event(oai.chunk_choice(req.kind, event.index, text, piece.finish_reason, logprobs)))
+                event = self.events.ready()
+                if event is WAIT:
+                    yield b"".join(batch)
+                    batch = []
+                    event = await self.events.next(run)
             if req.include_usage:
-                yield sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats)))
+                batch.append(sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats))))
             run.close(200)
-            yield sse.DONE
+            batch.append(sse.DONE)
+            yield b"".join(batch)
         except APIError as e:
             run.close(e.status)
             log.warning("request %s failed mid-stream: %s", run.request_id, e.message)
-            yield sse.event(e.body())
-            yield sse.DONE
+            batch += (sse.event(e.body()), sse.DONE)
+            yield b"".join(batch)
