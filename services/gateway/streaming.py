@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import AsyncIterator
 
 from services.gateway import openai_protocol as oai
@@ -22,16 +23,27 @@ log = logging.getLogger(__name__)
 
 
 WAIT = object()  # EventQueue.ready: nothing queued yet
+_EXPIRED = object()  # the waiter's result at the run's deadline
 
 
 class EventQueue:
-    """The emit target of a streaming request: its events, then the end (None, or the run's error)."""
+    """The emit target of a streaming request: its events, then the end (None, or the run's error).
 
-    __slots__ = ("_queue", "put")
+    One reader (the stream's task) and a future only while it waits: ``asyncio.Queue`` and
+    ``asyncio.timeout`` cost more per event than the rest of the stream's Python work.
+    """
+
+    __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.put = self._queue.put_nowait
+        self._items: deque[ChoiceEvent | Exception | None] = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: ChoiceEvent | Exception | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def follow(self, run: RequestRun) -> None:
         """Queue the end of ``run``'s events once every choice ended."""
@@ -42,19 +54,26 @@ class EventQueue:
 
     async def next(self, run: RequestRun) -> ChoiceEvent | None:
         """The next event, or None at the end; raises the run's error, or 504 past its deadline."""
-        try:
-            async with asyncio.timeout_at(run.deadline):
-                item = await self._queue.get()
-        except TimeoutError:
-            raise run.timed_out() from None
-        return _event(item)
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_at(run.deadline, _expire, waiter)
+            try:
+                if await waiter is _EXPIRED:
+                    raise run.timed_out()
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return _event(self._items.popleft())
 
     def ready(self) -> ChoiceEvent | None | object:
         """As ``next`` when an item is queued already, else ``WAIT``."""
-        try:
-            return _event(self._queue.get_nowait())
-        except asyncio.QueueEmpty:
-            return WAIT
+        return _event(self._items.popleft()) if self._items else WAIT
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(_EXPIRED)
 
 
 def _event(item: ChoiceEvent | Exception | None) -> ChoiceEvent | None:
