@@ -106,7 +106,8 @@ class SSEWriter:
     as OpenAI, vLLM and SGLang send it, so that clients take every later chunk for output; it
     leaves in the same write as the choice's first piece, which comes with the first event and
     starts with the choice's echoed text (``echo``).  Events already queued when one is written
-    leave in the same write; the last one carries ``[DONE]``.
+    leave in the same write; the last choice's last piece waits for the run's end (queued at once)
+    to leave with ``[DONE]``.
     """
 
     __slots__ = ("run", "events", "first")
@@ -119,6 +120,7 @@ class SSEWriter:
         frame = ChunkFrame(req, run.request_id)
         offsets = [0] * len(run.stats)
         unopened = set(range(len(run.stats)))
+        unfinished = len(run.stats)
         batch: list[bytes] = []
         try:
             event = self.first
@@ -139,10 +141,12 @@ class SSEWriter:
                     if req.kind == "chat":
                         batch.append(frame.event(oai.role_chunk_choice(event.index)))
                 batch.append(frame.event(oai.chunk_choice(req.kind, event.index, text, piece.finish_reason, logprobs)))
+                unfinished -= piece.finish_reason is not None
                 event = self.events.ready()
                 if event is WAIT:
-                    yield b"".join(batch)
-                    batch = []
+                    if unfinished:  # else only the run's end is to come, at once: it leaves with this batch
+                        yield b"".join(batch)
+                        batch = []
                     event = await self.events.next(run)
             if req.include_usage:
                 batch.append(sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats))))
