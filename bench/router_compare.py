@@ -270,13 +270,15 @@ async def compare(args: argparse.Namespace) -> dict:
 
 async def sweep(args: argparse.Namespace) -> dict:
     gen = LoadGenerator(args.load_processes)
-    result: dict = {"concurrency": args.concurrency, "load_processes": args.load_processes}
+    skipped = {} if (why := installed(args.routers_venv, "vllm_router")) is None else {"vllm-router": why}
+    result: dict = {"skipped": skipped, "concurrency": args.concurrency, "load_processes": args.load_processes}
     for stream in (False, True):
         key = "streaming" if stream else "non-streaming"
         rates = {}
-        with ExitStack() as stack:
-            router = await start_vllm_router(stack, args.routers_venv, defaults=True)
-            rates.update(await measure([router], gen, stream, args.requests, args.concurrency, args.rounds))
+        if not skipped:
+            with ExitStack() as stack:
+                router = await start_vllm_router(stack, args.routers_venv, defaults=True)
+                rates.update(await measure([router], gen, stream, args.requests, args.concurrency, args.rounds))
         for workers in args.sweep:
             with ExitStack() as stack:
                 target = await start_pdserve(stack, workers)
@@ -310,8 +312,8 @@ def report(result: dict) -> None:
             for name, r in rows.items():
                 if name.startswith("pdserve"):
                     workers = int(name.split("x")[1]) if "x" in name else 1
-                    print(f"  {name}: scaling {r['rps'] / pd1['rps']:.2f} (ideal {workers}), "
-                          f"{r['rps'] / base['rps']:.2f}x vllm-router's rate")
+                    versus = f", {r['rps'] / base['rps']:.2f}x vllm-router's rate" if base else ""
+                    print(f"  {name}: scaling {r['rps'] / pd1['rps']:.2f} (ideal {workers}){versus}")
     print("\n" + json.dumps(result))
 
 
