@@ -157,6 +157,16 @@ async def test_sigint_drains_every_worker_and_leaves_no_process(gateway):
     assert "Traceback" not in procs.procs["gateway"].log_path.read_text()
 
 
+@pytest.mark.asyncio
+async def test_a_second_gateway_on_the_port_of_one_with_workers_is_refused(gateway):
+    procs, url = gateway
+    second = procs.spawn("second", "services.gateway", ["--registry", "tcp://127.0.0.1:1", "--port", str(port(url)),
+                                                        "--workers", "2"])
+    assert await procs.wait_exit("second", timeout_s=20) == 2
+    assert "--port: cannot listen on" in second.log_path.read_text()
+    assert listeners(port(url)) == WORKERS
+
+
 def test_up_passes_its_gateway_workers_to_the_gateway():
     assert UpConfig(gateway_workers=3).gateway_config("tcp://127.0.0.1:7100").workers == 3
     with pytest.raises(ConfigError, match="^--gateway-workers: must be >= 1$"):

@@ -1,7 +1,8 @@
 """A gateway of ``--workers N`` processes serving one port.
 
 The parent (``supervise``) reserves the port with a socket bound with ``SO_REUSEPORT`` that never
-listens: port 0 resolves once and a port in use fails before any worker starts.  Each worker
+listens: port 0 resolves once, and a port any other socket has (another gateway's workers too)
+fails before any worker starts.  Each worker
 (``server.serve_worker``, its ``GatewayConfig`` and ``WorkerSlot`` as JSON on stdin)
 is a whole gateway (``server.serve``: its own registry watch, engine clients, retries, request ids,
 drain) listening on its own ``SO_REUSEPORT`` socket on that port.  The kernel hands each new
@@ -45,15 +46,21 @@ STOP_MARGIN_S = 5.0
 WORKER_COMMAND = "from services.gateway.server import serve_worker; serve_worker()"
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``, not listening yet."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+def reuseport_socket(host: str, port: int, *, alone: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``, not listening yet.  ``alone``:
+    refused when any socket has that port, even one that shares it (another gateway's workers,
+    which a bind with ``SO_REUSEPORT`` would silently join)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if alone and port:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((host, port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise StartupError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None
+        raise StartupError(f"--port: cannot listen on {host}:{port} ({e.strerror}): another server has it") from None
     return sock
 
 
@@ -105,7 +112,7 @@ def stop(workers: list[WorkerProcess], timeout_s: float) -> None:
 
 async def supervise(config: GatewayConfig) -> None:
     """Serve ``config.port`` with ``config.workers`` worker processes until cancelled, then stop them."""
-    reserved = reuseport_socket(config.host, config.port)
+    reserved = reuseport_socket(config.host, config.port, alone=True)
     port = reserved.getsockname()[1]
     directory = tempfile.mkdtemp(prefix="pdserve-gateway-")
     worker_config = dataclasses.replace(config, port=port)
