@@ -14,12 +14,18 @@ OTHER_BUILDS = $(filter-out $(DIST_$(MOONCAKE)),$(DIST_cpu) $(DIST_cuda12) $(DIS
 # The CUDA runtime pdserve pinned before these extras existed: it has no use on a CPU host.
 CUDA_RUNTIME_PIN := nvidia-cuda-runtime-cu12
 
-.PHONY: system-deps torch install up test
+.PHONY: system-deps etcd torch install up test
 
 # Mooncake's transfer engine links these (RDMA is used only where NICs exist).
 system-deps:
 	@dpkg -s libibverbs1 librdmacm1 libnuma1 libcurl4 >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 libnuma1 libcurl4)
+
+# The etcd discovery tests start real etcd members: Debian's etcd-server, where apt-get exists (elsewhere
+# those tests skip, saying so).
+etcd:
+	@command -v etcd >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq etcd-server >/dev/null)
 
 # torch first, so that the project's torch range (pyproject.toml) accepts it and pip keeps it.  A torch already
 # installed in that range is kept whatever its build (a CUDA one on a GPU host); otherwise TORCH is installed from
@@ -51,5 +57,5 @@ up: install
 
 # The dev extra (test tools, triton for the kernel tests) only where the tests run.
 test: EXTRAS = ,dev
-test: install
+test: install etcd
 	$(PY) -m pytest -q

@@ -32,6 +32,7 @@ from services.cli import build_parser
 from services.gateway import openai_protocol as oai
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
+from services.gateway.request_ids import new_handle
 from services.gateway.responses import JSONResponse
 from services.gateway.server import serve
 from starlette.types import Receive, Scope, Send
@@ -46,7 +47,7 @@ class _FloorGateway(Gateway):
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             req = oai.parse_completion((await receive())["body"], default_max_tokens=16, max_n=1)
-            request_id = self.request_ids.fresh()
+            request_id = new_handle()
             text, prompt_tokens, completion_tokens = await self.generate(req, request_id)
             body = oai.full_response(req, request_id, [oai.full_choice("completion", 0, text, "length", None)],
                                      oai.usage_dict(prompt_tokens, completion_tokens, 0))

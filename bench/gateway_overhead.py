@@ -32,7 +32,11 @@ gateway against the P/D routers (issue 16).
 
 ``--gateway http-floor|bus-floor`` puts one of the floors of ``bench/gateway_floor.py``
 in the gateway's place: what the HTTP exchange alone costs, and what the
-cheapest gateway that still runs both legs over the bus costs.
+cheapest gateway that still runs both legs over the bus costs.  ``--curve`` adds
+a second gateway stack (its own registry and fakes) whose bus runs CURVE with
+throwaway keys, measured in the same rounds: the CPU per request CURVE adds.
+
+    python -m bench.gateway_overhead --requests 8000 --concurrency 64 --curve
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import time
 from contextlib import ExitStack
 
 from bench.processes import free_port
+from common.bus.curve import KEYS_DIR_ENV, create_keys
 from common.service import new_event_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,9 +248,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return main, total - main
 
 
-def spawn(stack: ExitStack, *args: str, python: bool = True) -> subprocess.Popen:
-    """``python args`` (``args`` alone when not ``python``), stopped when ``stack`` closes."""
-    proc = subprocess.Popen([sys.executable, *args] if python else list(args), cwd=ROOT, stdout=subprocess.DEVNULL)
+def spawn(stack: ExitStack, *args: str, keys: str | None = None, python: bool = True) -> subprocess.Popen:
+    """``python *args`` (``args`` alone when not ``python``) until ``stack`` closes, with the bus keys
+    directory ``keys`` when given."""
+    env = {**os.environ, KEYS_DIR_ENV: keys} if keys else {k: v for k, v in os.environ.items() if k != KEYS_DIR_ENV}
+    proc = subprocess.Popen([sys.executable, *args] if python else list(args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env=env)
 
     def stop() -> None:
         proc.terminate()
@@ -278,21 +286,36 @@ async def wait_http(port: int, path: str, method: str = "GET", timeout: float = 
             await asyncio.sleep(0.1)
 
 
+def start_gateway(stack: ExitStack, args: argparse.Namespace, keys: dict[str, str] | None = None
+                  ) -> tuple[int, dict[int, str]]:
+    """A registry, the two fakes and the gateway (CURVE with ``keys``: role -> keys directory); returns the
+    gateway's port and the pids serving it, named."""
+    registry = f"tcp://127.0.0.1:{free_port()}"
+    gw_port = free_port()
+    keys = keys or {}
+    spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning", keys=keys.get("registry"))
+    fakes = [spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(p), "--decode", str(1 - p),
+                   "--tokens-per-output", str(args.tokens_per_output), keys=keys.get("engine")) for p in (1, 0)]
+    variant = () if args.gateway == "full" else ("-m", "bench.gateway_floor", "--variant", args.gateway)
+    gateway = spawn(stack, *(variant or ("-m", "services.gateway")), "--port", str(gw_port), "--registry",
+                    registry, "--log-level", "warning", keys=keys.get("gateway"))
+    return gw_port, {gateway.pid: "gateway", fakes[0].pid: "fake_prefill", fakes[1].pid: "fake_decode"}
+
+
 async def run(args: argparse.Namespace) -> dict:
     import httpx
 
-    registry = f"tcp://127.0.0.1:{free_port()}"
-    gw_port, bare_port = free_port(), free_port()
+    bare_port = free_port()
     body = json.dumps({"model": "fake", "prompt": "The quick brown fox jumps over the lazy dog",
                        "max_tokens": args.max_tokens, "temperature": 0}).encode()
     with ExitStack() as stack:
-        spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
-        fakes = [spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(p),
-                       "--decode", str(1 - p), "--tokens-per-output", str(args.tokens_per_output)) for p in (1, 0)]
-        variant = () if args.gateway == "full" else ("-m", "bench.gateway_floor", "--variant", args.gateway)
-        gateway = spawn(stack, *(variant or ("-m", "services.gateway")), "--port", str(gw_port), "--registry",
-                        registry, "--log-level", "warning")
-        await wait_http(gw_port, "/ready")
+        gw_port, gw_pids = start_gateway(stack, args)
+        targets = {"gateway": (gw_port, gw_pids)}
+        if args.curve:
+            keys = create_keys(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-keys-")))
+            targets["gateway+curve"] = start_gateway(stack, args, {role: str(d) for role, d in keys.items()})
+        for port, _ in targets.values():
+            await wait_http(port, "/ready")
         async with httpx.AsyncClient() as h:
             sample = (await h.post(f"http://127.0.0.1:{gw_port}/v1/completions", content=body,
                                    headers={"Content-Type": "application/json"})).content
@@ -302,9 +325,7 @@ async def run(args: argparse.Namespace) -> dict:
         bare = spawn(stack, "-m", "bench.gateway_overhead", "--serve-bare", str(bare_port), "--body-file",
                      body_file.name)
         await wait_http(bare_port, "/v1/completions", "POST")
-        targets = {"bare": (bare_port, {bare.pid: "bare"}),
-                   "gateway": (gw_port, {gateway.pid: "gateway", fakes[0].pid: "fake_prefill",
-                                         fakes[1].pid: "fake_decode"})}
+        targets = {"bare": (bare_port, {bare.pid: "bare"}), **targets}
         loaded = await compare(targets, body, args.requests, args.concurrency, args.rounds)
         unloaded = await compare(targets, body, args.requests // 4, 1, args.rounds)
         open_rate = args.open_load * loaded["gateway"]["rps"]
@@ -317,6 +338,9 @@ async def run(args: argparse.Namespace) -> dict:
         r["rate_ratio"] = r["gateway"]["rps"] / r["bare"]["rps"]
         r["p50_added_ms"] = r["gateway"]["p50_ms"] - r["bare"]["p50_ms"]
         r["cpu_ratio"] = cpu_per_request(r["bare"]) / cpu_per_request(r["gateway"])
+        if args.curve:
+            r["curve_cpu_ratio"] = cpu_per_request(r["gateway+curve"]) / cpu_per_request(r["gateway"])
+            r["curve_rate_ratio"] = r["gateway+curve"]["rps"] / r["gateway"]["rps"]
     return result
 
 
@@ -335,15 +359,19 @@ def report(result: dict) -> None:
     for key, title in titles.items():
         r = result[key]
         print(f"\n{title}:")
-        print(f"  {'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   CPU us/request by process (of which I/O threads)")
-        for name in ("bare", "gateway"):
+        print(f"  {'':13} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   CPU us/request by process (of which I/O threads)")
+        for name in [n for n in ("bare", "gateway", "gateway+curve") if n in r]:
             s = r[name]
             cpu = ", ".join(f"{k} {v:.0f} ({s['io_thread_us_per_request'][k]:.0f})"
                             for k, v in s["cpu_us_per_request"].items())
-            print(f"  {name:8} {s['rps']:10.0f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f}   {cpu}, "
+            print(f"  {name:13} {s['rps']:10.0f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f}   {cpu}, "
                   f"load generator {s['loadgen_cpu_us_per_request']:.0f}")
         print(f"  gateway/bare rate: {r['rate_ratio']:.2f}   p50 added: {r['p50_added_ms']:.2f} ms   "
               f"CPU/request bare/gateway (all processes): {r['cpu_ratio']:.2f}")
+        if "curve_cpu_ratio" in r:
+            gateway_cpu = [r[name]["cpu_us_per_request"]["gateway"] for name in ("gateway+curve", "gateway")]
+            print(f"  with CURVE / without: rate {r['curve_rate_ratio']:.2f}   CPU/request (all processes) "
+                  f"{r['curve_cpu_ratio']:.2f}   gateway process CPU/request {gateway_cpu[0] / gateway_cpu[1]:.2f}")
     print("\n" + json.dumps(result))
 
 
@@ -359,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode tokens per TokenOutput message (16: the whole decode leg in one message)")
     parser.add_argument("--gateway", choices=("full", "http-floor", "bus-floor"), default="full",
                         help="the gateway, or one of the floors of bench/gateway_floor.py in its place")
+    parser.add_argument("--curve", action="store_true", help="also a gateway stack with CURVE on its bus, same rounds")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--body-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

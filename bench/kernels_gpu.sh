@@ -23,8 +23,8 @@ CKPT_8B=${CKPT_8B:-/tmp/llama-3.1-8b-random}
 source bench/gpu_steps.sh
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
-has tests && step kernel_tests 240 python3 -m pytest -q -p no:cacheprovider -x tests/test_paged_attention_kernels.py \
-  tests/test_fused_kernels.py tests/test_kernel_engine.py
+has tests && step kernel_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention_kernels.py \
+  tests/test_fused_kernels.py tests/test_kernel_engine.py tests/test_range_copy.py
 has gpu-tests && step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_layer.py
 [ -f "$CKPT_1B/model.safetensors" ] || step checkpoint_1b 120 python3 -m bench.make_checkpoint --shape llama-3.2-1b \
   --out "$CKPT_1B" --device cuda --seed 0

@@ -160,9 +160,9 @@ async def serve_prefill(args: argparse.Namespace) -> None:
         for kv in engine.caches:
             fill_random(kv)
         handoff = PrefillHandoff("prefill-0", LeaseTable(3600.0), lambda transfer_id: asyncio.sleep(0))
+        transfer_ids = [handoff.begin(f"t{i}", b"bench") for i in range(args.transfers)]
         for i in range(args.transfers):
-            handoff.begin(f"t{i}")
-            handoff.lease(f"t{i}")
+            handoff.lease(f"t{i}", block_ids(args, seed=1))
         channel = KVSideChannel("prefill-0", fingerprint(args), [rank.memory for rank in engine.ranks],
                                 engine.ranks[0].transports.incarnation, handoff)
         server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
@@ -170,8 +170,8 @@ async def serve_prefill(args: argparse.Namespace) -> None:
         await server.start()
         rank0 = engine.ranks[0]
         sessions = {name: backend.session for name, backend in rank0.transports.backends.items()}
-        print(json.dumps({"endpoint": server.endpoint, "sessions": sessions, "base": rank0.memory.region.addr}),
-              flush=True)
+        print(json.dumps({"endpoint": server.endpoint, "sessions": sessions, "base": rank0.memory.region.addr,
+                          "transfer_ids": transfer_ids}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
         await server.close()
     finally:
@@ -365,10 +365,10 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         other = hetero_args(args)
         hetero = await DecodeSide.open(other, transport, block_ids(other, seed=3))
     nbytes = len(remote) * decode.engine.caches[0].block_bytes
-    transfer_ids = iter(range(10**9))
+    transfer_ids = iter(peer["transfer_ids"])
 
     def params() -> KVTransferParams:
-        return KVTransferParams("prefill-0", peer["endpoint"], f"prefill-0/t{next(transfer_ids)}", remote,
+        return KVTransferParams("prefill-0", peer["endpoint"], next(transfer_ids), remote,
                                 args.tokens, 0, time.time() + 3600, block_size=args.block_size,
                                 tensor_parallel_size=args.tp)
 

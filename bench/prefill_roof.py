@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from bench.decode_floor import sync
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.messages import SamplingParams
@@ -65,11 +66,11 @@ def time_prefill(engine: LLMEngine, batch: int, length: int, seed: int) -> float
     vocab = engine.model_config.vocab_size
     ids = [f"roof-{seed}-{i}" for i in range(batch)]
     for request_id in ids:
-        engine.add_request(request_id, [rng.randrange(1000, vocab) for _ in range(length)], ONE_TOKEN)
-    torch.cuda.synchronize()
+        engine.add_request(request_id, [rng.randrange(min(1000, vocab // 2), vocab) for _ in range(length)], ONE_TOKEN)
+    sync(engine.device)
     start = time.perf_counter()
     outputs = engine.step()
-    torch.cuda.synchronize()
+    sync(engine.device)
     seconds = time.perf_counter() - start
     done = {out.request_id for out in outputs if out.finished}
     if done != set(ids):

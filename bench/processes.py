@@ -127,7 +127,7 @@ class Processes:
                 raise AssertionError(f"{name} exited with {proc.popen.returncode}\n{proc.log_tail()}")
 
     async def instances(self) -> dict[str, Instance]:
-        bus = BusClient(self.registry_endpoint, timeout=5.0)
+        bus = BusClient(self.registry_endpoint, timeout=5.0, server_role="registry")
         try:
             reply = await bus.call(ListInstances())
         finally:

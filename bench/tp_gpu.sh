@@ -4,14 +4,16 @@
 # of c. needs 3 or 4 GPUs).
 #
 #   OUT=/tmp/tp-gpu bash bench/tp_gpu.sh              # from the repository root
-#   OUT=/tmp/tp-gpu PARTS="a b" bash bench/tp_gpu.sh  # some parts only (each fits one 10-minute device call)
+#   OUT=/tmp/tp-gpu PARTS="b d" bash bench/tp_gpu.sh  # some parts only (each fits one 10-minute device call)
 #
 # Needs, in .whl/ (git-ignored), the cp312 wheels the device image lacks, as bench/eval_gpu.sh lists them
 # (msgspec, pyzmq, starlette, uvicorn, httptools, mooncake-transfer-engine-cuda13 for part c.).
 #
-# a. bench.tp_step: decode step time at TP 1, 2 (and 4), batches 1, 8 and 32, of a Llama-3.1-8B-shaped random
-#    checkpoint in bfloat16 (bench.make_checkpoint, drawn on GPU 0, 16 GB under /tmp), every size eager (TP > 1
-#    runs eagerly, so TP 1 does too: a like-for-like ratio); then the demo model, the same way;
+# a. bench.tp_step: decode step time at TP 1, 2 (and 4), batches 1, 8 and 32 at a 2,048-token context, each
+#    against its floor at that TP size, and the prefill step of 1 and 8 prompts of 2,048 tokens, of a
+#    Llama-3.1-8B-shaped random checkpoint in bfloat16 (bench.make_checkpoint, drawn on GPU 0, 16 GB under
+#    /tmp), every size eager (TP > 1 runs eagerly, so TP 1 does too: a like-for-like ratio); then the demo
+#    model's steps the same way;
 # b. greedy identity on CUDA: bench.tp_step --check-tokens 32 on the demo model in float32 at TP 1, 2 (and 4):
 #    every TP size's tokens must equal TP 1's (exit 1 otherwise; a bfloat16 all-reduce sums in another order
 #    than one GPU's matmul does, so only float32 is held to identity);
@@ -20,6 +22,8 @@
 #    the reference: prefill TP 2 -> decode TP 1, TP 1 -> TP 2, TP 2 -> TP 2, and TP 2 with block size 16 ->
 #    TP 1 with block size 32; each must serve (its "failed" is empty) and its greedy 32 tokens must equal the
 #    colocated TP 1 instance's (greedy_agree).  These need the TP-aware KV transfer of issue 12.
+# d. heterogeneous-TP handoff bandwidth on GPUs: bench.kv_handoff over nvlink, a 64 MiB request (1B shape) read
+#    by a TP 2 decode (rank 1 on GPU 1, over NVLink) against the homogeneous TP 1 read interleaved with it.
 # Writes under $OUT: env.txt, tp_step_8b.{log,json}, tp_step_demo.{log,json}, tp_identity.{log,json},
 # pd_<name>.{log,json,md} (+ eval_pd's PNGs), status.txt (one line per step with its exit status).  A failed
 # step does not stop the next one; the script exits 1 when any step failed.
@@ -47,12 +51,12 @@ checkpoint() {  # checkpoint SHAPE DIR: write it unless it is there
     --device cuda --seed 0
 }
 
-# a. decode step time, TP 1 vs 2 (vs 4), eager at every size
+# a. decode step (and its floor) and prefill time, TP 1 vs 2 (vs 4), eager at every size
 if [[ " $PARTS " == *" a "* ]]; then
   checkpoint llama-3.1-8b "$CKPT_8B"
   step tp_step_8b 300 python3 -m bench.tp_step --models "$CKPT_8B" --device cuda --dtype bfloat16 \
-    --tp-sizes "$TP_SIZES" --batch-sizes 1,8,32 --input-len 512 --warmup 10 --steps 50 --enforce-eager \
-    --json "$OUT/tp_step_8b.json"
+    --tp-sizes "$TP_SIZES" --batch-sizes 1,8,32 --input-len 2048 --warmup 10 --steps 50 --prefill-batches 1,8 \
+    --enforce-eager --json "$OUT/tp_step_8b.json"
   step tp_step_demo 120 python3 -m bench.tp_step --models demo --device cuda --dtype bfloat16 \
     --tp-sizes "$TP_SIZES" --batch-sizes 1,8,32 --input-len 512 --warmup 10 --steps 50 --enforce-eager \
     --json "$OUT/tp_step_demo.json"
@@ -93,6 +97,12 @@ if [[ " $PARTS " == *" c "* ]]; then
   pd p1_d2 3 --decode-args="-tp 2"
   pd p2_d2 4 --prefill-args="-tp 2" --decode-args="-tp 2"
   pd p2b16_d1b32 3 --prefill-args="-tp 2 --block-size 16" --decode-args="--block-size 32"
+fi
+
+# d. heterogeneous-TP handoff bandwidth vs homogeneous, over nvlink
+if [[ " $PARTS " == *" d "* ]]; then
+  step kv_handoff_tp2 120 python3 -m bench.kv_handoff --device cuda --transport nvlink --decode-tp 2 --repeats 10 \
+    --requests 50 --json "$OUT/kv_handoff_tp2.json"
 fi
 
 cat "$OUT/status.txt"

@@ -20,8 +20,14 @@ eagerly; ``--enforce-eager`` makes TP 1 eager too (on CUDA, for a like-for-like 
 ``CHECK_PROMPTS`` random prompts, which must equal TP 1's token for token; the script
 says where they first differ and exits 1 if any do.
 
+On CUDA each step is also set against its floor at that TP size: the bytes one rank reads in a step
+(its share of the weights plus its KV heads of every cached token) over the device copy bandwidth
+measured at the start (``bench.decode_floor``), since the ranks read their shares at once.
+``--prefill-batches B1,B2``: each TP size also times the one engine step that prefills B fresh
+prompts of ``--input-len`` tokens (``bench.prefill_roof.time_prefill``; least of ``--repeats``).
+
 Prints a markdown table per model: batch, the step time at each TP size, and each
-size's time over TP 1's; ``--json`` also writes the figures.
+size's time over TP 1's (then floors and prefill times where measured); ``--json`` also writes the figures.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from bench.decode_floor import start_decoding, time_steps
+from bench.decode_floor import kv_bytes, measure_bandwidth, start_decoding, time_steps, weight_bytes
 from bench.engine_throughput import make_prompts
+from bench.prefill_roof import time_prefill
 from common.arith import ceil_div
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
@@ -62,6 +69,8 @@ class Run:
     """What one TP size measured."""
 
     step_s: dict[int, float]  # batch size -> decode step seconds (the least window median)
+    floor_s: dict[int, float]  # batch size -> one rank's bytes over the bandwidth (CUDA only, else empty)
+    prefill_s: dict[int, float]  # prompts -> seconds of the step prefilling them (--prefill-batches)
     greedy: list[list[int]]  # the greedy check's tokens, per prompt ([] without --check-tokens)
 
 
@@ -91,7 +100,7 @@ def max_new_tokens(args: argparse.Namespace) -> int:
 def open_engine(model: str, tp: int, args: argparse.Namespace) -> LLMEngine:
     """A TP ``tp`` engine of ``model`` with room for the largest batch through warm-up, timing and the check."""
     max_len = args.input_len + max_new_tokens(args)
-    batch = max(args.batch_sizes)
+    batch = max([*args.batch_sizes, *args.prefill_batches])
     return LLMEngine(EngineConfig(
         model=model, dtype=args.dtype, device=args.device, tensor_parallel_size=tp, max_num_seqs=batch,
         max_model_len=max_len, block_size=BLOCK_SIZE, num_kv_blocks=batch * ceil_div(max_len, BLOCK_SIZE) + 1,
@@ -105,25 +114,33 @@ def use_threads(engine: LLMEngine) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // engine.tp.world_size))
 
 
-def measure(model: str, tp: int, args: argparse.Namespace) -> Run:
-    """Step times and greedy tokens of a TP ``tp`` engine of ``model``, closed afterwards."""
+def measure(model: str, tp: int, args: argparse.Namespace, bandwidth: float | None) -> Run:
+    """Step times (and floors with a ``bandwidth``), prefill times and greedy tokens of a TP ``tp`` engine
+    of ``model``, closed afterwards."""
     engine = open_engine(model, tp, args)
     try:
         use_threads(engine)
-        step_s = {}
+        step_s, floor_s = {}, {}
         for batch in args.batch_sizes:
             seqs = start_decoding(engine, batch, args.input_len, max_new_tokens(args), seed=batch)
             time_steps(engine, seqs, args.warmup)
             step_s[batch] = min(statistics.median(time_steps(engine, seqs, args.steps)) for _ in range(args.repeats))
+            if bandwidth:
+                cached = sum(seq.num_computed_tokens for seq in seqs)
+                floor_s[batch] = (weight_bytes(engine.model) + kv_bytes(engine, cached)) / bandwidth
             for seq in seqs:
                 engine.abort(seq.request_id)
             engine.step()  # hands out the aborts
-        return Run(step_s, greedy_tokens(engine, args.check_tokens, args.input_len))
+        prefill_s = {}
+        for b in args.prefill_batches:
+            time_prefill(engine, b, args.input_len, seed=-b)  # warm-up: this shape's kernels and allocations
+            prefill_s[b] = min(time_prefill(engine, b, args.input_len, seed=100 * b + r) for r in range(args.repeats))
+        return Run(step_s, floor_s, prefill_s, greedy_tokens(engine, args.check_tokens, args.input_len))
     finally:
         engine.close()
 
 
-def table(model: str, runs: dict[int, Run], batches: list[int]) -> str:
+def table(model: str, runs: dict[int, Run], batches: list[int], input_len: int) -> str:
     """Markdown: one row per batch size, ms per TP size, then each size's ratio to TP 1."""
     others = [tp for tp in runs if tp != 1]
     head = ["batch", *(f"TP{tp} ms" for tp in runs), *(f"TP{tp}/TP1" for tp in others)]
@@ -131,7 +148,17 @@ def table(model: str, runs: dict[int, Run], batches: list[int]) -> str:
     for batch in batches:
         cells = [str(batch), *(f"{run.step_s[batch] * 1e3:.2f}" for run in runs.values())]
         cells += [f"{runs[tp].step_s[batch] / runs[1].step_s[batch]:.2f}" for tp in others]
+        if runs[1].floor_s:
+            cells += [f"{run.floor_s[batch] * 1e3:.2f} ({run.step_s[batch] / run.floor_s[batch]:.2f}x)"
+                      for run in runs.values()]
         rows.append(f"| {' | '.join(cells)} |")
+    if runs[1].floor_s:
+        rows[0] = rows[0][:-2] + " | " + " | ".join(f"TP{tp} floor ms (step/floor)" for tp in runs) + " |"
+        rows[1] += "---:|" * len(runs)
+    for b in runs[1].prefill_s:
+        times = " | ".join(f"TP{tp} {run.prefill_s[b] * 1e3:.1f} ms" for tp, run in runs.items())
+        ratios = " | ".join(f"TP{tp}/TP1 {runs[tp].prefill_s[b] / runs[1].prefill_s[b]:.2f}" for tp in others)
+        rows.append(f"\nprefill of {b} x {input_len} tokens: {times} | {ratios}")
     return f"{model}\n\n" + "\n".join(rows)
 
 
@@ -150,6 +177,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at TP 1 either")
     parser.add_argument("--check-tokens", type=int, default=0, help="greedy tokens each TP size must share "
                         "with TP 1 (0: no check)")
+    parser.add_argument("--prefill-batches", type=int_list, default=[], help="also time the prefill step of "
+                        "this many --input-len prompts, comma-separated")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     for name, value, least in (("input-len", args.input_len, 1), ("warmup", args.warmup, 0), ("steps", args.steps, 1),
@@ -163,11 +192,17 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}, input {args.input_len} tokens, "
           f"least of {args.repeats} medians of {args.steps} steps after {args.warmup}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    bandwidth = measure_bandwidth(torch.device(args.device), 2 << 30) if args.device.startswith("cuda") else None
+    if bandwidth:
+        print(f"device copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + written)")
     figures, differences = {}, []
     for model in models:
-        runs = {tp: measure(model, tp, args) for tp in sizes}
-        print("\n" + table(model, runs, args.batch_sizes), flush=True)
-        figures[model] = {f"tp{tp}": {str(b): s * 1e3 for b, s in run.step_s.items()} for tp, run in runs.items()}
+        runs = {tp: measure(model, tp, args, bandwidth) for tp in sizes}
+        print("\n" + table(model, runs, args.batch_sizes, args.input_len), flush=True)
+        figures[model] = {f"tp{tp}": {"step_ms": {str(b): s * 1e3 for b, s in run.step_s.items()},
+                                      "floor_ms": {str(b): s * 1e3 for b, s in run.floor_s.items()},
+                                      "prefill_ms": {str(b): s * 1e3 for b, s in run.prefill_s.items()}}
+                          for tp, run in runs.items()}
         if not args.check_tokens:
             continue
         for tp in sizes[1:]:

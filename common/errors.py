@@ -38,5 +38,9 @@ class KVTransferError(PdserveError):
     """Reading a request's KV blocks from a remote engine failed."""
 
 
+class KVBlocksRefused(KVTransferError):
+    """A transfer's params name other blocks than its prefill's lease holds: nothing of it may be used."""
+
+
 class HandshakeError(KVTransferError):
     """The handshake with a remote engine failed, timed out or was refused."""

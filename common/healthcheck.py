@@ -18,7 +18,7 @@ PROBES = {"registry": ListInstances, "engine": GetStats}
 
 
 async def probe(kind: str, endpoint: str, timeout: float) -> bool:
-    client = BusClient(endpoint, timeout=timeout)
+    client = BusClient(endpoint, timeout=timeout, server_role=kind)
     try:
         await client.call(PROBES[kind]())
         return True

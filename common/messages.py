@@ -19,7 +19,8 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 2: the handshake offers several KV transports; 3: one KV memory per tensor-parallel rank
+PROTOCOL_VERSION = 4  # 2: the handshake offers several KV transports; 3: one KV memory per tensor-parallel rank;
+# 4: ``LeaseRenewed`` names the blocks each lease holds (a reader refuses a lease without them)
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for (engine and gateway agree)
 
 Role = Literal["prefill", "decode", "both"]
@@ -93,6 +94,7 @@ ErrorCode = Literal[
     "protocol_version",
     "invalid_request",  # request-level validation failed (OpenAI 400)
     "unknown_instance",
+    "forbidden",  # the sender's key may not do this (another key owns the instance, or its role may not)
     "incompatible",
     "overloaded",
     "shutting_down",
@@ -329,15 +331,19 @@ class HandshakeReply(Message):
 
 
 class RenewLease(Message):
+    """Keep these transfers' blocks pinned.  The first peer to renew (or release) a transfer claims it:
+    the ids another peer claimed are answered as unknown ones."""
+
     transfer_ids: list[str]
 
 
 class LeaseRenewed(Message):
-    expiry: dict[str, float]  # transfer id -> new expiry; unknown ids are absent
+    expiry: dict[str, float]  # transfer id -> new expiry; unknown ids (or another reader's) are absent
+    block_ids: dict[str, list[int]] = {}  # transfer id -> the blocks its lease holds, for each id in ``expiry``
 
 
 class ReleaseKV(Message):
-    """Decode is done with these transfers (read or given up): prefill unpins."""
+    """Decode is done with these transfers (read or given up): prefill unpins (only for their claimer)."""
 
     transfer_ids: list[str]
 

@@ -9,6 +9,9 @@ a ``model`` also takes it as a positional argument (``pdserve up MODEL``), and
 a model path that is not a directory is refused before anything starts.
 Modules are imported only for the subcommand that runs, so ``pdserve registry``
 never imports torch.  An invalid flag prints the subcommand's usage and one line.
+A service with bus sockets applies its ``--keys-dir``/``--insecure`` to the
+process before it starts (``common.bus.curve.configure``).  ``pdserve keys DIR``
+writes CURVE keys, one directory per role.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NamedTuple
 
+from common.bus.curve import BusSecurity, configure, create_keys
 from common.config import ConfigError, add_arguments, from_args, require
 from common.service import run_service, setup_logging
 
@@ -65,6 +69,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             if "model" in {f.name for f in dataclasses.fields(config)}:
                 p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, instead of --model")
                 p.usage = f"pdserve {name} [MODEL] [options]"
+    sub.add_parser("keys", help="write CURVE keys: a keypair per role (pdserve keys DIR)")
     return parser
 
 
@@ -92,6 +97,22 @@ def check_model_path(model: str) -> None:
             f"{model} is not a directory (give a model directory, a Hugging Face hub id, or 'demo')")
 
 
+def keys_main(argv: list[str]) -> int:
+    """``pdserve keys DIR``: a CURVE keypair per role, and each role's keys directory."""
+    p = argparse.ArgumentParser(prog="pdserve keys", description="Write a CURVE keypair per role into DIR/<role>/, "
+                                "with the public keys of the roles it talks to: give each service its role's "
+                                "directory as --keys-dir (secret keys are readable by their owner only).")
+    p.add_argument("dir", metavar="DIR")
+    args = p.parse_args(argv)
+    try:
+        dirs = create_keys(args.dir)
+    except (ConfigError, OSError) as e:
+        p.error(str(e))
+    for role, path in dirs.items():
+        print(f"{role:9s} --keys-dir {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
@@ -99,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         from bench.serving import main as bench_main
 
         sys.exit(bench_main(argv[1:]))
+    if argv and argv[0] == "keys":
+        sys.exit(keys_main(argv[1:]))
     parser = build_parser(command or "__none__")
     ns, unknown = parser.parse_known_args(argv)
     cmd = COMMANDS[ns.command]
@@ -117,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     if roles and config.role not in roles:
         sub.error(f"--role: pdserve {ns.command} runs {' or '.join(roles)}, not {config.role}")
     setup_logging(getattr(config, "log_level", "info"))
+    if isinstance(config, BusSecurity):
+        try:
+            configure(config)
+        except ConfigError as e:
+            sub.error(str(e))
     sys.exit(run_service(module.serve(config)))
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -107,7 +108,7 @@ class EngineProcess:
 @pytest.mark.asyncio
 async def test_engine_listens_where_it_advertises_and_logs_stats_while_busy():
     here = routable_address()
-    async with EngineProcess("--advertise-host", here, "--stats-interval-s", "0.2") as engine:
+    async with EngineProcess("--advertise-host", here, "--stats-interval-s", "0.2", "--insecure") as engine:
         assert engine.serving().startswith(f"tcp://{here}:")
         sockets = listening(engine.proc.pid)
         assert sockets and {address for address, _ in sockets} == {here}, sockets
@@ -155,3 +156,13 @@ def test_loading_logs_one_line_per_shard(tmp_path, caplog):
     assert len(shards) == 2, shards
     assert re.fullmatch(r"loaded shard 1/2 model-00001-of-00002\.safetensors \([\d.]+ MiB\) in [\d.]+ s", shards[0])
     assert shards[1].startswith("loaded shard 2/2 model-00002-of-00002.safetensors")
+
+
+@pytest.mark.asyncio
+async def test_a_loopback_prefill_listens_on_loopback_only():
+    """Issue 14, defect 9: with the default ``--kv-transport auto`` and a loopback ``--kv-host`` a prefill serves
+    its KV over the same-host transport alone, so Mooncake (which binds every interface) is not opened."""
+    async with EngineProcess("--role", "prefill") as engine:
+        sockets = listening(engine.proc.pid)
+        assert sockets and all(ipaddress.ip_address(address).is_loopback for address, _ in sockets), sockets
+        assert "KV transports served: shm (cpu memory)" in "".join(engine.lines)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import msgspec
 import pytest
@@ -76,17 +78,12 @@ def service_config(registry: str, role: str, name: str, **over) -> EngineService
     return cfg
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cluster():
+@asynccontextmanager
+async def running_cluster(specs: dict[str, dict]) -> AsyncIterator[Cluster]:
+    """A registry and one service per ``specs`` entry (name -> ``service_config`` overrides, ``role``
+    included; ``_`` in a name becomes ``-`` in its instance id), started in order, shut down after."""
     registry = Registry(RegistryConfig(bind="tcp://127.0.0.1:0"))
     await registry.start()
-    specs = {
-        "prefill": dict(role="prefill"),
-        "decode": dict(role="decode"),
-        "decode_fail": dict(role="decode", kv_load_failure_policy="fail"),
-        "both": dict(role="both", shutdown_timeout_s=1.0, num_kv_blocks=256),  # room for a long stream
-        "short_prefill": dict(role="prefill", kv_lease_seconds=1.0),
-    }
     loop = asyncio.get_running_loop()
     services: dict[str, EngineService] = {}
     try:
@@ -104,6 +101,18 @@ async def cluster():
         for service in services.values():
             await service.shutdown()
         await registry.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster():
+    async with running_cluster({
+        "prefill": dict(role="prefill"),
+        "decode": dict(role="decode"),
+        "decode_fail": dict(role="decode", kv_load_failure_policy="fail"),
+        "both": dict(role="both", shutdown_timeout_s=1.0, num_kv_blocks=256),  # room for a long stream
+        "short_prefill": dict(role="prefill", kv_lease_seconds=1.0),
+    }) as cluster:
+        yield cluster
 
 
 # --------------------------------------------------------------------------- registration, stats

@@ -52,7 +52,7 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
     prefill, client = await start_engine("prefill")
     [out] = await run(client, do_remote_decode=True)
     params = out.kv_transfer
-    assert out.finish_reason == "remote_decode" and params.transfer_id == f"{prefill.id}/r1"
+    assert out.finish_reason == "remote_decode" and len(params.transfer_id) == 32
     assert prefill.load().kv_blocks_pinned == len(params.block_ids) == 3
     layout = KVLayout(0, BLOCK_BYTES, 16)
     rank = FakeTransport.serving("fake://reader", layout, prefill.fingerprint.num_kv_heads)

@@ -303,13 +303,14 @@ async def test_sse_framing_content_type_and_done(http):
     assert len(events) == 4 + 2
 
 
-async def test_x_request_id_is_echoed_and_used(http, cluster):
+async def test_x_request_id_is_echoed_but_engines_see_a_random_handle(http, cluster):
     r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "rid", "max_tokens": 3},
                         headers={"X-Request-Id": "my-req.42"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "my-req.42"
     assert r.json()["id"] == "cmpl-my-req.42"
-    assert any(g.request_id == "my-req.42" for g in cluster.of("prefill")[0].received)
-    assert any(g.request_id == "my-req.42" for g in cluster.of("decode")[0].received)
+    for role in ("prefill", "decode"):
+        handle = cluster.of(role)[0].received[-1].request_id
+        assert handle != "my-req.42" and len(handle) == 32 and int(handle, 16) >= 0
     r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "rid", "max_tokens": 3},
                         headers={"X-Request-Id": "bad id with spaces"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id"

@@ -3,7 +3,7 @@
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import pytest
@@ -11,7 +11,7 @@ import torch
 
 from common.bus import BusClient, BusServer
 from common.engine.kv_cache import KVCache
-from common.errors import HandshakeError, KVTransferError, PeerError
+from common.errors import HandshakeError, KVBlocksRefused, KVTransferError, PeerError
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.mori import MoriBackend
@@ -59,11 +59,6 @@ def open_rank(cfg: KVTransferConfig, kv: KVCache) -> LocalRankIO:
     return LocalRankIO.open(cfg, 0, (0, kv.num_kv_heads), kv.data, KVLayout.of(kv))
 
 
-def tid(request_id: str) -> str:
-    """The transfer id prefill-0's handoff gives a request."""
-    return f"prefill-0/{request_id}"
-
-
 @dataclass
 class Prefill:
     kv: KVCache
@@ -73,11 +68,12 @@ class Prefill:
     server: BusServer
     rank: LocalRankIO
     backend: MoriBackend
+    transfer_ids: dict = field(default_factory=dict)  # request id -> the transfer id its leg got
 
     def params(self, block_ids: list[int], request_id: str = "t1") -> KVTransferParams:
         """A finished prefill leg: its transfer begun and leased, as the prefill role does it."""
-        transfer_id = self.handoff.begin(request_id)
-        expiry = self.handoff.lease(request_id)
+        transfer_id = self.transfer_ids[request_id] = self.handoff.begin(request_id, b"gateway")
+        expiry = self.handoff.lease(request_id, block_ids)
         return KVTransferParams(engine_id="prefill-0", kv_endpoint=self.server.endpoint, transfer_id=transfer_id,
                                 block_ids=block_ids, num_tokens=4 * len(block_ids), first_token_id=1,
                                 lease_expiry=expiry)
@@ -268,7 +264,7 @@ async def test_read_blocks_moves_scattered_blocks_and_releases(prefill, decode):
     assert stats.num_blocks == 5 and stats.num_ranges == 3  # [5,6,7]->[0,1,2], 2->3, 9->11
     assert stats.bytes == 5 * kv.block_bytes
     await conn.releases.flush()
-    assert await prefill.unpinned() == [tid("t1")] and len(prefill.handoff) == 0
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]] and len(prefill.handoff) == 0
 
 
 async def test_skip_leading_prefix_hits_are_not_read(prefill, decode):
@@ -280,7 +276,7 @@ async def test_skip_leading_prefix_hits_are_not_read(prefill, decode):
     full = await conn.read_blocks(prefill.params([1], "t2"), [7], skip_leading=1)
     assert full.bytes == 0
     await conn.releases.flush()
-    assert await prefill.unpinned() == [tid("t1"), tid("t2")]
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"], prefill.transfer_ids["t2"]]
 
 
 def token_kv(kv: KVCache, block_ids: list[int], first: int, end: int) -> torch.Tensor:
@@ -302,7 +298,7 @@ async def test_a_decode_of_another_block_size_reads_token_positions(prefill, dec
     assert not token_kv(kv, local, 0, first).any()  # prefix-cache hits are not overwritten
     assert stats.num_blocks == len(local) - skip and stats.bytes == (13 - first) * kv.block_bytes // decode_block_size
     await conn.releases.flush()
-    assert await prefill.unpinned() == [tid("t1")]
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]
 
 
 async def test_params_naming_another_block_size_than_the_peer_are_refused(prefill, decode):
@@ -311,7 +307,7 @@ async def test_params_naming_another_block_size_than_the_peer_are_refused(prefil
     with pytest.raises(KVTransferError, match="names 8-token blocks, prefill-0 has 4"):
         await conn.read_blocks(params, [3, 4])
     await conn.releases.flush()
-    assert await prefill.unpinned() == [tid("t1")]
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]
 
 
 async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode, fake):
@@ -320,7 +316,7 @@ async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode,
     with pytest.raises(KVTransferError, match="failed \\(1 of 1 ranges\\)"):
         await conn.read_blocks(prefill.params([1, 2]), [3, 4])
     await conn.releases.flush()
-    assert await prefill.unpinned() == [tid("t1")]
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]
     await conn.read_blocks(prefill.params([1, 2], "t2"), [3, 4])
     assert prefill.channel.num_handshakes == 2  # the failed peer was forgotten
 
@@ -341,10 +337,23 @@ async def test_lease_is_renewed_during_a_slow_read(prefill, decode, fake):
 async def test_expired_lease_is_detected_before_reading(prefill, decode):
     conn, _ = await decode()
     params = prefill.params([1])
-    prefill.handoff.release(tid("t1"))  # prefill already freed the blocks
+    prefill.handoff.release(prefill.transfer_ids["t1"], b"decode")  # prefill already freed the blocks
     params.lease_expiry = time.time() - 1
-    with pytest.raises(KVTransferError, match="expired before the read"):
+    with pytest.raises(KVTransferError, match="ended before the read"):
         await conn.read_blocks(params, [2])
+
+
+@pytest.mark.parametrize("lease_left_s", [30.0, 0.0])  # confirmed after the read; also renewed before it
+async def test_params_naming_other_blocks_than_the_lease_holds_are_refused(prefill, decode, lease_left_s):
+    conn, kv = await decode()
+    params = msgspec.structs.replace(prefill.params([1, 2]), block_ids=[5, 6],  # the lease holds 1 and 2
+                                     lease_expiry=time.time() + lease_left_s)
+    with pytest.raises(KVBlocksRefused, match="names 2 blocks that are not the 2 its lease holds"):
+        await conn.read_blocks(params, [3, 4])
+    if not lease_left_s:
+        assert not kv.data[3].any() and not kv.data[4].any()  # refused before reading
+    await conn.releases.flush()
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]  # and the transfer was still released
 
 
 async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode, fake):
@@ -368,9 +377,9 @@ async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode,
     with pytest.raises(asyncio.CancelledError):
         await task
     assert finished.is_set()  # returned only after the backend finished
-    assert tid("t1") in prefill.handoff.leases  # not released before the read stopped
+    assert prefill.transfer_ids["t1"] in prefill.handoff.leases  # not released before the read stopped
     await conn.releases.flush()
-    assert await prefill.unpinned() == [tid("t1")]
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]
 
 
 @pytest.mark.parametrize(
@@ -383,7 +392,7 @@ async def test_bad_requests_are_kv_transfer_errors_and_still_release(prefill, de
     with pytest.raises(KVTransferError, match=match):
         await conn.read_blocks(prefill.params(remote), local, skip)
     await conn.releases.flush()
-    assert await prefill.unpinned() == [tid("t1")]
+    assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]
 
 
 async def test_sharded_read_reports_every_shard(prefill, decode):
@@ -439,7 +448,7 @@ async def test_lease_lost_during_the_read_fails_it(prefill, decode, fake):
     fake.knobs.delay_s = 0.5
     task = asyncio.create_task(conn.read_blocks(prefill.params([2]), [0]))
     await asyncio.sleep(0.05)
-    prefill.handoff.release(tid("t1"))  # prefill freed the blocks mid-read (e.g. its sweeper expired the lease)
+    prefill.handoff.abort("t1", b"gateway")  # prefill freed the blocks mid-read (as when its sweeper expires the lease)
     with pytest.raises(KVTransferError, match="ended during the read"):
         await task
 
@@ -450,7 +459,7 @@ async def test_lease_released_during_a_short_read_fails_it(prefill, decode, fake
     fake.knobs.delay_s = 0.3
     task = asyncio.create_task(conn.read_blocks(prefill.params([2]), [0]))
     await asyncio.sleep(0.05)
-    prefill.handoff.release(tid("t1"))  # e.g. the gateway aborted this decode and a retry read the blocks
+    prefill.handoff.abort("t1", b"gateway")  # the gateway aborted this decode (to retry it elsewhere)
     with pytest.raises(KVTransferError, match="ended during the read"):
         await task
 

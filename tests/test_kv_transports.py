@@ -12,6 +12,7 @@ from bench.fakes import fingerprint
 from bench.fakes.prefill_kv import BLOCK_BYTES
 from bench.fakes.transport import FakeTransport
 from common.bus import BusServer
+from common.config import ConfigError
 from common.errors import HandshakeError
 
 from common.kv_transfer.backend import BackendUnavailable
@@ -34,6 +35,7 @@ from common.kv_transfer.transports import (
 )
 from common.messages import KVRequest, MemoryRegion
 from services.prefill.handoff import PrefillHandoff
+from tests.test_engine_addresses import routable_address
 
 HOST_A_CPU = Placement("a", "cpu")
 HOST_A_GPU = Placement("a", "cuda")
@@ -52,6 +54,15 @@ HOST_B_GPU = Placement("b", "cuda")
 ])
 def test_plan_serves_the_same_host_transport_of_its_memory_and_the_network(kv_transport, memory, rdma, expected):
     assert plan(kv_transport, memory, rdma) == expected
+
+
+@pytest.mark.parametrize(("kv_transport", "memory", "rdma", "expected"), [
+    ("auto", "cpu", False, TransportPlan("shm", None, fallback="tcp")),
+    ("auto", "cuda", True, TransportPlan("nvlink", None, fallback="rdma")),
+    ("tcp", "cpu", False, TransportPlan(None, "tcp")),  # forced: served, though it listens everywhere
+])
+def test_a_loopback_kv_host_opens_the_network_transport_only_as_a_fallback(kv_transport, memory, rdma, expected):
+    assert plan(kv_transport, memory, rdma, loopback_only=True) == expected
 
 
 @pytest.mark.parametrize(("kv_transport", "memory", "rdma", "match"), [
@@ -113,14 +124,17 @@ def region_of(t: torch.Tensor) -> MemoryRegion:
     return MemoryRegion(t.data_ptr(), t.numel() * t.element_size())
 
 
-def test_auto_serves_shm_and_the_network_when_the_cache_is_a_shared_file():
-    kv_file = shared_kv_file(config(kv_transport="auto"), torch.device("cpu"))
+@pytest.mark.parametrize("loopback", [False, True])
+def test_auto_serves_shm_and_the_network_when_the_cache_is_a_shared_file(loopback):
+    """With a loopback --kv-host no other host could use the network transport: shm alone (issue 14, defect 9)."""
+    cfg = config(kv_transport="auto", kv_host="127.0.0.1" if loopback else routable_address())
+    kv_file = shared_kv_file(cfg, torch.device("cpu"))
     assert kv_file is not None
     try:
         kv = kv_file.allocate((4, 1024), torch.float32, "cpu")
-        transports = TransportSet.open(config(kv_transport="auto"), kv, region_of(kv))
+        transports = TransportSet.open(cfg, kv, region_of(kv))
         try:
-            assert list(transports.backends) == ["shm", "rdma" if rdma_devices() else "tcp"]
+            assert list(transports.backends) == ["shm"] if loopback else ["shm", "rdma" if rdma_devices() else "tcp"]
             assert [o.name for o in transports.offers()] == list(transports.backends)
             assert transports.placement == Placement(this_host_id(), "cpu")
         finally:
@@ -130,6 +144,7 @@ def test_auto_serves_shm_and_the_network_when_the_cache_is_a_shared_file():
 
 
 def test_auto_without_a_shared_file_serves_the_network_only():
+    """Also on a loopback --kv-host (the default), where the network transport is the fallback."""
     kv = torch.zeros(4, 1024)
     transports = TransportSet.open(config(kv_transport="auto"), kv, region_of(kv))
     try:
@@ -220,3 +235,17 @@ async def test_a_forced_transport_that_cannot_connect_fails_the_handshake_with_t
     finally:
         await reader.close()
         rank.close()
+
+
+@pytest.mark.parametrize(("kv_host", "allowed"), [
+    ("8.8.8.8", False), ("2001:4860:4860::8888", False),  # public: anyone reaching Mooncake could read the KV
+    ("10.0.0.5", True), ("172.16.3.4", True), ("fd00::1", True), ("127.0.0.1", True), ("localhost", True),
+])
+def test_a_public_kv_host_needs_an_explicit_flag(kv_host, allowed):
+    """Issue 15: the KV backend authenticates no one, so a public --kv-host is refused unless asked for."""
+    if allowed:
+        config(kv_host=kv_host)
+    else:
+        with pytest.raises(ConfigError, match=f"--kv-host: {kv_host} is a public address.*--kv-allow-public-host"):
+            config(kv_host=kv_host)
+        assert config(kv_host=kv_host, kv_allow_public_host=True).kv_host == kv_host

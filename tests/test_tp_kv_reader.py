@@ -81,9 +81,9 @@ class Prefill:
     released: list[str]  # transfer ids unpinned, in order
 
     def params(self, request_id: str, block_ids: list[int], num_tokens: int) -> KVTransferParams:
-        transfer_id = self.handoff.begin(request_id)
+        transfer_id = self.handoff.begin(request_id, b"gateway")
         return KVTransferParams("p0", self.server.endpoint, transfer_id, block_ids, num_tokens, first_token_id=1,
-                                lease_expiry=self.handoff.lease(request_id), incarnation="",
+                                lease_expiry=self.handoff.lease(request_id, block_ids), incarnation="",
                                 block_size=self.block_size, tensor_parallel_size=len(self.ranks))  # fmt: skip
 
 
@@ -187,12 +187,14 @@ async def test_a_rank_whose_agent_is_gone_fails_the_whole_read_and_still_release
     short = KVTransferConfig(kv_transport="shm", kv_read_timeout_s=1, kv_rpc_timeout_s=1.0)
     decode = start_decode(4, 4, 2, short)
     try:
-        await decode.reader.read_blocks(prefill.params("ok", [1, 2], 8), [3, 4])  # handshake while all live
+        ok = prefill.params("ok", [1, 2], 8)
+        await decode.reader.read_blocks(ok, [3, 4])  # handshake while all live
         decode.agents[0].close()  # rank 1 stops answering: its part of every read fails
-        with pytest.raises(KVTransferError, match="reading transfer p0/lost from p0 failed"):
-            await decode.reader.read_blocks(prefill.params("lost", [1, 2], 8), [5, 6])
+        lost = prefill.params("lost", [1, 2], 8)
+        with pytest.raises(KVTransferError, match=f"reading transfer {lost.transfer_id} from p0 failed"):
+            await decode.reader.read_blocks(lost, [5, 6])
         await decode.reader.releases.flush()
         await prefill.handoff.drain()
-        assert prefill.released == ["p0/ok", "p0/lost"]
+        assert prefill.released == [ok.transfer_id, lost.transfer_id]
     finally:
         await stop(prefill, decode)

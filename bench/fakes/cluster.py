@@ -25,20 +25,28 @@ class FakeCluster:
     ``async with FakeCluster(prefill=2, gateway={"max_retries": 1}) as c:`` then
     ``c.url`` is the gateway's base URL and ``c.engines`` the fake engines.  The registry's lease
     is long by default, so that a loaded machine never expires a live fake; a test of expiry passes
-    a short ``lease_ttl_s``.
+    a short ``lease_ttl_s``.  With ``discovery`` (an ``etcd://`` URL) no registry is started: engines
+    and gateway use that discovery.
     """
 
     def __init__(self, *, prefill: int = 1, decode: int = 1, both: int = 0, gateway: dict | None = None,
-                 heartbeat_interval_s: float = 0.1, lease_ttl_s: float = 10.0, **engine_kwargs):
+                 heartbeat_interval_s: float = 0.1, lease_ttl_s: float = 10.0, discovery: str | None = None,
+                 **engine_kwargs):
         self.roles = {"prefill": prefill, "decode": decode, "both": both}
         self.gateway_overrides = gateway or {}
         self.registry_config = RegistryConfig(bind="tcp://127.0.0.1:0", heartbeat_interval_s=heartbeat_interval_s,
                                               lease_ttl_s=lease_ttl_s)
         self.engine_kwargs = engine_kwargs
+        self.discovery = discovery
         self.registry: Registry | None = None
         self.engines: list[FakeEngine] = []
         self.url = ""
         self._gateway: asyncio.Task | None = None
+
+    @property
+    def discovery_url(self) -> str:
+        """What the engines register with and the gateway watches."""
+        return self.discovery or self.registry_config.bind
 
     def of(self, role: Role) -> list[FakeEngine]:
         return [e for e in self.engines if e.role == role]
@@ -55,7 +63,7 @@ class FakeCluster:
             self.registry = None
 
     async def add_engine(self, role: Role, **kwargs) -> FakeEngine:
-        engine = FakeEngine(role, self.registry_config.bind, **{**self.engine_kwargs, **kwargs})
+        engine = FakeEngine(role, self.discovery_url, **{**self.engine_kwargs, **kwargs})
         await engine.start()
         self.engines.append(engine)
         return engine
@@ -63,11 +71,12 @@ class FakeCluster:
     async def __aenter__(self) -> "FakeCluster":
         from services.gateway import GatewayConfig, serve
 
-        await self.start_registry()
+        if self.discovery is None:
+            await self.start_registry()
         for role, count in self.roles.items():
             for _ in range(count):
                 await self.add_engine(role)  # type: ignore[arg-type]
-        config = GatewayConfig(**{"port": 0, "registry": self.registry_config.bind, "log_level": "warning",
+        config = GatewayConfig(**{"port": 0, "registry": self.discovery_url, "log_level": "warning",
                                   **self.gateway_overrides})
         ready, started = asyncio.Event(), asyncio.get_running_loop().create_future()
         self._gateway = asyncio.create_task(serve(config, ready=ready, started=started.set_result))

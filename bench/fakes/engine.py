@@ -38,6 +38,8 @@ from bench.fakes.prefill_kv import BLOCK_BYTES, FakePrefillKV
 from bench.fakes.transport import FakeTransport
 from common.arith import ceil_div
 from common.bus import BusServer
+from common.bus.curve import ENGINE_ADMITS, KV_ADMITS
+from common.bus.server import sender
 from common.client_pool import ClientPool
 from common.engine.detokenizer import Detokenizer
 from common.engine_service.prompt import prompt_token_ids
@@ -61,7 +63,7 @@ from common.messages import (
     TokenOutput,
     Usage,
 )
-from common.registry_client import RegistryClient
+from common.discovery import Registration, registration_for
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class FakeEngine:
                  block_size: int = 4, num_blocks: int = 4096, max_model_len: int = 512,
                  prefill_delay_s: float = 0.0, transfer_delay_s: float = 0.0, token_delay_s: float = 0.0,
                  lease_s: float = 30.0, lease_sweep_s: float = 1.0, tokens_per_output: int = 1,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", max_num_seqs: int = 256):
         self.role = role
         self.registry = registry
         self.id = id or f"fake-{role}-{uuid.uuid4().hex[:6]}"
@@ -110,6 +112,7 @@ class FakeEngine:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs  # registered capacity only: a fake runs whatever it is sent
         self.prefill_delay_s = prefill_delay_s
         self.transfer_delay_s = transfer_delay_s
         self.token_delay_s = token_delay_s
@@ -118,8 +121,8 @@ class FakeEngine:
         self.fingerprint = fingerprint(model, block_size)
         self.tokenizer = ByteTokenizer()
         self.prefix_cache = PrefixCache(block_size)
-        self.server = BusServer(f"tcp://{host}:0", EngineRequest, name=self.id)
-        self.kv_server = BusServer(f"tcp://{host}:0", KVRequest, name=f"{self.id}-kv")
+        self.server = BusServer(f"tcp://{host}:0", EngineRequest, name=self.id, admits=ENGINE_ADMITS)
+        self.kv_server = BusServer(f"tcp://{host}:0", KVRequest, name=f"{self.id}-kv", admits=KV_ADMITS)
         self.server.on(Generate, self._generate)
         self.server.on(Abort, self._abort)
         self.server.on(GetStats, self._stats)
@@ -139,7 +142,7 @@ class FakeEngine:
                                             lease_sweep_s)
         elif role == "decode":
             self.releases = ReleaseSender(ClientPool(name=f"{self.id}-kv", timeout=KV_RPC_TIMEOUT_S))
-        self._registry_client: RegistryClient | None = None
+        self._registry_client: Registration | None = None
         self._heartbeats: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -152,9 +155,10 @@ class FakeEngine:
         self.instance = Instance(
             id=self.id, role=self.role, request_endpoint=self.server.endpoint, kv_endpoint=self.kv_server.endpoint,
             model=self.model, fingerprint=self.fingerprint,
-            capacity=Capacity(max_num_seqs=256, num_kv_blocks=self.num_blocks, max_model_len=self.max_model_len),
+            capacity=Capacity(max_num_seqs=self.max_num_seqs, num_kv_blocks=self.num_blocks,
+                              max_model_len=self.max_model_len),
             load=self.load())
-        self._registry_client = RegistryClient(self.registry, timeout=2.0)
+        self._registry_client = registration_for(self.registry, timeout=2.0)
         await self._registry_client.register(self.instance)
         self._heartbeats = asyncio.create_task(
             self._registry_client.heartbeat_loop(self.instance, self.load, registered=True))
@@ -223,7 +227,7 @@ class FakeEngine:
         if entry is not None:
             entry.aborted.set()
         if self.prefill_kv is not None:
-            self.prefill_kv.handoff.abort(msg.request_id)
+            self.prefill_kv.handoff.abort(msg.request_id, sender())
         return Ack()
 
     async def _generate(self, gen: Generate) -> AsyncIterator[TokenOutput]:
@@ -267,7 +271,7 @@ class FakeEngine:
         """Compute the prompt and first token, then pin the prompt's blocks for a decode engine."""
         prompt_ids = self._prompt_ids(gen)
         handoff = self.prefill_kv.handoff
-        handoff.begin(gen.request_id)
+        handoff.begin(gen.request_id, sender())
         try:
             hand_off = partial(self.prefill_kv.hand_off, len(prompt_ids))
             async for out in self._compute(gen, prompt_ids, len(prompt_ids), hand_off):

@@ -1,6 +1,6 @@
 """A fake prefill's pinned KV, owned by the production ``PrefillHandoff``.
 
-The handoff (transfer id ``<engine id>/<request id>``, leases in a
+The handoff (random transfer ids, owners and readers checked, leases in a
 ``LeaseTable`` swept by its sweeper, every release path through it) gets the
 fake's block accounting as its unpin port; the production ``KVSideChannel``
 answers ``Handshake`` over a ``FakeTransport``, and passes ``RenewLease`` and
@@ -53,7 +53,7 @@ class FakePrefillKV:
         num_blocks = ceil_div(num_tokens, self.block_size)
         self.pinned[transfer_id] = num_blocks
         self.pinned_blocks += num_blocks
-        expiry = self.handoff.lease(out.request_id)
+        expiry = self.handoff.lease(out.request_id, list(range(num_blocks)))
         if expiry is None:
             return "abort"
         out.kv_transfer = KVTransferParams(

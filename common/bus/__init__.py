@@ -37,10 +37,15 @@ NOBLOCK and ROUTER_MANDATORY (a vanished or stuck peer's running handlers are
 cancelled), the client fails pending calls with ``PeerGone`` when its
 connection drops or its send queue is full, and every wait has a finite timeout.
 
+With the process's CURVE keys every socket is encrypted and a server admits
+only the roles it names (``curve``, ``zap``); a handler may ask who sent its
+message (``common.bus.server.sender()``).
+
 Modules: ``records`` (header layout, flags, limits, body encoding), ``sockets``
 (socket options and non-blocking sends), ``endpoints`` (what a client may
-dial), ``reader`` (incoming messages), ``outbox`` (per-iteration batching),
-``server`` (``BusServer``), ``client`` (``BusClient``).
+dial), ``curve`` (keys, and CURVE on each socket), ``zap`` (which clients a
+server admits), ``reader`` (incoming messages), ``outbox`` (per-iteration
+batching), ``server`` (``BusServer``), ``client`` (``BusClient``).
 """
 
 from common.bus.client import BusClient

@@ -12,6 +12,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from common.bus.curve import secure_client
 from common.bus.endpoints import check_endpoint
 from common.bus.outbox import Outbox
 from common.bus.reader import Reader
@@ -26,6 +27,7 @@ from common.bus.records import (
     encode,
 )
 from common.bus.sockets import tune
+from common.config import ConfigError
 from common.errors import CallTimeout, PeerError, PeerGone
 from common.messages import ErrorReply, Message, Reply
 
@@ -78,8 +80,11 @@ class BusClient:
         name: str = "",
         timeout: float = 10.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        server_role: str = "engine",
     ):
-        """Raises ``BadEndpoint`` (before any socket exists) unless ``endpoint`` is tcp://host:port or ipc://path."""
+        """Raises ``BadEndpoint`` (before any socket exists) unless ``endpoint`` is tcp://host:port or ipc://path.
+
+        With the process's CURVE keys (``curve``) it expects the key of a ``server_role`` server."""
         self.endpoint = check_endpoint(endpoint)
         self.name = name or endpoint
         self.timeout = timeout
@@ -91,12 +96,13 @@ class BusClient:
         self._monitor: zmq.Socket | None = None
         try:
             tune(self._sock, max_frame_bytes)
+            secure_client(self._sock, server_role)
             # Reconnect quickly after a peer restart, backing off to 1 s for a long outage.
             self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
             self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1_000)
             self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._sock.connect(endpoint)
-        except zmq.ZMQError:  # whatever libzmq refuses, no socket may outlive the failed client
+        except (zmq.ZMQError, ConfigError):  # whatever is refused, no socket may outlive the failed client
             self._close_sockets()
             raise
         self._closed = False

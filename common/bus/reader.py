@@ -35,6 +35,7 @@ class Reader:
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
+        self.frame: zmq.Frame | None = None  # the last frame read: its properties (User-Id) are its message's
         self._loop.add_reader(self._fd, self._drain)
         self.poke()
 
@@ -57,6 +58,7 @@ class Reader:
             while frame.more:
                 frame = sock.recv(NOBLOCK, copy=False)
                 frames.append(frame.bytes)
+            self.frame = frame
             budget -= len(frames)
             try:
                 self._on_frames(frames)

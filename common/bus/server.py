@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Union
@@ -10,6 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Union
 import msgspec
 import zmq
 
+from common.bus.curve import Peer, insecure_peer, peer_from_user_id, secure_server
 from common.bus.outbox import Outbox
 from common.bus.reader import Reader
 from common.bus.records import (
@@ -30,9 +32,23 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
 
+_sender: contextvars.ContextVar[Peer] = contextvars.ContextVar("bus_sender")
+
+
+def sender() -> Peer:
+    """Who sent the message the running handler serves (only inside a handler; ``LookupError`` elsewhere):
+    under CURVE its role and public key (the ZAP handler's User-Id), else the ROUTER routing id of its
+    connection, which a peer cannot choose for another's connection.  Ownership checks (Register,
+    Heartbeat, ``Abort``, ``RenewLease``, ``ReleaseKV``) compare these values and nothing else."""
+    return _sender.get()
+
 
 class BusServer:
-    """ROUTER side: decodes each record into ``accepts``, dispatches it by type, replies."""
+    """ROUTER side: decodes each record into ``accepts``, dispatches it by type, replies.
+
+    With the process's CURVE keys (``curve``) it admits only clients whose keys are of a role in
+    ``admits``; a handler learns who sent its message from ``sender()``.
+    """
 
     def __init__(
         self,
@@ -41,8 +57,10 @@ class BusServer:
         *,
         name: str,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        admits: frozenset[str] = frozenset(),
     ):
         self.bind = bind
+        self.admits = admits
         self.name = name
         self.max_frame_bytes = max_frame_bytes
         self.endpoint = bind
@@ -52,6 +70,7 @@ class BusServer:
         self._sock: zmq.Socket | None = None
         self._reader: Reader | None = None
         self._outbox: Outbox | None = None
+        self._curve = False
 
     def on(self, msg_type: type, handler: Handler) -> None:
         """Route ``msg_type`` to ``handler`` (a coroutine function or async generator function)."""
@@ -60,6 +79,11 @@ class BusServer:
     async def start(self) -> None:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         tune(sock, self.max_frame_bytes)
+        try:
+            self._curve = secure_server(sock, self.admits)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         # Sending to an identity that is no longer connected raises EHOSTUNREACH
         # instead of silently dropping, so we learn the peer is gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -142,10 +166,18 @@ class BusServer:
         if key in self._tasks:  # a second request under a running one's id could never be cancelled
             self._reply(identity, req_id, FLAG_FINAL, ErrorReply("bad_frame", f"request id {req_id} is in use"))
             return
-        self._tasks[key] = asyncio.create_task(self._run(key, entry[0], entry[1], msg))
+        self._tasks[key] = asyncio.create_task(self._run(key, *entry, msg, self._peer(identity)))
 
-    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message) -> None:
+    def _peer(self, identity: bytes) -> Peer:
+        """Who sent the message being read: the User-Id the ZAP handler gave its connection (CURVE)."""
+        if self._curve:
+            assert self._reader is not None
+            return peer_from_user_id(self._reader.frame.get("User-Id"))
+        return insecure_peer(identity)
+
+    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message, peer: Peer) -> None:
         identity, req_id = key
+        _sender.set(peer)  # this task's own context: seen by the handler only
         try:
             if streams:
                 async for item in handler(msg):  # type: ignore[union-attr]

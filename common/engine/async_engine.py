@@ -9,6 +9,12 @@ request waits for remote KV) the thread sleeps on an event.
 Remote requests that find too few free blocks queue (FIFO) until blocks free;
 bound the wait with ``asyncio.wait_for`` (a cancelled wait drops the request).
 
+Progress: every ``progress_interval_s`` the engine thread sends each request that
+waits in the scheduler (queued, preempted, or still computing its prompt) an
+empty output, so its consumer (in the end the gateway, whose leg timeouts
+measure silence) can tell a request waiting its turn from a dead engine: a
+thread stuck in a step, or gone, sends none.
+
 Under tensor parallelism a worker rank that exits wakes the thread, which then fails every
 request with ``TensorParallelError`` (as a failed step does); the thread stops the other
 ranks (``LLMEngine.close``) on its way out.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -68,11 +75,16 @@ class _Command:
         self.loop.call_soon_threadsafe(settle)
 
 
+PROGRESS_INTERVAL_S = 1.0
+
+
 class AsyncEngine:
     """``core`` (the ``LLMEngine``) is touched only by the engine thread, between steps."""
 
-    def __init__(self, core: LLMEngine):
+    def __init__(self, core: LLMEngine, progress_interval_s: float = PROGRESS_INTERVAL_S):
         self.core = core
+        self.progress_interval_s = progress_interval_s
+        self._next_progress = 0.0  # time.monotonic() of the next progress outputs
         self._commands: deque[_Command] = deque()
         self._waiting_blocks: deque[tuple[str, _Command]] = deque()  # (request id, its add_remote)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
@@ -217,6 +229,7 @@ class AsyncEngine:
                     outputs = self.core.step()
                     self.latest_stats = self.core.stats()
                     self._deliver(outputs)
+                    self._progress()
                 elif not self._commands:
                     self._wake.wait()
         except BaseException as e:  # a step failed: every request learns it, later calls raise EngineDead
@@ -264,6 +277,17 @@ class AsyncEngine:
             if entry is not None:
                 loop, queue = entry
                 loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _progress(self) -> None:
+        """Engine thread, after a step: every ``progress_interval_s`` an empty output to each request
+        waiting in the scheduler or computing its prompt (more than one token left to compute)."""
+        now = time.monotonic()
+        if now < self._next_progress:
+            return
+        self._next_progress = now + self.progress_interval_s
+        scheduler = self.core.scheduler
+        waiting = [*scheduler.waiting, *(s for s in scheduler.running if s.num_tokens - s.num_computed_tokens > 1)]
+        self._deliver([RequestOutput(s.request_id, [], "") for s in waiting])
 
     def _fail_all(self, reason: str) -> None:
         """Engine thread, on the way out: end every stream and pending call."""

@@ -7,25 +7,11 @@ reach through the advertised host is refused (``check_reachable``).
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
+from common.hosts import is_loopback, resolve
+
 WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
-
-
-def resolve(host: str) -> list[str]:
-    """The IP addresses ``host`` resolves to (none when it does not)."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return []
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` resolves to loopback addresses only (a name that does not resolve is not loopback)."""
-    addresses = resolve(host)
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def is_local(address: str) -> bool:

@@ -30,8 +30,9 @@ class ColocatedRole:
     def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
         return self.service.serve_locally(msg)
 
-    async def abort(self, request_id: str) -> None:
-        await self.service.engine.abort(request_id)
+    async def abort(self, request_id: str, peer: bytes) -> None:
+        if self.service.active.get(request_id) == peer:
+            await self.service.engine.abort(request_id)
 
     def num_transfers(self) -> int:
         return 0

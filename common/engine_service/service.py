@@ -31,6 +31,8 @@ from typing import Protocol
 import msgspec
 
 from common.bus import BusServer
+from common.bus.curve import ENGINE_ADMITS, KV_ADMITS, Peer
+from common.bus.server import sender
 from common.client_pool import ClientPool
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
@@ -65,7 +67,7 @@ from common.messages import (
     TokenOutput,
     Tokenized,
 )
-from common.registry_client import RegistryClient
+from common.discovery import registration_for
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,9 @@ class EngineRole(Protocol):
     def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
         """The request's outputs (``PeerError`` for a refused request)."""
 
-    async def abort(self, request_id: str) -> None:
-        """``Abort``: stop the request wherever it is and drop what the role holds for it."""
+    async def abort(self, request_id: str, peer: Peer) -> None:
+        """``Abort`` from ``peer``: stop the request wherever it is and drop what the role holds for it,
+        if ``peer`` sent its ``Generate``; otherwise nothing (as for an unknown id)."""
 
     def num_transfers(self) -> int:
         """KV transfers in progress (pinned for a reader, or being read): shutdown waits for them."""
@@ -115,7 +118,7 @@ class EngineService:
         self.config = config
         self.instance_id = config.instance_id or f"{config.role}-{socket.gethostname()}-{os.getpid()}"
         self.core = core
-        self.engine = AsyncEngine(core)
+        self.engine = AsyncEngine(core, config.progress_interval_s)
         mc = core.model_config
         self.fingerprint = Fingerprint(
             model=config.model_name, dtype=core.dtype_name, block_size=core.block_size,
@@ -125,19 +128,19 @@ class EngineService:
         )  # fmt: skip
         self.layout = KVLayout.of(core.kv_cache)
         self.server = BusServer(config.bind, EngineRequest, name=self.instance_id,
-                                max_frame_bytes=config.max_frame_bytes)
+                                max_frame_bytes=config.max_frame_bytes, admits=ENGINE_ADMITS)
         self.server.on(Generate, self.on_generate)
         self.server.on(Abort, self.on_abort)
         self.server.on(GetStats, self.on_stats)
         self.server.on(Tokenize, self.on_tokenize)
         self.server.on(Detokenize, self.on_detokenize)
         self.kv_server = BusServer(config.kv_bind, KVRequest, name=f"{self.instance_id}-kv",
-                                   max_frame_bytes=config.max_frame_bytes)
+                                   max_frame_bytes=config.max_frame_bytes, admits=KV_ADMITS)
         self.transports: TransportSet | None = None  # rank 0's
         self.kv_ranks: list[RankIO] = []  # every rank's KV, in rank order, rank 0's a LocalRankIO (roles moving KV)
         self.rank_clients = ClientPool(name=f"{self.instance_id}-ranks", timeout=config.kv_rpc_timeout_s)
-        self.active: set[str] = set()  # request ids with a running Generate handler
-        self.registry = RegistryClient(config.registry, timeout=config.registry_timeout_s)
+        self.active: dict[str, Peer] = {}  # request id with a running Generate handler -> the peer that sent it
+        self.registry = registration_for(config.registry, timeout=config.registry_timeout_s)
         self.accepting = False
         self.stopped = False
         self.num_finished = 0
@@ -184,8 +187,8 @@ class EngineService:
         await self._wait_until(lambda: not (self.server.num_active or self.role.num_transfers()),
                                self.config.shutdown_timeout_s)
         # ...then the rest are aborted: their streams end with finish reason "abort"...
-        for request_id in list(self.active):
-            await self._quietly(self.on_abort(Abort(request_id)), f"aborting {request_id}")
+        for request_id, peer in list(self.active.items()):
+            await self._quietly(self.role.abort(request_id, peer), f"aborting {request_id}")
         await self._wait_until(lambda: not self.server.num_active, SHUTDOWN_ABORT_GRACE_S)
         await self.server.close()  # ...and what still runs is cancelled (each cancel aborts its engine request)
         await self._quietly(self.role.shutdown(), "releasing the role's transfers")
@@ -258,7 +261,8 @@ class EngineService:
         return Detokenized(tokenizer.decode(msg.token_ids, skip_special_tokens=False))
 
     async def on_abort(self, msg: Abort) -> Ack:
-        await self.role.abort(msg.request_id)
+        """Only the peer that sent a request may abort it; any other gets what an unknown id gets."""
+        await self.role.abort(msg.request_id, sender())
         return Ack()
 
     async def on_generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
@@ -274,14 +278,14 @@ class EngineService:
             raise PeerError("invalid_request", f"request {msg.request_id!r} is already running here", "request_id")
         if self.engine.failed is not None:
             raise PeerError("shutting_down", f"{self.instance_id}'s engine failed: {self.engine.failed!r}")
-        self.active.add(msg.request_id)
+        self.active[msg.request_id] = sender()
         try:
             async for token in self.role.generate(msg):
                 if token.finish_reason is not None:
                     self.num_finished += 1
                 yield token
         finally:
-            self.active.discard(msg.request_id)
+            self.active.pop(msg.request_id, None)
 
     # ------------------------------------------------------------------ what roles share
 

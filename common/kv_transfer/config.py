@@ -6,17 +6,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.config import opt, require
+from common.hosts import is_public
 
 
 @dataclass
 class KVTransferConfig:
     kv_backend: Literal["mooncake", "mori"] = opt("mooncake", "KV transfer backend", choices=("mooncake", "mori"))
     kv_host: str = opt("127.0.0.1", "address peers reach this engine's transfer backend at")
+    kv_allow_public_host: bool = opt(False, "let --kv-host be a public address: anyone who reaches the KV "
+                                            "backend's ports can read and write the KV cache (Mooncake "
+                                            "authenticates no one), so keep them on a private network")
     kv_transport: Literal["auto", "nvlink", "shm", "rdma", "tcp"] = opt(
         "auto", "how KV moves: auto picks per peer (nvlink: GPUs of one host, shm: host memory of one host, "
         "rdma where NICs exist, else tcp); a forced one that cannot work is refused",
         choices=("auto", "nvlink", "shm", "rdma", "tcp"))
     kv_lease_seconds: float = opt(30.0, "prefill frees pinned blocks this long after the last renewal")
+    kv_lease_max_seconds: float = opt(300.0, "prefill frees pinned blocks this long after pinning them, "
+                                             "however often their reader renews")
+    kv_max_pinned_blocks_per_peer: int = opt(0, "prefill refuses the prefill legs of a peer that holds this many "
+                                                "pinned blocks (0: no cap)")
     kv_lease_sweep_interval_s: float = opt(1.0, "how often prefill looks for expired leases")
     kv_handshake_timeout_s: float = opt(5.0, "give up a handshake with a prefill engine after this long")
     kv_rpc_timeout_s: float = opt(5.0, "timeout of RenewLease / ReleaseKV calls")
@@ -28,6 +36,9 @@ class KVTransferConfig:
 
     def validate(self) -> None:
         require(bool(self.kv_host), "kv_host", "must not be empty")
+        require(self.kv_allow_public_host or not is_public(self.kv_host), "kv_host",
+                f"{self.kv_host} is a public address, and the KV backend lets anyone who reaches its ports read "
+                "and write the KV cache: use a private-network address, or --kv-allow-public-host if you mean it")
         for name in (
             "kv_lease_seconds",
             "kv_lease_sweep_interval_s",
@@ -37,11 +48,14 @@ class KVTransferConfig:
             "kv_read_timeout_s",
         ):
             require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds",
+                f"must be >= --kv-lease-seconds ({self.kv_lease_seconds:g})")
         require(
             self.kv_renew_interval_s < self.kv_lease_seconds,
             "kv_renew_interval_s",
             f"must be < --kv-lease-seconds ({self.kv_lease_seconds:g}) or leases expire mid-read",
         )
+        require(self.kv_max_pinned_blocks_per_peer >= 0, "kv_max_pinned_blocks_per_peer", "must be >= 0")
         require(self.kv_transfer_threads >= 1, "kv_transfer_threads", "must be >= 1")
         require(self.kv_read_shards >= 0, "kv_read_shards", "must be >= 0")
         require(

@@ -3,14 +3,15 @@
 The prefill exports its KV cache's CUDA allocation once (torch's
 ``UntypedStorage._share_cuda_``: an IPC handle and the storage's offset in the
 allocation) in the handshake; the reader opens it once per peer
-(``_new_shared_cuda``, i.e. ``cudaIpcOpenMemHandle``) and a read is one
-device-to-device ``cudaMemcpyAsync`` per range on a stream of its own, so it
-never waits behind (or holds up) the engine's kernels on the default stream:
-over NVLink between two GPUs, within HBM when both engines share one GPU.
-Nothing goes through host memory.  The copies are issued straight to the CUDA
-runtime torch loaded (a few microseconds each): a torch ``copy_`` of tensor
-slices per range costs several times that, which halved the read rate of a
-64 MiB request in 16 ranges on an H200 (docs/benchmarks.md).
+(``_new_shared_cuda``, i.e. ``cudaIpcOpenMemHandle``, on the reader's own GPU,
+so a peer GPU's memory is reached over NVLink) and a read is one launch of
+``range_copy``'s kernel over all its ranges, on a stream of its own, so it never
+waits behind (or holds up) the engine's kernels on the default stream: over
+NVLink between two GPUs, within HBM when both engines share one GPU.  Nothing
+goes through host memory.  Without Triton, or for ranges that are not whole
+8-byte words, each range is one ``cudaMemcpyAsync`` issued straight to the CUDA
+runtime torch loaded: ~10 µs a range, which held a heterogeneous-TP read of
+256 ranges to 0.19x of a homogeneous one (docs/benchmarks.md).
 
 Ordering: the prefill sampled the first token before it published the blocks,
 which synchronised the kernels that wrote them; the reader waits for its copy
@@ -30,6 +31,7 @@ from functools import cache
 import msgspec
 import torch
 
+from common.kv_transfer import range_copy
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, check_batch
 from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
@@ -71,18 +73,24 @@ class ExportedKV(msgspec.Struct, frozen=True, array_like=True):
 
 
 class _Peer:
-    """A mapped peer cache: ``base`` is where its bytes start here, ``addr`` where they start in the peer."""
+    """A peer cache mapped on our GPU ``device``: ``base`` is where its bytes start here, ``addr`` where they
+    start in the peer, ``words`` its bytes as int64 (None when its length is not whole words)."""
 
-    __slots__ = ("storage", "base", "addr", "length")
+    __slots__ = ("storage", "base", "addr", "length", "words")
 
-    def __init__(self, exported: ExportedKV):
+    def __init__(self, exported: ExportedKV, device: int):
         self.storage = torch.UntypedStorage._new_shared_cuda(
-            exported.device, exported.handle, exported.storage_size, exported.storage_offset,
+            device, exported.handle, exported.storage_size, exported.storage_offset,
             exported.ref_counter_handle, exported.ref_counter_offset, exported.event_handle,
             exported.event_sync_required,
         )  # fmt: skip
         self.base = self.storage.data_ptr() + exported.offset_in_storage
         self.addr, self.length = exported.addr, exported.length
+        self.words = None
+        if range_copy.aligned([exported.offset_in_storage, exported.length]):
+            raw = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}")
+            raw.set_(self.storage, exported.offset_in_storage, (exported.length,))
+            self.words = raw.view(torch.int64)
 
 
 class CudaIpcBackend(TransferBackend):
@@ -102,6 +110,8 @@ class CudaIpcBackend(TransferBackend):
         self._runtime = cuda_runtime()
         self._session = f"cuda-ipc:{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stream = torch.cuda.Stream(device=kv.device)
+        nbytes = kv.numel() * kv.element_size()
+        self._words = kv.view(-1).view(torch.uint8).view(torch.int64) if range_copy.aligned([nbytes]) else None
         self._region: MemoryRegion | None = None
         self._peers: dict[str, _Peer] = {}
 
@@ -126,27 +136,44 @@ class CudaIpcBackend(TransferBackend):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         if peer_session not in self._peers:
             exported = msgspec.msgpack.decode(peer_meta, type=ExportedKV)
-            self._peers[peer_session] = _Peer(exported)
+            self._peers[peer_session] = _Peer(exported, self.kv.device.index)
 
     def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
              lengths: list[int]) -> list[TransferStatus]:
         check_batch(local_addrs, remote_addrs, lengths)
         peer = self._peers.get(peer_session)
         local = self._region
-        stream = self._stream.cuda_stream
         statuses = []
-        torch.cuda.set_device(self.kv.device)  # this reader thread's runtime calls go to our GPU
         for la, ra, n in zip(local_addrs, remote_addrs, lengths):
-            if (peer is None or local is None or not peer.addr <= ra <= ra + n <= peer.addr + peer.length
-                    or not local.addr <= la <= la + n <= local.addr + local.length):
-                statuses.append(TransferStatus.FAILED)  # outside what either side registered: never touched
-                continue
-            rc = self._runtime.cudaMemcpyAsync(la, peer.base + ra - peer.addr, n, MEMCPY_DEVICE_TO_DEVICE, stream)
-            statuses.append(TransferStatus.SUCCESS if rc == 0 else TransferStatus.FAILED)
+            inside = (peer is not None and local is not None and peer.addr <= ra <= ra + n <= peer.addr + peer.length
+                      and local.addr <= la <= la + n <= local.addr + local.length)
+            # outside what either side registered: never touched
+            statuses.append(TransferStatus.SUCCESS if inside else TransferStatus.FAILED)
+        todo = [i for i, st in enumerate(statuses) if st is TransferStatus.SUCCESS]
+        torch.cuda.set_device(self.kv.device)  # this reader thread's runtime calls go to our GPU
+        if todo:
+            dst = [local_addrs[i] - local.addr for i in todo]
+            src = [remote_addrs[i] - peer.addr for i in todo]
+            sizes = [lengths[i] for i in todo]
+            if range_copy.available() and self._words is not None and peer.words is not None \
+                    and range_copy.aligned(dst, src, sizes):
+                w = range_copy.WORD
+                range_copy.copy_ranges(self._words, peer.words, [d // w for d in dst], [r // w for r in src],
+                                       [n // w for n in sizes], stream=self._stream)
+            else:
+                self._copy_each(todo, dst, src, sizes, peer, statuses)
         # The blocks are whole before the engine may compute on them (and before prefill may free them).
-        if self._runtime.cudaStreamSynchronize(stream) != 0:
+        if self._runtime.cudaStreamSynchronize(self._stream.cuda_stream) != 0:
             return [TransferStatus.FAILED] * len(lengths)
         return statuses
+
+    def _copy_each(self, todo: list[int], dst: list[int], src: list[int], sizes: list[int], peer: _Peer,
+                   statuses: list[TransferStatus]) -> None:
+        """One ``cudaMemcpyAsync`` per range (byte offsets into the two caches); a refused one is FAILED."""
+        stream, base = self._stream.cuda_stream, self.kv.data_ptr()
+        for i, d, r, n in zip(todo, dst, src, sizes):
+            if self._runtime.cudaMemcpyAsync(base + d, peer.base + r, n, MEMCPY_DEVICE_TO_DEVICE, stream) != 0:
+                statuses[i] = TransferStatus.FAILED
 
     def close(self) -> None:
         self._peers.clear()

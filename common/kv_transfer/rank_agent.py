@@ -23,6 +23,7 @@ import msgspec
 import torch
 
 from common.bus import BusServer
+from common.bus.curve import KV_ADMITS
 from common.errors import PeerError
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.rank_io import LocalRankIO
@@ -80,7 +81,8 @@ class RankAgent:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = BusServer("tcp://127.0.0.1:0", RankRequest, name=f"kv-agent-{self.io.memory.rank}")
+        server = BusServer("tcp://127.0.0.1:0", RankRequest, name=f"kv-agent-{self.io.memory.rank}",
+                           admits=KV_ADMITS)
         server.on(RankConnect, self.on_connect)
         server.on(RankRead, self.on_read)
         await server.start()

@@ -12,6 +12,11 @@ completes the read only when EVERY rank reported success for EVERY range
 always sends ``ReleaseKV`` afterwards through a ``ReleaseSender`` (in the
 background), after no rank touches memory any more.
 
+Every ``RenewLease`` (the first one claims the transfer: the prefill answers
+no other peer for it) answers with the block ids the lease holds; the read
+fails with ``KVBlocksRefused`` unless they are exactly the params' block ids
+(other blocks would be another prompt's KV): the caller must not use what was read.
+
 The prefill side that answers these calls is ``common.kv_transfer.side_channel``.
 """
 
@@ -23,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from common.client_pool import ClientPool
-from common.errors import BusError, CallTimeout, KVTransferError, PeerGone
+from common.errors import BusError, CallTimeout, KVBlocksRefused, KVTransferError, PeerGone
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.peers import Peer, PeerDirectory
 from common.kv_transfer.rank_io import RankIO, finish_uncancellable
@@ -149,11 +154,10 @@ class KVReader:
         tid = params.transfer_id
         if params.lease_expiry - time.time() < self.config.kv_renew_interval_s:
             try:
-                alive = await self._renew(peer, tid)
+                held = await self._renew(peer, tid)
             except BusError as e:
                 raise KVTransferError(f"cannot renew the lease of transfer {tid} before reading: {e}") from e
-            if not alive:
-                raise KVTransferError(f"lease of transfer {tid} expired before the read")
+            _check_held(params, held, "before the read")
         lease_lost = asyncio.Event()
         renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
         start = time.perf_counter()
@@ -175,11 +179,10 @@ class KVReader:
         # The read succeeded only if prefill still held the blocks when it ended: a lease released or
         # expired meanwhile (an abort, a retried decode, a clock far off) means they may hold other KV.
         try:
-            held = not lease_lost.is_set() and await self._renew(peer, tid)
+            held = None if lease_lost.is_set() else await self._renew(peer, tid)
         except BusError as e:
             raise KVTransferError(f"cannot confirm the lease of transfer {tid} after the read: {e}") from e
-        if not held:
-            raise KVTransferError(f"lease of transfer {tid} ended during the read; the blocks may be reused")
+        _check_held(params, held, "during the read; the blocks may be reused")
         return ReadStats(num_blocks, num_ranges, sum(r.ranges.total_bytes for r in reads), seconds)
 
     async def _read_one(self, peer: Peer, read: PlannedRead) -> list[TransferStatus]:
@@ -187,16 +190,19 @@ class KVReader:
         statuses, _ = await self.ranks[read.rank].read(link.transport, link.session, read.ranges)
         return statuses
 
-    async def _renew(self, peer: Peer, transfer_id: str) -> bool:
-        """Renew one lease; False when prefill no longer knows it.  Bus errors propagate."""
+    async def _renew(self, peer: Peer, transfer_id: str) -> list[int] | None:
+        """Renew one lease (claiming it); the block ids it holds, or None when prefill no longer knows
+        it (or it is another reader's).  Bus errors propagate."""
         reply = await self.clients.get(peer.kv_endpoint).call(RenewLease([transfer_id]))
-        return isinstance(reply, LeaseRenewed) and transfer_id in reply.expiry
+        if not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
+            return None
+        return reply.block_ids.get(transfer_id, [])
 
     async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
         while True:
             await asyncio.sleep(self.config.kv_renew_interval_s)
             try:
-                if not await self._renew(peer, transfer_id):
+                if await self._renew(peer, transfer_id) is None:
                     logger.warning("lease of transfer %s is gone at %s", transfer_id, peer.engine_id)
                     lost.set()
                     return
@@ -212,3 +218,13 @@ class KVReader:
         await self.releases.flush()
         self.peers.close()
         await self.clients.close()
+
+
+def _check_held(params: KVTransferParams, held: list[int] | None, when: str) -> None:
+    """``KVTransferError`` unless the lease was held ``when``; ``KVBlocksRefused`` unless it holds exactly
+    ``params.block_ids`` (other blocks would be another prompt's KV)."""
+    if held is None:
+        raise KVTransferError(f"lease of transfer {params.transfer_id} ended {when}")
+    if held != params.block_ids:
+        raise KVBlocksRefused(f"transfer {params.transfer_id} names {len(params.block_ids)} blocks that are not "
+                              f"the {len(held)} its lease holds: refused")

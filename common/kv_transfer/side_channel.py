@@ -4,8 +4,9 @@
 or a decode that cannot read our KV: ``common.kv_compat.kv_incompatibilities``)
 with every rank's KV memory and the transports it can be read over (the
 reader's ranks pick one per pair of ranks), and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
-the pinned transfers (the prefill handoff): the side channel never frees blocks
-itself.  The reader is ``common.kv_transfer.reader``.
+the pinned transfers (the prefill handoff) with their sender (``common.bus.server.sender``): only
+the transfer's reader may renew or release it, and the side channel never frees blocks itself.  The
+reader is ``common.kv_transfer.reader``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 from typing import Protocol
 
 from common.bus import BusServer
+from common.bus.curve import Peer
+from common.bus.server import sender
 from common.errors import PeerError
 from common.kv_compat import kv_incompatibilities
 from common.messages import (
@@ -34,11 +37,14 @@ logger = logging.getLogger(__name__)
 class PinnedTransfers(Protocol):
     """What the side channel asks of the owner of the pinned transfers."""
 
-    def renew(self, transfer_ids: list[str]) -> dict[str, float]:
-        """New expiry of each id still leased; ended ids are absent."""
+    def renew(self, transfer_ids: list[str], peer: Peer) -> dict[str, float]:
+        """New expiry of each id still leased and read by ``peer``; the others are absent."""
 
-    def release(self, transfer_id: str) -> None:
-        """The reader is done: free the transfer's blocks (nothing when already released)."""
+    def block_ids(self, transfer_id: str) -> list[int]:
+        """The blocks a leased transfer holds."""
+
+    def release(self, transfer_id: str, peer: Peer) -> None:
+        """``peer``, the reader, is done: free the transfer's blocks (nothing when released, or not its)."""
 
 
 class KVSideChannel:
@@ -78,9 +84,11 @@ class KVSideChannel:
         return self._reply
 
     async def on_renew(self, msg: RenewLease) -> LeaseRenewed:
-        return LeaseRenewed(self.transfers.renew(msg.transfer_ids))
+        expiry = self.transfers.renew(msg.transfer_ids, sender())
+        return LeaseRenewed(expiry, {tid: self.transfers.block_ids(tid) for tid in expiry})
 
     async def on_release(self, msg: ReleaseKV) -> Ack:
+        peer = sender()
         for tid in msg.transfer_ids:
-            self.transfers.release(tid)
+            self.transfers.release(tid, peer)
         return Ack()

@@ -14,6 +14,7 @@ import uuid
 
 import torch
 
+from common.hosts import is_loopback
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, make_backend
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.shm import SharedKVFile
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 def plan_for(config: KVTransferConfig, device: torch.device) -> tuple[str, TransportPlan]:
     """The memory kind of KV on ``device`` and the transports an engine with it serves here."""
     memory = "cuda" if device.type == "cuda" else "cpu"
-    return memory, plan(config.kv_transport, memory, bool(rdma_devices()))
+    return memory, plan(config.kv_transport, memory, bool(rdma_devices()), is_loopback(config.kv_host))
 
 
 def shared_kv_file(config: KVTransferConfig, device: torch.device) -> SharedKVFile | None:
@@ -86,6 +87,10 @@ class TransportSet:
                     logger.warning("KV transport %s unavailable, serving without it: %s", transport, e)
                     continue
                 backends[transport] = backend
+            if not backends and planned.fallback is not None:
+                logger.warning("KV transport %s unavailable; serving %s instead, whose listener binds every "
+                               "interface (Mooncake has no bind address)", planned.same_host, planned.fallback)
+                backends[planned.fallback] = _open_backend(config.kv_backend, config, kv, region, planned.fallback)
         except BaseException:
             for backend in backends.values():
                 backend.close()

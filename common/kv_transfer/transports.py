@@ -13,7 +13,10 @@ The transports (``--kv-transport``), fastest first:
 
 At start an engine opens the transports it can serve (``plan``): with ``auto``
 the same-host one for its memory kind plus the network one (RDMA where NICs
-exist, else TCP); a forced transport that cannot work here is refused with
+exist, else TCP) — except with a loopback ``--kv-host``, where no other host
+could reach the network one and the installed Mooncake would listen on every
+interface for it (it has no bind address): there it is opened only if the
+same-host one cannot be (``fallback``).  A forced transport that cannot work here is refused with
 ``TransportError`` before the engine registers.  Each handshake carries both
 sides' ``Placement`` and offers, and the reader tries ``candidates`` in order:
 the same-host transport when host and memory kind match, then the network one.
@@ -61,18 +64,21 @@ def rdma_devices() -> list[str]:
 
 @dataclass(frozen=True)
 class TransportPlan:
-    """What an engine opens: its same-host transport (or None) and its network transport (or None)."""
+    """What an engine opens: its same-host transport (or None), its network transport (or None), and
+    the network transport it opens only when the same-host one cannot be opened (or None)."""
 
     same_host: str | None
     network: str | None
+    fallback: str | None = None
 
     @property
     def names(self) -> list[str]:
         return [t for t in (self.same_host, self.network) if t is not None]
 
 
-def plan(kv_transport: str, memory: str, has_rdma: bool) -> TransportPlan:
-    """The transports an engine with KV in ``memory`` serves under ``--kv-transport kv_transport``.
+def plan(kv_transport: str, memory: str, has_rdma: bool, loopback_only: bool = False) -> TransportPlan:
+    """The transports an engine with KV in ``memory`` serves under ``--kv-transport kv_transport``;
+    ``loopback_only``: its ``--kv-host`` is a loopback address.
 
     Raises ``TransportError`` for a forced transport this engine cannot serve.
     """
@@ -80,6 +86,8 @@ def plan(kv_transport: str, memory: str, has_rdma: bool) -> TransportPlan:
         raise TransportError(f"unknown KV transport {kv_transport!r} (one of {', '.join(TRANSPORT_CHOICES)})")
     network = "rdma" if has_rdma else "tcp"
     if kv_transport == "auto":
+        if loopback_only:
+            return TransportPlan(SAME_HOST[memory], None, fallback=network)
         return TransportPlan(SAME_HOST[memory], network)
     if kv_transport in NETWORK:
         if kv_transport == "rdma" and not has_rdma:

@@ -12,9 +12,14 @@
    too few free blocks it waits (FIFO) up to ``--remote-blocks-timeout-s``.  The
    request then waits in ``WAITING_FOR_REMOTE_KVS``.
 3. Read: ``KVReader.read_blocks`` copies the blocks that are not local hits from
-   the prefill engine, then sends ``ReleaseKV`` whatever happened.
+   the prefill engine, confirms the lease (its first ``RenewLease`` claims the
+   transfer: only this engine may then renew or release it), then sends
+   ``ReleaseKV`` whatever happened.
 4. Hand the request to the engine: ``finish_remote_kv(ok)`` decodes (or, when
-   the read failed, recomputes or fails per ``--kv-load-failure-policy``).  An
+   the read failed, recomputes or fails per ``--kv-load-failure-policy``).  A
+   transfer whose params name other blocks than the prefill's lease holds
+   (``KVBlocksRefused``: the lease's confirmation names its blocks) fails the
+   request whatever the policy: its blocks are freed and nothing is cached.  An
    ``Abort`` that came during the read takes effect now, once the read stopped
    writing into the request's blocks, never before (they could be reused).
 5. Stream tokens 2..., the first carrying the transfer's timings.
@@ -32,7 +37,7 @@ from common.bus.endpoints import endpoint_problem
 from common.engine.async_engine import RequestAborted
 from common.engine.sequence import InvalidRequest, RemoteAllocation, RemoteRequest, RequestOutput
 from common.engine_service import ColocatedRole, EngineService
-from common.errors import KVTransferError, PeerError
+from common.errors import KVBlocksRefused, KVTransferError, PeerError
 from common.kv_transfer.reader import KVReader
 from common.messages import Generate, KVTransferParams, TokenOutput
 
@@ -75,12 +80,13 @@ class DecodeHandoff(ColocatedRole):
         finally:
             self.aborted.discard(msg.request_id)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, peer: bytes) -> None:
         """A request whose KV is being read is aborted once the read stops writing its blocks."""
-        if request_id in self.service.active:
-            self.aborted.add(request_id)
+        if self.service.active.get(request_id) != peer:
+            return
+        self.aborted.add(request_id)
         if request_id not in self.reading:
-            await super().abort(request_id)
+            await super().abort(request_id, peer)
 
     def num_transfers(self) -> int:
         return len(self.reading)
@@ -123,7 +129,7 @@ class DecodeHandoff(ColocatedRole):
             first = True
             async for out in self.service.engine.stream(request_id):
                 finished = out.finished
-                if first:
+                if first and (out.token_ids or finished):  # not a progress output (no token yet)
                     timings["first_decode_step_s"] = time.monotonic() - kv_done
                     out.timings = {**(out.timings or {}), **timings}
                     first = False
@@ -157,6 +163,7 @@ class DecodeHandoff(ColocatedRole):
             self.reader.release(params)
             return {}, time.monotonic()
         started = time.monotonic()
+        refused: KVBlocksRefused | None = None
         self.reading.add(request_id)
         try:
             # The allocation also holds the block of the first token's KV, which decode computes itself.
@@ -169,11 +176,14 @@ class DecodeHandoff(ColocatedRole):
             log.warning("request %s: reading KV from %s failed: %s", request_id, params.engine_id, e)
             timings = {"kv_transfer_s": time.monotonic() - started, "kv_bytes": 0.0, "kv_failed": 1.0}
             ok = False
+            refused = e if isinstance(e, KVBlocksRefused) else None
         finally:
             self.reading.discard(request_id)
         kv_done = time.monotonic()
-        if request_id in self.aborted:  # the Abort waited for the read to stop writing our blocks
-            await engine.abort(request_id)
+        if request_id in self.aborted or refused is not None:  # the read stopped writing our blocks
+            await engine.abort(request_id)  # a refused transfer's blocks are freed, nothing of them cached
         else:
             await engine.finish_remote_kv(request_id, ok)
+        if refused is not None:
+            raise PeerError("kv_transfer_failed", str(refused), "remote_prefill.block_ids")
         return timings, kv_done

@@ -3,13 +3,15 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /v1/instances``, ``POST /tokenize``, ``POST /detokenize`` (``tokenize``), ``GET /health``, ``GET /ready``, ``GET /metrics``,
 ``GET /version``, ``GET /openapi.json``.  Every error is an OpenAI error body; every
-response carries ``X-Request-Id`` (the client's, when it sent a valid one).  With
+response carries ``X-Request-Id`` (the client's label, when it sent a valid one; engines see only a
+random handle: ``request_ids``).  With
 an API key every route needs it but ``/health`` and ``/ready`` (and ``/metrics`` with
 ``metrics_public``).
 
-A generation request is admitted (API key, request id, body, parse, model),
+A generation request is admitted (API key, request id, body, parse, model, a slot
+of ``admission``: it may wait in the bounded queue, or be shed with 429/503),
 then becomes a ``RequestRun`` answered as JSON (``responses``) or as an event
-stream (``streaming``); the run's ``close`` is its one cleanup.  Its request id is
+stream (``streaming``); the run's ``close`` is its one cleanup.  Its request handle is
 reserved for the admission (``RequestIds.reserved``), which releases it however
 the admission fails; the run owns it from then on.
 """
@@ -34,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from common.messages import Instance, MembershipChange
 from services.gateway import openai_protocol as oai
 from services.gateway import sse
+from services.gateway.admission import Admission
 from services.gateway.auth import unauthorized
 from services.gateway.config import GatewayConfig
 from services.gateway.context import FlowContext
@@ -82,10 +85,14 @@ class Gateway:
         self.connections = EngineConnections(control_timeout_s=config.abort_timeout_s,
                                              on_abort=self.metrics.on_abort)
         self.request_ids = RequestIds()
+        self.admission = Admission(config.max_inflight_requests or 1, config.max_queued_requests,
+                                   config.queue_timeout_s, config.retry_after_s)
         self.draining = False
-        self.context = FlowContext(config, self.router, self.connections, self.metrics, self.request_ids)
+        self.context = FlowContext(config, self.router, self.connections, self.metrics, self.request_ids,
+                                   self.admission)
         self.tokenization = Tokenization(self.router, self.connections, config.abort_timeout_s)
         self.metrics.in_flight.set_function(self.request_ids.__len__)
+        self.metrics.queued.set_function(self.admission.waiters.__len__)
         self.render_metrics: Callable[[], Awaitable[bytes]] = self._render_metrics  # a worker's: every worker's
         for inst in membership.instances.values():
             self.on_membership("joined", inst)
@@ -125,6 +132,9 @@ class Gateway:
 
     def on_membership(self, change: MembershipChange, inst: Instance) -> None:
         self.router.changed(change, inst)
+        if not self.config.max_inflight_requests:  # the engines' capacity: what they can decode at once
+            self.admission.resize(max(1, sum(i.capacity.max_num_seqs for i in self.membership.instances.values()
+                                             if i.role in ("decode", "both"))))
         if change in ("left", "expired"):
             self.metrics.forget_instance(inst)
             self.connections.drop(inst)
@@ -137,6 +147,7 @@ class Gateway:
         ``timeout_s``, then end the rest with a 503 ``shutting_down`` (a stream's last event before
         ``[DONE]``) and give their answers ``SHUTDOWN_ANSWER_S`` to go out."""
         self.draining = True
+        self.admission.refuse_waiting(APIError(503, "the gateway is shutting down", code="shutting_down"))
         await _wait_until(lambda: not self.request_ids, timeout_s)
         if self.context.runs:
             log.warning("shutdown: ending %d request(s) still in flight after %g s", len(self.context.runs),
@@ -232,7 +243,8 @@ class Gateway:
             if (denied := unauthorized(self.config.api_key, _header(headers, b"authorization"))) is not None:
                 self.metrics.on_request_done(endpoint, denied.status_code, time.perf_counter() - started_at, ())
                 return denied
-            with self.request_ids.reserved(_header(headers, b"x-request-id")) as request_id:
+            with self.request_ids.reserved(_header(headers, b"x-request-id")) as ids:
+                request_id = ids.label
                 body = await read_body(headers, receive, self.config.max_body_bytes)
                 req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
                 self._check_model(req)
@@ -242,13 +254,15 @@ class Gateway:
                     for p in req.prompts:
                         if p.token_ids is not None:
                             p.echo_text = await self.tokenization.text(req.model, p.token_ids)
+                if not self.admission.try_acquire():  # queued: 429 or 503 when that fails, 499 on a disconnect
+                    await sse.run_until_disconnect(receive, self.admission.acquire())
                 if req.stream:
                     events = EventQueue()
-                    run = RequestRun(self.context, req, request_id, endpoint, started_at, events.put)
+                    run = RequestRun(self.context, req, ids, endpoint, started_at, events.put)
                 else:
                     collector = ResponseCollector(req)
-                    run = RequestRun(self.context, req, request_id, endpoint, started_at, collector.add)
-                # from here the run owns the request id: its close releases it
+                    run = RequestRun(self.context, req, ids, endpoint, started_at, collector.add)
+                # from here the run owns the request id and the admission slot: its close releases them
         except (APIError, sse.ClientGone) as e:
             status = e.status if isinstance(e, APIError) else CLIENT_GONE
             self.metrics.on_request_done(endpoint, status, time.perf_counter() - started_at, ())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 from common.messages import Role
+from services.gateway.admission import Admission
 from services.gateway.config import GatewayConfig
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.request_ids import RequestIds
@@ -65,16 +66,18 @@ class OpenRun(Protocol):
 
 
 class FlowContext:
-    """The gateway's parts a request run uses: config, router, engine connections, observer, request ids;
+    """The gateway's parts a request run uses: config, router, engine connections, observer, request ids,
+    admission (a run holds one of its slots until it closes);
     ``runs`` holds every request run not yet closed (``flow.RequestRun``)."""
 
-    __slots__ = ("config", "router", "connections", "observer", "request_ids", "runs")
+    __slots__ = ("config", "router", "connections", "observer", "request_ids", "admission", "runs")
 
     def __init__(self, config: GatewayConfig, router: Router, connections: EngineConnections,
-                 observer: FlowObserver, request_ids: RequestIds):
+                 observer: FlowObserver, request_ids: RequestIds, admission: Admission):
         self.config = config
         self.router = router
         self.connections = connections
         self.observer = observer
         self.request_ids = request_ids
+        self.admission = admission
         self.runs: set[OpenRun] = set()

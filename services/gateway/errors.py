@@ -10,6 +10,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     502: "bad_gateway_error",
     503: "service_unavailable_error",
     504: "timeout_error",
@@ -17,14 +18,17 @@ ERROR_TYPES = {
 
 
 class APIError(PdserveError):
-    """A request failed: ``status`` is the HTTP status, ``body()`` the OpenAI error object."""
+    """A request failed: ``status`` is the HTTP status, ``body()`` the OpenAI error object;
+    ``retry_after`` (seconds), when set, goes out as the ``Retry-After`` header."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after = retry_after
 
     @property
     def type(self) -> str:

@@ -37,6 +37,7 @@ from services.gateway.context import FlowContext
 from services.gateway.errors import APIError
 from services.gateway.leg import Leg
 from services.gateway.openai_protocol import ParsedRequest
+from services.gateway.request_ids import RequestId
 
 
 @dataclass(slots=True)
@@ -93,7 +94,7 @@ class ChoiceRun:
     def __init__(self, run: RequestRun, index: int):
         req = run.req
         self.run, self.context, self.model, self.index = run, run.context, req.model, index
-        self.request_id = choice_request_id(run.request_id, index, len(run.stats))
+        self.request_id = choice_request_id(run.handle, index, len(run.stats))
         self.prompt = req.prompts[index // req.n]
         self.sampling = req.choice_sampling(index % req.n)
         self.stats = run.stats[index]
@@ -246,19 +247,22 @@ class RequestRun:
     ``close(status)`` is the run's one cleanup, whoever ends it (the JSON answer,
     the event stream, a failure): it stops every choice still running (aborting
     their legs, freeing their router slots), reports the request to the observer
-    and releases the request id.  A second ``close`` does nothing.
+    and releases the request id and its admission slot (taken before the run was made).
+    A second ``close`` does nothing.
     """
 
-    __slots__ = ("context", "req", "request_id", "endpoint", "started_at", "deadline", "emit", "stats", "done",
-                 "closed", "_remaining", "_runs")
+    __slots__ = ("context", "req", "request_id", "handle", "endpoint", "started_at", "deadline", "emit", "stats",
+                 "done", "closed", "_remaining", "_runs")
 
-    def __init__(self, context: FlowContext, req: ParsedRequest, request_id: str, endpoint: str,
+    def __init__(self, context: FlowContext, req: ParsedRequest, ids: RequestId, endpoint: str,
                  started_at: float, emit: Emit):
-        """``request_id`` is already reserved in ``context.request_ids``; ``started_at`` is the
-        ``time.perf_counter()`` at which the HTTP request arrived."""
+        """``ids`` are already reserved in ``context.request_ids``: ``request_id`` is their label (what the
+        client sees), ``handle`` what engines see; ``started_at`` is the ``time.perf_counter()`` at which
+        the HTTP request arrived."""
         total = len(req.prompts) * req.n
         loop = asyncio.get_running_loop()
-        self.context, self.req, self.request_id, self.endpoint = context, req, request_id, endpoint
+        self.context, self.req, self.endpoint = context, req, endpoint
+        self.request_id, self.handle = ids
         self.started_at = started_at
         self.deadline = loop.time() + context.config.request_timeout_s
         self.emit = emit
@@ -287,7 +291,8 @@ class RequestRun:
         self._cancel()
         self.context.observer.on_request_done(self.endpoint, status, time.perf_counter() - self.started_at,
                                               self.stats)
-        self.context.request_ids.release(self.request_id)
+        self.context.request_ids.release(self.handle)
+        self.context.admission.release()
 
     def choice_done(self, error: APIError | None) -> None:
         """A choice ended by itself (``error`` None or its ``APIError``)."""

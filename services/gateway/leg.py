@@ -2,10 +2,14 @@
 
 A prefill leg (or a colocated leg) that fails before its first output is retried
 on another instance, at most ``max_retries`` times; a decode leg is retried only
-when its instance never took the request (gone, shutting down).  Timeouts:
-``prefill_timeout_s`` for a prefill's (or colocated leg's) first output,
-``decode_first_token_timeout_s`` for decode's first output,
-``stream_idle_timeout_s`` between later outputs.
+when its instance never took the request (gone, shutting down).  Timeouts
+measure silence, never total time: each runs from the leg's last message (a
+token, or the empty output an engine sends while the request waits in its
+queue) — ``prefill_timeout_s`` until a prefill's (or colocated leg's) first
+message, ``decode_first_token_timeout_s`` until decode's first,
+``stream_idle_timeout_s`` after that.  So a long or queued generation never
+times out while its engine is alive; a leg silent that long fails with
+``upstream_timeout``.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ class Leg:
     def _timed_out(self, timeout: float) -> None:
         self.timer = None
         assert self.client is not None
-        self._failed(CallTimeout(f"{self.client.endpoint}: no reply within {timeout:g} s"), cancel=True)
+        self._failed(CallTimeout(f"{self.client.endpoint}: no reply within {timeout:g} s of silence"), cancel=True)
 
     def _close(self, cancel: bool) -> None:
         """The attempt in flight is over: its timer, its pending request (cancelled on the engine if

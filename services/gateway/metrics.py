@@ -95,6 +95,7 @@ class GatewayMetrics:
         self._request_children: dict[tuple[str, int], Counter] = {}  # labels() is a locked dict lookup
         self.in_flight = Gauge("pdserve_gateway_requests_in_flight", "generation requests being served",
                                registry=r)
+        self.queued = Gauge("pdserve_gateway_requests_queued", "generation requests waiting for a slot", registry=r)
         self.retries = Counter("pdserve_gateway_leg_retries", "legs retried on another instance",
                                ["role"], registry=r)
         self.aborts = Counter("pdserve_gateway_aborts", "Abort messages sent to engines", ["role"], registry=r)

@@ -1,56 +1,63 @@
-"""Request ids: the client's ``X-Request-Id`` when valid, else a fresh one, reserved while in flight."""
+"""Request ids: a client's ``X-Request-Id`` is a label; the handle engines see is always fresh and random.
+
+The label (the client's ``X-Request-Id`` when valid, else the handle) names the
+request to its client: the response's ``X-Request-Id`` header, its ``id``, the
+gateway's logs.  Several requests may carry the same label, as in vLLM.  The
+handle is a random 128-bit id (32 hex characters) and the only id an engine
+sees (a choice of an ``n > 1`` request runs as ``<handle>-<index>``), so no
+client can name, and so abort, another client's request.
+"""
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
+import secrets
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from services.gateway.errors import invalid
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
+class RequestId(NamedTuple):
+    label: str  # what the client sees
+    handle: str  # what engines see
+
+
+def new_handle() -> str:
+    """A random 128-bit id: 32 hex characters nobody can predict."""
+    return secrets.token_hex(16)
+
+
 class RequestIds:
-    """The ids of the requests in flight; a fresh id is this process's random prefix, then a counter."""
+    """The handles of the requests in flight."""
 
     def __init__(self) -> None:
         self.active: set[str] = set()
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self.active)
 
-    def fresh(self) -> str:
-        """An id unique to this gateway process."""
-        return f"{self._prefix}{next(self._counter):016x}"
-
-    def reserve(self, given: str | None) -> str:
-        """The request's id (``given``, the header's value, or a fresh one), reserved at once, so two
-        requests sending the same id concurrently cannot both run (and abort each other's legs);
-        raises 400 for a malformed or duplicate id."""
-        if given is None:
-            given = self.fresh()
-        elif not REQUEST_ID.fullmatch(given):
+    def reserve(self, given: str | None) -> RequestId:
+        """The request's ids (label ``given``, the header's value, or the handle), its handle in flight from
+        now on; raises 400 for a malformed label."""
+        if given is not None and not REQUEST_ID.fullmatch(given):
             raise invalid("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", "X-Request-Id")
-        elif given in self.active:
-            raise invalid(f"request id {given!r} is already in flight", "X-Request-Id", "duplicate_request_id")
-        self.active.add(given)
-        return given
+        handle = new_handle()
+        self.active.add(handle)
+        return RequestId(handle if given is None else given, handle)
 
     @contextmanager
-    def reserved(self, given: str | None) -> Iterator[str]:
+    def reserved(self, given: str | None) -> Iterator[RequestId]:
         """``reserve(given)`` for the block: released if the block raises (anything, cancellation too);
-        once the block ends without raising, the id is the caller's to release (a request run's ``close``)."""
-        request_id = self.reserve(given)
+        once the block ends without raising, the handle is the caller's to release (a request run's ``close``)."""
+        ids = self.reserve(given)
         try:
-            yield request_id
+            yield ids
         except BaseException:
-            self.release(request_id)
+            self.release(ids.handle)
             raise
 
-    def release(self, request_id: str) -> None:
-        self.active.discard(request_id)
+    def release(self, handle: str) -> None:
+        self.active.discard(handle)

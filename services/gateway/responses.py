@@ -34,8 +34,11 @@ class JSONResponse:
 
 
 def error_response(e: APIError, request_id: str | None = None) -> JSONResponse:
-    """``e`` as its status with the OpenAI error body."""
-    return JSONResponse(e.body(), e.status, request_id)
+    """``e`` as its status with the OpenAI error body (and ``Retry-After`` when ``e`` has one)."""
+    response = JSONResponse(e.body(), e.status, request_id)
+    if e.retry_after is not None:
+        response.raw_headers.append((b"retry-after", b"%d" % e.retry_after))
+    return response
 
 
 def logprob_entries(event: ChoiceEvent) -> list:

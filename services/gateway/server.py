@@ -13,7 +13,8 @@ from typing import Callable
 
 import uvicorn
 
-from common.registry_client import MembershipWatcher
+from common.bus.curve import configure
+from common.discovery import watcher_for
 from common.service import run_service, setup_logging, tune_gc
 from services.gateway.app import SHUTDOWN_ANSWER_S, Gateway
 from services.gateway.config import GatewayConfig
@@ -61,8 +62,8 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     if config.workers > 1 and worker is None:
         await supervise(config)
         return
-    watcher = MembershipWatcher(config.registry, idle_timeout=config.registry_idle_timeout_s,
-                                grace_s=config.membership_grace_s)
+    watcher = watcher_for(config.registry, idle_timeout=config.registry_idle_timeout_s,
+                          grace_s=config.membership_grace_s)
     snapshot = asyncio.Event()
     watcher.start()
     wait_snapshot = asyncio.create_task(watcher.wait_ready())
@@ -116,4 +117,5 @@ def serve_worker() -> None:
     spec = json.loads(sys.stdin.buffer.read())
     config = GatewayConfig(**spec["config"])
     setup_logging(config.log_level)
+    configure(config)  # the bus keys, as the command line applies them
     sys.exit(run_service(serve(config, worker=WorkerSlot(**spec["slot"]))))

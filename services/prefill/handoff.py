@@ -1,14 +1,19 @@
 """Life cycle of a request in the prefill server, and the one owner of its pinned KV.
 
-1. ``Generate(do_remote_decode)`` arrives.  ``begin`` opens the request's
-   transfer (state ``COMPUTING``); its id is ``<engine id>/<request id>``, so
-   nothing maps requests to transfers.  The engine computes the prompt and the
-   first token, then pins the prompt's blocks under that id instead of freeing them.
+1. ``Generate(do_remote_decode)`` arrives from a peer (its owner: only it may
+   ``Abort`` the request).  ``begin`` opens the request's transfer (state
+   ``COMPUTING``) under a fresh random 128-bit id: nobody can derive it from the
+   request id.  The engine computes the prompt and the first token, then pins
+   the prompt's blocks under that id instead of freeing them.
 2. The final output (finish reason ``remote_decode``) comes back: ``lease`` moves
-   the transfer to ``LEASED`` and starts its lease; the reply carries the
-   ``KVTransferParams`` the gateway hands to a decode engine.
-3. The decode engine handshakes with the side channel, reads the blocks
-   (renewing the lease meanwhile) and sends ``ReleaseKV``: ``release``.
+   the transfer to ``LEASED``, records the pinned block ids and starts its lease;
+   the reply carries the ``KVTransferParams`` the gateway hands to a decode engine.
+3. The decode engine handshakes with the side channel, reads the blocks and
+   confirms the lease (renewing meanwhile, never past the lease's maximum life).
+   Its first ``RenewLease`` (or ``ReleaseKV``) claims the transfer: from then on
+   both find nothing when another peer sends them (exactly what an unknown id
+   gets).  Each renewal answers with the block ids the lease holds, so the
+   reader refuses blocks it was not given.  It sends ``ReleaseKV``: ``release``.
 4. The transfer is released, exactly once, by the first of:
    ``ReleaseKV`` (``release``), ``Abort`` (``abort``), lease expiry (``expire``),
    an ``Abort`` that raced with the finish (``lease`` after ``abort``), the
@@ -23,8 +28,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
+from common.bus.curve import Peer
 from common.errors import PeerError
 from common.kv_transfer.leases import LeaseTable
 from common.tasks import BackgroundTasks
@@ -41,65 +50,98 @@ class TransferState(enum.Enum):
     LEASED = "leased"  # pinned, waiting for the reader under a lease
 
 
-class PrefillHandoff:
-    """Transfer id -> state of every request whose KV prefill holds or may hold for a reader."""
+@dataclass(slots=True)
+class Transfer:
+    """One request's KV as prefill holds it for a reader."""
 
-    def __init__(self, engine_id: str, leases: LeaseTable, unpin: Unpin):
+    request_id: str
+    owner: Peer  # the peer that sent the Generate (``common.bus.server.sender``): only it may Abort
+    state: TransferState = TransferState.COMPUTING
+    reader: Peer | None = None  # the peer that claimed it: only it may renew or release
+    block_ids: list[int] = field(default_factory=list)  # what the lease holds
+
+
+def new_transfer_id() -> str:
+    """A random 128-bit id (32 hex characters): it cannot be guessed from anything else."""
+    return secrets.token_hex(16)
+
+
+class PrefillHandoff:
+    """Transfer id -> every request whose KV prefill holds or may hold for a reader."""
+
+    def __init__(self, engine_id: str, leases: LeaseTable, unpin: Unpin, max_pinned_per_peer: int = 0):
+        """``max_pinned_per_peer``: ``begin`` refuses a peer holding this many pinned blocks (0: no cap)."""
         self.engine_id = engine_id
         self.leases = leases
+        self.max_pinned_per_peer = max_pinned_per_peer
         self._unpin = unpin
-        self._transfers: dict[str, TransferState] = {}
+        self._transfers: dict[str, Transfer] = {}
+        self._pinned: Counter[bytes] = Counter()  # owner -> blocks its leased transfers hold
+        self._by_request: dict[str, str] = {}  # request id -> its open transfer's id
         self._unpinning = BackgroundTasks()
 
     def __len__(self) -> int:
         """Transfers not yet released."""
         return len(self._transfers)
 
-    def transfer_id(self, request_id: str) -> str:
-        return f"{self.engine_id}/{request_id}"
+    def transfer_id(self, request_id: str) -> str | None:
+        """The id of the request's open transfer, or None."""
+        return self._by_request.get(request_id)
 
-    def begin(self, request_id: str) -> str:
-        """Open the request's transfer; returns its id.  ``PeerError`` while one is still open."""
-        transfer_id = self.transfer_id(request_id)
-        if transfer_id in self._transfers:
+    def begin(self, request_id: str, owner: Peer) -> str:
+        """Open the request's transfer for ``owner``; returns its id.  ``PeerError`` while one is still open,
+        or (``overloaded``) while ``owner`` holds ``max_pinned_per_peer`` pinned blocks."""
+        if request_id in self._by_request:
             raise PeerError("invalid_request", f"request {request_id!r} is already running here", "request_id")
-        self._transfers[transfer_id] = TransferState.COMPUTING
+        if 0 < self.max_pinned_per_peer <= self._pinned[owner]:
+            raise PeerError("overloaded", f"{self._pinned[owner]} blocks are pinned for this peer already")
+        transfer_id = new_transfer_id()
+        self._transfers[transfer_id] = Transfer(request_id, owner)
+        self._by_request[request_id] = transfer_id
         return transfer_id
 
-    def lease(self, request_id: str) -> float | None:
-        """The engine pinned the request's blocks: start the lease and return its expiry.  None when
-        an ``Abort`` came first: the blocks are released now and nobody will read them."""
-        transfer_id = self.transfer_id(request_id)
-        state = self._transfers.get(transfer_id)
-        if state is not TransferState.COMPUTING:
-            self._release(transfer_id)
+    def lease(self, request_id: str, block_ids: list[int]) -> float | None:
+        """The engine pinned the request's blocks (``block_ids``): start the lease and return its expiry.
+        None when an ``Abort`` came first: the blocks are released now and nobody will read them."""
+        transfer = self._open(request_id)
+        if transfer is None or transfer.state is not TransferState.COMPUTING:
+            self._release(self._by_request.get(request_id))
             return None
-        self._transfers[transfer_id] = TransferState.LEASED
-        return self.leases.start(transfer_id)
+        transfer.state, transfer.block_ids = TransferState.LEASED, list(block_ids)
+        self._pinned[transfer.owner] += len(block_ids)
+        return self.leases.start(self._by_request[request_id])
 
-    def abort(self, request_id: str) -> None:
-        """``Abort``: release a leased transfer; one still computing is released when it ends."""
-        transfer_id = self.transfer_id(request_id)
-        state = self._transfers.get(transfer_id)
-        if state is TransferState.COMPUTING:
-            self._transfers[transfer_id] = TransferState.ABORTED
-        elif state is TransferState.LEASED:
-            self._release(transfer_id)
+    def abort(self, request_id: str, peer: Peer) -> None:
+        """``Abort`` from ``peer``: release a leased transfer; one still computing is released when it
+        ends.  Nothing when ``peer`` did not send the request."""
+        transfer = self._open(request_id)
+        if transfer is None or transfer.owner != peer:
+            return
+        if transfer.state is TransferState.COMPUTING:
+            transfer.state = TransferState.ABORTED
+        elif transfer.state is TransferState.LEASED:
+            self._release(self._by_request[request_id])
 
     def settle(self, request_id: str) -> None:
         """The request's stream ended: a transfer that never got leased (failed, aborted, or
         cancelled around the finish, when the engine may have pinned blocks) is released."""
-        transfer_id = self.transfer_id(request_id)
-        if self._transfers.get(transfer_id) in (TransferState.COMPUTING, TransferState.ABORTED):
-            self._release(transfer_id)
+        transfer = self._open(request_id)
+        if transfer is not None and transfer.state in (TransferState.COMPUTING, TransferState.ABORTED):
+            self._release(self._by_request[request_id])
 
-    def renew(self, transfer_ids: list[str]) -> dict[str, float]:
-        """``RenewLease``: new expiry of each id still leased."""
-        return self.leases.renew(transfer_ids)
+    def renew(self, transfer_ids: list[str], peer: Peer) -> dict[str, float]:
+        """``RenewLease`` from ``peer``: new expiry of each id leased and claimed by ``peer`` (the first
+        to renew or release an id claims it).  The others are absent, as unknown ids are."""
+        return self.leases.renew([tid for tid in transfer_ids if self._claim(tid, peer) is not None])
 
-    def release(self, transfer_id: str) -> None:
-        """``ReleaseKV``: the reader is done with a leased transfer."""
-        if self._transfers.get(transfer_id) is TransferState.LEASED:
+    def block_ids(self, transfer_id: str) -> list[int]:
+        """The blocks a leased transfer holds (none for an unknown id)."""
+        transfer = self._transfers.get(transfer_id)
+        return transfer.block_ids if transfer is not None else []
+
+    def release(self, transfer_id: str, peer: Peer) -> None:
+        """``ReleaseKV`` from ``peer``: the reader is done with a leased transfer (nothing for another peer)."""
+        if self._claim(transfer_id, peer) is not None:
             self._release(transfer_id)
 
     def expire(self) -> list[str]:
@@ -130,10 +172,29 @@ class PrefillHandoff:
         """Wait until every unpin handed to the engine ran."""
         await self._unpinning.wait()
 
-    def _release(self, transfer_id: str) -> None:
+    def _open(self, request_id: str) -> Transfer | None:
+        transfer_id = self._by_request.get(request_id)
+        return None if transfer_id is None else self._transfers[transfer_id]
+
+    def _claim(self, transfer_id: str, peer: Peer) -> Transfer | None:
+        """The leased transfer, bound to ``peer`` if nobody claimed it yet; None when unknown, not
+        leased, or claimed by another peer."""
+        transfer = self._transfers.get(transfer_id)
+        if transfer is None or transfer.state is not TransferState.LEASED or transfer.reader not in (None, peer):
+            return None
+        transfer.reader = peer
+        return transfer
+
+    def _release(self, transfer_id: str | None) -> None:
         """The only path to the engine's unpin: a transfer leaves the table once, and is unpinned then."""
-        if self._transfers.pop(transfer_id, None) is None:
+        transfer = self._transfers.pop(transfer_id, None) if transfer_id is not None else None
+        if transfer is None:
             return
+        del self._by_request[transfer.request_id]
+        if transfer.block_ids:
+            self._pinned[transfer.owner] -= len(transfer.block_ids)
+            if not self._pinned[transfer.owner]:
+                del self._pinned[transfer.owner]
         self.leases.end(transfer_id)
         self._unpinning.spawn(self._unpin_logged(transfer_id))
 

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
 
+from common.bus.curve import Peer
+from common.bus.server import sender
 from common.engine.sequence import RequestOutput
 from common.engine_service import ColocatedRole, EngineService
 from common.kv_transfer.leases import LeaseTable
@@ -28,8 +30,9 @@ class PrefillRole(ColocatedRole):
 
     def __init__(self, service: EngineService):
         super().__init__(service)
-        leases = LeaseTable(service.config.kv_lease_seconds)
-        self.handoff = PrefillHandoff(service.instance_id, leases, service.engine.release_transfer)
+        leases = LeaseTable(service.config.kv_lease_seconds, max_seconds=service.config.kv_lease_max_seconds)
+        self.handoff = PrefillHandoff(service.instance_id, leases, service.engine.release_transfer,
+                                      service.config.kv_max_pinned_blocks_per_peer)
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -46,7 +49,7 @@ class PrefillRole(ColocatedRole):
             return
         request_id = msg.request_id
         prompt_ids = self.service.prompt_token_ids(msg)
-        transfer_id = self.handoff.begin(request_id)
+        transfer_id = self.handoff.begin(request_id, sender())
         try:
             outputs = self.service.local_outputs(request_id, prompt_ids, msg.sampling, pin_for_transfer=transfer_id)
             async for token in self.service.tokens(request_id, prompt_ids, outputs,
@@ -59,21 +62,22 @@ class PrefillRole(ColocatedRole):
         """The prefill leg's final output: lease its pinned blocks and say where to read them."""
         if out.finish_reason != "remote_decode":
             return
-        expiry = self.handoff.lease(out.request_id)
+        block_ids = list(out.pinned_block_ids or [])
+        expiry = self.handoff.lease(out.request_id, block_ids)
         if expiry is None:  # an Abort raced with the finish: the blocks are released, nobody reads them
             token.finish_reason = "abort"
             return
         token.kv_transfer = KVTransferParams(
             engine_id=self.service.instance_id, kv_endpoint=self.service.kv_endpoint,
-            transfer_id=self.handoff.transfer_id(out.request_id), block_ids=list(out.pinned_block_ids or []),
+            transfer_id=self.handoff.transfer_id(out.request_id), block_ids=block_ids,
             num_tokens=num_tokens, first_token_id=out.new_token_ids[0], lease_expiry=expiry,
             first_token_logprob=out.logprobs[0] if out.logprobs else None, incarnation=self.service.transports.incarnation,
             block_size=self.service.core.block_size, tensor_parallel_size=self.service.core.tp.world_size,
         )  # fmt: skip
 
-    async def abort(self, request_id: str) -> None:
-        await super().abort(request_id)
-        self.handoff.abort(request_id)
+    async def abort(self, request_id: str, peer: Peer) -> None:
+        await super().abort(request_id, peer)
+        self.handoff.abort(request_id, peer)
 
     def num_transfers(self) -> int:
         return len(self.handoff.leases)

@@ -9,6 +9,11 @@ Rules:
   registration whose id or endpoint matches an existing record replaces it
   (never a second entry).  Same id -> one "updated" event; an endpoint taken
   over by a new id -> "left" for the old id, then "joined" for the new one.
+* Each record is owned by the key that registered it (``owner``, the sender's
+  CURVE public key; None when unauthenticated, which anyone may act for): a
+  registration replaces a record only of its own key (the same instance,
+  restarted), and heartbeats and deregistrations come from the owner only;
+  anything else is refused with ``forbidden`` and changes nothing.
 * Instances serving the same model must be able to read each other's KV
   (``common.kv_compat.kv_incompatibilities``: block sizes may differ, both powers
   of two), except that a ``both``-role instance may differ in ``transfer_backend``.
@@ -72,6 +77,17 @@ class Membership:
         self.lease_ttl_s = lease_ttl_s
         self.instances: dict[str, Instance] = {}
         self.last_seen: dict[str, float] = {}
+        self.owners: dict[str, str | None] = {}
+
+    @classmethod
+    def holding(cls, instances: list[Instance], lease_ttl_s: float) -> Membership:
+        """A membership of ``instances`` as another store keeps them (etcd): seen at time 0, bound to no key."""
+        membership = cls(lease_ttl_s)
+        for instance in instances:
+            membership.instances[instance.id] = instance
+            membership.last_seen[instance.id] = 0.0
+            membership.owners[instance.id] = None
+        return membership
 
     def list(self, role: Role | None = None) -> list[Instance]:
         """The live instances that serve ``role`` (``common.roles.serves``: the exact role; None: all)."""
@@ -81,7 +97,15 @@ class Membership:
         """Monotonic time at which the oldest lease runs out (None when empty)."""
         return min(self.last_seen.values()) + self.lease_ttl_s if self.last_seen else None
 
-    def register(self, instance: Instance, protocol_version: int, now: float) -> list[MembershipEvent]:
+    def check_owner(self, instance_id: str, owner: str | None, action: str) -> None:
+        """Raise ``forbidden`` unless ``owner`` may ``action`` the record of ``instance_id``."""
+        held = self.owners.get(instance_id)
+        if held is not None and held != owner:
+            raise PeerError("forbidden", f"instance {instance_id!r} is registered by another key; "
+                            f"this key may not {action} it", "instance_id")
+
+    def register(self, instance: Instance, protocol_version: int, now: float,
+                 owner: str | None = None) -> list[MembershipEvent]:
         if protocol_version != PROTOCOL_VERSION:
             raise PeerError(
                 "protocol_version",
@@ -94,6 +118,8 @@ class Membership:
             for old in self.instances.values()
             if old.id == instance.id or old.request_endpoint == instance.request_endpoint
         ]
+        for old in replaced:
+            self.check_owner(old.id, owner, "replace")
         replaced_ids = {old.id for old in replaced}
         for other in self.instances.values():
             if other.id in replaced_ids or other.model != instance.model:
@@ -114,24 +140,27 @@ class Membership:
         change = "updated" if instance.id in self.instances else "joined"
         self.instances[instance.id] = instance
         self.last_seen[instance.id] = now
+        self.owners[instance.id] = owner
         logger.info("instance %s %s (%s, %s)", instance.id, change, instance.role, instance.request_endpoint)
         events.append(MembershipEvent(change=change, instance=instance))
         return events
 
-    def heartbeat(self, instance_id: str, load: Load, now: float) -> list[MembershipEvent]:
+    def heartbeat(self, instance_id: str, load: Load, now: float, owner: str | None = None) -> list[MembershipEvent]:
         instance = self.instances.get(instance_id)
         if instance is None:
             raise PeerError("unknown_instance", f"instance {instance_id!r} is not registered; register again", "instance_id")
+        self.check_owner(instance_id, owner, "heartbeat for")
         self.last_seen[instance_id] = now
         if load == instance.load:
             return []
         instance = self.instances[instance_id] = msgspec.structs.replace(instance, load=load)
         return [MembershipEvent(change="updated", instance=instance)]
 
-    def deregister(self, instance_id: str) -> list[MembershipEvent]:
+    def deregister(self, instance_id: str, owner: str | None = None) -> list[MembershipEvent]:
         """Remove at once; deregistering an unknown id is a no-op (idempotent)."""
         if instance_id not in self.instances:
             return []
+        self.check_owner(instance_id, owner, "deregister")
         logger.info("instance %s left", instance_id)
         return [self._remove(instance_id, "left")]
 
@@ -145,4 +174,5 @@ class Membership:
     def _remove(self, instance_id: str, change: str) -> MembershipEvent:
         instance = self.instances.pop(instance_id)
         del self.last_seen[instance_id]
+        del self.owners[instance_id]
         return MembershipEvent(change=change, instance=instance)

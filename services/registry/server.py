@@ -8,6 +8,10 @@ detect a dead registry with an idle timeout and heals any gap by
 reconciling.  A watcher that falls ``watch_queue_size`` events behind is cut
 off with ``ErrorReply("overloaded")``; it reconnects and gets a fresh snapshot.
 Lease expiry is exact: a timer sleeps until the oldest lease runs out.
+
+With CURVE keys the registry admits engine and gateway keys; only an engine key
+may register, heartbeat or deregister, and only for an instance it owns
+(``membership``: the key that registered it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from common.bus import BusServer
+from common.bus.server import sender
+from common.bus.curve import REGISTRY_ADMITS, BusSecurity, Peer
 from common.config import opt, require
 from common.errors import PeerError
 from common.messages import (
@@ -41,7 +47,7 @@ ZMQ_ENDPOINT = re.compile(r"^(tcp://[^:/\s]+:(\d+|\*)|ipc://\S+|inproc://\S+)$")
 
 
 @dataclass
-class RegistryConfig:
+class RegistryConfig(BusSecurity):
     bind: str = opt("tcp://127.0.0.1:7100", "ROUTER address to bind (tcp://host:port, port 0 = any free port)")
     heartbeat_interval_s: float = opt(1.0, "heartbeat interval told to instances at registration")
     lease_ttl_s: float = opt(3.0, "expire an instance after this long without a heartbeat (> heartbeat interval)")
@@ -69,7 +75,8 @@ class Registry:
         self.config = config
         self.membership = Membership(config.lease_ttl_s)
         self.watchers: set[asyncio.Queue[MembershipEvent | None]] = set()
-        self.server = BusServer(config.bind, RegistryRequest, name="registry", max_frame_bytes=config.max_frame_bytes)
+        self.server = BusServer(config.bind, RegistryRequest, name="registry", max_frame_bytes=config.max_frame_bytes,
+                                admits=REGISTRY_ADMITS)
         self.server.on(Register, self._register)
         self.server.on(Heartbeat, self._heartbeat)
         self.server.on(Deregister, self._deregister)
@@ -125,16 +132,16 @@ class Registry:
 
     async def _register(self, msg: Register) -> Registered:
         now = asyncio.get_running_loop().time()
-        self._publish(self.membership.register(msg.instance, msg.protocol_version, now))
+        self._publish(self.membership.register(msg.instance, msg.protocol_version, now, owner(sender(), "register")))
         return Registered(lease_ttl_s=self.config.lease_ttl_s, heartbeat_interval_s=self.config.heartbeat_interval_s)
 
     async def _heartbeat(self, msg: Heartbeat) -> Ack:
         now = asyncio.get_running_loop().time()
-        self._publish(self.membership.heartbeat(msg.instance_id, msg.load, now))
+        self._publish(self.membership.heartbeat(msg.instance_id, msg.load, now, owner(sender(), "heartbeat")))
         return Ack()
 
     async def _deregister(self, msg: Deregister) -> Ack:
-        self._publish(self.membership.deregister(msg.instance_id))
+        self._publish(self.membership.deregister(msg.instance_id, owner(sender(), "deregister")))
         return Ack()
 
     async def _list(self, msg: ListInstances) -> InstanceList:
@@ -158,6 +165,13 @@ class Registry:
                 yield event
         finally:
             self.watchers.discard(queue)
+
+
+def owner(peer: Peer, action: str) -> str | None:
+    """The key an instance record is bound to (None without CURVE); ``forbidden`` unless ``peer`` is an engine."""
+    if not peer.acts_as("engine"):
+        raise PeerError("forbidden", f"a {peer.role} key may not {action}: only engines do")
+    return None if peer.role is None else peer.id
 
 
 async def serve(config: RegistryConfig, *, ready: asyncio.Event | None = None) -> None:

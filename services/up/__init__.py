@@ -1,7 +1,8 @@
 """``pdserve up``: the whole stack on this machine, as child processes.
 
 Refuses a gateway port already in use, then starts the registry (on a free
-port unless ``--registry-port``), the engine instances (``--prefill N`` prefill
+port unless ``--registry-port``; with ``--registry-backend etcd`` a one-member
+etcd with its data in a temporary directory, in its place), the engine instances (``--prefill N`` prefill
 and ``--decode M`` decode, or ``--colocated K`` instances of role ``both`` with
 ``--mode colocated``), each under an instance id this run generated, and the
 gateway; waits until the gateway lists every one of those ids; prints the URL

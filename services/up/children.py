@@ -27,7 +27,8 @@ class Child:
 
     def start(self) -> subprocess.Popen:
         """Start (or restart) the process; a thread copies its output to ours, each line prefixed."""
-        log.info("starting %s: %s", self.name, shown(self.argv[3:]))
+        pdserve = self.argv[1:3] == ["-m", "services.cli"]  # shown as its flags only
+        log.info("starting %s: %s", self.name, shown(self.argv[3:] if pdserve else self.argv))
         proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
         self.pump = threading.Thread(target=_copy_lines, args=(proc.stdout, f"[{self.name}] ".encode()),

@@ -42,7 +42,9 @@ class UpConfig:
     api_key: str | None = opt(None, "gateway: /v1 requests need 'Authorization: Bearer <key>'")
     host: str = opt("127.0.0.1", "gateway host")
     port: int = opt(8000, "gateway port")
-    registry_port: int = opt(0, "registry port on 127.0.0.1 (0: a free one)")
+    registry_backend: Literal["zmq", "etcd"] = opt("zmq", "discovery: zmq (pdserve's own registry) or etcd (a "
+                                                   "local etcd member, Debian's etcd-server, for trying it)")
+    registry_port: int = opt(0, "registry (or etcd client) port on 127.0.0.1 (0: a free one)")
     engine_args: str = opt("", "extra flags for every engine, after the ones above so they win, "
                                "e.g. '--num-kv-blocks 512 --max-num-seqs 32'")
     prefill_args: str = opt("", "extra flags for the prefill engines only (after --engine-args, so they win), "
@@ -60,6 +62,7 @@ class UpConfig:
     shutdown_timeout_s: float = opt(30.0, "per process group: SIGKILL after this long (engines drain "
                                           "for up to their own --shutdown-timeout-s, 10 s by default)")
     max_restarts: int = opt(5, "restart a child that died unexpectedly at most this many times")
+    insecure: bool = opt(False, "no CURVE between the children (by default up makes throwaway keys for this run)")
     log_level: LogLevel = opt("info", "log level of every process")
 
     def validate(self) -> None:

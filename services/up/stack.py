@@ -8,15 +8,20 @@ import json
 import logging
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
+from common.bus.curve import create_keys
 from common.config import ConfigError
+from common.discovery.etcd_server import etcd_argv
 from services.up.children import Child
 from services.up.config import UpConfig
 
@@ -50,16 +55,22 @@ class Stack:
         self.config = config
         self.groups: dict[str, list[Child]] = {"registry": [], "engines": [], "gateway": []}
         self.registry_port = config.registry_port or free_port()
-        self.registry = f"tcp://127.0.0.1:{self.registry_port}"
+        scheme = "etcd" if config.registry_backend == "etcd" else "tcp"
+        self.registry = f"{scheme}://127.0.0.1:{self.registry_port}"
+        self.etcd_dir: str | None = None  # the etcd member's data, removed at stop
         self.gateway = config.gateway_config(self.registry)
         self.url = f"http://{self.gateway.host}:{self.gateway.port}"
         token = secrets.token_hex(3)  # tells this stack's instances from any other's
         roles = config.engine_roles()
         self.engines = [(f"{role}-{roles[:i].count(role)}", role) for i, role in enumerate(roles)]
         self.instance_ids = {name: f"{name}-{token}" for name, _ in self.engines}
+        self.keys: dict[str, Path] = {}  # role -> its keys directory, made by start unless --insecure
 
     def spawn(self, group: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "services.cli", *argv, "--log-level", self.config.log_level]
+        """Start ``pdserve *argv`` with this run's keys of the group's role (before ``argv``'s flags, which win)."""
+        role = {"registry": "registry", "engines": "engine", "gateway": "gateway"}[group]
+        keys = ["--keys-dir", str(self.keys[role])] if self.keys else ["--insecure"]
+        cmd = [sys.executable, "-m", "services.cli", argv[0], *keys, *argv[1:], "--log-level", self.config.log_level]
         self.groups[group].append(Child(name, cmd, env))
 
     def children(self) -> list[Child]:
@@ -76,11 +87,33 @@ class Stack:
         check_port_free(self.gateway.host, self.gateway.port, "--port")
         if self.config.registry_port:
             check_port_free("127.0.0.1", self.registry_port, "--registry-port")
-        self.spawn("registry", "registry", ["registry", "--bind", self.registry])
+        if not self.config.insecure:  # throwaway keys: even this run's own processes authenticate each other
+            self.keys = create_keys(tempfile.mkdtemp(prefix="pdserve-keys-"))
+        if self.config.registry_backend == "etcd":
+            self.start_etcd()
+        else:
+            self.spawn("registry", "registry", ["registry", "--bind", self.registry])
         for (name, role), gpus in zip(self.engines, self.config.engine_gpus()):
             env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else None
             self.spawn("engines", name, self.engine_argv(role, name), env)
         self.spawn("gateway", "gateway", ["gateway", *self.config.gateway_argv(self.registry)])
+
+    def start_etcd(self, timeout_s: float = 10.0) -> None:
+        """A one-member etcd on ``registry_port``, listening before the engines start (they register
+        at once; a ZMQ registry queues their calls, etcd refuses them until it listens)."""
+        self.etcd_dir = tempfile.mkdtemp(prefix="pdserve-up-etcd-")
+        argv = etcd_argv("pdserve", self.etcd_dir, self.registry_port, {"pdserve": free_port()})
+        child = Child("etcd", argv)
+        self.groups["registry"].append(child)
+        deadline = time.monotonic() + timeout_s
+        while child.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.registry_port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise StackFailed(f"etcd did not listen on 127.0.0.1:{self.registry_port} within {timeout_s:g} s; "
+                          "its lines above, prefixed [etcd], say why")
 
     def exited(self) -> list[Child]:
         return [c for c in self.children() if c.proc.poll() is not None]
@@ -154,6 +187,10 @@ class Stack:
                     p.wait()
         for child in self.children():  # their last lines
             child.pump.join(timeout=1.0)
+        if self.keys:
+            shutil.rmtree(next(iter(self.keys.values())).parent, ignore_errors=True)
+        if self.etcd_dir is not None:
+            shutil.rmtree(self.etcd_dir, ignore_errors=True)
 
 
 async def serve(config: UpConfig) -> None:
