@@ -129,7 +129,7 @@ class DecodeHandoff(ColocatedRole):
             first = True
             async for out in self.service.engine.stream(request_id):
                 finished = out.finished
-                if first and (out.token_ids or finished):  # not a progress output (no token yet)
+                if first and (out.new_token_ids or finished):  # not a progress output (no token yet)
                     timings["first_decode_step_s"] = time.monotonic() - kv_done
                     out.timings = {**(out.timings or {}), **timings}
                     first = False
