@@ -24,7 +24,8 @@ main one: libzmq's I/O thread) and of the load generator; and the ratio of the
 two targets' CPU per request over all their processes.  On a machine with fewer
 cores than busy processes the rate ratio tends to that CPU ratio, which other
 load on the machine disturbs far less than it disturbs rates.
-Goal: >= 50 % of the bare rate, p50 added latency <= 1 ms.
+The bare endpoint is a reference floor, not a goal: ``bench/router_compare.py`` measures the
+gateway against the P/D routers (issue 16).
 
     python -m bench.gateway_overhead --requests 16000 --concurrency 64
     python -m bench.gateway_overhead --requests 16000 --concurrency 64 --gateway bus-floor
@@ -104,15 +105,24 @@ class Connection:
         return cls(reader, writer, head + body, port)
 
     async def roundtrip(self) -> None:
-        """Send the request, read the whole response; raises unless its status is 200."""
+        """Send the request, read the whole response (sized, or chunked: an event stream); raises unless
+        its status is 200."""
         self.writer.write(self.request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
-        length = 0
+        length, chunked = 0, False
         for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
+            name = line[:18].lower()
+            if name.startswith(b"content-length:"):
                 length = int(line[15:])
-        await self.reader.readexactly(length)
+            elif name == b"transfer-encoding:":
+                chunked = b"chunked" in line.lower()
+        if chunked:
+            while size := int((await self.reader.readuntil(b"\r\n"))[:-2], 16):
+                await self.reader.readexactly(size + 2)
+            await self.reader.readuntil(b"\r\n")
+        else:
+            await self.reader.readexactly(length)
         if status != 200:
             raise RuntimeError(f"HTTP {status} from port {self.port}")
 
@@ -238,10 +248,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return main, total - main
 
 
-def spawn(stack: ExitStack, *args: str, keys: str | None = None) -> subprocess.Popen:
-    """``python *args`` until ``stack`` closes, with the bus keys directory ``keys`` when given."""
+def spawn(stack: ExitStack, *args: str, keys: str | None = None, python: bool = True) -> subprocess.Popen:
+    """``python *args`` (``args`` alone when not ``python``) until ``stack`` closes, with the bus keys
+    directory ``keys`` when given."""
     env = {**os.environ, KEYS_DIR_ENV: keys} if keys else {k: v for k, v in os.environ.items() if k != KEYS_DIR_ENV}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, *args] if python else list(args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env=env)
 
     def stop() -> None:
         proc.terminate()
@@ -255,14 +267,17 @@ def spawn(stack: ExitStack, *args: str, keys: str | None = None) -> subprocess.P
     return proc
 
 
-async def wait_http(port: int, path: str, method: str = "GET", timeout: float = 30.0) -> None:
+async def wait_http(port: int, path: str, method: str = "GET", timeout: float = 30.0, content: bytes | None = None,
+                    ) -> None:
+    """Wait until ``method path`` (with body ``content``) answers 200."""
     import httpx
 
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as h:
         while True:
             try:
-                if (await h.request(method, f"http://127.0.0.1:{port}{path}")).status_code == 200:
+                if (await h.request(method, f"http://127.0.0.1:{port}{path}", content=content,
+                                    headers={"Content-Type": "application/json"})).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

@@ -12,6 +12,7 @@ status 2 and its one-line message; anything else is logged with its traceback, s
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -31,6 +32,17 @@ def setup_logging(level: str = "info") -> None:
         format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child process, before exec (``Popen(preexec_fn=...)``): get SIGTERM when the parent dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def tune_gc(threshold: int) -> None:

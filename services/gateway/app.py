@@ -93,6 +93,7 @@ class Gateway:
         self.tokenization = Tokenization(self.router, self.connections, config.abort_timeout_s)
         self.metrics.in_flight.set_function(self.request_ids.__len__)
         self.metrics.queued.set_function(self.admission.waiters.__len__)
+        self.render_metrics: Callable[[], Awaitable[bytes]] = self._render_metrics  # a worker's: every worker's
         for inst in membership.instances.values():
             self.on_membership("joined", inst)
         membership.add_listener(self.on_membership)
@@ -179,7 +180,10 @@ class Gateway:
         if not self.config.metrics_public and (
                 denied := unauthorized(self.config.api_key, request.headers.get("authorization"))) is not None:
             return denied
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await self.render_metrics(), media_type=CONTENT_TYPE)
+
+    async def _render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     async def version(self, request: Request) -> ASGIApp:
         """pdserve's version, as vLLM's ``/version`` answers."""

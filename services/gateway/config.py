@@ -17,6 +17,8 @@ Policy = Literal["round_robin", "least_loaded"]
 class GatewayConfig(BusSecurity):
     host: str = opt("127.0.0.1", "HTTP address to listen on")
     port: int = opt(8000, "HTTP port (0 picks a free one)")
+    workers: int = opt(1, "gateway processes serving the port, each with its own registry watch and engine "
+                       "clients (SO_REUSEPORT); one that exits is restarted")
     registry: str = opt("tcp://127.0.0.1:7100", "discovery to watch: the registry's tcp://host:port, "
                         "or etcd://host:port[,host:port...]")
     mode: Mode = opt("auto", "disagg: prefill then decode; colocated: one 'both' instance; "
@@ -27,7 +29,8 @@ class GatewayConfig(BusSecurity):
     failure_cooldown_s: float = opt(5.0, "skip an instance this long after it failed a leg, "
                                     "unless no other instance is left")
     abort_timeout_s: float = opt(5.0, "timeout of a control call to an engine: Abort, and the "
-                                 "Tokenize/Detokenize of /tokenize, /detokenize and echo")
+                                 "Tokenize/Detokenize of /tokenize, /detokenize and echo; with --workers, "
+                                 "of a worker's read of another worker's metrics")
     registry_idle_timeout_s: float = opt(5.0, "reconnect the registry watch after this long without a message "
                                          "(must exceed the registry's heartbeat interval)")
     membership_grace_s: float = opt(5.0, "keep an instance a restarted registry has not heard from yet "
@@ -61,6 +64,7 @@ class GatewayConfig(BusSecurity):
 
     def validate(self) -> None:
         require(0 <= self.port < 65536, "port", "must be in 0..65535")
+        require(self.workers >= 1, "workers", "must be >= 1")
         require(url_problem(self.registry) is None, "registry", str(url_problem(self.registry)))
         require(self.max_retries >= 0, "max_retries", "must be >= 0")
         require(self.failure_cooldown_s >= 0, "failure_cooldown_s", "must be >= 0")

@@ -19,6 +19,10 @@ labelled by instance id and role.
 (``on_first_token``, ``on_request_done``...), and only this module knows which
 metric each one feeds.
 
+The per-request metrics live in ``registry``, the per-instance gauges in
+``instances_registry``: with worker processes (``worker_metrics``) the first are
+each worker's own, the second the same in every worker.
+
 The per-request histograms are ``LoopHistogram``s: a request observes about a
 dozen of them, and prometheus_client's ``Histogram`` takes a lock and walks its
 buckets in Python on every observation, a measurable share of a request's cost.
@@ -30,6 +34,7 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
@@ -122,13 +127,14 @@ class GatewayMetrics:
         self.finished = Counter("pdserve_gateway_request_success", "choices by finish reason (abort: cut short)",
                                 ["finished_reason"], registry=r)
         self._finished_children: dict[str, Counter] = {}
+        self.instances_registry = CollectorRegistry()
         self.load = {
             name: Gauge(f"pdserve_instance_{name}", f"{name} from the instance's last heartbeat",
-                        ["instance", "role"], registry=r)
+                        ["instance", "role"], registry=self.instances_registry)
             for name in LOAD_FIELDS
         }
         self.kv_usage = Gauge("pdserve_instance_kv_usage_ratio", "KV blocks used / total (0..1) from the "
-                              "instance's last heartbeat", ["instance", "role"], registry=r)
+                              "instance's last heartbeat", ["instance", "role"], registry=self.instances_registry)
 
     # -- FlowObserver ----------------------------------------------------------
 
@@ -202,4 +208,11 @@ class GatewayMetrics:
                 pass
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + generate_latest(self.instances_registry)
+
+    def snapshot(self) -> bytes:
+        """The per-request families as msgpack: ``[name, documentation, type, [[sample, labels, value]...]]``
+        each (``worker_metrics`` merges the workers' snapshots)."""
+        return msgspec.msgpack.encode([(m.name, m.documentation, m.type, [(s.name, s.labels, s.value)
+                                                                          for s in m.samples])
+                                       for m in self.registry.collect()])

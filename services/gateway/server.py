@@ -1,19 +1,25 @@
-"""The gateway process: the registry watch, the HTTP server (uvicorn) and ``serve()``."""
+"""The gateway process: the registry watch, the HTTP server (uvicorn) and ``serve()`` (with
+``--workers`` > 1, the parent of the worker processes: ``workers``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import sys
 from typing import Callable
 
 import uvicorn
 
+from common.bus.curve import configure
 from common.discovery import watcher_for
-from common.service import tune_gc
+from common.service import run_service, setup_logging, tune_gc
 from services.gateway.app import SHUTDOWN_ANSWER_S, Gateway
 from services.gateway.config import GatewayConfig
+from services.gateway.worker_metrics import WorkerMetrics, WorkerSlot
+from services.gateway.workers import reuseport_socket, supervise
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +43,13 @@ class HTTPServer(uvicorn.Server):
 
 
 async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
-                started: Callable[[HTTPServer], None] | None = None, gateway_class: type[Gateway] = Gateway) -> None:
+                started: Callable[[HTTPServer], None] | None = None, gateway_class: type[Gateway] = Gateway,
+                worker: WorkerSlot | None = None) -> None:
     """Watch the registry and serve HTTP until cancelled, then shut down in order.
+
+    With ``config.workers`` > 1 (and no ``worker``) it runs the worker processes instead
+    (``workers.supervise``); a ``worker`` listens on its own ``SO_REUSEPORT`` socket and answers
+    ``/metrics`` for every worker (``worker_metrics``).
 
     Once listening it tunes the process's garbage collector (``tune_gc``).
     Shutdown: stop accepting, let in-flight requests finish for ``shutdown_timeout_s``, end
@@ -48,6 +59,9 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     ``gateway_class`` lets a benchmark serve a variant of the app under the same process setup.
     """
     config.validate()
+    if config.workers > 1 and worker is None:
+        await supervise(config)
+        return
     watcher = watcher_for(config.registry, idle_timeout=config.registry_idle_timeout_s,
                           grace_s=config.membership_grace_s)
     snapshot = asyncio.Event()
@@ -55,14 +69,23 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     wait_snapshot = asyncio.create_task(watcher.wait_ready())
     wait_snapshot.add_done_callback(lambda t: t.cancelled() or t.exception() or snapshot.set())
     gateway = gateway_class(config, watcher, watcher_ready=snapshot.is_set)
+    peers = None if worker is None else WorkerMetrics(gateway.metrics, worker, config.abort_timeout_s)
     server = HTTPServer(uvicorn.Config(
         gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http="httptools",
         lifespan="off", log_level=config.log_level, access_log=False, **UVICORN_LEAN,
         # uvicorn cancels what still runs after this: the drain has ended every request by then
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s + SHUTDOWN_ANSWER_S) + 1,
     ))
-    task = asyncio.create_task(server.serve(), name="gateway-http")
+    task: asyncio.Task | None = None
     try:
+        sockets = None
+        if peers is not None:
+            await peers.start()
+            gateway.render_metrics = peers.render
+            # a worker (re)started while others serve listens once it knows the instances
+            await asyncio.wait({wait_snapshot}, timeout=config.registry_idle_timeout_s)
+            sockets = [reuseport_socket(config.host, config.port)]
+        task = asyncio.create_task(server.serve(sockets), name="gateway-http")
         while not server.started:
             if task.done():
                 task.result()  # a bind failure raises here
@@ -79,8 +102,20 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     finally:
         server.should_exit = True
         await gateway.drain(config.shutdown_timeout_s)
-        await asyncio.gather(task, return_exceptions=True)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
         wait_snapshot.cancel()
         await gateway.close()
         await watcher.close()
+        if peers is not None:
+            await peers.close()
         log.info("gateway stopped")
+
+
+def serve_worker() -> None:
+    """A worker process's entry (``workers``): its ``GatewayConfig`` and ``WorkerSlot`` as JSON on stdin."""
+    spec = json.loads(sys.stdin.buffer.read())
+    config = GatewayConfig(**spec["config"])
+    setup_logging(config.log_level)
+    configure(config)  # the bus keys, as the command line applies them
+    sys.exit(run_service(serve(config, worker=WorkerSlot(**spec["slot"]))))

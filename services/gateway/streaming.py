@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import AsyncIterator
 
 from services.gateway import openai_protocol as oai
@@ -21,14 +22,28 @@ from services.gateway.responses import logprob_entries, usage
 log = logging.getLogger(__name__)
 
 
-class EventQueue:
-    """The emit target of a streaming request: its events, then the end (None, or the run's error)."""
+WAIT = object()  # EventQueue.ready: nothing queued yet
+_EXPIRED = object()  # the waiter's result at the run's deadline
 
-    __slots__ = ("_queue", "put")
+
+class EventQueue:
+    """The emit target of a streaming request: its events, then the end (None, or the run's error).
+
+    One reader (the stream's task) and a future only while it waits: ``asyncio.Queue`` and
+    ``asyncio.timeout`` cost more per event than the rest of the stream's Python work.
+    """
+
+    __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.put = self._queue.put_nowait
+        self._items: deque[ChoiceEvent | Exception | None] = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: ChoiceEvent | Exception | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def follow(self, run: RequestRun) -> None:
         """Queue the end of ``run``'s events once every choice ended."""
@@ -39,14 +54,48 @@ class EventQueue:
 
     async def next(self, run: RequestRun) -> ChoiceEvent | None:
         """The next event, or None at the end; raises the run's error, or 504 past its deadline."""
-        try:
-            async with asyncio.timeout_at(run.deadline):
-                item = await self._queue.get()
-        except TimeoutError:
-            raise run.timed_out() from None
-        if isinstance(item, Exception):
-            raise item
-        return item
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_at(run.deadline, _expire, waiter)
+            try:
+                if await waiter is _EXPIRED:
+                    raise run.timed_out()
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return _event(self._items.popleft())
+
+    def ready(self) -> ChoiceEvent | None | object:
+        """As ``next`` when an item is queued already, else ``WAIT``."""
+        return _event(self._items.popleft()) if self._items else WAIT
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(_EXPIRED)
+
+
+def _event(item: ChoiceEvent | Exception | None) -> ChoiceEvent | None:
+    if isinstance(item, Exception):
+        raise item
+    return item
+
+
+class ChunkFrame:
+    """The pre-encoded bytes around the choices of a request's chunks: ``event(choice)`` is
+    ``sse.event(oai.chunk(req, request_id, [choice]))``, byte for byte, without building or
+    encoding the rest of the chunk for every event."""
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, req: oai.ParsedRequest, request_id: str):
+        # the key in quotes can only be the key itself: a quote inside a JSON string is escaped
+        head, tail = sse.event(oai.chunk(req, request_id, [])).split(b'"choices":[]', 1)
+        self.head, self.tail = head + b'"choices":[', b"]" + tail
+
+    def event(self, choice: dict) -> bytes:
+        return self.head + sse.encode(choice) + self.tail
 
 
 class SSEWriter:
@@ -56,7 +105,9 @@ class SSEWriter:
     A chat choice opens with a role-only chunk (``delta: {"role": "assistant", "content": ""}``),
     as OpenAI, vLLM and SGLang send it, so that clients take every later chunk for output; it
     leaves in the same write as the choice's first piece, which comes with the first event and
-    starts with the choice's echoed text (``echo``).
+    starts with the choice's echoed text (``echo``).  Events already queued when one is written
+    leave in the same write; the last choice's last piece waits for the run's end (queued at once)
+    to leave with ``[DONE]``.
     """
 
     __slots__ = ("run", "events", "first")
@@ -66,8 +117,11 @@ class SSEWriter:
 
     async def body(self) -> AsyncIterator[bytes]:
         run, req = self.run, self.run.req
+        frame = ChunkFrame(req, run.request_id)
         offsets = [0] * len(run.stats)
         unopened = set(range(len(run.stats)))
+        unfinished = len(run.stats)
+        batch: list[bytes] = []
         try:
             event = self.first
             while event is not None:
@@ -82,20 +136,25 @@ class SSEWriter:
                     else:
                         logprobs = oai.chat_logprobs(entries)
                 offsets[event.index] += len(piece.text)
-                choice = oai.chunk_choice(req.kind, event.index, text, piece.finish_reason, logprobs)
-                data = sse.event(oai.chunk(req, run.request_id, [choice]))
                 if opening:
                     unopened.remove(event.index)
                     if req.kind == "chat":
-                        data = sse.event(oai.chunk(req, run.request_id, [oai.role_chunk_choice(event.index)])) + data
-                yield data
-                event = await self.events.next(run)
+                        batch.append(frame.event(oai.role_chunk_choice(event.index)))
+                batch.append(frame.event(oai.chunk_choice(req.kind, event.index, text, piece.finish_reason, logprobs)))
+                unfinished -= piece.finish_reason is not None
+                event = self.events.ready()
+                if event is WAIT:
+                    if unfinished:  # else only the run's end is to come, at once: it leaves with this batch
+                        yield b"".join(batch)
+                        batch = []
+                    event = await self.events.next(run)
             if req.include_usage:
-                yield sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats)))
+                batch.append(sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats))))
             run.close(200)
-            yield sse.DONE
+            batch.append(sse.DONE)
+            yield b"".join(batch)
         except APIError as e:
             run.close(e.status)
             log.warning("request %s failed mid-stream: %s", run.request_id, e.message)
-            yield sse.event(e.body())
-            yield sse.DONE
+            batch += (sse.event(e.body()), sse.DONE)
+            yield b"".join(batch)

@@ -3,27 +3,16 @@ to ``up``'s stderr with each line after its name."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
 
+from common.service import die_with_parent
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 class Child:
     """One child process: its name (the prefix of each of its output lines), its command, its restarts."""
@@ -41,7 +30,7 @@ class Child:
         pdserve = self.argv[1:3] == ["-m", "services.cli"]  # shown as its flags only
         log.info("starting %s: %s", self.name, shown(self.argv[3:] if pdserve else self.argv))
         proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
         self.pump = threading.Thread(target=_copy_lines, args=(proc.stdout, f"[{self.name}] ".encode()),
                                      name=f"output-{self.name}", daemon=True)
         self.pump.start()

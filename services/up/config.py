@@ -56,6 +56,7 @@ class UpConfig:
                               "--tensor-parallel-size; a stack needing more is refused, except that "
                               "engines all of TP 1 wrap around and share (engine i on gpus[i % len]); "
                               "empty: no pinning")
+    gateway_workers: int = opt(1, "gateway worker processes serving the port (the gateway's --workers)")
     gateway_args: str = opt("", "extra flags for the gateway")
     ready_timeout_s: float = opt(180.0, "give up if the stack is not ready after this long")
     shutdown_timeout_s: float = opt(30.0, "per process group: SIGKILL after this long (engines drain "
@@ -82,6 +83,7 @@ class UpConfig:
         require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
         require(all(g >= 0 for g in self.gpus), "gpus", "GPU ids are >= 0")
         require(len(set(self.gpus)) == len(self.gpus), "gpus", "lists a GPU twice")
+        require(self.gateway_workers >= 1, "gateway_workers", "must be >= 1")
         self.gateway_config("tcp://127.0.0.1:7100")  # the registry address is up's own: any valid one will do
         self.engine_gpus()  # parses every engine's flags; refuses a stack needing more GPUs than --gpus lists
 
@@ -129,7 +131,8 @@ class UpConfig:
     def gateway_argv(self, registry: str) -> list[str]:
         """The ``pdserve gateway`` flags: ``up``'s, then ``--gateway-args`` (which win)."""
         key = ["--api-key", self.api_key] if self.api_key is not None else []
-        own = ["--host", self.host, "--port", str(self.port), "--registry", registry, "--mode", self.mode, *key]
+        own = ["--host", self.host, "--port", str(self.port), "--registry", registry, "--mode", self.mode,
+               "--workers", str(self.gateway_workers), *key]
         return [*own, *shlex.split(self.gateway_args)]
 
     def gateway_config(self, registry: str) -> GatewayConfig:

@@ -1,0 +1,346 @@
+"""pdserve's gateway against the Rust P/D routers (and a Python proxy), in the same run (issue 16).
+
+Targets, each in front of instant fake engines (1 prefill + 1 decode) doing the whole prefill ->
+decode flow of every request:
+
+* ``pdserve``: ``pdserve gateway`` (``--workers W``) over the bus to ``bench.fakes`` engines;
+* ``vllm-router`` (``--vllm-pd-disaggregation``) and ``sglang-router`` (``--pd-disaggregation``),
+  from PyPI in a separate virtual environment (``--routers-venv``; they are not dependencies:
+  ``python -m venv /tmp/routers && /tmp/routers/bin/pip install vllm-router sglang-router``),
+  over HTTP to ``bench/fakes/http_engine.py`` in the style each expects; a router that is not
+  installed is skipped, and the report says so;
+* ``aiohttp``: a Python proxy in the style of vLLM's toy proxy (prefill with ``max_tokens=1`` and
+  ``kv_transfer_params``, then decode's answer passed through), over the vLLM-style fakes.
+
+Load: keep-alive HTTP/1.1 connections in ``--load-processes`` processes, each sending the next
+request when the previous answer has fully arrived (closed loop); the completion asks for 2
+tokens, so a stream is 2 events and ``[DONE]``.  Reported per target, non-streaming and
+streaming: requests/s and p50 at ``--concurrency`` in flight, the router's CPU per request
+(user + system time of its whole process tree, from ``/proc``: the gateway's worker processes
+included, the fakes and the load generator not), p50 at 1 in flight; ratios against vllm-router.
+Targets alternate ``--rounds`` times; figures are pooled.
+
+    python -m bench.router_compare --requests 8000
+    python -m bench.router_compare --sweep 1,2,4,8 --load-processes 4   # requests/s by gateway workers
+
+``--sweep``: requests/s of pdserve with each number of workers against vllm-router at its
+defaults (policy ``cache_aware``), streaming and not; scaling is the rate over the rate of 1 worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+from bench.gateway_overhead import load, spawn, wait_http
+from bench.processes import free_port
+from common.service import new_event_loop
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+def body(stream: bool) -> bytes:
+    return json.dumps({"model": "fake", "prompt": PROMPT, "max_tokens": 2, "temperature": 0,
+                       **({"stream": True} if stream else {})}).encode()
+
+
+# --------------------------------------------------------------------------- #
+# The aiohttp proxy (run in its own process with --serve-toy-proxy)
+# --------------------------------------------------------------------------- #
+
+
+def serve_toy_proxy(port: int, prefill: str, decode: str) -> None:
+    from aiohttp import ClientSession, web
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        req = await request.json()
+        session: ClientSession = request.app["session"]
+        first = {**req, "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+        async with session.post(prefill + request.path, json=first) as r:
+            params = (await r.json()).get("kv_transfer_params")
+        async with session.post(decode + request.path, json={**req, "kv_transfer_params": params}) as r:
+            if not req.get("stream"):
+                return web.Response(body=await r.read(), content_type="application/json")
+            answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await answer.prepare(request)
+            async for chunk in r.content.iter_any():
+                await answer.write(chunk)
+            await answer.write_eof()
+            return answer
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", generate)
+        app.router.add_get("/health", lambda request: web.Response())
+        async with ClientSession() as app["session"]:
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await asyncio.Event().wait()
+
+    loop = new_event_loop()
+    loop.run_until_complete(main())
+
+
+# --------------------------------------------------------------------------- #
+# Targets
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    router_pid: int
+
+
+async def http_fakes(stack: ExitStack, style: str) -> tuple[str, str]:
+    """(prefill URL, decode URL) of two fake HTTP engines in ``style``, answering."""
+    urls = []
+    for role in ("prefill", "decode"):
+        port = free_port()
+        spawn(stack, "-m", "bench.fakes.http_engine", "--port", str(port), "--role", role, "--style", style)
+        await wait_http(port, "/health")
+        urls.append(f"http://127.0.0.1:{port}")
+    return urls[0], urls[1]
+
+
+async def start_pdserve(stack: ExitStack, workers: int) -> Target:
+    registry, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
+    for prefill in (1, 0):
+        spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(prefill),
+              "--decode", str(1 - prefill))
+    gateway = spawn(stack, "-m", "services.gateway", "--port", str(port), "--registry", registry,
+                    "--workers", str(workers), "--log-level", "warning")
+    await wait_http(port, "/ready")
+    await ready_on_new_connections(port, 4 * workers)  # every worker has its snapshot
+    return Target(f"pdserve x{workers}" if workers > 1 else "pdserve", port, gateway.pid)
+
+
+async def ready_on_new_connections(port: int, times: int, timeout_s: float = 30.0) -> None:
+    """``/ready`` answered 200 ``times`` in a row, each on a new connection (a worker of its own, often)."""
+    import httpx
+
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < times:
+        async with httpx.AsyncClient() as h:
+            streak = streak + 1 if (await h.get(f"http://127.0.0.1:{port}/ready")).status_code == 200 else 0
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"port {port}: not every worker ready within {timeout_s} s")
+
+
+async def start_vllm_router(stack: ExitStack, venv: str, defaults: bool = False) -> Target:
+    prefill, decode = await http_fakes(stack, "vllm")
+    port = free_port()
+    policy = [] if defaults else ["--prefill-policy", "round_robin", "--decode-policy", "round_robin"]
+    router = spawn(stack, os.path.join(venv, "bin", "vllm-router"), "--vllm-pd-disaggregation", "--prefill",
+                   prefill, "--decode", decode, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                   "--worker-startup-check-interval", "1", "--prometheus-port", str(free_port()), *policy,
+                   python=False)
+    await wait_http(port, "/v1/completions", "POST", timeout=120, content=body(False))
+    return Target("vllm-router (defaults)" if defaults else "vllm-router", port, router.pid)
+
+
+async def start_sglang_router(stack: ExitStack, venv: str) -> Target:
+    prefill, decode = await http_fakes(stack, "sglang")
+    port = free_port()
+    router = spawn(stack, os.path.join(venv, "bin", "python"), "-m", "sglang_router.launch_router",
+                   "--pd-disaggregation", "--prefill", prefill, "8998", "--decode", decode, "--host", "127.0.0.1",
+                   "--port", str(port), "--policy", "round_robin", "--log-level", "warn",
+                   "--worker-startup-check-interval", "1", "--prometheus-port", str(free_port()), python=False)
+    await wait_http(port, "/v1/completions", "POST", timeout=120, content=body(False))
+    return Target("sglang-router", port, router.pid)
+
+
+async def start_toy_proxy(stack: ExitStack) -> Target:
+    prefill, decode = await http_fakes(stack, "vllm")
+    port = free_port()
+    proxy = spawn(stack, "-m", "bench.router_compare", "--serve-toy-proxy", str(port), "--prefill-url", prefill,
+                  "--decode-url", decode)
+    await wait_http(port, "/v1/completions", "POST", content=body(False))
+    return Target("aiohttp", port, proxy.pid)
+
+
+def installed(venv: str, package: str) -> str | None:
+    """Why ``package`` cannot run from ``venv`` (None when it can)."""
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        return f"no virtual environment at {venv}"
+    probe = subprocess.run([python, "-c", f"import {package}"], capture_output=True, text=True)
+    return probe.stderr.strip().splitlines()[-1] if probe.returncode else None
+
+
+# --------------------------------------------------------------------------- #
+# Measuring
+# --------------------------------------------------------------------------- #
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants so far (Linux /proc)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                pending.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            pass  # exited in between
+    return total
+
+
+def _load_process(port: int, payload: bytes, requests: int, concurrency: int) -> tuple[float, list[float]]:
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(load(port, payload, requests, concurrency))
+    finally:
+        loop.close()
+
+
+class LoadGenerator:
+    """``processes`` load-generating processes sharing the connections and requests of each run."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
+
+    async def run(self, port: int, payload: bytes, requests: int, concurrency: int) -> tuple[float, list[float]]:
+        """(elapsed seconds, latencies) of ``requests`` requests at ``concurrency`` in flight."""
+        n = min(self.processes, concurrency)
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.pool, _load_process, port, payload, requests // n, concurrency // n)
+                for _ in range(n)]
+        results = await asyncio.gather(*jobs)
+        return max(e for e, _ in results), [x for _, lat in results for x in lat]
+
+
+async def measure(targets: list[Target], gen: LoadGenerator, stream: bool, requests: int, concurrency: int,
+                  rounds: int) -> dict[str, dict]:
+    """Per target: rps, p50 ms and the router's CPU us per request, pooled over ``rounds`` alternations."""
+    payload = body(stream)
+    for t in targets:  # warm-up: connections, caches, first-call paths
+        await gen.run(t.port, payload, min(requests, 500), concurrency)
+    pooled = {t.name: [0.0, [], 0.0] for t in targets}
+    for _ in range(rounds):
+        for t in targets:
+            cpu0 = tree_cpu_s(t.router_pid)
+            elapsed, lat = await gen.run(t.port, payload, requests // rounds, concurrency)
+            pooled[t.name][0] += elapsed
+            pooled[t.name][1] += lat
+            pooled[t.name][2] += tree_cpu_s(t.router_pid) - cpu0
+    return {name: {"rps": len(lat) / elapsed, "p50_ms": statistics.median(lat) * 1e3,
+                   "router_cpu_us": cpu * 1e6 / len(lat)} for name, (elapsed, lat, cpu) in pooled.items()}
+
+
+async def compare(args: argparse.Namespace) -> dict:
+    skipped: dict[str, str] = {}
+    gen = LoadGenerator(args.load_processes)
+    with ExitStack() as stack:
+        targets = [await start_pdserve(stack, args.workers)]
+        for name, package, start in (("vllm-router", "vllm_router", start_vllm_router),
+                                     ("sglang-router", "sglang_router", start_sglang_router)):
+            if (why := installed(args.routers_venv, package)) is None:
+                targets.append(await start(stack, args.routers_venv))
+            else:
+                skipped[name] = why
+        targets.append(await start_toy_proxy(stack))
+        result: dict = {"skipped": skipped, "concurrency": args.concurrency}
+        for stream in (False, True):
+            key = "streaming" if stream else "non-streaming"
+            loaded = await measure(targets, gen, stream, args.requests, args.concurrency, args.rounds)
+            unloaded = await measure(targets, gen, stream, args.requests // 8, 1, args.rounds)
+            for name in loaded:
+                loaded[name]["p50_1_ms"] = unloaded[name]["p50_ms"]
+            result[key] = loaded
+    gen.pool.shutdown()
+    return result
+
+
+async def sweep(args: argparse.Namespace) -> dict:
+    gen = LoadGenerator(args.load_processes)
+    skipped = {} if (why := installed(args.routers_venv, "vllm_router")) is None else {"vllm-router": why}
+    result: dict = {"skipped": skipped, "concurrency": args.concurrency, "load_processes": args.load_processes}
+    for stream in (False, True):
+        key = "streaming" if stream else "non-streaming"
+        rates = {}
+        if not skipped:
+            with ExitStack() as stack:
+                router = await start_vllm_router(stack, args.routers_venv, defaults=True)
+                rates.update(await measure([router], gen, stream, args.requests, args.concurrency, args.rounds))
+        for workers in args.sweep:
+            with ExitStack() as stack:
+                target = await start_pdserve(stack, workers)
+                rates.update(await measure([target], gen, stream, args.requests, args.concurrency, args.rounds))
+        result[key] = rates
+    gen.pool.shutdown()
+    return result
+
+
+# --------------------------------------------------------------------------- #
+# Report
+# --------------------------------------------------------------------------- #
+
+
+def report(result: dict) -> None:
+    for name, why in result.get("skipped", {}).items():
+        print(f"{name}: skipped ({why})")
+    for key in ("non-streaming", "streaming"):
+        rows = result[key]
+        base = rows.get("vllm-router") or rows.get("vllm-router (defaults)")
+        print(f"\n{key}, {result['concurrency']} in flight:")
+        print(f"  {'':24} {'req/s':>8} {'p50 ms':>7} {'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1")
+        for name, r in rows.items():
+            cpu_ratio = f"{r['router_cpu_us'] / base['router_cpu_us']:.2f}x" if base else "-"
+            at_one = r.get("p50_1_ms")
+            added = f"{at_one - base['p50_1_ms']:+.2f} ms" if base and at_one is not None else "-"
+            print(f"  {name:24} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
+                  f"{at_one if at_one is not None else float('nan'):9.2f}   {cpu_ratio}, {added}")
+        pd1 = rows.get("pdserve")
+        if pd1 and "p50_1_ms" not in pd1:  # a sweep
+            for name, r in rows.items():
+                if name.startswith("pdserve"):
+                    workers = int(name.split("x")[1]) if "x" in name else 1
+                    versus = f", {r['rps'] / base['rps']:.2f}x vllm-router's rate" if base else ""
+                    print(f"  {name}: scaling {r['rps'] / pd1['rps']:.2f} (ideal {workers}){versus}")
+    print("\n" + json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=8000, help="measured requests per target and mode")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the targets")
+    parser.add_argument("--workers", type=int, default=1, help="pdserve gateway worker processes")
+    parser.add_argument("--load-processes", type=int, default=1, help="load-generating processes")
+    parser.add_argument("--routers-venv", default="/tmp/routers", help="virtual environment with vllm-router "
+                        "and sglang-router")
+    parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")],
+                        help="pdserve worker counts to measure against vllm-router's defaults, e.g. 1,2,4,8")
+    parser.add_argument("--serve-toy-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--prefill-url", help=argparse.SUPPRESS)
+    parser.add_argument("--decode-url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_toy_proxy:
+        serve_toy_proxy(args.serve_toy_proxy, args.prefill_url, args.decode_url)
+        return
+    loop = new_event_loop()
+    try:
+        report(loop.run_until_complete(sweep(args) if args.sweep else compare(args)))
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

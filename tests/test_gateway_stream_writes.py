@@ -1,0 +1,46 @@
+"""How a stream leaves the gateway (issue 16): the last piece and ``[DONE]`` in one write.
+
+Read off the wire: each HTTP chunk of the chunked body is one write of the gateway's, so the
+chunks show how the events were batched.  A real gateway, registry and fake engines
+(``FakeCluster``); a raw HTTP/1.1 client, since HTTP clients hide chunk boundaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from bench.fakes import FakeCluster
+
+pytestmark = pytest.mark.asyncio
+
+
+async def chunks_of(url: str, body: dict) -> list[bytes]:
+    """The data of each chunk of the chunked answer to ``POST /v1/completions``."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps(body).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while size := int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10))[:-2], 16):
+        chunks.append((await reader.readexactly(size + 2))[:-2])
+    writer.close()
+    return chunks
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5])
+async def test_the_last_piece_and_done_leave_in_one_write(max_tokens):
+    async with FakeCluster() as c:
+        chunks = await chunks_of(c.url, {"model": "fake", "prompt": "writes", "max_tokens": max_tokens,
+                                         "stream": True, "stream_options": {"include_usage": True}})
+    events = [e for chunk in chunks for e in chunk.split(b"\n\n") if e]
+    assert len(events) == max_tokens + 2  # the pieces, the usage chunk, [DONE]
+    last = [e for e in chunks[-1].split(b"\n\n") if e]
+    assert last[-1] == b"data: [DONE]"
+    assert json.loads(last[-2][6:])["usage"]["completion_tokens"] == max_tokens
+    assert json.loads(last[-3][6:])["choices"][0]["finish_reason"] == "length"
