@@ -11,7 +11,8 @@ Mooncake's RPC and TCP data ports bind every interface (the library has no bind 
 with one address that is that address plus loopback, and the listener check below expects them on the
 wildcard; every other socket listens only where the README's flags say.
 
-Skipped, with the reason, where namespaces cannot be made (not root, no iproute2, ``ip netns add`` refused).
+Skipped, with the reason, where namespaces cannot be made (not root, no iproute2 or util-linux, ``ip netns add``
+or ``unshare`` refused).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Hosts:
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(f"127.0.0.1 localhost\n{ADDRESSES['registry']} registry\n")
+        run(*self.command("registry", ["true"]))  # a UTS namespace, too
 
     def close(self) -> None:
         for ns in self.made:
