@@ -84,27 +84,32 @@ def test_compose_services_run_real_subcommands_with_valid_settings():
     assert any(p.endswith(":8000") for p in services["gateway"]["ports"])
     for name, svc in services.items():
         assert "healthcheck" in svc, f"{name} has no health check"
-        cmd = svc["command"]
-        assert cmd[0] == "pdserve" and cmd[1] in COMMANDS, cmd
-        sub = cmd[1]
-        parser = build_parser(sub)
-        subparser = parser._subparsers._group_actions[0].choices[sub]
-        known = {a.dest for a in subparser._actions}
-        env = svc.get("environment", {})
-        for key in env:
-            assert key.startswith("PDSERVE_"), key
-            assert key[len("PDSERVE_"):].lower() in known, f"{name}: {key} is not a flag of pdserve {sub}"
-        # the settings must also be accepted and validated by the service's config
-        argv = cmd[1:]
-        old = dict(os.environ)
-        try:
-            os.environ.update({k: str(v) for k, v in env.items()})
-            ns = build_parser(sub).parse_args(argv)
-            module = __import__(COMMANDS[sub].module, fromlist=["x"])
-            from_args(getattr(module, COMMANDS[sub].config), ns)
-        finally:
-            os.environ.clear()
-            os.environ.update(old)
+        check_pdserve_command(name, svc["command"], svc.get("environment", {}))
+
+
+def check_pdserve_command(name: str, cmd: list[str], env: dict[str, str]) -> None:
+    """Container ``name``'s ``cmd`` runs a real ``pdserve`` subcommand that takes its flags, every key of its
+    ``env`` is a ``PDSERVE_<FLAG>`` of that subcommand, and the service's config accepts the settings
+    (also used by the Kubernetes manifests' test)."""
+    assert cmd[0] == "pdserve" and cmd[1] in COMMANDS, cmd
+    sub = cmd[1]
+    parser = build_parser(sub)
+    subparser = parser._subparsers._group_actions[0].choices[sub]
+    known = {a.dest for a in subparser._actions}
+    for key in env:
+        assert key.startswith("PDSERVE_"), key
+        assert key[len("PDSERVE_"):].lower() in known, f"{name}: {key} is not a flag of pdserve {sub}"
+    # the settings must also be accepted and validated by the service's config
+    argv = cmd[1:]
+    old = dict(os.environ)
+    try:
+        os.environ.update({k: str(v) for k, v in env.items()})
+        ns = build_parser(sub).parse_args(argv)
+        module = __import__(COMMANDS[sub].module, fromlist=["x"])
+        from_args(getattr(module, COMMANDS[sub].config), ns)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
 
 
 def test_dockerfile_installs_torch_before_the_project_and_runs_pdserve():

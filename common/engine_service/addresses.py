@@ -2,27 +2,15 @@
 
 Peers connect to the advertised host, so the sockets must listen on an address that host
 reaches.  Unset binds follow the advertised host (``bind_host``); a bind that peers could not
-reach through the advertised host is refused (``check_reachable``).
+reach through the advertised host is refused (``check_reachable``).  An advertised host that is not
+this machine's is a NAT address or a mistake: ``advertised_problem`` tells them apart where it can.
 """
 
 from __future__ import annotations
 
-import socket
-
-from common.hosts import is_loopback, resolve
+from common.hosts import connect_problem, is_local, is_loopback, resolve
 
 WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
-
-
-def is_local(address: str) -> bool:
-    """``address`` is one of this machine's addresses (a socket can bind it)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((address, 0))
-        except OSError:
-            return False
-    return True
 
 
 def bind_host(advertise_host: str) -> str:
@@ -55,3 +43,10 @@ def check_reachable(bound: str, advertise_host: str) -> str | None:
         return (f"{bound} is not loopback, but --advertise-host {advertise_host} tells peers to connect on "
                 f"loopback; give --advertise-host {host}")
     return None
+
+
+def advertised_problem(endpoint: str) -> str | None:
+    """Why this host cannot connect to its own advertised ``tcp://host:port`` (a wrong ``--advertise-host``
+    rather than a NAT address that forwards here), or None.  Blocks up to ``hosts.CONNECT_TIMEOUT_S``."""
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    return connect_problem(host.strip("[]"), int(port))

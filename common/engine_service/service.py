@@ -38,7 +38,7 @@ from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
 from common.engine.kv_cache import KVCache, zeros
 from common.engine.sequence import InvalidRequest, RequestOutput
-from common.engine_service.addresses import WILDCARDS, tcp_host
+from common.engine_service.addresses import WILDCARDS, advertised_problem, tcp_host
 from common.engine_service.config import EngineServiceConfig
 from common.engine_service.prompt import prompt_token_ids
 from common.engine_service.stats_log import StatsLog
@@ -167,11 +167,15 @@ class EngineService:
         await self.kv_server.start()
         await self.server.start()
         self.accepting = True
+        if tcp_host(self.config.bind) in WILDCARDS:
+            problem = await asyncio.to_thread(advertised_problem, self.request_endpoint)  # before registering
+            wrong = "" if problem is None else f", and connecting to it from here fails ({problem}): peers told to " \
+                                               "connect there will not reach this engine"
+            log.log(logging.WARNING if wrong else logging.INFO, "%s listens on all interfaces (%s): --advertise-host "
+                    "%s is not an address of this host%s", self.instance_id, self.server.endpoint,
+                    self.config.advertise_host, wrong)
         await self.registry.start_heartbeats(self.instance(), self.load)
         self.stats_log.start()
-        if tcp_host(self.config.bind) in WILDCARDS:
-            log.info("%s listens on all interfaces (%s): --advertise-host %s is not an address of this host",
-                     self.instance_id, self.server.endpoint, self.config.advertise_host)
         log.info("%s serving %s on %s (KV side channel %s)", self.instance_id, self.config.model_name,
                  self.request_endpoint, self.kv_endpoint)
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from common.hosts import connect_problem, is_local, resolve
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, check_batch
 from common.kv_transfer.status import TransferStatus
 from common.kv_transfer.transports import rdma_devices
@@ -124,6 +125,11 @@ class MooncakeBackend(TransferBackend):
         # Mooncake binds its RPC and TCP data ports to INADDR_ANY whatever the host (no bind address in
         # its API or environment, MC_TCP_BIND_ADDRESS only names the advertised address): say so.
         logger.info("Mooncake engine up at %s over %s (it listens on all interfaces)", self._session, protocol)
+        if not any(is_local(a) for a in resolve(host)):
+            problem = connect_problem(host, self.engine.get_rpc_port())
+            if problem is not None:  # a wrong --kv-host, not a NAT address that forwards here
+                logger.warning("--kv-host %s is not an address of this host and connecting to %s from here fails "
+                               "(%s): peers will not reach this engine's KV there", host, self._session, problem)
 
     @property
     def session(self) -> str:
