@@ -41,11 +41,11 @@ async def read_stream(h: httpx.AsyncClient, max_tokens: int, started: asyncio.Ev
 
 
 async def refused(port: int) -> bool:
-    """A new connection to ``port`` is refused."""
+    """A new connection to ``port`` is refused (or, connected just as the listener closed, dropped unanswered)."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as fresh:
         try:
             await fresh.get("/health")
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
             return True
     return False
 
