@@ -9,6 +9,7 @@ gateway's key, with the engine's key, with the intruder's.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,10 +127,12 @@ async def test_peer_without_keys_gets_no_answer_on_any_socket(deployment: Deploy
 
 
 async def test_each_socket_admits_its_roles_only(deployment: Deployment):
-    """The engine's request socket takes gateways, its KV side channel engines; not the other way round."""
+    """The engine's request socket takes gateways (and engines' health checks: GetStats, never Generate), its
+    KV side channel engines only."""
     engine, gateway = deployment.keys["engine"], deployment.keys["gateway"]
     assert await deployment.call(gateway, deployment.engine.endpoint, GetStats())
-    with pytest.raises(REFUSED):
+    assert await deployment.call(engine, deployment.engine.endpoint, GetStats())
+    with pytest.raises(PeerError, match="forbidden: engine keys may not send Generate: only gateway keys do"):
         await deployment.call(engine, deployment.engine.endpoint, Generate("stolen", SamplingParams(), prompt="hi"))
     with pytest.raises(PeerError, match="unsupported"):  # admitted, and told a colocated engine moves no KV
         await deployment.call(engine, deployment.engine.kv_endpoint, ReleaseKV(transfer_ids=["none"]))
@@ -224,3 +227,13 @@ async def test_no_keys_off_loopback_needs_insecure():
     finally:
         insecure.terminate()
         await insecure.wait()
+
+
+async def test_an_engine_container_health_check_passes_with_its_own_keys(deployment: Deployment):
+    """``python -m common.healthcheck engine`` dials with the container's engine key (compose, Kubernetes exec)."""
+    env = {**os.environ, curve.KEYS_DIR_ENV: str(deployment.dirs["engine"])}
+    check = await asyncio.create_subprocess_exec(sys.executable, "-m", "common.healthcheck", "engine",
+                                                 deployment.engine.endpoint, cwd=REPO, env=env,
+                                                 stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(check.communicate(), 60)
+    assert check.returncode == 0, err

@@ -88,7 +88,10 @@ def test_keys_registry_and_probes_fit_the_settings():
         if role == "gateway":
             assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
             assert ports[container["readinessProbe"]["httpGet"]["port"]] == int(env["PDSERVE_PORT"])
-        else:  # the engine's request socket, where it binds
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        else:  # the engine's request socket, where it binds: open (TCP), and answering (GetStats, its own key)
+            for probe in ("startupProbe", "livenessProbe"):
                 port = ports[container[probe]["tcpSocket"]["port"]]
                 assert env["PDSERVE_BIND"] == f"tcp://{POD_FIELDS['status.podIP']}:{port}", (workload, probe)
+            shell, flag, check = container["readinessProbe"]["exec"]["command"]  # the shell expands $VAR
+            expanded = re.sub(r"\$(\w+)", lambda m: env[m.group(1)], check)
+            assert (shell, flag, expanded) == ("sh", "-c", f"python -m common.healthcheck engine {env['PDSERVE_BIND']}")

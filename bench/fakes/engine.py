@@ -39,7 +39,7 @@ from bench.fakes.transport import FakeTransport
 from common.arith import ceil_div
 from common.bus import BusServer
 from common.bus.curve import ENGINE_ADMITS, KV_ADMITS
-from common.bus.server import sender
+from common.bus.server import require_sender, sender
 from common.client_pool import ClientPool
 from common.engine.detokenizer import Detokenizer
 from common.engine_service.prompt import prompt_token_ids
@@ -231,6 +231,7 @@ class FakeEngine:
         return Ack()
 
     async def _generate(self, gen: Generate) -> AsyncIterator[TokenOutput]:
+        require_sender("gateway", "send Generate")
         self.received.append(gen)
         async for out in self._route(gen):
             yield out

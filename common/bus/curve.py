@@ -44,7 +44,10 @@ TALKS_TO = {"gateway": ("engine", "registry"), "engine": ("gateway", "engine", "
             "registry": ("gateway", "engine")}
 # Which roles each kind of server admits (its ZAP domain): the whole policy, in one place.
 REGISTRY_ADMITS = frozenset({"engine", "gateway"})  # gateways watch; only engines register (registry.server)
-ENGINE_ADMITS = frozenset({"gateway"})  # an engine's request socket: Generate, Abort, stats, tokenize
+# An engine's request socket: gateways, and engines for GetStats (a container's health check dials with its own
+# key); Generate is the gateway's alone (``server.require_sender`` in its handler), an Abort reaches only the
+# sender's own requests.
+ENGINE_ADMITS = frozenset({"gateway", "engine"})
 KV_ADMITS = frozenset({"engine"})  # KV side channels (decode -> prefill) and rank agents (rank 0 -> rank)
 KEYS_DIR_ENV = "PDSERVE_KEYS_DIR"
 

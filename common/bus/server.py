@@ -43,6 +43,14 @@ def sender() -> Peer:
     return _sender.get()
 
 
+def require_sender(role: str, action: str) -> Peer:
+    """The running handler's sender; ``forbidden`` unless it may act as ``role`` (any peer may, without CURVE)."""
+    peer = sender()
+    if not peer.acts_as(role):
+        raise PeerError("forbidden", f"{peer.role} keys may not {action}: only {role} keys do")
+    return peer
+
+
 class BusServer:
     """ROUTER side: decodes each record into ``accepts``, dispatches it by type, replies.
 

@@ -32,7 +32,7 @@ import msgspec
 
 from common.bus import BusServer
 from common.bus.curve import ENGINE_ADMITS, KV_ADMITS, Peer
-from common.bus.server import sender
+from common.bus.server import require_sender, sender
 from common.client_pool import ClientPool
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
@@ -270,6 +270,7 @@ class EngineService:
         return Ack()
 
     async def on_generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
+        require_sender("gateway", "send Generate")
         if not self.accepting:
             raise PeerError("shutting_down", f"{self.instance_id} is shutting down")
         if msg.do_remote_decode and not self.role.serves_prefill_leg:

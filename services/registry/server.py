@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from common.bus import BusServer
-from common.bus.server import sender
-from common.bus.curve import REGISTRY_ADMITS, BusSecurity, Peer
+from common.bus.curve import REGISTRY_ADMITS, BusSecurity
+from common.bus.server import require_sender
 from common.config import opt, require
 from common.errors import PeerError
 from common.messages import (
@@ -132,16 +132,16 @@ class Registry:
 
     async def _register(self, msg: Register) -> Registered:
         now = asyncio.get_running_loop().time()
-        self._publish(self.membership.register(msg.instance, msg.protocol_version, now, owner(sender(), "register")))
+        self._publish(self.membership.register(msg.instance, msg.protocol_version, now, owner("register")))
         return Registered(lease_ttl_s=self.config.lease_ttl_s, heartbeat_interval_s=self.config.heartbeat_interval_s)
 
     async def _heartbeat(self, msg: Heartbeat) -> Ack:
         now = asyncio.get_running_loop().time()
-        self._publish(self.membership.heartbeat(msg.instance_id, msg.load, now, owner(sender(), "heartbeat")))
+        self._publish(self.membership.heartbeat(msg.instance_id, msg.load, now, owner("heartbeat")))
         return Ack()
 
     async def _deregister(self, msg: Deregister) -> Ack:
-        self._publish(self.membership.deregister(msg.instance_id, owner(sender(), "deregister")))
+        self._publish(self.membership.deregister(msg.instance_id, owner("deregister")))
         return Ack()
 
     async def _list(self, msg: ListInstances) -> InstanceList:
@@ -167,10 +167,9 @@ class Registry:
             self.watchers.discard(queue)
 
 
-def owner(peer: Peer, action: str) -> str | None:
-    """The key an instance record is bound to (None without CURVE); ``forbidden`` unless ``peer`` is an engine."""
-    if not peer.acts_as("engine"):
-        raise PeerError("forbidden", f"a {peer.role} key may not {action}: only engines do")
+def owner(action: str) -> str | None:
+    """The key the sender binds an instance record to (None without CURVE); ``forbidden`` unless it is an engine."""
+    peer = require_sender("engine", action)
     return None if peer.role is None else peer.id
 
 
