@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,11 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE_S = 10.0  # a stopped child gets this long to exit before SIGKILL
 
 
+PORTS = range(20000, 32768)  # below Linux's ephemeral range (32768-60999) and above Mooncake's (15000-17000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range: there the local end
+    of any outgoing connection (a busy machine makes many) could take it before the service binds it."""
+    for _ in range(1000):
+        port = random.choice(PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def tcp(port: int) -> str:
