@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Union[Awaitable[Message], AsyncIterator[Message]]]
 
-_sender: contextvars.ContextVar[Peer] = contextvars.ContextVar("bus_sender")
+# (routing id, ZAP User-Id or None) of the message a handler serves: made a ``Peer`` only if it asks
+_sender: contextvars.ContextVar[tuple[bytes, str | None]] = contextvars.ContextVar("bus_sender")
 
 
 def sender() -> Peer:
@@ -40,7 +41,8 @@ def sender() -> Peer:
     under CURVE its role and public key (the ZAP handler's User-Id), else the ROUTER routing id of its
     connection, which a peer cannot choose for another's connection.  Ownership checks (Register,
     Heartbeat, ``Abort``, ``RenewLease``, ``ReleaseKV``) compare these values and nothing else."""
-    return _sender.get()
+    identity, user_id = _sender.get()
+    return insecure_peer(identity) if user_id is None else peer_from_user_id(user_id)
 
 
 def require_sender(role: str, action: str) -> Peer:
@@ -174,18 +176,14 @@ class BusServer:
         if key in self._tasks:  # a second request under a running one's id could never be cancelled
             self._reply(identity, req_id, FLAG_FINAL, ErrorReply("bad_frame", f"request id {req_id} is in use"))
             return
-        self._tasks[key] = asyncio.create_task(self._run(key, *entry, msg, self._peer(identity)))
+        # Under CURVE the User-Id the ZAP handler gave the connection, read while its frame is the current one.
+        user_id = self._reader.frame.get("User-Id") if self._curve else None  # type: ignore[union-attr]
+        self._tasks[key] = asyncio.create_task(self._run(key, *entry, msg, user_id))
 
-    def _peer(self, identity: bytes) -> Peer:
-        """Who sent the message being read: the User-Id the ZAP handler gave its connection (CURVE)."""
-        if self._curve:
-            assert self._reader is not None
-            return peer_from_user_id(self._reader.frame.get("User-Id"))
-        return insecure_peer(identity)
-
-    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message, peer: Peer) -> None:
+    async def _run(self, key: tuple[bytes, int], handler: Handler, streams: bool, msg: Message,
+                   user_id: str | None) -> None:
         identity, req_id = key
-        _sender.set(peer)  # this task's own context: seen by the handler only
+        _sender.set((identity, user_id))  # this task's own context: seen by the handler only
         try:
             if streams:
                 async for item in handler(msg):  # type: ignore[union-attr]
