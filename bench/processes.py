@@ -32,17 +32,25 @@ STOP_GRACE_S = 10.0  # a stopped child gets this long to exit before SIGKILL
 PORTS = range(20000, 32768)  # below Linux's ephemeral range (32768-60999) and above Mooncake's (15000-17000)
 
 
+_handed_out: set[int] = set()  # never hand a port out twice: its first taker may not have bound it yet
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range: there the local end
-    of any outgoing connection (a busy machine makes many) could take it before the service binds it."""
+    """A TCP port on 127.0.0.1 that was free a moment ago and not handed out before by this process, outside
+    the ephemeral range: there the local end of any outgoing connection (a busy machine makes many) could
+    take it before the service binds it. A child takes seconds to bind, so a port merely "free now" could be
+    handed to two children started one after the other."""
     for _ in range(1000):
         port = random.choice(PORTS)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise RuntimeError(f"no free port in {PORTS}")
 
 
