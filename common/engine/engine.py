@@ -35,6 +35,8 @@ from common.engine.sequence import (
 )
 from common.engine.stats import StepStats
 from common.engine.tp_workers import WorkerRanks, load_rank
+from common.kv_offload.host_copier import HostCopier
+from common.kv_offload.tier import OffloadTier, host_slots
 from common.messages import MAX_LOGPROBS, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -98,10 +100,13 @@ class LLMEngine:
             self.worker_kv = self.workers.published("kv")
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        slots = host_slots(config, mc, self.dtype)
+        self.offload = OffloadTier(self.block_manager, slots) if slots else None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
+                                   self.offload)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.device, config.max_num_seqs, self.max_model_len, config.enforce_eager,
-            self.tp,
+            self.tp, HostCopier(self.kv_cache, slots) if slots else None,
         )
         self.sampler = Sampler(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}
@@ -192,6 +197,23 @@ class LLMEngine:
             self.pending_outputs.append(out)
         return True
 
+    def load_from_host(self, request_id: str, start: int) -> int:
+        """A remote request's prompt blocks from ``start`` on that the offload tier holds (a leading run)
+        are loaded from host memory and count as cached; returns how many (0 without offload)."""
+        seq = self.requests.get(request_id)
+        if seq is None or self.offload is None:
+            return 0
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KVS or start != len(seq.block_hashes):
+            raise InvalidRequest(f"request {request_id!r}: no remote blocks to load from {start} on", "request_id")
+        loaded = self.offload.load_prefix(seq, seq.num_prompt_tokens // self.block_size)
+        seq.num_cached_tokens += loaded * self.block_size
+        return loaded
+
+    def store_to_host(self, request_id: str) -> int:
+        """Queue copies of a request's committed blocks into the offload tier now; returns how many."""
+        seq = self.requests.get(request_id)
+        return 0 if seq is None or self.offload is None else self.offload.store_seq(seq)
+
     def release_transfer(self, transfer_id: str) -> bool:
         """Unpin a transfer's blocks; False if unknown (already released)."""
         return self.block_manager.unpin(transfer_id)
@@ -212,7 +234,8 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         """Whether ``step()`` would do anything now (False while every request waits for remote KV)."""
-        return self.scheduler.has_schedulable() or bool(self.pending_outputs)
+        offloading = self.offload is not None and self.offload.pending
+        return self.scheduler.has_schedulable() or bool(self.pending_outputs) or offloading
 
     def stats(self) -> StepStats:
         bm = self.block_manager
@@ -256,16 +279,19 @@ class LLMEngine:
         """Run one batch; returns an output for every request that got a token or finished."""
         outputs, self.pending_outputs = self.pending_outputs, []
         scheduled = self.scheduler.schedule()
-        if not scheduled:
+        if not scheduled and (self.offload is None or not self.offload.pending):
             return outputs
+        offload = self.offload.take_ops() if self.offload is not None else None
         start = time.monotonic()
         for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampling_seqs = [seq for (seq, _), s in zip(scheduled, sample) if s]
-        run = partial(self.runner.run, scheduled, sample)
+        run = partial(self.runner.run, scheduled, sample, offload)
         logits = run() if self.workers is None else self.workers.call(run)
+        if self.offload is not None:
+            self.offload.step_done(offload)
         tokens: list[int] = []
         logprobs: list[TokenLogprob | None] = []
         if logits is not None:
