@@ -157,6 +157,13 @@ class AsyncEngine:
     async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
         return await self._call(lambda: self.core.finish_remote_kv(request_id, ok))
 
+    async def load_from_host(self, request_id: str, start: int) -> int:
+        return await self._call(lambda: self.core.load_from_host(request_id, start))
+
+    def store_to_host(self, request_id: str) -> None:
+        """Queue the request's committed blocks for the offload tier, without waiting."""
+        self._post(lambda: self.core.store_to_host(request_id))
+
     async def release_transfer(self, transfer_id: str) -> bool:
         return await self._call(lambda: self.core.release_transfer(transfer_id))
 
