@@ -4,13 +4,16 @@ loaded back into a real engine (tokens identical to recomputing them)."""
 import random
 
 import pytest
+import torch
 
 from common.config import ConfigError
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
+from common.engine.loader import resolve_model_path
+from common.engine.model_config import load_model_config
 from common.engine.model_runner import StepInputs
 from common.kv_offload.host_pool import HostPool
-from common.kv_offload.tier import OffloadOps
+from common.kv_offload.tier import OffloadOps, host_slots
 from common.messages import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
@@ -45,10 +48,15 @@ def test_a_slot_being_copied_into_is_never_evicted():
     assert pool.reserve(3, TOKENS) == a and 1 not in pool
 
 
-@pytest.mark.parametrize("gib, bad", [(-1.0, "must be >= 0"), (1e-9, "holds no KV block")])
-def test_bad_offload_sizes_are_refused(gib, bad):
-    with pytest.raises(ConfigError, match=bad):
-        LLMEngine(EngineConfig(model="demo", device="cpu", num_kv_blocks=8, kv_offload_cpu_gib=gib))
+def test_bad_offload_sizes_are_refused():
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        EngineConfig(kv_offload_cpu_gib=-1.0).validate()
+    with pytest.raises(ConfigError, match="needs --enable-prefix-caching"):
+        EngineConfig(kv_offload_cpu_gib=1.0, enable_prefix_caching=False).validate()
+    demo = load_model_config(resolve_model_path("demo"))
+    with pytest.raises(ConfigError, match="holds no KV block"):
+        host_slots(EngineConfig(kv_offload_cpu_gib=1e-9), demo, torch.float32)
+    assert host_slots(EngineConfig(kv_offload_cpu_gib=1.0), demo, torch.float32) == 2**30 // (4 * 2 * 16 * 4 * 32 * 4)
 
 
 def test_step_inputs_carry_the_offload_copies_to_other_ranks():
@@ -102,3 +110,17 @@ def test_a_block_is_not_handed_out_while_its_copy_to_host_runs(offload_engine):
     eng.step()  # a step later every rank finished them: the tier releases the blocks, the entries are hits
     assert all(b in bm.free for b in held) and not eng.has_work()
     assert bm.num_used == 0
+
+
+def test_under_tensor_parallelism_every_rank_offloads_and_loads_its_heads(offload_engine):
+    rng = random.Random(6)
+    prompt = [rng.randrange(300) for _ in range(64)]
+    reference = offload_engine.generate([prompt], GREEDY)[0].new_token_ids
+    eng = LLMEngine(EngineConfig(model="demo", dtype="float32", device="cpu", num_kv_blocks=12,
+                                 kv_offload_cpu_gib=0.01, tensor_parallel_size=2))
+    try:
+        assert evict_after(eng, prompt, rng).new_token_ids == reference
+        again = eng.generate([prompt], GREEDY)[0]
+        assert again.usage.cached_tokens == 48 and again.new_token_ids == reference
+    finally:
+        eng.close()
