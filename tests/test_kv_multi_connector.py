@@ -13,7 +13,7 @@ from common.engine.async_engine import AsyncEngine
 from common.engine.block_manager import hash_block
 from common.engine.engine import LLMEngine
 from common.engine.kv_cache import KVCache
-from common.engine.sequence import RemoteRequest
+from common.engine.sequence import InvalidRequest, RemoteRequest
 from common.kv_offload.connector import BlockLoad
 from common.kv_offload.multi_connector import MultiConnector
 from common.kv_offload.offload_connector import OffloadConnector
@@ -155,3 +155,14 @@ async def test_metadata_of_every_connector_is_aggregated(stack):
     assert meta == {**{f"cpu_offload.{k}": v for k, v in stack.offload.metadata().items()},
                     **{f"pd.{k}": v for k, v in stack.pd.metadata().items()}}
     assert meta["cpu_offload.host_blocks"] > 0 and "pd.read_blocks" in meta
+
+
+async def test_a_failed_load_skips_the_connectors_after_it_and_prefill_is_released(stack):
+    allocation = await stack.engine.add_remote(RemoteRequest("r1", stack.prompt, 1, GREEDY, 72))
+    load = stack.load("r1", allocation.block_ids[:5], [3, 4, 5, 6, 7], 72)
+    with pytest.raises(InvalidRequest):  # the host tier continues the chain only where the local hits end
+        await MultiConnector([stack.offload, stack.pd]).load(load, 1)
+    assert stack.pd.metadata()["skipped"] == 1
+    await stack.reader.releases.flush()
+    assert await stack.prefill.unpinned() == [stack.prefill.transfer_ids["r1"]]
+    await stack.engine.abort("r1")

@@ -27,20 +27,24 @@ class MultiConnector(KVConnector):
         self.capabilities = frozenset().union(*(c.capabilities for c in connectors))
 
     async def load(self, request: BlockLoad, start: int) -> ReadStats:
-        at, parts, asked = start, [], 0
+        parts = (await self.load_each(request, start)).values()
+        return ReadStats(sum(p.num_blocks for p in parts), sum(p.num_ranges for p in parts),
+                         sum(p.bytes for p in parts), sum(p.seconds for p in parts))
+
+    async def load_each(self, request: BlockLoad, start: int) -> dict[str, ReadStats]:
+        """``load``, reporting each connector that was asked (by name, in order) on its own."""
+        at, parts, asked = start, {}, 0
         try:
             for connector in self.connectors:
                 if at == len(request.block_ids):
                     break
-                asked += 1
-                stats = await connector.load(request, at)
+                asked += 1  # a connector that fails frees its own source's hold
+                stats = parts[connector.name] = await connector.load(request, at)
                 at += stats.num_blocks
-                parts.append(stats)
         finally:
             for connector in self.connectors[asked:]:
                 connector.skip(request)
-        return ReadStats(sum(p.num_blocks for p in parts), sum(p.num_ranges for p in parts),
-                         sum(p.bytes for p in parts), sum(p.seconds for p in parts))
+        return parts
 
     def skip(self, request: BlockLoad) -> None:
         for connector in self.connectors:

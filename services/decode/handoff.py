@@ -45,7 +45,7 @@ from common.kv_offload.connector import BlockLoad
 from common.kv_offload.multi_connector import MultiConnector
 from common.kv_offload.offload_connector import OffloadConnector
 from common.kv_offload.pd_connector import PDConnector
-from common.kv_transfer.reader import KVReader
+from common.kv_transfer.reader import KVReader, ReadStats
 from common.messages import Generate, KVTransferParams, TokenOutput
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,12 @@ class DecodeHandoff(ColocatedRole):
             # The allocation also holds the block of the first token's KV, which decode computes itself.
             load = BlockLoad(request_id, allocation.block_ids[:ceil_div(params.num_tokens,
                                                                         self.service.core.block_size)], params)
-            stats = await self.connector.load(load, allocation.num_cached_blocks)
+            loaded = await self.connector.load_each(load, allocation.num_cached_blocks)
+            stats = loaded.get(PDConnector.name, ReadStats(0, 0, 0, 0.0))  # what came from prefill
             timings = {"kv_transfer_s": time.monotonic() - started, "kv_read_s": stats.seconds,
                        "kv_bytes": float(stats.bytes), "kv_ranges": float(stats.num_ranges)}
+            if OffloadConnector.name in loaded:
+                timings["kv_host_blocks"] = float(loaded[OffloadConnector.name].num_blocks)
             ok = True
         except KVTransferError as e:
             log.warning("request %s: reading KV from %s failed: %s", request_id, params.engine_id, e)
