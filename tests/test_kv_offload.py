@@ -122,5 +122,8 @@ def test_under_tensor_parallelism_every_rank_offloads_and_loads_its_heads(offloa
         assert evict_after(eng, prompt, rng).new_token_ids == reference
         again = eng.generate([prompt], GREEDY)[0]
         assert again.usage.cached_tokens == 48 and again.new_token_ids == reference
+        while eng.has_work():  # copy-only steps: every rank finishes its copies (a barrier), then the blocks free
+            eng.step()
+        assert eng.block_manager.num_used == 0
     finally:
         eng.close()

@@ -197,23 +197,6 @@ class LLMEngine:
             self.pending_outputs.append(out)
         return True
 
-    def load_from_host(self, request_id: str, start: int) -> int:
-        """A remote request's prompt blocks from ``start`` on that the offload tier holds (a leading run)
-        are loaded from host memory and count as cached; returns how many (0 without offload)."""
-        seq = self.requests.get(request_id)
-        if seq is None or self.offload is None:
-            return 0
-        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KVS or start != len(seq.block_hashes):
-            raise InvalidRequest(f"request {request_id!r}: no remote blocks to load from {start} on", "request_id")
-        loaded = self.offload.load_prefix(seq, seq.num_prompt_tokens // self.block_size)
-        seq.num_cached_tokens += loaded * self.block_size
-        return loaded
-
-    def store_to_host(self, request_id: str) -> int:
-        """Queue copies of a request's committed blocks into the offload tier now; returns how many."""
-        seq = self.requests.get(request_id)
-        return 0 if seq is None or self.offload is None else self.offload.store_seq(seq)
-
     def release_transfer(self, transfer_id: str) -> bool:
         """Unpin a transfer's blocks; False if unknown (already released)."""
         return self.block_manager.unpin(transfer_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from common.engine.async_engine import AsyncEngine
+from common.engine.kv_cache import KVCache
 from common.kv_offload.connector import BlockLoad, KVConnector
 from common.kv_transfer.reader import ReadStats
 
@@ -23,7 +24,9 @@ class OffloadConnector(KVConnector):
             raise ValueError("OffloadConnector needs an engine started with --kv-offload-cpu-gib > 0")
         self.engine = engine
         self.tier = engine.core.offload
-        self.block_bytes = engine.core.kv_cache.block_bytes * engine.core.tp.world_size
+        core, mc = engine.core, engine.core.model_config
+        self.block_bytes = KVCache.bytes_per_block(mc.num_layers, core.block_size, mc.num_kv_heads, mc.head_dim,
+                                                   core.dtype)  # every rank's heads
 
     async def load(self, request: BlockLoad, start: int) -> ReadStats:
         started = time.perf_counter()

@@ -25,7 +25,7 @@ from common.engine.block_manager import Block, BlockManager, hash_block
 from common.engine.config import EngineConfig
 from common.engine.kv_cache import KVCache
 from common.engine.model_config import ModelConfig
-from common.engine.sequence import Sequence
+from common.engine.sequence import InvalidRequest, Sequence, SequenceStatus
 from common.kv_offload.host_pool import HostPool
 
 
@@ -70,8 +70,11 @@ class OffloadTier:
         self.queued.stores.append((slot, block.id))
         return True
 
-    def store_seq(self, seq: Sequence) -> int:
-        """Queue copies of the sequence's committed blocks not in host memory yet; returns how many."""
+    def store_seq(self, seq: Sequence | None) -> int:
+        """Queue copies of the sequence's committed blocks not in host memory yet; returns how many
+        (0 for None: a request that finished meanwhile)."""
+        if seq is None:
+            return 0
         n = 0
         for block_id in seq.block_table[: len(seq.block_hashes)]:
             block = self.bm.blocks[block_id]
@@ -97,6 +100,17 @@ class OffloadTier:
             self.queued.loads.append((slot, seq.block_table[i]))
         loaded = len(seq.block_hashes) - start
         self.loaded_blocks += loaded
+        return loaded
+
+    def load_remote(self, seq: Sequence | None, start: int) -> int:
+        """A remote request's prompt blocks from ``start`` (where its local hits end) that host memory
+        holds, a leading run, are loaded and count as cached; returns how many (0 for None: aborted)."""
+        if seq is None:
+            return 0
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KVS or start != len(seq.block_hashes):
+            raise InvalidRequest(f"request {seq.request_id!r}: no remote blocks to load from {start} on", "start")
+        loaded = self.load_prefix(seq, seq.num_prompt_tokens // self.bm.block_size)
+        seq.num_cached_tokens += loaded * self.bm.block_size
         return loaded
 
     def take_ops(self) -> OffloadOps:
