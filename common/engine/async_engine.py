@@ -157,6 +157,14 @@ class AsyncEngine:
     async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
         return await self._call(lambda: self.core.finish_remote_kv(request_id, ok))
 
+    async def load_from_host(self, request_id: str, start: int) -> int:
+        """``OffloadTier.load_remote`` (the engine has ``--kv-offload-cpu-gib``)."""
+        return await self._call(lambda: self.core.offload.load_remote(self.core.requests.get(request_id), start))
+
+    def store_to_host(self, request_id: str) -> None:
+        """``OffloadTier.store_seq``, without waiting (the engine has ``--kv-offload-cpu-gib``)."""
+        self._post(lambda: self.core.offload.store_seq(self.core.requests.get(request_id)))
+
     async def release_transfer(self, transfer_id: str) -> bool:
         return await self._call(lambda: self.core.release_transfer(transfer_id))
 

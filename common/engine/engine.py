@@ -35,6 +35,8 @@ from common.engine.sequence import (
 )
 from common.engine.stats import StepStats
 from common.engine.tp_workers import WorkerRanks, load_rank
+from common.kv_offload.host_copier import HostCopier
+from common.kv_offload.tier import OffloadTier, host_slots
 from common.messages import MAX_LOGPROBS, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -98,10 +100,13 @@ class LLMEngine:
             self.worker_kv = self.workers.published("kv")
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        slots = host_slots(config, mc, self.dtype)
+        self.offload = OffloadTier(self.block_manager, slots) if slots else None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
+                                   self.offload)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.device, config.max_num_seqs, self.max_model_len, config.enforce_eager,
-            self.tp,
+            self.tp, HostCopier(self.kv_cache, slots) if slots else None,
         )
         self.sampler = Sampler(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}
@@ -212,7 +217,8 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         """Whether ``step()`` would do anything now (False while every request waits for remote KV)."""
-        return self.scheduler.has_schedulable() or bool(self.pending_outputs)
+        offloading = self.offload is not None and self.offload.pending
+        return self.scheduler.has_schedulable() or bool(self.pending_outputs) or offloading
 
     def stats(self) -> StepStats:
         bm = self.block_manager
@@ -256,16 +262,19 @@ class LLMEngine:
         """Run one batch; returns an output for every request that got a token or finished."""
         outputs, self.pending_outputs = self.pending_outputs, []
         scheduled = self.scheduler.schedule()
-        if not scheduled:
+        if not scheduled and (self.offload is None or not self.offload.pending):
             return outputs
+        offload = self.offload.take_ops() if self.offload is not None else None
         start = time.monotonic()
         for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampling_seqs = [seq for (seq, _), s in zip(scheduled, sample) if s]
-        run = partial(self.runner.run, scheduled, sample)
+        run = partial(self.runner.run, scheduled, sample, offload)
         logits = run() if self.workers is None else self.workers.call(run)
+        if self.offload is not None:
+            self.offload.step_done(offload)
         tokens: list[int] = []
         logprobs: list[TokenLogprob | None] = []
         if logits is not None:
