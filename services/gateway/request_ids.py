@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from services.gateway.errors import invalid
 
@@ -47,17 +46,6 @@ class RequestIds:
         handle = new_handle()
         self.active.add(handle)
         return RequestId(handle if given is None else given, handle)
-
-    @contextmanager
-    def reserved(self, given: str | None) -> Iterator[RequestId]:
-        """``reserve(given)`` for the block: released if the block raises (anything, cancellation too);
-        once the block ends without raising, the handle is the caller's to release (a request run's ``close``)."""
-        ids = self.reserve(given)
-        try:
-            yield ids
-        except BaseException:
-            self.release(ids.handle)
-            raise
 
     def release(self, handle: str) -> None:
         self.active.discard(handle)
