@@ -73,7 +73,9 @@ async def test_a_stream_head_leaves_with_its_first_event():
         yield sse.event({"n": 1})
         yield sse.event({"n": 2}) + sse.DONE
 
-    app = sse.EventStream(events(), lambda: None, {"X-Request-Id": "r2"})
+    async def app(scope, receive, send):
+        await sse.EventStream(events(), lambda: None, "r2", sse.ClientWatch(receive))(scope, receive, send)
+
     transport = await serve_one(app)
     assert len(transport.writes) == 2, transport.writes  # head + first event, then the rest and the end
     assert transport.writes[0].startswith(b"HTTP/1.1 200 OK")

@@ -290,12 +290,14 @@ class Gateway:
         """The event stream, once the first event is known (or the failure's answer); from then on
         the stream closes the run, however it ends."""
         events.follow(run)
+        watch = sse.ClientWatch(receive)  # the stream's: it watches the body too
         try:
             run.start()
-            first = await sse.run_until_disconnect(receive, events.next(run))
+            first = await watch.run(events.next(run))
         except BaseException as e:
+            watch.close()
             return _close_failed(run, e)
-        return sse.EventStream(SSEWriter(run, events, first).body(), run.close, {"X-Request-Id": run.request_id})
+        return sse.EventStream(SSEWriter(run, events, first).body(), run.close, run.request_id, watch)
 
 
 async def _wait_until(done: Callable[[], bool], timeout_s: float) -> None:
