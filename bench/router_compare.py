@@ -28,6 +28,7 @@ the gateway's own share (the rest of its end-to-end).
 
     python -m bench.router_compare --requests 8000
     python -m bench.router_compare --sweep 1,2,4,8 --load-processes 4   # requests/s by gateway workers
+    python -m bench.router_compare --baseline-tree ../main            # this gateway against main's, same run
 
 ``--sweep``: requests/s of pdserve with each number of workers against vllm-router at its
 defaults (policy ``cache_aware``), streaming and not; scaling is the rate over the rate of 1 worker.
@@ -123,7 +124,9 @@ async def http_fakes(stack: ExitStack, style: str) -> tuple[str, str]:
     return urls[0], urls[1]
 
 
-async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine") -> Target:
+async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine", tree: str | None = None) -> Target:
+    """pdserve's gateway (this checkout's, or the one in ``tree``: another checkout of pdserve) in front
+    of a registry and fake engines of kind ``fakes`` of its own."""
     registry, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
     for role in ("prefill", "decode"):
@@ -132,12 +135,19 @@ async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine") -
         else:
             spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(int(role == "prefill")),
                   "--decode", str(int(role == "decode")))
-    gateway = spawn(stack, "-m", "services.gateway", "--port", str(port), "--registry", registry,
-                    "--workers", str(workers), "--log-level", "warning")
+    command = ("-m", "services.gateway", "--port", str(port), "--registry", registry, "--workers", str(workers),
+               "--log-level", "warning")
+    if tree is None:
+        gateway = spawn(stack, *command)
+    else:  # -P: the modules of PYTHONPATH's tree, not of the working directory's
+        gateway = spawn(stack, "env", f"PYTHONPATH={os.path.abspath(tree)}", sys.executable, "-P", *command,
+                        python=False)
     await wait_http(port, "/ready")
     await ready_on_new_connections(port, 4 * workers)  # every worker has its snapshot
     name = f"pdserve x{workers}" if workers > 1 else "pdserve"
-    return Target(name if fakes == "engine" else f"{name} (instant fakes)", port, gateway.pid)
+    if fakes != "engine":
+        name += f" ({fakes} fakes)"
+    return Target(name if tree is None else f"{name} @{os.path.basename(os.path.abspath(tree))}", port, gateway.pid)
 
 
 async def ready_on_new_connections(port: int, times: int, timeout_s: float = 30.0) -> None:
@@ -292,6 +302,9 @@ async def compare(args: argparse.Namespace) -> dict:
     gen = LoadGenerator(args.load_processes)
     with ExitStack() as stack:
         targets = [await start_pdserve(stack, args.workers, fakes) for fakes in args.bus_fakes]
+        if args.baseline_tree:
+            targets += [await start_pdserve(stack, args.workers, fakes, args.baseline_tree)
+                        for fakes in args.bus_fakes]
         ours = targets[:]
         for name, package, start in (("vllm-router", "vllm_router", start_vllm_router),
                                      ("sglang-router", "sglang_router", start_sglang_router)):
@@ -387,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
                         "instant (canned answers), or engine,instant")
     parser.add_argument("--routers-venv", default="/tmp/routers", help="virtual environment with vllm-router "
                         "and sglang-router")
+    parser.add_argument("--baseline-tree", metavar="PATH", help="another checkout of pdserve whose gateway is "
+                        "measured too, in the same run (e.g. main's, for a before/after figure)")
     parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")],
                         help="pdserve worker counts to measure against vllm-router's defaults, e.g. 1,2,4,8")
     parser.add_argument("--serve-toy-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
