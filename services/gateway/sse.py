@@ -1,9 +1,10 @@
 """Server-sent events framing and the ASGI plumbing for responses that watch the client.
 
 Each event is ``data: <one JSON object>\\n\\n``; a stream ends with
-``data: [DONE]\\n\\n``.  ``run_until_disconnect`` races a coroutine against the
-client's ``http.disconnect`` so that a request whose client went away is
-cancelled (and its engine legs aborted) instead of running to the end.
+``data: [DONE]\\n\\n``.  ``ClientWatch`` (``run_until_disconnect`` for one wait)
+races a coroutine against the client's ``http.disconnect`` so that a request
+whose client went away is cancelled (and its engine legs aborted) instead of
+running to the end.
 """
 
 from __future__ import annotations
