@@ -366,12 +366,12 @@ def report(result: dict) -> None:
         rows = result[key]
         base = rows.get("vllm-router") or rows.get("vllm-router (defaults)")
         print(f"\n{key}, {result['concurrency']} in flight:")
-        print(f"  {'':24} {'req/s':>8} {'p50 ms':>7} {'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1")
+        print(f"  {'':32} {'req/s':>8} {'p50 ms':>7} {'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1")
         for name, r in rows.items():
             cpu_ratio = f"{r['router_cpu_us'] / base['router_cpu_us']:.2f}x" if base else "-"
             at_one = r.get("p50_1_ms")
             added = f"{at_one - base['p50_1_ms']:+.2f} ms" if base and at_one is not None else "-"
-            print(f"  {name:24} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
+            print(f"  {name:32} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
                   f"{at_one if at_one is not None else float('nan'):9.2f}   {cpu_ratio}, {added}")
         ours = [name for name in rows if name.startswith("pdserve")]
         if ours and "p50_1_ms" not in rows[ours[0]]:  # a sweep: the first is 1 worker
