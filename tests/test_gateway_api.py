@@ -219,6 +219,7 @@ async def test_models_instances_health_ready_openapi(client, http, cluster):
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
             "/version"} <= set(spec["paths"])
     assert "CompletionRequest" in spec["components"]["schemas"]
+    assert {"429", "503"} <= set(spec["paths"]["/v1/chat/completions"]["post"]["responses"])  # admission control
     r = await http.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await http.get("/v1/completions")

@@ -22,8 +22,10 @@ def openapi_document() -> dict:
                                        "401": {"description": "missing or invalid API key"},
                                        "404": {"description": "the model is not served"},
                                        "413": {"description": "body too large"},
+                                       "429": {"description": "the admission queue is full (Retry-After)"},
                                        "502": {"description": "an engine failed"},
-                                       "503": {"description": "no instance available"},
+                                       "503": {"description": "no instance available, or queued too long "
+                                                               "without a free slot (Retry-After)"},
                                        "504": {"description": "an engine or the request timed out"}}}}
 
     def get(summary: str) -> dict:
