@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What an image build needs where no image registry can be reached (docs: README, Docker):
 #  1. the base image pdserve-base:local, Debian bookworm from Debian's packages (debootstrap --variant=minbase):
-#     Python 3.11 with venv, Mooncake's shared libraries, CA certificates; `docker import`ed.
+#     Python 3.11 with venv, Mooncake's shared libraries, this host's CA certificates; `docker import`ed.
 #  2. wheels/: the CPU torch wheel, which the Dockerfile installs from its build context when present (pip inside
 #     a build does not see this host's pip configuration, e.g. a local folder of wheels).
 # Idempotent: an existing image or wheel is kept (PDSERVE_BASE_REBUILD=1 rebuilds the image).
@@ -44,6 +44,10 @@ base_image() {
   debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1 \
     || fail "debootstrap failed: $(tail -n 5 "$rootfs.log")"
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/usr/share/doc "$rootfs"/usr/share/man
+  # Builds on this base reach what this host reaches, also through a TLS-inspecting proxy: the image trusts
+  # this host's CA bundle, and pip uses that bundle (not its own certifi copy).
+  cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+  printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
   tar -C "$rootfs" --one-file-system -c . \
     | docker import --change "ENV PATH=$PATH_DIRS" --change 'CMD ["/bin/bash"]' - "$IMAGE" >/dev/null
   echo "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE") bytes)"

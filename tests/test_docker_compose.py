@@ -23,6 +23,8 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -92,6 +94,13 @@ class Stack:
         return out.stdout[-8000:]
 
 
+def gateway_ready(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5).status == 200
+    except urllib.error.URLError:  # HTTPError (503: not ready) included
+        return False
+
+
 def project_containers() -> list[str]:
     return docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}").split()
 
@@ -105,13 +114,16 @@ async def test_compose_up_serves_restarts_a_killed_decode_and_comes_down_clean(d
         base = "pdserve-base:local"
         subprocess.run([ROOT / "scripts" / "docker-base.sh"], check=True, timeout=BUILD_TIMEOUT_S)
     port = free_port()
-    stack = Stack(compose, {**os.environ, "PDSERVE_BASE_IMAGE": base, "PDSERVE_PUBLISH_PORT": str(port)})
+    # compose v1's HTTP timeout (60 s) is shorter than creating a container takes on vfs (a copy of the image)
+    env = {"COMPOSE_HTTP_TIMEOUT": "600", **os.environ, "PDSERVE_BASE_IMAGE": base,
+           "PDSERVE_PUBLISH_PORT": str(port)}
+    stack = Stack(compose, env)
     stack.compose("down", "--volumes", "--remove-orphans")  # what an interrupted earlier run left
     t0 = time.monotonic()
     stack.compose("build", timeout=BUILD_TIMEOUT_S)
     t1 = time.monotonic()
     try:
-        stack.compose("up", "--detach")
+        stack.compose("up", "--detach", timeout=HEALTHY_TIMEOUT_S)
         try:
             await eventually(stack.healthy, timeout=HEALTHY_TIMEOUT_S, interval=1.0)
         except AssertionError:
@@ -137,8 +149,9 @@ async def test_compose_up_serves_restarts_a_killed_decode_and_comes_down_clean(d
         os.kill(decode["State"]["Pid"], signal.SIGKILL)  # a crash, as an OOM kill would be
         await eventually(lambda: stack.container("decode")["RestartCount"] > decode["RestartCount"], timeout=60)
         await eventually(stack.healthy, timeout=HEALTHY_TIMEOUT_S, interval=1.0)
+        await eventually(lambda: gateway_ready(port), timeout=30)  # the gateway has seen decode rejoin
         again = client.completions.create(prompt="The quick brown fox", **greedy)
         assert again.choices[0].text == first.choices[0].text
     finally:
-        stack.compose("down", "--volumes", "--remove-orphans")
+        stack.compose("down", "--volumes", "--remove-orphans", timeout=300)
     assert project_containers() == []
