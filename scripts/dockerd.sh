@@ -5,8 +5,10 @@
 #                              the log's tail when it cannot start within PDSERVE_DOCKERD_TIMEOUT_S (60)
 #   scripts/dockerd.sh stop    stops the daemon this script started (its PID file), waiting for it to exit
 # No iptables (no NAT: containers on one compose network reach each other over its bridge, published ports go
-# through docker-proxy, builds use the host's network) and vfs storage (works inside a container).
-# Data: PDSERVE_DOCKER_ROOT (default /var/lib/docker); log and PID file next to it.
+# through docker-proxy, builds use the host's network).  Storage: dockerd's own choice, overlay2 where the kernel
+# and the data root's file system allow it, else vfs (which copies the whole tree for every layer and container:
+# several times slower); PDSERVE_DOCKER_STORAGE_DRIVER forces one.  A data root keeps the driver it was made
+# with.  Data: PDSERVE_DOCKER_ROOT (default /var/lib/docker); log and PID file next to it.
 set -euo pipefail
 
 ROOT=${PDSERVE_DOCKER_ROOT:-/var/lib/docker}
@@ -22,7 +24,8 @@ start() {
   [ "$(id -u)" = 0 ] || fail "starting dockerd needs root"
   command -v dockerd >/dev/null || fail "no dockerd on PATH (Debian: apt-get install docker.io)"
   mkdir -p "$ROOT"
-  setsid dockerd --iptables=false --storage-driver=vfs --data-root "$ROOT" >"$LOG" 2>&1 < /dev/null &
+  setsid dockerd --iptables=false --data-root "$ROOT" \
+    ${PDSERVE_DOCKER_STORAGE_DRIVER:+--storage-driver="$PDSERVE_DOCKER_STORAGE_DRIVER"} >"$LOG" 2>&1 </dev/null &
   local pid=$!
   echo "$pid" >"$PIDFILE"
   for _ in $(seq "$((TIMEOUT_S * 2))"); do
