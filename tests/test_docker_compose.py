@@ -68,11 +68,12 @@ def docker(*args: str, timeout: float = 60.0) -> str:
 
 
 class Stack:
-    """The compose project: ``compose`` runs a compose subcommand on it; containers by service name."""
+    """The compose project: ``compose`` runs a compose subcommand on it; ``inspect`` its containers by service."""
 
     def __init__(self, compose: list[str], env: dict[str, str]):
         self.argv = [*compose, "--project-name", PROJECT, "--file", str(ROOT / "compose.yaml")]
         self.env = env
+        self.ids: dict[str, str] = {}
 
     def compose(self, *args: str, timeout: float = 120.0) -> str:
         out = subprocess.run([*self.argv, *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
@@ -80,13 +81,15 @@ class Stack:
         assert out.returncode == 0, f"compose {' '.join(args)} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
         return out.stdout
 
-    def container(self, service: str) -> dict:
-        """``docker inspect`` of the service's container."""
-        (cid,) = self.compose("ps", "-q", service).split()
-        return json.loads(docker("inspect", cid))[0]
+    def inspect(self) -> dict[str, dict]:
+        """``docker inspect`` of each service's container (a restart keeps the container)."""
+        if not self.ids:
+            self.ids = {s: self.compose("ps", "-q", s).strip() for s in SERVICES}
+        found = json.loads(docker("inspect", *self.ids.values()))
+        return {s: next(c for c in found if c["Id"].startswith(cid)) for s, cid in self.ids.items()}
 
     def healthy(self) -> bool:
-        return all(self.container(s)["State"].get("Health", {}).get("Status") == "healthy" for s in SERVICES)
+        return all(c["State"].get("Health", {}).get("Status") == "healthy" for c in self.inspect().values())
 
     def logs(self) -> str:
         out = subprocess.run([*self.argv, "logs", "--no-color", "--tail", "40"], cwd=ROOT, env=self.env,
@@ -109,31 +112,31 @@ async def test_compose_up_serves_restarts_a_killed_decode_and_comes_down_clean(d
     compose = compose_command()
     if compose is None:
         pytest.skip("no docker compose plugin and no docker-compose (Debian: apt-get install docker-compose)")
+    took = Timer()
     base = os.environ.get("PDSERVE_BASE_IMAGE")
     if base is None:
         base = "pdserve-base:local"
         subprocess.run([ROOT / "scripts" / "docker-base.sh"], check=True, timeout=BUILD_TIMEOUT_S)
+    took("base image")
     port = free_port()
     # compose v1's HTTP timeout (60 s) is shorter than creating a container takes on vfs (a copy of the image)
     env = {"COMPOSE_HTTP_TIMEOUT": "600", **os.environ, "PDSERVE_BASE_IMAGE": base,
            "PDSERVE_PUBLISH_PORT": str(port)}
     stack = Stack(compose, env)
     stack.compose("down", "--volumes", "--remove-orphans")  # what an interrupted earlier run left
-    t0 = time.monotonic()
     stack.compose("build", timeout=BUILD_TIMEOUT_S)
-    t1 = time.monotonic()
+    took("build")
     try:
         stack.compose("up", "--detach", timeout=HEALTHY_TIMEOUT_S)
         try:
             await eventually(stack.healthy, timeout=HEALTHY_TIMEOUT_S, interval=1.0)
         except AssertionError:
             raise AssertionError(f"not all healthy within {HEALTHY_TIMEOUT_S:g} s:\n{stack.logs()}") from None
-        print(f"build {t1 - t0:.0f} s, up to healthy {time.monotonic() - t1:.0f} s, "
-              f"image {int(docker('image', 'inspect', '-f', '{{.Size}}', 'pdserve:latest')) / 1e6:.0f} MB")
+        took("up to healthy")
 
-        addresses = {s: stack.container(s)["NetworkSettings"]["Networks"] for s in SERVICES}
-        assert all(len(nets) == 1 and "host" not in nets for nets in addresses.values()), addresses
-        assert len({ip["IPAddress"] for nets in addresses.values() for ip in nets.values()}) == len(SERVICES)
+        networks = {s: c["NetworkSettings"]["Networks"] for s, c in stack.inspect().items()}
+        assert all(len(nets) == 1 and "host" not in nets for nets in networks.values()), networks
+        assert len({net["IPAddress"] for nets in networks.values() for net in nets.values()}) == len(SERVICES)
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60,
                                max_retries=0)
@@ -144,14 +147,34 @@ async def test_compose_up_serves_restarts_a_killed_decode_and_comes_down_clean(d
                                                      **greedy))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].choices[0].finish_reason == "length"
+        took("requests")
 
-        decode = stack.container("decode")
+        decode = stack.inspect()["decode"]
         os.kill(decode["State"]["Pid"], signal.SIGKILL)  # a crash, as an OOM kill would be
-        await eventually(lambda: stack.container("decode")["RestartCount"] > decode["RestartCount"], timeout=60)
+        await eventually(lambda: stack.inspect()["decode"]["RestartCount"] > decode["RestartCount"], timeout=60)
         await eventually(stack.healthy, timeout=HEALTHY_TIMEOUT_S, interval=1.0)
         await eventually(lambda: gateway_ready(port), timeout=30)  # the gateway has seen decode rejoin
         again = client.completions.create(prompt="The quick brown fox", **greedy)
         assert again.choices[0].text == first.choices[0].text
+        took("decode killed to serving again")
     finally:
         stack.compose("down", "--volumes", "--remove-orphans", timeout=300)
     assert project_containers() == []
+    took("down")
+    size = int(docker("image", "inspect", "-f", "{{.Size}}", "pdserve:latest"))
+    print(f"{took}, image {size / 1e6:.0f} MB")
+
+
+class Timer:
+    """``timer(name)`` records the seconds since the previous call under ``name``; ``str`` lists them."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name], self.last = now - self.last, now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {s:.0f} s" for name, s in self.phases.items())
