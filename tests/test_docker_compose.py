@@ -1,18 +1,19 @@
 """``docker compose up`` of the repository's ``compose.yaml``, for real.
 
-The image is built from this checkout (``compose up --build``); the compose file is used as written, only its
-environment knobs set: the base image (``PDSERVE_BASE_IMAGE``, by default ``pdserve-base:local`` from
-``scripts/docker-base.sh``, which also puts the CPU torch wheel into the build context) and the published port
-(``PDSERVE_PUBLISH_PORT``, a free one).  Registry, prefill, decode and gateway each run in a container of their
-own, with their own network namespace and address; the test talks to the gateway's published port with the
-official ``openai`` client, SIGKILLs the decode container's process (a crash: ``docker kill`` would count as a
-deliberate stop, which ``restart: unless-stopped`` honours) and sees compose's restart policy bring it back and
-serving resume, then checks that ``compose down`` leaves no container behind.
+The image is built from this checkout (``compose build``, then ``up``: what ``up --build`` does); the compose
+file is used as written, only its environment knobs set: the base image (``PDSERVE_BASE_IMAGE``, by default
+``pdserve-base:local`` from ``scripts/docker-base.sh``, which also puts the CPU torch wheel into the build
+context) and the published port (``PDSERVE_PUBLISH_PORT``, a free one).  Registry, prefill, decode and gateway
+each run in a container of their own, with their own network namespace and address; the test talks to the
+gateway's published port with the official ``openai`` client, SIGKILLs the decode container's process (a crash:
+``docker kill`` would count as a deliberate stop, which ``restart: unless-stopped`` honours) and sees compose's
+restart policy bring it back and serving resume, then checks that ``compose down`` leaves no container behind.
 
 Uses the running Docker daemon, else starts one with ``scripts/dockerd.sh`` (and stops it afterwards).
 Skipped, with the reason, only where no daemon can run: no ``docker`` client or compose, not root, or
-``dockerd`` failing to start.  A cold run (base image, build, start) takes a few minutes; a daemon that keeps
-its images makes later runs quick.
+``dockerd`` failing to start.  Cold (base image, build, start), about 7 minutes on a loaded two-core machine
+with overlay2 storage, twice that on vfs (docs/benchmarks.md); a data root that keeps its images makes later
+runs quicker.
 """
 
 from __future__ import annotations
