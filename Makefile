@@ -14,7 +14,7 @@ OTHER_BUILDS = $(filter-out $(DIST_$(MOONCAKE)),$(DIST_cpu) $(DIST_cuda12) $(DIS
 # The CUDA runtime pdserve pinned before these extras existed: it has no use on a CPU host.
 CUDA_RUNTIME_PIN := nvidia-cuda-runtime-cu12
 
-.PHONY: system-deps etcd torch install up test
+.PHONY: system-deps etcd docker torch install up test
 
 # Mooncake's transfer engine links these (RDMA is used only where NICs exist).
 system-deps:
@@ -41,6 +41,14 @@ TORCH_IN_RANGE = $(PY) -c 'import importlib.metadata as m, tomllib; \
   torch = next(r for r in deps if r.name == "torch"); \
   raise SystemExit(not torch.specifier.contains(m.version("torch"), prereleases=True))' 2>/dev/null
 
+# The docker compose test builds the image and runs compose.yaml: Debian's Docker engine, compose (v1) and
+# debootstrap (the local base image, scripts/docker-base.sh), where apt-get exists (elsewhere it skips, saying so).
+docker:
+	@{ command -v dockerd && command -v debootstrap && \
+	   { command -v docker-compose || docker compose version; }; } >/dev/null 2>&1 || \
+	  ! command -v apt-get >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null)
+
 torch:
 	@if $(TORCH_IN_RANGE); then echo "keeping the installed torch $$($(PY) -m pip show torch | sed -n 's/^Version: //p')"; \
 	else $(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url '$(TORCH_INDEX_URL)') '$(TORCH)'; fi
@@ -57,5 +65,5 @@ up: install
 
 # The dev extra (test tools, triton for the kernel tests) only where the tests run.
 test: EXTRAS = ,dev
-test: install etcd
+test: install etcd docker
 	$(PY) -m pytest -q

@@ -1,8 +1,8 @@
 """The pdserve CLI, config conventions, and the deployment files that use them."""
 
 import dataclasses
+import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +82,9 @@ def test_compose_services_run_real_subcommands_with_valid_settings():
     services = compose["services"]
     assert set(services) == {"registry", "gateway", "prefill", "decode"}
     assert any(p.endswith(":8000") for p in services["gateway"]["ports"])
+    # compose passes PDSERVE_BASE_IMAGE to the Dockerfile's BASE_IMAGE, defaulting to the Dockerfile's default
+    dockerfile_default = (ROOT / "Dockerfile").read_text().split("ARG BASE_IMAGE=", 1)[1].split()[0]
+    assert compose["x-pdserve"]["build"]["args"]["BASE_IMAGE"] == f"${{PDSERVE_BASE_IMAGE:-{dockerfile_default}}}"
     for name, svc in services.items():
         assert "healthcheck" in svc, f"{name} has no health check"
         check_pdserve_command(name, svc["command"], svc.get("environment", {}))
@@ -114,11 +117,11 @@ def check_pdserve_command(name: str, cmd: list[str], env: dict[str, str]) -> Non
 
 def test_dockerfile_installs_torch_before_the_project_and_runs_pdserve():
     text = (ROOT / "Dockerfile").read_text()
-    assert text.index("TORCH_SPEC") < text.index('pip install --no-cache-dir ".[cpu]"')
+    assert text.index("TORCH_SPEC") < text.index('pip install --no-cache-dir ".[cpu,etcd]"')
     for pkg in ("libibverbs1", "librdmacm1", "libnuma1"):
         assert pkg in text
-    cmd = shlex.split(text.split("CMD", 1)[1].strip().strip("[]").replace(",", " "))
-    assert cmd[0].strip('"') == "pdserve"
+    (cmd,) = (json.loads(line[len("CMD "):]) for line in text.splitlines() if line.startswith("CMD "))
+    assert cmd[0] == "pdserve"
 
 
 @pytest.mark.parametrize("command", ["prefill", "decode"])

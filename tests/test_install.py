@@ -70,10 +70,11 @@ def test_cpu_host_has_the_non_cuda_build_and_no_cuda_package():
 def dockerfile_torch_command(build_args: dict[str, str]) -> list[str]:
     """The pip command of the Dockerfile's torch step, expanded by a shell as ``docker build`` would run it."""
     lines = (PYPROJECT.parent / "Dockerfile").read_text().splitlines()
-    defaults = dict(re.fullmatch(r'ARG (\w+)="(.*)"', line).groups() for line in lines if line.startswith("ARG "))
-    run = next(line[len("RUN "):] for line in lines if line.startswith("RUN pip install") and "TORCH_SPEC" in line)
+    defaults = dict(re.fullmatch(r'ARG (\w+)="?(.*?)"?', line).groups() for line in lines if line.startswith("ARG "))
+    args = next(re.search(r'pip install (.*"\$TORCH_SPEC")', line).group(1)
+                for line in lines if '"$TORCH_SPEC"' in line)
     env = {"PATH": "/usr/bin:/bin", **defaults, **build_args}
-    out = subprocess.run(["sh", "-c", f'set -- {run.replace("pip install", "", 1)}; printf "%s\\n" "$@"'],
+    out = subprocess.run(["sh", "-c", f'set -- {args}; printf "%s\\n" "$@"'],
                          env=env, capture_output=True, text=True, check=True)
     return out.stdout.splitlines()
 
@@ -83,8 +84,11 @@ def test_the_image_takes_the_cpu_torch_wheel_unless_its_build_names_another_inde
         "--no-cache-dir", "--index-url", "https://download.pytorch.org/whl/cpu", "torch==2.13.0"
     ]
     assert dockerfile_torch_command({"TORCH_INDEX_URL": ""}) == ["--no-cache-dir", "torch==2.13.0"]
+    # compose passes the Dockerfile's default where TORCH_INDEX_URL is unset (compose v1 would pass an unset
+    # variable as empty: pip's index), and an empty one where it is set empty
     compose = yaml.safe_load((PYPROJECT.parent / "compose.yaml").read_text())
-    assert compose["x-pdserve"]["build"]["args"] == ["TORCH_INDEX_URL"]  # passed on only where set
+    index = dockerfile_torch_command({})[2]
+    assert compose["x-pdserve"]["build"]["args"]["TORCH_INDEX_URL"] == "${TORCH_INDEX_URL-%s}" % index
 
 
 def test_only_make_test_installs_the_dev_extra():
