@@ -2,8 +2,9 @@
 
 Life cycle: build -> ``register`` all KV memory ONCE (before any peer connects:
 peers may cache our memory map on first contact) -> publish ``session`` and
-``backend_meta()`` in the handshake -> peers ``connect`` and ``read`` -> ``close``
-(unregister, then destroy).  ``read`` is synchronous and may busy-poll a core:
+``backend_meta()`` in the handshake -> peers ``connect`` and ``read`` (read mode: decode pulls from
+prefill) or ``write`` (push mode: prefill writes into decode's blocks) -> ``close``
+(unregister, then destroy).  ``read`` and ``write`` are synchronous and may busy-poll a core:
 callers on an event loop run it in a small thread pool.
 
 ``make_backend`` builds one by name; the implementations are imported only then, so this
@@ -68,6 +69,20 @@ class TransferBackend(abc.ABC):
 
         Returns one final status (SUCCESS or FAILED) per range; never raises for
         a failed transfer.  ``ValueError`` for malformed arguments.
+        """
+
+    @abc.abstractmethod
+    def write(
+        self,
+        peer_session: str,
+        local_addrs: list[int],
+        remote_addrs: list[int],
+        lengths: list[int],
+    ) -> list[TransferStatus]:
+        """Copy each local range into the peer's remote range (``connect`` first); blocks until all finish.
+
+        The mirror of ``read``: one final status per range, never raises for a failed transfer, and a
+        range outside what either side registered is never touched.  ``ValueError`` for malformed arguments.
         """
 
     @abc.abstractmethod
