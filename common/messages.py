@@ -360,13 +360,15 @@ class RankConnect(Message):
 
 
 class RankRead(Message):
-    """Copy each remote range of the peer rank at ``session`` into this rank's KV memory."""
+    """Copy each remote range of the peer rank at ``session`` into this rank's KV memory (``write``: push
+    mode, each local range into the peer rank's memory)."""
 
     transport: str
     session: str
     local_addrs: list[int]
     remote_addrs: list[int]
     lengths: list[int]
+    write: bool = False
 
 
 class RankReadDone(Message):
