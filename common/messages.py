@@ -9,6 +9,10 @@ each socket accepts:
 * ``KVRequest``        -> an engine's KV side channel ROUTER
 * ``RankRequest``      -> a tensor-parallel rank's KV agent (inside one engine instance)
 
+Push mode (``--kv-mode push``) adds ``PushTarget`` (decode's registration, which reaches prefill
+in ``Generate.push_to``) and ``PushDone`` (prefill -> decode's side channel); read-mode peers never
+see them, and the registry keeps the two modes apart.
+
 Replies are members of ``Reply``.  ``docs/protocol.md`` lists who sends what.
 No pickle anywhere: a peer can only ever make us build these types.
 """
@@ -24,6 +28,7 @@ PROTOCOL_VERSION = 4  # 2: the handshake offers several KV transports; 3: one KV
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for (engine and gateway agree)
 
 Role = Literal["prefill", "decode", "both"]
+KVMode = Literal["read", "push"]
 
 
 class Message(msgspec.Struct, tag=True, omit_defaults=True, forbid_unknown_fields=False):
@@ -78,6 +83,7 @@ class Instance(msgspec.Struct, omit_defaults=True):
     fingerprint: Fingerprint
     capacity: Capacity
     load: Load = msgspec.field(default_factory=Load)
+    kv_mode: KVMode = "read"  # how its KV moves between prefill and decode (``--kv-mode``)
 
 
 # --- Generic replies ---------------------------------------------------------
@@ -197,12 +203,35 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True):
     tensor_parallel_size: int = 1  # the prefill instance's ranks, each holding its slice of the KV heads
 
 
+class PushTarget(msgspec.Struct, omit_defaults=True):
+    """Push mode: decode's registration of a request's pre-allocated blocks, for the prefill that writes them.
+
+    The blocks' memory (every rank's region and transports) is in decode's ``HandshakeReply`` on its side
+    channel, which ``incarnation`` names.  The blocks are held under decode's lease ``transfer_id``: the
+    writer confirms it (``RenewLease``, answered with the block ids) before every write, and ends it with
+    ``PushDone`` (or gives up with ``ReleaseKV``)."""
+
+    engine_id: str
+    kv_endpoint: str
+    transfer_id: str
+    block_ids: list[int]  # decode's blocks for the prompt's tokens, ``block_size`` tokens each
+    num_tokens: int  # the prompt's
+    num_cached_tokens: int  # leading tokens decode already holds (prefix-cache hits): not written
+    block_size: int
+    lease_expiry: float  # unix time; decode frees the blocks after it unless confirmed
+    incarnation: str = ""
+    tensor_parallel_size: int = 1
+
+
 class Generate(Message):
     """Run a request.  Exactly one of ``prompt``, ``prompt_token_ids``, ``messages``.
 
     ``do_remote_decode``: prefill only — stop after the first token and pin the
     prompt's blocks for a decode engine.  ``remote_prefill``: decode only — read
     the prompt's KV from that prefill engine instead of computing it.
+    Push mode: ``await_push`` (decode) — pre-allocate the prompt's blocks, answer
+    with their ``PushTarget`` and decode once a prefill pushed the KV; ``push_to``
+    (prefill, with ``do_remote_decode``) — write the KV into those blocks as it is computed.
     The engine streams ``TokenOutput`` messages; the last has ``finish_reason``.
     """
 
@@ -213,6 +242,8 @@ class Generate(Message):
     messages: list[ChatMessage] | None = None
     do_remote_decode: bool = False
     remote_prefill: KVTransferParams | None = None
+    await_push: bool = False
+    push_to: PushTarget | None = None
 
 
 def gives_one_prompt(msg: Generate) -> bool:
@@ -237,6 +268,7 @@ class TokenOutput(Message):
     usage: Usage | None = None  # on the final output
     prompt_token_ids: list[int] | None = None  # on the first output of a prefill
     kv_transfer: KVTransferParams | None = None  # prefill with do_remote_decode
+    push_target: PushTarget | None = None  # decode with await_push: the first output, before any token
     timings: dict[str, float] | None = None  # named durations in seconds (queue, prefill, ...)
 
 
@@ -342,8 +374,19 @@ class LeaseRenewed(Message):
     block_ids: dict[str, list[int]] = {}  # transfer id -> the blocks its lease holds, for each id in ``expiry``
 
 
+class PushDone(Message):
+    """Push mode, prefill -> decode: every rank wrote every layer of the prompt's KV into the blocks of
+    ``transfer_id``; decode decodes from ``first_token_id``.  Answered ``Ack`` (``ErrorReply`` when decode no
+    longer holds the blocks)."""
+
+    transfer_id: str
+    first_token_id: int
+    first_token_logprob: TokenLogprob | None = None
+
+
 class ReleaseKV(Message):
-    """Decode is done with these transfers (read or given up): prefill unpins (only for their claimer)."""
+    """Decode is done with these transfers (read or given up): prefill unpins (only for their claimer).
+    Push mode, prefill -> decode: the writer gave up writing these blocks (decode fails the request)."""
 
     transfer_ids: list[str]
 
@@ -382,7 +425,7 @@ class RankReadDone(Message):
 
 RegistryRequest = Union[Register, Heartbeat, Deregister, ListInstances, Watch]
 EngineRequest = Union[Generate, Abort, GetStats, Tokenize, Detokenize]
-KVRequest = Union[Handshake, RenewLease, ReleaseKV]
+KVRequest = Union[Handshake, RenewLease, ReleaseKV, PushDone]
 RankRequest = Union[RankConnect, RankRead]
 Reply = Union[
     Ack,

@@ -33,7 +33,7 @@ from typing import Any
 
 from common.engine.engine import LLMEngine
 from common.engine.stats import StepStats
-from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
+from common.engine.sequence import KVPush, NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
 from common.errors import PdserveError
 from common.messages import SamplingParams
 
@@ -108,12 +108,15 @@ class AsyncEngine:
         sampling: SamplingParams,
         *,
         pin_for_transfer: str | None = None,
+        push: KVPush | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs until the final one.  Raises ``InvalidRequest`` at
-        the start; cancelling the consumer (or closing the iterator early) aborts the request."""
+        """Add a request and yield its outputs until the final one (``push``: ``LLMEngine.add_request``).
+        Raises ``InvalidRequest`` at the start; cancelling the consumer (or closing the iterator early)
+        aborts the request."""
         await self._start(
             request_id,
-            lambda: self.core.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer),
+            lambda: self.core.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer,
+                                          push=push),
         )
         async for out in self.stream(request_id):
             yield out
@@ -154,8 +157,8 @@ class AsyncEngine:
         """Why the engine thread stopped on an error (a step raised), or None."""
         return self._dead
 
-    async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
-        return await self._call(lambda: self.core.finish_remote_kv(request_id, ok))
+    async def finish_remote_kv(self, request_id: str, ok: bool, first_token_id: int | None = None) -> bool:
+        return await self._call(lambda: self.core.finish_remote_kv(request_id, ok, first_token_id))
 
     async def release_transfer(self, transfer_id: str) -> bool:
         return await self._call(lambda: self.core.release_transfer(transfer_id))

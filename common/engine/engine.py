@@ -27,6 +27,7 @@ from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import (
     InvalidRequest,
+    KVPush,
     RemoteAllocation,
     RemoteRequest,
     RequestOutput,
@@ -138,11 +139,16 @@ class LLMEngine:
         sampling: SamplingParams,
         *,
         pin_for_transfer: str | None = None,
+        push: KVPush | None = None,
     ) -> None:
         """Queue a request.  With ``pin_for_transfer`` (prefill for a remote decode) it ends after its
-        first token with finish reason ``remote_decode``, its prompt blocks pinned under that id."""
+        first token with finish reason ``remote_decode``, its prompt blocks pinned under that id.  With
+        ``push`` too (push mode), each step hands the prompt KV it computed to ``push``."""
         self._validate(request_id, prompt_token_ids, sampling, pin_for_transfer)
+        if push is not None and pin_for_transfer is None:
+            raise InvalidRequest(f"request {request_id!r}: a push needs pin_for_transfer", "transfer_id")
         seq = self._new_sequence(request_id, prompt_token_ids, sampling, pin_for_transfer)
+        seq.push = push
         self.scheduler.add(seq)
         self.requests[request_id] = seq
 
@@ -156,8 +162,8 @@ class LLMEngine:
             raise InvalidRequest(
                 f"num_remote_tokens {remote.num_remote_tokens} != prompt length {len(prompt)}", "num_remote_tokens"
             )
-        if not 0 <= remote.first_token_id < self.model_config.vocab_size:
-            raise InvalidRequest(f"first_token_id {remote.first_token_id} is outside the vocabulary", "first_token_id")
+        if remote.first_token_id is not None:
+            self._check_first_token(remote.first_token_id)
         seq = self._new_sequence(remote.request_id, prompt, remote.sampling, None)
         seq.remote_first_token = remote.first_token_id
         if seq.generator is not None:
@@ -166,15 +172,21 @@ class LLMEngine:
         self.requests[remote.request_id] = seq
         return allocation
 
-    def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
+    def finish_remote_kv(self, request_id: str, ok: bool, first_token_id: int | None = None) -> bool:
         """The connector is done with a remote request's blocks: ``ok`` = its KV landed.  On failure
         ``kv_load_failure_policy`` applies: recompute the prompt locally, or fail the request.
+        ``first_token_id``: the prefill's first token, when the request was added without it (push mode).
         False if the request is gone (aborted meanwhile); ``InvalidRequest`` if it is not waiting."""
         seq = self.requests.get(request_id)
         if seq is None:
             return False
         if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KVS:
             raise InvalidRequest(f"request {request_id!r} is not waiting for remote KV", "request_id")
+        if first_token_id is not None:
+            self._check_first_token(first_token_id)
+            seq.remote_first_token = first_token_id
+        if seq.remote_first_token is None:
+            raise InvalidRequest(f"request {request_id!r}: no first token from its prefill", "first_token_id")
         if not ok and self.config.kv_load_failure_policy == "fail":
             out = RequestOutput(request_id, [], "", error="reading the prompt's KV from the prefill engine failed")
             self._finish(seq, "error", out)
@@ -277,9 +289,31 @@ class LLMEngine:
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 seq.prefill_time += elapsed
         self.scheduler.update(scheduled)
+        self._push(scheduled)  # before a finishing sequence's blocks are pinned or freed
         for seq, token, logprob in zip(sampling_seqs, tokens, logprobs):
             outputs.append(self._append_token(seq, token, logprob))
         return outputs
+
+    def _push(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """Push mode: hand each pushing sequence's prompt KV computed since its last report to its ``push``
+        (on CUDA with an event recorded after this step's kernels)."""
+        pushing = [seq for seq, _ in scheduled
+                   if seq.push is not None and seq.num_pushed_tokens < min(seq.num_computed_tokens,
+                                                                           seq.num_prompt_tokens)]
+        if not pushing:
+            return
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        for seq in pushing:
+            end = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            seq.push.computed(seq.num_pushed_tokens, end, list(seq.block_table), ready)
+            seq.num_pushed_tokens = end
+
+    def _check_first_token(self, token_id: int) -> None:
+        if not 0 <= token_id < self.model_config.vocab_size:
+            raise InvalidRequest(f"first_token_id {token_id} is outside the vocabulary", "first_token_id")
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.token_ids.append(token)

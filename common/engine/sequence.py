@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -48,13 +48,23 @@ class RemoteAllocation:
 @dataclass
 class RemoteRequest:
     """A request whose prompt KV a remote prefill computed: decode allocates blocks for
-    ``num_remote_tokens`` prompt tokens plus the prefill's ``first_token_id``."""
+    ``num_remote_tokens`` prompt tokens plus the prefill's ``first_token_id`` (None in push mode,
+    where the blocks are allocated first: ``finish_remote_kv`` brings it)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    first_token_id: int
+    first_token_id: int | None
     sampling: SamplingParams
     num_remote_tokens: int
+
+
+class KVPush(Protocol):
+    """Push mode, prefill: where the engine reports a sequence's prompt KV as it lands in the cache."""
+
+    def computed(self, start: int, end: int, block_ids: list[int], ready: torch.cuda.Event | None) -> None:
+        """Engine thread, after a step: the KV of prompt tokens ``[start, end)`` is in ``block_ids`` (the
+        sequence's block table) once ``ready`` (None: already) completed; ``start`` 0 again after a
+        preemption (the prompt is recomputed in other blocks).  Must not block."""
 
 
 @dataclass
@@ -85,6 +95,8 @@ class Sequence:
     token_ids: list[int]
     sampling: SamplingParams
     pin_for_transfer: str | None = None
+    push: KVPush | None = None  # push mode: told of each step's new prompt KV
+    num_pushed_tokens: int = 0  # prompt tokens whose KV was handed to ``push`` in this pass
     generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0

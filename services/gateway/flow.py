@@ -1,4 +1,5 @@
 """The read-mode flow of one request: its choices, each a prefill leg then a decode leg; retries, aborts.
+(Push mode, decode leg first: ``push_flow.py``.)
 
 Disaggregated choice::
 
@@ -234,6 +235,15 @@ class ChoiceRun:
             self._put(out, out.finish_reason)
 
 
+def choice_class(kv_mode: str) -> type[ChoiceRun]:
+    """The choice flow of a KV mode (push mode's is ``push_flow.PushChoiceRun``, which extends this module's)."""
+    if kv_mode == "push":
+        from services.gateway.push_flow import PushChoiceRun
+
+        return PushChoiceRun
+    return ChoiceRun
+
+
 CLIENT_GONE = 499  # the status logged for requests whose client disconnected
 
 
@@ -270,7 +280,7 @@ class RequestRun:
         self.done: asyncio.Future[None] = loop.create_future()
         self.closed = False
         self._remaining = total
-        self._runs = [ChoiceRun(self, i) for i in range(total)]
+        self._runs = [choice_class(context.config.kv_mode)(self, i) for i in range(total)]
         context.runs.add(self)
 
     def start(self) -> None:
