@@ -1,6 +1,7 @@
 """Push mode (``--kv-mode push``) end to end with real processes: a registry, two prefills, two decodes and a
 colocated baseline, demo model on CPU, all of one model.  ``prefill`` serves shared memory and Mooncake TCP;
-``decode`` (32-token blocks: the prefills have 16) takes TCP, ``decode-shm`` shared memory.  Prefills compute
+``decode`` (32-token blocks: the prefills have 16) takes TCP, ``decode-shm`` shared memory (TCP from
+``prefill-2``, which serves only that).  Prefills compute
 long prompts in chunks of ``CHUNK`` tokens, so each prompt is pushed in several writes.  A gateway in push
 mode serves them to the official ``openai`` client.  The tests that kill processes run last.
 """
@@ -43,7 +44,7 @@ async def stack():
         procs.start_engine("prefill", "prefill", *ENGINE, kv_transport="shm,tcp")
         procs.start_engine("prefill-2", "prefill", *ENGINE)
         procs.start_engine("decode", "decode", *ENGINE, "--block-size", "32")
-        procs.start_engine("decode-shm", "decode", *ENGINE, kv_transport="auto")
+        procs.start_engine("decode-shm", "decode", *ENGINE, kv_transport="shm,tcp")
         procs.start_engine("both", "prefill", "--role", "both")
         port = free_port()
         procs.spawn("gateway", "services.gateway", ["--port", str(port), "--registry", procs.registry_endpoint,
@@ -85,3 +86,90 @@ async def test_push_greedy_output_identical_to_colocated(stack: Stack, decode: s
         assert pre[-1].timings["kv_bytes"] > 0 and dec[0].timings["kv_transfer_s"] > 0
     assert (await stack.stats("prefill")).kv_transports[decode] == transport
     await stack.wait_idle("prefill", decode)
+
+
+async def test_openai_completions_through_the_push_gateway_match_colocated(stack: Stack):
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for length in (5, 200):
+        ids = prompt_ids(length, seed=900 + length)
+        ref = await stack.run("both", Generate(f"ref-text-{length}", sampling, prompt_token_ids=ids))
+        expected = "".join(out.text for out in ref)
+        response = await stack.openai.completions.create(model="demo", prompt=ids, max_tokens=12, temperature=0,
+                                                         extra_body={"ignore_eos": True})
+        assert response.choices[0].text == expected and response.usage.completion_tokens == 12
+        streamed = await stack.openai.completions.create(model="demo", prompt=ids, max_tokens=12, temperature=0,
+                                                         stream=True, extra_body={"ignore_eos": True})
+        assert "".join([chunk.choices[0].text async for chunk in streamed if chunk.choices]) == expected
+    await stack.wait_idle("prefill", "prefill-2", "decode", "decode-shm")
+
+
+async def running(stack: Stack, name: str) -> bool:
+    return (await stack.stats(name)).load.running > 0
+
+
+LONG_PROMPT = prompt_ids(1500, seed=42)  # 24 chunks of CHUNK tokens: 24 writes
+LONG = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+def pushing(stack: Stack, prefill: str, rid: str, target) -> asyncio.Task:
+    return asyncio.create_task(stack.run(prefill, Generate(rid, LONG, prompt_token_ids=LONG_PROMPT,
+                                                           do_remote_decode=True, push_to=target)))
+
+
+async def test_abort_during_push_frees_both_sides(stack: Stack):
+    target, decoded = await stack.push_registration("decode", "abort-push", LONG_PROMPT, LONG)
+    prefill = pushing(stack, "prefill", "abort-push", target)
+    await eventually(lambda: running(stack, "prefill"), timeout=30)
+    await stack.client("prefill").call(Abort("abort-push"))
+    await stack.client("decode").call(Abort("abort-push"))
+    assert (await prefill)[-1].finish_reason in ("abort", "remote_decode")  # the abort may land after the finish
+    assert (await decoded)[-1].finish_reason == "abort"
+    await stack.wait_idle("prefill", "decode")
+
+
+async def test_a_write_into_blocks_decode_no_longer_holds_is_refused(stack: Stack):
+    ids = prompt_ids(100, seed=7)
+    target, decoded = await stack.push_registration("decode-shm", "freed-push", ids)
+    await stack.client("decode-shm").call(Abort("freed-push"))
+    assert (await decoded)[-1].finish_reason == "abort"
+    await stack.wait_idle("decode-shm")  # its blocks are free: another request may take them
+    with pytest.raises(PeerError) as err:
+        await stack.run("prefill", Generate("freed-push", LONG, prompt_token_ids=ids, do_remote_decode=True,
+                                            push_to=target))
+    assert err.value.code == "kv_transfer_failed" and "nothing was written" in err.value.message
+    await stack.wait_idle("prefill", "decode-shm")
+
+
+async def test_a_push_no_prefill_finishes_expires_and_frees_decodes_blocks(stack: Stack):
+    _, decoded = await stack.push_registration("decode", "unpushed", prompt_ids(40, seed=8))
+    with pytest.raises(PeerError) as err:
+        await decoded
+    assert err.value.code == "kv_transfer_failed" and "no prefill pushed" in err.value.message
+    await stack.wait_idle("decode")
+
+
+async def test_prefill_killed_mid_push_the_retry_on_another_prefill_decodes_correctly(stack: Stack):
+    stack.procs.start_engine("prefill-doomed", "prefill", *ENGINE)
+    await stack.procs.wait_registered("prefill-doomed")
+    stack.endpoints["prefill-doomed"] = stack.procs.procs["prefill-doomed"].endpoint
+    target, decoded = await stack.push_registration("decode", "retried-push", LONG_PROMPT, LONG)
+    doomed = pushing(stack, "prefill-doomed", "retried-push", target)
+    await eventually(lambda: running(stack, "prefill-doomed"), timeout=30)
+    stack.procs.procs["prefill-doomed"].signal(signal.SIGKILL)
+    await asyncio.gather(doomed, return_exceptions=True)
+    pre = await pushing(stack, "prefill-2", "retried-push", target)  # what the gateway's retry sends
+    assert tokens(pre + await decoded) == await stack.reference(LONG_PROMPT, LONG)
+    await stack.wait_idle("prefill-2", "decode")
+
+
+async def test_decode_killed_prefill_stops_pushing_and_frees_everything(stack: Stack):
+    stack.procs.start_engine("decode-doomed", "decode", *ENGINE)
+    await stack.procs.wait_registered("decode-doomed")
+    stack.endpoints["decode-doomed"] = stack.procs.procs["decode-doomed"].endpoint
+    target, decoded = await stack.push_registration("decode-doomed", "orphan-push", LONG_PROMPT, LONG)
+    stack.procs.procs["decode-doomed"].signal(signal.SIGKILL)
+    await asyncio.gather(decoded, return_exceptions=True)
+    with pytest.raises(PeerError) as err:
+        await pushing(stack, "prefill", "orphan-push", target)
+    assert err.value.code == "kv_transfer_failed"
+    await stack.wait_idle("prefill")
