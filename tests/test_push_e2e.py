@@ -149,13 +149,10 @@ async def test_a_push_no_prefill_finishes_expires_and_frees_decodes_blocks(stack
 
 
 async def test_prefill_killed_mid_push_the_retry_on_another_prefill_decodes_correctly(stack: Stack):
-    stack.procs.start_engine("prefill-doomed", "prefill", *ENGINE)
-    await stack.procs.wait_registered("prefill-doomed")
-    stack.endpoints["prefill-doomed"] = stack.procs.procs["prefill-doomed"].endpoint
     target, decoded = await stack.push_registration("decode", "retried-push", LONG_PROMPT, LONG)
-    doomed = pushing(stack, "prefill-doomed", "retried-push", target)
-    await eventually(lambda: running(stack, "prefill-doomed"), timeout=30)
-    stack.procs.procs["prefill-doomed"].signal(signal.SIGKILL)
+    doomed = pushing(stack, "prefill", "retried-push", target)
+    await eventually(lambda: running(stack, "prefill"), timeout=30)
+    stack.procs.procs["prefill"].signal(signal.SIGKILL)
     await asyncio.gather(doomed, return_exceptions=True)
     pre = await pushing(stack, "prefill-2", "retried-push", target)  # what the gateway's retry sends
     assert tokens(pre + await decoded) == await stack.reference(LONG_PROMPT, LONG)
@@ -163,13 +160,10 @@ async def test_prefill_killed_mid_push_the_retry_on_another_prefill_decodes_corr
 
 
 async def test_decode_killed_prefill_stops_pushing_and_frees_everything(stack: Stack):
-    stack.procs.start_engine("decode-doomed", "decode", *ENGINE)
-    await stack.procs.wait_registered("decode-doomed")
-    stack.endpoints["decode-doomed"] = stack.procs.procs["decode-doomed"].endpoint
-    target, decoded = await stack.push_registration("decode-doomed", "orphan-push", LONG_PROMPT, LONG)
-    stack.procs.procs["decode-doomed"].signal(signal.SIGKILL)
+    target, decoded = await stack.push_registration("decode-shm", "orphan-push", LONG_PROMPT, LONG)
+    stack.procs.procs["decode-shm"].signal(signal.SIGKILL)
     await asyncio.gather(decoded, return_exceptions=True)
     with pytest.raises(PeerError) as err:
-        await pushing(stack, "prefill", "orphan-push", target)
+        await pushing(stack, "prefill-2", "orphan-push", target)
     assert err.value.code == "kv_transfer_failed"
-    await stack.wait_idle("prefill")
+    await stack.wait_idle("prefill-2")
