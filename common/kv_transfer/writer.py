@@ -62,7 +62,7 @@ class KVWriter:
         self.fingerprint = fingerprint
         self.clients = ClientPool(name=f"kv-push-{engine_id}", timeout=config.kv_rpc_timeout_s)
         self.peers = PeerDirectory(ranks, engine_id, fingerprint, config.kv_transport, self.clients,
-                                   config.kv_handshake_timeout_s, chosen)
+                                   config.kv_handshake_timeout_s, chosen, writes=True)
         self.releases = ReleaseSender(self.clients)
 
     async def write(self, target: PushTarget, start: int, end: int, block_ids: list[int]) -> WriteStats:
