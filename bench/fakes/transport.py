@@ -22,7 +22,7 @@ from common.messages import MemoryRegion
 
 
 class FakeTransport(TransferBackend):
-    """Registers, connects and reads in name only; reads take ``read_delay_s``."""
+    """Registers, connects, reads and writes in name only; each takes ``read_delay_s``."""
 
     name = "fake"
 
@@ -66,6 +66,12 @@ class FakeTransport(TransferBackend):
         if self.read_delay_s > 0:
             time.sleep(self.read_delay_s)
         return [TransferStatus.SUCCESS] * len(lengths)
+
+    def write(
+        self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
+    ) -> list[TransferStatus]:
+        """Push mode: as ``read``, in name only."""
+        return self.read(peer_session, local_addrs, remote_addrs, lengths)
 
     def close(self) -> None:
         self.regions = []
