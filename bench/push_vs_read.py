@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from bench.engine_driver import EngineDriver, prompt_ids
+from bench.pd_identity import add_engine_args
 from bench.processes import Processes
 from bench.serving_stats import percentile
 from common.messages import Generate, SamplingParams
@@ -48,10 +49,11 @@ async def start_pairs(procs: Processes, args: argparse.Namespace) -> None:
     for mode in MODES:
         flags = ["--model", args.model, "--served-model-name", mode, "--device", args.device, "--dtype", dtype,
                  "--kv-mode", mode, "--max-num-batched-tokens", str(args.chunk), *shlex.split(args.engine_args)]
-        for role in ("prefill", "decode"):
-            procs.start_engine(f"{role}-{mode}", role, *flags, num_kv_blocks=args.num_kv_blocks,
+        for role, extra in (("prefill", args.prefill_args), ("decode", args.decode_args)):
+            procs.start_engine(f"{role}-{mode}", role, *flags, *shlex.split(extra), num_kv_blocks=args.num_kv_blocks,
                                kv_transport=args.kv_transport)
-    await procs.wait_registered(*(f"{r}-{m}" for m in MODES for r in ("prefill", "decode")), timeout_s=300.0)
+    await procs.wait_registered(*(f"{r}-{m}" for m in MODES for r in ("prefill", "decode")),
+                                timeout_s=args.ready_timeout_s)
 
 
 async def read_request(driver: EngineDriver, rid: str, ids: list[int], sampling: SamplingParams) -> tuple[float, float]:
@@ -157,12 +159,8 @@ def report(result: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="checkpoint directory, or demo (default)")
-    p.add_argument("--device", default="cpu", help="every engine's --device: cpu (default) or cuda")
-    p.add_argument("--dtype", help="every engine's --dtype (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--kv-transport", default="auto", help="every engine's --kv-transport (default auto)")
-    p.add_argument("--num-kv-blocks", type=int, default=1024, help="KV cache blocks per engine (default 1024)")
-    p.add_argument("--engine-args", default="", help="more flags for every engine, one string")
+    add_engine_args(p)
+    p.set_defaults(kv_transport="auto", num_kv_blocks=1024)  # room for --concurrency prompts on each decode
     p.add_argument("--chunk", type=int, default=256, help="engines' --max-num-batched-tokens (default 256)")
     p.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per request (default 2048)")
     p.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (default 8)")

@@ -59,19 +59,12 @@ class FakeTransport(TransferBackend):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         self.peers.add(peer_session)
 
-    def read(
-        self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
-    ) -> list[TransferStatus]:
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
         check_batch(local_addrs, remote_addrs, lengths)
         if self.read_delay_s > 0:
             time.sleep(self.read_delay_s)
         return [TransferStatus.SUCCESS] * len(lengths)
-
-    def write(
-        self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
-    ) -> list[TransferStatus]:
-        """Push mode: as ``read``, in name only."""
-        return self.read(peer_session, local_addrs, remote_addrs, lengths)
 
     def close(self) -> None:
         self.regions = []

@@ -57,33 +57,25 @@ class TransferBackend(abc.ABC):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         """Prepare to read from a peer; idempotent for an already-known peer."""
 
-    @abc.abstractmethod
-    def read(
-        self,
-        peer_session: str,
-        local_addrs: list[int],
-        remote_addrs: list[int],
-        lengths: list[int],
-    ) -> list[TransferStatus]:
+    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
+             ) -> list[TransferStatus]:
         """Copy each remote range into the local range; blocks until all finish.
 
         Returns one final status (SUCCESS or FAILED) per range; never raises for
         a failed transfer.  ``ValueError`` for malformed arguments.
         """
+        return self.transfer(peer_session, local_addrs, remote_addrs, lengths, write=False)
+
+    def write(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
+              ) -> list[TransferStatus]:
+        """Push mode, the mirror of ``read``: copy each local range into the peer's remote range (``connect``
+        first), with the same statuses; a range outside what either side registered is never touched."""
+        return self.transfer(peer_session, local_addrs, remote_addrs, lengths, write=True)
 
     @abc.abstractmethod
-    def write(
-        self,
-        peer_session: str,
-        local_addrs: list[int],
-        remote_addrs: list[int],
-        lengths: list[int],
-    ) -> list[TransferStatus]:
-        """Copy each local range into the peer's remote range (``connect`` first); blocks until all finish.
-
-        The mirror of ``read``: one final status per range, never raises for a failed transfer, and a
-        range outside what either side registered is never touched.  ``ValueError`` for malformed arguments.
-        """
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
+        """``read`` (``write`` False) or ``write`` (True): what each backend implements."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -138,18 +138,10 @@ class CudaIpcBackend(TransferBackend):
             exported = msgspec.msgpack.decode(peer_meta, type=ExportedKV)
             self._peers[peer_session] = _Peer(exported, self.kv.device.index)
 
-    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-             lengths: list[int]) -> list[TransferStatus]:
-        return self._copy(peer_session, local_addrs, remote_addrs, lengths, write=False)
-
-    def write(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-              lengths: list[int]) -> list[TransferStatus]:
-        """Push mode: copy our ranges into the peer's mapped cache (the caller waited for the kernels
-        that computed them)."""
-        return self._copy(peer_session, local_addrs, remote_addrs, lengths, write=True)
-
-    def _copy(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
-              *, write: bool) -> list[TransferStatus]:
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
+        """A write copies our ranges into the peer's mapped cache (the caller waited for the kernels that
+        computed them)."""
         check_batch(local_addrs, remote_addrs, lengths)
         peer = self._peers.get(peer_session)
         local = self._region

@@ -152,15 +152,7 @@ class MooncakeBackend(TransferBackend):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         """Nothing to do: Mooncake opens the peer's segment on the first read."""
 
-    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-             lengths: list[int]) -> list[TransferStatus]:
-        return self._transfer(peer_session, local_addrs, remote_addrs, lengths, write=False)
-
-    def write(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-              lengths: list[int]) -> list[TransferStatus]:
-        return self._transfer(peer_session, local_addrs, remote_addrs, lengths, write=True)
-
-    def _transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
                   *, write: bool) -> list[TransferStatus]:
         """One synchronous batch (Mooncake's ``batch_transfer_sync_read`` or ``_write``): all or nothing."""
         check_batch(local_addrs, remote_addrs, lengths)

@@ -132,15 +132,7 @@ class MoriBackend(TransferBackend):
                     peer.sessions[(local_idx, remote_idx)] = sess
             return sess
 
-    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-             lengths: list[int]) -> list[TransferStatus]:
-        return self._transfer(peer_session, local_addrs, remote_addrs, lengths, write=False)
-
-    def write(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-              lengths: list[int]) -> list[TransferStatus]:
-        return self._transfer(peer_session, local_addrs, remote_addrs, lengths, write=True)
-
-    def _transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
                   *, write: bool) -> list[TransferStatus]:
         """Each session's ranges in one ``batch_read`` (or ``batch_write``), polled against our deadline."""
         check_batch(local_addrs, remote_addrs, lengths)

@@ -194,18 +194,16 @@ class ShmBackend(TransferBackend):
             mapped.append(_Mapped(region, mapping, base))
         return mapped
 
-    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-             lengths: list[int]) -> list[TransferStatus]:
-        return self._copy(self._peers.get(peer_session, []), local_addrs, remote_addrs, lengths, write=False)
-
-    def write(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-              lengths: list[int]) -> list[TransferStatus]:
-        """Push mode: the peer's files are mapped again, read-write, on the first write to them."""
-        with self._lock:  # the shards of one write run on several threads
-            if peer_session not in self._writable and peer_session in self._peers:
-                self._writable[peer_session] = self._map([m.region for m in self._peers[peer_session]],
-                                                         writable=True)
-        return self._copy(self._writable.get(peer_session, []), local_addrs, remote_addrs, lengths, write=True)
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
+        """A write (push mode) maps the peer's files again, read-write, the first time."""
+        if write:
+            with self._lock:  # the shards of one write run on several threads
+                if peer_session not in self._writable and peer_session in self._peers:
+                    self._writable[peer_session] = self._map([m.region for m in self._peers[peer_session]],
+                                                             writable=True)
+        mapped = (self._writable if write else self._peers).get(peer_session, [])
+        return self._copy(mapped, local_addrs, remote_addrs, lengths, write=write)
 
     def _copy(self, mapped: list[_Mapped], local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
               *, write: bool) -> list[TransferStatus]:

@@ -121,9 +121,13 @@ class ChoiceRun:
             gen = Generate(request_id=self.request_id, sampling=self.sampling, **self.prompt.generate_fields())
             self._leg("both", gen, self._on_colocated, self._finish)
         else:
-            gen = Generate(request_id=self.request_id, sampling=self.sampling, do_remote_decode=True,
-                           **self.prompt.generate_fields())
-            self._leg("prefill", gen, self._on_prefill, self._on_prefill_end)
+            self._start_disaggregated()
+
+    def _start_disaggregated(self) -> None:
+        """Read mode: the prefill leg first (push mode overrides this)."""
+        gen = Generate(request_id=self.request_id, sampling=self.sampling, do_remote_decode=True,
+                       **self.prompt.generate_fields())
+        self._leg("prefill", gen, self._on_prefill, self._on_prefill_end)
 
     def cancel(self) -> None:
         if not self.done:

@@ -37,17 +37,7 @@ class PushChoiceRun(ChoiceRun):
         self.held: list[tuple[Instance, TokenOutput]] = []  # decode outputs waiting for prefill's first token
         self.decode_ended = False  # decode's stream ended before prefill's first token came
 
-    def start(self) -> None:
-        if self.done:
-            return
-        try:
-            colocated = self.context.router.mode_for(self.model) == "colocated"
-        except APIError as e:
-            self._finish(e)
-            return
-        if colocated:
-            super().start()
-            return
+    def _start_disaggregated(self) -> None:
         gen = Generate(request_id=self.request_id, sampling=self.sampling, await_push=True,
                        **self.prompt.generate_fields())
         self._leg("decode", gen, self._on_decode_push, self._on_decode_end)
