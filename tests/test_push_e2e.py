@@ -100,6 +100,10 @@ async def test_openai_completions_through_the_push_gateway_match_colocated(stack
         streamed = await stack.openai.completions.create(model="demo", prompt=ids, max_tokens=12, temperature=0,
                                                          stream=True, extra_body={"ignore_eos": True})
         assert "".join([chunk.choices[0].text async for chunk in streamed if chunk.choices]) == expected
+    # One token: prefill's first token ends the request, and the gateway aborts the waiting decode leg.
+    one = await stack.openai.completions.create(model="demo", prompt=ids, max_tokens=1, temperature=0,
+                                                extra_body={"ignore_eos": True})
+    assert one.choices[0].finish_reason == "length" and one.usage.completion_tokens == 1
     await stack.wait_idle("prefill", "prefill-2", "decode", "decode-shm")
 
 

@@ -191,7 +191,7 @@ class DecodePush:
         registered = time.monotonic()
         try:
             yield TokenOutput(request_id, [], "", prompt_token_ids=prompt_ids, push_target=target)
-            outcome = await slot.settled
+            outcome = await asyncio.shield(slot.settled)  # a cancelled leg must not cancel the slot's future
         finally:
             if not slot.settled.done():  # cancelled: free the blocks once no write may land in them
                 self.pushed.abort(request_id)
