@@ -35,6 +35,7 @@ class Stack(EngineDriver):
     def __init__(self, procs: Processes, openai_client: openai.AsyncOpenAI):
         super().__init__(procs.engine_endpoints(), timeout_s=60.0)
         self.procs, self.openai = procs, openai_client
+        self.survivor = "prefill-2"  # the prefill left once the kill test killed one
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -152,15 +153,30 @@ async def test_a_push_no_prefill_finishes_expires_and_frees_decodes_blocks(stack
     await stack.wait_idle("decode")
 
 
-async def test_prefill_killed_mid_push_the_retry_on_another_prefill_decodes_correctly(stack: Stack):
-    target, decoded = await stack.push_registration("decode", "retried-push", LONG_PROMPT, LONG)
-    doomed = pushing(stack, "prefill", "retried-push", target)
-    await eventually(lambda: running(stack, "prefill"), timeout=30)
-    stack.procs.procs["prefill"].signal(signal.SIGKILL)
-    await asyncio.gather(doomed, return_exceptions=True)
-    pre = await pushing(stack, "prefill-2", "retried-push", target)  # what the gateway's retry sends
-    assert tokens(pre + await decoded) == await stack.reference(LONG_PROMPT, LONG)
-    await stack.wait_idle("prefill-2", "decode")
+async def test_prefill_killed_mid_push_the_gateway_retries_on_the_other_prefill(stack: Stack):
+    """The gateway's prefill leg fails over to the other prefill with decode's same registration; decode's
+    blocks, held meanwhile, get the whole prompt again and the output is the colocated one."""
+    ref = await stack.run("both", Generate("ref-killed", LONG, prompt_token_ids=LONG_PROMPT))
+    response = asyncio.create_task(stack.openai.completions.create(
+        model="demo", prompt=LONG_PROMPT, max_tokens=LONG.max_tokens, temperature=0, extra_body={"ignore_eos": True}))
+    prefills = ["prefill", "prefill-2"]
+
+    victims: list[str] = []
+
+    async def one_is_pushing() -> bool:
+        for name in prefills:
+            if await running(stack, name):
+                victims.append(name)
+                return True
+        return False
+
+    await eventually(one_is_pushing, timeout=30)
+    victim = victims[0]
+    stack.procs.procs[victim].signal(signal.SIGKILL)
+    assert (await response).choices[0].text == "".join(out.text for out in ref)
+    prefills.remove(victim)
+    stack.survivor = prefills[0]
+    await stack.wait_idle(stack.survivor, "decode", "decode-shm")
 
 
 async def test_decode_killed_prefill_stops_pushing_and_frees_everything(stack: Stack):
@@ -168,6 +184,6 @@ async def test_decode_killed_prefill_stops_pushing_and_frees_everything(stack: S
     stack.procs.procs["decode-shm"].signal(signal.SIGKILL)
     await asyncio.gather(decoded, return_exceptions=True)
     with pytest.raises(PeerError) as err:
-        await pushing(stack, "prefill-2", "orphan-push", target)
+        await pushing(stack, stack.survivor, "orphan-push", target)
     assert err.value.code == "kv_transfer_failed"
-    await stack.wait_idle("prefill-2")
+    await stack.wait_idle(stack.survivor)
