@@ -1,4 +1,5 @@
-"""Decode side of the handshake: the prefill instances our ranks read from, and how each rank reaches them.
+"""Decode side of the handshake: the prefill instances our ranks read from, and how each rank reaches them
+(push mode, prefill side: the decode instances our ranks write into, ``writes=True``).
 
 ``PeerDirectory.peer(engine_id, kv_endpoint, incarnation)`` handshakes once per
 prefill instance (one shared future per instance, failures not cached), checks
@@ -122,7 +123,8 @@ class PeerDirectory:
                                        for ours, theirs in pairs))
         chosen = ",".join(sorted({link.transport for link in links}))
         if self.chosen.get(engine_id) != chosen:
-            logger.info("KV from %s (%s, TP %d) over %s", engine_id, kv_endpoint, len(reply.ranks), chosen)
+            logger.info("KV %s %s (%s, TP %d) over %s", "to" if self.writes else "from", engine_id, kv_endpoint,
+                        len(reply.ranks), chosen)
         self.chosen[engine_id] = chosen
         return Peer(engine_id, kv_endpoint, reply.ranks, sources, dict(zip(pairs, links)),
                     reply.fingerprint.block_size, reply.incarnation)
