@@ -381,7 +381,6 @@ class PushDone(Message):
 
     transfer_id: str
     first_token_id: int
-    first_token_logprob: TokenLogprob | None = None
 
 
 class ReleaseKV(Message):

@@ -31,7 +31,7 @@ from common.kv_transfer.read_plan import table_of
 from common.kv_transfer.reader import ReleaseSender, check_held
 from common.kv_transfer.ranges import ByteRanges, token_ranges
 from common.kv_transfer.status import TransferQuorum, TransferStatus
-from common.messages import Fingerprint, LeaseRenewed, PushDone, PushTarget, RenewLease, TokenLogprob
+from common.messages import Fingerprint, LeaseRenewed, PushDone, PushTarget, RenewLease
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ class KVWriter:
             raise KVTransferError(f"writing push {target.transfer_id} to {target.engine_id} failed")
         return WriteStats(num_ranges, sum(w.ranges.total_bytes for w in writes), seconds)
 
-    async def done(self, target: PushTarget, first_token_id: int, logprob: TokenLogprob | None) -> None:
+    async def done(self, target: PushTarget, first_token_id: int) -> None:
         """Tell decode every write landed (``BusError`` when it does not answer, ``PeerError`` when it no
         longer holds the blocks)."""
-        await self.clients.get(target.kv_endpoint).call(PushDone(target.transfer_id, first_token_id, logprob))
+        await self.clients.get(target.kv_endpoint).call(PushDone(target.transfer_id, first_token_id))
 
     def abandon(self, target: PushTarget) -> None:
         """Tell decode (in the background) that nothing more will be written for ``target``."""

@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.bus.curve import Peer
@@ -55,7 +55,7 @@ class Slot:
     settled: asyncio.Future  # PushDone, ABORTED or EXPIRED
     writing: bool = False  # a confirmed write may be in flight
     aborted: bool = False  # an Abort came while writing: settle at the writer's next message
-    confirmed_at: list[float] = field(default_factory=list)
+    confirmed_at: float | None = None  # time.monotonic() of the last confirmation
 
 
 class PushedRequests:
@@ -89,8 +89,7 @@ class PushedRequests:
             if slot is not None and slot.aborted:
                 self._settle(tid, ABORTED)
             elif slot is not None:
-                slot.writing = True
-                slot.confirmed_at.append(time.monotonic())
+                slot.writing, slot.confirmed_at = True, time.monotonic()
                 held.append(tid)
         return self.leases.renew(held)
 
@@ -211,7 +210,7 @@ class DecodePush:
             s.engine.discard(request_id)
             raise
         timings = {"allocate_s": allocate_s, "kv_transfer_s": kv_done - registered,
-                   "kv_push_wait_s": kv_done - (slot.confirmed_at[-1] if slot.confirmed_at else registered)}
+                   "kv_push_wait_s": kv_done - (slot.confirmed_at or registered)}
         async with aclosing(self.handoff.stream_decoded(request_id, timings, kv_done)) as outputs:
             async for token in s.tokens(request_id, prompt_ids, outputs):
                 yield token
@@ -228,7 +227,9 @@ class DecodePush:
         return True
 
     async def shutdown(self) -> None:
+        """After the request handlers stopped: wait for the blocks of cancelled pushes to be freed (the sweeper
+        settles those no writer speaks for again), then stop the sweeper."""
+        await self._freeing.wait(timeout=self.service.config.kv_push_timeout_s)
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        await self._freeing.wait()

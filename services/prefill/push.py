@@ -85,7 +85,7 @@ class PrefillPush:
     def __init__(self, service: EngineService):
         self.service = s = service
         self.writer = KVWriter(s.kv_ranks, s.instance_id, s.fingerprint, s.config, s.transports.chosen)
-        self._notifying = BackgroundTasks()
+        self._background = BackgroundTasks()
 
     async def generate(self, msg: Generate, target: PushTarget) -> AsyncIterator[TokenOutput]:
         request_id, s = msg.request_id, self.service
@@ -94,7 +94,7 @@ class PrefillPush:
             raise PeerError("invalid_request", f"push_to: decode holds blocks for {target.num_tokens} tokens, the "
                             f"prompt has {len(prompt_ids)}", "push_to")
         transfer_id = new_transfer_id()
-        job = PushJob(self.writer, target, lambda: self._notifying.spawn(s.engine.abort(request_id)))
+        job = PushJob(self.writer, target, lambda: self._background.spawn(s.engine.abort(request_id)))
         finished = False
         try:
             outputs = s.local_outputs(request_id, prompt_ids, msg.sampling, pin_for_transfer=transfer_id, push=job)
@@ -106,7 +106,7 @@ class PrefillPush:
                     raise PeerError("kv_transfer_failed", f"pushing KV to {target.engine_id} failed: {job.failure}")
                 if token.finish_reason == "remote_decode":
                     await self._complete(job, token)
-                    self._notifying.spawn(self._done(target, token))  # decode starts as the client gets the token
+                    self._background.spawn(self._done(target, token))  # decode starts as the client gets the token
                     finished = True
                 yield token
         finally:
@@ -126,12 +126,11 @@ class PrefillPush:
                          "kv_push_s": job.seconds, "kv_bytes": float(job.bytes), "kv_ranges": float(job.ranges)}
 
     async def _done(self, target: PushTarget, token: TokenOutput) -> None:
-        logprob = token.logprobs[0] if token.logprobs else None
         try:
-            await self.writer.done(target, token.token_ids[0], logprob)
+            await self.writer.done(target, token.token_ids[0])
         except Exception as e:  # decode fails the request itself (its lease expires)
             log.warning("PushDone %s to %s failed: %s", target.transfer_id, target.engine_id, e)
 
     async def shutdown(self) -> None:
-        await self._notifying.wait()
+        await self._background.wait()
         await self.writer.close()
