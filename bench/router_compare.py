@@ -3,7 +3,10 @@
 Targets, each in front of instant fake engines (1 prefill + 1 decode) doing the whole prefill ->
 decode flow of every request:
 
-* ``pdserve``: ``pdserve gateway`` (``--workers W``) over the bus to ``bench.fakes`` engines;
+* ``pdserve``: ``pdserve gateway`` (``--workers W``) over the bus to ``bench.fakes`` engines
+  (``--bus-fakes engine``: the production engine service's parts with a fake model, KV handoff
+  and release included) or to ``bench.fakes.instant`` ones (``--bus-fakes instant``: one canned
+  answer per leg, as the HTTP fakes below answer; ``engine,instant``: both, as two targets);
 * ``vllm-router`` (``--vllm-pd-disaggregation``) and ``sglang-router`` (``--pd-disaggregation``),
   from PyPI in a separate virtual environment (``--routers-venv``; they are not dependencies:
   ``python -m venv /tmp/routers && /tmp/routers/bin/pip install vllm-router sglang-router``),
@@ -18,10 +21,14 @@ tokens, so a stream is 2 events and ``[DONE]``.  Reported per target, non-stream
 streaming: requests/s and p50 at ``--concurrency`` in flight, the router's CPU per request
 (user + system time of its whole process tree, from ``/proc``: the gateway's worker processes
 included, the fakes and the load generator not), p50 at 1 in flight; ratios against vllm-router.
-Targets alternate ``--rounds`` times; figures are pooled.
+Targets alternate ``--rounds`` times; figures are pooled.  At 1 in flight pdserve's own histograms
+split its mean latency (``split_at_one``): the HTTP side (the client's latency minus the gateway's
+end-to-end), the two bus legs (each ``Generate`` sent to its reply, the engine's work included),
+the gateway's own share (the rest of its end-to-end).
 
     python -m bench.router_compare --requests 8000
     python -m bench.router_compare --sweep 1,2,4,8 --load-processes 4   # requests/s by gateway workers
+    python -m bench.router_compare --baseline-tree ../main            # this gateway against main's, same run
 
 ``--sweep``: requests/s of pdserve with each number of workers against vllm-router at its
 defaults (policy ``cache_aware``), streaming and not; scaling is the rate over the rate of 1 worker.
@@ -33,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +49,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import Awaitable, Callable
 
 from bench.gateway_overhead import load, spawn, wait_http
 from bench.processes import free_port
@@ -115,17 +124,30 @@ async def http_fakes(stack: ExitStack, style: str) -> tuple[str, str]:
     return urls[0], urls[1]
 
 
-async def start_pdserve(stack: ExitStack, workers: int) -> Target:
+async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine", tree: str | None = None) -> Target:
+    """pdserve's gateway (this checkout's, or the one in ``tree``: another checkout of pdserve) in front
+    of a registry and fake engines of kind ``fakes`` of its own."""
     registry, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
-    for prefill in (1, 0):
-        spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(prefill),
-              "--decode", str(1 - prefill))
-    gateway = spawn(stack, "-m", "services.gateway", "--port", str(port), "--registry", registry,
-                    "--workers", str(workers), "--log-level", "warning")
+    for role in ("prefill", "decode"):
+        if fakes == "instant":
+            spawn(stack, "-m", "bench.fakes.instant", "--registry", registry, "--role", role)
+        else:
+            spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(int(role == "prefill")),
+                  "--decode", str(int(role == "decode")))
+    command = ("-m", "services.gateway", "--port", str(port), "--registry", registry, "--workers", str(workers),
+               "--log-level", "warning")
+    if tree is None:
+        gateway = spawn(stack, *command)
+    else:  # -P: the modules of PYTHONPATH's tree, not of the working directory's
+        gateway = spawn(stack, "env", f"PYTHONPATH={os.path.abspath(tree)}", sys.executable, "-P", *command,
+                        python=False)
     await wait_http(port, "/ready")
     await ready_on_new_connections(port, 4 * workers)  # every worker has its snapshot
-    return Target(f"pdserve x{workers}" if workers > 1 else "pdserve", port, gateway.pid)
+    name = f"pdserve x{workers}" if workers > 1 else "pdserve"
+    if fakes != "engine":
+        name += f" ({fakes} fakes)"
+    return Target(name if tree is None else f"{name} @{os.path.basename(os.path.abspath(tree))}", port, gateway.pid)
 
 
 async def ready_on_new_connections(port: int, times: int, timeout_s: float = 30.0) -> None:
@@ -227,11 +249,14 @@ class LoadGenerator:
 
 
 async def measure(targets: list[Target], gen: LoadGenerator, stream: bool, requests: int, concurrency: int,
-                  rounds: int) -> dict[str, dict]:
-    """Per target: rps, p50 ms and the router's CPU us per request, pooled over ``rounds`` alternations."""
+                  rounds: int, warm: Callable[[], Awaitable[None]] | None = None) -> dict[str, dict]:
+    """Per target: rps, p50 and mean ms and the router's CPU us per request, pooled over ``rounds``
+    alternations; ``warm()`` is awaited once every target is warmed up, before the measured rounds."""
     payload = body(stream)
     for t in targets:  # warm-up: connections, caches, first-call paths
         await gen.run(t.port, payload, min(requests, 500), concurrency)
+    if warm is not None:
+        await warm()
     pooled = {t.name: [0.0, [], 0.0] for t in targets}
     for _ in range(rounds):
         for t in targets:
@@ -241,14 +266,46 @@ async def measure(targets: list[Target], gen: LoadGenerator, stream: bool, reque
             pooled[t.name][1] += lat
             pooled[t.name][2] += tree_cpu_s(t.router_pid) - cpu0
     return {name: {"rps": len(lat) / elapsed, "p50_ms": statistics.median(lat) * 1e3,
-                   "router_cpu_us": cpu * 1e6 / len(lat)} for name, (elapsed, lat, cpu) in pooled.items()}
+                   "mean_ms": statistics.mean(lat) * 1e3, "router_cpu_us": cpu * 1e6 / len(lat)}
+            for name, (elapsed, lat, cpu) in pooled.items()}
+
+
+SPLIT_STAGES = ("e2e", "prefill_leg", "decode_first_output")
+
+
+async def gateway_stage_seconds(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the gateway's latency histograms of ``SPLIT_STAGES``, from its ``/metrics``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as h:
+        text = (await h.get(f"http://127.0.0.1:{port}/metrics")).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        stage = family.name.removeprefix("pdserve_gateway_").removesuffix("_seconds")
+        if stage in SPLIT_STAGES:
+            values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples if s.name.endswith(("_sum", "_count"))}
+            out[stage] = (values["sum"], values["count"])
+    return out
+
+
+def split_at_one(before: dict, after: dict, client_mean_ms: float) -> dict[str, float]:
+    """pdserve's mean latency at 1 in flight, split (ms): HTTP side, bus legs, the gateway's own share."""
+    mean = {k: (after[k][0] - before[k][0]) / (after[k][1] - before[k][1]) * 1e3 for k in SPLIT_STAGES}
+    legs = mean["prefill_leg"] + mean["decode_first_output"]
+    return {"client_mean_ms": client_mean_ms, "http_side_ms": client_mean_ms - mean["e2e"], "bus_legs_ms": legs,
+            "gateway_own_ms": mean["e2e"] - legs}
 
 
 async def compare(args: argparse.Namespace) -> dict:
     skipped: dict[str, str] = {}
     gen = LoadGenerator(args.load_processes)
     with ExitStack() as stack:
-        targets = [await start_pdserve(stack, args.workers)]
+        targets = [await start_pdserve(stack, args.workers, fakes) for fakes in args.bus_fakes]
+        if args.baseline_tree:
+            targets += [await start_pdserve(stack, args.workers, fakes, args.baseline_tree)
+                        for fakes in args.bus_fakes]
+        ours = targets[:]
         for name, package, start in (("vllm-router", "vllm_router", start_vllm_router),
                                      ("sglang-router", "sglang_router", start_sglang_router)):
             if (why := installed(args.routers_venv, package)) is None:
@@ -260,9 +317,18 @@ async def compare(args: argparse.Namespace) -> dict:
         for stream in (False, True):
             key = "streaming" if stream else "non-streaming"
             loaded = await measure(targets, gen, stream, args.requests, args.concurrency, args.rounds)
-            unloaded = await measure(targets, gen, stream, args.requests // 8, 1, args.rounds)
+            before: list[dict] = []
+
+            async def snapshot() -> None:
+                before.extend([await gateway_stage_seconds(t.port) for t in ours])
+
+            unloaded = await measure(targets, gen, stream, args.requests // 8, 1, args.rounds, warm=snapshot)
+            after = [await gateway_stage_seconds(t.port) for t in ours]
             for name in loaded:
                 loaded[name]["p50_1_ms"] = unloaded[name]["p50_ms"]
+                loaded[name]["mean_1_ms"] = unloaded[name]["mean_ms"]
+            for t, b, a in zip(ours, before, after):
+                loaded[t.name]["split_at_1"] = split_at_one(b, a, unloaded[t.name]["mean_ms"])
             result[key] = loaded
     gen.pool.shutdown()
     return result
@@ -281,7 +347,7 @@ async def sweep(args: argparse.Namespace) -> dict:
                 rates.update(await measure([router], gen, stream, args.requests, args.concurrency, args.rounds))
         for workers in args.sweep:
             with ExitStack() as stack:
-                target = await start_pdserve(stack, workers)
+                target = await start_pdserve(stack, workers, args.bus_fakes[0])
                 rates.update(await measure([target], gen, stream, args.requests, args.concurrency, args.rounds))
         result[key] = rates
     gen.pool.shutdown()
@@ -300,20 +366,25 @@ def report(result: dict) -> None:
         rows = result[key]
         base = rows.get("vllm-router") or rows.get("vllm-router (defaults)")
         print(f"\n{key}, {result['concurrency']} in flight:")
-        print(f"  {'':24} {'req/s':>8} {'p50 ms':>7} {'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1")
+        print(f"  {'':32} {'req/s':>8} {'p50 ms':>7} {'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1")
         for name, r in rows.items():
             cpu_ratio = f"{r['router_cpu_us'] / base['router_cpu_us']:.2f}x" if base else "-"
             at_one = r.get("p50_1_ms")
             added = f"{at_one - base['p50_1_ms']:+.2f} ms" if base and at_one is not None else "-"
-            print(f"  {name:24} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
+            print(f"  {name:32} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
                   f"{at_one if at_one is not None else float('nan'):9.2f}   {cpu_ratio}, {added}")
-        pd1 = rows.get("pdserve")
-        if pd1 and "p50_1_ms" not in pd1:  # a sweep
-            for name, r in rows.items():
-                if name.startswith("pdserve"):
-                    workers = int(name.split("x")[1]) if "x" in name else 1
-                    versus = f", {r['rps'] / base['rps']:.2f}x vllm-router's rate" if base else ""
-                    print(f"  {name}: scaling {r['rps'] / pd1['rps']:.2f} (ideal {workers}){versus}")
+        ours = [name for name in rows if name.startswith("pdserve")]
+        if ours and "p50_1_ms" not in rows[ours[0]]:  # a sweep: the first is 1 worker
+            for name in ours:
+                workers = int(m[1]) if (m := re.search(r" x(\d+)", name)) else 1
+                versus = f", {rows[name]['rps'] / base['rps']:.2f}x vllm-router's rate" if base else ""
+                print(f"  {name}: scaling {rows[name]['rps'] / rows[ours[0]]['rps']:.2f} (ideal {workers}){versus}")
+        for name in ours:
+            if (split := rows[name].get("split_at_1")) is not None:
+                versus = f" (vllm-router's client mean: {base['mean_1_ms']:.2f})" if base else ""
+                print(f"  {name} at 1 in flight, means: client {split['client_mean_ms']:.2f} ms = HTTP side "
+                      f"{split['http_side_ms']:.2f} + bus legs (engines included) {split['bus_legs_ms']:.2f} + "
+                      f"the gateway's own {split['gateway_own_ms']:.2f}{versus}")
     print("\n" + json.dumps(result))
 
 
@@ -324,8 +395,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the targets")
     parser.add_argument("--workers", type=int, default=1, help="pdserve gateway worker processes")
     parser.add_argument("--load-processes", type=int, default=1, help="load-generating processes")
+    parser.add_argument("--bus-fakes", type=lambda s: s.split(","), default=["engine"],
+                        help="pdserve's fake engines, one pdserve target each: engine (the engine service's parts), "
+                        "instant (canned answers), or engine,instant")
     parser.add_argument("--routers-venv", default="/tmp/routers", help="virtual environment with vllm-router "
                         "and sglang-router")
+    parser.add_argument("--baseline-tree", metavar="PATH", help="another checkout of pdserve whose gateway is "
+                        "measured too, in the same run (e.g. main's, for a before/after figure)")
     parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")],
                         help="pdserve worker counts to measure against vllm-router's defaults, e.g. 1,2,4,8")
     parser.add_argument("--serve-toy-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)

@@ -102,3 +102,35 @@ async def test_an_outside_cancellation_is_not_mistaken_for_a_disconnect():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert client.waiting == 0
+
+
+async def test_one_client_watch_serves_several_waits_with_one_receive():
+    client = Client()
+    calls = 0
+    receive = client.receive
+
+    async def counting_receive() -> dict:
+        nonlocal calls
+        calls += 1
+        return await receive()
+
+    watch = sse.ClientWatch(counting_receive)
+    assert await watch.run(asyncio.sleep(0, "first")) == "first"
+    assert await watch.run(asyncio.sleep(0, "body")) == "body"
+    assert calls == 1 and client.waiting == 1  # one receive, still pending across both waits
+    watch.close()
+    assert client.waiting == 0
+
+
+async def test_a_client_gone_between_waits_fails_the_next_wait_at_once():
+    client = Client()
+    watch = sse.ClientWatch(client.receive)
+    client.leave()
+    for _ in range(3):  # the disconnect arrives while nothing runs: noted, nothing cancelled
+        await asyncio.sleep(0)
+    assert asyncio.current_task().cancelling() == 0
+    work = asyncio.sleep(30)
+    with pytest.raises(sse.ClientGone):
+        await watch.run(work)
+    assert work.cr_frame is None  # closed, never awaited (no "never awaited" warning)
+    watch.close()

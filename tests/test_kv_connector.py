@@ -1,8 +1,10 @@
 """L2: the KV reader and the side channel (through a real prefill handoff) over real ZMQ, fake MoRI-IO fabric."""
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -75,7 +77,7 @@ class Prefill:
         transfer_id = self.transfer_ids[request_id] = self.handoff.begin(request_id, b"gateway")
         expiry = self.handoff.lease(request_id, block_ids)
         return KVTransferParams(engine_id="prefill-0", kv_endpoint=self.server.endpoint, transfer_id=transfer_id,
-                                block_ids=block_ids, num_tokens=4 * len(block_ids), first_token_id=1,
+                                block_ids=block_ids, num_tokens=self.kv.block_size * len(block_ids), first_token_id=1,
                                 lease_expiry=expiry)
 
     async def unpinned(self) -> list[str]:
@@ -90,9 +92,9 @@ def fake():
     fake_mori.uninstall()
 
 
-@pytest.fixture
-async def prefill(fake):
-    kv = KVCache(num_blocks=16, **GEOMETRY)
+@contextlib.asynccontextmanager
+async def serving_prefill(kv: KVCache, fp: Fingerprint) -> AsyncIterator[Prefill]:
+    """A prefill instance's KV side (handoff, side channel on a real bus server) over ``kv``, filled at random."""
     kv.data.copy_(torch.randn_like(kv.data))
     rank = open_rank(config(), kv)
     backend = rank.transports.backends["tcp"]
@@ -102,13 +104,21 @@ async def prefill(fake):
         released.append(transfer_id)
 
     handoff = PrefillHandoff("prefill-0", LeaseTable(30.0), unpin)
-    channel = KVSideChannel("prefill-0", fingerprint(), [rank.memory], rank.transports.incarnation, handoff)
+    channel = KVSideChannel("prefill-0", fp, [rank.memory], rank.transports.incarnation, handoff)
     server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
     channel.attach(server)
     await server.start()
-    yield Prefill(kv, handoff, released, channel, server, rank, backend)
-    await server.close()
-    rank.close()
+    try:
+        yield Prefill(kv, handoff, released, channel, server, rank, backend)
+    finally:
+        await server.close()
+        rank.close()
+
+
+@pytest.fixture
+async def prefill(fake):
+    async with serving_prefill(KVCache(num_blocks=16, **GEOMETRY), fingerprint()) as served:
+        yield served
 
 
 @pytest.fixture

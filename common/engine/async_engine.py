@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.engine.engine import LLMEngine
+from common.engine.kv_push import KVPush, finish_pushed
 from common.engine.stats import StepStats
-from common.engine.sequence import KVPush, NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
+from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
 from common.errors import PdserveError
 from common.messages import SamplingParams
 
@@ -157,8 +158,20 @@ class AsyncEngine:
         """Why the engine thread stopped on an error (a step raised), or None."""
         return self._dead
 
-    async def finish_remote_kv(self, request_id: str, ok: bool, first_token_id: int | None = None) -> bool:
-        return await self._call(lambda: self.core.finish_remote_kv(request_id, ok, first_token_id))
+    async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
+        return await self._call(lambda: self.core.finish_remote_kv(request_id, ok))
+
+    async def finish_pushed(self, request_id: str, first_token_id: int) -> bool:
+        """Push mode: the prompt's KV landed; decode from the prefill's ``first_token_id``."""
+        return await self._call(lambda: finish_pushed(self.core, request_id, first_token_id))
+
+    async def load_from_host(self, request_id: str, start: int) -> int:
+        """``OffloadTier.load_remote`` (the engine has ``--kv-offload-cpu-gib``)."""
+        return await self._call(lambda: self.core.offload.load_remote(self.core.requests.get(request_id), start))
+
+    def store_to_host(self, request_id: str) -> None:
+        """``OffloadTier.store_seq``, without waiting (the engine has ``--kv-offload-cpu-gib``)."""
+        self._post(lambda: self.core.offload.store_seq(self.core.requests.get(request_id)))
 
     async def release_transfer(self, transfer_id: str) -> bool:
         return await self._call(lambda: self.core.release_transfer(transfer_id))

@@ -5,12 +5,17 @@ so one hash names a whole prefix.  A block is registered under its hash only
 once its KV is valid (``commit``), so a block still being computed or read from
 a remote engine is never offered as a hit.  A freed block keeps its hash (and
 can be hit again) until it is handed out as a fresh block.
+
+With an offload tier (``on_evictable``), a committed block whose last reference
+goes is offered to it first; a block the tier takes stays held until the tier
+``release``s it, so it is never handed out while its copy to host memory runs.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 import xxhash
 
@@ -44,6 +49,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # ref_count 0, reuse oldest first
         self.pins: dict[str, list[int]] = {}
         self.pin_refs: Counter[int] = Counter()
+        self.on_evictable: Callable[[Block], bool] | None = None  # True: the callee now holds the block
 
     @property
     def num_blocks(self) -> int:
@@ -104,11 +110,14 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.block_hashes), min(seq.num_computed_tokens // bs, len(seq.block_table))):
             chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash_block(chunk, seq.block_hashes[-1] if i else 0)
-            seq.block_hashes.append(h)
-            block = self.blocks[seq.block_table[i]]
-            block.hash, block.token_ids = h, chunk
-            self.hash_to_block[h] = block.id
+            self.register(seq, hash_block(chunk, seq.block_hashes[-1] if i else 0), chunk)
+
+    def register(self, seq: Sequence, block_hash: int, token_ids: tuple[int, ...]) -> None:
+        """Name the sequence's next unnamed block a cache hit: its KV is valid, or is loaded before any step reads it."""
+        block = self.blocks[seq.block_table[len(seq.block_hashes)]]
+        seq.block_hashes.append(block_hash)
+        block.hash, block.token_ids = block_hash, token_ids
+        self.hash_to_block[block_hash] = block.id
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references (tail first, so a prefix's head stays cached longest)."""
@@ -141,6 +150,16 @@ class BlockManager:
             self._unref(block_id)
         return True
 
+    def hold(self, block_id: int) -> None:
+        """One more reference to a block in use (``release`` drops it)."""
+        if self.blocks[block_id].ref_count == 0:
+            raise ValueError(f"block {block_id} is free and cannot be held")
+        self._ref(block_id)
+
+    def release(self, block_id: int) -> None:
+        """Drop a reference taken by ``hold`` or kept by ``on_evictable``."""
+        self._unref(block_id)
+
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         block.ref_count += 1
@@ -150,5 +169,9 @@ class BlockManager:
     def _unref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         block.ref_count -= 1
-        if block.ref_count == 0:
-            self.free[block_id] = None
+        if block.ref_count > 0:
+            return
+        if block.hash is not None and self.on_evictable is not None and self.on_evictable(block):
+            block.ref_count = 1  # held by the offload tier until it releases the block
+            return
+        self.free[block_id] = None

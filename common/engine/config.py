@@ -51,6 +51,11 @@ class EngineConfig:
     max_num_seqs: int = opt(64, "most sequences running at once")
     max_model_len: int | None = opt(None, "context length limit; none = the model's")
     enable_prefix_caching: bool = opt(True, "reuse KV blocks of identical prompt prefixes")
+    kv_offload_cpu_gib: float = opt(
+        0.0,
+        "host memory (GiB, pinned on CUDA; each TP rank holds its heads' share) for prefix-cache blocks evicted "
+        "from the KV cache, loaded back on a later prefix hit instead of recomputed; 0 = off",
+    )
     seed: int = opt(0, "seed of the sampler for requests without their own seed")
     enforce_eager: bool = opt(
         False, "run every step eagerly: no CUDA graphs for decode steps (CPU always runs eagerly)"
@@ -86,6 +91,9 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             require(parse_size(self.kv_cache_memory) > 0, "kv_cache_memory", "must be > 0")
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        require(self.kv_offload_cpu_gib >= 0, "kv_offload_cpu_gib", "must be >= 0")
+        require(self.kv_offload_cpu_gib == 0 or self.enable_prefix_caching, "kv_offload_cpu_gib",
+                "needs --enable-prefix-caching (blocks are found by their prefix hash)")
         require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
         require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")

@@ -25,9 +25,9 @@ from common.engine.model_runner import ModelRunner
 from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
+from common.engine.kv_push import KVPush, report_pushes
 from common.engine.sequence import (
     InvalidRequest,
-    KVPush,
     RemoteAllocation,
     RemoteRequest,
     RequestOutput,
@@ -36,6 +36,8 @@ from common.engine.sequence import (
 )
 from common.engine.stats import StepStats
 from common.engine.tp_workers import WorkerRanks, load_rank
+from common.kv_offload.host_copier import HostCopier
+from common.kv_offload.tier import OffloadTier, host_slots
 from common.messages import MAX_LOGPROBS, SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -99,10 +101,13 @@ class LLMEngine:
             self.worker_kv = self.workers.published("kv")
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        slots = host_slots(config, mc, self.dtype)
+        self.offload = OffloadTier(self.block_manager, slots) if slots else None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
+                                   self.offload)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.device, config.max_num_seqs, self.max_model_len, config.enforce_eager,
-            self.tp,
+            self.tp, HostCopier(self.kv_cache, slots) if slots else None,
         )
         self.sampler = Sampler(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}
@@ -141,12 +146,9 @@ class LLMEngine:
         pin_for_transfer: str | None = None,
         push: KVPush | None = None,
     ) -> None:
-        """Queue a request.  With ``pin_for_transfer`` (prefill for a remote decode) it ends after its
-        first token with finish reason ``remote_decode``, its prompt blocks pinned under that id.  With
-        ``push`` too (push mode), each step hands the prompt KV it computed to ``push``."""
+        """Queue a request.  With ``pin_for_transfer`` (prefill for a remote decode) it ends after its first token
+        (``remote_decode``), its prompt blocks pinned under that id; push mode: ``push`` gets each step's new KV."""
         self._validate(request_id, prompt_token_ids, sampling, pin_for_transfer)
-        if push is not None and pin_for_transfer is None:
-            raise InvalidRequest(f"request {request_id!r}: a push needs pin_for_transfer", "transfer_id")
         seq = self._new_sequence(request_id, prompt_token_ids, sampling, pin_for_transfer)
         seq.push = push
         self.scheduler.add(seq)
@@ -162,8 +164,8 @@ class LLMEngine:
             raise InvalidRequest(
                 f"num_remote_tokens {remote.num_remote_tokens} != prompt length {len(prompt)}", "num_remote_tokens"
             )
-        if remote.first_token_id is not None:
-            self._check_first_token(remote.first_token_id)
+        if remote.first_token_id is not None and not 0 <= remote.first_token_id < self.model_config.vocab_size:
+            raise InvalidRequest(f"first_token_id {remote.first_token_id} is outside the vocabulary", "first_token_id")
         seq = self._new_sequence(remote.request_id, prompt, remote.sampling, None)
         seq.remote_first_token = remote.first_token_id
         if seq.generator is not None:
@@ -172,21 +174,15 @@ class LLMEngine:
         self.requests[remote.request_id] = seq
         return allocation
 
-    def finish_remote_kv(self, request_id: str, ok: bool, first_token_id: int | None = None) -> bool:
+    def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
         """The connector is done with a remote request's blocks: ``ok`` = its KV landed.  On failure
         ``kv_load_failure_policy`` applies: recompute the prompt locally, or fail the request.
-        ``first_token_id``: the prefill's first token, when the request was added without it (push mode).
         False if the request is gone (aborted meanwhile); ``InvalidRequest`` if it is not waiting."""
         seq = self.requests.get(request_id)
         if seq is None:
             return False
         if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KVS:
             raise InvalidRequest(f"request {request_id!r} is not waiting for remote KV", "request_id")
-        if first_token_id is not None:
-            self._check_first_token(first_token_id)
-            seq.remote_first_token = first_token_id
-        if seq.remote_first_token is None:
-            raise InvalidRequest(f"request {request_id!r}: no first token from its prefill", "first_token_id")
         if not ok and self.config.kv_load_failure_policy == "fail":
             out = RequestOutput(request_id, [], "", error="reading the prompt's KV from the prefill engine failed")
             self._finish(seq, "error", out)
@@ -224,7 +220,8 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         """Whether ``step()`` would do anything now (False while every request waits for remote KV)."""
-        return self.scheduler.has_schedulable() or bool(self.pending_outputs)
+        offloading = self.offload is not None and self.offload.pending
+        return self.scheduler.has_schedulable() or bool(self.pending_outputs) or offloading
 
     def stats(self) -> StepStats:
         bm = self.block_manager
@@ -268,16 +265,19 @@ class LLMEngine:
         """Run one batch; returns an output for every request that got a token or finished."""
         outputs, self.pending_outputs = self.pending_outputs, []
         scheduled = self.scheduler.schedule()
-        if not scheduled:
+        if not scheduled and (self.offload is None or not self.offload.pending):
             return outputs
+        offload = self.offload.take_ops() if self.offload is not None else None
         start = time.monotonic()
         for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampling_seqs = [seq for (seq, _), s in zip(scheduled, sample) if s]
-        run = partial(self.runner.run, scheduled, sample)
+        run = partial(self.runner.run, scheduled, sample, offload)
         logits = run() if self.workers is None else self.workers.call(run)
+        if self.offload is not None:
+            self.offload.step_done(offload)
         tokens: list[int] = []
         logprobs: list[TokenLogprob | None] = []
         if logits is not None:
@@ -289,31 +289,10 @@ class LLMEngine:
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 seq.prefill_time += elapsed
         self.scheduler.update(scheduled)
-        self._push(scheduled)  # before a finishing sequence's blocks are pinned or freed
+        report_pushes(scheduled, self.device)  # before a finishing sequence's blocks are pinned or freed
         for seq, token, logprob in zip(sampling_seqs, tokens, logprobs):
             outputs.append(self._append_token(seq, token, logprob))
         return outputs
-
-    def _push(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        """Push mode: hand each pushing sequence's prompt KV computed since its last report to its ``push``
-        (on CUDA with an event recorded after this step's kernels)."""
-        pushing = [seq for seq, _ in scheduled
-                   if seq.push is not None and seq.num_pushed_tokens < min(seq.num_computed_tokens,
-                                                                           seq.num_prompt_tokens)]
-        if not pushing:
-            return
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-        for seq in pushing:
-            end = min(seq.num_computed_tokens, seq.num_prompt_tokens)
-            seq.push.computed(seq.num_pushed_tokens, end, list(seq.block_table), ready)
-            seq.num_pushed_tokens = end
-
-    def _check_first_token(self, token_id: int) -> None:
-        if not 0 <= token_id < self.model_config.vocab_size:
-            raise InvalidRequest(f"first_token_id {token_id} is outside the vocabulary", "first_token_id")
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.token_ids.append(token)

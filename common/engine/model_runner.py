@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,13 +12,15 @@ from common.engine.kv_cache import KVCache
 from common.engine.model import CausalLM
 from common.engine.parallel import SINGLE, TensorParallel
 from common.engine.sequence import Sequence
+from common.kv_offload.host_copier import HostCopier
+from common.kv_offload.tier import OffloadOps
 
 
 @dataclass
 class StepInputs:
     """What every rank needs to run one step's forward: the new tokens (flattened), their positions,
     and per sequence its new-token count, context length after the step, block table and whether
-    its last token's logits are wanted."""
+    its last token's logits are wanted; and the step's offload copies, ``(host slot, device block)``."""
 
     input_ids: list[int]
     positions: list[int]
@@ -26,11 +28,13 @@ class StepInputs:
     context_lens: list[int]
     block_tables: list[list[int]]
     sample: list[bool]
+    offload: OffloadOps = field(default_factory=OffloadOps)
 
     @classmethod
-    def of(cls, scheduled: list[tuple[Sequence, int]], sample: list[bool]) -> "StepInputs":
+    def of(cls, scheduled: list[tuple[Sequence, int]], sample: list[bool], offload: OffloadOps | None = None
+           ) -> "StepInputs":
         """Each sequence computes ``n`` tokens from its ``num_computed_tokens`` on."""
-        inputs = cls([], [], [], [], [seq.block_table for seq, _ in scheduled], sample)
+        inputs = cls([], [], [], [], [seq.block_table for seq, _ in scheduled], sample, offload or OffloadOps())
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             inputs.input_ids += seq.token_ids[start : start + n]
@@ -41,24 +45,27 @@ class StepInputs:
 
     def pack(self) -> list[int]:
         """One flat list of ints (``unpack`` inverts it): how rank 0 broadcasts a step."""
-        header = [len(self.query_lens), len(self.input_ids)]
+        loads, stores = self.offload.loads, self.offload.stores
+        header = [len(self.query_lens), len(self.input_ids), len(loads), len(stores)]
         per_seq = self.query_lens + self.context_lens + [int(s) for s in self.sample]
         tables = [len(t) for t in self.block_tables] + [b for t in self.block_tables for b in t]
-        return header + self.input_ids + self.positions + per_seq + tables
+        copies = [x for pair in loads + stores for x in pair]
+        return header + self.input_ids + self.positions + per_seq + copies + tables
 
     @classmethod
     def unpack(cls, values: list[int]) -> "StepInputs":
-        num_seqs, num_tokens = values[0], values[1]
-        parts, at = [], 2
-        for length in (num_tokens, num_tokens, num_seqs, num_seqs, num_seqs, num_seqs):
+        num_seqs, num_tokens, num_loads, num_stores = values[:4]
+        parts, at = [], 4
+        for length in (num_tokens, num_tokens, num_seqs, num_seqs, num_seqs, 2 * num_loads, 2 * num_stores, num_seqs):
             parts.append(values[at : at + length])
             at += length
-        input_ids, positions, query_lens, context_lens, sample, table_lens = parts
+        input_ids, positions, query_lens, context_lens, sample, loads, stores, table_lens = parts
         tables = []
         for length in table_lens:
             tables.append(values[at : at + length])
             at += length
-        return cls(input_ids, positions, query_lens, context_lens, tables, [bool(s) for s in sample])
+        offload = OffloadOps(list(zip(loads[::2], loads[1::2])), list(zip(stores[::2], stores[1::2])))
+        return cls(input_ids, positions, query_lens, context_lens, tables, [bool(s) for s in sample], offload)
 
 
 class ModelRunner:
@@ -70,6 +77,11 @@ class ModelRunner:
     Under tensor parallelism rank 0 calls ``run``, which broadcasts the step's inputs; every
     other rank calls ``forward`` with the inputs it receives (``TensorParallel.receive``), so that
     all ranks run the same collectives.
+
+    With ``offload`` (a ``HostCopier``) every step first waits for the previous step's copies out,
+    then copies its loads in and starts its stores, then runs the forward pass; a step with no
+    sequences only copies (under tensor parallelism it ends with a barrier, as a forward pass's
+    collectives would: once rank 0 returns, every rank finished the previous stores).
     """
 
     def __init__(
@@ -81,8 +93,10 @@ class ModelRunner:
         max_model_len: int,
         enforce_eager: bool = False,
         tp: TensorParallel = SINGLE,
+        offload: HostCopier | None = None,
     ):
         self.model = model
+        self.offload = offload
         self.kv_cache = kv_cache
         self.device = device
         self.tp = tp
@@ -90,10 +104,11 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, kv_cache, max_num_seqs, max_model_len) if use_graphs else None
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]], sample: list[bool]) -> torch.Tensor | None:
+    def run(self, scheduled: list[tuple[Sequence, int]], sample: list[bool], offload: OffloadOps | None = None
+            ) -> torch.Tensor | None:
         """Compute each sequence's ``n`` tokens from ``num_computed_tokens`` on (writing their KV);
         returns float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
-        inputs = StepInputs.of(scheduled, sample)
+        inputs = StepInputs.of(scheduled, sample, offload)
         if self.tp.world_size > 1:
             self.tp.send(inputs.pack())
         return self.forward(inputs)
@@ -101,6 +116,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """Run the step; float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
+        if self.offload is not None:
+            self.offload.wait_stores()
+            self.offload.load(inputs.offload.loads)
+            self.offload.store(inputs.offload.stores)
+        if not inputs.query_lens:
+            if self.tp.world_size > 1:
+                self.tp.barrier()
+            return None
         hidden, last = self._hidden_states(inputs)
         if not any(inputs.sample):
             return None

@@ -197,6 +197,10 @@ class TensorParallel:
         dist.broadcast(payload, 0, group=self.control_group)
         return payload.tolist()
 
+    def barrier(self) -> None:
+        """Every rank got here (bounded by ``timeout`` like a control broadcast)."""
+        dist.barrier(group=self.control_group, async_op=True).wait(self.timeout)
+
     def _send_header(self, op: int, length: int) -> None:
         self._broadcast_bounded(torch.tensor([op, length], dtype=torch.int64))
 

@@ -6,7 +6,8 @@ Running sequences go first (oldest first); when blocks run out the newest
 running sequence is preempted (its blocks freed, recomputed later).  Waiting
 sequences are admitted only in steps without preemption.  Sequences in
 ``WAITING_FOR_REMOTE_KVS`` hold their blocks and are never scheduled until
-``finish_remote_kv``.
+``finish_remote_kv``.  With an offload tier, a fresh sequence's prefix hits
+continue from host memory where the device's end.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from collections import deque
 
 from common.engine.block_manager import BlockManager
 from common.engine.sequence import NoFreeBlocks, RemoteAllocation, Sequence, SequenceStatus
+from common.kv_offload.tier import OffloadTier
 
 logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 offload: OffloadTier | None = None):
         self.block_manager = block_manager
+        self.offload = offload
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -62,7 +66,10 @@ class Scheduler:
             seq = self.waiting[0]
             fresh = not seq.block_table
             if fresh:  # new or preempted: take prefix-cache hits, always leaving one token to compute
-                hit = bm.allocate_prefix(seq, (seq.num_tokens - 1) // bm.block_size)
+                max_hit = (seq.num_tokens - 1) // bm.block_size
+                hit = bm.allocate_prefix(seq, max_hit)
+                if self.offload is not None:
+                    hit += self.offload.load_prefix(seq, max_hit) * bm.block_size
                 seq.num_computed_tokens = hit
                 if seq.first_scheduled_time is None:
                     seq.num_cached_tokens = hit

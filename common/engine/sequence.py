@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +14,7 @@ from common.messages import SamplingParams, TokenLogprob, Usage
 
 if TYPE_CHECKING:
     from common.engine.detokenizer import Detokenizer
+    from common.engine.kv_push import KVPush
 
 
 class InvalidRequest(PdserveError):
@@ -58,15 +59,6 @@ class RemoteRequest:
     num_remote_tokens: int
 
 
-class KVPush(Protocol):
-    """Push mode, prefill: where the engine reports a sequence's prompt KV as it lands in the cache."""
-
-    def computed(self, start: int, end: int, block_ids: list[int], ready: torch.cuda.Event | None) -> None:
-        """Engine thread, after a step: the KV of prompt tokens ``[start, end)`` is in ``block_ids`` (the
-        sequence's block table) once ``ready`` (None: already) completed; ``start`` 0 again after a
-        preemption (the prompt is recomputed in other blocks).  Must not block."""
-
-
 @dataclass
 class RequestOutput:
     """What one step produced for one request (``text`` and ``new_token_ids`` are deltas)."""
@@ -95,7 +87,7 @@ class Sequence:
     token_ids: list[int]
     sampling: SamplingParams
     pin_for_transfer: str | None = None
-    push: KVPush | None = None  # push mode: told of each step's new prompt KV
+    push: KVPush | None = None  # push mode: told of each step's new prompt KV (``common.engine.kv_push``)
     num_pushed_tokens: int = 0  # prompt tokens whose KV was handed to ``push`` in this pass
     generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING

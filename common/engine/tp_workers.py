@@ -43,6 +43,8 @@ from common.engine.parallel import (
     TensorParallelError,
     check_tensor_parallel,
 )
+from common.kv_offload.host_copier import HostCopier
+from common.kv_offload.tier import host_slots
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.rank_agent import open_rank_agent
 from common.kv_transfer.ranges import KVLayout
@@ -284,7 +286,9 @@ def serve_rank(spec: WorkerSpec) -> None:
         agent, info = open_rank_agent(kv_config, spec.rank, heads, kv_cache.data, KVLayout.of(kv_cache),
                                       spec.world_size)
         publish(store, "kv", spec.rank, msgspec.msgpack.encode(info))
-    runner = ModelRunner(model, kv_cache, device, config.max_num_seqs, max_model_len, enforce_eager=True, tp=tp)
+    slots = host_slots(config, model_config, parse_dtype(spec.dtype))
+    runner = ModelRunner(model, kv_cache, device, config.max_num_seqs, max_model_len, enforce_eager=True, tp=tp,
+                         offload=HostCopier(kv_cache, slots) if slots else None)
     try:
         while (message := tp.receive()) is not None:
             runner.forward(StepInputs.unpack(message))

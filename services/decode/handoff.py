@@ -11,10 +11,13 @@
    blocks for the prompt plus its first token, prefix-cache hits leading; with
    too few free blocks it waits (FIFO) up to ``--remote-blocks-timeout-s``.  The
    request then waits in ``WAITING_FOR_REMOTE_KVS``.
-3. Read: ``KVReader.read_blocks`` copies the blocks that are not local hits from
-   the prefill engine, confirms the lease (its first ``RenewLease`` claims the
-   transfer: only this engine may then renew or release it), then sends
-   ``ReleaseKV`` whatever happened.
+3. Read: the connector (``common.kv_offload.MultiConnector``) fills the blocks
+   that are not local hits: from the engine's host tier first when
+   ``--kv-offload-cpu-gib`` is on, the rest through ``KVReader.read_blocks``,
+   which copies them from the prefill engine, confirms the lease (its first
+   ``RenewLease`` claims the transfer: only this engine may then renew or
+   release it), then sends ``ReleaseKV`` whatever happened.  Blocks read from
+   prefill are then stored to the host tier too.
 4. Hand the request to the engine: ``finish_remote_kv(ok)`` decodes (or, when
    the read failed, recomputes or fails per ``--kv-load-failure-policy``).  A
    transfer whose params name other blocks than the prefill's lease holds
@@ -41,7 +44,11 @@ from common.engine.async_engine import RequestAborted
 from common.engine.sequence import InvalidRequest, RemoteAllocation, RemoteRequest, RequestOutput
 from common.engine_service import ColocatedRole, EngineService
 from common.errors import KVBlocksRefused, KVTransferError, PeerError
-from common.kv_transfer.reader import KVReader
+from common.kv_offload.connector import BlockLoad
+from common.kv_offload.multi_connector import MultiConnector
+from common.kv_offload.offload_connector import OffloadConnector
+from common.kv_offload.pd_connector import PDConnector
+from common.kv_transfer.reader import KVReader, ReadStats
 from common.messages import Generate, KVTransferParams, TokenOutput
 from services.decode.push import DecodePush
 
@@ -56,6 +63,7 @@ class DecodeHandoff(ColocatedRole):
     def __init__(self, service: EngineService):
         super().__init__(service)
         self.reader: KVReader | None = None
+        self.connector: MultiConnector | None = None
         self.reading: set[str] = set()  # request ids whose blocks a backend read may be writing
         self.aborted: set[str] = set()  # running request ids an Abort arrived for
         self.push: DecodePush | None = None  # push mode (``services/decode/push.py``)
@@ -63,6 +71,8 @@ class DecodeHandoff(ColocatedRole):
     async def start(self) -> None:
         s = self.service
         self.reader = KVReader(s.open_kv_ranks(), s.instance_id, s.fingerprint, s.config, s.transports.chosen)
+        host_tier = [OffloadConnector(s.engine)] if s.core.offload is not None else []
+        self.connector = MultiConnector([*host_tier, PDConnector(self.reader)])
         if s.config.kv_mode == "push":
             self.push = DecodePush(self)
             self.push.start()
@@ -203,10 +213,14 @@ class DecodeHandoff(ColocatedRole):
         self.reading.add(request_id)
         try:
             # The allocation also holds the block of the first token's KV, which decode computes itself.
-            prompt_blocks = allocation.block_ids[:ceil_div(params.num_tokens, self.service.core.block_size)]
-            stats = await self.reader.read_blocks(params, prompt_blocks, allocation.num_cached_blocks)
+            load = BlockLoad(request_id, allocation.block_ids[:ceil_div(params.num_tokens,
+                                                                        self.service.core.block_size)], params)
+            loaded = await self.connector.load_each(load, allocation.num_cached_blocks)
+            stats = loaded.get(PDConnector.name, ReadStats(0, 0, 0, 0.0))  # what came from prefill
             timings = {"kv_transfer_s": time.monotonic() - started, "kv_read_s": stats.seconds,
                        "kv_bytes": float(stats.bytes), "kv_ranges": float(stats.num_ranges)}
+            if OffloadConnector.name in loaded:
+                timings["kv_host_blocks"] = float(loaded[OffloadConnector.name].num_blocks)
             ok = True
         except KVTransferError as e:
             log.warning("request %s: reading KV from %s failed: %s", request_id, params.engine_id, e)
@@ -220,6 +234,8 @@ class DecodeHandoff(ColocatedRole):
             await engine.abort(request_id)  # a refused transfer's blocks are freed, nothing of them cached
         else:
             await engine.finish_remote_kv(request_id, ok)
+            if ok:
+                self.connector.store(load)
         if refused is not None:
             raise PeerError("kv_transfer_failed", str(refused), "remote_prefill.block_ids")
         return timings, kv_done

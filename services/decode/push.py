@@ -205,7 +205,7 @@ class DecodePush:
             return
         kv_done = time.monotonic()
         try:
-            await s.engine.finish_remote_kv(request_id, True, outcome.first_token_id)
+            await s.engine.finish_pushed(request_id, outcome.first_token_id)
         except BaseException:
             s.engine.discard(request_id)
             raise

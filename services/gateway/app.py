@@ -12,8 +12,8 @@ A generation request is admitted (API key, request id, body, parse, model, a slo
 of ``admission``: it may wait in the bounded queue, or be shed with 429/503),
 then becomes a ``RequestRun`` answered as JSON (``responses``) or as an event
 stream (``streaming``); the run's ``close`` is its one cleanup.  Its request handle is
-reserved for the admission (``RequestIds.reserved``), which releases it however
-the admission fails; the run owns it from then on.
+reserved (``RequestIds.reserve``) and released however the admission fails (a
+cancellation too); the run owns it from then on.
 """
 
 from __future__ import annotations
@@ -243,8 +243,9 @@ class Gateway:
             if (denied := unauthorized(self.config.api_key, _header(headers, b"authorization"))) is not None:
                 self.metrics.on_request_done(endpoint, denied.status_code, time.perf_counter() - started_at, ())
                 return denied
-            with self.request_ids.reserved(_header(headers, b"x-request-id")) as ids:
-                request_id = ids.label
+            ids = self.request_ids.reserve(_header(headers, b"x-request-id"))
+            request_id = ids.label
+            try:  # released if admission fails, however (cancellation too); else the run owns it
                 body = await read_body(headers, receive, self.config.max_body_bytes)
                 req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
                 self._check_model(req)
@@ -263,6 +264,9 @@ class Gateway:
                     collector = ResponseCollector(req)
                     run = RequestRun(self.context, req, ids, endpoint, started_at, collector.add)
                 # from here the run owns the request id and the admission slot: its close releases them
+            except BaseException:
+                self.request_ids.release(ids.handle)
+                raise
         except (APIError, sse.ClientGone) as e:
             status = e.status if isinstance(e, APIError) else CLIENT_GONE
             self.metrics.on_request_done(endpoint, status, time.perf_counter() - started_at, ())
@@ -286,12 +290,14 @@ class Gateway:
         """The event stream, once the first event is known (or the failure's answer); from then on
         the stream closes the run, however it ends."""
         events.follow(run)
+        watch = sse.ClientWatch(receive)  # the stream's: it watches the body too
         try:
             run.start()
-            first = await sse.run_until_disconnect(receive, events.next(run))
+            first = await watch.run(events.next(run))
         except BaseException as e:
+            watch.close()
             return _close_failed(run, e)
-        return sse.EventStream(SSEWriter(run, events, first).body(), run.close, {"X-Request-Id": run.request_id})
+        return sse.EventStream(SSEWriter(run, events, first).body(), run.close, run.request_id, watch)
 
 
 async def _wait_until(done: Callable[[], bool], timeout_s: float) -> None:

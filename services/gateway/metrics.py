@@ -23,9 +23,11 @@ The per-request metrics live in ``registry``, the per-instance gauges in
 ``instances_registry``: with worker processes (``worker_metrics``) the first are
 each worker's own, the second the same in every worker.
 
-The per-request histograms are ``LoopHistogram``s: a request observes about a
-dozen of them, and prometheus_client's ``Histogram`` takes a lock and walks its
-buckets in Python on every observation, a measurable share of a request's cost.
+The per-request histograms are ``LoopHistogram``s and the per-request counters
+``LoopCounter``s: a request observes about a dozen histograms and four counters,
+and prometheus_client's ``Histogram`` and ``Counter`` take a lock (the histogram
+also walks its buckets in Python) on every observation, a measurable share of a
+request's cost.  (So those counters have no ``_created`` series.)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from common.messages import Instance, Load, Role
@@ -84,15 +86,42 @@ class LoopHistogram:
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self._sum)
 
 
+class LoopCounter:
+    """A Prometheus counter observed from one thread (the event loop's), by label values.
+
+    ``inc(labels, amount)`` is a dict update, without locks; the registry collects
+    it (``collect``) as the usual ``_total`` series, one per label values seen (an unlabelled one from 0).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0}
+        registry.register(self)
+
+    def inc(self, labels: tuple[str, ...] = (), amount: float = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self.values.items()):
+            family.add_metric(labels, value)
+        yield family
+
+
 class GatewayMetrics:
     """The gateway's Prometheus metrics; a ``FlowObserver``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("pdserve_gateway_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self._request_children: dict[tuple[str, int], Counter] = {}  # labels() is a locked dict lookup
+        self.requests = LoopCounter("pdserve_gateway_requests", "HTTP requests by endpoint and status",
+                                    ("endpoint", "status"), r)
         self.in_flight = Gauge("pdserve_gateway_requests_in_flight", "generation requests being served",
                                registry=r)
         self.queued = Gauge("pdserve_gateway_requests_queued", "generation requests waiting for a slot", registry=r)
@@ -120,13 +149,12 @@ class GatewayMetrics:
         self.kv_transfer = latency("kv_transfer", "KV transfer time reported by decode")
         self.kv_bytes = LoopHistogram("pdserve_gateway_kv_transfer_bytes", "KV bytes read by decode",
                                   buckets=BYTES_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("pdserve_gateway_prompt_tokens", "prompt tokens of each choice (each runs "
-                                     "its prompt), counted when its request ends", registry=r)
-        self.generation_tokens = Counter("pdserve_gateway_generation_tokens", "tokens generated, counted when "
-                                         "their request ends", registry=r)
-        self.finished = Counter("pdserve_gateway_request_success", "choices by finish reason (abort: cut short)",
-                                ["finished_reason"], registry=r)
-        self._finished_children: dict[str, Counter] = {}
+        self.prompt_tokens = LoopCounter("pdserve_gateway_prompt_tokens", "prompt tokens of each choice (each "
+                                         "runs its prompt), counted when its request ends", (), r)
+        self.generation_tokens = LoopCounter("pdserve_gateway_generation_tokens", "tokens generated, counted when "
+                                             "their request ends", (), r)
+        self.finished = LoopCounter("pdserve_gateway_request_success", "choices by finish reason (abort: cut short)",
+                                    ("finished_reason",), r)
         self.instances_registry = CollectorRegistry()
         self.load = {
             name: Gauge(f"pdserve_instance_{name}", f"{name} from the instance's last heartbeat",
@@ -172,18 +200,11 @@ class GatewayMetrics:
     def on_request_done(self, endpoint: str, status: int, elapsed: float, choices: Sequence[ChoiceTiming]) -> None:
         """Counted by endpoint and status, each choice's tokens and finish reason; a 200 also observes its
         latency and each choice's time per token."""
-        child = self._request_children.get((endpoint, status))
-        if child is None:
-            child = self._request_children[(endpoint, status)] = self.requests.labels(endpoint, str(status))
-        child.inc()
+        self.requests.inc((endpoint, str(status)))
         for c in choices:
-            self.prompt_tokens.inc(c.prompt_tokens)
-            self.generation_tokens.inc(c.completion_tokens)
-            reason = c.finish_reason or "abort"
-            finished = self._finished_children.get(reason)
-            if finished is None:
-                finished = self._finished_children[reason] = self.finished.labels(reason)
-            finished.inc()
+            self.prompt_tokens.inc((), c.prompt_tokens)
+            self.generation_tokens.inc((), c.completion_tokens)
+            self.finished.inc((c.finish_reason or "abort",))
         if status != 200:
             return
         self.e2e.observe(elapsed)

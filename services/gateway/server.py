@@ -18,6 +18,7 @@ from common.discovery import watcher_for
 from common.service import run_service, setup_logging, tune_gc
 from services.gateway.app import SHUTDOWN_ANSWER_S, Gateway
 from services.gateway.config import GatewayConfig
+from services.gateway.http_protocol import GatewayHTTPProtocol
 from services.gateway.worker_metrics import WorkerMetrics, WorkerSlot
 from services.gateway.workers import reuseport_socket, supervise
 
@@ -71,7 +72,7 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     gateway = gateway_class(config, watcher, watcher_ready=snapshot.is_set)
     peers = None if worker is None else WorkerMetrics(gateway.metrics, worker, config.abort_timeout_s)
     server = HTTPServer(uvicorn.Config(
-        gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http="httptools",
+        gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http=GatewayHTTPProtocol,
         lifespan="off", log_level=config.log_level, access_log=False, **UVICORN_LEAN,
         # uvicorn cancels what still runs after this: the drain has ended every request by then
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s + SHUTDOWN_ANSWER_S) + 1,

@@ -1,15 +1,15 @@
 """Server-sent events framing and the ASGI plumbing for responses that watch the client.
 
 Each event is ``data: <one JSON object>\\n\\n``; a stream ends with
-``data: [DONE]\\n\\n``.  ``run_until_disconnect`` races a coroutine against the
-client's ``http.disconnect`` so that a request whose client went away is
-cancelled (and its engine legs aborted) instead of running to the end.
+``data: [DONE]\\n\\n``.  ``ClientWatch`` (``run_until_disconnect`` for one wait)
+races a coroutine against the client's ``http.disconnect`` so that a request
+whose client went away is cancelled (and its engine legs aborted) instead of
+running to the end.
 """
 
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import msgspec
@@ -18,8 +18,8 @@ from starlette.types import Receive, Scope, Send
 T = TypeVar("T")
 
 DONE = b"data: [DONE]\n\n"
-HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CONTENT_TYPE = "text/event-stream; charset=utf-8"
+_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+            (b"content-type", b"text/event-stream; charset=utf-8"))
 
 encode = msgspec.json.Encoder().encode
 
@@ -32,27 +32,29 @@ def event(obj: Any) -> bytes:
 class EventStream:
     """An SSE response: status 200 and its headers, then each item of ``events`` as one body write,
     the item that ends with ``[DONE]`` ending the body.  A client that disconnects stops it
-    (``run_until_disconnect``); ``cleanup()`` runs however it ends: completed, failed, cancelled, or
-    never iterated at all (client gone before the first byte).
+    (``watch``, the request's ``ClientWatch``: closed here); ``cleanup()`` runs however it ends:
+    completed, failed, cancelled, or never iterated at all (client gone before the first byte).
 
     It is the ASGI response itself rather than Starlette's ``StreamingResponse``, whose task group,
     disconnect-listening task and cancel scopes per response cost more than the events it sends.
     """
 
-    __slots__ = ("events", "cleanup", "headers")
+    __slots__ = ("events", "cleanup", "headers", "watch")
 
-    def __init__(self, events: AsyncIterator[bytes], cleanup: Callable[[], None], headers: dict[str, str]):
+    def __init__(self, events: AsyncIterator[bytes], cleanup: Callable[[], None], request_id: str,
+                 watch: ClientWatch):
         self.events = events
         self.cleanup = cleanup
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                        for k, v in {**HEADERS, **headers, "Content-Type": CONTENT_TYPE}.items()]
+        self.headers = [*_HEADERS, (b"x-request-id", request_id.encode("latin-1"))]
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await run_until_disconnect(receive, self._send(send))
+            await self.watch.run(self._send(send))
         except ClientGone:
             pass
         finally:
+            self.watch.close()
             self.cleanup()
 
     async def _send(self, send: Send) -> None:
@@ -109,29 +111,60 @@ class DisconnectWatch:
             coro.close()
 
 
+class ClientWatch:
+    """Watches a request's client for the request's whole life (one ``DisconnectWatch``; ``close()``
+    ends it): ``run(work)`` awaits ``work`` in the request's task, cancels it and raises
+    ``ClientGone`` once the client disconnects (at once if it already has), or ``TimeoutError`` once
+    the loop's clock reaches ``deadline``.  Outside ``run`` a disconnect is only noted.  A stream
+    answers from two such waits (its first event, then its body) with one watch."""
+
+    __slots__ = ("_task", "_watch", "_stopped_by", "_running")
+
+    def __init__(self, receive: Receive):
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._stopped_by: type[Exception] | None = None
+        self._running = False
+        self._watch = DisconnectWatch(receive, self._gone)
+
+    async def run(self, work: Awaitable[T], deadline: float | None = None) -> T:
+        if self._stopped_by is not None:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise self._stopped_by()
+        timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._stop, TimeoutError)
+        self._running = True
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if self._stopped_by is not None and self._task.uncancel() == 0:
+                raise self._stopped_by() from None
+            raise
+        finally:
+            self._running = False
+            if timer is not None:
+                timer.cancel()
+
+    def close(self) -> None:
+        self._watch.close()
+
+    def _gone(self) -> None:
+        self._stop(ClientGone)
+
+    def _stop(self, reason: type[Exception]) -> None:
+        if self._stopped_by is None:
+            self._stopped_by = reason
+            if self._running:
+                self._task.cancel()
+
+
 async def run_until_disconnect(receive: Receive, work: Awaitable[T], deadline: float | None = None) -> T:
     """Await ``work`` in this task; cancel it and raise ``ClientGone`` if the client disconnects
-    first, or ``TimeoutError`` if the loop's clock reaches ``deadline`` first."""
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    stopped_by: type[Exception] | None = None
-
-    def stop(reason: type[Exception]) -> None:
-        nonlocal stopped_by
-        if stopped_by is None:
-            stopped_by = reason
-            task.cancel()
-
-    watch = DisconnectWatch(receive, partial(stop, ClientGone))
-    timer = None if deadline is None else loop.call_at(deadline, stop, TimeoutError)
+    first, or ``TimeoutError`` if the loop's clock reaches ``deadline`` first (a ``ClientWatch``
+    for one wait)."""
+    watch = ClientWatch(receive)
     try:
-        return await work
-    except asyncio.CancelledError:
-        if stopped_by is not None and task.uncancel() == 0:
-            raise stopped_by() from None
-        raise
+        return await watch.run(work, deadline)
     finally:
         watch.close()
-        if timer is not None:
-            timer.cancel()
