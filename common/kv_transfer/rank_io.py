@@ -53,10 +53,10 @@ def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges, 
     one status per range in order; after a call with a failure the rest is not copied (FAILED: the transfer
     fails anyway)."""
     statuses: list[TransferStatus] = []
+    copy = backend.write if write else backend.read
     for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
         window = slice(i, i + MAX_RANGES_PER_CALL)
-        batch = backend.transfer(session, ranges.local_addrs[window], ranges.remote_addrs[window],
-                                 ranges.lengths[window], write=write)
+        batch = copy(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
         statuses += batch
         if any(s is not TransferStatus.SUCCESS for s in batch):
             return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - len(statuses))
