@@ -9,10 +9,6 @@ each socket accepts:
 * ``KVRequest``        -> an engine's KV side channel ROUTER
 * ``RankRequest``      -> a tensor-parallel rank's KV agent (inside one engine instance)
 
-Push mode (``--kv-mode push``) adds ``PushTarget`` (decode's registration, which reaches prefill
-in ``Generate.push_to``) and ``PushDone`` (prefill -> decode's side channel); read-mode peers never
-see them, and the registry keeps the two modes apart.
-
 Replies are members of ``Reply``.  ``docs/protocol.md`` lists who sends what.
 No pickle anywhere: a peer can only ever make us build these types.
 """
@@ -204,12 +200,7 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True):
 
 
 class PushTarget(msgspec.Struct, omit_defaults=True):
-    """Push mode: decode's registration of a request's pre-allocated blocks, for the prefill that writes them.
-
-    The blocks' memory (every rank's region and transports) is in decode's ``HandshakeReply`` on its side
-    channel, which ``incarnation`` names.  The blocks are held under decode's lease ``transfer_id``: the
-    writer confirms it (``RenewLease``, answered with the block ids) before every write, and ends it with
-    ``PushDone`` (or gives up with ``ReleaseKV``)."""
+    """Push mode: decode's pre-allocated blocks for a prompt, held under its lease ``transfer_id`` (protocol.md)."""
 
     engine_id: str
     kv_endpoint: str
@@ -229,9 +220,7 @@ class Generate(Message):
     ``do_remote_decode``: prefill only — stop after the first token and pin the
     prompt's blocks for a decode engine.  ``remote_prefill``: decode only — read
     the prompt's KV from that prefill engine instead of computing it.
-    Push mode: ``await_push`` (decode) — pre-allocate the prompt's blocks, answer
-    with their ``PushTarget`` and decode once a prefill pushed the KV; ``push_to``
-    (prefill, with ``do_remote_decode``) — write the KV into those blocks as it is computed.
+    Push mode: ``await_push`` (decode: answer a ``PushTarget``, decode once pushed), ``push_to`` (prefill).
     The engine streams ``TokenOutput`` messages; the last has ``finish_reason``.
     """
 
@@ -375,17 +364,14 @@ class LeaseRenewed(Message):
 
 
 class PushDone(Message):
-    """Push mode, prefill -> decode: every rank wrote every layer of the prompt's KV into the blocks of
-    ``transfer_id``; decode decodes from ``first_token_id``.  Answered ``Ack`` (``ErrorReply`` when decode no
-    longer holds the blocks)."""
+    """Push mode, prefill -> decode: every rank wrote the prompt's KV; decode decodes from ``first_token_id``."""
 
     transfer_id: str
     first_token_id: int
 
 
 class ReleaseKV(Message):
-    """Decode is done with these transfers (read or given up): prefill unpins (only for their claimer).
-    Push mode, prefill -> decode: the writer gave up writing these blocks (decode fails the request)."""
+    """Decode is done with these transfers: prefill unpins (only for their claimer).  Push mode: the writer stopped."""
 
     transfer_ids: list[str]
 
@@ -402,8 +388,7 @@ class RankConnect(Message):
 
 
 class RankRead(Message):
-    """Copy each remote range of the peer rank at ``session`` into this rank's KV memory (``write``: push
-    mode, each local range into the peer rank's memory)."""
+    """Copy each remote range of the peer rank at ``session`` into this rank's KV memory (``write``: the reverse)."""
 
     transport: str
     session: str
