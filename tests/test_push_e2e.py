@@ -18,7 +18,7 @@ import pytest_asyncio
 from bench.engine_driver import EngineDriver, prompt_ids, tokens
 from bench.processes import Processes, free_port
 from common.errors import PeerError
-from common.messages import Abort, Generate, SamplingParams
+from common.messages import Abort, Generate, PushTarget, SamplingParams
 from tests.procs import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -143,6 +143,18 @@ async def test_a_write_into_blocks_decode_no_longer_holds_is_refused(stack: Stac
                                             push_to=target))
     assert err.value.code == "kv_transfer_failed" and "nothing was written" in err.value.message
     await stack.wait_idle("prefill", "decode-shm")
+
+
+async def test_a_push_target_that_cannot_be_dialed_is_refused_before_any_socket(stack: Stack):
+    target, decoded = await stack.push_registration("decode", "bad-endpoint", prompt_ids(20, seed=9))
+    bad = PushTarget(**{**{f: getattr(target, f) for f in target.__struct_fields__}, "kv_endpoint": "tcp://nohost"})
+    with pytest.raises(PeerError) as err:
+        await stack.run("prefill", Generate("bad-endpoint", LONG, prompt_token_ids=prompt_ids(20, seed=9),
+                                            do_remote_decode=True, push_to=bad))
+    assert err.value.code == "invalid_request" and err.value.param == "push_to.kv_endpoint"
+    await stack.client("decode").call(Abort("bad-endpoint"))
+    assert (await decoded)[-1].finish_reason == "abort"
+    await stack.wait_idle("prefill", "decode")
 
 
 async def test_a_push_no_prefill_finishes_expires_and_frees_decodes_blocks(stack: Stack):

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
+from common.bus.endpoints import endpoint_problem
 from common.engine_service import EngineService
 from common.errors import HandshakeError, KVTransferError, PeerError
 from common.kv_transfer.writer import KVWriter
@@ -89,6 +90,9 @@ class PrefillPush:
 
     async def generate(self, msg: Generate, target: PushTarget) -> AsyncIterator[TokenOutput]:
         request_id, s = msg.request_id, self.service
+        problem = endpoint_problem(target.kv_endpoint)
+        if problem is not None:  # refused before any socket exists
+            raise PeerError("invalid_request", f"push_to.kv_endpoint: {problem}", "push_to.kv_endpoint")
         prompt_ids = s.prompt_token_ids(msg)
         if target.num_tokens != len(prompt_ids):
             raise PeerError("invalid_request", f"push_to: decode holds blocks for {target.num_tokens} tokens, the "
