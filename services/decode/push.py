@@ -3,7 +3,8 @@ of its pre-allocated blocks.
 
 1. Allocate: the engine gets the request without its first token (``RemoteRequest``) and gives it
    blocks for the prompt plus that token, prefix-cache hits leading, waiting up to
-   ``--remote-blocks-timeout-s`` for free ones (``DecodeHandoff.allocate``).
+   ``--remote-blocks-timeout-s`` for free ones (``DecodeHandoff.allocate``); with a host tier
+   (``--kv-offload-cpu-gib``) the blocks it holds next are loaded from there and count as cached too.
 2. Register: a fresh random 128-bit transfer id holds the blocks under a lease of
    ``--kv-push-timeout-s``; the first output carries the ``PushTarget`` (and the prompt's token ids),
    which the gateway hands to a prefill with the prefill leg.
@@ -177,13 +178,19 @@ class DecodePush:
         if allocation is None:
             yield TokenOutput(request_id, [], "", finish_reason="abort")
             return
+        try:  # its own host tier first (--kv-offload-cpu-gib): prefill writes only what that lacks
+            host_blocks = await s.engine.load_from_host(request_id, allocation.num_cached_blocks) \
+                if s.core.offload is not None else 0
+        except BaseException:
+            s.engine.discard(request_id)
+            raise
         allocate_s = time.monotonic() - asked
         block_size = s.core.block_size
         prompt_blocks = allocation.block_ids[:ceil_div(len(prompt_ids), block_size)]
         transfer_id, expiry, slot = self.pushed.open(request_id, prompt_blocks)
         target = PushTarget(
             engine_id=s.instance_id, kv_endpoint=s.kv_endpoint, transfer_id=transfer_id, block_ids=prompt_blocks,
-            num_tokens=len(prompt_ids), num_cached_tokens=allocation.num_cached_blocks * block_size,
+            num_tokens=len(prompt_ids), num_cached_tokens=(allocation.num_cached_blocks + host_blocks) * block_size,
             block_size=block_size, lease_expiry=expiry, incarnation=s.transports.incarnation,
             tensor_parallel_size=s.core.tp.world_size,
         )  # fmt: skip
@@ -211,6 +218,9 @@ class DecodePush:
             raise
         timings = {"allocate_s": allocate_s, "kv_transfer_s": kv_done - registered,
                    "kv_push_wait_s": kv_done - (slot.confirmed_at or registered)}
+        if s.core.offload is not None:  # as read mode stores what it read (``OffloadConnector.store``)
+            s.engine.store_to_host(request_id)
+            timings["kv_host_blocks"] = float(host_blocks)
         async with aclosing(self.handoff.stream_decoded(request_id, timings, kv_done)) as outputs:
             async for token in s.tokens(request_id, prompt_ids, outputs):
                 yield token
