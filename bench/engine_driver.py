@@ -13,7 +13,15 @@ import time
 
 from common.bus import BusClient
 from common.client_pool import ClientPool
-from common.messages import EngineStats, Generate, GetStats, KVTransferParams, SamplingParams, TokenOutput
+from common.messages import (
+    EngineStats,
+    Generate,
+    GetStats,
+    KVTransferParams,
+    PushTarget,
+    SamplingParams,
+    TokenOutput,
+)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -64,6 +72,31 @@ class EngineDriver:
         """Both legs as the gateway runs them: the prefill's params go to the decode."""
         pre = await self.prefill_leg(prefill, rid, ids, sampling)
         return pre, await self.decode_leg(decode, rid, ids, pre[-1].kv_transfer, sampling)
+
+    async def push_registration(self, name: str, rid: str, ids: list[int], sampling: SamplingParams = GREEDY
+                                ) -> tuple[PushTarget, asyncio.Task[list[TokenOutput]]]:
+        """Push mode: decode ``name``'s registration of ``ids``, and the task collecting its later outputs."""
+        outputs = aiter(self.client(name).stream(Generate(rid, sampling, prompt_token_ids=ids, await_push=True)))
+        first = await anext(outputs)
+        if first.push_target is None:
+            raise AssertionError(f"{name} answered await_push with {first}")
+
+        async def rest() -> list[TokenOutput]:
+            return [out async for out in outputs]
+
+        return first.push_target, asyncio.create_task(rest())
+
+    async def push_pd(self, rid: str, ids: list[int], sampling: SamplingParams = GREEDY, *, prefill: str = "prefill",
+                      decode: str = "decode") -> tuple[list[TokenOutput], list[TokenOutput]]:
+        """Both push-mode legs as the gateway runs them: decode registers, prefill pushes into its blocks."""
+        target, decoded = await self.push_registration(decode, rid, ids, sampling)
+        try:
+            pre = await self.run(prefill, Generate(rid, sampling, prompt_token_ids=ids, do_remote_decode=True,
+                                                   push_to=target))
+        except BaseException:
+            decoded.cancel()
+            raise
+        return pre, await decoded
 
     async def stats(self, name: str) -> EngineStats:
         reply = await self.client(name).call(GetStats())

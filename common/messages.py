@@ -24,6 +24,7 @@ PROTOCOL_VERSION = 4  # 2: the handshake offers several KV transports; 3: one KV
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for (engine and gateway agree)
 
 Role = Literal["prefill", "decode", "both"]
+KVMode = Literal["read", "push"]
 
 
 class Message(msgspec.Struct, tag=True, omit_defaults=True, forbid_unknown_fields=False):
@@ -78,6 +79,7 @@ class Instance(msgspec.Struct, omit_defaults=True):
     fingerprint: Fingerprint
     capacity: Capacity
     load: Load = msgspec.field(default_factory=Load)
+    kv_mode: KVMode = "read"  # how its KV moves between prefill and decode (``--kv-mode``)
 
 
 # --- Generic replies ---------------------------------------------------------
@@ -197,12 +199,28 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True):
     tensor_parallel_size: int = 1  # the prefill instance's ranks, each holding its slice of the KV heads
 
 
+class PushTarget(msgspec.Struct, omit_defaults=True):
+    """Push mode: decode's pre-allocated blocks for a prompt, held under its lease ``transfer_id`` (protocol.md)."""
+
+    engine_id: str
+    kv_endpoint: str
+    transfer_id: str
+    block_ids: list[int]  # decode's blocks for the prompt's tokens, ``block_size`` tokens each
+    num_tokens: int  # the prompt's
+    num_cached_tokens: int  # leading tokens decode already holds (prefix-cache hits): not written
+    block_size: int
+    lease_expiry: float  # unix time; decode frees the blocks after it unless confirmed
+    incarnation: str = ""
+    tensor_parallel_size: int = 1
+
+
 class Generate(Message):
     """Run a request.  Exactly one of ``prompt``, ``prompt_token_ids``, ``messages``.
 
     ``do_remote_decode``: prefill only — stop after the first token and pin the
     prompt's blocks for a decode engine.  ``remote_prefill``: decode only — read
     the prompt's KV from that prefill engine instead of computing it.
+    Push mode: ``await_push`` (decode: answer a ``PushTarget``, decode once pushed), ``push_to`` (prefill).
     The engine streams ``TokenOutput`` messages; the last has ``finish_reason``.
     """
 
@@ -213,6 +231,8 @@ class Generate(Message):
     messages: list[ChatMessage] | None = None
     do_remote_decode: bool = False
     remote_prefill: KVTransferParams | None = None
+    await_push: bool = False
+    push_to: PushTarget | None = None
 
 
 def gives_one_prompt(msg: Generate) -> bool:
@@ -237,6 +257,7 @@ class TokenOutput(Message):
     usage: Usage | None = None  # on the final output
     prompt_token_ids: list[int] | None = None  # on the first output of a prefill
     kv_transfer: KVTransferParams | None = None  # prefill with do_remote_decode
+    push_target: PushTarget | None = None  # decode with await_push: the first output, before any token
     timings: dict[str, float] | None = None  # named durations in seconds (queue, prefill, ...)
 
 
@@ -342,8 +363,15 @@ class LeaseRenewed(Message):
     block_ids: dict[str, list[int]] = {}  # transfer id -> the blocks its lease holds, for each id in ``expiry``
 
 
+class PushDone(Message):
+    """Push mode, prefill -> decode: every rank wrote the prompt's KV; decode decodes from ``first_token_id``."""
+
+    transfer_id: str
+    first_token_id: int
+
+
 class ReleaseKV(Message):
-    """Decode is done with these transfers (read or given up): prefill unpins (only for their claimer)."""
+    """Decode is done with these transfers: prefill unpins (only for their claimer).  Push mode: the writer stopped."""
 
     transfer_ids: list[str]
 
@@ -360,13 +388,14 @@ class RankConnect(Message):
 
 
 class RankRead(Message):
-    """Copy each remote range of the peer rank at ``session`` into this rank's KV memory."""
+    """Copy each remote range of the peer rank at ``session`` into this rank's KV memory (``write``: the reverse)."""
 
     transport: str
     session: str
     local_addrs: list[int]
     remote_addrs: list[int]
     lengths: list[int]
+    write: bool = False
 
 
 class RankReadDone(Message):
@@ -380,7 +409,7 @@ class RankReadDone(Message):
 
 RegistryRequest = Union[Register, Heartbeat, Deregister, ListInstances, Watch]
 EngineRequest = Union[Generate, Abort, GetStats, Tokenize, Detokenize]
-KVRequest = Union[Handshake, RenewLease, ReleaseKV]
+KVRequest = Union[Handshake, RenewLease, ReleaseKV, PushDone]
 RankRequest = Union[RankConnect, RankRead]
 Reply = Union[
     Ack,

@@ -523,3 +523,44 @@ async def test_async_shutdown_ends_streams_and_refuses_calls(demo_path):
     with pytest.raises(EngineDead):
         await async_engine.abort("s")
     assert not eng.has_unfinished() and eng.block_manager.num_used == 0
+
+
+class PushRecorder:
+    """A ``KVPush`` that records the windows the engine reports."""
+
+    def __init__(self) -> None:
+        self.windows: list[tuple[int, int, list[int]]] = []
+
+    def computed(self, start: int, end: int, block_ids: list[int], ready) -> None:
+        assert ready is None  # CPU: the step's KV is in the cache when the step returns
+        self.windows.append((start, end, block_ids))
+
+
+def run_pushes(eng: LLMEngine, ps: list[list[int]]) -> tuple[dict[str, PushRecorder], dict[str, list[int]]]:
+    """Push-mode prefill of every prompt: the recorders, and the blocks each request pinned at its finish."""
+    recorders = {f"push-{i}": PushRecorder() for i in range(len(ps))}
+    for (rid, recorder), prompt in zip(recorders.items(), ps):
+        eng.add_request(rid, prompt, SamplingParams(max_tokens=4, temperature=0.0), pin_for_transfer=f"t-{rid}",
+                        push=recorder)
+    pinned = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                assert out.finish_reason == "remote_decode"
+                pinned[out.request_id] = out.pinned_block_ids
+    for rid in recorders:
+        eng.release_transfer(f"t-{rid}")
+    return recorders, pinned
+
+
+def test_push_hook_reports_each_chunk_then_the_pinned_blocks_hold_it(demo_path):
+    eng = engine(demo_path, max_num_batched_tokens=16)
+    prompt = prompts((50,), seed=5)[0]
+    recorders, pinned = run_pushes(eng, [prompt])
+    recorder = recorders["push-0"]
+    assert [(s, e) for s, e, _ in recorder.windows] == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    assert recorder.windows[-1][2][:4] == pinned["push-0"]  # reported before the finish pinned the same blocks
+    # Again: the prefix cache serves 48 tokens; the first window still starts at 0 (the writer needs them all).
+    recorders, _ = run_pushes(eng, [prompt])
+    assert [(s, e) for s, e, _ in recorders["push-0"].windows] == [(0, 50)]
+

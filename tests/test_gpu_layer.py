@@ -114,6 +114,41 @@ def test_producer_to_consumer_loopback_byte_for_byte(transport):
         rank.close()
 
 
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_push_write_into_the_peer_then_read_back_byte_for_byte(transport):
+    """Push mode: our blocks written into the producer process's cache, then read back from there into
+    other blocks of ours."""
+    mine = seeded_cache(SEED + 1, consumer_device())
+    rank = open_rank(transport, mine)
+    local_ids, remote_ids, back_ids = [0, 1, 9], [12, 13, 30], [2, 3, 4]
+    try:
+        with PeerProcess("tests.test_gpu_layer", str(SEED), transport) as info:
+            peer = msgspec.convert(info, KVRankMemory)
+            offer = next(o for o in peer.transports if o.name == transport)
+            heads = range(GEOMETRY["num_kv_heads"])
+
+            def ranges(ours: list[int]):
+                return token_ranges(
+                    BlockTable(KVLayout.of(mine), 16, ours, 0, len(heads)),
+                    BlockTable(KVLayout(peer.region.addr, peer.block_bytes, peer.num_blocks), 16, remote_ids, 0,
+                               len(heads)),
+                    heads=heads, num_tokens=16 * len(ours))
+
+            async def write_then_read():
+                await rank.connect(transport, offer.session, offer.meta)
+                written, _ = await rank.write(transport, offer.session, ranges(local_ids))
+                read, _ = await rank.read(transport, offer.session, ranges(back_ids))
+                return written, read
+
+            written, read = asyncio.run(write_then_read())
+        assert set(written) == set(read) == {TransferStatus.SUCCESS}
+        torch.cuda.synchronize(mine.data.device)
+        for back, ours in zip(back_ids, local_ids):
+            assert torch.equal(mine.data[back].view(torch.int16).cpu(), mine.data[ours].view(torch.int16).cpu())
+    finally:
+        rank.close()
+
+
 async def test_gateway_prefill_decode_end_to_end_and_concurrent():
     openai = pytest.importorskip("openai")  # the GPU machine's image lacks it: carry its wheels
     flags = ("--device", "cuda", "--dtype", "float32")

@@ -61,6 +61,18 @@ def test_read_moves_bytes_across_regions(pair):
     assert not dst[50:100].any() and not dst[2 * NBYTES - 1000:].any()  # nothing else written
 
 
+def test_push_write_moves_bytes_into_the_peer(pair):
+    prefill, src, decode, dst = pair  # decode's buffer is the one written from here
+    dst.copy_(torch.randint(0, 256, (2 * NBYTES,), dtype=torch.uint8))
+    before = [t.clone() for t in src]
+    base = dst.data_ptr()
+    statuses = decode.write(prefill.session, [base, base + NBYTES], [src[0].data_ptr() + 8, src[1].data_ptr()],
+                            [100, 200])
+    assert statuses == [S, S]
+    assert torch.equal(src[0][8:108], dst[:100]) and torch.equal(src[1][:200], dst[NBYTES:NBYTES + 200])
+    assert torch.equal(src[0][108:], before[0][108:]) and torch.equal(src[1][200:], before[1][200:])
+
+
 def test_read_past_a_region_end_is_rejected(pair):
     prefill, src, decode, dst = pair
     with pytest.raises(ValueError, match="remote range"):

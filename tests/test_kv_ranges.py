@@ -406,3 +406,26 @@ def test_token_ranges_refuse_block_sizes_that_do_not_divide():
     decode, prefill = filled_cache(8), filled_cache(12)
     with pytest.raises(ValueError, match="block sizes 8 and 12: neither divides the other"):
         token_ranges(blocks_of(decode, [0, 1]), blocks_of(prefill, [0, 1]), heads=range(HEADS), num_tokens=16)
+
+
+@pytest.mark.parametrize("local_bs,remote_bs", [(4, 4), (4, 8), (8, 2)])
+@pytest.mark.parametrize("first_token", [0, 3, 5, 8, 13])
+def test_first_token_windows_tile_the_whole_prompt(local_bs, remote_bs, first_token):
+    """Push mode writes a prompt chunk by chunk: the windows [0, a), [a, n) move exactly the bytes of [0, n)."""
+    n, heads, token_bytes = 14, 2, 8
+    def table(bs: int, base: int) -> BlockTable:
+        ids = list(range(ceil_div(n, bs)))[::-1]
+        return BlockTable(KVLayout(base, bs * heads * token_bytes, 16), bs, ids, 0, heads)
+    local, remote = table(local_bs, 1 << 20), table(remote_bs, 1 << 30)
+
+    def pieces(r: ByteRanges) -> set[tuple[int, int]]:
+        return {(la + i, ra + i) for la, ra, length in zip(*r) for i in range(length)}
+
+    whole = pieces(token_ranges(local, remote, heads=range(heads), num_tokens=n))
+    head = token_ranges(BlockTable(local.layout, local_bs, local.block_ids[:ceil_div(first_token, local_bs)], 0,
+                                   heads),
+                        BlockTable(remote.layout, remote_bs, remote.block_ids[:ceil_div(first_token, remote_bs)], 0,
+                                   heads), heads=range(heads), num_tokens=first_token) if first_token else None
+    tail = token_ranges(local, remote, heads=range(heads), num_tokens=n, first_token=first_token)
+    got = pieces(tail) | (pieces(head) if head else set())
+    assert got == whole and not (head and pieces(head) & pieces(tail))

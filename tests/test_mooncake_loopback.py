@@ -87,5 +87,25 @@ def test_read_of_unregistered_remote_memory_fails(peer, local):
     assert statuses == [TransferStatus.FAILED, TransferStatus.FAILED]
 
 
+def test_push_write_lands_in_the_peers_blocks_byte_exact(peer, local):
+    """Push mode: our blocks written into the peer's (real TCP write), then read back from there."""
+    backend, kv = local
+    mine = seeded_cache(SEED + 1)
+    kv.data.copy_(mine.data)
+    local_ids, remote_ids = [3, 4, 9], [20, 21, 7]
+    ranges = peer_block_ranges(kv, peer["base"], local_ids, remote_ids)
+    assert backend.write(peer["session"], *ranges) == [TransferStatus.SUCCESS] * len(ranges.lengths)
+    kv.data.zero_()
+    _, statuses = read(backend, kv, peer, local_ids, remote_ids)
+    assert statuses == [TransferStatus.SUCCESS] * len(statuses)
+    for l in local_ids:
+        assert torch.equal(kv.data[l].view(torch.int16), mine.data[l].view(torch.int16))
+
+
+def test_push_write_to_unregistered_remote_memory_fails(peer, local):
+    backend, kv = local
+    assert backend.write(peer["session"], [kv.data.data_ptr()], [4096], [kv.block_bytes]) == [TransferStatus.FAILED]
+
+
 if __name__ == "__main__":
     serve_peer(int(sys.argv[1]))

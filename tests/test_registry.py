@@ -154,6 +154,20 @@ def test_transfer_backend_may_differ_only_for_both_role():
     assert err.value.code == "incompatible" and "transfer_backend" in err.value.message
 
 
+def test_mixing_kv_modes_for_one_model_is_refused_but_a_colocated_instance_may_differ():
+    m = Membership(lease_ttl_s=3.0)
+    push = lambda name, role, port: msgspec.structs.replace(make_instance(name, role, port), kv_mode="push")
+    m.register(push("p0", "prefill", 9000), PROTOCOL_VERSION, 0.0)
+    m.register(push("d0", "decode", 9100), PROTOCOL_VERSION, 0.0)
+    m.register(make_instance("b0", "both", 9200), PROTOCOL_VERSION, 0.0)  # read mode: it moves no KV
+    for name, role, port in (("d1", "decode", 9300), ("p1", "prefill", 9400)):
+        with pytest.raises(PeerError) as err:
+            m.register(make_instance(name, role, port), PROTOCOL_VERSION, 0.0)
+        assert err.value.code == "incompatible" and err.value.param == "instance.fingerprint"
+        assert f"{name} moves KV in read mode" in err.value.message and "push mode" in err.value.message
+    assert sorted(m.instances) == ["b0", "d0", "p0"]
+
+
 def test_reregistering_the_only_instance_may_change_its_fingerprint():
     m = Membership(lease_ttl_s=3.0)
     m.register(make_instance("p0"), PROTOCOL_VERSION, 0.0)

@@ -127,6 +127,31 @@ def test_out_of_range_reads_fail_without_touching_memory(peer, local):
     assert not kv.data[1:].any()
 
 
+def test_push_write_lands_in_the_peers_file_byte_exact(peer, local):
+    """Push mode: our blocks written into the peer process's KV file, read back through it; bad ranges fail
+    and touch nothing."""
+    backend, kv = local
+    seeded(kv.data, SEED + 1)
+    mine = kv.data.clone()
+    local_ids, remote_ids = [1, 2, 30], [10, 11, 3]
+    ranges = peer_block_ranges(kv, peer["base"], local_ids, remote_ids)
+    assert backend.write(peer["session"], *ranges) == [TransferStatus.SUCCESS] * len(ranges.lengths)
+    size, block = kv.block_bytes * NUM_BLOCKS, kv.block_bytes
+    assert backend.write(peer["session"], [kv.data.data_ptr()], [peer["base"] + size], [block]) == \
+        [TransferStatus.FAILED]
+    assert backend.write("shm:unknown-peer", [kv.data.data_ptr()], [peer["base"]], [block]) == [TransferStatus.FAILED]
+    kv.data.zero_()
+    _, statuses = read(backend, kv, peer, list(range(NUM_BLOCKS)), list(range(NUM_BLOCKS)))
+    assert statuses == [TransferStatus.SUCCESS]
+    expected = expected_cache()
+    for lb, rb in zip(local_ids, remote_ids):
+        expected[rb] = mine[lb]
+    assert torch.equal(kv.data.view(torch.int16), expected.view(torch.int16))
+    backend.write(peer["session"], *peer_block_ranges(kv, peer["base"], list(range(NUM_BLOCKS)),
+                                                       list(range(NUM_BLOCKS))))  # the peer's cache as it was
+    kv.data.copy_(expected_cache())
+
+
 def test_a_killed_owners_file_is_removed_as_stale(peer):
     owner = start_peer(SEED + 1)
     with owner as info:  # stopped (reaped) on the way out, whatever fails

@@ -122,6 +122,14 @@ def test_the_common_engine_and_gateway_flags_reach_the_children_before_the_extra
     assert config.gateway_config("tcp://127.0.0.1:7100").api_key == "k"
 
 
+def test_kv_mode_push_reaches_every_engine_and_the_gateway():
+    config = UpConfig(kv_mode="push")
+    config.validate()
+    assert {config.engine_config(role).kv_mode for role in ("prefill", "decode")} == {"push"}
+    assert config.gateway_config("tcp://127.0.0.1:7100").kv_mode == "push"
+    assert UpConfig().gateway_config("tcp://127.0.0.1:7100").kv_mode == "read"
+
+
 def test_the_tokenizer_and_chat_template_flags_reach_the_engines(tmp_path):
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")

@@ -22,7 +22,7 @@ from common.messages import MemoryRegion
 
 
 class FakeTransport(TransferBackend):
-    """Registers, connects and reads in name only; reads take ``read_delay_s``."""
+    """Registers, connects, reads and writes in name only; each takes ``read_delay_s``."""
 
     name = "fake"
 
@@ -59,9 +59,8 @@ class FakeTransport(TransferBackend):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         self.peers.add(peer_session)
 
-    def read(
-        self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
-    ) -> list[TransferStatus]:
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
         check_batch(local_addrs, remote_addrs, lengths)
         if self.read_delay_s > 0:
             time.sleep(self.read_delay_s)

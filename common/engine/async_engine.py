@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.engine.engine import LLMEngine
+from common.engine.kv_push import KVPush, finish_pushed
 from common.engine.stats import StepStats
 from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
 from common.errors import PdserveError
@@ -108,12 +109,15 @@ class AsyncEngine:
         sampling: SamplingParams,
         *,
         pin_for_transfer: str | None = None,
+        push: KVPush | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs until the final one.  Raises ``InvalidRequest`` at
-        the start; cancelling the consumer (or closing the iterator early) aborts the request."""
+        """Add a request and yield its outputs until the final one (``push``: ``LLMEngine.add_request``).
+        Raises ``InvalidRequest`` at the start; cancelling the consumer (or closing the iterator early)
+        aborts the request."""
         await self._start(
             request_id,
-            lambda: self.core.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer),
+            lambda: self.core.add_request(request_id, prompt_token_ids, sampling, pin_for_transfer=pin_for_transfer,
+                                          push=push),
         )
         async for out in self.stream(request_id):
             yield out
@@ -156,6 +160,10 @@ class AsyncEngine:
 
     async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
         return await self._call(lambda: self.core.finish_remote_kv(request_id, ok))
+
+    async def finish_pushed(self, request_id: str, first_token_id: int) -> bool:
+        """Push mode: the prompt's KV landed; decode from the prefill's ``first_token_id``."""
+        return await self._call(lambda: finish_pushed(self.core, request_id, first_token_id))
 
     async def load_from_host(self, request_id: str, start: int) -> int:
         """``OffloadTier.load_remote`` (the engine has ``--kv-offload-cpu-gib``)."""

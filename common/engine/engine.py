@@ -25,6 +25,7 @@ from common.engine.model_runner import ModelRunner
 from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
+from common.engine.kv_push import KVPush, report_pushes
 from common.engine.sequence import (
     InvalidRequest,
     RemoteAllocation,
@@ -143,11 +144,13 @@ class LLMEngine:
         sampling: SamplingParams,
         *,
         pin_for_transfer: str | None = None,
+        push: KVPush | None = None,
     ) -> None:
-        """Queue a request.  With ``pin_for_transfer`` (prefill for a remote decode) it ends after its
-        first token with finish reason ``remote_decode``, its prompt blocks pinned under that id."""
+        """Queue a request.  With ``pin_for_transfer`` (prefill for a remote decode) it ends after its first token
+        (``remote_decode``), its prompt blocks pinned under that id; push mode: ``push`` gets each step's new KV."""
         self._validate(request_id, prompt_token_ids, sampling, pin_for_transfer)
         seq = self._new_sequence(request_id, prompt_token_ids, sampling, pin_for_transfer)
+        seq.push = push
         self.scheduler.add(seq)
         self.requests[request_id] = seq
 
@@ -161,7 +164,7 @@ class LLMEngine:
             raise InvalidRequest(
                 f"num_remote_tokens {remote.num_remote_tokens} != prompt length {len(prompt)}", "num_remote_tokens"
             )
-        if not 0 <= remote.first_token_id < self.model_config.vocab_size:
+        if remote.first_token_id is not None and not 0 <= remote.first_token_id < self.model_config.vocab_size:
             raise InvalidRequest(f"first_token_id {remote.first_token_id} is outside the vocabulary", "first_token_id")
         seq = self._new_sequence(remote.request_id, prompt, remote.sampling, None)
         seq.remote_first_token = remote.first_token_id
@@ -286,6 +289,7 @@ class LLMEngine:
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 seq.prefill_time += elapsed
         self.scheduler.update(scheduled)
+        report_pushes(scheduled, self.device)  # before a finishing sequence's blocks are pinned or freed
         for seq, token, logprob in zip(sampling_seqs, tokens, logprobs):
             outputs.append(self._append_token(seq, token, logprob))
         return outputs

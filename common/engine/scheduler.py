@@ -140,6 +140,6 @@ class Scheduler:
         logger.debug("preempting request %s (%d tokens)", seq.request_id, seq.num_tokens)
         self.num_preemptions += 1
         self.block_manager.free_seq(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_pushed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

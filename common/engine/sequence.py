@@ -14,6 +14,7 @@ from common.messages import SamplingParams, TokenLogprob, Usage
 
 if TYPE_CHECKING:
     from common.engine.detokenizer import Detokenizer
+    from common.engine.kv_push import KVPush
 
 
 class InvalidRequest(PdserveError):
@@ -48,11 +49,12 @@ class RemoteAllocation:
 @dataclass
 class RemoteRequest:
     """A request whose prompt KV a remote prefill computed: decode allocates blocks for
-    ``num_remote_tokens`` prompt tokens plus the prefill's ``first_token_id``."""
+    ``num_remote_tokens`` prompt tokens plus the prefill's ``first_token_id`` (None in push mode,
+    where the blocks are allocated first: ``finish_remote_kv`` brings it)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    first_token_id: int
+    first_token_id: int | None
     sampling: SamplingParams
     num_remote_tokens: int
 
@@ -85,6 +87,8 @@ class Sequence:
     token_ids: list[int]
     sampling: SamplingParams
     pin_for_transfer: str | None = None
+    push: KVPush | None = None  # push mode: told of each step's new prompt KV (``common.engine.kv_push``)
+    num_pushed_tokens: int = 0  # prompt tokens whose KV was handed to ``push`` in this pass
     generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0

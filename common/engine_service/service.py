@@ -37,6 +37,7 @@ from common.client_pool import ClientPool
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
 from common.engine.kv_cache import KVCache, zeros
+from common.engine.kv_push import KVPush
 from common.engine.sequence import InvalidRequest, RequestOutput
 from common.engine_service.addresses import WILDCARDS, advertised_problem, tcp_host
 from common.engine_service.config import EngineServiceConfig
@@ -230,6 +231,7 @@ class EngineService:
             id=self.instance_id, role=self.config.role, request_endpoint=self.request_endpoint,
             kv_endpoint=self.kv_endpoint, model=self.config.model_name, fingerprint=self.fingerprint,
             capacity=Capacity(self.config.max_num_seqs, self.core.kv_cache.num_blocks, self.core.max_model_len),
+            kv_mode=self.config.kv_mode,
         )  # fmt: skip
 
     def load(self) -> Load:
@@ -279,6 +281,12 @@ class EngineService:
         if msg.remote_prefill is not None and not self.role.serves_decode_leg:
             raise PeerError("invalid_request", f"{self.instance_id} has role {self.config.role}, not decode",
                             "remote_prefill")
+        if (msg.await_push or msg.push_to is not None) and self.config.kv_mode != "push":
+            raise PeerError("invalid_request", f"{self.instance_id} moves KV in {self.config.kv_mode} mode, not push",
+                            "push_to" if msg.push_to is not None else "await_push")
+        if msg.await_push and not self.role.serves_decode_leg:
+            raise PeerError("invalid_request", f"{self.instance_id} has role {self.config.role}, not decode",
+                            "await_push")
         if msg.request_id in self.active:
             raise PeerError("invalid_request", f"request {msg.request_id!r} is already running here", "request_id")
         if self.engine.failed is not None:
@@ -304,12 +312,15 @@ class EngineService:
         return self.tokens(msg.request_id, prompt_ids, self.local_outputs(msg.request_id, prompt_ids, msg.sampling))
 
     async def local_outputs(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                            pin_for_transfer: str | None = None) -> AsyncIterator[RequestOutput]:
+                            pin_for_transfer: str | None = None, push: KVPush | None = None
+                            ) -> AsyncIterator[RequestOutput]:
         """The engine computes the prompt itself (colocated, or a prefill leg pinning under
-        ``pin_for_transfer``); engine refusals and failures become ``PeerError``."""
+        ``pin_for_transfer``, pushing its KV to ``push`` in push mode); engine refusals and failures become
+        ``PeerError``."""
         first = True
         try:
-            async for out in self.engine.generate(request_id, prompt_ids, sampling, pin_for_transfer=pin_for_transfer):
+            async for out in self.engine.generate(request_id, prompt_ids, sampling, pin_for_transfer=pin_for_transfer,
+                                                  push=push):
                 if first:
                     self.stats_log.count_prompt(len(prompt_ids))
                     first = False

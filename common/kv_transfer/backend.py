@@ -2,8 +2,9 @@
 
 Life cycle: build -> ``register`` all KV memory ONCE (before any peer connects:
 peers may cache our memory map on first contact) -> publish ``session`` and
-``backend_meta()`` in the handshake -> peers ``connect`` and ``read`` -> ``close``
-(unregister, then destroy).  ``read`` is synchronous and may busy-poll a core:
+``backend_meta()`` in the handshake -> peers ``connect`` and ``read`` (read mode: decode pulls from
+prefill) or ``write`` (push mode: prefill writes into decode's blocks) -> ``close``
+(unregister, then destroy).  ``read`` and ``write`` are synchronous and may busy-poll a core:
 callers on an event loop run it in a small thread pool.
 
 ``make_backend`` builds one by name; the implementations are imported only then, so this
@@ -56,19 +57,25 @@ class TransferBackend(abc.ABC):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         """Prepare to read from a peer; idempotent for an already-known peer."""
 
-    @abc.abstractmethod
-    def read(
-        self,
-        peer_session: str,
-        local_addrs: list[int],
-        remote_addrs: list[int],
-        lengths: list[int],
-    ) -> list[TransferStatus]:
+    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
+             ) -> list[TransferStatus]:
         """Copy each remote range into the local range; blocks until all finish.
 
         Returns one final status (SUCCESS or FAILED) per range; never raises for
         a failed transfer.  ``ValueError`` for malformed arguments.
         """
+        return self.transfer(peer_session, local_addrs, remote_addrs, lengths, write=False)
+
+    def write(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int]
+              ) -> list[TransferStatus]:
+        """Push mode, the mirror of ``read``: copy each local range into the peer's remote range (``connect``
+        first), with the same statuses; a range outside what either side registered is never touched."""
+        return self.transfer(peer_session, local_addrs, remote_addrs, lengths, write=True)
+
+    @abc.abstractmethod
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
+        """``read`` (``write`` False) or ``write`` (True): what each backend implements."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -21,6 +21,12 @@ class KVTransferConfig:
         "auto", "how KV moves: auto picks per peer (nvlink: GPUs of one host, shm: host memory of one host, "
         "rdma where NICs exist, else tcp; with a loopback --kv-host only the same-host one); a forced one "
         "(or a same-host and a network one: shm,tcp) that cannot work is refused")
+    kv_mode: Literal["read", "push"] = opt(
+        "read", "read: decode reads the prompt's KV from prefill after prefill finished; push: decode "
+        "pre-allocates the blocks and prefill writes the KV into them as it computes (every engine and "
+        "the gateway of one model use the same mode)", choices=("read", "push"))
+    kv_push_timeout_s: float = opt(30.0, "push mode, decode: free a request's pre-allocated blocks when no "
+                                         "prefill confirmed or finished writing them for this long")
     kv_lease_seconds: float = opt(30.0, "prefill frees pinned blocks this long after the last renewal")
     kv_lease_max_seconds: float = opt(300.0, "prefill frees pinned blocks this long after pinning them, "
                                              "however often their reader renews")
@@ -46,6 +52,7 @@ class KVTransferConfig:
                 "and write the KV cache: use a private-network address, or --kv-allow-public-host if you mean it")
         for name in (
             "kv_lease_seconds",
+            "kv_push_timeout_s",
             "kv_lease_sweep_interval_s",
             "kv_handshake_timeout_s",
             "kv_rpc_timeout_s",
@@ -53,8 +60,9 @@ class KVTransferConfig:
             "kv_read_timeout_s",
         ):
             require(getattr(self, name) > 0, name, "must be > 0")
-        require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds",
-                f"must be >= --kv-lease-seconds ({self.kv_lease_seconds:g})")
+        require(self.kv_lease_max_seconds >= max(self.kv_lease_seconds, self.kv_push_timeout_s),
+                "kv_lease_max_seconds", f"must be >= --kv-lease-seconds ({self.kv_lease_seconds:g}) and "
+                f"--kv-push-timeout-s ({self.kv_push_timeout_s:g})")
         require(
             self.kv_renew_interval_s < self.kv_lease_seconds,
             "kv_renew_interval_s",

@@ -138,8 +138,10 @@ class CudaIpcBackend(TransferBackend):
             exported = msgspec.msgpack.decode(peer_meta, type=ExportedKV)
             self._peers[peer_session] = _Peer(exported, self.kv.device.index)
 
-    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-             lengths: list[int]) -> list[TransferStatus]:
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
+        """A write copies our ranges into the peer's mapped cache (the caller waited for the kernels that
+        computed them)."""
         check_batch(local_addrs, remote_addrs, lengths)
         peer = self._peers.get(peer_session)
         local = self._region
@@ -152,27 +154,30 @@ class CudaIpcBackend(TransferBackend):
         todo = [i for i, st in enumerate(statuses) if st is TransferStatus.SUCCESS]
         torch.cuda.set_device(self.kv.device)  # this reader thread's runtime calls go to our GPU
         if todo:
-            dst = [local_addrs[i] - local.addr for i in todo]
-            src = [remote_addrs[i] - peer.addr for i in todo]
+            ours = [local_addrs[i] - local.addr for i in todo]
+            theirs = [remote_addrs[i] - peer.addr for i in todo]
             sizes = [lengths[i] for i in todo]
-            if range_copy.available() and self._words is not None and peer.words is not None \
+            (dst_words, dst, dst_base), (src_words, src, src_base) = (
+                ((peer.words, theirs, peer.base), (self._words, ours, self.kv.data_ptr())) if write
+                else ((self._words, ours, self.kv.data_ptr()), (peer.words, theirs, peer.base)))
+            if range_copy.available() and dst_words is not None and src_words is not None \
                     and range_copy.aligned(dst, src, sizes):
                 w = range_copy.WORD
-                range_copy.copy_ranges(self._words, peer.words, [d // w for d in dst], [r // w for r in src],
+                range_copy.copy_ranges(dst_words, src_words, [d // w for d in dst], [r // w for r in src],
                                        [n // w for n in sizes], stream=self._stream)
             else:
-                self._copy_each(todo, dst, src, sizes, peer, statuses)
+                self._copy_each(todo, dst_base, dst, src_base, src, sizes, statuses)
         # The blocks are whole before the engine may compute on them (and before prefill may free them).
         if self._runtime.cudaStreamSynchronize(self._stream.cuda_stream) != 0:
             return [TransferStatus.FAILED] * len(lengths)
         return statuses
 
-    def _copy_each(self, todo: list[int], dst: list[int], src: list[int], sizes: list[int], peer: _Peer,
-                   statuses: list[TransferStatus]) -> None:
-        """One ``cudaMemcpyAsync`` per range (byte offsets into the two caches); a refused one is FAILED."""
-        stream, base = self._stream.cuda_stream, self.kv.data_ptr()
+    def _copy_each(self, todo: list[int], dst_base: int, dst: list[int], src_base: int, src: list[int],
+                   sizes: list[int], statuses: list[TransferStatus]) -> None:
+        """One ``cudaMemcpyAsync`` per range (byte offsets from the two bases); a refused one is FAILED."""
+        stream = self._stream.cuda_stream
         for i, d, r, n in zip(todo, dst, src, sizes):
-            if self._runtime.cudaMemcpyAsync(base + d, peer.base + r, n, MEMCPY_DEVICE_TO_DEVICE, stream) != 0:
+            if self._runtime.cudaMemcpyAsync(dst_base + d, src_base + r, n, MEMCPY_DEVICE_TO_DEVICE, stream) != 0:
                 statuses[i] = TransferStatus.FAILED
 
     def close(self) -> None:

@@ -3,8 +3,8 @@
 The ``mooncake`` module comes from one of three builds, one per host kind (pdserve's extras
 ``cpu``, ``cuda12``, ``cuda13``: see pyproject.toml).  P2PHANDSHAKE metadata (no etcd): each
 engine binds an RPC port and peers address it as ``host:rpc_port``.  RDMA when NICs exist, TCP
-otherwise or when forced (``MC_FORCE_TCP=1``).  Batch reads are synchronous and busy-poll: run
-them off the event loop.
+otherwise or when forced (``MC_FORCE_TCP=1``).  Batch reads and writes (push mode) are synchronous
+and busy-poll: run them off the event loop.
 
 Mooncake logs through glog straight to file descriptor 2.  Its level follows ``--log-level``
 (``MC_LOG_LEVEL``, read when the module loads; Mooncake's own INFO lines show at ``debug``), and
@@ -152,19 +152,17 @@ class MooncakeBackend(TransferBackend):
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         """Nothing to do: Mooncake opens the peer's segment on the first read."""
 
-    def read(
-        self,
-        peer_session: str,
-        local_addrs: list[int],
-        remote_addrs: list[int],
-        lengths: list[int],
-    ) -> list[TransferStatus]:
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                  *, write: bool) -> list[TransferStatus]:
+        """One synchronous batch (Mooncake's ``batch_transfer_sync_read`` or ``_write``): all or nothing."""
         check_batch(local_addrs, remote_addrs, lengths)
         if not lengths:
             return []
-        rc = self.engine.batch_transfer_sync_read(peer_session, local_addrs, remote_addrs, lengths)
+        call = self.engine.batch_transfer_sync_write if write else self.engine.batch_transfer_sync_read
+        rc = call(peer_session, local_addrs, remote_addrs, lengths)
         if rc < 0:
-            logger.warning("Mooncake batch read of %d ranges from %s failed (rc=%d)", len(lengths), peer_session, rc)
+            logger.warning("Mooncake batch %s of %d ranges with %s failed (rc=%d)", "write" if write else "read",
+                           len(lengths), peer_session, rc)
             return [TransferStatus.FAILED] * len(lengths)
         return [TransferStatus.SUCCESS] * len(lengths)
 

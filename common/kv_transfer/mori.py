@@ -132,13 +132,9 @@ class MoriBackend(TransferBackend):
                     peer.sessions[(local_idx, remote_idx)] = sess
             return sess
 
-    def read(
-        self,
-        peer_session: str,
-        local_addrs: list[int],
-        remote_addrs: list[int],
-        lengths: list[int],
-    ) -> list[TransferStatus]:
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                  *, write: bool) -> list[TransferStatus]:
+        """Each session's ranges in one ``batch_read`` (or ``batch_write``), polled against our deadline."""
         check_batch(local_addrs, remote_addrs, lengths)
         peer = self._peers.get(peer_session)
         if peer is None:
@@ -157,7 +153,7 @@ class MoriBackend(TransferBackend):
             if sess is None:
                 logger.warning("MoRI-IO could not open a session to %s (regions %d->%d)", peer_session, ri, li)
                 continue
-            status = sess.batch_read(
+            status = (sess.batch_write if write else sess.batch_read)(
                 [offsets[i][0] for i in idx],
                 [offsets[i][1] for i in idx],
                 [lengths[i] for i in idx],
@@ -170,13 +166,14 @@ class MoriBackend(TransferBackend):
             while status.InProgress() and time.monotonic() < deadline:
                 time.sleep(READ_POLL_S)
             if status.InProgress():
-                logger.warning("MoRI-IO read from %s still running after %g s: failed", peer_session,
+                logger.warning("MoRI-IO %s with %s still running after %g s: failed", "write" if write else "read", peer_session,
                                self.read_timeout_s)
             elif status.Succeeded():
                 for i in idx:
                     result[i] = TransferStatus.SUCCESS
             else:
-                logger.warning("MoRI-IO read from %s failed: %s (%s)", peer_session, status.Message(), status.Code())
+                logger.warning("MoRI-IO %s with %s failed: %s (%s)", "write" if write else "read", peer_session,
+                               status.Message(), status.Code())
         return result
 
     def close(self) -> None:

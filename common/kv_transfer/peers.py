@@ -1,4 +1,5 @@
-"""Decode side of the handshake: the prefill instances our ranks read from, and how each rank reaches them.
+"""Decode side of the handshake: the prefill instances our ranks read from, and how each rank reaches them
+(push mode, prefill side: the decode instances our ranks write into, ``writes=True``).
 
 ``PeerDirectory.peer(engine_id, kv_endpoint, incarnation)`` handshakes once per
 prefill instance (one shared future per instance, failures not cached), checks
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from common.client_pool import ClientPool
 from common.errors import BusError, CallTimeout, HandshakeError, PeerError
 from common.kv_transfer.rank_io import RankIO
-from common.kv_transfer.read_plan import Source, plan_sources
+from common.kv_transfer.read_plan import Source, plan_sources, plan_targets
 from common.kv_transfer.transports import Placement, TransportError, candidates
 from common.kv_compat import kv_incompatibilities
 from common.messages import Fingerprint, Handshake, HandshakeReply, KVRankMemory
@@ -41,7 +42,7 @@ class Peer:
     engine_id: str
     kv_endpoint: str
     ranks: list[KVRankMemory]  # its ranks' KV memory, in rank order
-    sources: list[list[Source]]  # per rank of ours: where it reads its heads from
+    sources: list[list[Source]]  # per rank of ours: where it reads its heads from (push mode: what it writes where)
     links: dict[tuple[int, int], Link]  # (our rank, its rank) -> how
     block_size: int  # tokens per block of its KV (may differ from ours)
     incarnation: str  # the KV memory the handshake described (a restarted prefill has another)
@@ -51,8 +52,9 @@ class PeerDirectory:
     """Handshakes of our instance (``ranks``: one ``RankIO`` per rank of ours) with prefill instances."""
 
     def __init__(self, ranks: list[RankIO], engine_id: str, fingerprint: Fingerprint, kv_transport: str,
-                 clients: ClientPool, handshake_timeout_s: float, chosen: dict[str, str]):
-        """``chosen`` (prefill id -> the transports our ranks read it over) is kept up to date for stats."""
+                 clients: ClientPool, handshake_timeout_s: float, chosen: dict[str, str], writes: bool = False):
+        """``chosen`` (prefill id -> the transports our ranks read it over) is kept up to date for stats;
+        ``writes``: push mode, our ranks write into the peers (decode instances) instead."""
         self.ranks = ranks
         self.engine_id = engine_id
         self.fingerprint = fingerprint
@@ -60,6 +62,7 @@ class PeerDirectory:
         self.clients = clients
         self.handshake_timeout_s = handshake_timeout_s
         self.chosen = chosen
+        self.writes = writes
         self._peers: dict[str, asyncio.Future[Peer]] = {}
 
     async def peer(self, engine_id: str, kv_endpoint: str, incarnation: str = "") -> Peer:
@@ -111,7 +114,8 @@ class PeerDirectory:
             raise HandshakeError(f"handshake with {engine_id} at {kv_endpoint} failed: {e}") from e
         self._check_reply(engine_id, kv_endpoint, reply)
         try:
-            sources = [plan_sources(rank.memory, reply.ranks) for rank in self.ranks]
+            ours = [rank.memory for rank in self.ranks]
+            sources = plan_targets(ours, reply.ranks) if self.writes else [plan_sources(m, reply.ranks) for m in ours]
         except ValueError as e:
             raise HandshakeError(f"{engine_id}: {e}") from e
         pairs = sorted({(ours, source.rank) for ours, rank_sources in enumerate(sources) for source in rank_sources})
@@ -119,7 +123,8 @@ class PeerDirectory:
                                        for ours, theirs in pairs))
         chosen = ",".join(sorted({link.transport for link in links}))
         if self.chosen.get(engine_id) != chosen:
-            logger.info("KV from %s (%s, TP %d) over %s", engine_id, kv_endpoint, len(reply.ranks), chosen)
+            logger.info("KV %s %s (%s, TP %d) over %s", "to" if self.writes else "from", engine_id, kv_endpoint,
+                        len(reply.ranks), chosen)
         self.chosen[engine_id] = chosen
         return Peer(engine_id, kv_endpoint, reply.ranks, sources, dict(zip(pairs, links)),
                     reply.fingerprint.block_size, reply.incarnation)

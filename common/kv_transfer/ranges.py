@@ -64,11 +64,13 @@ class BlockTable:
 
 
 def token_ranges(local: BlockTable, remote: BlockTable, *, heads: range, num_tokens: int,
-                 skip_leading: int = 0) -> ByteRanges:
+                 skip_leading: int = 0, first_token: int | None = None) -> ByteRanges:
     """Merged ranges reading tokens ``[skip_leading * local.block_size, num_tokens)`` of the global KV heads
     ``heads`` from ``remote``'s blocks into ``local``'s, whatever the two block sizes.
 
-    The first ``skip_leading`` local blocks are already local (prefix-cache hits).  In the head-major layout a
+    The first ``skip_leading`` local blocks are already local (prefix-cache hits).  ``first_token``, when
+    given, starts the tokens there instead (anywhere in a block: a push writes each chunk of a prompt
+    as prefill computes it).  In the head-major layout a
     run of tokens of one head is contiguous (every layer, K and V), so the read is one piece per head and run
     of ``min(block sizes)`` tokens; pieces come in local address order, merged where contiguous on both sides
     (equal block sizes: one range per block for a head slice, whole-block runs for every head).  Raises
@@ -98,10 +100,14 @@ def token_ranges(local: BlockTable, remote: BlockTable, *, heads: range, num_tok
     # Both block sizes are multiples of the smaller, so every run of that many tokens has one local
     # and one remote block; each run is one piece per head.
     run = min(local.block_size, remote.block_size)
-    starts = np.arange(skip_leading * local.block_size, num_tokens, run, dtype=np.int64)
+    if first_token is not None and not 0 <= first_token <= num_tokens:
+        raise ValueError(f"first_token={first_token} outside [0, {num_tokens}]")
+    begin = skip_leading * local.block_size if first_token is None else first_token
+    grid = np.arange(begin - begin % run, num_tokens, run, dtype=np.int64)
+    starts = np.maximum(grid, begin)
     head_ids = np.arange(heads.start, heads.stop, dtype=np.int64)
     local_addrs, remote_addrs = (_piece_addrs(table, starts, head_ids, token_bytes) for table in (local, remote))
-    lengths = np.repeat(np.minimum(run, num_tokens - starts) * token_bytes, len(head_ids))
+    lengths = np.repeat((np.minimum(grid + run, num_tokens) - starts) * token_bytes, len(head_ids))
     return _merged(local_addrs, remote_addrs, lengths)
 
 

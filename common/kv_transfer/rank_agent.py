@@ -109,7 +109,8 @@ class RankAgent:
         if not len(msg.local_addrs) == len(msg.remote_addrs) == len(msg.lengths):
             raise PeerError("invalid_request", "RankRead: the address and length lists differ in length")
         ranges = ByteRanges(msg.local_addrs, msg.remote_addrs, msg.lengths)
-        statuses, seconds = await self.io.read(msg.transport, msg.session, ranges)
+        copy = self.io.write if msg.write else self.io.read
+        statuses, seconds = await copy(msg.transport, msg.session, ranges)
         return RankReadDone([i for i, s in enumerate(statuses) if s is not TransferStatus.SUCCESS], seconds)
 
 

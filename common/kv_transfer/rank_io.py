@@ -47,13 +47,16 @@ def rank_memory(rank: int, heads: tuple[int, int], transports: TransportSet, lay
                         block_bytes=layout.block_bytes, num_blocks=layout.num_blocks)  # fmt: skip
 
 
-def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges) -> list[TransferStatus]:
-    """``backend.read`` of ``ranges``, at most ``MAX_RANGES_PER_CALL`` per call, one status per range in
-    order; after a call with a failure the rest is not read (FAILED: the read fails anyway)."""
+def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges, write: bool = False
+                    ) -> list[TransferStatus]:
+    """``backend.read`` (``write``: ``backend.write``) of ``ranges``, at most ``MAX_RANGES_PER_CALL`` per call,
+    one status per range in order; after a call with a failure the rest is not copied (FAILED: the transfer
+    fails anyway)."""
     statuses: list[TransferStatus] = []
+    copy = backend.write if write else backend.read
     for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
         window = slice(i, i + MAX_RANGES_PER_CALL)
-        batch = backend.read(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
+        batch = copy(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
         statuses += batch
         if any(s is not TransferStatus.SUCCESS for s in batch):
             return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - len(statuses))
@@ -104,6 +107,9 @@ class RankIO(Protocol):
         """Copy ``ranges`` from the peer rank into this rank's memory: one status per range, and the
         seconds spent in the backend.  Never raises for a failed copy (FAILED statuses)."""
 
+    async def write(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+        """Push mode, the mirror of ``read``: copy ``ranges`` of this rank's memory into the peer rank's."""
+
 
 class LocalRankIO:
     """A rank whose memory this process holds, and the owner of its transports: its backends run on a
@@ -133,17 +139,25 @@ class LocalRankIO:
         await asyncio.get_running_loop().run_in_executor(self.pool, backend.connect, session, meta)
 
     async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+        return await self._copy(transport, session, ranges, write=False)
+
+    async def write(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+        return await self._copy(transport, session, ranges, write=True)
+
+    async def _copy(self, transport: str, session: str, ranges: ByteRanges, *, write: bool
+                    ) -> tuple[list[TransferStatus], float]:
         backend = self.transports.backends[transport]
         shards = split_by_bytes(ranges, min(self.read_shards or min(backend.read_shards, self.cores), self.threads))
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        futures = [loop.run_in_executor(self.pool, read_in_batches, backend, session, s) for s in shards]
+        futures = [loop.run_in_executor(self.pool, read_in_batches, backend, session, s, write) for s in shards]
         results = await finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
         seconds = time.perf_counter() - start
         statuses: list[TransferStatus] = []
         for shard, result in zip(shards, results):
             if isinstance(result, BaseException):  # a backend bug: this shard's ranges count as failed
-                logger.warning("KV read of %d ranges from %s raised %r", len(shard.lengths), session, result)
+                logger.warning("KV %s of %d ranges with %s raised %r", "write" if write else "read", len(shard.lengths),
+                               session, result)
                 result = [TransferStatus.FAILED] * len(shard.lengths)
             statuses += result
         return statuses, seconds
@@ -170,12 +184,19 @@ class RemoteRankIO:
 
     async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
         """A dead or stuck agent fails every range (after the read timeout, plus the reply's)."""
-        order = RankRead(transport, session, *ranges)
+        return await self._copy(RankRead(transport, session, *ranges))
+
+    async def write(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+        return await self._copy(RankRead(transport, session, *ranges, write=True))
+
+    async def _copy(self, order: RankRead) -> tuple[list[TransferStatus], float]:
+        ranges = ByteRanges(order.local_addrs, order.remote_addrs, order.lengths)
         call = asyncio.ensure_future(self.clients.get(self.endpoint).call(order, timeout=self.read_timeout_s))
         try:
             reply = await finish_uncancellable(call)
         except BusError as e:
-            logger.warning("KV read of rank %d (%s) failed: %s", self.memory.rank, self.endpoint, e)
+            logger.warning("KV %s of rank %d (%s) failed: %s", "write" if order.write else "read", self.memory.rank,
+                           self.endpoint, e)
             return [TransferStatus.FAILED] * len(ranges.lengths), 0.0
         if not isinstance(reply, RankReadDone):
             logger.warning("rank %d answered a read with %s", self.memory.rank, type(reply).__name__)

@@ -5,7 +5,8 @@ A rank of TP size N holds a contiguous slice of the KV heads (``KVRankMemory.fir
 Each decode rank reads exactly the heads it owns: for every head, from one of the
 prefill ranks holding it (the ``reader.rank mod holders``-th, so replicated heads
 spread over the readers); consecutive heads with the same source form one ``Source``.
-Between two engines of equal TP size every rank reads its own counterpart whole.
+Between two engines of equal TP size every rank reads its own counterpart whole.  Push mode writes
+the same pieces the other way (``plan_targets``).
 
 The ranges of one (decode rank, source) pair are ``ranges.token_ranges`` over the
 two ranks' block tables: token positions map between different block sizes, and a
@@ -44,6 +45,19 @@ def plan_sources(reader: KVRankMemory, peers: list[KVRankMemory]) -> list[Source
         else:
             sources.append(Source(rank, range(head, head + 1)))
     return sources
+
+
+def plan_targets(writers: list[KVRankMemory], peers: list[KVRankMemory]) -> list[list[Source]]:
+    """Push mode, the mirror of ``plan_sources``: per rank of ``writers`` (in rank order), the peer ranks it
+    writes and which heads (``Source.rank`` is the peer's).  Every head of every peer rank is written by
+    exactly the writer rank that ``plan_sources`` would have that peer rank read it from, so a head the peer
+    replicates over several ranks is written into each of them, and one the writers replicate is written once.
+    Raises ``ValueError`` when a peer head is held by no writer rank."""
+    targets: list[list[Source]] = [[] for _ in writers]
+    for peer in peers:
+        for source in plan_sources(peer, writers):
+            targets[source.rank].append(Source(peer.rank, source.heads))
+    return targets
 
 
 def table_of(memory: KVRankMemory, block_size: int, block_ids: list[int]) -> BlockTable:

@@ -35,7 +35,7 @@ from common.kv_transfer.rank_io import RankIO, finish_uncancellable
 from common.kv_transfer.ranges import ByteRanges, token_ranges
 from common.kv_transfer.read_plan import Source, table_of
 from common.kv_transfer.status import TransferQuorum, TransferStatus
-from common.messages import Fingerprint, KVTransferParams, LeaseRenewed, ReleaseKV, RenewLease
+from common.messages import Fingerprint, KVTransferParams, LeaseRenewed, PushTarget, ReleaseKV, RenewLease
 from common.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
@@ -61,22 +61,22 @@ class PlannedRead:
 
 
 class ReleaseSender:
-    """Sends ``ReleaseKV`` in the background, so a dead prefill never delays the caller; a failed
-    send is logged (the lease then expires on the prefill side), and a prefill that did not answer
+    """Sends ``ReleaseKV`` in the background (push mode: from prefill to decode), so a dead peer never delays
+    the caller; a failed send is logged (the lease then expires on the peer's side), and a peer that did not answer
     or left loses its pooled client (no socket stays behind dialing a dead endpoint)."""
 
     def __init__(self, clients: ClientPool):
         self.clients = clients
         self._sending = BackgroundTasks()
 
-    def send(self, params: KVTransferParams) -> None:
+    def send(self, params: KVTransferParams | PushTarget) -> None:
         self._sending.spawn(self._send(params))
 
     async def flush(self) -> None:
         """Wait until every ``ReleaseKV`` sent so far was answered or failed."""
         await self._sending.wait()
 
-    async def _send(self, params: KVTransferParams) -> None:
+    async def _send(self, params: KVTransferParams | PushTarget) -> None:
         client = None
         try:
             client = self.clients.get(params.kv_endpoint)
@@ -157,7 +157,7 @@ class KVReader:
                 held = await self._renew(peer, tid)
             except BusError as e:
                 raise KVTransferError(f"cannot renew the lease of transfer {tid} before reading: {e}") from e
-            _check_held(params, held, "before the read")
+            check_held(params, held, "before the read")
         lease_lost = asyncio.Event()
         renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
         start = time.perf_counter()
@@ -182,7 +182,7 @@ class KVReader:
             held = None if lease_lost.is_set() else await self._renew(peer, tid)
         except BusError as e:
             raise KVTransferError(f"cannot confirm the lease of transfer {tid} after the read: {e}") from e
-        _check_held(params, held, "during the read; the blocks may be reused")
+        check_held(params, held, "during the read; the blocks may be reused")
         return ReadStats(num_blocks, num_ranges, sum(r.ranges.total_bytes for r in reads), seconds)
 
     async def _read_one(self, peer: Peer, read: PlannedRead) -> list[TransferStatus]:
@@ -220,9 +220,9 @@ class KVReader:
         await self.clients.close()
 
 
-def _check_held(params: KVTransferParams, held: list[int] | None, when: str) -> None:
+def check_held(params: KVTransferParams | PushTarget, held: list[int] | None, when: str) -> None:
     """``KVTransferError`` unless the lease was held ``when``; ``KVBlocksRefused`` unless it holds exactly
-    ``params.block_ids`` (other blocks would be another prompt's KV)."""
+    ``params.block_ids`` (other blocks would be another prompt's KV).  Push mode checks decode's lease so."""
     if held is None:
         raise KVTransferError(f"lease of transfer {params.transfer_id} ended {when}")
     if held != params.block_ids:

@@ -5,7 +5,8 @@ An engine that serves KV on the CPU allocates its cache in ``/dev/shm``
 ``ShmBackend.register`` finds the file behind each registered region in
 ``/proc/self/maps`` and publishes it; a reader on the same host maps the peer's
 file read-only once (``connect``) and a read is one ``memcpy`` per range, with
-no copy through a socket and no busy-polling thread.
+no copy through a socket and no busy-polling thread.  A push-mode writer maps the
+peer's file read-write on its first ``write`` and copies the other way.
 
 The file is unlinked by its owner at close; a file left by a killed process is
 removed by the next engine that starts on the host.
@@ -18,6 +19,7 @@ import logging
 import mmap
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +152,9 @@ class ShmBackend(TransferBackend):
         self._session = f"shm:{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._local: list[MemoryRegion] = []
         self._published: list[SharedRegion] = []
-        self._peers: dict[str, list[_Mapped]] = {}
+        self._peers: dict[str, list[_Mapped]] = {}  # read-only mappings, by peer session
+        self._writable: dict[str, list[_Mapped]] = {}  # read-write mappings of the peers a push wrote to
+        self._lock = threading.Lock()
 
     @property
     def session(self) -> str:
@@ -173,20 +177,36 @@ class ShmBackend(TransferBackend):
 
     def connect(self, peer_session: str, peer_meta: bytes) -> None:
         """Map the peer's files read-only (once per session); ``FileNotFoundError`` when not visible here."""
-        if peer_session in self._peers:
-            return
+        if peer_session not in self._peers:
+            self._peers[peer_session] = self._map(msgspec.msgpack.decode(peer_meta, type=list[SharedRegion]),
+                                                  writable=False)
+
+    @staticmethod
+    def _map(regions: list[SharedRegion], *, writable: bool) -> list[_Mapped]:
         mapped = []
-        for region in msgspec.msgpack.decode(peer_meta, type=list[SharedRegion]):
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        for region in regions:
             page_offset = region.offset - region.offset % mmap.ALLOCATIONGRANULARITY
-            with open(region.path, "rb") as f:
+            with open(region.path, "r+b" if writable else "rb") as f:
                 mapping = mmap.mmap(f.fileno(), region.length + region.offset - page_offset,
-                                    flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=page_offset)
+                                    flags=mmap.MAP_SHARED, prot=prot, offset=page_offset)
             base = np.frombuffer(mapping, dtype=np.uint8).ctypes.data + region.offset - page_offset
             mapped.append(_Mapped(region, mapping, base))
-        self._peers[peer_session] = mapped
+        return mapped
 
-    def read(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int],
-             lengths: list[int]) -> list[TransferStatus]:
+    def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+                 *, write: bool) -> list[TransferStatus]:
+        """A write (push mode) maps the peer's files again, read-write, the first time."""
+        if write:
+            with self._lock:  # the shards of one write run on several threads
+                if peer_session not in self._writable and peer_session in self._peers:
+                    self._writable[peer_session] = self._map([m.region for m in self._peers[peer_session]],
+                                                             writable=True)
+        mapped = (self._writable if write else self._peers).get(peer_session, [])
+        return self._copy(mapped, local_addrs, remote_addrs, lengths, write=write)
+
+    def _copy(self, mapped: list[_Mapped], local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
+              *, write: bool) -> list[TransferStatus]:
         check_batch(local_addrs, remote_addrs, lengths)
         local = np.asarray(local_addrs, dtype=np.int64)
         remote = np.asarray(remote_addrs, dtype=np.int64)
@@ -196,19 +216,21 @@ class ShmBackend(TransferBackend):
         inside = np.zeros(len(n), dtype=bool)
         for r in self._local:
             inside |= (local >= r.addr) & (local + n <= r.addr + r.length)
-        source = np.full(len(n), -1, dtype=np.int64)
-        for m in self._peers.get(peer_session, []):
-            hit = (source < 0) & (remote >= m.region.addr) & (remote + n <= m.region.addr + m.region.length)
-            source[hit] = remote[hit] - m.region.addr + m.base
-        ok = inside & (source >= 0)
+        peer = np.full(len(n), -1, dtype=np.int64)  # where each remote range is mapped here
+        for m in mapped:
+            hit = (peer < 0) & (remote >= m.region.addr) & (remote + n <= m.region.addr + m.region.length)
+            peer[hit] = remote[hit] - m.region.addr + m.base
+        ok = inside & (peer >= 0)
+        dsts, srcs = (peer, local) if write else (local, peer)
         memmove = ctypes.memmove
-        for dst, src, size in zip(local[ok].tolist(), source[ok].tolist(), n[ok].tolist()):
+        for dst, src, size in zip(dsts[ok].tolist(), srcs[ok].tolist(), n[ok].tolist()):
             memmove(dst, src, size)  # releases the GIL
         return [TransferStatus.SUCCESS if good else TransferStatus.FAILED for good in ok.tolist()]
 
     def close(self) -> None:
-        for mapped in self._peers.values():
+        for mapped in (*self._peers.values(), *self._writable.values()):
             for m in mapped:
                 m.mapping.close()
         self._peers.clear()
+        self._writable.clear()
         self._local = []

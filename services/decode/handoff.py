@@ -26,6 +26,8 @@
    ``Abort`` that came during the read takes effect now, once the read stopped
    writing into the request's blocks, never before (they could be reused).
 5. Stream tokens 2..., the first carrying the transfer's timings.
+
+Push mode (``Generate(await_push=True)``, ``--kv-mode push``) is ``services/decode/push.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from common.arith import ceil_div
 from common.bus.endpoints import endpoint_problem
@@ -47,6 +50,7 @@ from common.kv_offload.offload_connector import OffloadConnector
 from common.kv_offload.pd_connector import PDConnector
 from common.kv_transfer.reader import KVReader, ReadStats
 from common.messages import Generate, KVTransferParams, TokenOutput
+from services.decode.push import DecodePush
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +66,22 @@ class DecodeHandoff(ColocatedRole):
         self.connector: MultiConnector | None = None
         self.reading: set[str] = set()  # request ids whose blocks a backend read may be writing
         self.aborted: set[str] = set()  # running request ids an Abort arrived for
+        self.push: DecodePush | None = None  # push mode (``services/decode/push.py``)
 
     async def start(self) -> None:
         s = self.service
         self.reader = KVReader(s.open_kv_ranks(), s.instance_id, s.fingerprint, s.config, s.transports.chosen)
         host_tier = [OffloadConnector(s.engine)] if s.core.offload is not None else []
         self.connector = MultiConnector([*host_tier, PDConnector(self.reader)])
+        if s.config.kv_mode == "push":
+            self.push = DecodePush(self)
+            self.push.start()
 
     async def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
+        if msg.await_push:
+            async for token in self.push.generate(msg):
+                yield token
+            return
         params = msg.remote_prefill
         if params is None:
             async for token in self.service.serve_locally(msg):
@@ -94,14 +106,18 @@ class DecodeHandoff(ColocatedRole):
         """A request whose KV is being read is aborted once the read stops writing its blocks."""
         if self.service.active.get(request_id) != peer:
             return
+        if self.push is not None and self.push.abort(request_id):
+            return  # its blocks are freed once no write may land in them
         self.aborted.add(request_id)
         if request_id not in self.reading:
             await super().abort(request_id, peer)
 
     def num_transfers(self) -> int:
-        return len(self.reading)
+        return len(self.reading) + (len(self.push.pushed) if self.push is not None else 0)
 
     async def shutdown(self) -> None:
+        if self.push is not None:
+            await self.push.shutdown()
         if self.reader is not None:
             await self.reader.close()
 
@@ -118,24 +134,44 @@ class DecodeHandoff(ColocatedRole):
         remote = RemoteRequest(request_id, prompt_ids, params.first_token_id, msg.sampling, params.num_tokens)
         asked = time.monotonic()
         try:
-            allocation = await asyncio.wait_for(self.service.engine.add_remote(remote),
-                                                self.service.config.remote_blocks_timeout_s)
-        except BaseException as e:
+            allocation = await self.allocate(remote)
+        except BaseException:
             self.reader.release(params)  # prefill must not keep blocks nobody will read
-            if isinstance(e, InvalidRequest):
-                raise PeerError("invalid_request", e.message, e.param) from e
-            if isinstance(e, asyncio.TimeoutError):
-                raise PeerError("overloaded", f"no free KV blocks within "
-                                f"{self.service.config.remote_blocks_timeout_s:g} s") from None
-            if isinstance(e, RequestAborted):
-                yield RequestOutput(request_id, [], "", finish_reason="abort")
-                return
             raise
-        finished = False
+        if allocation is None:
+            yield RequestOutput(request_id, [], "", finish_reason="abort")
+            return
         try:
             allocate_s = time.monotonic() - asked
             timings, kv_done = await self._load_remote_kv(request_id, params, allocation)
             timings["allocate_s"] = allocate_s
+        except BaseException:
+            self.service.engine.discard(request_id)
+            raise
+        async with aclosing(self.stream_decoded(request_id, timings, kv_done)) as outputs:
+            async for out in outputs:
+                yield out
+
+    async def allocate(self, remote: RemoteRequest) -> RemoteAllocation | None:
+        """The engine's blocks for ``remote``, waiting up to ``--remote-blocks-timeout-s`` for free ones; None
+        when the request was aborted meanwhile.  ``PeerError`` (``invalid_request``, ``overloaded``)."""
+        try:
+            return await asyncio.wait_for(self.service.engine.add_remote(remote),
+                                          self.service.config.remote_blocks_timeout_s)
+        except InvalidRequest as e:
+            raise PeerError("invalid_request", e.message, e.param) from e
+        except asyncio.TimeoutError:
+            raise PeerError("overloaded", f"no free KV blocks within "
+                            f"{self.service.config.remote_blocks_timeout_s:g} s") from None
+        except RequestAborted:
+            return None
+
+    async def stream_decoded(self, request_id: str, timings: dict[str, float], kv_done: float
+                             ) -> AsyncIterator[RequestOutput]:
+        """Tokens 2... of a request the engine got back at ``time.monotonic()`` ``kv_done`` (its KV landed);
+        the first output carries the transfer's ``timings``.  A stream that does not finish is discarded."""
+        finished = False
+        try:
             first = True
             async for out in self.service.engine.stream(request_id):
                 finished = out.finished

@@ -1,4 +1,5 @@
 """The read-mode flow of one request: its choices, each a prefill leg then a decode leg; retries, aborts.
+(Push mode, decode leg first: ``push_flow.py``.)
 
 Disaggregated choice::
 
@@ -120,9 +121,13 @@ class ChoiceRun:
             gen = Generate(request_id=self.request_id, sampling=self.sampling, **self.prompt.generate_fields())
             self._leg("both", gen, self._on_colocated, self._finish)
         else:
-            gen = Generate(request_id=self.request_id, sampling=self.sampling, do_remote_decode=True,
-                           **self.prompt.generate_fields())
-            self._leg("prefill", gen, self._on_prefill, self._on_prefill_end)
+            self._start_disaggregated()
+
+    def _start_disaggregated(self) -> None:
+        """Read mode: the prefill leg first (push mode overrides this)."""
+        gen = Generate(request_id=self.request_id, sampling=self.sampling, do_remote_decode=True,
+                       **self.prompt.generate_fields())
+        self._leg("prefill", gen, self._on_prefill, self._on_prefill_end)
 
     def cancel(self) -> None:
         if not self.done:
@@ -234,6 +239,15 @@ class ChoiceRun:
             self._put(out, out.finish_reason)
 
 
+def choice_class(kv_mode: str) -> type[ChoiceRun]:
+    """The choice flow of a KV mode (push mode's is ``push_flow.PushChoiceRun``, which extends this module's)."""
+    if kv_mode == "push":
+        from services.gateway.push_flow import PushChoiceRun
+
+        return PushChoiceRun
+    return ChoiceRun
+
+
 CLIENT_GONE = 499  # the status logged for requests whose client disconnected
 
 
@@ -270,7 +284,7 @@ class RequestRun:
         self.done: asyncio.Future[None] = loop.create_future()
         self.closed = False
         self._remaining = total
-        self._runs = [ChoiceRun(self, i) for i in range(total)]
+        self._runs = [choice_class(context.config.kv_mode)(self, i) for i in range(total)]
         context.runs.add(self)
 
     def start(self) -> None:

@@ -116,6 +116,12 @@ class Leg:
         self.ended = True
         self._close(cancel=True)
 
+    def keep_alive(self) -> None:
+        """Another leg of the choice heard from its engine: restart this leg's silence timeout (push mode:
+        decode waits, silent, while prefill computes)."""
+        if self.inst is not None and self.timer is not None:
+            self._arm(self.context.config.stream_idle_timeout_s)
+
     # -- internals ---------------------------------------------------------
 
     def _arm(self, timeout: float) -> None:

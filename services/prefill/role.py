@@ -2,9 +2,10 @@
 
 The request's KV, from pin to release, belongs to ``PrefillHandoff``
 (``services/prefill/handoff.py``, whose docstring walks a request's life cycle);
-this role wires it to the engine service: the engine's unpin as the handoff's
-port, the side channel's renew/release through the handoff, ``Abort`` and
-shutdown through the handoff.
+push mode's writes belong to ``PrefillPush`` (``services/prefill/push.py``).  This
+role wires them to the engine service: the engine's unpin as the handoff's port,
+the side channel's renew/release through the handoff, ``Abort`` and shutdown
+through both.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.side_channel import KVSideChannel
 from common.messages import Generate, KVTransferParams, TokenOutput
 from services.prefill.handoff import PrefillHandoff
+from services.prefill.push import PrefillPush
 
 
 class PrefillRole(ColocatedRole):
@@ -34,6 +36,7 @@ class PrefillRole(ColocatedRole):
         self.handoff = PrefillHandoff(service.instance_id, leases, service.engine.release_transfer,
                                       service.config.kv_max_pinned_blocks_per_peer)
         self._sweeper: asyncio.Task | None = None
+        self.push: PrefillPush | None = None  # push mode (``services/prefill/push.py``)
 
     async def start(self) -> None:
         s = self.service
@@ -41,10 +44,16 @@ class PrefillRole(ColocatedRole):
         side_channel = KVSideChannel(s.instance_id, s.fingerprint, ranks, s.transports.incarnation, self.handoff)
         side_channel.attach(s.kv_server)
         self._sweeper = asyncio.create_task(self.handoff.run_sweeper(s.config.kv_lease_sweep_interval_s))
+        if s.config.kv_mode == "push":
+            self.push = PrefillPush(s)
 
     async def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
         if not msg.do_remote_decode:
             async for token in self.service.serve_locally(msg):
+                yield token
+            return
+        if msg.push_to is not None:
+            async for token in self.push.generate(msg, msg.push_to):
                 yield token
             return
         request_id = msg.request_id
@@ -88,3 +97,5 @@ class PrefillRole(ColocatedRole):
             await asyncio.gather(self._sweeper, return_exceptions=True)
         self.handoff.release_all()
         await self.handoff.drain()
+        if self.push is not None:
+            await self.push.shutdown()

@@ -16,7 +16,8 @@ Rules:
   anything else is refused with ``forbidden`` and changes nothing.
 * Instances serving the same model must be able to read each other's KV
   (``common.kv_compat.kv_incompatibilities``: block sizes may differ, both powers
-  of two), except that a ``both``-role instance may differ in ``transfer_backend``.
+  of two), except that a ``both``-role instance may differ in ``transfer_backend``; and
+  prefill and decode instances of one model all move KV in one ``kv_mode`` (read or push).
 * A record whose last register/heartbeat is older than ``lease_ttl_s`` expires.
 * A heartbeat emits "updated" only when the load changed (so a watcher sees
   every load change, at most one event per heartbeat per instance).
@@ -52,6 +53,8 @@ def incompatibilities(a: Instance, b: Instance) -> dict[str, str]:
         reasons = {f: why for f, why in reasons.items() if f not in BOTH_ROLE_MAY_DIFFER}
     if a.role == b.role:  # two prefills (or two decodes) never read each other's KV
         reasons = {f: why for f, why in reasons.items() if f not in SAME_ROLE_MAY_DIFFER}
+    if "both" not in (a.role, b.role) and a.kv_mode != b.kv_mode:
+        reasons["kv_mode"] = f"{a.id} moves KV in {a.kv_mode} mode, {b.id} in {b.kv_mode} mode (--kv-mode)"
     return reasons
 
 

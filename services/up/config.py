@@ -17,7 +17,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 # UpConfig fields handed to every engine as the same flag, when set.
 ENGINE_FLAGS = ("model", "dtype", "device", "served_model_name", "max_model_len", "block_size",
-                "gpu_memory_utilization", "tensor_parallel_size", "tokenizer", "chat_template")
+                "gpu_memory_utilization", "tensor_parallel_size", "tokenizer", "chat_template", "kv_mode")
 
 
 @dataclass
@@ -25,6 +25,9 @@ class UpConfig:
     """The flags of ``pdserve up``; counts left at none mean 1."""
 
     mode: Literal["disagg", "colocated"] = opt("disagg", "disagg: prefill + decode instances; colocated: role-both instances")
+    kv_mode: Literal["read", "push"] = opt("read", "disagg: how KV moves (engines' and gateway's --kv-mode): read "
+                                           "(decode reads after prefill) or push (prefill writes into decode's "
+                                           "pre-allocated blocks as it computes)", choices=("read", "push"))
     prefill: int | None = opt(None, "prefill instances, disagg only (none: 1)")
     decode: int | None = opt(None, "decode instances, disagg only (none: 1)")
     colocated: int | None = opt(None, "role-both instances, colocated only (none: 1)")
@@ -132,7 +135,7 @@ class UpConfig:
         """The ``pdserve gateway`` flags: ``up``'s, then ``--gateway-args`` (which win)."""
         key = ["--api-key", self.api_key] if self.api_key is not None else []
         own = ["--host", self.host, "--port", str(self.port), "--registry", registry, "--mode", self.mode,
-               "--workers", str(self.gateway_workers), *key]
+               "--kv-mode", self.kv_mode, "--workers", str(self.gateway_workers), *key]
         return [*own, *shlex.split(self.gateway_args)]
 
     def gateway_config(self, registry: str) -> GatewayConfig:
