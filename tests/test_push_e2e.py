@@ -32,9 +32,10 @@ LENGTHS = [1, 15, 16, 17, 100, 300]
 
 
 class Stack(EngineDriver):
-    def __init__(self, procs: Processes, openai_client: openai.AsyncOpenAI):
+    def __init__(self, procs: Processes, openai_client: openai.AsyncOpenAI, read_openai: openai.AsyncOpenAI):
         super().__init__(procs.engine_endpoints(), timeout_s=60.0)
         self.procs, self.openai = procs, openai_client
+        self.read_openai = read_openai  # a gateway forced to --kv-mode read
         self.survivor = "prefill-2"  # the prefill left once the kill test killed one
 
 
@@ -47,34 +48,49 @@ async def stack():
         procs.start_engine("decode", "decode", *ENGINE, "--block-size", "32")
         procs.start_engine("decode-shm", "decode", *ENGINE, kv_transport="shm,tcp")
         procs.start_engine("both", "prefill", "--role", "both")
-        port = free_port()
+        port, read_port = free_port(), free_port()
+        # --kv-mode auto (the default): the gateway follows the push mode the engines advertise
         procs.spawn("gateway", "services.gateway", ["--port", str(port), "--registry", procs.registry_endpoint,
-                                                    "--mode", "disagg", "--kv-mode", "push", "--prefill-timeout-s",
-                                                    "3", "--max-retries", "2"])
+                                                    "--mode", "disagg", "--prefill-timeout-s", "3", "--max-retries",
+                                                    "2"])
+        procs.spawn("gateway-read", "services.gateway", ["--port", str(read_port), "--registry",
+                                                         procs.registry_endpoint, "--mode", "disagg", "--kv-mode",
+                                                         "read"])
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                     timeout=60)
+        read_client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{read_port}/v1", api_key="none",
+                                         max_retries=0, timeout=60)
         await procs.wait_registered("prefill", "prefill-2", "decode", "decode-shm", "both")
 
         async def ready() -> bool:
             try:
-                return bool((await client.models.list()).data)
+                return all([(await c.models.list()).data for c in (client, read_client)])
             except openai.APIConnectionError:
                 return False
 
         await eventually(ready, timeout=60, interval=0.1)
-        s = Stack(procs, client)
+        s = Stack(procs, client, read_client)
         try:
             yield s
         finally:
             await client.close()
+            await read_client.close()
             await s.close()
 
 
-async def completion_ids(client: openai.AsyncOpenAI, ids: list[int], max_tokens: int = 8) -> list[int]:
-    """Greedy completion of the token ids ``ids``, as token ids (``return_token_ids``... via logprobs' tokens)."""
+async def completion_tokens(client: openai.AsyncOpenAI, ids: list[int], max_tokens: int = 8) -> int:
+    """The completion tokens of a greedy completion of the token ids ``ids``."""
     response = await client.completions.create(model="demo", prompt=ids, max_tokens=max_tokens, temperature=0,
-                                               extra_body={"ignore_eos": True, "return_token_ids": True})
-    return response.choices[0].model_extra["token_ids"]
+                                               extra_body={"ignore_eos": True})
+    return response.usage.completion_tokens
+
+
+async def test_a_gateway_forced_to_read_mode_answers_a_clear_503_before_any_engine_is_asked(stack):
+    with pytest.raises(openai.APIStatusError) as failed:
+        await completion_tokens(stack.read_openai, prompt_ids(20, seed=7))
+    assert failed.value.status_code == 503
+    assert "--kv-mode push or auto" in failed.value.message
+    assert await completion_tokens(stack.openai, prompt_ids(20, seed=7)) == 8  # the auto gateway serves them
 
 
 @pytest.mark.parametrize(("decode", "transport"), [("decode", "tcp"), ("decode-shm", "shm")])

@@ -23,10 +23,10 @@ class GatewayConfig(BusSecurity):
                         "or etcd://host:port[,host:port...]")
     mode: Mode = opt("auto", "disagg: prefill then decode; colocated: one 'both' instance; "
                      "auto: disagg when prefill and decode instances exist, else colocated")
-    kv_mode: Literal["read", "push"] = opt("read", "how a disaggregated request's KV moves (the engines' --kv-mode): "
-                                           "read: prefill first, then decode reads the KV; push: decode "
-                                           "first pre-allocates the blocks, then prefill writes into them",
-                                           choices=("read", "push"))
+    kv_mode: Literal["auto", "read", "push"] = opt(
+        "auto", "how a disaggregated request's KV moves (the engines' --kv-mode): read: prefill first, then decode "
+        "reads the KV; push: decode first pre-allocates the blocks, then prefill writes into them; auto: as the "
+        "model's engines advertise (a forced mode they do not run answers 503)", choices=("auto", "read", "push"))
     prefill_policy: Policy = opt("least_loaded", "how a prefill instance is picked")
     decode_policy: Policy = opt("least_loaded", "how a decode instance is picked")
     max_retries: int = opt(2, "retries of a failed prefill (or colocated) leg on another instance")

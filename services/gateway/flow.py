@@ -35,7 +35,7 @@ from typing import Callable
 
 from common.messages import Generate, Instance, Role, TokenLogprob, TokenOutput
 from services.gateway.context import FlowContext
-from services.gateway.errors import APIError
+from services.gateway.errors import APIError, no_instance
 from services.gateway.leg import Leg
 from services.gateway.openai_protocol import ParsedRequest
 from services.gateway.request_ids import RequestId
@@ -120,8 +120,16 @@ class ChoiceRun:
         if colocated:
             gen = Generate(request_id=self.request_id, sampling=self.sampling, **self.prompt.generate_fields())
             self._leg("both", gen, self._on_colocated, self._finish)
-        else:
-            self._start_disaggregated()
+            return
+        engines = self.context.router.kv_mode_for(self.model)
+        if engines != self.kv_mode:
+            self._finish(no_instance(f"this gateway moves KV in {self.kv_mode} mode (--kv-mode) and the engines of "
+                                     f"model {self.model!r} in {engines} mode: run the gateway with --kv-mode "
+                                     f"{engines} or auto"))
+            return
+        self._start_disaggregated()
+
+    kv_mode = "read"  # the engines' --kv-mode this flow speaks
 
     def _start_disaggregated(self) -> None:
         """Read mode: the prefill leg first (push mode overrides this)."""
@@ -284,7 +292,9 @@ class RequestRun:
         self.done: asyncio.Future[None] = loop.create_future()
         self.closed = False
         self._remaining = total
-        self._runs = [choice_class(context.config.kv_mode)(self, i) for i in range(total)]
+        kv_mode = context.config.kv_mode
+        choice = choice_class(context.router.kv_mode_for(req.model) if kv_mode == "auto" else kv_mode)
+        self._runs = [choice(self, i) for i in range(total)]
         context.runs.add(self)
 
     def start(self) -> None:

@@ -30,6 +30,7 @@ class PushChoiceRun(ChoiceRun):
     """A choice whose KV prefill pushes into decode's pre-allocated blocks (colocated choices as in read mode)."""
 
     __slots__ = ("prefill_leg", "held", "decode_ended")
+    kv_mode = "push"
 
     def __init__(self, run, index: int):
         super().__init__(run, index)

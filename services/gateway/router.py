@@ -29,7 +29,7 @@ from typing import Iterable, Literal, Mapping, get_args
 
 from common.errors import CallTimeout
 from common.kv_compat import kv_incompatibilities
-from common.messages import Instance, Role
+from common.messages import Instance, KVMode, Role
 from common.roles import serves
 from services.gateway.errors import APIError, invalid, no_instance
 
@@ -145,6 +145,12 @@ class Router:
             return "colocated"
         raise no_instance(f"no {'colocated (role both)' if self.mode == 'colocated' else 'serving'} "
                           f"instance available for model {model!r}")
+
+    def kv_mode_for(self, model: str) -> KVMode:
+        """How ``model``'s prefill and decode instances move KV (the registry admits one mode per model;
+        ``read`` when none is registered)."""
+        group = self._of("decode", model) or self._of("prefill", model)
+        return group[0].kv_mode if group else "read"
 
     def ready(self) -> bool:
         """Some model has what the mode needs."""
