@@ -259,3 +259,13 @@ def test_a_public_kv_host_needs_an_explicit_flag(kv_host, allowed):
         with pytest.raises(ConfigError, match=f"--kv-host: {kv_host} is a public address.*--kv-allow-public-host"):
             config(kv_host=kv_host)
         assert config(kv_host=kv_host, kv_allow_public_host=True).kv_host == kv_host
+
+
+def test_the_push_timeout_bounds_the_lease_limit_only_in_push_mode():
+    """A short lease limit with the default push timeout is a valid read-mode engine; push mode refuses it."""
+    short = dict(kv_lease_seconds=1.0, kv_lease_max_seconds=2.0, kv_renew_interval_s=0.5)
+    assert config(**short).kv_lease_max_seconds == 2.0
+    with pytest.raises(ConfigError, match="--kv-lease-max-seconds: must be >= --kv-push-timeout-s .30. in push mode"):
+        config(kv_mode="push", **short)
+    with pytest.raises(ConfigError, match="must be >= --kv-lease-seconds"):
+        config(**{**short, "kv_lease_seconds": 3.0})

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.engine.engine import LLMEngine
-from common.engine.kv_push import KVPush, finish_pushed
 from common.engine.stats import StepStats
-from common.engine.sequence import NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
+from common.engine.sequence import InvalidRequest, KVPush, NoFreeBlocks, RemoteAllocation, RemoteRequest, RequestOutput
 from common.errors import PdserveError
 from common.messages import SamplingParams
 
@@ -163,7 +162,7 @@ class AsyncEngine:
 
     async def finish_pushed(self, request_id: str, first_token_id: int) -> bool:
         """Push mode: the prompt's KV landed; decode from the prefill's ``first_token_id``."""
-        return await self._call(lambda: finish_pushed(self.core, request_id, first_token_id))
+        return await self._call(lambda: _finish_pushed(self.core, request_id, first_token_id))
 
     async def load_from_host(self, request_id: str, start: int) -> int:
         """``OffloadTier.load_remote`` (the engine has ``--kv-offload-cpu-gib``)."""
@@ -322,3 +321,15 @@ class AsyncEngine:
             command.resolve(error=EngineDead(reason))
         self._commands.clear()
         self._waiting_blocks.clear()
+
+
+def _finish_pushed(core: LLMEngine, request_id: str, first_token_id: int) -> bool:
+    """Engine thread: the pushed KV of a request allocated without its first token landed; it decodes from
+    ``first_token_id`` (``LLMEngine.finish_remote_kv``).  False if the request is gone."""
+    seq = core.requests.get(request_id)
+    if seq is None:
+        return False
+    if not 0 <= first_token_id < core.model_config.vocab_size:
+        raise InvalidRequest(f"first_token_id {first_token_id} is outside the vocabulary", "first_token_id")
+    seq.remote_first_token = first_token_id
+    return core.finish_remote_kv(request_id, True)

@@ -25,9 +25,10 @@ from common.engine.model_runner import ModelRunner
 from common.engine.parallel import SINGLE, TensorParallel, TensorParallelError
 from common.engine.sampler import Sampler
 from common.engine.scheduler import Scheduler
-from common.engine.kv_push import KVPush, report_pushes
+from common.engine.kv_push import report_pushes
 from common.engine.sequence import (
     InvalidRequest,
+    KVPush,
     RemoteAllocation,
     RemoteRequest,
     RequestOutput,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -14,7 +14,6 @@ from common.messages import SamplingParams, TokenLogprob, Usage
 
 if TYPE_CHECKING:
     from common.engine.detokenizer import Detokenizer
-    from common.engine.kv_push import KVPush
 
 
 class InvalidRequest(PdserveError):
@@ -28,6 +27,15 @@ class InvalidRequest(PdserveError):
 
 class NoFreeBlocks(PdserveError):
     """Not enough free KV blocks right now for a remote request (retry after blocks free)."""
+
+
+class KVPush(Protocol):
+    """Where the engine reports a sequence's prompt KV as it lands in the cache (push mode's prefill;
+    ``common.engine.kv_push``)."""
+
+    def computed(self, start: int, end: int, block_ids: list[int], ready: torch.cuda.Event | None) -> None:
+        """Engine thread: the KV of prompt tokens ``[start, end)`` is in ``block_ids`` (the sequence's block
+        table) once ``ready`` (None: already) completed.  Must not block."""
 
 
 class SequenceStatus(Enum):

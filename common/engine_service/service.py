@@ -37,8 +37,7 @@ from common.client_pool import ClientPool
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine, resolve_device
 from common.engine.kv_cache import KVCache, zeros
-from common.engine.kv_push import KVPush
-from common.engine.sequence import InvalidRequest, RequestOutput
+from common.engine.sequence import InvalidRequest, KVPush, RequestOutput
 from common.engine_service.addresses import WILDCARDS, advertised_problem, tcp_host
 from common.engine_service.config import EngineServiceConfig
 from common.engine_service.prompt import prompt_token_ids

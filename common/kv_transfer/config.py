@@ -60,9 +60,10 @@ class KVTransferConfig:
             "kv_read_timeout_s",
         ):
             require(getattr(self, name) > 0, name, "must be > 0")
-        require(self.kv_lease_max_seconds >= max(self.kv_lease_seconds, self.kv_push_timeout_s),
-                "kv_lease_max_seconds", f"must be >= --kv-lease-seconds ({self.kv_lease_seconds:g}) and "
-                f"--kv-push-timeout-s ({self.kv_push_timeout_s:g})")
+        require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds",
+                f"must be >= --kv-lease-seconds ({self.kv_lease_seconds:g})")
+        require(self.kv_mode == "read" or self.kv_lease_max_seconds >= self.kv_push_timeout_s,
+                "kv_lease_max_seconds", f"must be >= --kv-push-timeout-s ({self.kv_push_timeout_s:g}) in push mode")
         require(
             self.kv_renew_interval_s < self.kv_lease_seconds,
             "kv_renew_interval_s",

@@ -28,19 +28,17 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from common.bus.curve import Peer
 from common.arith import ceil_div
-from common.engine.sequence import RemoteRequest
+from common.engine.sequence import RemoteAllocation, RemoteRequest, RequestOutput
+from common.engine_service import EngineService
 from common.errors import PeerError
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.side_channel import KVSideChannel
 from common.messages import Ack, Generate, PushDone, PushTarget, TokenOutput
 from common.tasks import BackgroundTasks
-
-if TYPE_CHECKING:
-    from services.decode.handoff import DecodeHandoff
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +144,21 @@ class PushedRequests:
             slot.settled.set_result(outcome)
 
 
+class DecodeSide(Protocol):
+    """What push mode shares with read mode's decode (``DecodeHandoff``): its allocation and token stream."""
+
+    service: EngineService
+
+    async def allocate(self, remote: RemoteRequest) -> RemoteAllocation | None: ...
+
+    def stream_decoded(self, request_id: str, timings: dict[str, float], kv_done: float
+                       ) -> AsyncIterator[RequestOutput]: ...
+
+
 class DecodePush:
     """Serves ``Generate(await_push=True)`` for a ``DecodeHandoff`` (its allocation and token stream)."""
 
-    def __init__(self, handoff: DecodeHandoff):
+    def __init__(self, handoff: DecodeSide):
         self.handoff = handoff
         self.service = s = handoff.service
         self.pushed = PushedRequests(LeaseTable(s.config.kv_push_timeout_s, max_seconds=s.config.kv_lease_max_seconds))

@@ -38,6 +38,7 @@ from services.gateway import openai_protocol as oai
 from services.gateway import sse
 from services.gateway.admission import Admission
 from services.gateway.auth import unauthorized
+from services.gateway.choices import choice_class
 from services.gateway.config import GatewayConfig
 from services.gateway.context import FlowContext
 from services.gateway.engine_connections import EngineConnections
@@ -257,12 +258,13 @@ class Gateway:
                             p.echo_text = await self.tokenization.text(req.model, p.token_ids)
                 if not self.admission.try_acquire():  # queued: 429 or 503 when that fails, 499 on a disconnect
                     await sse.run_until_disconnect(receive, self.admission.acquire())
+                choice = choice_class(self.context, req.model)
                 if req.stream:
                     events = EventQueue()
-                    run = RequestRun(self.context, req, ids, endpoint, started_at, events.put)
+                    run = RequestRun(self.context, req, ids, endpoint, started_at, events.put, choice)
                 else:
                     collector = ResponseCollector(req)
-                    run = RequestRun(self.context, req, ids, endpoint, started_at, collector.add)
+                    run = RequestRun(self.context, req, ids, endpoint, started_at, collector.add, choice)
                 # from here the run owns the request id and the admission slot: its close releases them
             except BaseException:
                 self.request_ids.release(ids.handle)

@@ -247,15 +247,6 @@ class ChoiceRun:
             self._put(out, out.finish_reason)
 
 
-def choice_class(kv_mode: str) -> type[ChoiceRun]:
-    """The choice flow of a KV mode (push mode's is ``push_flow.PushChoiceRun``, which extends this module's)."""
-    if kv_mode == "push":
-        from services.gateway.push_flow import PushChoiceRun
-
-        return PushChoiceRun
-    return ChoiceRun
-
-
 CLIENT_GONE = 499  # the status logged for requests whose client disconnected
 
 
@@ -277,10 +268,10 @@ class RequestRun:
                  "done", "closed", "_remaining", "_runs")
 
     def __init__(self, context: FlowContext, req: ParsedRequest, ids: RequestId, endpoint: str,
-                 started_at: float, emit: Emit):
+                 started_at: float, emit: Emit, choice: type[ChoiceRun]):
         """``ids`` are already reserved in ``context.request_ids``: ``request_id`` is their label (what the
         client sees), ``handle`` what engines see; ``started_at`` is the ``time.perf_counter()`` at which
-        the HTTP request arrived."""
+        the HTTP request arrived; each choice runs as a ``choice`` (``choices.choice_class``)."""
         total = len(req.prompts) * req.n
         loop = asyncio.get_running_loop()
         self.context, self.req, self.endpoint = context, req, endpoint
@@ -292,8 +283,6 @@ class RequestRun:
         self.done: asyncio.Future[None] = loop.create_future()
         self.closed = False
         self._remaining = total
-        kv_mode = context.config.kv_mode
-        choice = choice_class(context.router.kv_mode_for(req.model) if kv_mode == "auto" else kv_mode)
         self._runs = [choice(self, i) for i in range(total)]
         context.runs.add(self)
 
