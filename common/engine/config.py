@@ -60,6 +60,11 @@ class EngineConfig:
     enforce_eager: bool = opt(
         False, "run every step eagerly: no CUDA graphs for decode steps (CPU always runs eagerly)"
     )
+    async_scheduling: bool | None = opt(
+        None,
+        "overlap the host's work (scheduling, input ids, sampled ids to the host, outputs) with the next step's "
+        "GPU work: one step in flight; none = on with CUDA, off on CPU",
+    )
     tensor_parallel_size: int = opt(
         1,
         "rank processes of this instance, each holding 1/N of the attention heads and MLP; gloo on CPU, "

@@ -21,6 +21,7 @@ import torch
 
 from common.arith import ceil_div
 from common.engine.attention import AttentionMetadata
+from common.engine.inflight_step import fill_pending
 from common.engine.kv_cache import KVCache
 from common.engine.model import CausalLM
 
@@ -60,9 +61,11 @@ class DecodeGraphs:
         batch = next(b for b in self.batch_sizes if b >= num_seqs)
         return batch, min(1 << (needed - 1).bit_length(), self.max_blocks)
 
-    def run(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+    def run(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
+            pending: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[B, hidden]`` of a decode batch: sequence ``i`` computes ``input_ids[i]`` at
-        ``positions[i]`` (its KV blocks ``block_tables[i]``).  The result is a view of the graph's
+        ``positions[i]`` (its KV blocks ``block_tables[i]``); placeholder ids come from ``pending`` on the
+        device (``fill_pending``).  The result is a view of the graph's
         output, valid until the next ``run``.  Raises ``ValueError`` if no graph fits (see ``bucket``)."""
         num_seqs, bs = len(input_ids), self.block_size
         key = self.bucket(num_seqs, max(positions) + 1)
@@ -78,6 +81,8 @@ class DecodeGraphs:
             dtype=torch.int64,
         )  # fmt: skip
         self.inputs[:, :batch].copy_(host, non_blocking=True)
+        if pending is not None:
+            fill_pending(self.inputs[0, :batch], pending)
         self.block_tables[:batch, :blocks].copy_(torch.tensor(tables, dtype=torch.int64), non_blocking=True)
         if key not in self.graphs:
             self.graphs[key] = self.capture(batch, blocks)

@@ -17,6 +17,7 @@ from common.config import require
 from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig
 from common.engine.detokenizer import Detokenizer
+from common.engine.inflight_step import InflightStep
 from common.engine.kernels.backend import resolve_attention_backend
 from common.engine.kv_cache import Allocate, zeros
 from common.engine.loader import load_tokenizer, parse_dtype, resolve_model_path
@@ -35,11 +36,12 @@ from common.engine.sequence import (
     Sequence,
     SequenceStatus,
 )
+from common.engine.request_checks import validate_request
 from common.engine.stats import StepStats
 from common.engine.tp_workers import WorkerRanks, load_rank
 from common.kv_offload.host_copier import HostCopier
 from common.kv_offload.tier import OffloadTier, host_slots
-from common.messages import MAX_LOGPROBS, SamplingParams, TokenLogprob, Usage
+from common.messages import SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,9 @@ class LLMEngine:
             self.tp, HostCopier(self.kv_cache, slots) if slots else None,
         )
         self.sampler = Sampler(config.seed, self.device)
+        on = self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        self.async_scheduling = on and self.workers is None
+        self.launched: list[InflightStep] = []  # at most two; [-1] is in flight (async scheduling)
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
         self._offline_count = 0
@@ -194,7 +199,7 @@ class LLMEngine:
         first = seq.remote_first_token
         self.scheduler.finish_remote(seq, ok, first)
         seq.first_token_time = seq.kv_ready_time = time.monotonic()
-        reason = self._stop_reason(seq, first, seq.detokenizer.append_emitted(first) is not None)
+        reason = self._stop_reason(seq, first, seq.detokenizer.append_emitted(first) is not None, seq.num_tokens)
         if reason is not None:
             out = RequestOutput(request_id, [], "")
             self._finish(seq, reason, out)
@@ -217,12 +222,13 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests or self.pending_outputs)
+        return bool(self.requests or self.pending_outputs or self.launched)
 
     def has_work(self) -> bool:
-        """Whether ``step()`` would do anything now (False while every request waits for remote KV)."""
+        """Whether ``step()`` would do anything now (False while every request waits for remote KV and no
+        launched step waits to be processed)."""
         offloading = self.offload is not None and self.offload.pending
-        return self.scheduler.has_schedulable() or bool(self.pending_outputs) or offloading
+        return self.scheduler.has_schedulable() or bool(self.pending_outputs or self.launched) or offloading
 
     def stats(self) -> StepStats:
         bm = self.block_manager
@@ -263,11 +269,29 @@ class LLMEngine:
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that got a token or finished."""
+        """Run one batch; returns an output for every request that got a token or finished.
+
+        With async scheduling the batch stays in flight (``InflightStep``): its tokens come with the next
+        call, which launches the next batch before it processes them.  Synchronous instead (the launched
+        step is processed in the same call): TP > 1 (the ranks get host ids only), and the step before a
+        possible preemption (``Scheduler.may_preempt``: blocks are freed only with no step in flight)."""
         outputs, self.pending_outputs = self.pending_outputs, []
+        if self.launched and self.scheduler.may_preempt():
+            outputs += self._retire()
         scheduled = self.scheduler.schedule()
-        if not scheduled and (self.offload is None or not self.offload.pending):
-            return outputs
+        if scheduled or (self.offload is not None and self.offload.pending):
+            self.launched.append(self._launch(scheduled))
+            if len(self.launched) > 1:
+                outputs += self._retire()  # the previous step's tokens, while this one runs
+            self.scheduler.update(scheduled)
+            report_pushes(scheduled, self.device)  # before a finishing sequence's blocks are pinned or freed
+        while self.launched and not (self.async_scheduling and scheduled):
+            outputs += self._retire()
+        return outputs
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]]) -> InflightStep:
+        """Queue the step's forward pass and sampling; input ids still on the device come from the step in
+        flight."""
         offload = self.offload.take_ops() if self.offload is not None else None
         start = time.monotonic()
         for seq, _ in scheduled:
@@ -275,33 +299,33 @@ class LLMEngine:
                 seq.first_scheduled_time = start
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
         sampling_seqs = [seq for (seq, _), s in zip(scheduled, sample) if s]
-        run = partial(self.runner.run, scheduled, sample, offload)
+        pending = self.launched[-1].tokens if self.launched else None
+        run = partial(self.runner.run, scheduled, sample, offload, pending)
         logits = run() if self.workers is None else self.workers.call(run)
         if self.offload is not None:
             self.offload.step_done(offload)
-        tokens: list[int] = []
-        logprobs: list[TokenLogprob | None] = []
+        sampled = None
         if logits is not None:
-            tokens, logprobs = self.sampler(
+            sampled = self.sampler.sample(
                 logits, [seq.sampling for seq in sampling_seqs], [seq.generator for seq in sampling_seqs]
             )
-        elapsed = time.monotonic() - start
-        for seq, _ in scheduled:
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                seq.prefill_time += elapsed
-        self.scheduler.update(scheduled)
-        report_pushes(scheduled, self.device)  # before a finishing sequence's blocks are pinned or freed
-        for seq, token, logprob in zip(sampling_seqs, tokens, logprobs):
-            outputs.append(self._append_token(seq, token, logprob))
+        return InflightStep(scheduled, sampling_seqs, sampled, start)
+
+    def _retire(self) -> list[RequestOutput]:
+        """Process the oldest launched step's tokens (waiting for them) and free what it alone held."""
+        step = self.launched.pop(0)
+        outputs = [self._append_token(seq, index, token, logprob) for seq, index, token, logprob in step.results()]
+        step.release(self.block_manager, self.launched)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _append_token(self, seq: Sequence, index: int, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """Put the sampled ``token`` at ``index`` of the sequence (its placeholder) and check for its end."""
+        seq.token_ids[index] = token
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         stop_token = self._is_stop_token(seq, token)
         stop_string = not stop_token and seq.detokenizer.append(token) is not None
-        reason = self._stop_reason(seq, token, stop_string)
+        reason = self._stop_reason(seq, token, stop_string, index + 1)
         if reason is None and seq.pin_for_transfer is not None:
             reason = "remote_decode"
         out = RequestOutput(
@@ -314,17 +338,19 @@ class LLMEngine:
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         return (not seq.sampling.ignore_eos and token in self.eos_token_ids) or token in seq.sampling.stop_token_ids
 
-    def _stop_reason(self, seq: Sequence, token: int, stop_string: bool) -> str | None:
+    def _stop_reason(self, seq: Sequence, token: int, stop_string: bool, num_tokens: int) -> str | None:
+        """Why the sequence ends with ``token``, its ``num_tokens``-th token (None: it goes on)."""
         if stop_string or self._is_stop_token(seq, token):
             return "stop"
-        if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_tokens >= seq.max_num_tokens:
             return "length"
         return None
 
     def _finish(self, seq: Sequence, reason: str, out: RequestOutput) -> None:
         """Free (or pin, for ``remote_decode``) the sequence's blocks and complete its final output."""
         pin_blocks = self.block_manager.blocks_for(seq.num_prompt_tokens) if reason == "remote_decode" else 0
-        pinned = self.scheduler.finish(seq, pin_blocks)
+        seq.drop_pending()
+        pinned = self.scheduler.finish(seq, pin_blocks, keep_blocks=any(seq in step.seqs for step in self.launched))
         del self.requests[seq.request_id]
         out.finish_reason = reason
         out.num_cached_tokens = seq.num_cached_tokens
@@ -336,7 +362,7 @@ class LLMEngine:
         )
         out.timings = seq.timings()
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ requests' state
 
     def _new_sequence(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, pin_for_transfer: str | None
@@ -347,6 +373,7 @@ class LLMEngine:
             sampling,
             pin_for_transfer=pin_for_transfer,
             generator=None if sampling.seed is None else self.sampler.request_generator(sampling.seed),
+            max_num_tokens=min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len),
         )
         seq.detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, sampling.stop)
         return seq
@@ -355,46 +382,10 @@ class LLMEngine:
         self, request_id: str, prompt: list[int], sampling: SamplingParams, pin_for_transfer: str | None
     ) -> None:
         """Raise ``InvalidRequest`` (naming the parameter) before anything is allocated."""
-
-        def check(ok: bool, param: str, message: str) -> None:
-            if not ok:
-                raise InvalidRequest(f"request {request_id!r}: {message}", param)
-
-        vocab = self.model_config.vocab_size
-        check(request_id not in self.requests, "request_id", "a request with this id is already running")
-        check(len(prompt) > 0, "prompt", "the prompt is empty")
-        check(all(0 <= t < vocab for t in prompt), "prompt_token_ids", f"token ids must be in [0, {vocab})")
-        check(sampling.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {sampling.max_tokens}")
-        check(sampling.temperature >= 0, "temperature", f"temperature must be >= 0, got {sampling.temperature}")
-        check(0 < sampling.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {sampling.top_p}")
-        check(sampling.top_k >= 0, "top_k", f"top_k must be >= 0 (0 = disabled), got {sampling.top_k}")
-        check(
-            sampling.logprobs is None or 0 <= sampling.logprobs <= MAX_LOGPROBS,
-            "logprobs",
-            f"logprobs must be in [0, {MAX_LOGPROBS}], got {sampling.logprobs}",
+        in_use = pin_for_transfer is not None and (
+            pin_for_transfer in self.block_manager.pins
+            or any(s.pin_for_transfer == pin_for_transfer for s in self.requests.values())
         )
-        check(all(0 <= t < vocab for t in sampling.stop_token_ids), "stop_token_ids", f"ids must be in [0, {vocab})")
-        check(
-            len(prompt) < self.max_model_len,
-            "prompt",
-            f"the prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}",
-        )
-        check(
-            len(prompt) + sampling.max_tokens <= self.max_model_len,
-            "max_tokens",
-            f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) = "
-            f"{len(prompt) + sampling.max_tokens} exceeds max_model_len {self.max_model_len}",
-        )
-        need = self.block_manager.blocks_for(len(prompt) + sampling.max_tokens)
-        check(
-            need <= self.block_manager.num_blocks,
-            "max_tokens",
-            f"prompt + max_tokens need {need} KV blocks; the cache has {self.block_manager.num_blocks}",
-        )
-        check(
-            pin_for_transfer is None
-            or (pin_for_transfer not in self.block_manager.pins
-                and all(s.pin_for_transfer != pin_for_transfer for s in self.requests.values())),
-            "transfer_id",
-            f"transfer id {pin_for_transfer!r} is already in use",
-        )  # fmt: skip
+        validate_request(request_id, prompt, sampling, self.model_config.vocab_size, self.max_model_len,
+                         self.block_manager, running=request_id in self.requests,
+                         busy_transfer=pin_for_transfer if in_use else None)

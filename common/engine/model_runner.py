@@ -8,6 +8,7 @@ import torch
 
 from common.engine.attention import AttentionMetadata
 from common.engine.cuda_graph import DecodeGraphs
+from common.engine.inflight_step import fill_pending
 from common.engine.kv_cache import KVCache
 from common.engine.model import CausalLM
 from common.engine.parallel import SINGLE, TensorParallel
@@ -82,6 +83,10 @@ class ModelRunner:
     then copies its loads in and starts its stores, then runs the forward pass; a step with no
     sequences only copies (under tensor parallelism it ends with a barrier, as a forward pass's
     collectives would: once rank 0 returns, every rank finished the previous stores).
+
+    Async scheduling: an input id may be a placeholder of the step still in flight (``InflightStep``);
+    ``run`` takes it from that step's sampled ids ``pending`` on the device (tensor parallelism never
+    sees one: it steps synchronously).  Nothing here waits for the device.
     """
 
     def __init__(
@@ -104,18 +109,19 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, kv_cache, max_num_seqs, max_model_len) if use_graphs else None
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]], sample: list[bool], offload: OffloadOps | None = None
-            ) -> torch.Tensor | None:
+    def run(self, scheduled: list[tuple[Sequence, int]], sample: list[bool], offload: OffloadOps | None = None,
+            pending: torch.Tensor | None = None) -> torch.Tensor | None:
         """Compute each sequence's ``n`` tokens from ``num_computed_tokens`` on (writing their KV);
         returns float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
         inputs = StepInputs.of(scheduled, sample, offload)
         if self.tp.world_size > 1:
             self.tp.send(inputs.pack())
-        return self.forward(inputs)
+        return self.forward(inputs, pending)
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Run the step; float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
+    def forward(self, inputs: StepInputs, pending: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run the step (placeholder input ids taken from ``pending``); float32 logits of the last token
+        of every sequence with ``sample`` set (None if none)."""
         if self.offload is not None:
             self.offload.wait_stores()
             self.offload.load(inputs.offload.loads)
@@ -124,19 +130,22 @@ class ModelRunner:
             if self.tp.world_size > 1:
                 self.tp.barrier()
             return None
-        hidden, last = self._hidden_states(inputs)
+        if pending is not None and min(inputs.input_ids) >= 0:
+            pending = None
+        hidden, last = self._hidden_states(inputs, pending)
         if not any(inputs.sample):
             return None
         if not all(inputs.sample):
-            last = last[torch.tensor(inputs.sample, device=self.device)]
+            rows = [i for i, s in enumerate(inputs.sample) if s]
+            last = last[torch.tensor(rows).to(self.device, non_blocking=True)]
         return self.model.compute_logits(hidden[last])
 
-    def _hidden_states(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hidden_states(self, inputs: StepInputs, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states of every new token, the row of each sequence's last new token)."""
         num_seqs = len(inputs.query_lens)
         decode_only = len(inputs.input_ids) == num_seqs
         if decode_only and self.graphs is not None and self.graphs.bucket(num_seqs, max(inputs.context_lens)):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.block_tables)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.block_tables, pending)
             return hidden, torch.arange(num_seqs, device=self.device)
         meta = AttentionMetadata.build(
             inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device,
@@ -144,5 +153,7 @@ class ModelRunner:
         )
         ids_pos = torch.tensor([inputs.input_ids, inputs.positions], dtype=torch.int64)
         ids_pos = ids_pos.to(self.device, non_blocking=True)
+        if pending is not None:
+            fill_pending(ids_pos[0], pending)
         hidden = self.model(ids_pos[0], ids_pos[1], meta, self.kv_cache)
         return hidden, meta.query_start_loc[1:] - 1

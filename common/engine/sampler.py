@@ -8,6 +8,8 @@ trick in another form), so a seeded request's draw depends only on its own
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from common.messages import SamplingParams, TokenLogprob
@@ -15,6 +17,46 @@ from common.messages import SamplingParams, TokenLogprob
 
 def is_greedy(params: SamplingParams) -> bool:
     return params.temperature == 0 or params.top_k == 1
+
+
+def pinned_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Start copying ``t`` to host memory (pinned, non-blocking, when ``t`` is on CUDA): read it once the
+    stream passed this point (an event recorded after)."""
+    if t is None or t.device.type == "cpu":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+@dataclass
+class Sampled:
+    """One batch's sampled ids ``tokens`` ``[B]`` and, for the rows that asked (``logprob_ks[i]`` not None),
+    the logprob of the sampled id (``chosen``) and the top ids and logprobs, rows in that order."""
+
+    tokens: torch.Tensor
+    logprob_ks: list[int | None]
+    chosen: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_vals: torch.Tensor | None = None
+
+    def to_host(self) -> "Sampled":
+        """The same on the host (``pinned_copy``: wait for the stream before ``results``)."""
+        return replace(self, tokens=pinned_copy(self.tokens), chosen=pinned_copy(self.chosen),
+                       top_ids=pinned_copy(self.top_ids), top_vals=pinned_copy(self.top_vals))
+
+    def results(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Per row its token id and its ``TokenLogprob`` where asked (a host sync if still on the device)."""
+        token_list = self.tokens.tolist()
+        result: list[TokenLogprob | None] = [None] * len(token_list)
+        if self.chosen is None:
+            return token_list, result
+        rows = [i for i, k in enumerate(self.logprob_ks) if k is not None]
+        chosen, top_ids, top_vals = self.chosen.tolist(), self.top_ids.tolist(), self.top_vals.tolist()
+        for j, i in enumerate(rows):
+            n = self.logprob_ks[i]
+            result[i] = TokenLogprob(
+                token_id=token_list[i], logprob=chosen[j], top=list(zip(top_ids[j][:n], top_vals[j][:n]))
+            )
+        return token_list, result
 
 
 class Sampler:
@@ -35,7 +77,6 @@ class Sampler:
         if not is_greedy(params):
             torch.empty(vocab_size, device=self.device).exponential_(generator=generator)
 
-    @torch.inference_mode()
     def __call__(
         self,
         logits: torch.Tensor,
@@ -43,13 +84,22 @@ class Sampler:
         generators: list[torch.Generator | None],
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """``logits`` float32 ``[B, vocab]`` -> one token id per row, and its logprobs where asked."""
+        return self.sample(logits, params, generators).results()
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> Sampled:
+        """``__call__`` without leaving the device: no host sync."""
         greedy = [is_greedy(p) for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, params, generators, greedy)
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(logits, params, tokens, token_list)
+        return self._logprobs(logits, params, tokens)
 
     def _sample(
         self,
@@ -86,22 +136,15 @@ class Sampler:
             sampled = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
         return sampled
 
-    def _logprobs(
-        self, logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor, token_list: list[int]
-    ) -> list[TokenLogprob | None]:
+    def _logprobs(self, logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> Sampled:
+        """Logprobs (``log_softmax`` of the raw logits) of the sampled ids and the top ones, where asked."""
+        sampled = Sampled(tokens, [p.logprobs for p in params])
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        result: list[TokenLogprob | None] = [None] * len(params)
         if not rows:
-            return result
+            return sampled
         index = torch.tensor(rows, device=logits.device)
         logprobs = logits[index].log_softmax(dim=-1)
-        chosen = logprobs.gather(-1, tokens[index][:, None])[:, 0].tolist()
+        sampled.chosen = logprobs.gather(-1, tokens[index][:, None])[:, 0]
         k = min(max(params[i].logprobs for i in rows), logprobs.shape[-1])  # type: ignore[type-var]
-        top_vals, top_ids = logprobs.topk(k, dim=-1)
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = params[i].logprobs
-            result[i] = TokenLogprob(
-                token_id=token_list[i], logprob=chosen[j], top=list(zip(top_ids[j][:n], top_vals[j][:n]))
-            )
-        return result
+        sampled.top_vals, sampled.top_ids = logprobs.topk(k, dim=-1)
+        return sampled

@@ -7,7 +7,9 @@ running sequence is preempted (its blocks freed, recomputed later).  Waiting
 sequences are admitted only in steps without preemption.  Sequences in
 ``WAITING_FOR_REMOTE_KVS`` hold their blocks and are never scheduled until
 ``finish_remote_kv``.  With an offload tier, a fresh sequence's prefix hits
-continue from host memory where the device's end.
+continue from host memory where the device's end.  Under async scheduling a running
+sequence whose last token, still on the device, ends it is not scheduled again
+(``Sequence.final_token_pending``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ class Scheduler:
     def has_schedulable(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def may_preempt(self) -> bool:
+        """Whether ``schedule`` could preempt now: the running sequences' remaining tokens need more blocks
+        than are free (an upper bound).  Async scheduling preempts only with no step in flight."""
+        bm = self.block_manager
+        need = sum(max(0, bm.blocks_for(seq.num_tokens) - len(seq.block_table)) for seq in self.running)
+        return need > bm.num_free
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Pick this step's sequences and how many new tokens each computes; grows their blocks."""
         bm = self.block_manager
@@ -50,6 +59,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.final_token_pending:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_grow(seq, seq.num_computed_tokens + n):
                 preempted = True
@@ -88,14 +100,18 @@ class Scheduler:
         return scheduled
 
     def update(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        """After the forward pass: advance ``num_computed_tokens`` and register newly full blocks."""
+        """After the forward pass: advance ``num_computed_tokens`` and register newly full blocks
+        (of sequences not finished meanwhile)."""
         for seq, n in scheduled:
+            if seq.status is SequenceStatus.FINISHED:
+                continue
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
 
-    def finish(self, seq: Sequence, pin_blocks: int = 0) -> list[int]:
-        """Remove a sequence and free its blocks; its first ``pin_blocks`` blocks stay pinned
-        under ``seq.pin_for_transfer``.  Returns the pinned block ids."""
+    def finish(self, seq: Sequence, pin_blocks: int = 0, keep_blocks: bool = False) -> list[int]:
+        """Remove a sequence and free its blocks (``keep_blocks``: a launched step still computes for it,
+        and frees them, ``InflightStep.release``); its first ``pin_blocks`` blocks stay pinned under
+        ``seq.pin_for_transfer``.  Returns the pinned block ids."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
@@ -106,7 +122,8 @@ class Scheduler:
         if pin_blocks and seq.pin_for_transfer is not None:
             pinned = seq.block_table[:pin_blocks]
             self.block_manager.pin(seq.pin_for_transfer, pinned)
-        self.block_manager.free_seq(seq)
+        if not keep_blocks:
+            self.block_manager.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
         return pinned
 

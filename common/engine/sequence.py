@@ -111,9 +111,24 @@ class Sequence:
     remote_first_token: int | None = None  # decode of a remote prefill: the prefill's first token
     kv_ready_time: float | None = None  # decode of a remote prefill: when finish_remote_kv came
     detokenizer: Detokenizer | None = None
+    max_num_tokens: int = 0  # prompt + max_tokens, at most max_model_len (set by the engine)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
+        self.max_num_tokens = self.max_num_tokens or self.num_prompt_tokens + self.sampling.max_tokens
+
+    @property
+    def final_token_pending(self) -> bool:
+        """Its last token id is still on the device (async scheduling: a placeholder, ``InflightStep``) and
+        is its last: ``max_num_tokens`` reached, or a prefill for a remote decode (done after one token)."""
+        if not self.token_ids or self.token_ids[-1] >= 0:
+            return False
+        return self.pin_for_transfer is not None or self.num_tokens >= self.max_num_tokens
+
+    def drop_pending(self) -> None:
+        """Finished: forget the placeholders of tokens still on the device (they are never emitted)."""
+        while self.token_ids and self.token_ids[-1] < 0:
+            self.token_ids.pop()
 
     @property
     def num_tokens(self) -> int:
