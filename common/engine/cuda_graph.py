@@ -46,6 +46,7 @@ class DecodeGraphs:
         self.max_blocks = ceil_div(max_model_len, self.block_size)
         self.batch_sizes = batch_buckets(max_num_seqs)
         device = kv_cache.data.device
+        self.pin = device.type == "cuda"  # host inputs in pinned memory: their copies never wait for the stream
         # rows: input ids, positions, slots, context lens, K/V source rows
         self.inputs = torch.zeros(5, max_num_seqs, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(max_num_seqs, self.max_blocks, dtype=torch.int64, device=device)
@@ -78,12 +79,13 @@ class DecodeGraphs:
         host = torch.tensor(
             [[input_ids[r] for r in rows], [positions[r] for r in rows], slots, [positions[r] + 1 for r in rows],
              rows],
-            dtype=torch.int64,
+            dtype=torch.int64, pin_memory=self.pin,
         )  # fmt: skip
         self.inputs[:, :batch].copy_(host, non_blocking=True)
         if pending is not None:
             fill_pending(self.inputs[0, :batch], pending)
-        self.block_tables[:batch, :blocks].copy_(torch.tensor(tables, dtype=torch.int64), non_blocking=True)
+        self.block_tables[:batch, :blocks].copy_(torch.tensor(tables, dtype=torch.int64, pin_memory=self.pin),
+                                                 non_blocking=True)
         if key not in self.graphs:
             self.graphs[key] = self.capture(batch, blocks)
         graph, hidden = self.graphs[key]

@@ -8,6 +8,7 @@ import torch
 
 from common.engine.attention import AttentionMetadata
 from common.engine.cuda_graph import DecodeGraphs
+from common.engine.host_copies import to_device
 from common.engine.inflight_step import fill_pending
 from common.engine.kv_cache import KVCache
 from common.engine.model import CausalLM
@@ -137,7 +138,7 @@ class ModelRunner:
             return None
         if not all(inputs.sample):
             rows = [i for i, s in enumerate(inputs.sample) if s]
-            last = last[torch.tensor(rows).to(self.device, non_blocking=True)]
+            last = last[to_device(rows, torch.int64, self.device)]
         return self.model.compute_logits(hidden[last])
 
     def _hidden_states(self, inputs: StepInputs, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +152,7 @@ class ModelRunner:
             inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device,
             split_parts=self.model.attention_backend == "torch",
         )
-        ids_pos = torch.tensor([inputs.input_ids, inputs.positions], dtype=torch.int64)
-        ids_pos = ids_pos.to(self.device, non_blocking=True)
+        ids_pos = to_device([inputs.input_ids, inputs.positions], torch.int64, self.device)
         if pending is not None:
             fill_pending(ids_pos[0], pending)
         hidden = self.model(ids_pos[0], ids_pos[1], meta, self.kv_cache)

@@ -12,19 +12,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from common.engine.host_copies import to_device, to_host
 from common.messages import SamplingParams, TokenLogprob
 
 
 def is_greedy(params: SamplingParams) -> bool:
     return params.temperature == 0 or params.top_k == 1
-
-
-def pinned_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Start copying ``t`` to host memory (pinned, non-blocking, when ``t`` is on CUDA): read it once the
-    stream passed this point (an event recorded after)."""
-    if t is None or t.device.type == "cpu":
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 @dataclass
@@ -40,8 +33,8 @@ class Sampled:
 
     def to_host(self) -> "Sampled":
         """The same on the host (``pinned_copy``: wait for the stream before ``results``)."""
-        return replace(self, tokens=pinned_copy(self.tokens), chosen=pinned_copy(self.chosen),
-                       top_ids=pinned_copy(self.top_ids), top_vals=pinned_copy(self.top_vals))
+        return replace(self, tokens=to_host(self.tokens), chosen=to_host(self.chosen),
+                       top_ids=to_host(self.top_ids), top_vals=to_host(self.top_vals))
 
     def results(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """Per row its token id and its ``TokenLogprob`` where asked (a host sync if still on the device)."""
@@ -108,7 +101,8 @@ class Sampler:
         generators: list[torch.Generator | None],
         greedy: list[bool],
     ) -> torch.Tensor:
-        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=logits.device)
+        device = logits.device
+        temps = to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, device)
         scaled = logits / temps[:, None]
         vocab = logits.shape[-1]
         top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -116,11 +110,11 @@ class Sampler:
         if min(top_ks) < vocab or min(top_ps) < 1.0:
             sorted_logits, order = scaled.sort(dim=-1, descending=True)
             rank = torch.arange(vocab, device=logits.device)[None, :]
-            drop = rank >= torch.tensor(top_ks, device=logits.device)[:, None]
+            drop = rank >= to_device(top_ks, torch.int64, device)[:, None]
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             probs = sorted_logits.softmax(dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs
-            drop = mass_before >= torch.tensor(top_ps, device=logits.device)[:, None]
+            drop = mass_before >= to_device(top_ps, torch.float32, device)[:, None]
             drop[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
@@ -132,7 +126,7 @@ class Sampler:
                 q[row].exponential_(generator=gen)
         sampled = (probs / q).argmax(dim=-1)
         if any(greedy):
-            is_greedy = torch.tensor(greedy, device=logits.device)
+            is_greedy = to_device(greedy, torch.bool, device)
             sampled = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
         return sampled
 
@@ -142,7 +136,7 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not rows:
             return sampled
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device(rows, torch.int64, logits.device)
         logprobs = logits[index].log_softmax(dim=-1)
         sampled.chosen = logprobs.gather(-1, tokens[index][:, None])[:, 0]
         k = min(max(params[i].logprobs for i in rows), logprobs.shape[-1])  # type: ignore[type-var]
