@@ -7,9 +7,13 @@
 * floor of a decode step of B sequences: (weight bytes + the KV bytes their contexts
   hold) / bandwidth; weight bytes count every parameter once (a tied embedding is
   read once, as the LM head);
-* step: wall time of ``LLMEngine.step()`` with B sequences in decode (``step`` ends
-  in a host copy of the sampled ids, so it is synchronous), median over ``--steps``
-  after ``--warmup``;
+* step: time from one ``LLMEngine.step()``'s return to the next's with B sequences in
+  decode, median over ``--steps`` after ``--warmup``.  A synchronous step ends in a
+  host copy of the sampled ids (and a device sync here); with async scheduling
+  (``--async-scheduling``, the engine's default on CUDA) a step returns with the next
+  one in flight, so this is the steady-state period, nothing synchronized in between;
+  the same batch is then also timed with synchronous steps (``sync_step_ms``: the
+  same engine, ``async_scheduling`` switched off), the baseline of the same run;
 * forward: the same decode batch's model forward + logits alone, run eagerly, and
   (CUDA) replayed from a CUDA graph: the gap says what launching costs;
 * profile (CUDA, ``--profile-steps``): torch.profiler over engine steps: how much of
@@ -43,6 +47,7 @@ from common.messages import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+SYNC_WARMUP = 3  # steps after switching async scheduling off, before timing
 NON_CUDNN_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -51,6 +56,7 @@ class BatchResult:
     batch: int
     context_len: int
     step_s: float
+    sync_step_s: float | None  # synchronous steps of the same batch when step_s is async; else None
     floor_s: float
     eager_forward_s: float
     graph_forward_s: float | None  # None: not CUDA, or capture failed
@@ -114,17 +120,40 @@ def start_decoding(engine: LLMEngine, batch: int, input_len: int, max_tokens: in
 
 
 def time_steps(engine: LLMEngine, seqs: list[Sequence], n: int) -> list[float]:
-    """Wall seconds of ``n`` engine steps; every one must advance every sequence by one token."""
+    """Seconds from each of ``n`` engine steps' start (the previous one's return) to its return; every
+    one must advance every sequence by one token.  Synchronous steps end with a device sync; with async
+    scheduling nothing waits but the engine itself (see the module docstring)."""
     times = []
+    sync(engine.device)
+    start = time.perf_counter()
     for _ in range(n):
         before = [seq.num_tokens for seq in seqs]
-        start = time.perf_counter()
         engine.step()
-        sync(engine.device)
-        times.append(time.perf_counter() - start)
+        if not engine.async_scheduling:
+            sync(engine.device)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
         if [seq.num_tokens for seq in seqs] != [b + 1 for b in before]:
             raise RuntimeError("a timed step did not decode exactly one token per sequence (finished or preempted)")
     return times
+
+
+def time_sync_steps(engine: LLMEngine, seqs: list[Sequence], args: argparse.Namespace) -> float | None:
+    """Median synchronous step of the same batch, when the engine steps asynchronously (else None)."""
+    if not engine.async_scheduling:
+        return None
+    engine.async_scheduling = False
+    try:
+        time_steps(engine, seqs, SYNC_WARMUP)
+        return statistics.median(time_steps(engine, seqs, args.steps))
+    finally:
+        engine.async_scheduling = True
+
+
+def decode_steps(args: argparse.Namespace) -> int:
+    """Decode steps a batch may take: warm-up, timed (twice: async and synchronous), profiled, slack."""
+    return 1 + args.warmup + 2 * (args.steps + SYNC_WARMUP) + args.profile_steps + 2
 
 
 def decode_inputs(engine: LLMEngine, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -206,10 +235,10 @@ def profile_steps(engine: LLMEngine, seqs: list[Sequence], n: int, trace: Path |
 
 def measure_batch(engine: LLMEngine, batch: int, args: argparse.Namespace, bandwidth: float) -> BatchResult:
     profiled = args.profile_steps if engine.device.type == "cuda" else 0
-    max_tokens = 1 + args.warmup + args.steps + profiled + 2
-    seqs = start_decoding(engine, batch, args.input_len, max_tokens, seed=batch)
+    seqs = start_decoding(engine, batch, args.input_len, decode_steps(args), seed=batch)
     time_steps(engine, seqs, args.warmup)
     steps = time_steps(engine, seqs, args.steps)
+    sync_step_s = time_sync_steps(engine, seqs, args)
     context = statistics.mean(seq.num_tokens for seq in seqs)  # context after the timed steps: the KV term is an upper bound
     eager_s, graph_s = forward_times(engine, seqs, repeats=20)
     busy = kernels = None
@@ -222,7 +251,8 @@ def measure_batch(engine: LLMEngine, batch: int, args: argparse.Namespace, bandw
         engine.abort(seq.request_id)
     engine.step()  # hands out the aborts
     floor = (weight_bytes(engine.model) + kv_bytes(engine, int(context) * batch)) / bandwidth
-    return BatchResult(batch, int(context), statistics.median(steps), floor, eager_s, graph_s, busy, kernels)
+    return BatchResult(batch, int(context), statistics.median(steps), sync_step_s, floor, eager_s, graph_s, busy,
+                       kernels)
 
 
 def main() -> None:
@@ -239,6 +269,8 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
                         help="the engine's --attention-backend (auto: triton on CUDA when installed)")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="exclude SDPA's cuDNN backend (the proposed fix)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine's --async-scheduling (default: on with CUDA); on: sync_step_ms too")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the bandwidth copy in MiB")
     args = parser.parse_args()
     try:
@@ -254,7 +286,7 @@ def main() -> None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    max_len = args.input_len + 1 + args.warmup + args.steps + args.profile_steps + 2
+    max_len = args.input_len + decode_steps(args)
     block_size = 16
     engine = LLMEngine(
         EngineConfig(
@@ -266,6 +298,7 @@ def main() -> None:
             num_kv_blocks=max(batches) * ceil_div(max_len, block_size) + 1,
             block_size=block_size,
             attention_backend=args.attention_backend,
+            async_scheduling=args.async_scheduling,
         )
     )
     device = engine.device
@@ -277,16 +310,19 @@ def main() -> None:
 
     sdpa = "cuDNN excluded" if args.no_cudnn_attention else "default backends"
     print(f"device {name}, torch {torch.__version__}, {engine.dtype_name}, model {args.model}, SDPA {sdpa}, "
-          f"attention backend {engine.attention_backend}")
+          f"attention backend {engine.attention_backend}, "
+          f"async scheduling {'on' if engine.async_scheduling else 'off'}")
     print(f"memory bandwidth (read + write, {args.bandwidth_mib} MiB copy): {bandwidth / 1e12:.3f} TB/s")
     print(f"weights: {weights / 1e9:.3f} GB ({sum(p.numel() for p in engine.model.parameters()) / 1e9:.3f} B params)")
-    print("batch  context  step_ms  floor_ms  step/floor  eager_fwd_ms  graph_fwd_ms  gpu_busy  kernels/step")
+    print("batch  context  step_ms  sync_step_ms  floor_ms  step/floor  eager_fwd_ms  graph_fwd_ms  gpu_busy  "
+          "kernels/step")
     for r in results:
+        sync_step = f"{r.sync_step_s * 1e3:12.3f}" if r.sync_step_s is not None else f"{'-':>12}"
         graph = f"{r.graph_forward_s * 1e3:12.3f}" if r.graph_forward_s is not None else f"{'-':>12}"
         busy = f"{r.gpu_busy_fraction:8.1%}" if r.gpu_busy_fraction is not None else f"{'-':>8}"
         kernels = f"{r.kernels_per_step:12.0f}" if r.kernels_per_step is not None else f"{'-':>12}"
         print(
-            f"{r.batch:5d}  {r.context_len:7d}  {r.step_s * 1e3:7.3f}  {r.floor_s * 1e3:8.3f}  "
+            f"{r.batch:5d}  {r.context_len:7d}  {r.step_s * 1e3:7.3f}  {sync_step}  {r.floor_s * 1e3:8.3f}  "
             f"{r.step_s / r.floor_s:9.2f}x  {r.eager_forward_s * 1e3:12.3f}  {graph}  {busy}  {kernels}"
         )
 

@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in our engine")
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
                         help="our engine's --attention-backend (auto: triton on CUDA when installed)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="our engine's --async-scheduling (default: on with CUDA)")
     parser.add_argument("--repeats", type=int, default=1, help="batches per side; the best time of each is compared")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -113,6 +115,7 @@ def main() -> None:
         max_model_len=None,
         enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend,
+        async_scheduling=args.async_scheduling,
     )
     engine = LLMEngine(config)
     device = resolve_device(args.device)
@@ -125,6 +128,7 @@ def main() -> None:
     ours_times, ours = run_engine(engine, batches, warmup, args.output_len)
     path, dtype = resolve_model_path(args.model), engine.dtype
     mode = "decode CUDA graphs" if engine.runner.graphs is not None else "eager"
+    mode += ", async scheduling" if engine.async_scheduling else ", synchronous steps"
     del engine  # frees its KV cache before transformers loads
     theirs_times, theirs = run_transformers(path, batches, warmup, args.output_len, dtype, device, pad_id=0)
 
