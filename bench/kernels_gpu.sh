@@ -14,10 +14,12 @@
 # floor:    bench.decode_floor, batches 1 and 32, triton backend, for the Llama-3.2-1B and Llama-3.1-8B shapes;
 # prefill:  bench.prefill_roof, 1 x 2,048 and 8 x 2,048 tokens, both shapes;
 # offline:  bench.engine_throughput 32 x 128 -> 128 against transformers (cuDNN SDPA off for both), 1B shape.
+# async:    async scheduling (the default on CUDA) against synchronous steps, 1B shape: 29 requests (greedy, seeded,
+#           stop ids, logprobs) identical either way with no KV block left; the offline run with --no-async-scheduling.
 # Writes $OUT/<step>.log and status.txt.  A failed step does not stop the next one.
 set -uo pipefail
 OUT=${OUT:-/tmp/kernels-gpu}
-PARTS=${PARTS:-tests gpu-tests identity floor prefill offline}
+PARTS=${PARTS:-tests gpu-tests identity floor prefill offline async}
 CKPT_1B=${CKPT_1B:-/tmp/llama-3.2-1b-random}
 CKPT_8B=${CKPT_8B:-/tmp/llama-3.1-8b-random}
 source bench/gpu_steps.sh
@@ -77,6 +79,37 @@ torch.backends.cuda.enable_cudnn_sdp(False)  # transformers too runs without the
 print("SDPA cuDNN backend disabled for both"); sys.argv[0] = "engine_throughput"; et.main()' \
     --model "$CKPT_1B" --num-requests 32 --input-len 128 --output-len 128 --dtype bfloat16 --device cuda \
     --attention-backend triton
+fi
+if has async; then
+  step async_identity 240 python3 - "$CKPT_1B" <<'PY'
+import random, sys
+
+from common.engine.config import EngineConfig
+from common.engine.engine import LLMEngine
+from common.messages import SamplingParams
+
+rng = random.Random(0)
+prompts = [[rng.randrange(1000, 100000) for _ in range(rng.randrange(20, 600))] for _ in range(29)]
+params = [SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True),
+          SamplingParams(max_tokens=48, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+          SamplingParams(max_tokens=64, temperature=0.0, logprobs=3)]
+params = [params[i % 3] for i in range(len(prompts))]
+runs = {}
+for on in (False, True):
+    engine = LLMEngine(EngineConfig(model=sys.argv[1], dtype="bfloat16", device="cuda", max_num_seqs=32,
+                                    max_model_len=1024, kv_cache_memory="8GiB", async_scheduling=on))
+    runs[on] = engine.generate(prompts, params)
+    assert engine.block_manager.num_used == 0, "KV blocks left after generate"
+    del engine
+key = lambda o: (o.new_token_ids, o.finish_reason, o.usage, [lp.token_id for lp in o.logprobs or []])
+same = sum(key(a) == key(b) for a, b in zip(runs[False], runs[True]))
+print(f"async scheduling vs synchronous steps: {same}/{len(prompts)} requests identical (tokens, finish, usage)")
+PY
+  step offline_1b_sync 240 python3 -c 'import sys, torch, bench.engine_throughput as et
+torch.backends.cuda.enable_cudnn_sdp(False)
+sys.argv[0] = "engine_throughput"; et.main()' \
+    --model "$CKPT_1B" --num-requests 32 --input-len 128 --output-len 128 --dtype bfloat16 --device cuda \
+    --attention-backend triton --no-async-scheduling
 fi
 cat "$OUT/status.txt"
 exit $status
