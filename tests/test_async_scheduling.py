@@ -68,6 +68,32 @@ def test_a_step_stays_in_flight_and_the_next_takes_its_ids_on_the_device(demo_pa
     assert outs[-1].usage == reference.usage and idle(eng)
 
 
+def test_a_token_known_to_be_the_last_is_not_computed(demo_path):
+    """The 33rd token (the 17th new one, ``max_tokens``) is never an input: its KV would take a third block."""
+    eng = engine(demo_path, **ASYNC)
+    eng.add_request("r", prompts((16,))[0], SamplingParams(max_tokens=17, temperature=0, ignore_eos=True))
+    most = 0
+    while eng.has_unfinished():
+        eng.step()
+        most = max(most, eng.block_manager.num_used)
+    assert most == 2 and idle(eng)
+
+
+def test_a_stopped_request_keeps_its_blocks_until_its_step_in_flight_retires(demo_path):
+    eng = engine(demo_path, **ASYNC)
+    p = prompts((20,), seed=3)[0]
+    free_run = engine(demo_path).generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    stop = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, stop_token_ids=[free_run.new_token_ids[2]])
+    eng.add_request("r", p, stop)
+    outs = []
+    while not (outs and outs[-1].finished):
+        outs += eng.step()
+    assert [t for o in outs for t in o.new_token_ids] == free_run.new_token_ids[:3]
+    assert outs[-1].usage.completion_tokens == 3 and not eng.requests
+    assert eng.launched and eng.block_manager.num_used == 2  # the next step, launched, still writes them
+    assert eng.step() == [] and idle(eng)
+
+
 def test_graph_replay_takes_the_pending_ids_into_its_input_buffer(demo_path):
     ps = prompts((5, 30, 17), seed=4)
     sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
