@@ -52,8 +52,18 @@ def available() -> bool:
     return triton is not None
 
 
+# Arguments that change from call to call (batch size, block-table width, partition count): Triton would
+# otherwise compile a kernel variant per value class (== 1, divisible by 16, other) the first time each class
+# appears, a stall of a second or more in the middle of serving.  (``layer_offset`` and the cache strides keep
+# their divisibility hint: it vectorises the K/V loads, and they are multiples of 16 for every layer.)
+VARYING = ("num_seqs", "num_parts", "stride_table")
+
+
 def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
+    if triton is None:
+        return fn
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[name for name in VARYING if name in names])
 
 
 @_jit
