@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.engine_driver import EngineDriver, prompt_ids, tokens
 from bench.processes import Processes, free_port
-from tests.procs import eventually
+from tests.procs import gateway_serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -67,14 +67,7 @@ async def gateway():
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                     timeout=60)
         await procs.wait_registered("prefill", "decode")
-
-        async def serving() -> bool:
-            try:
-                return bool((await client.models.list()).data)
-            except openai.APIConnectionError:
-                return False
-
-        await eventually(serving, timeout=60, interval=0.1)
+        await gateway_serving(client)
         try:
             yield client, f"http://127.0.0.1:{port}"
         finally:
