@@ -39,6 +39,7 @@ from common.engine.sequence import (
 from common.engine.request_checks import validate_request
 from common.engine.stats import StepStats
 from common.engine.tp_workers import WorkerRanks, load_rank
+from common.engine.warmup import warm_up
 from common.kv_offload.host_copier import HostCopier
 from common.kv_offload.tier import OffloadTier, host_slots
 from common.messages import SamplingParams, TokenLogprob, Usage
@@ -116,6 +117,9 @@ class LLMEngine:
         on = self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
         self.async_scheduling = on and self.workers is None
         self.launched: list[InflightStep] = []  # at most two; [-1] is in flight (async scheduling)
+        if self.device.type == "cuda":
+            warm_up(self.runner, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+                    self.workers.call if self.workers is not None else lambda fn: fn())
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
         self._offline_count = 0
