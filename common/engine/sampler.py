@@ -32,7 +32,7 @@ class Sampled:
     top_vals: torch.Tensor | None = None
 
     def to_host(self) -> "Sampled":
-        """The same on the host (``pinned_copy``: wait for the stream before ``results``)."""
+        """The same in pinned host memory (``host_copies.to_host``: wait for the stream before ``results``)."""
         return replace(self, tokens=to_host(self.tokens), chosen=to_host(self.chosen),
                        top_ids=to_host(self.top_ids), top_vals=to_host(self.top_vals))
 
