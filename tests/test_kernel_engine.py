@@ -113,12 +113,18 @@ def test_chunked_prefill_mixed_with_decode_matches_torch_backend(demo_path, quer
     outputs = {}
     for backend in ("torch", "triton"):
         eng = engine(demo_path, backend, max_num_batched_tokens=8, enable_prefix_caching=False)
-        eng.add_request("a", ps[0], GREEDY)
-        generated: dict[str, list[int]] = {"a": eng.step()[0].new_token_ids, "b": []}  # a: prefill, then decodes
-        eng.add_request("b", ps[1], GREEDY)
-        while eng.has_unfinished():
+        generated: dict[str, list[int]] = {"a": [], "b": []}
+
+        def step() -> None:
             for out in eng.step():
                 generated[out.request_id] += out.new_token_ids
+
+        eng.add_request("a", ps[0], GREEDY)
+        while not generated["a"]:  # a: prefill (its token comes a step later under async scheduling), then decodes
+            step()
+        eng.add_request("b", ps[1], GREEDY)
+        while eng.has_unfinished():
+            step()
         outputs[backend] = generated
     assert outputs["triton"] == outputs["torch"]
     assert [len(t) for t in outputs["triton"].values()] == [GREEDY.max_tokens] * 2
