@@ -95,7 +95,7 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(batches),
         max_num_batched_tokens=max(batches) * args.input_len, max_model_len=args.input_len + 16,
-        kv_cache_memory="16GiB", enforce_eager=True,
+        kv_cache_memory="16GiB", enforce_eager=True, async_scheduling=False,  # the timed step returns its tokens
         enable_prefix_caching=False, attention_backend=args.attention_backend,
     ))  # fmt: skip
     print(f"{torch.cuda.get_device_name()}, {args.dtype}: matmul peak {peak / 1e12:.0f} TFLOP/s "

@@ -14,7 +14,8 @@ noise was.
 
 On CPU every rank gets ``cpu_count // TP`` threads: the workers take that share themselves,
 and this script sets it for rank 0, so TP 2 and TP 1 use the same cores.  TP > 1 runs
-eagerly; ``--enforce-eager`` makes TP 1 eager too (on CUDA, for a like-for-like ratio).
+eagerly; ``--enforce-eager`` makes TP 1 eager too (on CUDA, for a like-for-like ratio).  Every
+engine steps synchronously (TP > 1 always does; TP 1 here without ``--async-scheduling``).
 
 ``--check-tokens N``: each engine also generates N greedy tokens (EOS ignored) for
 ``CHECK_PROMPTS`` random prompts, which must equal TP 1's token for token; the script
@@ -105,6 +106,7 @@ def open_engine(model: str, tp: int, args: argparse.Namespace) -> LLMEngine:
         model=model, dtype=args.dtype, device=args.device, tensor_parallel_size=tp, max_num_seqs=batch,
         max_model_len=max_len, block_size=BLOCK_SIZE, num_kv_blocks=batch * ceil_div(max_len, BLOCK_SIZE) + 1,
         max_num_batched_tokens=batch * args.input_len, enforce_eager=args.enforce_eager,
+        async_scheduling=False,  # as TP > 1 steps: a like-for-like ratio
     ))  # fmt: skip
 
 
