@@ -403,12 +403,12 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         conn_s: dict[str, list[float]] = {c: [] for c in confirmations}
         backend_s: dict[str, list[float]] = {c: [] for c in confirmations}
         hetero_bytes = 0
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             for name, copy in limits.items():
                 limit_s[name].append(copy())
             if raw is not None:
                 raw_s.append(raw())
-            for confirm in confirmations:
+            for confirm in confirmations[::1 - 2 * (i % 2)]:  # alternated: neither always follows the copies
                 seconds, stats = await decode.timed_read(params(confirm))
                 conn_s[confirm].append(seconds)
                 backend_s[confirm].append(stats.seconds)
@@ -419,8 +419,8 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
                 hetero_backend_s.append(stats.seconds)
                 hetero_ranges, hetero_bytes = stats.num_ranges, stats.bytes
         overhead_ms: dict[str, list[float]] = {c: [] for c in confirmations}
-        for _ in range(args.requests):
-            for confirm in confirmations:
+        for i in range(args.requests):
+            for confirm in confirmations[::1 - 2 * (i % 2)]:
                 seconds, stats = await decode.timed_read(params(confirm))
                 overhead_ms[confirm].append((seconds - stats.seconds) * 1e3)
     finally:
