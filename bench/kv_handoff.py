@@ -23,10 +23,12 @@ interleaved so that every figure sees the same machine state:
 * backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
   same read, over ``--requests`` requests (p50/p99);
-* same-host transports (shm, nvlink): every connector read is made twice,
-  interleaved, with the lease confirmed in the prefill's shared-memory lease
-  table (the claim overlapped with the copy) and, as before it existed, by a
-  ``RenewLease`` round trip after the read (``bus``);
+* same-host transports (shm, nvlink): every connector read is made three
+  times, interleaved, with the lease confirmed in the prefill's shared-memory
+  lease table after a claim sent before the read began (as ``DecodeHandoff``
+  sends it, during the block allocation: the connector's figures), the same
+  with the claim sent with the read (``claim in read``), and, as before the
+  table existed, by a ``RenewLease`` round trip after the read (``bus``);
 * with ``--decode-block-size`` other than ``--block-size`` and/or ``--decode-tp``
   other than ``--tp``: also a second decode instance of that block size / TP
   size reading the same prompt from the same prefill (token positions mapped,
@@ -300,7 +302,7 @@ async def start_child(args: argparse.Namespace, role: str, transport: str, *flag
 async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict, subprocess.Popen]:
     """The prefill child serving ``transport``, with a lease for every read the measurement makes."""
     line, child = await start_child(args, "prefill", transport, "--transfers",
-                                    str(3 * (args.repeats + 1) + 2 * args.requests))
+                                    str(4 * (args.repeats + 1) + 3 * args.requests))
     return json.loads(line), child
 
 
@@ -376,15 +378,21 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         hetero = await DecodeSide.open(other, transport, block_ids(other, seed=3))
     nbytes = len(remote) * decode.engine.caches[0].block_bytes
     leased = iter(zip(peer["transfer_ids"], peer["slots"]))
-    confirmations = ("table", "bus") if transport in SAME_HOST.values() else ("bus",)
+    confirmations = ("table", "claim_in_read", "bus") if transport in SAME_HOST.values() else ("bus",)
 
     def params(confirm: str = confirmations[0]) -> KVTransferParams:
         """The next lease; ``bus``: without its lease-table slot, so the reader confirms it by a round trip."""
         transfer_id, (slot, generation) = next(leased)
         return KVTransferParams("prefill-0", peer["endpoint"], transfer_id, remote,
                                 args.tokens, 0, time.time() + 3600, block_size=args.block_size,
-                                tensor_parallel_size=args.tp, lease_slot=slot if confirm == "table" else -1,
+                                tensor_parallel_size=args.tp, lease_slot=slot if confirm != "bus" else -1,
                                 lease_generation=generation)
+
+    async def timed_read(confirm: str) -> tuple[float, ReadStats]:
+        read = params(confirm)
+        if confirm == "table":
+            await decode.reader.claim(read)  # answered before the read starts, as during a block allocation
+        return await decode.timed_read(read)
 
     def raw_read() -> None:
         backend = decode.engine.ranks[0].transports.backends["tcp"]
@@ -408,8 +416,8 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
                 limit_s[name].append(copy())
             if raw is not None:
                 raw_s.append(raw())
-            for confirm in confirmations[::1 - 2 * (i % 2)]:  # alternated: neither always follows the copies
-                seconds, stats = await decode.timed_read(params(confirm))
+            for confirm in confirmations[::1 - 2 * (i % 2)]:  # alternated: none always follows the copies
+                seconds, stats = await timed_read(confirm)
                 conn_s[confirm].append(seconds)
                 backend_s[confirm].append(stats.seconds)
                 ranges = stats.num_ranges
@@ -421,14 +429,14 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         overhead_ms: dict[str, list[float]] = {c: [] for c in confirmations}
         for i in range(args.requests):
             for confirm in confirmations[::1 - 2 * (i % 2)]:
-                seconds, stats = await decode.timed_read(params(confirm))
+                seconds, stats = await timed_read(confirm)
                 overhead_ms[confirm].append((seconds - stats.seconds) * 1e3)
     finally:
         for side in filter(None, (decode, hetero)):
             await side.close()
     result = {"ranges": ranges}
-    for confirm in confirmations:  # the first one's figures are the connector's; "bus_..." the comparison's
-        prefix = "bus_" if confirm == "bus" and len(confirmations) > 1 else ""
+    for confirm in confirmations:  # the first one's figures are the connector's; "<confirm>_..." the others'
+        prefix = f"{confirm}_" if confirm != confirmations[0] else ""
         result.update({f"{prefix}connector_gbps": gbps(nbytes, statistics.median(conn_s[confirm])),
                        f"{prefix}backend_gbps": gbps(nbytes, statistics.median(backend_s[confirm])),
                        f"{prefix}overhead_p50_ms": percentile(overhead_ms[confirm], 50),
@@ -443,6 +451,8 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
     return result
 
 
+CONFIRMATIONS = {"claim_in_read": "the same with the transfer claimed alongside the copy, not before",
+                 "bus": "the same with the lease confirmed over the bus after the read (as before the table)"}
 LIMIT_NAMES = {"copy": "torch copy_ of one contiguous buffer", "memmove": "ctypes.memmove of the request's ranges"}
 
 
@@ -461,10 +471,11 @@ def report(result: dict) -> str:
                      f"requests p50 {r['overhead_p50_ms']:.3f} ms, p99 {r['overhead_p99_ms']:.3f} ms")
         lines.append(f"{transport:>6}   of which the backend's read alone: {r['backend_gbps']:8.2f} GB/s = "
                      f"{r['backend_gbps'] / limit:.3f} x limit")
-        if "bus_connector_gbps" in r:
-            lines.append(f"{transport:>6}   lease confirmed in the shared-memory table (above) vs over the bus, same "
-                         f"run: {r['bus_connector_gbps']:8.2f} GB/s = {r['bus_connector_gbps'] / limit:.3f} x limit; "
-                         f"overhead p50 {r['bus_overhead_p50_ms']:.3f} ms, p99 {r['bus_overhead_p99_ms']:.3f} ms")
+        for confirm, name in CONFIRMATIONS.items():
+            if f"{confirm}_connector_gbps" in r:
+                lines.append(f"{transport:>6}   {name}: {r[f'{confirm}_connector_gbps']:8.2f} GB/s = "
+                             f"{r[f'{confirm}_connector_gbps'] / limit:.3f} x limit; overhead p50 "
+                             f"{r[f'{confirm}_overhead_p50_ms']:.3f} ms, p99 {r[f'{confirm}_overhead_p99_ms']:.3f} ms")
         if "hetero_gbps" in r:
             lines.append(f"{transport:>6} decode of TP {setup['decode_tp']}, {setup['decode_block_size']}-token blocks "
                          f"(prefill TP {setup['tp']}, {setup['block_size']}): {r['hetero_gbps']:8.2f} GB/s in "

@@ -109,12 +109,14 @@ class KVReader:
         self.releases = ReleaseSender(self.clients)
         self._claims: dict[str, asyncio.Future[list[int] | None]] = {}  # transfer id -> its first RenewLease
 
-    def claim(self, params: KVTransferParams) -> None:
+    def claim(self, params: KVTransferParams) -> asyncio.Future[list[int] | None]:
         """Claim ``params``' transfer now (its first ``RenewLease``, in the background), so that a read from a
-        same-host prefill does not wait for the round trip; ``read_blocks`` or ``release`` consumes it."""
+        same-host prefill does not wait for the round trip; ``read_blocks`` or ``release`` consumes it.
+        Returns the claim (awaiting it is optional: the block ids its lease holds, or None)."""
         if params.transfer_id not in self._claims:
             self._claims[params.transfer_id] = asyncio.ensure_future(self._renew(params.kv_endpoint,
                                                                                   params.transfer_id))
+        return self._claims[params.transfer_id]
 
     async def read_blocks(
         self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
@@ -168,8 +170,8 @@ class KVReader:
         tid = params.transfer_id
         local = peer.leases is not None and params.lease_slot >= 0  # confirmed in the lease table
         if local:
-            self.claim(params)
-            claim = self._claims.pop(tid)
+            claim = self.claim(params)
+            del self._claims[tid]
             claim.add_done_callback(_consume)  # its outcome is not needed when the read fails first
         if params.lease_expiry - time.time() < self.config.kv_renew_interval_s:
             try:
