@@ -180,13 +180,18 @@ class KVReader:
                 raise KVTransferError(f"cannot renew the lease of transfer {tid} before reading: {e}") from e
             check_held(params, held, "before the read")
         lease_lost = asyncio.Event()
-        renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
+        renewer: list[asyncio.Task] = []  # started only by a read outlasting the renew interval (a timer is cheaper)
+        timer = asyncio.get_running_loop().call_later(
+            self.config.kv_renew_interval_s,
+            lambda: renewer.append(asyncio.create_task(self._renew_loop(peer, tid, lease_lost))))
         start = time.perf_counter()
         try:
             results = await finish_uncancellable(asyncio.gather(*(self._read_one(peer, r) for r in reads)))
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            timer.cancel()
+            for task in renewer:
+                task.cancel()
+            await asyncio.gather(*renewer, return_exceptions=True)
         seconds = time.perf_counter() - start
         quorum = TransferQuorum(len(self.ranks))
         for rank in range(len(self.ranks)):  # a rank with nothing to read (all prefix hits) reports none
@@ -222,8 +227,8 @@ class KVReader:
         return reply.block_ids.get(transfer_id, [])
 
     async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
+        """Renew now, then every renew interval, until the lease is gone (``lost``) or cancelled."""
         while True:
-            await asyncio.sleep(self.config.kv_renew_interval_s)
             try:
                 if await self._renew(peer.kv_endpoint, transfer_id) is None:
                     logger.warning("lease of transfer %s is gone at %s", transfer_id, peer.engine_id)
@@ -231,6 +236,7 @@ class KVReader:
                     return
             except BusError as e:
                 logger.warning("renewing lease of transfer %s failed: %s", transfer_id, e)
+            await asyncio.sleep(self.config.kv_renew_interval_s)
 
     def release(self, params: KVTransferParams) -> None:
         """Tell prefill it may free ``params``' blocks (in the background); a claim nobody used is dropped."""
