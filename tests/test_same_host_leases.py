@@ -24,7 +24,7 @@ from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import KVLayout
 from common.kv_transfer.rank_io import LocalRankIO
 from common.kv_transfer.reader import KVReader
-from common.kv_transfer.shm import SHM_DIR, SharedKVFile
+from common.kv_transfer.shm import SharedKVFile
 from common.kv_transfer.side_channel import KVSideChannel
 from common.messages import Fingerprint, KVRequest, KVTransferParams
 from services.prefill.handoff import PrefillHandoff
