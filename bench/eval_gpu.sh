@@ -6,7 +6,8 @@
 #     OUT=/tmp/eval-gpu bash bench/eval_gpu.sh      # issue 19's 8B, 8,192-token workload
 #
 # Needs, in .whl/ (git-ignored), the cp312 manylinux wheels the device image lacks: msgspec, pyzmq,
-# starlette, uvicorn, httptools and pdserve's `cuda13` Mooncake build, mooncake-transfer-engine-cuda13==0.3.14
+# starlette, uvicorn, httptools and (optional: the engines on one host read over nvlink without it) pdserve's
+# `cuda13` Mooncake build, mooncake-transfer-engine-cuda13==0.3.14
 # (it links libcudart.so.13, which the image's CUDA 13 torch loads on import, before any Mooncake import,
 # and the driver's libcuda.so.1).
 #
@@ -40,10 +41,15 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
 python3 - <<'PY'
 import torch
+from common.kv_transfer.backend import BackendUnavailable
 from common.kv_transfer.mooncake import load_transfer_engine_class
-load_transfer_engine_class()
+try:
+    load_transfer_engine_class()
+    mooncake = "mooncake loads"
+except BackendUnavailable as e:  # same-host engines read over nvlink without it; only the tcp transport is off
+    mooncake = f"mooncake does not load ({e}): engines serve nvlink only"
 print("torch", torch.__version__, "GPUs:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-      "| mooncake loads")
+      "|", mooncake)
 PY
 
 [ -f "$CKPT/model.safetensors" ] || python3 -m bench.make_checkpoint --shape "$SHAPE" --out "$CKPT" --device cuda --seed 0

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -248,9 +249,10 @@ def checks_agree(checks: list[dict]) -> bool:
     return len({json.dumps([c["tokens"], c["text"]]) for c in checks}) == 1
 
 
-def client_first_itl_ms(doc: dict) -> float | None:
+def client_first_itl_ms(doc: dict) -> dict[str, float] | None:
+    """Mean and median of the clients' first inter-token gaps (ms), None if no request had two tokens."""
     gaps = [r["itl_s"][0] for r in doc["runs"][0]["requests"] if r["error"] is None and r["itl_s"]]
-    return 1000 * sum(gaps) / len(gaps) if gaps else None
+    return {"mean": 1000 * statistics.fmean(gaps), "p50": 1000 * statistics.median(gaps)} if gaps else None
 
 
 def measure(config: EvalConfig, mode: str, model: str, work: Path) -> dict:
@@ -324,7 +326,9 @@ def handoff_split(result: dict) -> dict:
         itl_parts = {"decode step (batched)": first_itl}
     return {
         "client_ttft_ms": result["handoff"]["summary"]["ttft_ms"]["mean"],
-        "client_first_itl_ms": result["handoff"]["first_itl_ms"],
+        "client_ttft_p50_ms": result["handoff"]["summary"]["ttft_ms"]["p50"],
+        "client_first_itl_ms": (first_gap := result["handoff"]["first_itl_ms"] or {}).get("mean"),
+        "client_first_itl_p50_ms": first_gap.get("p50"),
         "gateway_ttft_ms": ttft, "gateway_first_itl_ms": first_itl,
         "ttft_parts": ttft_parts, "first_itl_parts": itl_parts,
         "missing": sorted(HIST.format(name) for name, v in used.items() if v is None),
@@ -362,8 +366,9 @@ def tables(results: dict[str, dict]) -> str:
                 cells.append(_f(None if None in values else values[0] - values[1]))
             return f"| {label} | " + " | ".join(cells) + " |"
 
-        for label, key in [("client TTFT", "client_ttft_ms"), ("gateway TTFT", "gateway_ttft_ms"),
-                           ("client first ITL", "client_first_itl_ms"), ("gateway first ITL", "gateway_first_itl_ms")]:
+        for label, key in [("client TTFT", "client_ttft_ms"), ("· its median", "client_ttft_p50_ms"),
+                           ("gateway TTFT", "gateway_ttft_ms"), ("client first ITL", "client_first_itl_ms"),
+                           ("· its median", "client_first_itl_p50_ms"), ("gateway first ITL", "gateway_first_itl_ms")]:
             lines.append(row(label, [s[key] for s in splits.values()]))
         for part in ("ttft_parts", "first_itl_parts"):
             for name in dict.fromkeys(n for s in splits.values() for n in s[part]):

@@ -53,9 +53,9 @@ import tempfile
 import time
 from contextlib import ExitStack
 
+from bench.cli import bench_parser, run_bench
 from bench.processes import free_port
 from common.bus.curve import KEYS_DIR_ENV, create_keys
-from common.service import new_event_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -349,34 +349,35 @@ def cpu_per_request(summary: dict) -> float:
     return sum(summary["cpu_us_per_request"].values()) + summary["loadgen_cpu_us_per_request"]
 
 
-def report(result: dict) -> None:
-    print(f"response body: {result['response_bytes']} bytes (same for both); {result['max_tokens']} tokens, "
-          f"decode sends {result['tokens_per_output']} per message")
+def report(result: dict) -> str:
+    lines = [f"response body: {result['response_bytes']} bytes (same for both); {result['max_tokens']} tokens, "
+             f"decode sends {result['tokens_per_output']} per message"]
     titles = {"loaded": f"closed loop, {result['concurrency']} in flight",
               "unloaded": "closed loop, 1 in flight",
               "same_load": f"open loop, {result['open_rate']:.0f} req/s offered to both, "
                            f"over {result['concurrency']} connections"}
     for key, title in titles.items():
         r = result[key]
-        print(f"\n{title}:")
-        print(f"  {'':13} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   CPU us/request by process (of which I/O threads)")
+        lines += [f"\n{title}:", f"  {'':13} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   "
+                  "CPU us/request by process (of which I/O threads)"]
         for name in [n for n in ("bare", "gateway", "gateway+curve") if n in r]:
             s = r[name]
             cpu = ", ".join(f"{k} {v:.0f} ({s['io_thread_us_per_request'][k]:.0f})"
                             for k, v in s["cpu_us_per_request"].items())
-            print(f"  {name:13} {s['rps']:10.0f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f}   {cpu}, "
-                  f"load generator {s['loadgen_cpu_us_per_request']:.0f}")
-        print(f"  gateway/bare rate: {r['rate_ratio']:.2f}   p50 added: {r['p50_added_ms']:.2f} ms   "
-              f"CPU/request bare/gateway (all processes): {r['cpu_ratio']:.2f}")
+            lines.append(f"  {name:13} {s['rps']:10.0f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f}   {cpu}, "
+                         f"load generator {s['loadgen_cpu_us_per_request']:.0f}")
+        lines.append(f"  gateway/bare rate: {r['rate_ratio']:.2f}   p50 added: {r['p50_added_ms']:.2f} ms   "
+                     f"CPU/request bare/gateway (all processes): {r['cpu_ratio']:.2f}")
         if "curve_cpu_ratio" in r:
             gateway_cpu = [r[name]["cpu_us_per_request"]["gateway"] for name in ("gateway+curve", "gateway")]
-            print(f"  with CURVE / without: rate {r['curve_rate_ratio']:.2f}   CPU/request (all processes) "
-                  f"{r['curve_cpu_ratio']:.2f}   gateway process CPU/request {gateway_cpu[0] / gateway_cpu[1]:.2f}")
-    print("\n" + json.dumps(result))
+            lines.append(f"  with CURVE / without: rate {r['curve_rate_ratio']:.2f}   CPU/request (all processes) "
+                         f"{r['curve_cpu_ratio']:.2f}   gateway process CPU/request "
+                         f"{gateway_cpu[0] / gateway_cpu[1]:.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=4000, help="measured requests per target at --concurrency")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of bare and gateway")
@@ -394,11 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve_bare:
         serve_bare(args.serve_bare, args.body_file)
         return
-    loop = new_event_loop()
-    try:
-        report(loop.run_until_complete(run(args)))
-    finally:
-        loop.close()
+    run_bench(args, run, report)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,15 @@ the decode's own ``kv_transfer_s`` and ``first_decode_step_s`` (p50).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
+from bench.cli import bench_parser, run_bench
 from bench.engine_driver import EngineDriver, prompt_ids
 from bench.pd_identity import add_engine_args, start_engines
 from bench.processes import Processes
 from bench.serving_stats import percentile
 from common.messages import Generate, SamplingParams
-from common.service import new_event_loop
 
 SAMPLING = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
@@ -133,12 +131,11 @@ def report(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     add_engine_args(p)
     p.add_argument("--requests", type=int, default=20, help="measured requests of each kind (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured requests of each kind first (default 3)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (default 256)")
-    p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.prompt_len < 1:
         p.error("need --requests >= 1, --warmup >= 0, --prompt-len >= 1")
@@ -146,11 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = new_event_loop().run_until_complete(run(args))
-    print(report(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    run_bench(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

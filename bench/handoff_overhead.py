@@ -38,15 +38,14 @@ bus hop each way).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
+from bench.cli import bench_parser, run_bench
 from bench.engine_driver import EngineDriver, prompt_ids
 from bench.processes import Processes
 from bench.serving_stats import percentile
 from common.messages import EngineStats, Generate, GetStats, SamplingParams
-from common.service import new_event_loop
 
 SAMPLING = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
@@ -118,12 +117,25 @@ async def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def report(result: dict) -> str:
+    setup = result["setup"]
+    lines = [f"P/D handoff, {setup['mode']}; {setup['requests']} sequential requests, {setup['prompt_len']}-token "
+             f"prompts ({setup['kv_bytes'] / 1024:.0f} KiB of KV each)",
+             f"{'':32} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}"]
+    for key, label in (("overhead_s", "handoff overhead"), ("handoff_s", "prefill reply -> first decode token"),
+                       ("kv_transfer_s", "  of which KV transfer"), ("first_decode_step_s", "  of which first step"),
+                       ("bus_round_trip_s", "baseline: bus round trip")):
+        s = result[key]
+        lines.append(f"{label:32} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {s['mean_ms']:8.3f}")
+    lines.append(f"handoff overhead p50 = {result['overhead_over_round_trip_p50']:.2f} x bus round trip p50")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--requests", type=int, default=200, help="measured requests, sequential (default 200)")
     p.add_argument("--warmup", type=int, default=10, help="unmeasured requests first (default 10)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default 64)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.prompt_len < 1:
         p.error("need --requests >= 1, --warmup >= 0, --prompt-len >= 1")
@@ -131,20 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = new_event_loop().run_until_complete(run(args))
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"P/D handoff, {result['setup']['mode']}; {args.requests} sequential requests, "
-          f"{args.prompt_len}-token prompts ({result['setup']['kv_bytes'] / 1024:.0f} KiB of KV each)")
-    print(f"{'':32} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
-    for key, label in (("overhead_s", "handoff overhead"), ("handoff_s", "prefill reply -> first decode token"),
-                       ("kv_transfer_s", "  of which KV transfer"), ("first_decode_step_s", "  of which first step"),
-                       ("bus_round_trip_s", "baseline: bus round trip")):
-        s = result[key]
-        print(f"{label:32} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {s['mean_ms']:8.3f}")
-    print(f"handoff overhead p50 = {result['overhead_over_round_trip_p50']:.2f} x bus round trip p50")
+    run_bench(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from pathlib import Path
 import msgspec
 import torch
 
+from bench.cli import bench_parser, run_bench
 from bench.serving_stats import percentile
 from common.arith import ceil_div
 from common.bus import BusServer
@@ -493,7 +494,7 @@ def geometry(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--role", choices=("decode", "prefill", "decode-rank"), default="decode")
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--transport", choices=("tcp", "shm", "nvlink", "all"), default="all",
@@ -514,7 +515,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="interleaved runs of each path for the GB/s medians")
     p.add_argument("--requests", type=int, default=200, help="requests for the overhead percentiles")
     p.add_argument("--shards", type=int, default=0, help="--kv-read-shards of the connector (0: the transport's own)")
-    p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
     p.add_argument("--transfers", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if ceil_div(args.tokens, min(args.block_size, args.decode_block_size or args.block_size)) > args.num_blocks:
@@ -526,14 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    loop = new_event_loop()
     if args.role != "decode":
-        loop.run_until_complete(serve_prefill(args) if args.role == "prefill" else serve_decode_rank(args))
+        new_event_loop().run_until_complete(serve_prefill(args) if args.role == "prefill" else serve_decode_rank(args))
         return
-    result = loop.run_until_complete(run_decode(args))
-    print(report(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    run_bench(args, run_decode, report)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shlex
 import statistics
 import time
-from pathlib import Path
 
+from bench.cli import bench_parser, run_bench
 from bench.engine_driver import EngineDriver, prompt_ids
 from bench.pd_identity import add_engine_args
 from bench.processes import Processes
 from bench.serving_stats import percentile
 from common.messages import Generate, SamplingParams
-from common.service import new_event_loop
 
 MODES = ("read", "push")
 
@@ -158,7 +156,7 @@ def report(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     add_engine_args(p)
     p.set_defaults(kv_transport="auto", num_kv_blocks=1024)  # room for --concurrency prompts on each decode
     p.add_argument("--chunk", type=int, default=256, help="engines' --max-num-batched-tokens (default 256)")
@@ -167,7 +165,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=16, help="measured requests per mode and level (default 16)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per mode and level first (default 2)")
     p.add_argument("--concurrency", default="1,4", help="requests in flight, one level each (default 1,4)")
-    p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.requests < 1 or args.warmup < 0 or args.prompt_len < 1 or min(args.concurrency) < 1:
@@ -176,11 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = new_event_loop().run_until_complete(run(args))
-    print(report(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    run_bench(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Awaitable, Callable
 
+from bench.cli import bench_parser, run_bench
 from bench.gateway_overhead import load, spawn, wait_http
 from bench.processes import free_port
 from common.service import new_event_loop
@@ -359,37 +360,37 @@ async def sweep(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def report(result: dict) -> None:
-    for name, why in result.get("skipped", {}).items():
-        print(f"{name}: skipped ({why})")
+def report(result: dict) -> str:
+    lines = [f"{name}: skipped ({why})" for name, why in result.get("skipped", {}).items()]
     for key in ("non-streaming", "streaming"):
         rows = result[key]
         base = rows.get("vllm-router") or rows.get("vllm-router (defaults)")
-        print(f"\n{key}, {result['concurrency']} in flight:")
-        print(f"  {'':32} {'req/s':>8} {'p50 ms':>7} {'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1")
+        lines += [f"\n{key}, {result['concurrency']} in flight:", f"  {'':32} {'req/s':>8} {'p50 ms':>7} "
+                  f"{'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1"]
         for name, r in rows.items():
             cpu_ratio = f"{r['router_cpu_us'] / base['router_cpu_us']:.2f}x" if base else "-"
             at_one = r.get("p50_1_ms")
             added = f"{at_one - base['p50_1_ms']:+.2f} ms" if base and at_one is not None else "-"
-            print(f"  {name:32} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
-                  f"{at_one if at_one is not None else float('nan'):9.2f}   {cpu_ratio}, {added}")
+            lines.append(f"  {name:32} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
+                         f"{at_one if at_one is not None else float('nan'):9.2f}   {cpu_ratio}, {added}")
         ours = [name for name in rows if name.startswith("pdserve")]
         if ours and "p50_1_ms" not in rows[ours[0]]:  # a sweep: the first is 1 worker
             for name in ours:
                 workers = int(m[1]) if (m := re.search(r" x(\d+)", name)) else 1
                 versus = f", {rows[name]['rps'] / base['rps']:.2f}x vllm-router's rate" if base else ""
-                print(f"  {name}: scaling {rows[name]['rps'] / rows[ours[0]]['rps']:.2f} (ideal {workers}){versus}")
+                lines.append(f"  {name}: scaling {rows[name]['rps'] / rows[ours[0]]['rps']:.2f} (ideal {workers})"
+                             f"{versus}")
         for name in ours:
             if (split := rows[name].get("split_at_1")) is not None:
                 versus = f" (vllm-router's client mean: {base['mean_1_ms']:.2f})" if base else ""
-                print(f"  {name} at 1 in flight, means: client {split['client_mean_ms']:.2f} ms = HTTP side "
-                      f"{split['http_side_ms']:.2f} + bus legs (engines included) {split['bus_legs_ms']:.2f} + "
-                      f"the gateway's own {split['gateway_own_ms']:.2f}{versus}")
-    print("\n" + json.dumps(result))
+                lines.append(f"  {name} at 1 in flight, means: client {split['client_mean_ms']:.2f} ms = HTTP side "
+                             f"{split['http_side_ms']:.2f} + bus legs (engines included) {split['bus_legs_ms']:.2f} + "
+                             f"the gateway's own {split['gateway_own_ms']:.2f}{versus}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=8000, help="measured requests per target and mode")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the targets")
@@ -411,11 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve_toy_proxy:
         serve_toy_proxy(args.serve_toy_proxy, args.prefill_url, args.decode_url)
         return
-    loop = new_event_loop()
-    try:
-        report(loop.run_until_complete(sweep(args) if args.sweep else compare(args)))
-    finally:
-        loop.close()
+    run_bench(args, sweep if args.sweep else compare, report)
 
 
 if __name__ == "__main__":

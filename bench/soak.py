@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import re
 import shlex
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
+from bench.cli import bench_parser, run_bench
 from bench.processes import Processes, free_port
 from bench.serving import BenchConfig, send_request
 from bench.serving_stats import RequestRecord, percentile
@@ -176,8 +175,8 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__)
     parser.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the clients keep sending")
     parser.add_argument("--baseline-s", type=float, default=5.0, help="one client alone first, for the baseline")
@@ -188,14 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-args", default="", help="extra flags for the gateway")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client: longest wait for the next chunk")
     parser.add_argument("--request-timeout-s", type=float, default=600.0, help="client: longest request")
-    parser.add_argument("--out", help="write the result as JSON here too")
-    args = parser.parse_args(argv)
-    result = asyncio.run(soak(args))
-    print(report(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
+    run_bench(parser.parse_args(argv), soak, report)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

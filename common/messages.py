@@ -306,6 +306,7 @@ class EngineStats(Message):
     num_requests_finished: int = 0
     num_transfers_active: int = 0
     kv_transports: dict[str, str] = {}  # decode: prefill engine id -> the KV transport chosen for it
+    num_preemptions: int = 0  # sequences preempted (their blocks freed, recomputed later) since the engine started
 
 
 # --- KV side channel (decode -> prefill) -------------------------------------

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import openai
+
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 
 if TYPE_CHECKING:
@@ -38,6 +40,18 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout:g} s")
         await asyncio.sleep(interval)
+
+
+async def gateway_serving(client, timeout: float = 60.0) -> None:
+    """Wait until the gateway behind ``client`` (an ``openai.AsyncOpenAI``) lists a model."""
+
+    async def serving() -> bool:
+        try:
+            return bool((await client.models.list()).data)
+        except openai.APIConnectionError:
+            return False
+
+    await eventually(serving, timeout=timeout, interval=0.1)
 
 
 class Clock:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.eval_pd import (EvalConfig, Stack, check_completion, checks_agree, handoff_split, metric_means, scrape,
-                           tables)
+from bench.eval_pd import (EvalConfig, Stack, check_completion, checks_agree, client_first_itl_ms, handoff_split,
+                           metric_means, scrape, tables)
 from common.config import from_args
 from services.cli import build_parser
 from services.gateway.metrics import GatewayMetrics
@@ -74,8 +74,8 @@ def test_means_cover_only_what_a_run_observed(metrics_server):
 
 def _result(mode: str, **ms: float) -> dict:
     means = {f"pdserve_gateway_{k}_seconds": {"mean": v / 1000, "count": 4} for k, v in ms.items()}
-    return {"mode": mode, "handoff": {"metrics": means, "summary": {"ttft_ms": {"mean": 110.0}},
-                                      "first_itl_ms": 12.0}}
+    return {"mode": mode, "handoff": {"metrics": means, "summary": {"ttft_ms": {"mean": 110.0, "p50": 105.0}},
+                                      "first_itl_ms": {"mean": 12.0, "p50": 10.5}}}
 
 
 def test_handoff_split_adds_up_to_the_measured_totals():
@@ -89,6 +89,7 @@ def test_handoff_split_adds_up_to_the_measured_totals():
     assert itl == pytest.approx({"gateway dispatch": 1, "bus + alloc + handshake": 1, "KV transfer": 3,
                                  "first decode step": 6})
     assert sum(itl.values()) == pytest.approx(11) and not split["missing"]
+    assert (split["client_first_itl_ms"], split["client_first_itl_p50_ms"], split["client_ttft_p50_ms"]) == (12, 10.5, 105)
 
 
 def test_gateway_dispatch_is_the_measured_dispatch_never_negative():
@@ -162,3 +163,11 @@ def test_results_go_to_the_work_dir_not_the_working_directory(tmp_path):
     assert list(cwd.iterdir()) == []
     doc = json.loads((work / "cpu" / "cpu.json").read_text())  # the failure is recorded beside the logs
     assert set(doc["failed"]) == {"disagg"} and (work / "cpu" / "disagg.log").is_file()
+
+
+def test_client_first_gap_has_mean_and_median():
+    requests = [{"error": None, "itl_s": [0.010, 0.5]}, {"error": None, "itl_s": [0.020]},
+                {"error": None, "itl_s": [0.060]}, {"error": "timeout", "itl_s": [9.0]}, {"error": None, "itl_s": []}]
+    gaps = client_first_itl_ms({"runs": [{"requests": requests}]})
+    assert gaps == pytest.approx({"mean": 30.0, "p50": 20.0})  # one slow first request moves only the mean
+    assert client_first_itl_ms({"runs": [{"requests": requests[3:]}]}) is None

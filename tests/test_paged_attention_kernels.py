@@ -290,3 +290,37 @@ def compile_for_sm90() -> None:
                  BLOCK_Q=pa.PREFILL_BLOCK_M // group, BLOCK_N=pa.PREFILL_BLOCK_N, DOT_PRECISION="tf32"),
             index, num_warps=pa.PREFILL_NUM_WARPS,
         )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" or not pa.available(), reason="needs CUDA and triton")
+def test_one_compiled_variant_whatever_the_batch():
+    """Batch size and block-table width change every step; each value class (1, a multiple of 16, other) must
+    not compile a kernel variant of its own (a stall of seconds the first time a class shows up while serving)."""
+    head_dim, group = 64, 4
+    for num_seqs in (1, 2, 16, 17):
+        lens = [40 + 16 * i for i in range(num_seqs)]
+        batch = make_batch(lens, 2, head_dim, 16, torch.float16, seed=num_seqs)
+        q = queries(num_seqs, 2 * group, head_dim, torch.float16)
+        pa.decode_attention(q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
+        q = queries(sum(lens), 2 * group, head_dim, torch.float16)
+        pa.prefill_attention(q, batch.kv_data, LAYER, batch.block_tables, start_loc(lens), batch.context_lens, 0.125)
+    device = torch.cuda.current_device()
+    for kernel in (pa._decode_partition_kernel, pa._decode_reduce_kernel, pa._prefill_kernel):
+        assert len(kernel.device_caches[device][0]) == 1, kernel.fn.__name__
+
+
+def test_decode_partitions_shrink_to_fill_the_gpu():
+    assert pa.decode_partition_size(32, 8, 256) == 512  # 256 programs already
+    assert pa.decode_partition_size(1, 8, 256) == pa.DECODE_BLOCK_N  # 8 programs at 512 keys; 32 at 64
+    assert pa.decode_partition_size(1, 8, 8192) == 256  # 16 partitions x 8 heads at 512: 128; 256 at 256
+    assert pa.decode_partition_size(2, 8, 4096) == 256
+
+
+@kernels
+def test_decode_default_partition_matches_reference():
+    batch = make_batch([1, 70, 200], 1, 64, 16)  # one KV head: the default shrinks to 64-key partitions
+    q = queries(3, 4, 64)
+    args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
+    assert pa.decode_partition_size(3, 1, batch.block_tables.shape[1] * 16) == pa.DECODE_BLOCK_N
+    torch.testing.assert_close(pa.decode_attention(*args), pa.decode_attention_reference(*args), **TOL[torch.float32])

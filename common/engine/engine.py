@@ -37,6 +37,7 @@ from common.engine.sequence import (
 )
 from common.engine.stats import StepStats
 from common.engine.tp_workers import WorkerRanks, load_rank
+from common.engine.warmup import warm_up
 from common.kv_offload.host_copier import HostCopier
 from common.kv_offload.tier import OffloadTier, host_slots
 from common.messages import MAX_LOGPROBS, SamplingParams, TokenLogprob, Usage
@@ -111,6 +112,9 @@ class LLMEngine:
             self.tp, HostCopier(self.kv_cache, slots) if slots else None,
         )
         self.sampler = Sampler(config.seed, self.device)
+        if self.device.type == "cuda":
+            warm_up(self.runner, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+                    self.workers.call if self.workers is not None else lambda fn: fn())
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
         self._offline_count = 0

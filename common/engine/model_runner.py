@@ -108,10 +108,17 @@ class ModelRunner:
             ) -> torch.Tensor | None:
         """Compute each sequence's ``n`` tokens from ``num_computed_tokens`` on (writing their KV);
         returns float32 logits of the last token of every sequence with ``sample`` set (None if none)."""
-        inputs = StepInputs.of(scheduled, sample, offload)
+        return self.execute(StepInputs.of(scheduled, sample, offload))
+
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """``forward`` on every rank: rank 0 broadcasts ``inputs`` first under tensor parallelism."""
         if self.tp.world_size > 1:
             self.tp.send(inputs.pack())
         return self.forward(inputs)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:

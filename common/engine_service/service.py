@@ -242,7 +242,8 @@ class EngineService:
 
     async def on_stats(self, msg: GetStats) -> EngineStats:
         return EngineStats(self.instance_id, self.config.role, self.load(), self.num_finished,
-                           self.role.num_transfers(), dict(self.transports.chosen) if self.transports else {})
+                           self.role.num_transfers(), dict(self.transports.chosen) if self.transports else {},
+                           self.engine.latest_stats.num_preemptions)
 
     async def on_tokenize(self, msg: Tokenize) -> Tokenized:
         tokenizer = self.core.tokenizer

@@ -37,7 +37,8 @@ try:
 except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
-DECODE_PARTITION_SIZE = 512
+DECODE_PARTITION_SIZE = 512  # the largest split-K partition; smaller ones when the grid would be too small
+DECODE_MIN_PROGRAMS = 256  # ~2 per SM of an H100/H200: partitions shrink (to DECODE_BLOCK_N) until the grid has these
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 PREFILL_BLOCK_M = 128
@@ -52,8 +53,18 @@ def available() -> bool:
     return triton is not None
 
 
+# Arguments that change from call to call (batch size, block-table width, partition count): Triton would
+# otherwise compile a kernel variant per value class (== 1, divisible by 16, other) the first time each class
+# appears, a stall of a second or more in the middle of serving.  (``layer_offset`` and the cache strides keep
+# their divisibility hint: it vectorises the K/V loads, and they are multiples of 16 for every layer.)
+VARYING = ("num_seqs", "num_parts", "stride_table")
+
+
 def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
+    if triton is None:
+        return fn
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[name for name in VARYING if name in names])
 
 
 @_jit
@@ -246,16 +257,19 @@ def decode_attention(
     scale: float,
     sliding_window: int | None = None,
     *,
-    partition_size: int = DECODE_PARTITION_SIZE,
+    partition_size: int | None = None,
     block_n: int = DECODE_BLOCK_N,
 ) -> torch.Tensor:
     """``q`` ``[B, H, D]``: sequence ``b``'s query at position ``context_lens[b] - 1`` attends to its
     ``context_lens[b]`` cached keys (the last ``sliding_window`` of them if given).  Returns ``[B, H, D]``.
 
-    ``partition_size`` (a multiple of ``block_n``) keys per split-K program; ``block_n`` keys per tile.
+    ``partition_size`` (a multiple of ``block_n``) keys per split-K program (default: ``decode_partition_size``);
+    ``block_n`` keys per tile.
     """
     block_size, layer_offset, strides, group = _cache_args(kv_data, layer, q)
     num_seqs, num_heads, head_dim = q.shape
+    if partition_size is None:
+        partition_size = decode_partition_size(num_seqs, kv_data.shape[1], block_tables.shape[1] * block_size)
     if partition_size % block_n or not _pow2_16(block_n):
         raise ValueError(f"decode_attention: block_n {block_n} (a power of 2 >= 16) must divide {partition_size}")
     num_parts = triton.cdiv(block_tables.shape[1] * block_size, partition_size)
@@ -278,6 +292,17 @@ def decode_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITION_SIZE=partition_size,
     )  # fmt: skip
     return out
+
+
+def decode_partition_size(num_seqs: int, num_kv_heads: int, max_keys: int) -> int:
+    """The largest partition, from ``DECODE_PARTITION_SIZE`` halving down to ``DECODE_BLOCK_N``, that still gives
+    the split-K grid (sequences x KV heads x partitions of ``max_keys``) ``DECODE_MIN_PROGRAMS`` programs: a batch of
+    one over a short context otherwise runs a handful of programs on a GPU of 132 SMs.  A function of the shapes
+    alone, so a CUDA graph bucket always gets the same one."""
+    size = DECODE_PARTITION_SIZE
+    while size > DECODE_BLOCK_N and num_seqs * num_kv_heads * -(-max_keys // size) < DECODE_MIN_PROGRAMS:
+        size //= 2
+    return size
 
 
 def prefill_attention(

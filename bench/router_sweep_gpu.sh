@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 16's 16-core figure: requests/s of the gateway with 1, 2, 4, 8 worker processes against vllm-router at
+# its defaults, streaming and not, on the GPU machine's CPUs (no GPU used; pinned to 16 cores).
+#
+#   OUT=/tmp/out bash bench/router_sweep_gpu.sh      # from the repository root, .whl_router/ carried
+#
+# .whl_router/ (git-ignored) holds cp312 wheels: pdserve's (msgspec, pyzmq, starlette, uvicorn, ...) and
+# vllm-router 0.1.17 with what it imports and the image lacks (setproctitle, fastapi, opentelemetry-api, orjson,
+# pydantic).
+# They are installed into /tmp/rsite; /tmp/routers/bin/{python,vllm-router} run the image's python3 on it, the
+# layout bench.router_compare expects of --routers-venv.  Writes $OUT/router_sweep.{log,json}.
+set -uo pipefail
+OUT=${OUT:-/tmp/router-sweep}
+CORES=${CORES:-0-15}
+SWEEP=${SWEEP:-1,2,4,8}
+mkdir -p "$OUT" /tmp/routers/bin
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/rsite \
+  .whl_router/*.whl || { echo "installing .whl_router/*.whl failed"; exit 1; }
+printf '#!/bin/sh\nPYTHONPATH=/tmp/rsite exec python3 "$@"\n' >/tmp/routers/bin/python
+printf '#!/bin/sh\nPYTHONPATH=/tmp/rsite exec python3 -m vllm_router.launch_router "$@"\n' >/tmp/routers/bin/vllm-router
+chmod +x /tmp/routers/bin/python /tmp/routers/bin/vllm-router
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/rsite
+nproc
+timeout -k 15 "${LIMIT:-420}" taskset -c "$CORES" python3 -m bench.router_compare --sweep "$SWEEP" \
+  --load-processes 4 --bus-fakes instant --requests "${REQUESTS:-6000}" --rounds 1 --routers-venv /tmp/routers \
+  --json "$OUT/router_sweep.json" 2>&1 | tee "$OUT/router_sweep.log"
