@@ -23,6 +23,12 @@ interleaved so that every figure sees the same machine state:
 * backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
   same read, over ``--requests`` requests (p50/p99);
+* same-host transports (shm, nvlink): every connector read is made three
+  times, interleaved, with the lease confirmed in the prefill's shared-memory
+  lease table after a claim sent before the read began (as ``DecodeHandoff``
+  sends it, during the block allocation: the connector's figures), the same
+  with the claim sent with the read (``claim in read``), and, as before the
+  table existed, by a ``RenewLease`` round trip after the read (``bus``);
 * with ``--decode-block-size`` other than ``--block-size`` and/or ``--decode-tp``
   other than ``--tp``: also a second decode instance of that block size / TP
   size reading the same prompt from the same prefill (token positions mapped,
@@ -67,6 +73,7 @@ from common.engine.kv_cache import KVCache, zeros
 from common.engine.parallel import TensorParallel
 from common.engine.tp_workers import rank_device
 from common.kv_transfer.config import KVTransferConfig
+from common.kv_transfer.lease_slots import LeaseSlots
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
 from common.kv_transfer.reader import KVReader, ReadStats
@@ -75,6 +82,7 @@ from common.kv_transfer.rank_agent import RankAgent, RankAgentInfo
 from common.kv_transfer.rank_io import LocalRankIO, RemoteRankIO
 from common.kv_transfer.shm import SharedKVFile
 from common.kv_transfer.transport_set import shared_kv_file
+from common.kv_transfer.transports import SAME_HOST
 from common.messages import Fingerprint, KVRequest, KVTransferParams
 from common.service import new_event_loop
 from services.prefill.handoff import PrefillHandoff
@@ -157,25 +165,28 @@ def block_ids(args: argparse.Namespace, seed: int) -> list[int]:
 
 async def serve_prefill(args: argparse.Namespace) -> None:
     engine = BenchEngineKV(args, args.transport, args.tp)
+    slots = LeaseSlots("prefill-0", num_slots=args.transfers)
     try:
         for kv in engine.caches:
             fill_random(kv)
-        handoff = PrefillHandoff("prefill-0", LeaseTable(3600.0), lambda transfer_id: asyncio.sleep(0))
+        handoff = PrefillHandoff("prefill-0", LeaseTable(3600.0), lambda transfer_id: asyncio.sleep(0), slots=slots)
         transfer_ids = [handoff.begin(f"t{i}", b"bench") for i in range(args.transfers)]
         for i in range(args.transfers):
             handoff.lease(f"t{i}", block_ids(args, seed=1))
         channel = KVSideChannel("prefill-0", fingerprint(args), [rank.memory for rank in engine.ranks],
-                                engine.ranks[0].transports.incarnation, handoff)
+                                engine.ranks[0].transports.incarnation, handoff, slots.name)
         server = BusServer("tcp://127.0.0.1:0", KVRequest, name="kv-prefill")
         channel.attach(server)
         await server.start()
         rank0 = engine.ranks[0]
         sessions = {name: backend.session for name, backend in rank0.transports.backends.items()}
         print(json.dumps({"endpoint": server.endpoint, "sessions": sessions, "base": rank0.memory.region.addr,
-                          "transfer_ids": transfer_ids}), flush=True)
+                          "transfer_ids": transfer_ids, "slots": [handoff.lease_slot(t) for t in transfer_ids]}),
+              flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
         await server.close()
     finally:
+        slots.close()
         engine.close()
 
 
@@ -291,7 +302,8 @@ async def start_child(args: argparse.Namespace, role: str, transport: str, *flag
 
 async def start_prefill(args: argparse.Namespace, transport: str) -> tuple[dict, subprocess.Popen]:
     """The prefill child serving ``transport``, with a lease for every read the measurement makes."""
-    line, child = await start_child(args, "prefill", transport, "--transfers", str(2 * (args.repeats + 1) + args.requests))
+    line, child = await start_child(args, "prefill", transport, "--transfers",
+                                    str(4 * (args.repeats + 1) + 3 * args.requests))
     return json.loads(line), child
 
 
@@ -366,12 +378,22 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         other = hetero_args(args)
         hetero = await DecodeSide.open(other, transport, block_ids(other, seed=3))
     nbytes = len(remote) * decode.engine.caches[0].block_bytes
-    transfer_ids = iter(peer["transfer_ids"])
+    leased = iter(zip(peer["transfer_ids"], peer["slots"]))
+    confirmations = ("table", "claim_in_read", "bus") if transport in SAME_HOST.values() else ("bus",)
 
-    def params() -> KVTransferParams:
-        return KVTransferParams("prefill-0", peer["endpoint"], next(transfer_ids), remote,
+    def params(confirm: str = confirmations[0]) -> KVTransferParams:
+        """The next lease; ``bus``: without its lease-table slot, so the reader confirms it by a round trip."""
+        transfer_id, (slot, generation) = next(leased)
+        return KVTransferParams("prefill-0", peer["endpoint"], transfer_id, remote,
                                 args.tokens, 0, time.time() + 3600, block_size=args.block_size,
-                                tensor_parallel_size=args.tp)
+                                tensor_parallel_size=args.tp, lease_slot=slot if confirm != "bus" else -1,
+                                lease_generation=generation)
+
+    async def timed_read(confirm: str) -> tuple[float, ReadStats]:
+        read = params(confirm)
+        if confirm == "table":
+            await decode.reader.claim(read)  # answered before the read starts, as during a block allocation
+        return await decode.timed_read(read)
 
     def raw_read() -> None:
         backend = decode.engine.ranks[0].transports.backends["tcp"]
@@ -386,32 +408,40 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
             raw()  # warm-up: connection set-up on both paths
         for side in filter(None, (decode, hetero)):
             await side.timed_read(params())
-        raw_s, conn_s, backend_s, hetero_s, hetero_backend_s, ranges, hetero_ranges = [], [], [], [], [], 0, 0
+        raw_s, hetero_s, hetero_backend_s, ranges, hetero_ranges = [], [], [], 0, 0
+        conn_s: dict[str, list[float]] = {c: [] for c in confirmations}
+        backend_s: dict[str, list[float]] = {c: [] for c in confirmations}
         hetero_bytes = 0
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             for name, copy in limits.items():
                 limit_s[name].append(copy())
             if raw is not None:
                 raw_s.append(raw())
-            seconds, stats = await decode.timed_read(params())
-            conn_s.append(seconds)
-            backend_s.append(stats.seconds)
-            ranges = stats.num_ranges
+            for confirm in confirmations[::1 - 2 * (i % 2)]:  # alternated: none always follows the copies
+                seconds, stats = await timed_read(confirm)
+                conn_s[confirm].append(seconds)
+                backend_s[confirm].append(stats.seconds)
+                ranges = stats.num_ranges
             if hetero is not None:
                 seconds, stats = await hetero.timed_read(params())
                 hetero_s.append(seconds)
                 hetero_backend_s.append(stats.seconds)
                 hetero_ranges, hetero_bytes = stats.num_ranges, stats.bytes
-        overhead_ms = []
-        for _ in range(args.requests):
-            seconds, stats = await decode.timed_read(params())
-            overhead_ms.append((seconds - stats.seconds) * 1e3)
+        overhead_ms: dict[str, list[float]] = {c: [] for c in confirmations}
+        for i in range(args.requests):
+            for confirm in confirmations[::1 - 2 * (i % 2)]:
+                seconds, stats = await timed_read(confirm)
+                overhead_ms[confirm].append((seconds - stats.seconds) * 1e3)
     finally:
         for side in filter(None, (decode, hetero)):
             await side.close()
-    result = {"connector_gbps": gbps(nbytes, statistics.median(conn_s)),
-              "backend_gbps": gbps(nbytes, statistics.median(backend_s)), "ranges": ranges,
-              "overhead_p50_ms": percentile(overhead_ms, 50), "overhead_p99_ms": percentile(overhead_ms, 99)}
+    result = {"ranges": ranges}
+    for confirm in confirmations:  # the first one's figures are the connector's; "<confirm>_..." the others'
+        prefix = f"{confirm}_" if confirm != confirmations[0] else ""
+        result.update({f"{prefix}connector_gbps": gbps(nbytes, statistics.median(conn_s[confirm])),
+                       f"{prefix}backend_gbps": gbps(nbytes, statistics.median(backend_s[confirm])),
+                       f"{prefix}overhead_p50_ms": percentile(overhead_ms[confirm], 50),
+                       f"{prefix}overhead_p99_ms": percentile(overhead_ms[confirm], 99)})
     if raw_s:
         result["raw_gbps"] = gbps(nbytes, statistics.median(raw_s))
     if hetero_s:
@@ -422,6 +452,8 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
     return result
 
 
+CONFIRMATIONS = {"claim_in_read": "the same with the transfer claimed alongside the copy, not before",
+                 "bus": "the same with the lease confirmed over the bus after the read (as before the table)"}
 LIMIT_NAMES = {"copy": "torch copy_ of one contiguous buffer", "memmove": "ctypes.memmove of the request's ranges"}
 
 
@@ -440,6 +472,11 @@ def report(result: dict) -> str:
                      f"requests p50 {r['overhead_p50_ms']:.3f} ms, p99 {r['overhead_p99_ms']:.3f} ms")
         lines.append(f"{transport:>6}   of which the backend's read alone: {r['backend_gbps']:8.2f} GB/s = "
                      f"{r['backend_gbps'] / limit:.3f} x limit")
+        for confirm, name in CONFIRMATIONS.items():
+            if f"{confirm}_connector_gbps" in r:
+                lines.append(f"{transport:>6}   {name}: {r[f'{confirm}_connector_gbps']:8.2f} GB/s = "
+                             f"{r[f'{confirm}_connector_gbps'] / limit:.3f} x limit; overhead p50 "
+                             f"{r[f'{confirm}_overhead_p50_ms']:.3f} ms, p99 {r[f'{confirm}_overhead_p99_ms']:.3f} ms")
         if "hetero_gbps" in r:
             lines.append(f"{transport:>6} decode of TP {setup['decode_tp']}, {setup['decode_block_size']}-token blocks "
                          f"(prefill TP {setup['tp']}, {setup['block_size']}): {r['hetero_gbps']:8.2f} GB/s in "

@@ -197,6 +197,8 @@ class KVTransferParams(msgspec.Struct, omit_defaults=True):
     incarnation: str = ""  # names the prefill's KV memory, as its handshake does: a restarted prefill's differs
     block_size: int = 0  # tokens per block of ``block_ids`` (the prefill's); 0: the decode's own (older senders)
     tensor_parallel_size: int = 1  # the prefill instance's ranks, each holding its slice of the KV heads
+    lease_slot: int = -1  # the lease's slot in the prefill's lease table (handshake ``lease_table``); -1: none
+    lease_generation: int = 0  # the slot's generation while this lease holds it (a same-host reader checks it)
 
 
 class PushTarget(msgspec.Struct, omit_defaults=True):
@@ -350,6 +352,7 @@ class HandshakeReply(Message):
     fingerprint: Fingerprint
     ranks: list[KVRankMemory]  # one per tensor-parallel rank, in rank order
     incarnation: str = ""  # names this instance's KV memory: a reader mapped an older one must handshake again
+    lease_table: str = ""  # its ``/dev/shm`` lease table: a same-host reader confirms leases there, not over the bus
 
 
 class RenewLease(Message):

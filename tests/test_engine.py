@@ -448,12 +448,12 @@ async def test_async_remote_request_waits_for_kv_then_decodes(demo_path):
         await eventually(lambda: (async_engine.latest_stats.waiting_for_remote_kvs, async_engine.latest_stats.running)
                          == (1, 0), timeout=30)
         copy_blocks(prefill, first.pinned_block_ids, decode, alloc.block_ids[: len(first.pinned_block_ids)])
-        await async_engine.finish_remote_kv("ad", ok=True)
+        async_engine.finish_remote_kv("ad", ok=True)
         outs = await collect(stream)
         assert first.new_token_ids + [t for o in outs for t in o.new_token_ids] == reference.new_token_ids
         alloc2 = await asyncio.wait_for(second, timeout=10)  # blocks of "ad" freed
         assert len(alloc2.block_ids) == 2
-        await async_engine.finish_remote_kv("ad2", ok=False)  # recompute
+        async_engine.finish_remote_kv("ad2", ok=False)  # recompute
         outs2 = await collect(async_engine.stream("ad2"))
         assert first.new_token_ids + [t for o in outs2 for t in o.new_token_ids] == reference.new_token_ids
         assert prefill.release_transfer("t-ap")

@@ -42,7 +42,7 @@ class Stack:
         return BlockLoad(request_id, block_ids, params)
 
     async def drain(self, request_id: str, ok: bool = True) -> None:
-        await self.engine.finish_remote_kv(request_id, ok)
+        self.engine.finish_remote_kv(request_id, ok)
         async for _ in self.engine.stream(request_id):
             pass
 
@@ -130,7 +130,7 @@ async def test_store_goes_to_every_connector(stack):
     multi = MultiConnector([stack.offload, stack.pd])
     load = stack.load("r2", allocation.block_ids[:3], [8, 9, 10], 40)
     assert (await multi.load(load, 0)).num_blocks == 3
-    await stack.engine.finish_remote_kv("r2", True)
+    stack.engine.finish_remote_kv("r2", True)
     multi.store(load)
     core = stack.core
 

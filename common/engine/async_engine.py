@@ -157,8 +157,10 @@ class AsyncEngine:
         """Why the engine thread stopped on an error (a step raised), or None."""
         return self._dead
 
-    async def finish_remote_kv(self, request_id: str, ok: bool) -> bool:
-        return await self._call(lambda: self.core.finish_remote_kv(request_id, ok))
+    def finish_remote_kv(self, request_id: str, ok: bool) -> None:
+        """Hand a remote request back (``LLMEngine.finish_remote_kv``) without waiting for the engine thread,
+        which applies it at its next turn and steps at once; its outcome arrives on ``stream``."""
+        self._post(lambda: self.core.finish_remote_kv(request_id, ok))
 
     async def finish_pushed(self, request_id: str, first_token_id: int) -> bool:
         """Push mode: the prompt's KV landed; decode from the prefill's ``first_token_id``."""

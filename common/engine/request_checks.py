@@ -27,7 +27,7 @@ def validate_request(
 
     check(not running, "request_id", "a request with this id is already running")
     check(len(prompt) > 0, "prompt", "the prompt is empty")
-    check(all(0 <= t < vocab for t in prompt), "prompt_token_ids", f"token ids must be in [0, {vocab})")
+    check(min(prompt) >= 0 and max(prompt) < vocab, "prompt_token_ids", f"token ids must be in [0, {vocab})")
     check(sampling.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {sampling.max_tokens}")
     check(sampling.temperature >= 0, "temperature", f"temperature must be >= 0, got {sampling.temperature}")
     check(0 < sampling.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {sampling.top_p}")

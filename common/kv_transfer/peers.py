@@ -7,7 +7,9 @@ that we can read its KV, plans which prefill rank each of our ranks reads each
 of its heads from (``read_plan.plan_sources``), and connects every such pair of
 ranks over the fastest transport both serve (``transports.candidates``; a
 transport that cannot connect falls through to the next).  The handshake is done
-only when every pair is connected.
+only when every pair is connected.  A prefill whose every pair is linked over a
+same-host transport and that names a lease table gets it mapped
+(``lease_slots.LeaseSlotsView``): its leases are confirmed there after a read.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 
 from common.client_pool import ClientPool
 from common.errors import BusError, CallTimeout, HandshakeError, PeerError
+from common.kv_transfer.lease_slots import LeaseSlotsView
 from common.kv_transfer.rank_io import RankIO
 from common.kv_transfer.read_plan import Source, plan_sources, plan_targets
-from common.kv_transfer.transports import Placement, TransportError, candidates
+from common.kv_transfer.transports import SAME_HOST, Placement, TransportError, candidates
 from common.kv_compat import kv_incompatibilities
 from common.messages import Fingerprint, Handshake, HandshakeReply, KVRankMemory
 
@@ -46,6 +49,7 @@ class Peer:
     links: dict[tuple[int, int], Link]  # (our rank, its rank) -> how
     block_size: int  # tokens per block of its KV (may differ from ours)
     incarnation: str  # the KV memory the handshake described (a restarted prefill has another)
+    leases: LeaseSlotsView | None = None  # its lease table, when every link is same-host (unmapped with the Peer)
 
 
 class PeerDirectory:
@@ -126,8 +130,21 @@ class PeerDirectory:
             logger.info("KV %s %s (%s, TP %d) over %s", "to" if self.writes else "from", engine_id, kv_endpoint,
                         len(reply.ranks), chosen)
         self.chosen[engine_id] = chosen
+        same_host = all(link.transport in SAME_HOST.values() for link in links)
         return Peer(engine_id, kv_endpoint, reply.ranks, sources, dict(zip(pairs, links)),
-                    reply.fingerprint.block_size, reply.incarnation)
+                    reply.fingerprint.block_size, reply.incarnation,
+                    self._lease_table(engine_id, reply.lease_table) if same_host and not self.writes else None)
+
+    def _lease_table(self, engine_id: str, name: str) -> LeaseSlotsView | None:
+        """The same-host peer's lease table, or None (none named, or it cannot be mapped: the bus confirms)."""
+        if not name:
+            return None
+        try:
+            return LeaseSlotsView(name)
+        except (OSError, ValueError) as e:
+            logger.warning("%s's lease table %r cannot be mapped, leases are confirmed over the bus: %s",
+                           engine_id, name, e)
+            return None
 
     async def _connect(self, engine_id: str, ours: RankIO, theirs: KVRankMemory) -> Link:
         """Connect our rank to theirs over the first transport that works (they are tried fastest first)."""

@@ -17,6 +17,12 @@ no other peer for it) answers with the block ids the lease holds; the read
 fails with ``KVBlocksRefused`` unless they are exactly the params' block ids
 (other blocks would be another prompt's KV): the caller must not use what was read.
 
+The confirmation after the read is a ``RenewLease`` round trip, except from a
+same-host prefill with a lease table (``peers.Peer.leases``) and a slot in the
+params: there the claim (``claim``, which the caller may start before it even
+has blocks to read into) runs alongside the copy, and once both are done the
+lease is confirmed locally, by the slot's generation (``lease_slots``).
+
 The prefill side that answers these calls is ``common.kv_transfer.side_channel``.
 """
 
@@ -101,6 +107,16 @@ class KVReader:
         self.peers = PeerDirectory(ranks, engine_id, fingerprint, config.kv_transport, self.clients,
                                    config.kv_handshake_timeout_s, chosen)
         self.releases = ReleaseSender(self.clients)
+        self._claims: dict[str, asyncio.Future[list[int] | None]] = {}  # transfer id -> its first RenewLease
+
+    def claim(self, params: KVTransferParams) -> asyncio.Future[list[int] | None]:
+        """Claim ``params``' transfer now (its first ``RenewLease``, in the background), so that a read from a
+        same-host prefill does not wait for the round trip; ``read_blocks`` or ``release`` consumes it.
+        Returns the claim (awaiting it is optional: the block ids its lease holds, or None)."""
+        if params.transfer_id not in self._claims:
+            self._claims[params.transfer_id] = asyncio.ensure_future(self._renew(params.kv_endpoint,
+                                                                                  params.transfer_id))
+        return self._claims[params.transfer_id]
 
     async def read_blocks(
         self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
@@ -152,20 +168,30 @@ class KVReader:
         if not reads:
             return ReadStats(0, 0, 0, 0.0)
         tid = params.transfer_id
+        local = peer.leases is not None and params.lease_slot >= 0  # confirmed in the lease table
+        if local:
+            claim = self.claim(params)
+            del self._claims[tid]
+            claim.add_done_callback(_consume)  # its outcome is not needed when the read fails first
         if params.lease_expiry - time.time() < self.config.kv_renew_interval_s:
             try:
-                held = await self._renew(peer, tid)
+                held = await self._renew(peer.kv_endpoint, tid)
             except BusError as e:
                 raise KVTransferError(f"cannot renew the lease of transfer {tid} before reading: {e}") from e
             check_held(params, held, "before the read")
         lease_lost = asyncio.Event()
-        renewer = asyncio.create_task(self._renew_loop(peer, tid, lease_lost))
+        renewer: list[asyncio.Task] = []  # started only by a read outlasting the renew interval (a timer is cheaper)
+        timer = asyncio.get_running_loop().call_later(
+            self.config.kv_renew_interval_s,
+            lambda: renewer.append(asyncio.create_task(self._renew_loop(peer, tid, lease_lost))))
         start = time.perf_counter()
         try:
             results = await finish_uncancellable(asyncio.gather(*(self._read_one(peer, r) for r in reads)))
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            timer.cancel()
+            for task in renewer:
+                task.cancel()
+            await asyncio.gather(*renewer, return_exceptions=True)
         seconds = time.perf_counter() - start
         quorum = TransferQuorum(len(self.ranks))
         for rank in range(len(self.ranks)):  # a rank with nothing to read (all prefix hits) reports none
@@ -179,9 +205,11 @@ class KVReader:
         # The read succeeded only if prefill still held the blocks when it ended: a lease released or
         # expired meanwhile (an abort, a retried decode, a clock far off) means they may hold other KV.
         try:
-            held = None if lease_lost.is_set() else await self._renew(peer, tid)
+            held = None if lease_lost.is_set() else await (claim if local else self._renew(peer.kv_endpoint, tid))
         except BusError as e:
             raise KVTransferError(f"cannot confirm the lease of transfer {tid} after the read: {e}") from e
+        if local and not peer.leases.held(params.lease_slot, params.lease_generation):
+            held = None  # released after the claim, before the copy ended
         check_held(params, held, "during the read; the blocks may be reused")
         return ReadStats(num_blocks, num_ranges, sum(r.ranges.total_bytes for r in reads), seconds)
 
@@ -190,27 +218,31 @@ class KVReader:
         statuses, _ = await self.ranks[read.rank].read(link.transport, link.session, read.ranges)
         return statuses
 
-    async def _renew(self, peer: Peer, transfer_id: str) -> list[int] | None:
+    async def _renew(self, kv_endpoint: str, transfer_id: str) -> list[int] | None:
         """Renew one lease (claiming it); the block ids it holds, or None when prefill no longer knows
         it (or it is another reader's).  Bus errors propagate."""
-        reply = await self.clients.get(peer.kv_endpoint).call(RenewLease([transfer_id]))
+        reply = await self.clients.get(kv_endpoint).call(RenewLease([transfer_id]))
         if not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
             return None
         return reply.block_ids.get(transfer_id, [])
 
     async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
+        """Renew now, then every renew interval, until the lease is gone (``lost``) or cancelled."""
         while True:
-            await asyncio.sleep(self.config.kv_renew_interval_s)
             try:
-                if await self._renew(peer, transfer_id) is None:
+                if await self._renew(peer.kv_endpoint, transfer_id) is None:
                     logger.warning("lease of transfer %s is gone at %s", transfer_id, peer.engine_id)
                     lost.set()
                     return
             except BusError as e:
                 logger.warning("renewing lease of transfer %s failed: %s", transfer_id, e)
+            await asyncio.sleep(self.config.kv_renew_interval_s)
 
     def release(self, params: KVTransferParams) -> None:
-        """Tell prefill it may free ``params``' blocks (in the background)."""
+        """Tell prefill it may free ``params``' blocks (in the background); a claim nobody used is dropped."""
+        claim = self._claims.pop(params.transfer_id, None)
+        if claim is not None:
+            claim.add_done_callback(_consume)
         self.releases.send(params)
 
     async def close(self) -> None:
@@ -218,6 +250,12 @@ class KVReader:
         await self.releases.flush()
         self.peers.close()
         await self.clients.close()
+
+
+def _consume(claim: asyncio.Future) -> None:
+    """Retrieve a claim's outcome, so that one nobody awaits (the read failed, or never ran) logs nothing."""
+    if not claim.cancelled():
+        claim.exception()
 
 
 def check_held(params: KVTransferParams | PushTarget, held: list[int] | None, when: str) -> None:

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "pdserve-kv-"
-_OWNED = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]+$")
 
 
 def _alive(pid: int) -> bool:
@@ -49,16 +48,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_files(directory: Path = SHM_DIR) -> list[str]:
-    """Unlink KV files whose owning process is gone (it was killed before closing them)."""
+def remove_stale_files(directory: Path = SHM_DIR, prefix: str = PREFIX) -> list[str]:
+    """Unlink files named ``<prefix><pid>-...`` (KV files by default) whose owning process is gone (it was
+    killed before closing them)."""
     removed = []
-    for path in directory.glob(f"{PREFIX}*"):
-        match = _OWNED.match(path.name)
+    owned = re.compile(rf"^{re.escape(prefix)}(\d+)-")
+    for path in directory.glob(f"{prefix}*"):
+        match = owned.match(path.name)
         if match and not _alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     if removed:
-        logger.info("removed KV files left by dead processes: %s", ", ".join(removed))
+        logger.info("removed files left by dead processes: %s", ", ".join(removed))
     return removed
 
 

@@ -2,8 +2,9 @@
 
 ``KVSideChannel`` answers ``Handshake`` (refusing a different protocol version,
 or a decode that cannot read our KV: ``common.kv_compat.kv_incompatibilities``)
-with every rank's KV memory and the transports it can be read over (the
-reader's ranks pick one per pair of ranks), and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
+with every rank's KV memory, the transports it can be read over (the
+reader's ranks pick one per pair of ranks) and the name of the shared-memory
+lease table a same-host reader confirms leases in, and passes ``RenewLease`` and ``ReleaseKV`` to the owner of
 the pinned transfers (the prefill handoff) with their sender (``common.bus.server.sender``): only
 the transfer's reader may renew or release it, and the side channel never frees blocks itself.  The
 reader is ``common.kv_transfer.reader``.
@@ -57,13 +58,15 @@ class KVSideChannel:
         ranks: list[KVRankMemory],
         incarnation: str,
         transfers: PinnedTransfers,
+        lease_table: str = "",
     ):
-        """``ranks``: every rank's KV memory, in rank order; ``incarnation`` names it (``TransportSet``)."""
+        """``ranks``: every rank's KV memory, in rank order; ``incarnation`` names it (``TransportSet``);
+        ``lease_table``: the transfers' ``LeaseSlots`` file, for same-host readers ("": none)."""
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.transfers = transfers
         self.num_handshakes = 0
-        self._reply = HandshakeReply(engine_id, fingerprint, ranks, incarnation)
+        self._reply = HandshakeReply(engine_id, fingerprint, ranks, incarnation, lease_table)
 
     def attach(self, server: BusServer) -> None:
         server.on(Handshake, self.on_handshake)

@@ -10,7 +10,8 @@
 2. Allocate: the engine gets the request (one ``RemoteRequest``) and gives it
    blocks for the prompt plus its first token, prefix-cache hits leading; with
    too few free blocks it waits (FIFO) up to ``--remote-blocks-timeout-s``.  The
-   request then waits in ``WAITING_FOR_REMOTE_KVS``.
+   request then waits in ``WAITING_FOR_REMOTE_KVS``.  Meanwhile the reader
+   claims the transfer (``KVReader.claim``: its first ``RenewLease``).
 3. Read: the connector (``common.kv_offload.MultiConnector``) fills the blocks
    that are not local hits: from the engine's host tier first when
    ``--kv-offload-cpu-gib`` is on, the rest through ``KVReader.read_blocks``,
@@ -132,6 +133,7 @@ class DecodeHandoff(ColocatedRole):
             self.reader.release(params)  # prefill must not keep blocks nobody will read
             raise PeerError("invalid_request", f"remote_prefill: {problem}", "remote_prefill")
         remote = RemoteRequest(request_id, prompt_ids, params.first_token_id, msg.sampling, params.num_tokens)
+        self.reader.claim(params)  # its round trip runs while the engine allocates
         asked = time.monotonic()
         try:
             allocation = await self.allocate(remote)
@@ -139,6 +141,7 @@ class DecodeHandoff(ColocatedRole):
             self.reader.release(params)  # prefill must not keep blocks nobody will read
             raise
         if allocation is None:
+            self.reader.release(params)
             yield RequestOutput(request_id, [], "", finish_reason="abort")
             return
         try:
@@ -233,7 +236,7 @@ class DecodeHandoff(ColocatedRole):
         if request_id in self.aborted or refused is not None:  # the read stopped writing our blocks
             await engine.abort(request_id)  # a refused transfer's blocks are freed, nothing of them cached
         else:
-            await engine.finish_remote_kv(request_id, ok)
+            engine.finish_remote_kv(request_id, ok)  # not awaited: the engine steps before the loop hears of it
             if ok:
                 self.connector.store(load)
         if refused is not None:

@@ -6,10 +6,12 @@
    request id.  The engine computes the prompt and the first token, then pins
    the prompt's blocks under that id instead of freeing them.
 2. The final output (finish reason ``remote_decode``) comes back: ``lease`` moves
-   the transfer to ``LEASED``, records the pinned block ids and starts its lease;
-   the reply carries the ``KVTransferParams`` the gateway hands to a decode engine.
+   the transfer to ``LEASED``, records the pinned block ids, starts its lease and
+   takes a slot of the shared-memory lease table (``LeaseSlots``); the reply
+   carries the ``KVTransferParams`` the gateway hands to a decode engine.
 3. The decode engine handshakes with the side channel, reads the blocks and
-   confirms the lease (renewing meanwhile, never past the lease's maximum life).
+   confirms the lease (renewing meanwhile, never past the lease's maximum life):
+   over the bus, or, on this host, in the lease table after the copy.
    Its first ``RenewLease`` (or ``ReleaseKV``) claims the transfer: from then on
    both find nothing when another peer sends them (exactly what an unknown id
    gets).  Each renewal answers with the block ids the lease holds, so the
@@ -20,7 +22,8 @@
    request's stream ending before its finish was leased (cancelled around the
    finish: ``settle``), or shutdown (``release_all``).  Releasing removes the
    transfer, so every later attempt finds nothing: the engine's unpin is called
-   from one place (``_release``), once per transfer.
+   from one place (``_release``), once per transfer, right after the transfer's
+   lease-table slot changed generation (a same-host reader then fails).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 
 from common.bus.curve import Peer
 from common.errors import PeerError
+from common.kv_transfer.lease_slots import LeaseSlots
 from common.kv_transfer.leases import LeaseTable
 from common.tasks import BackgroundTasks
 
@@ -59,6 +63,8 @@ class Transfer:
     state: TransferState = TransferState.COMPUTING
     reader: Peer | None = None  # the peer that claimed it: only it may renew or release
     block_ids: list[int] = field(default_factory=list)  # what the lease holds
+    slot: int = -1  # its slot in the lease table (-1: none)
+    generation: int = 0  # that slot's generation while the lease holds it
 
 
 def new_transfer_id() -> str:
@@ -69,10 +75,13 @@ def new_transfer_id() -> str:
 class PrefillHandoff:
     """Transfer id -> every request whose KV prefill holds or may hold for a reader."""
 
-    def __init__(self, engine_id: str, leases: LeaseTable, unpin: Unpin, max_pinned_per_peer: int = 0):
-        """``max_pinned_per_peer``: ``begin`` refuses a peer holding this many pinned blocks (0: no cap)."""
+    def __init__(self, engine_id: str, leases: LeaseTable, unpin: Unpin, max_pinned_per_peer: int = 0,
+                 slots: LeaseSlots | None = None):
+        """``max_pinned_per_peer``: ``begin`` refuses a peer holding this many pinned blocks (0: no cap);
+        ``slots``: the lease table same-host readers confirm in (None: they confirm over the bus)."""
         self.engine_id = engine_id
         self.leases = leases
+        self.slots = slots
         self.max_pinned_per_peer = max_pinned_per_peer
         self._unpin = unpin
         self._transfers: dict[str, Transfer] = {}
@@ -109,7 +118,15 @@ class PrefillHandoff:
             return None
         transfer.state, transfer.block_ids = TransferState.LEASED, list(block_ids)
         self._pinned[transfer.owner] += len(block_ids)
+        taken = self.slots.take() if self.slots is not None else None
+        if taken is not None:
+            transfer.slot, transfer.generation = taken
         return self.leases.start(self._by_request[request_id])
+
+    def lease_slot(self, transfer_id: str) -> tuple[int, int]:
+        """(slot, generation) of a leased transfer in the lease table; (-1, 0) when it has none."""
+        transfer = self._transfers.get(transfer_id)
+        return (transfer.slot, transfer.generation) if transfer is not None else (-1, 0)
 
     def abort(self, request_id: str, peer: Peer) -> None:
         """``Abort`` from ``peer``: release a leased transfer; one still computing is released when it
@@ -196,6 +213,8 @@ class PrefillHandoff:
             if not self._pinned[transfer.owner]:
                 del self._pinned[transfer.owner]
         self.leases.end(transfer_id)
+        if transfer.slot >= 0:
+            self.slots.free(transfer.slot)  # before the blocks go back: a same-host reader sees the release
         self._unpinning.spawn(self._unpin_logged(transfer_id))
 
     async def _unpin_logged(self, transfer_id: str) -> None:

@@ -18,8 +18,10 @@ from common.bus.curve import Peer
 from common.bus.server import sender
 from common.engine.sequence import RequestOutput
 from common.engine_service import ColocatedRole, EngineService
+from common.kv_transfer.lease_slots import LeaseSlots
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.side_channel import KVSideChannel
+from common.kv_transfer.transports import SAME_HOST
 from common.messages import Generate, KVTransferParams, TokenOutput
 from services.prefill.handoff import PrefillHandoff
 from services.prefill.push import PrefillPush
@@ -41,7 +43,10 @@ class PrefillRole(ColocatedRole):
     async def start(self) -> None:
         s = self.service
         ranks = [rank.memory for rank in s.open_kv_ranks()]
-        side_channel = KVSideChannel(s.instance_id, s.fingerprint, ranks, s.transports.incarnation, self.handoff)
+        if any(transport in SAME_HOST.values() for transport in s.transports.backends):
+            self.handoff.slots = LeaseSlots(s.instance_id)  # same-host readers confirm leases in it
+        side_channel = KVSideChannel(s.instance_id, s.fingerprint, ranks, s.transports.incarnation, self.handoff,
+                                     self.handoff.slots.name if self.handoff.slots is not None else "")
         side_channel.attach(s.kv_server)
         self._sweeper = asyncio.create_task(self.handoff.run_sweeper(s.config.kv_lease_sweep_interval_s))
         if s.config.kv_mode == "push":
@@ -76,12 +81,15 @@ class PrefillRole(ColocatedRole):
         if expiry is None:  # an Abort raced with the finish: the blocks are released, nobody reads them
             token.finish_reason = "abort"
             return
+        transfer_id = self.handoff.transfer_id(out.request_id)
+        slot, generation = self.handoff.lease_slot(transfer_id)
         token.kv_transfer = KVTransferParams(
             engine_id=self.service.instance_id, kv_endpoint=self.service.kv_endpoint,
-            transfer_id=self.handoff.transfer_id(out.request_id), block_ids=block_ids,
+            transfer_id=transfer_id, block_ids=block_ids,
             num_tokens=num_tokens, first_token_id=out.new_token_ids[0], lease_expiry=expiry,
             first_token_logprob=out.logprobs[0] if out.logprobs else None, incarnation=self.service.transports.incarnation,
             block_size=self.service.core.block_size, tensor_parallel_size=self.service.core.tp.world_size,
+            lease_slot=slot, lease_generation=generation,
         )  # fmt: skip
 
     async def abort(self, request_id: str, peer: Peer) -> None:
@@ -97,5 +105,7 @@ class PrefillRole(ColocatedRole):
             await asyncio.gather(self._sweeper, return_exceptions=True)
         self.handoff.release_all()
         await self.handoff.drain()
+        if self.handoff.slots is not None:
+            self.handoff.slots.close()
         if self.push is not None:
             await self.push.shutdown()
