@@ -231,6 +231,9 @@ def test_argmax_is_torch_argmax():
     for block, span in [(128, 256), (64, 700), (1024, 4096)]:
         assert torch.equal(sampling.argmax(logits, block=block, span=span), logits.argmax(dim=-1))
     assert sampling.argmax(logits[:, :1]).tolist() == [0] * 8
+    vocab = randn(2, 128256, seed=23)  # Llama 3's vocabulary, the default parts: 32 a row
+    vocab[1, [70000, 128255]] = 9.0
+    assert torch.equal(sampling.argmax(vocab), vocab.argmax(dim=-1))
 
 
 def test_top_k_1_is_greedy_in_a_mixed_batch():

@@ -81,9 +81,10 @@ def apply_rotary_write_kv_(
     block_size, layer_offset, strides, group = paged_attention._cache_args(kv_data, layer, k)
     if group != 1 or v.shape != k.shape or v.stride(2) != 1 or slot_mapping.shape != (n,) or (
             source_rows is not None and source_rows.shape != (n,)):  # fmt: skip
+        source = "" if source_rows is None else f", source_rows {tuple(source_rows.shape)}"
         raise ValueError(
-            f"apply_rotary_write_kv_: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping "
-            f"{tuple(slot_mapping.shape)}" + ("" if source_rows is None else f", source_rows {tuple(source_rows.shape)}")
+            f"apply_rotary_write_kv_: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"slot_mapping {tuple(slot_mapping.shape)}{source}"
         )
     if n == 0:
         return
