@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from common.engine.kernels import activation, norm, rotary, sampling  # noqa: E402
+from common.engine.kernels import activation, norm, paged_attention, rotary, sampling  # noqa: E402
 from common.engine.model import RMSNorm, RotaryEmbedding, apply_rope  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -123,6 +123,46 @@ def test_rotary_head_dim_not_a_power_of_two():
     assert_close(q, expected_q), assert_close(k, expected_k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, gqa", [(64, 4), (128, 1), (96, 3)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_rotary_write_kv_is_rotary_then_write_kv(dtype, head_dim, gqa, padded):
+    """The fused kernel leaves q and the cache bit-identical to ``apply_rotary_`` then ``write_kv`` (and
+    to the references), k untouched; ``padded``: CUDA-graph padding, rows 4 and 5 rewrite row 0's slot
+    with row 0's K/V rotated at row 0's position (their own positions are junk)."""
+    n, kv_heads, block_size = 6, 2, 8
+    heads = kv_heads * gqa
+    qkv = randn(n, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=head_dim + gqa)
+    q = qkv[:, : heads * head_dim].view(n, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(n, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(n, kv_heads, head_dim)
+    positions = torch.tensor([7, 0, 17, 199, 3, 50], device=DEVICE)
+    slots = torch.tensor([7, 40, 17, 31, 7, 7] if padded else [7, 40, 17, 31, 0, 63], device=DEVICE)
+    source = torch.tensor([0, 1, 2, 3, 0, 0], device=DEVICE) if padded else None
+    table = rope_table(head_dim, dtype)
+    cache = randn(8, kv_heads, block_size, 2, 2, head_dim, dtype=dtype, seed=3)  # 2 layers: writes layer 1
+    unfused_q, unfused_k, expected_q = q.clone(), k.clone(), q.clone()
+    unfused_cache, expected_cache = cache.clone(), cache.clone()
+    rotary.apply_rotary_(unfused_q, unfused_k, positions, table)
+    paged_attention.write_kv(unfused_cache, 1, unfused_k, v, slots, source)
+    rotary.apply_rotary_write_kv_reference(expected_q, k, v, positions, table, expected_cache, 1, slots, source)
+    k_before = k.clone()
+    rotary.apply_rotary_write_kv_(q, k, v, positions, table, cache, 1, slots, source)
+    assert torch.equal(q, unfused_q) and torch.equal(cache, unfused_cache) and torch.equal(k, k_before)
+    if dtype == torch.float32 or DEVICE.type == "cuda":  # FMA contraction, as above
+        assert_close(q, expected_q), assert_close(cache, expected_cache)
+    else:
+        assert torch.equal(q, expected_q) and torch.equal(cache, expected_cache)
+
+
+def test_rotary_write_kv_rejects_mismatched_slots():
+    q, k, table = randn(3, 2, 64, seed=11), randn(3, 1, 64, seed=12), rope_table(64, torch.float32)
+    cache = randn(4, 1, 8, 1, 2, 64, seed=13)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rotary.apply_rotary_write_kv_(q, k, k, torch.zeros(3, dtype=torch.long, device=DEVICE), table, cache, 0,
+                                      torch.zeros(2, dtype=torch.long, device=DEVICE))  # fmt: skip
+
+
 def test_rotary_reference_is_the_model_math():
     q, k, table = randn(4, 4, 64, seed=13), randn(4, 2, 64, seed=14), rope_table(64, torch.float32)
     positions = torch.tensor([3, 0, 150, 9], device=DEVICE)
@@ -176,6 +216,24 @@ def test_greedy_is_argmax_with_ties_to_the_lowest_index():
     params = batch_params([(0.0, 0, 1.0, 1, 0)] * 6)
     assert torch.equal(both(logits, params), logits.argmax(dim=-1))
     assert both(logits, params)[1] == 650 and both(logits, params)[2] == 0
+
+
+def test_argmax_is_torch_argmax():
+    """Split over vocabulary parts, token-identical to ``torch.argmax``: random rows, a max tied across parts,
+    an all ``-inf`` row, NaNs (the first one wins, in a later part than a larger number too), an ``inf``."""
+    logits = randn(8, 700, seed=21, scale=4.0)
+    logits[1, [100, 650]] = 50.0
+    logits[2] = float("-inf")
+    logits[3, [30, 600]] = float("nan")
+    logits[4, 5], logits[4, 400] = 1e30, float("nan")
+    logits[5, [3, 299]] = float("inf")
+    logits[6] = torch.randint(0, 3, (700,), generator=torch.Generator().manual_seed(22)).float().to(DEVICE)
+    for block, span in [(128, 256), (64, 700), (1024, 4096)]:
+        assert torch.equal(sampling.argmax(logits, block=block, span=span), logits.argmax(dim=-1))
+    assert sampling.argmax(logits[:, :1]).tolist() == [0] * 8
+    vocab = randn(2, 128256, seed=23)  # Llama 3's vocabulary, the default parts: 32 a row
+    vocab[1, [70000, 128255]] = 9.0
+    assert torch.equal(sampling.argmax(vocab), vocab.argmax(dim=-1))
 
 
 def test_top_k_1_is_greedy_in_a_mixed_batch():

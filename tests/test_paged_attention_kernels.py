@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common.engine.kernels import paged_attention as pa
+from common.engine.kernels import rotary, sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,9 +255,9 @@ def test_kernels_compile_for_sm90():
 
 
 def compile_for_sm90() -> None:
-    """Compile every kernel for sm_90 at head dims 64/128, GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers
-    and strides carry the divisibility-by-16 hint that launches with such values get (vectorised, pipelined K/V
-    loads)."""
+    """Compile every kernel (paged attention, the fused rotary/K-V write, sampling) for sm_90 at head dims 64/128,
+    GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers and strides carry the divisibility-by-16 hint that
+    launches with such values get (vectorised, pipelined K/V loads)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -264,7 +265,9 @@ def compile_for_sm90() -> None:
         names = [n for n in kernel.arg_names if n not in constants]
         types = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kv_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*bf16",
                  "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "slot_ptr": "*i64", "source_ptr": "*i64",
-                 "scale_log2": "fp32"}  # fmt: skip
+                 "scale_log2": "fp32", "table_ptr": "*bf16", "logits_ptr": "*fp32", "inv_temp_ptr": "*fp32",
+                 "threshold_ptr": "*fp32", "key_ptr": "*i64", "greedy_ptr": "*i1", "best_ptr": "*fp32",
+                 "best_index_ptr": "*i64"}  # fmt: skip
         signature = {n: types.get(n, f"*{index}" if n.endswith("_ptr") else "i32") for n in names}
         signature |= {n: "constexpr" for n in constants}
         aligned = [n for n in names if n.endswith("_ptr") or n == "layer_offset" or n.startswith("stride")]
@@ -290,6 +293,11 @@ def compile_for_sm90() -> None:
                  BLOCK_Q=pa.PREFILL_BLOCK_M // group, BLOCK_N=pa.PREFILL_BLOCK_N, DOT_PRECISION="tf32"),
             index, num_warps=pa.PREFILL_NUM_WARPS,
         )  # fmt: skip
+        for has_source in (False, True):
+            build(rotary._rotary_write_kv_kernel, dict(HALF=head_dim // 2, BLOCK_HALF=head_dim // 2, BLOCK_HQ=32,
+                                                       BLOCK_HK=8, HAS_SOURCE=has_source), index)  # fmt: skip
+    for all_greedy in (False, True):
+        build(sampling._sample_kernel, dict(SPAN=4096, BLOCK=1024, ALL_GREEDY=all_greedy))
 
 
 @pytest.mark.gpu
@@ -324,3 +332,16 @@ def test_decode_default_partition_matches_reference():
     args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
     assert pa.decode_partition_size(3, 1, batch.block_tables.shape[1] * 16) == pa.DECODE_BLOCK_N
     torch.testing.assert_close(pa.decode_attention(*args), pa.decode_attention_reference(*args), **TOL[torch.float32])
+
+
+@kernels
+@pytest.mark.parametrize("window", [None, 30])
+def test_decode_single_partition_skips_the_reduce(monkeypatch, window):
+    """When every key fits one partition the partition kernel writes the output; the reduce is not launched."""
+    batch = make_batch([1, 70, 100], 2, 64, 16)  # block tables of 9 blocks: 144 keys, one 256-key partition
+    q = queries(3, 8, 64)
+    args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
+    expected = pa.decode_attention_reference(*args)
+    monkeypatch.setattr(pa, "_decode_reduce_kernel", None)  # launching it would raise
+    torch.testing.assert_close(pa.decode_attention(*args, partition_size=256), expected, **TOL[torch.float32])
+

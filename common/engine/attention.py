@@ -274,18 +274,16 @@ def _attend(
 
 def paged_attention_triton(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     cache: KVCache,
     layer: int,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """``paged_attention`` with the Triton kernels: ``write_kv`` stores the new K/V at ``meta.slot_mapping``,
-    then ``decode_attention`` when every sequence has one query, else one ``prefill_attention`` over the
-    whole (possibly mixed) batch; both read K/V from the blocks where they are (no gather, no ``parts``)."""
-    kernels.write_kv(cache.data, layer, k, v, meta.slot_mapping, meta.kv_source_rows)
+    """``paged_attention`` with the Triton kernels, the step's K/V already at ``meta.slot_mapping`` (the caller
+    wrote them: ``rotary.apply_rotary_write_kv_``): ``decode_attention`` when every sequence has one query, else
+    one ``prefill_attention`` over the whole (possibly mixed) batch; both read K/V from the blocks where they
+    are (no gather, no ``parts``)."""
     if meta.max_query_len == 1:
         return kernels.decode_attention(
             q, cache.data, layer, meta.block_tables, meta.context_lens, scale, sliding_window

@@ -7,8 +7,8 @@ matmul each.  Every layer reads and writes the paged ``KVCache``.
 ``attention_backend`` (resolved by ``common.engine.kernels.backend``) picks the implementation once, at
 build: ``torch`` runs each module's ``forward`` (plain PyTorch); ``triton`` runs their ``forward_fused``,
 HF's residual stream carried as vLLM does (each layer returns its MLP output and the residual before it;
-the next norm adds them in one fused kernel), rotary in place on the q/k views, paged attention reading
-the KV blocks in place, and SiLU*mul in one kernel.
+the next norm adds them in one fused kernel), rotary on the q/k views fused with the K/V cache write, paged
+attention reading the KV blocks in place, and SiLU*mul in one kernel.
 
 Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of
 the checkpoint, as ``weight_shards`` says: q/k/v and gate/up column-parallel (its heads, its
@@ -144,8 +144,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor, meta: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
-        """``forward`` with the Triton kernels: q/k norms (Qwen3) then rotary in place on q and k (views of
-        the qkv output, or the norms' outputs), then ``paged_attention_triton``."""
+        """``forward`` with the Triton kernels: q/k norms (Qwen3), then rotary in place on q (a view of the qkv
+        output, or the norm's output) fused with the cache write of the rotated k and v, then
+        ``paged_attention_triton``."""
         n, heads = x.shape[0], self.num_heads
         qkv = self.qkv_proj(x)
         q = qkv[:, : self.q_size].view(n, heads, self.head_dim)
@@ -154,8 +155,10 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = norm.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = norm.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        rotary.apply_rotary_(q, k, positions, rope_table)
-        out = paged_attention_triton(q, k, v, cache, self.layer_idx, meta, self.scale, self.sliding_window)
+        rotary.apply_rotary_write_kv_(
+            q, k, v, positions, rope_table, cache.data, self.layer_idx, meta.slot_mapping, meta.kv_source_rows
+        )
+        out = paged_attention_triton(q, cache, self.layer_idx, meta, self.scale, self.sliding_window)
         return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size))
 
 

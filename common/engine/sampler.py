@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from common.engine.host_copies import to_device, to_host
+from common.engine.kernels import sampling
 from common.messages import SamplingParams, TokenLogprob
 
 
@@ -88,8 +89,8 @@ class Sampler:
     ) -> Sampled:
         """``__call__`` without leaving the device: no host sync."""
         greedy = [is_greedy(p) for p in params]
-        if all(greedy):
-            tokens = logits.argmax(dim=-1)
+        if all(greedy):  # on CUDA a split reduction: torch's argmax of one long row runs on a few blocks
+            tokens = sampling.argmax(logits) if logits.is_cuda and sampling.available() else logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, params, generators, greedy)
         return self._logprobs(logits, params, tokens)

@@ -9,7 +9,8 @@ A tile of ``BLOCK_N`` key positions looks up each position's block id, so any bl
 - ``decode_attention`` (flash-decoding): program (sequence, KV head, partition) scores the ``G`` query heads
   of that KV head (the rows of one ``tl.dot``: each K/V tile is loaded once for all of them) against its
   partition's keys with an online softmax, and writes the partition's unnormalised output, max and sum of
-  exponentials; a reduce program per (sequence, query head) merges the partitions by log-sum-exp.  The
+  exponentials; a reduce program per (sequence, query head) merges the partitions by log-sum-exp (with a
+  single partition the partition kernel writes the output and the reduce is not launched).  The
   partition count follows from the block table's width (no host sync: CUDA-graph safe); partitions past a
   sequence's context exit at once.
 - ``prefill_attention`` (flash-attention over the block table, varlen): program (query tile, KV head) holds
@@ -89,9 +90,9 @@ def _write_kv_kernel(
 
 @_jit
 def _decode_partition_kernel(
-    q_ptr, kv_ptr, tables_ptr, context_lens_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, kv_ptr, tables_ptr, context_lens_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     layer_offset, scale_log2, window, num_parts, num_heads,
-    stride_qb, stride_qh, stride_block, stride_head, stride_tok, stride_kind, stride_table,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_block, stride_head, stride_tok, stride_kind, stride_table,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -129,10 +130,14 @@ def _decode_partition_kernel(
         v = tl.load(k_base + stride_kind + row[:, None] + dims[None, :], mask=v_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
-    stat = (seq * num_heads + heads).to(tl.int64) * num_parts + part
-    tl.store(part_max_ptr + stat, m, mask=rows < GROUP)
-    tl.store(part_sum_ptr + stat, denom, mask=rows < GROUP)
-    tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=(rows < GROUP)[:, None])
+    if num_parts == 1:  # the only partition: the output itself, as the reduce would write it (not launched)
+        out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        stat = (seq * num_heads + heads).to(tl.int64) * num_parts + part
+        tl.store(part_max_ptr + stat, m, mask=rows < GROUP)
+        tl.store(part_sum_ptr + stat, denom, mask=rows < GROUP)
+        tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=(rows < GROUP)[:, None])
 
 
 @_jit
@@ -279,13 +284,15 @@ def decode_attention(
     out = q.new_empty(q.shape)
     window = _window(sliding_window)
     _decode_partition_kernel[(num_seqs, kv_data.shape[1], num_parts)](
-        q, kv_data, block_tables, context_lens, part_acc, part_max, part_sum,
+        q, kv_data, block_tables, context_lens, out, part_acc, part_max, part_sum,
         layer_offset, scale * LOG2E, window, num_parts, num_heads,
-        q.stride(0), q.stride(1), *strides, block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
         DOT_PRECISION=_dot_precision(q), num_warps=DECODE_NUM_WARPS,
     )  # fmt: skip
+    if num_parts == 1:  # the partition kernel wrote ``out``
+        return out
     _decode_reduce_kernel[(num_seqs, num_heads)](
         out, part_acc, part_max, part_sum, context_lens, window, num_parts, num_heads,
         out.stride(0), out.stride(1),

@@ -23,7 +23,9 @@ Tokens tied with it are all kept (``Sampler`` keeps whichever the sort put first
 The Triton kernel splits each row's vocabulary into parts of ``span`` tokens (a constexpr: 4096
 makes 32 programs a row for a 128K vocabulary, enough to fill the GPU at batch 1); each program
 writes its best (score, index), and a torch argmax over the parts picks the first best, so ties
-still go to the lowest index.  The kernel's scores may differ from the reference's by an ulp (FMA
+still go to the lowest index.  ``argmax`` runs the same kernel with every row greedy (a constexpr: no
+noise, no per-row parameters): ``torch.argmax`` of one 128K row uses a handful of blocks on a GPU.
+The kernel's scores may differ from the reference's by an ulp (FMA
 contraction, ``log`` approximations), which can change a draw only between candidates tied to
 within that.
 """
@@ -135,12 +137,24 @@ def sample(
 ) -> torch.Tensor:
     """Triton ``sample_reference`` (same contract; ``logits`` rows with contiguous columns).  Each row's
     vocabulary is split into ``span``-token parts, one program each, ``block`` tokens an iteration."""
-    batch, vocab = logits.shape
-    if logits.dtype != torch.float32 or logits.stride(1) != 1:
-        raise ValueError(f"sample: logits {logits.dtype} with column stride {logits.stride(1)} (float32, 1)")
     greedy, inv_temps, thresholds = _prepare(logits, temperatures, top_ks, top_ps, filtering)
     if thresholds is None:
-        thresholds = torch.full((batch,), float("-inf"), device=logits.device)
+        thresholds = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+    return _split_argmax(logits, (inv_temps, thresholds, row_keys(seeds, steps), greedy), block, span)
+
+
+def argmax(logits: torch.Tensor, block: int = 1024, span: int = 4096) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` exactly (ties to the lowest index, a NaN above every number: the first NaN
+    wins) for float32 ``logits`` ``[B, vocab]`` with contiguous columns, split as ``sample`` splits it."""
+    return _split_argmax(logits, None, block, span)
+
+
+def _split_argmax(logits: torch.Tensor, rows: tuple[torch.Tensor, ...] | None, block: int, span: int) -> torch.Tensor:
+    """Run ``_sample_kernel`` over ``span``-token parts of each row (``rows``: its per-row 1/T, threshold, noise key
+    and greedy flag; None: every row greedy), then take the first best part's index."""
+    batch, vocab = logits.shape
+    if logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError(f"sampling: logits {logits.dtype} with column stride {logits.stride(1)} (float32, 1)")
     block = min(block, triton.next_power_of_2(vocab))
     span = triton.cdiv(min(span, vocab), block) * block
     splits = triton.cdiv(vocab, span)
@@ -148,8 +162,8 @@ def sample(
     best_index = torch.empty(batch, splits, dtype=torch.int64, device=logits.device)
     if batch:
         _sample_kernel[(batch, splits)](
-            logits, logits.stride(0), inv_temps, thresholds, row_keys(seeds, steps), greedy, best, best_index,
-            vocab, splits, SPAN=span, BLOCK=block,
+            logits, logits.stride(0), *(rows or (logits,) * 4), best, best_index, vocab, splits,
+            SPAN=span, BLOCK=block, ALL_GREEDY=rows is None,
         )  # fmt: skip
     return best_index.gather(-1, best.argmax(dim=-1, keepdim=True))[:, 0]
 
@@ -167,30 +181,41 @@ if triton is not None:
     @triton.jit
     def _sample_kernel(
         logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, key_ptr, greedy_ptr, best_ptr, best_index_ptr,
-        vocab, splits, SPAN: tl.constexpr, BLOCK: tl.constexpr,
+        vocab, splits, SPAN: tl.constexpr, BLOCK: tl.constexpr, ALL_GREEDY: tl.constexpr,
     ):  # fmt: skip
-        """Program (row, split): best (score, lowest index) over ``[split * SPAN, (split + 1) * SPAN)``."""
+        """Program (row, split): best (score, lowest index) over ``[split * SPAN, (split + 1) * SPAN)``.
+        ``ALL_GREEDY``: the raw logits, the per-row pointers unread, and a NaN scores above all (its first
+        index and a NaN score are stored), as ``torch.argmax`` orders them."""
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
-        inv_temp = tl.load(inv_temp_ptr + row)
-        threshold = tl.load(threshold_ptr + row)
-        key = tl.load(key_ptr + row).to(tl.uint32)
-        greedy = tl.load(greedy_ptr + row) != 0
+        if not ALL_GREEDY:
+            inv_temp = tl.load(inv_temp_ptr + row)
+            threshold = tl.load(threshold_ptr + row)
+            key = tl.load(key_ptr + row).to(tl.uint32)
+            greedy = tl.load(greedy_ptr + row) != 0
         best = tl.full([], float("-inf"), tl.float32)
         start = split * SPAN
         best_index = start  # kept if all scores are -inf: then part 0 wins, index 0 as torch.argmax
+        first_nan = vocab
         for offset in range(0, SPAN, BLOCK):  # SPAN: a multiple of BLOCK
             cols = start + offset + tl.arange(0, BLOCK)
             mask = cols < vocab
             x = tl.load(logits_ptr + row * row_stride + cols, mask=mask, other=float("-inf"))
-            scaled = x * inv_temp
-            h = _mix32((_mix32(cols.to(tl.uint32) ^ key) + key))
-            u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
-            noisy = tl.where(scaled >= threshold, scaled - tl.log(-tl.log(u)), float("-inf"))
-            score = tl.where(mask, tl.where(greedy, x, noisy), float("-inf"))
+            if ALL_GREEDY:
+                first_nan = tl.minimum(first_nan, tl.min(tl.where(x != x, cols, vocab), axis=0))
+                score = tl.where(x != x, float("-inf"), x)
+            else:
+                scaled = x * inv_temp
+                h = _mix32((_mix32(cols.to(tl.uint32) ^ key) + key))
+                u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+                noisy = tl.where(scaled >= threshold, scaled - tl.log(-tl.log(u)), float("-inf"))
+                score = tl.where(mask, tl.where(greedy, x, noisy), float("-inf"))
             chunk_best = tl.max(score, axis=0)
             chunk_index = start + offset + tl.argmax(score, axis=0, tie_break_left=True)
             best_index = tl.where(chunk_best > best, chunk_index, best_index)
             best = tl.maximum(chunk_best, best)
+        if ALL_GREEDY:
+            best = tl.where(first_nan < vocab, float("nan"), best)
+            best_index = tl.where(first_nan < vocab, first_nan, best_index)
         tl.store(best_ptr + row * splits + split, best)
         tl.store(best_index_ptr + row * splits + split, best_index.to(tl.int64))
