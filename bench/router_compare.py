@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -47,12 +48,17 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from typing import Awaitable, Callable
 
+import httpx
+
 from bench.cli import bench_parser, run_bench
 from bench.gateway_overhead import load, spawn, wait_http
+from bench.process_cpu import ProcessCPU, cpu_per_request
 from bench.processes import free_port
 from common.service import new_event_loop
 
@@ -69,16 +75,19 @@ def body(stream: bool) -> bytes:
 # --------------------------------------------------------------------------- #
 
 
-def serve_toy_proxy(port: int, prefill: str, decode: str) -> None:
+def serve_toy_proxy(port: int, prefills: list[str], decodes: list[str]) -> None:
+    """The proxy on ``port``, rotating over the ``prefills`` and the ``decodes`` (URLs) request by request."""
     from aiohttp import ClientSession, web
+
+    prefill_urls, decode_urls = itertools.cycle(prefills), itertools.cycle(decodes)
 
     async def generate(request: web.Request) -> web.StreamResponse:
         req = await request.json()
         session: ClientSession = request.app["session"]
         first = {**req, "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
-        async with session.post(prefill + request.path, json=first) as r:
+        async with session.post(next(prefill_urls) + request.path, json=first) as r:
             params = (await r.json()).get("kv_transfer_params")
-        async with session.post(decode + request.path, json={**req, "kv_transfer_params": params}) as r:
+        async with session.post(next(decode_urls) + request.path, json={**req, "kv_transfer_params": params}) as r:
             if not req.get("stream"):
                 return web.Response(body=await r.read(), content_type="application/json")
             answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -109,33 +118,61 @@ def serve_toy_proxy(port: int, prefill: str, decode: str) -> None:
 
 @dataclass
 class Target:
+    """A port under load; ``router_pid`` the process tree whose CPU is the router's (None: no router, the
+    harness alone), ``fakes`` the fake engines' pids by name (their CPU is reported too)."""
+
     name: str
     port: int
-    router_pid: int
+    router_pid: int | None
+    fakes: dict[str, int] = field(default_factory=dict)
 
 
-async def http_fakes(stack: ExitStack, style: str) -> tuple[str, str]:
-    """(prefill URL, decode URL) of two fake HTTP engines in ``style``, answering."""
-    urls = []
-    for role in ("prefill", "decode"):
-        port = free_port()
-        spawn(stack, "-m", "bench.fakes.http_engine", "--port", str(port), "--role", role, "--style", style)
-        await wait_http(port, "/health")
-        urls.append(f"http://127.0.0.1:{port}")
-    return urls[0], urls[1]
+async def http_fakes(stack: ExitStack, style: str, engines: int) -> tuple[list[str], list[str], dict[str, int]]:
+    """(prefill URLs, decode URLs, pids by name) of ``engines`` fake HTTP engines of each role in ``style``,
+    answering."""
+    urls: dict[str, list[str]] = {"prefill": [], "decode": []}
+    pids = {}
+    for role in urls:
+        for i in range(1, engines + 1):
+            port = free_port()
+            pids[f"{role} {i}"] = spawn(stack, "-m", "bench.fakes.http_engine", "--port", str(port), "--role", role,
+                                        "--style", style).pid
+            await wait_http(port, "/health")
+            urls[role].append(f"http://127.0.0.1:{port}")
+    return urls["prefill"], urls["decode"], pids
 
 
-async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine", tree: str | None = None) -> Target:
+def repeated(flag: str, values: list[str], *after: str) -> list[str]:
+    """``flag value *after`` for each value: a router's repeated ``--prefill``/``--decode``."""
+    return [x for v in values for x in (flag, v, *after)]
+
+
+async def start_direct(stack: ExitStack, engines: int) -> Target:
+    """The harness's ceiling: the load straight at ``engines`` HTTP decode fakes sharing one port
+    (``SO_REUSEPORT``), each answering a whole completion; no router in between."""
+    port, pids = free_port(), {}
+    for i in range(1, engines + 1):
+        pids[f"direct {i}"] = spawn(stack, "-m", "bench.fakes.http_engine", "--port", str(port), "--role",
+                                    "decode").pid
+    await answered_on_new_connections(port, 4 * engines, "/health")
+    return Target("direct (harness ceiling)", port, None, pids)
+
+
+async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine", tree: str | None = None,
+                        engines: int = 1) -> Target:
     """pdserve's gateway (this checkout's, or the one in ``tree``: another checkout of pdserve) in front
-    of a registry and fake engines of kind ``fakes`` of its own."""
+    of a registry and ``engines`` fake engines of kind ``fakes`` per role, its own."""
     registry, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
+    pids = {}
     for role in ("prefill", "decode"):
-        if fakes == "instant":
-            spawn(stack, "-m", "bench.fakes.instant", "--registry", registry, "--role", role)
-        else:
-            spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill", str(int(role == "prefill")),
-                  "--decode", str(int(role == "decode")))
+        for i in range(1, engines + 1):
+            if fakes == "instant":
+                fake = spawn(stack, "-m", "bench.fakes.instant", "--registry", registry, "--role", role)
+            else:
+                fake = spawn(stack, "-m", "bench.fakes", "--registry", registry, "--prefill",
+                             str(int(role == "prefill")), "--decode", str(int(role == "decode")))
+            pids[f"{role} {i}"] = fake.pid
     command = ("-m", "services.gateway", "--port", str(port), "--registry", registry, "--workers", str(workers),
                "--log-level", "warning")
     if tree is None:
@@ -144,55 +181,61 @@ async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine", t
         gateway = spawn(stack, "env", f"PYTHONPATH={os.path.abspath(tree)}", sys.executable, "-P", *command,
                         python=False)
     await wait_http(port, "/ready")
-    await ready_on_new_connections(port, 4 * workers)  # every worker has its snapshot
+    await answered_on_new_connections(port, 4 * workers, "/v1/instances",  # every worker sees every fake
+                                      lambda r: r.status_code == 200 and len(r.json()["data"]) >= 2 * engines)
     name = f"pdserve x{workers}" if workers > 1 else "pdserve"
     if fakes != "engine":
         name += f" ({fakes} fakes)"
-    return Target(name if tree is None else f"{name} @{os.path.basename(os.path.abspath(tree))}", port, gateway.pid)
+    return Target(name if tree is None else f"{name} @{os.path.basename(os.path.abspath(tree))}", port, gateway.pid,
+                  pids)
 
 
-async def ready_on_new_connections(port: int, times: int, timeout_s: float = 30.0) -> None:
-    """``/ready`` answered 200 ``times`` in a row, each on a new connection (a worker of its own, often)."""
-    import httpx
-
+async def answered_on_new_connections(port: int, times: int, path: str,
+                                      ok: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+                                      timeout_s: float = 30.0) -> None:
+    """``GET path`` answered ``ok`` ``times`` in a row, each on a new connection (a worker or process of its
+    own, often)."""
     deadline, streak = time.monotonic() + timeout_s, 0
     while streak < times:
         async with httpx.AsyncClient() as h:
-            streak = streak + 1 if (await h.get(f"http://127.0.0.1:{port}/ready")).status_code == 200 else 0
+            try:
+                streak = streak + 1 if ok(await h.get(f"http://127.0.0.1:{port}{path}")) else 0
+            except httpx.TransportError:
+                streak = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"port {port}: not every worker ready within {timeout_s} s")
 
 
-async def start_vllm_router(stack: ExitStack, venv: str, defaults: bool = False) -> Target:
-    prefill, decode = await http_fakes(stack, "vllm")
+async def start_vllm_router(stack: ExitStack, venv: str, defaults: bool = False, engines: int = 1) -> Target:
+    prefills, decodes, fakes = await http_fakes(stack, "vllm", engines)
     port = free_port()
     policy = [] if defaults else ["--prefill-policy", "round_robin", "--decode-policy", "round_robin"]
-    router = spawn(stack, os.path.join(venv, "bin", "vllm-router"), "--vllm-pd-disaggregation", "--prefill",
-                   prefill, "--decode", decode, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                   "--worker-startup-check-interval", "1", "--prometheus-port", str(free_port()), *policy,
-                   python=False)
+    router = spawn(stack, os.path.join(venv, "bin", "vllm-router"), "--vllm-pd-disaggregation",
+                   *repeated("--prefill", prefills), *repeated("--decode", decodes), "--host", "127.0.0.1", "--port",
+                   str(port), "--log-level", "warning", "--worker-startup-check-interval", "1", "--prometheus-port",
+                   str(free_port()), *policy, python=False)
     await wait_http(port, "/v1/completions", "POST", timeout=120, content=body(False))
-    return Target("vllm-router (defaults)" if defaults else "vllm-router", port, router.pid)
+    return Target("vllm-router (defaults)" if defaults else "vllm-router", port, router.pid, fakes)
 
 
-async def start_sglang_router(stack: ExitStack, venv: str) -> Target:
-    prefill, decode = await http_fakes(stack, "sglang")
+async def start_sglang_router(stack: ExitStack, venv: str, engines: int = 1) -> Target:
+    prefills, decodes, fakes = await http_fakes(stack, "sglang", engines)
     port = free_port()
     router = spawn(stack, os.path.join(venv, "bin", "python"), "-m", "sglang_router.launch_router",
-                   "--pd-disaggregation", "--prefill", prefill, "8998", "--decode", decode, "--host", "127.0.0.1",
-                   "--port", str(port), "--policy", "round_robin", "--log-level", "warn",
+                   "--pd-disaggregation", *repeated("--prefill", prefills, "8998"), *repeated("--decode", decodes),
+                   "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin", "--log-level", "warn",
                    "--worker-startup-check-interval", "1", "--prometheus-port", str(free_port()), python=False)
     await wait_http(port, "/v1/completions", "POST", timeout=120, content=body(False))
-    return Target("sglang-router", port, router.pid)
+    return Target("sglang-router", port, router.pid, fakes)
 
 
-async def start_toy_proxy(stack: ExitStack) -> Target:
-    prefill, decode = await http_fakes(stack, "vllm")
+async def start_toy_proxy(stack: ExitStack, engines: int = 1) -> Target:
+    prefills, decodes, fakes = await http_fakes(stack, "vllm", engines)
     port = free_port()
-    proxy = spawn(stack, "-m", "bench.router_compare", "--serve-toy-proxy", str(port), "--prefill-url", prefill,
-                  "--decode-url", decode)
+    proxy = spawn(stack, "-m", "bench.router_compare", "--serve-toy-proxy", str(port),
+                  *repeated("--prefill-url", prefills), *repeated("--decode-url", decodes))
     await wait_http(port, "/v1/completions", "POST", content=body(False))
-    return Target("aiohttp", port, proxy.pid)
+    return Target("aiohttp", port, proxy.pid, fakes)
 
 
 def installed(venv: str, package: str) -> str | None:
@@ -209,25 +252,12 @@ def installed(venv: str, package: str) -> str | None:
 # --------------------------------------------------------------------------- #
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its descendants so far (Linux /proc)."""
-    total, pending = 0.0, [pid]
-    while pending:
-        p = pending.pop()
-        try:
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                pending.extend(int(c) for c in f.read().split())
-        except FileNotFoundError:
-            pass  # exited in between
-    return total
-
-
-def _load_process(port: int, payload: bytes, requests: int, concurrency: int) -> tuple[float, list[float]]:
+def _load_process(port: int, payload: bytes, requests: int, concurrency: int) -> tuple[float, list[float], float]:
     loop = new_event_loop()
+    cpu0 = time.process_time()
     try:
-        return loop.run_until_complete(load(port, payload, requests, concurrency))
+        elapsed, latencies = loop.run_until_complete(load(port, payload, requests, concurrency))
+        return elapsed, latencies, time.process_time() - cpu0
     finally:
         loop.close()
 
@@ -239,36 +269,47 @@ class LoadGenerator:
         self.processes = processes
         self.pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
 
-    async def run(self, port: int, payload: bytes, requests: int, concurrency: int) -> tuple[float, list[float]]:
-        """(elapsed seconds, latencies) of ``requests`` requests at ``concurrency`` in flight."""
+    async def run(self, port: int, payload: bytes, requests: int, concurrency: int
+                  ) -> tuple[float, list[float], float]:
+        """(elapsed seconds, latencies, the generator's CPU seconds, all its processes) of ``requests``
+        requests at ``concurrency`` in flight."""
         n = min(self.processes, concurrency)
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self.pool, _load_process, port, payload, requests // n, concurrency // n)
                 for _ in range(n)]
         results = await asyncio.gather(*jobs)
-        return max(e for e, _ in results), [x for _, lat in results for x in lat]
+        return max(e for e, _, _ in results), [x for _, lat, _ in results for x in lat], sum(c for _, _, c in results)
 
 
 async def measure(targets: list[Target], gen: LoadGenerator, stream: bool, requests: int, concurrency: int,
                   rounds: int, warm: Callable[[], Awaitable[None]] | None = None) -> dict[str, dict]:
-    """Per target: rps, p50 and mean ms and the router's CPU us per request, pooled over ``rounds``
-    alternations; ``warm()`` is awaited once every target is warmed up, before the measured rounds."""
+    """Per target: rps, p50 and mean ms and the router's CPU us per request (None without a router),
+    pooled over ``rounds`` alternations, and ``processes``: ``cpu_per_request`` of the load generator
+    (``load xN``: N processes) and of each fake; ``warm()`` is awaited once every target is warmed up,
+    before the measured rounds."""
     payload = body(stream)
     for t in targets:  # warm-up: connections, caches, first-call paths
         await gen.run(t.port, payload, min(requests, 500), concurrency)
     if warm is not None:
         await warm()
-    pooled = {t.name: [0.0, [], 0.0] for t in targets}
+    load_name = f"load x{min(gen.processes, concurrency)}"
+    pooled = {t.name: (0.0, [], Counter()) for t in targets}
     for _ in range(rounds):
         for t in targets:
-            cpu0 = tree_cpu_s(t.router_pid)
-            elapsed, lat = await gen.run(t.port, payload, requests // rounds, concurrency)
-            pooled[t.name][0] += elapsed
-            pooled[t.name][1] += lat
-            pooled[t.name][2] += tree_cpu_s(t.router_pid) - cpu0
-    return {name: {"rps": len(lat) / elapsed, "p50_ms": statistics.median(lat) * 1e3,
-                   "mean_ms": statistics.mean(lat) * 1e3, "router_cpu_us": cpu * 1e6 / len(lat)}
-            for name, (elapsed, lat, cpu) in pooled.items()}
+            cpu = ProcessCPU({**({"router": t.router_pid} if t.router_pid else {}), **t.fakes})
+            cpu.start()
+            elapsed, lat, load_cpu = await gen.run(t.port, payload, requests // rounds, concurrency)
+            total, latencies, spent = pooled[t.name]
+            spent.update({load_name: load_cpu, **cpu.stop()})
+            pooled[t.name] = (total + elapsed, latencies + lat, spent)
+    out = {}
+    for name, (elapsed, lat, spent) in pooled.items():
+        processes = cpu_per_request(spent, len(lat), elapsed)
+        router = processes.pop("router", None)
+        out[name] = {"rps": len(lat) / elapsed, "p50_ms": statistics.median(lat) * 1e3,
+                     "mean_ms": statistics.mean(lat) * 1e3, "router_cpu_us": router and router["cpu_us"],
+                     "processes": processes}
+    return out
 
 
 SPLIT_STAGES = ("e2e", "prefill_leg", "decode_first_output")
@@ -276,7 +317,6 @@ SPLIT_STAGES = ("e2e", "prefill_leg", "decode_first_output")
 
 async def gateway_stage_seconds(port: int) -> dict[str, tuple[float, float]]:
     """(sum, count) of the gateway's latency histograms of ``SPLIT_STAGES``, from its ``/metrics``."""
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     async with httpx.AsyncClient() as h:
@@ -302,18 +342,19 @@ async def compare(args: argparse.Namespace) -> dict:
     skipped: dict[str, str] = {}
     gen = LoadGenerator(args.load_processes)
     with ExitStack() as stack:
-        targets = [await start_pdserve(stack, args.workers, fakes) for fakes in args.bus_fakes]
+        k = args.fake_engines
+        targets = [await start_pdserve(stack, args.workers, fakes, engines=k) for fakes in args.bus_fakes]
         if args.baseline_tree:
-            targets += [await start_pdserve(stack, args.workers, fakes, args.baseline_tree)
+            targets += [await start_pdserve(stack, args.workers, fakes, args.baseline_tree, k)
                         for fakes in args.bus_fakes]
         ours = targets[:]
         for name, package, start in (("vllm-router", "vllm_router", start_vllm_router),
                                      ("sglang-router", "sglang_router", start_sglang_router)):
             if (why := installed(args.routers_venv, package)) is None:
-                targets.append(await start(stack, args.routers_venv))
+                targets.append(await start(stack, args.routers_venv, engines=k))
             else:
                 skipped[name] = why
-        targets.append(await start_toy_proxy(stack))
+        targets.append(await start_toy_proxy(stack, k))
         result: dict = {"skipped": skipped, "concurrency": args.concurrency}
         for stream in (False, True):
             key = "streaming" if stream else "non-streaming"
@@ -337,20 +378,20 @@ async def compare(args: argparse.Namespace) -> dict:
 
 async def sweep(args: argparse.Namespace) -> dict:
     gen = LoadGenerator(args.load_processes)
+    k = args.fake_engines
     skipped = {} if (why := installed(args.routers_venv, "vllm_router")) is None else {"vllm-router": why}
-    result: dict = {"skipped": skipped, "concurrency": args.concurrency, "load_processes": args.load_processes}
-    for stream in (False, True):
-        key = "streaming" if stream else "non-streaming"
-        rates = {}
-        if not skipped:
-            with ExitStack() as stack:
-                router = await start_vllm_router(stack, args.routers_venv, defaults=True)
-                rates.update(await measure([router], gen, stream, args.requests, args.concurrency, args.rounds))
-        for workers in args.sweep:
-            with ExitStack() as stack:
-                target = await start_pdserve(stack, workers, args.bus_fakes[0])
-                rates.update(await measure([target], gen, stream, args.requests, args.concurrency, args.rounds))
-        result[key] = rates
+    result: dict = {"skipped": skipped, "concurrency": args.concurrency, "load_processes": args.load_processes,
+                    "non-streaming": {}, "streaming": {}}
+    starts: list[Callable[[ExitStack], Awaitable[Target]]] = [lambda stack: start_direct(stack, k)]
+    if not skipped:
+        starts.append(lambda stack: start_vllm_router(stack, args.routers_venv, defaults=True, engines=k))
+    starts += [partial(start_pdserve, workers=w, fakes=args.bus_fakes[0], engines=k) for w in args.sweep]
+    for start in starts:
+        with ExitStack() as stack:
+            target = await start(stack)
+            for stream in (False, True):
+                rates = await measure([target], gen, stream, args.requests, args.concurrency, args.rounds)
+                result["streaming" if stream else "non-streaming"].update(rates)
     gen.pool.shutdown()
     return result
 
@@ -368,11 +409,19 @@ def report(result: dict) -> str:
         lines += [f"\n{key}, {result['concurrency']} in flight:", f"  {'':32} {'req/s':>8} {'p50 ms':>7} "
                   f"{'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1"]
         for name, r in rows.items():
-            cpu_ratio = f"{r['router_cpu_us'] / base['router_cpu_us']:.2f}x" if base else "-"
+            router_cpu = r["router_cpu_us"]
+            cpu_ratio = f"{router_cpu / base['router_cpu_us']:.2f}x" if base and router_cpu is not None else "-"
             at_one = r.get("p50_1_ms")
             added = f"{at_one - base['p50_1_ms']:+.2f} ms" if base and at_one is not None else "-"
-            lines.append(f"  {name:32} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['router_cpu_us']:10.0f} "
+            lines.append(f"  {name:32} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
+                         f"{router_cpu if router_cpu is not None else float('nan'):10.0f} "
                          f"{at_one if at_one is not None else float('nan'):9.2f}   {cpu_ratio}, {added}")
+        lines.append("  harness CPU us/req (cores busy; a fake saturates at 1, load xN at N):")
+        lines += [f"    {name:30} " + ", ".join(f"{p} {c['cpu_us']:.0f} ({c['busy']:.2f})"
+                                                for p, c in r["processes"].items()) for name, r in rows.items()]
+        if (ceiling := rows.get("direct (harness ceiling)")) is not None:
+            lines += [f"  {name}: {r['rps'] / ceiling['rps']:.2f}x the harness ceiling" for name, r in rows.items()
+                      if r is not ceiling]
         ours = [name for name in rows if name.startswith("pdserve")]
         if ours and "p50_1_ms" not in rows[ours[0]]:  # a sweep: the first is 1 worker
             for name in ours:
@@ -405,9 +454,11 @@ def main(argv: list[str] | None = None) -> None:
                         "measured too, in the same run (e.g. main's, for a before/after figure)")
     parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")],
                         help="pdserve worker counts to measure against vllm-router's defaults, e.g. 1,2,4,8")
+    parser.add_argument("--fake-engines", type=int, default=1, metavar="K",
+                        help="fake engines per role in front of each target (a sweep's direct target: K fakes)")
     parser.add_argument("--serve-toy-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--prefill-url", help=argparse.SUPPRESS)
-    parser.add_argument("--decode-url", help=argparse.SUPPRESS)
+    parser.add_argument("--prefill-url", action="append", help=argparse.SUPPRESS)
+    parser.add_argument("--decode-url", action="append", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_toy_proxy:
         serve_toy_proxy(args.serve_toy_proxy, args.prefill_url, args.decode_url)

@@ -11,7 +11,8 @@ vLLM-style toy proxy) ask of an engine (``bench/router_compare.py``):
   tokens, as one JSON body or, with ``"stream": true``, one SSE event per token and ``[DONE]``.
 
 Every answer is pre-encoded bytes written at once (HTTP/1.1 keep-alive, a stream chunked), on
-uvloop with httptools: what an engine costs here is small next to a router.
+uvloop with httptools: what an engine costs here is small next to a router.  The socket is
+bound with ``SO_REUSEPORT``, so several fakes may share a port (the kernel spreads connections).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class FakeHTTPProtocol(asyncio.Protocol):
 
 
 async def serve(port: int, answers: Answers) -> None:
-    server = await asyncio.get_running_loop().create_server(lambda: FakeHTTPProtocol(answers), "127.0.0.1", port)
+    server = await asyncio.get_running_loop().create_server(lambda: FakeHTTPProtocol(answers), "127.0.0.1", port,
+                                                              reuse_port=True)
     async with server:
         await server.serve_forever()
 
