@@ -1,7 +1,7 @@
 """pdserve's gateway against the Rust P/D routers (and a Python proxy), in the same run (issue 16).
 
-Targets, each in front of instant fake engines (1 prefill + 1 decode) doing the whole prefill ->
-decode flow of every request:
+Targets, each in front of instant fake engines (``--fake-engines K`` of each role, its own) doing
+the whole prefill -> decode flow of every request:
 
 * ``pdserve``: ``pdserve gateway`` (``--workers W``) over the bus to ``bench.fakes`` engines
   (``--bus-fakes engine``: the production engine service's parts with a fake model, KV handoff
@@ -13,21 +13,26 @@ decode flow of every request:
   over HTTP to ``bench/fakes/http_engine.py`` in the style each expects; a router that is not
   installed is skipped, and the report says so;
 * ``aiohttp``: a Python proxy in the style of vLLM's toy proxy (prefill with ``max_tokens=1`` and
-  ``kv_transfer_params``, then decode's answer passed through), over the vLLM-style fakes.
+  ``kv_transfer_params``, then decode's answer passed through, rotating over the fakes), over the
+  vLLM-style fakes;
+* ``direct (harness ceiling)``, in a sweep: the load straight at K HTTP decode fakes sharing one
+  port, each answering a whole completion: the rate the harness itself reaches on the host.
 
 Load: keep-alive HTTP/1.1 connections in ``--load-processes`` processes, each sending the next
 request when the previous answer has fully arrived (closed loop); the completion asks for 2
 tokens, so a stream is 2 events and ``[DONE]``.  Reported per target, non-streaming and
 streaming: requests/s and p50 at ``--concurrency`` in flight, the router's CPU per request
 (user + system time of its whole process tree, from ``/proc``: the gateway's worker processes
-included, the fakes and the load generator not), p50 at 1 in flight; ratios against vllm-router.
+included, the fakes and the load generator not), p50 at 1 in flight; ratios against vllm-router; the CPU per
+request and cores busy of each fake and of the load generator (``bench/process_cpu.py``), which
+say whether the harness, not the router, saturated.
 Targets alternate ``--rounds`` times; figures are pooled.  At 1 in flight pdserve's own histograms
 split its mean latency (``split_at_one``): the HTTP side (the client's latency minus the gateway's
 end-to-end), the two bus legs (each ``Generate`` sent to its reply, the engine's work included),
 the gateway's own share (the rest of its end-to-end).
 
     python -m bench.router_compare --requests 8000
-    python -m bench.router_compare --sweep 1,2,4,8 --load-processes 4   # requests/s by gateway workers
+    python -m bench.router_compare --sweep 1,2,4,8 --fake-engines 4 --load-processes 4  # by gateway workers
     python -m bench.router_compare --baseline-tree ../main            # this gateway against main's, same run
 
 ``--sweep``: requests/s of pdserve with each number of workers against vllm-router at its
@@ -131,14 +136,15 @@ async def http_fakes(stack: ExitStack, style: str, engines: int) -> tuple[list[s
     """(prefill URLs, decode URLs, pids by name) of ``engines`` fake HTTP engines of each role in ``style``,
     answering."""
     urls: dict[str, list[str]] = {"prefill": [], "decode": []}
-    pids = {}
+    pids, ports = {}, []
     for role in urls:
         for i in range(1, engines + 1):
-            port = free_port()
-            pids[f"{role} {i}"] = spawn(stack, "-m", "bench.fakes.http_engine", "--port", str(port), "--role", role,
-                                        "--style", style).pid
-            await wait_http(port, "/health")
-            urls[role].append(f"http://127.0.0.1:{port}")
+            ports.append(free_port())
+            pids[f"{role} {i}"] = spawn(stack, "-m", "bench.fakes.http_engine", "--port", str(ports[-1]), "--role",
+                                        role, "--style", style).pid
+            urls[role].append(f"http://127.0.0.1:{ports[-1]}")
+    for port in ports:
+        await wait_http(port, "/health")
     return urls["prefill"], urls["decode"], pids
 
 
@@ -204,6 +210,8 @@ async def answered_on_new_connections(port: int, times: int, path: str,
                 streak = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"port {port}: not every worker ready within {timeout_s} s")
+        if not streak:
+            await asyncio.sleep(0.05)  # still starting: leave it the cores
 
 
 async def start_vllm_router(stack: ExitStack, venv: str, defaults: bool = False, engines: int = 1) -> Target:

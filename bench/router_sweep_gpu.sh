@@ -9,6 +9,13 @@
 # pydantic).
 # They are installed into /tmp/rsite; /tmp/routers/bin/{python,vllm-router} run the image's python3 on it, the
 # layout bench.router_compare expects of --routers-venv.  Writes $OUT/router_sweep.{log,json}.
+#
+# Core budget (16 cores, pdserve x8 at the goal, 0.8 x 8 x the 1-worker rate ~ 50k req/s): 8 gateway workers
+# (one core each, libzmq's I/O threads included); 4 prefill + 4 decode instant fakes, single-threaded, each
+# at ~40 us a leg ~ half a core (one of each capped the earlier sweep at ~21k req/s: one core); 4 load
+# processes (16 connections each, ~20 us a request ~ a quarter core each); ~2 cores left for the registry and
+# the kernel.  The report's harness rows say which process neared a core (busy ~ 1.00) and the direct row the
+# rate the load generator and the fakes reach with no router in between.
 set -uo pipefail
 OUT=${OUT:-/tmp/router-sweep}
 CORES=${CORES:-0-15}
@@ -22,5 +29,5 @@ chmod +x /tmp/routers/bin/python /tmp/routers/bin/vllm-router
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/rsite
 nproc
 timeout -k 15 "${LIMIT:-420}" taskset -c "$CORES" python3 -m bench.router_compare --sweep "$SWEEP" \
-  --load-processes 4 --bus-fakes instant --requests "${REQUESTS:-6000}" --rounds 1 --routers-venv /tmp/routers \
-  --json "$OUT/router_sweep.json" 2>&1 | tee "$OUT/router_sweep.log"
+  --fake-engines 4 --load-processes 4 --bus-fakes instant --requests "${REQUESTS:-6000}" --rounds 1 \
+  --routers-venv /tmp/routers --json "$OUT/router_sweep.json" 2>&1 | tee "$OUT/router_sweep.log"
