@@ -304,18 +304,22 @@ def compile_for_sm90() -> None:
 @pytest.mark.skipif(DEVICE != "cuda" or not pa.available(), reason="needs CUDA and triton")
 def test_one_compiled_variant_whatever_the_batch():
     """Batch size and block-table width change every step; each value class (1, a multiple of 16, other) must
-    not compile a kernel variant of its own (a stall of seconds the first time a class shows up while serving)."""
+    not compile a kernel variant of its own (a stall of seconds the first time a class shows up while serving).
+    Counted as the variants these calls add to each kernel's cache (earlier tests compiled others: other dtypes,
+    head dims, tiles); the decode partition is pinned, since its size is a constexpr chosen from the shapes."""
+    device = torch.cuda.current_device()
+    kernels_checked = (pa._decode_partition_kernel, pa._decode_reduce_kernel, pa._prefill_kernel)
+    before = [set(kernel.device_caches[device][0]) for kernel in kernels_checked]
     head_dim, group = 64, 4
     for num_seqs in (1, 2, 16, 17):
         lens = [40 + 16 * i for i in range(num_seqs)]
         batch = make_batch(lens, 2, head_dim, 16, torch.float16, seed=num_seqs)
         q = queries(num_seqs, 2 * group, head_dim, torch.float16)
-        pa.decode_attention(q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
+        pa.decode_attention(q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, partition_size=64)
         q = queries(sum(lens), 2 * group, head_dim, torch.float16)
         pa.prefill_attention(q, batch.kv_data, LAYER, batch.block_tables, start_loc(lens), batch.context_lens, 0.125)
-    device = torch.cuda.current_device()
-    for kernel in (pa._decode_partition_kernel, pa._decode_reduce_kernel, pa._prefill_kernel):
-        assert len(kernel.device_caches[device][0]) == 1, kernel.fn.__name__
+    for kernel, known in zip(kernels_checked, before):
+        assert len(set(kernel.device_caches[device][0]) - known) <= 1, kernel.fn.__name__
 
 
 def test_decode_partitions_shrink_to_fill_the_gpu():
