@@ -6,7 +6,9 @@
 #   OUT=/tmp/kernels-gpu PARTS="tests floor" bash bench/kernels_gpu.sh   # some parts only
 #
 # Needs, in .whl/ (git-ignored), the cp312 wheels the device image lacks (bench/gpu_steps.sh) and pytest's
-# (pytest, pluggy, iniconfig, packaging, pytest_asyncio: pure Python).
+# (pytest, pluggy, iniconfig, packaging, pytest_asyncio: pure Python); the tests part also needs openai's (openai,
+# httpx2, httpcore2, truststore, pydantic, pydantic_core, jiter, distro, ...): tests/test_kernel_engine.py imports
+# tests/procs.py, which imports openai (without them its collection fails and stops the part).
 # tests:    the kernel tests compiled on the GPU (bf16 included) and the engine on the triton backend;
 # gpu-tests: the test plan's GPU layer (tests/test_gpu_layer.py, `-m gpu`: registration metadata, a producer ->
 #           consumer loopback compared byte for byte, gateway + prefill + decode end to end; needs openai's wheels);
