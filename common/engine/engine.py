@@ -17,7 +17,7 @@ from common.config import require
 from common.engine.block_manager import BlockManager
 from common.engine.config import EngineConfig
 from common.engine.detokenizer import Detokenizer
-from common.engine.inflight_step import InflightStep
+from common.engine.inflight_step import InflightStep, computing_for
 from common.engine.kernels.backend import resolve_attention_backend
 from common.engine.kv_cache import Allocate, zeros
 from common.engine.loader import load_tokenizer, parse_dtype, resolve_model_path
@@ -354,7 +354,7 @@ class LLMEngine:
         """Free (or pin, for ``remote_decode``) the sequence's blocks and complete its final output."""
         pin_blocks = self.block_manager.blocks_for(seq.num_prompt_tokens) if reason == "remote_decode" else 0
         seq.drop_pending()
-        pinned = self.scheduler.finish(seq, pin_blocks, keep_blocks=any(seq in step.seqs for step in self.launched))
+        pinned = self.scheduler.finish(seq, pin_blocks, keep_blocks=computing_for(seq, self.launched))
         del self.requests[seq.request_id]
         out.finish_reason = reason
         out.num_cached_tokens = seq.num_cached_tokens

@@ -35,6 +35,11 @@ def fill_pending(ids: torch.Tensor, pending: torch.Tensor) -> None:
     ids.copy_(torch.where(ids < 0, pending[(-1 - ids).clamp(min=0)], ids))
 
 
+def computing_for(seq: Sequence, launched: list[InflightStep]) -> bool:
+    """Whether a step of ``launched`` (still in flight) computes for ``seq``: its blocks must stay."""
+    return any(seq in step.seqs for step in launched)
+
+
 class InflightStep:
     def __init__(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence], sampled: Sampled | None,
                  start: float):
@@ -73,5 +78,5 @@ class InflightStep:
         """After ``results``: free the blocks of its sequences that finished, unless a step of ``launched``
         (still in flight) computes for them too."""
         for seq in self.seqs:
-            if seq.status is SequenceStatus.FINISHED and not any(seq in step.seqs for step in launched):
+            if seq.status is SequenceStatus.FINISHED and not computing_for(seq, launched):
                 block_manager.free_seq(seq)
