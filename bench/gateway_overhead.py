@@ -54,6 +54,7 @@ import time
 from contextlib import ExitStack
 
 from bench.cli import bench_parser, run_bench
+from bench.process_cpu import stat_cpu_s
 from bench.processes import free_port
 from common.bus.curve import KEYS_DIR_ENV, create_keys
 
@@ -232,19 +233,14 @@ async def compare(targets: dict[str, tuple[int, dict[int, str]]], body: bytes, r
 # --------------------------------------------------------------------------- #
 
 
-def _stat_cpu(path: str) -> float:
-    fields = open(path).read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU time of a process so far (Linux /proc): (main thread, all other threads).
 
     The other threads are libzmq's I/O thread (every ZMQ message is handed to it) and
     the like: the part of a process's cost that no Python code shows.
     """
-    total = _stat_cpu(f"/proc/{pid}/stat")
-    main = _stat_cpu(f"/proc/{pid}/task/{pid}/stat")
+    total = stat_cpu_s(f"/proc/{pid}/stat")
+    main = stat_cpu_s(f"/proc/{pid}/task/{pid}/stat")
     return main, total - main
 
 

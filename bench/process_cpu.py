@@ -10,14 +10,19 @@ from __future__ import annotations
 import os
 
 
+def stat_cpu_s(path: str) -> float:
+    """User + system CPU seconds in a ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat`` file."""
+    fields = open(path).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its descendants so far (0.0 once gone)."""
     total, pending = 0.0, [pid]
     while pending:
         p = pending.pop()
         try:
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += stat_cpu_s(f"/proc/{p}/stat")
             with open(f"/proc/{p}/task/{p}/children") as f:
                 pending.extend(int(c) for c in f.read().split())
         except FileNotFoundError:
