@@ -4,6 +4,7 @@ and what ``TransportSet`` opens for real backends on this host."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -19,10 +20,11 @@ from common.kv_transfer.backend import BackendUnavailable
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.rank_io import LocalRankIO, rank_memory
-from common.kv_transfer.ranges import KVLayout
+from common.kv_transfer.ranges import ByteRanges, KVLayout
 from common.kv_transfer.reader import KVReader
 from common.kv_transfer.shm import SharedKVFile
 from common.kv_transfer.side_channel import KVSideChannel
+from common.kv_transfer.status import TransferStatus
 from common.kv_transfer.transport_set import TransportSet, shared_kv_file
 from common.kv_transfer.transports import (
     Placement,
@@ -269,3 +271,40 @@ def test_the_push_timeout_bounds_the_lease_limit_only_in_push_mode():
         config(kv_mode="push", **short)
     with pytest.raises(ConfigError, match="must be >= --kv-lease-seconds"):
         config(**{**short, "kv_lease_seconds": 3.0})
+
+
+class ThreadRecording(FakeTransport):
+    """Copies up to 1 KiB inline; records the thread each copy ran on, and fails the ones told to."""
+
+    inline_bytes = 1024
+
+    def __init__(self, session: str):
+        super().__init__(session)
+        self.threads: list[int] = []
+        self.raise_on_copy = False
+
+    def transfer(self, peer_session, local_addrs, remote_addrs, lengths, *, write):
+        self.threads.append(threading.get_ident())
+        if self.raise_on_copy:
+            raise RuntimeError("the device refused the copy")
+        return super().transfer(peer_session, local_addrs, remote_addrs, lengths, write=write)
+
+
+@pytest.mark.parametrize("write", [False, True])
+async def test_copies_up_to_the_backend_inline_size_skip_the_thread_pool(write):
+    layout = KVLayout(0, BLOCK_BYTES, 16)
+    backend = ThreadRecording("fake://p0")
+    backend.register([layout.region])
+    transports = TransportSet("tcp", Placement("one-host", "cpu"), {"tcp": backend})
+    rank = LocalRankIO(rank_memory(0, (0, 2), transports, layout), transports, config(kv_transport="tcp"))
+    copy = rank.write if write else rank.read
+    try:
+        small, large = ByteRanges([0, 512], [0, 512], [512, 512]), ByteRanges([0], [0], [1025])
+        assert (await copy("tcp", "fake://peer", small))[0] == [TransferStatus.SUCCESS] * 2
+        assert backend.threads == [threading.get_ident()]  # the event loop's own thread
+        assert (await copy("tcp", "fake://peer", large))[0] == [TransferStatus.SUCCESS]
+        assert backend.threads[1] != threading.get_ident()  # a pool thread
+        backend.raise_on_copy = True  # an inline copy that raises fails its ranges, as a pool thread's does
+        assert (await copy("tcp", "fake://peer", small))[0] == [TransferStatus.FAILED] * 2
+    finally:
+        rank.close()

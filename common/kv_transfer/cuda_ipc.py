@@ -95,6 +95,9 @@ class _Peer:
 
 class CudaIpcBackend(TransferBackend):
     name = "nvlink"
+    # 64 MiB (a 2,048-token read of a 1B-shaped model) copies in ~56 us within one H200 and ~150 us between
+    # two over NVLink, against ~65 us for a pool thread's hand-off and wake-up: smaller reads run inline.
+    inline_bytes = 64 << 20
 
     @classmethod
     def build(cls, host: str, kv: torch.Tensor, *, transport: str, read_timeout_s: float) -> CudaIpcBackend:

@@ -25,8 +25,12 @@ except ImportError:  # CPU-only install: the CUDA IPC backend then copies range 
     triton = None
 
 WORD = 8  # bytes per element the kernel moves
-BLOCK = 1024  # words per step of one program (8 KiB)
-MAX_CHUNK_SLOTS = 256  # programs per range at most; each loops over its share of a longer range
+# Tuned on an H200 (64 MiB in 16 ranges, kernel time by CUDA events): 512-word steps, 4 warps and up to 512
+# programs per range copied in 56 us (1,024 / 256 / 4 warps: 66 us; a device-to-device ``copy_`` of the same
+# bytes: 43 us); larger warps counts ran at 67-74 us.
+BLOCK = 512  # words per step of one program (4 KiB)
+MAX_CHUNK_SLOTS = 512  # programs per range at most; each loops over its share of a longer range
+NUM_WARPS = 4
 
 
 def available() -> bool:
@@ -61,7 +65,8 @@ def copy_ranges(dst: torch.Tensor, src: torch.Tensor, dst_offsets: list[int], sr
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         # a few KiB: copied from pageable memory before the launch, on the same stream
         table = torch.tensor([dst_offsets, src_offsets, lengths], dtype=torch.int64, device=dst.device)
-        _copy_ranges_kernel[(len(lengths), slots)](dst, src, table[0], table[1], table[2], BLOCK=BLOCK)
+        _copy_ranges_kernel[(len(lengths), slots)](dst, src, table[0], table[1], table[2], BLOCK=BLOCK,
+                                                   num_warps=NUM_WARPS)
 
 
 if triton is not None:

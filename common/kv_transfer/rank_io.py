@@ -5,7 +5,8 @@ Every rank of an instance registers its own KV memory with its own transports
 drives every read of its instance through one ``RankIO`` per rank:
 
 * ``LocalRankIO``: rank 0's own memory, read in this process (blocking backend
-  calls on a thread pool); a worker rank's agent (``rank_agent.py``) wraps one too;
+  calls on a thread pool, or inline when the backend copies that much faster than
+  a hand-off); a worker rank's agent (``rank_agent.py``) wraps one too;
 * ``RemoteRankIO``: a worker rank's memory, read by that rank's agent, asked over the bus.
 
 A started backend read is never abandoned, even when the caller is cancelled:
@@ -147,11 +148,19 @@ class LocalRankIO:
     async def _copy(self, transport: str, session: str, ranges: ByteRanges, *, write: bool
                     ) -> tuple[list[TransferStatus], float]:
         backend = self.transports.backends[transport]
-        shards = split_by_bytes(ranges, min(self.read_shards or min(backend.read_shards, self.cores), self.threads))
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        futures = [loop.run_in_executor(self.pool, read_in_batches, backend, session, s, write) for s in shards]
-        results = await finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
+        if ranges.total_bytes <= backend.inline_bytes:  # faster than the hand-off to a pool thread
+            shards = [ranges]
+            try:
+                results = [read_in_batches(backend, session, ranges, write)]
+            except Exception as e:  # noqa: BLE001 - as a pool thread's exception: the ranges count as failed
+                results = [e]
+        else:
+            shards = split_by_bytes(ranges, min(self.read_shards or min(backend.read_shards, self.cores),
+                                                self.threads))
+            loop = asyncio.get_running_loop()
+            futures = [loop.run_in_executor(self.pool, read_in_batches, backend, session, s, write) for s in shards]
+            results = await finish_uncancellable(asyncio.gather(*futures, return_exceptions=True))
         seconds = time.perf_counter() - start
         statuses: list[TransferStatus] = []
         for shard, result in zip(shards, results):
