@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16's 16-core figure: requests/s of the gateway with 1, 2, 4, 8 worker processes against vllm-router at
-# its defaults, streaming and not, on the GPU machine's CPUs (no GPU used; pinned to 16 cores).
+# its defaults, streaming and not, on the GPU machine's CPUs (no GPU used; pinned to 16 cores); first, how far N
+# plain Python processes scale on those cores alone (bench.cpu_scaling), the sweep's ceiling.
 #
 #   OUT=/tmp/out bash bench/router_sweep_gpu.sh      # from the repository root, .whl_router/ carried
 #
@@ -8,7 +9,8 @@
 # vllm-router 0.1.17 with what it imports and the image lacks (setproctitle, fastapi, opentelemetry-api, orjson,
 # pydantic).
 # They are installed into /tmp/rsite; /tmp/routers/bin/{python,vllm-router} run the image's python3 on it, the
-# layout bench.router_compare expects of --routers-venv.  Writes $OUT/router_sweep.{log,json}.
+# layout bench.router_compare expects of --routers-venv.  Writes $OUT/router_sweep.{log,json} and
+# $OUT/cpu_scaling.{log,json}.
 #
 # Core budget (16 cores, pdserve x8 at the goal, 0.8 x 8 x the 1-worker rate ~ 50k req/s): 8 gateway workers
 # (one core each, libzmq's I/O threads included); 4 prefill + 4 decode instant fakes, single-threaded, each
@@ -28,6 +30,9 @@ printf '#!/bin/sh\nPYTHONPATH=/tmp/rsite exec python3 -m vllm_router.launch_rout
 chmod +x /tmp/routers/bin/python /tmp/routers/bin/vllm-router
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/rsite
 nproc
+# the host's own ceiling: N single-threaded Python processes alone, no harness (bench/cpu_scaling.py)
+timeout 120 taskset -c "$CORES" python3 -m bench.cpu_scaling --procs 1,2,4,8,16 --seconds 3 \
+  --json "$OUT/cpu_scaling.json" 2>&1 | tee "$OUT/cpu_scaling.log"
 timeout -k 15 "${LIMIT:-420}" taskset -c "$CORES" python3 -m bench.router_compare --sweep "$SWEEP" \
   --fake-engines 4 --load-processes 4 --bus-fakes instant --requests "${REQUESTS:-6000}" --rounds 1 \
   --routers-venv /tmp/routers --json "$OUT/router_sweep.json" 2>&1 | tee "$OUT/router_sweep.log"
