@@ -16,8 +16,11 @@
   same engine, ``async_scheduling`` switched off), the baseline of the same run;
 * forward: the same decode batch's model forward + logits alone, run eagerly, and
   (CUDA) replayed from a CUDA graph: the gap says what launching costs;
-* profile (CUDA, ``--profile-steps``): torch.profiler over engine steps: how much of
-  a step's wall time the GPU is busy, and how many kernels a step launches.
+* profile (CUDA, ``--profile-steps``): torch.profiler over engine steps: the GPU's busy
+  time per step (the union of its kernels' intervals) and how many kernels a step
+  launches.  ``gpu_busy`` is that busy time over the step's unprofiled wall time
+  (``step_ms``); ``busy_prof`` over the profiled steps' own wall time, which the
+  profiler's host-side cost per launch (tens of us at batch 1) stretches: a floor.
 
 ``--no-cudnn-attention`` runs everything with SDPA's cuDNN backend excluded: on an H100
 (torch 2.11) cuDNN builds a new attention plan for every new key length, i.e. once per
@@ -60,7 +63,8 @@ class BatchResult:
     floor_s: float
     eager_forward_s: float
     graph_forward_s: float | None  # None: not CUDA, or capture failed
-    gpu_busy_fraction: float | None  # None: not profiled
+    gpu_busy_fraction: float | None  # device busy time per step / step_s; None: not profiled
+    busy_profiled_fraction: float | None  # device busy time per step / the profiled steps' wall time
     kernels_per_step: float | None
 
 
@@ -212,8 +216,10 @@ def forward_times(engine: LLMEngine, seqs: list[Sequence], repeats: int) -> tupl
     return statistics.median(eager), statistics.median(replays)
 
 
-def profile_steps(engine: LLMEngine, seqs: list[Sequence], n: int, trace: Path | None) -> tuple[float, float, str]:
-    """(GPU busy fraction of the steps' wall time, kernels per step, top-kernels table) over ``n`` steps."""
+def profile_steps(engine: LLMEngine, seqs: list[Sequence], n: int, trace: Path | None
+                  ) -> tuple[float, float, float, str]:
+    """(GPU busy seconds per step, the profiled steps' wall seconds per step, kernels per step, top-kernels
+    table) over ``n`` steps."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -230,7 +236,7 @@ def profile_steps(engine: LLMEngine, seqs: list[Sequence], n: int, trace: Path |
     if trace is not None:
         prof.export_chrome_trace(str(trace))
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
-    return busy_us / wall_us, len(device_events) / n, table
+    return busy_us / n / 1e6, wall_us / n / 1e6, len(device_events) / n, table
 
 
 def measure_batch(engine: LLMEngine, batch: int, args: argparse.Namespace, bandwidth: float) -> BatchResult:
@@ -241,10 +247,11 @@ def measure_batch(engine: LLMEngine, batch: int, args: argparse.Namespace, bandw
     sync_step_s = time_sync_steps(engine, seqs, args)
     context = statistics.mean(seq.num_tokens for seq in seqs)  # context after the timed steps: the KV term is an upper bound
     eager_s, graph_s = forward_times(engine, seqs, repeats=20)
-    busy = kernels = None
+    busy = busy_profiled = kernels = None
     if profiled:
         trace = args.trace_dir / f"decode_b{batch}.json" if args.trace_dir else None
-        busy, kernels, table = profile_steps(engine, seqs, profiled, trace)
+        busy_s, profiled_wall_s, kernels, table = profile_steps(engine, seqs, profiled, trace)
+        busy, busy_profiled = busy_s / statistics.median(steps), busy_s / profiled_wall_s
         print(f"--- profile, batch {batch}: kernels by device time over {profiled} steps")
         print(table)
     for seq in seqs:
@@ -252,7 +259,7 @@ def measure_batch(engine: LLMEngine, batch: int, args: argparse.Namespace, bandw
     engine.step()  # hands out the aborts
     floor = (weight_bytes(engine.model) + kv_bytes(engine, int(context) * batch)) / bandwidth
     return BatchResult(batch, int(context), statistics.median(steps), sync_step_s, floor, eager_s, graph_s, busy,
-                       kernels)
+                       busy_profiled, kernels)
 
 
 def main() -> None:
@@ -315,15 +322,16 @@ def main() -> None:
     print(f"memory bandwidth (read + write, {args.bandwidth_mib} MiB copy): {bandwidth / 1e12:.3f} TB/s")
     print(f"weights: {weights / 1e9:.3f} GB ({sum(p.numel() for p in engine.model.parameters()) / 1e9:.3f} B params)")
     print("batch  context  step_ms  sync_step_ms  floor_ms  step/floor  eager_fwd_ms  graph_fwd_ms  gpu_busy  "
-          "kernels/step")
+          "busy_prof  kernels/step")
     for r in results:
         sync_step = f"{r.sync_step_s * 1e3:12.3f}" if r.sync_step_s is not None else f"{'-':>12}"
         graph = f"{r.graph_forward_s * 1e3:12.3f}" if r.graph_forward_s is not None else f"{'-':>12}"
         busy = f"{r.gpu_busy_fraction:8.1%}" if r.gpu_busy_fraction is not None else f"{'-':>8}"
+        busy_prof = f"{r.busy_profiled_fraction:9.1%}" if r.busy_profiled_fraction is not None else f"{'-':>9}"
         kernels = f"{r.kernels_per_step:12.0f}" if r.kernels_per_step is not None else f"{'-':>12}"
         print(
             f"{r.batch:5d}  {r.context_len:7d}  {r.step_s * 1e3:7.3f}  {sync_step}  {r.floor_s * 1e3:8.3f}  "
-            f"{r.step_s / r.floor_s:9.2f}x  {r.eager_forward_s * 1e3:12.3f}  {graph}  {busy}  {kernels}"
+            f"{r.step_s / r.floor_s:9.2f}x  {r.eager_forward_s * 1e3:12.3f}  {graph}  {busy}  {busy_prof}  {kernels}"
         )
 
 
