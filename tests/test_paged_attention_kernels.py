@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common.engine.kernels import paged_attention as pa
+from common.engine.kernels import paged_attention_reference as ref
 from common.engine.kernels import rotary, sampling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def make_batch(
     keys, values = [], []
     for i, c in enumerate(context_lens):
         k, v = (torch.randn(c, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
-        pa.write_kv_reference(kv_data, LAYER, k, v, slots_of(tables[i], torch.arange(c), block_size).to(DEVICE))
+        ref.write_kv_reference(kv_data, LAYER, k, v, slots_of(tables[i], torch.arange(c), block_size).to(DEVICE))
         keys.append(k)
         values.append(v)
     context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
@@ -110,7 +111,7 @@ def test_write_kv_matches_reference(block_size, head_dim):
     k, v = (torch.randn(9, 3 + 2, head_dim, generator=gen).to(DEVICE)[:, 1:4] for _ in range(2))  # strided views
     slots = torch.randperm(batch.kv_data.shape[0] * block_size, generator=gen)[:9].to(DEVICE)
     expected = batch.kv_data.clone()
-    pa.write_kv_reference(expected, LAYER, k, v, slots)
+    ref.write_kv_reference(expected, LAYER, k, v, slots)
     pa.write_kv(batch.kv_data, LAYER, k, v, slots)
     assert torch.equal(batch.kv_data, expected)
 
@@ -125,11 +126,11 @@ def test_write_kv_takes_source_rows_as_cuda_graph_padding_does(block_size):
     source = torch.tensor([0, 1, 2, 3, 0, 0], device=DEVICE)
     slots = torch.tensor([5, 9, 30, 31, 5, 5], device=DEVICE)  # padding writes row 0's K/V to row 0's slot
     expected = batch.kv_data.clone()
-    pa.write_kv_reference(expected, LAYER, k, v, slots, source)
+    ref.write_kv_reference(expected, LAYER, k, v, slots, source)
     pa.write_kv(batch.kv_data, LAYER, k, v, slots, source)
     assert torch.equal(batch.kv_data, expected)
     gathered = batch.kv_data.clone()
-    pa.write_kv_reference(gathered, LAYER, k[source], v[source], slots)
+    ref.write_kv_reference(gathered, LAYER, k[source], v[source], slots)
     assert torch.equal(batch.kv_data, gathered)
 
 
@@ -141,11 +142,11 @@ def test_references_agree_with_dense_sdpa(group, window):
     q = queries(sum(query_lens), 2 * group, 64)
     args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, 0.125, window)
     dense = dense_attention(q, batch, query_lens, 0.125, window).float()
-    torch.testing.assert_close(pa.prefill_attention_reference(*args), dense, **TOL[torch.float32])
+    torch.testing.assert_close(ref.prefill_attention_reference(*args), dense, **TOL[torch.float32])
     q1 = queries(len(CONTEXTS), 2 * group, 64)
     args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
     dense = dense_attention(q1, batch, [1] * len(CONTEXTS), 0.125, window).float()
-    torch.testing.assert_close(pa.decode_attention_reference(*args), dense, **TOL[torch.float32])
+    torch.testing.assert_close(ref.decode_attention_reference(*args), dense, **TOL[torch.float32])
 
 
 @kernels
@@ -159,7 +160,7 @@ def test_decode_matches_reference(block_size, head_dim, group):
     args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, head_dim**-0.5)
     # partitions of 32 keys in tiles of 16: several partitions and tiles per sequence
     out = pa.decode_attention(*args, partition_size=32, block_n=16)
-    torch.testing.assert_close(out, pa.decode_attention_reference(*args), **TOL[torch.float32])
+    torch.testing.assert_close(out, ref.decode_attention_reference(*args), **TOL[torch.float32])
 
 
 @kernels
@@ -175,7 +176,7 @@ def test_prefill_matches_reference(block_size, head_dim, group):
     args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, head_dim**-0.5)
     # tiles of 32 (group 8: 64) rows: several query tiles per sequence, some of them partly padding
     out = pa.prefill_attention(*args, block_m=max(32, 8 * group), block_n=16)
-    torch.testing.assert_close(out, pa.prefill_attention_reference(*args), **TOL[torch.float32])
+    torch.testing.assert_close(out, ref.prefill_attention_reference(*args), **TOL[torch.float32])
 
 
 @kernels
@@ -185,12 +186,12 @@ def test_sliding_window(window):
     q1 = queries(len(CONTEXTS), 4, 64)
     args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
     out = pa.decode_attention(*args, partition_size=32, block_n=16)
-    torch.testing.assert_close(out, pa.decode_attention_reference(*args), **TOL[torch.float32])
+    torch.testing.assert_close(out, ref.decode_attention_reference(*args), **TOL[torch.float32])
     query_lens = [1, 15, 3, 17, 60]
     q = queries(sum(query_lens), 4, 64)
     args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, 0.125, window)
     out = pa.prefill_attention(*args, block_m=16, block_n=16)
-    torch.testing.assert_close(out, pa.prefill_attention_reference(*args), **TOL[torch.float32])
+    torch.testing.assert_close(out, ref.prefill_attention_reference(*args), **TOL[torch.float32])
 
 
 @kernels
@@ -201,16 +202,16 @@ def test_int64_metadata_and_head_dim_not_a_power_of_two():
     q1 = queries(len(CONTEXTS), 4, 80)
     args = (q1, batch.kv_data, LAYER, tables, context_lens, 80**-0.5, 40)
     out = pa.decode_attention(*args, partition_size=32, block_n=16)
-    torch.testing.assert_close(out, pa.decode_attention_reference(*args), **TOL[torch.float32])
+    torch.testing.assert_close(out, ref.decode_attention_reference(*args), **TOL[torch.float32])
     query_lens = [1, 15, 3, 17, 60]
     q = queries(sum(query_lens), 4, 80)
     args = (q, batch.kv_data, LAYER, tables, start_loc(query_lens).long(), context_lens, 80**-0.5)
     out = pa.prefill_attention(*args, block_m=16, block_n=16)
-    torch.testing.assert_close(out, pa.prefill_attention_reference(*args), **TOL[torch.float32])
+    torch.testing.assert_close(out, ref.prefill_attention_reference(*args), **TOL[torch.float32])
     k, v = (torch.randn(3, 2, 80, device=DEVICE) for _ in range(2))
     slots = torch.tensor([0, 17, 40], device=DEVICE)
     expected = batch.kv_data.clone()
-    pa.write_kv_reference(expected, LAYER, k, v, slots)
+    ref.write_kv_reference(expected, LAYER, k, v, slots)
     pa.write_kv(batch.kv_data, LAYER, k, v, slots)
     assert torch.equal(batch.kv_data, expected)
 
@@ -221,11 +222,11 @@ def test_half_precision_and_default_tiles(dtype):
     batch = make_batch(CONTEXTS, 2, 64, 16, dtype=dtype)
     q1 = queries(len(CONTEXTS), 8, 64, dtype)
     args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
-    torch.testing.assert_close(pa.decode_attention(*args), pa.decode_attention_reference(*args), **TOL[dtype])
+    torch.testing.assert_close(pa.decode_attention(*args), ref.decode_attention_reference(*args), **TOL[dtype])
     query_lens = [1, 15, 3, 17, 100]
     q = queries(sum(query_lens), 8, 64, dtype)
     args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, 0.125)
-    torch.testing.assert_close(pa.prefill_attention(*args), pa.prefill_attention_reference(*args), **TOL[dtype])
+    torch.testing.assert_close(pa.prefill_attention(*args), ref.prefill_attention_reference(*args), **TOL[dtype])
 
 
 @kernels
@@ -335,7 +336,7 @@ def test_decode_default_partition_matches_reference():
     q = queries(3, 4, 64)
     args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
     assert pa.decode_partition_size(3, 1, batch.block_tables.shape[1] * 16) == pa.DECODE_BLOCK_N
-    torch.testing.assert_close(pa.decode_attention(*args), pa.decode_attention_reference(*args), **TOL[torch.float32])
+    torch.testing.assert_close(pa.decode_attention(*args), ref.decode_attention_reference(*args), **TOL[torch.float32])
 
 
 @kernels
@@ -345,7 +346,7 @@ def test_decode_single_partition_skips_the_reduce(monkeypatch, window):
     batch = make_batch([1, 70, 100], 2, 64, 16)  # block tables of 9 blocks: 144 keys, one 256-key partition
     q = queries(3, 8, 64)
     args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
-    expected = pa.decode_attention_reference(*args)
+    expected = ref.decode_attention_reference(*args)
     monkeypatch.setattr(pa, "_decode_reduce_kernel", None)  # launching it would raise
     torch.testing.assert_close(pa.decode_attention(*args, partition_size=256), expected, **TOL[torch.float32])
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from common.engine.kernels import paged_attention
+from common.engine.kernels import paged_attention, paged_attention_reference
 
 try:
     import triton
@@ -48,11 +48,11 @@ def apply_rotary_write_kv_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_table: torch.Tensor,
     kv_data: torch.Tensor, layer: int, slot_mapping: torch.Tensor, source_rows: torch.Tensor | None = None,
 ) -> None:
-    """Rotate ``q`` in place, then ``paged_attention.write_kv_reference`` of the rotated ``k`` (``k`` unchanged)
+    """Rotate ``q`` in place, then ``paged_attention_reference.write_kv_reference`` of the rotated ``k`` (``k`` unchanged)
     and ``v`` into layer ``layer`` of ``kv_data`` at ``slot_mapping`` (row ``source_rows[i]`` at slot ``i``)."""
     k = k.clone()
     apply_rotary_reference(q, k, positions, cos_sin_table)
-    paged_attention.write_kv_reference(kv_data, layer, k, v, slot_mapping, source_rows)
+    paged_attention_reference.write_kv_reference(kv_data, layer, k, v, slot_mapping, source_rows)
 
 
 def apply_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_table: torch.Tensor) -> None:
