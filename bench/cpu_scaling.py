@@ -75,6 +75,7 @@ def main() -> None:
     counts = [int(n) for n in args.procs.split(",")]
     cpus = len(os.sched_getaffinity(0))
     print(f"{cpus} CPUs usable, {smt_siblings()} logical CPU(s) per physical core")
+    rate(1, args.seconds)  # warm-up: clocks and caches settle before the baseline
     base = rate(1, args.seconds)
     rows = []
     for n in counts:
