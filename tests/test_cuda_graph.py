@@ -1,11 +1,9 @@
 """Decode CUDA graphs: bucketing, padded input buffers and replay, checked on CPU.
 
-Only CUDA can capture a graph; here ``RerunGraph`` stands in for ``torch.cuda.CUDAGraph``
+Only CUDA can capture a graph; on CPU ``DecodeGraphs.capture`` makes a ``RerunGraph`` instead
 (``replay()`` reruns the same forward over the same fixed buffers into the same output
 tensor), so everything else of ``DecodeGraphs`` runs as on a GPU.
 """
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,14 +16,6 @@ from common.messages import SamplingParams
 PROMPT_LENGTHS = (5, 30, 17)  # 3 sequences: graph batch 4 (one padded row); contexts cross block boundaries
 
 
-class RerunGraph:
-    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor):
-        self.forward, self.out = forward, out
-
-    def replay(self) -> None:
-        self.out.copy_(self.forward())
-
-
 class RerunGraphs(DecodeGraphs):
     def __init__(self, *args):
         super().__init__(*args)
@@ -34,8 +24,7 @@ class RerunGraphs(DecodeGraphs):
 
     def capture(self, batch, blocks):
         self.captured.append((batch, blocks))
-        out = self.forward(batch, blocks)
-        graph = RerunGraph(lambda: self.forward(batch, blocks), out)
+        graph, out = super().capture(batch, blocks)
         original = graph.replay
 
         def replay() -> None:

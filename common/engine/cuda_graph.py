@@ -4,7 +4,7 @@ A decode-only batch (every sequence computes one token) of B sequences whose lon
 context spans ``n`` blocks replays the graph of bucket ``(batch, blocks)``: ``batch`` the
 smallest of 1, 2, 4, 8, 16, 32, ... (multiples of 16) and ``max_num_seqs`` that holds B,
 ``blocks`` the next power of two >= n (at most the blocks of ``max_model_len``).  Graphs
-are captured on first use, share one memory pool, and read fixed input buffers.  Padded
+are captured on first use (off CUDA a ``RerunGraph`` stands in: tests and ``bench.host_step``), share one memory pool, and read fixed input buffers.  Padded
 rows repeat row 0 (token, position, slot, blocks) and write row 0's own K/V to its slot
 (``AttentionMetadata.kv_source_rows``), so they change nothing.  A graph records whichever
 backend the model runs: on the triton backend the decode kernels (no host sync; their split-K
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -32,6 +33,17 @@ class Graph(Protocol):
     """What ``torch.cuda.CUDAGraph`` offers here: ``replay()`` reruns the captured kernels."""
 
     def replay(self) -> None: ...
+
+
+class RerunGraph:
+    """A ``Graph`` off CUDA: ``replay()`` reruns the same forward over the same fixed buffers into the same
+    output tensor, so everything else of ``DecodeGraphs`` runs as on a GPU."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor):
+        self.forward, self.out = forward, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.forward())
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -109,7 +121,9 @@ class DecodeGraphs:
     def capture(self, batch: int, blocks: int) -> tuple[Graph, torch.Tensor]:
         """Warm up (this writes the same K/V the replay will), capture into the shared pool."""
         start = time.perf_counter()
-        self.forward(batch, blocks)
+        out = self.forward(batch, blocks)
+        if not self.kv_cache.data.is_cuda:
+            return RerunGraph(lambda: self.forward(batch, blocks), out), out
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, self.pool):
             hidden = self.forward(batch, blocks)
