@@ -12,9 +12,12 @@ batch, with synchronous steps (the baseline).  Per step:
 * ``fwd_ms``: the model's forward: on CPU wall time inside it (module hooks); on CUDA the
   device time between events recorded around it (around each decode graph's replay, or the
   eager forward), read after the window;
-* CPU: ``host_ms`` = ``step_ms`` - ``fwd_ms`` (torch runs every op synchronously there, so the
-  step is the sum), and ``host/fwd``; ``--model`` defaults to ``tiny`` (one layer of width 32,
-  written to a temporary directory), whose forward is little more than its op dispatches;
+* CPU: the decode graphs' path with ``RerunGraph`` replays, one torch thread, times in process
+  CPU seconds (steadier than wall time on a shared machine); ``host_ms`` = ``step_ms`` - ``fwd_ms``
+  (torch runs every op synchronously there, so the step is the sum), and ``host/fwd``; ``--model``
+  defaults to ``tiny`` (one layer of width 32, written to a temporary directory);
+  ``--null-forward``: replays do nothing, so ``step_ms`` is the host's work alone (it runs on
+  trees whose ``DecodeGraphs`` cannot capture off CUDA too: the before/after of a change);
 * CUDA: ``gpu_busy`` = ``fwd_ms`` / ``step_ms`` (the forward's device time over the period; under
   async scheduling the host's work per step hides behind the step in flight while it is shorter).
 
@@ -76,7 +79,7 @@ class ForwardTimer:
 
     def _now(self):
         if not self.cuda:
-            return time.perf_counter()
+            return time.process_time()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
@@ -103,6 +106,13 @@ class ForwardTimer:
         return total
 
 
+class NullGraph:
+    """``--null-forward``'s decode graph: replaying it computes nothing."""
+
+    def replay(self) -> None:
+        pass
+
+
 @dataclass
 class Window:
     step_s: float  # mean step
@@ -116,11 +126,13 @@ class Window:
 def measure(engine: LLMEngine, seqs, timer: ForwardTimer, steps: int, repeats: int) -> Window:
     """The least disturbed of ``repeats`` windows of ``steps`` steps (least mean step)."""
     windows = []
+    clock = time.perf_counter if timer.cuda else time.process_time
     for _ in range(repeats):
         timer.take()
-        times = time_steps(engine, seqs, steps)
+        start = clock()
+        time_steps(engine, seqs, steps)
         sync(engine.device)
-        windows.append(Window(sum(times) / steps, timer.take() / steps))
+        windows.append(Window((clock() - start) / steps, timer.take() / steps))
     return min(windows, key=lambda w: w.step_s)
 
 
@@ -147,8 +159,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="decode steps before timing")
     parser.add_argument("--steps", type=int, default=200, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per mode (least median reported)")
+    parser.add_argument("--null-forward", action="store_true",
+                        help="CPU: decode graph replays do nothing (the host path alone; tokens are garbage)")
     parser.add_argument("--profile", type=int, default=0, help="cProfile this many more async steps per batch")
     args = parser.parse_args()
+    if args.null_forward and args.device != "cpu":
+        parser.error("--null-forward is for --device cpu")
     if min(args.batch_sizes) < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch-sizes and --steps, --repeats must be >= 1, --warmup >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -166,7 +182,11 @@ def run(args: argparse.Namespace, model: str) -> None:
         num_kv_blocks=batch * ceil_div(max_len, BLOCK_SIZE) + 1, block_size=BLOCK_SIZE, async_scheduling=True,
     ))  # fmt: skip
     if engine.runner.graphs is None:  # CPU: the decode graphs' path, replays rerunning the forward
+        torch.set_num_threads(1)
         engine.runner.graphs = DecodeGraphs(engine.model, engine.kv_cache, batch, max_len)
+    if args.null_forward:
+        graphs = engine.runner.graphs
+        graphs.capture = lambda batch, blocks: (NullGraph(), graphs.forward(batch, blocks))
     timer = ForwardTimer(engine)
     rows = []
     for b in args.batch_sizes:
@@ -198,8 +218,8 @@ def run(args: argparse.Namespace, model: str) -> None:
         print("batch  mode   step_ms  fwd_ms  host_ms  host/fwd")
         for b, on, off in rows:
             for mode, w in (("async", on), ("sync", off)):
-                print(f"{b:5d}  {mode:5s}  {w.step_s * 1e3:7.3f}  {w.fwd_s * 1e3:6.3f}  {w.host_s * 1e3:7.3f}  "
-                      f"{w.host_s / w.fwd_s:7.2f}x")
+                ratio = f"{w.host_s / w.fwd_s:7.2f}x" if w.fwd_s > 1e-6 else f"{'-':>8}"
+                print(f"{b:5d}  {mode:5s}  {w.step_s * 1e3:7.3f}  {w.fwd_s * 1e3:6.3f}  {w.host_s * 1e3:7.3f}  {ratio}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ A decode-only batch (every sequence computes one token) of B sequences whose lon
 context spans ``n`` blocks replays the graph of bucket ``(batch, blocks)``: ``batch`` the
 smallest of 1, 2, 4, 8, 16, 32, ... (multiples of 16) and ``max_num_seqs`` that holds B,
 ``blocks`` the next power of two >= n (at most the blocks of ``max_model_len``).  Graphs
-are captured on first use (off CUDA a ``RerunGraph`` stands in: tests and ``bench.host_step``), share one memory pool, and read fixed input buffers.  Padded
+are captured on first use (off CUDA a ``RerunGraph`` stands in: tests and ``bench.host_step``),
+share one memory pool, and read fixed input buffers, which each step fills with one copy from
+pinned host memory (``host_copies.Staging``; block table rows rewritten only where they changed)
+and, under async scheduling, one copy of the step in flight's sampled ids.  Padded
 rows repeat row 0 (token, position, slot, blocks) and write row 0's own K/V to its slot
 (``AttentionMetadata.kv_source_rows``), so they change nothing.  A graph records whichever
 backend the model runs: on the triton backend the decode kernels (no host sync; their split-K
@@ -64,6 +67,7 @@ class DecodeGraphs:
         self.inputs = torch.zeros(5, max_num_seqs, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(max_num_seqs, self.max_blocks, dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(max_num_seqs + 1, device=device)
+        self.pending = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)  # the step in flight's ids
         self.graphs: dict[tuple[int, int], tuple[Graph, torch.Tensor]] = {}
         self.pool = None
         # host side of ``inputs`` and ``block_tables`` (each step's in a contiguous prefix); per staging buffer the
@@ -110,8 +114,8 @@ class DecodeGraphs:
             pending: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[B, hidden]`` of a decode batch: sequence ``i`` computes ``input_ids[i]`` at
         ``positions[i]`` (its KV blocks ``block_tables[i]``); placeholder ids come from ``pending`` on the
-        device (``fill_pending``).  The result is a view of the graph's
-        output, valid until the next ``run``.  Raises ``ValueError`` if no graph fits (see ``bucket``)."""
+        device (copied to a fixed buffer; the graph's first kernels run ``fill_pending``).  The result is a
+        view of the graph's output, valid until the next ``run``.  Raises ``ValueError`` if no graph fits (see ``bucket``)."""
         num_seqs = len(input_ids)
         key = self.bucket(num_seqs, max(positions) + 1)
         if key is None:
@@ -124,9 +128,9 @@ class DecodeGraphs:
         self._stage_tables(tables.numpy(), block_tables, key)
         self.inputs[:, :batch].copy_(inputs, non_blocking=True)
         self.block_tables[:batch, :blocks].copy_(tables, non_blocking=True)
-        self.staging.queued()
         if pending is not None:
-            fill_pending(self.inputs[0, :batch], pending)
+            self.pending[: len(pending)].copy_(pending)
+        self.staging.queued()
         if key not in self.graphs:
             self.graphs[key] = self.capture(batch, blocks)
         graph, hidden = self.graphs[key]
@@ -136,6 +140,7 @@ class DecodeGraphs:
     def forward(self, batch: int, blocks: int) -> torch.Tensor:
         """The decode forward over the first ``batch`` rows of the input buffers."""
         ids, positions, slots, context_lens, source_rows = self.inputs[:, :batch]
+        fill_pending(ids, self.pending)
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[: batch + 1],
             context_lens=context_lens,
