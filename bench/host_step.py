@@ -9,13 +9,14 @@ shared machine the least disturbed window), with async scheduling and then, same
 batch, with synchronous steps (the baseline).  Per step:
 
 * ``step_ms``: from one ``step()``'s return to the next's (``decode_floor.time_steps``);
-* ``fwd_ms``: the model's forward: on CPU wall time inside it (module hooks); on CUDA the
-  device time between events recorded around it (around each decode graph's replay, or the
-  eager forward), read after the window;
+* ``fwd_ms``: the model's forward and logits: on CPU the time inside them (module hooks,
+  wrappers); on CUDA the device time between events recorded around them (around each decode
+  graph's replay or the eager forward, and the LM head), read after the window;
 * CPU: the decode graphs' path with ``RerunGraph`` replays, one torch thread, times in process
   CPU seconds (steadier than wall time on a shared machine); ``host_ms`` = ``step_ms`` - ``fwd_ms``
   (torch runs every op synchronously there, so the step is the sum), and ``host/fwd``; ``--model``
-  defaults to ``tiny`` (one layer of width 32, written to a temporary directory);
+  defaults to ``tiny`` (one layer of width 32, a 2,048-token vocabulary: the demo tokenizer's
+  bytes plus fillers, so most sampled ids decode to text; written to a temporary directory);
   ``--null-forward``: replays do nothing, so ``step_ms`` is the host's work alone (it runs on
   trees whose ``DecodeGraphs`` cannot capture off CUDA too: the before/after of a change);
 * CUDA: ``gpu_busy`` = ``fwd_ms`` / ``step_ms`` (the forward's device time over the period; under
@@ -46,13 +47,13 @@ from common.engine.demo_model import DEMO_SHAPE, write_random_checkpoint
 from common.engine.engine import LLMEngine
 
 BLOCK_SIZE = 16
-TINY_SHAPE = {**DEMO_SHAPE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+TINY_SHAPE = {**DEMO_SHAPE, "vocab_size": 2048, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
 
 
 class ForwardTimer:
-    """Time spent in the model's forward, per window: hooks around the eager forward, and a wrapper
-    around each decode graph's replay (on CUDA events, read by ``take``)."""
+    """Time spent in the model's forward and logits, per window: hooks around the eager forward, wrappers
+    around each decode graph's replay and ``compute_logits`` (on CUDA events, read by ``take``)."""
 
     def __init__(self, engine: LLMEngine):
         self.cuda = engine.device.type == "cuda"
@@ -61,6 +62,15 @@ class ForwardTimer:
         self.depth = 0  # a replay off CUDA reruns the hooked forward: time the outer span only
         engine.model.register_forward_pre_hook(lambda *_: self._begin())
         engine.model.register_forward_hook(lambda *_: self._end())
+        compute_logits = engine.model.compute_logits
+
+        def timed_logits(hidden: torch.Tensor) -> torch.Tensor:
+            self._begin()
+            logits = compute_logits(hidden)
+            self._end()
+            return logits
+
+        engine.model.compute_logits = timed_logits
         graphs = engine.runner.graphs
         capture = graphs.capture
         graphs.capture = lambda batch, blocks: self._timed(*capture(batch, blocks))
@@ -218,7 +228,7 @@ def run(args: argparse.Namespace, model: str) -> None:
         print("batch  mode   step_ms  fwd_ms  host_ms  host/fwd")
         for b, on, off in rows:
             for mode, w in (("async", on), ("sync", off)):
-                ratio = f"{w.host_s / w.fwd_s:7.2f}x" if w.fwd_s > 1e-6 else f"{'-':>8}"
+                ratio = f"{'-':>8}" if args.null_forward else f"{w.host_s / w.fwd_s:7.2f}x"
                 print(f"{b:5d}  {mode:5s}  {w.step_s * 1e3:7.3f}  {w.fwd_s * 1e3:6.3f}  {w.host_s * 1e3:7.3f}  {ratio}")
 
 
