@@ -43,6 +43,7 @@ class Detokenizer:
         self.read_offset = len(self.ids)
         self.prefix_offset = 0
         self.stop = [s for s in stop if s]
+        self.longest_stop = max(map(len, self.stop), default=0)
         self.skip_special_tokens = skip_special_tokens
         self.text = ""
         self.emitted = 0  # chars of ``text`` already handed out
@@ -56,8 +57,10 @@ class Detokenizer:
         if delta is None:
             return None
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        start = max(len(self.text) - max((len(s) for s in self.stop), default=0) + 1, 0)
+        start = max(len(self.text) - self.longest_stop + 1, 0)
         self.text += delta
+        if not self.stop:
+            return None
         found = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
         if not found:
             return None
@@ -99,7 +102,7 @@ class Detokenizer:
 
     def _held_back(self) -> int:
         text = self.text
-        for k in range(min(max((len(s) for s in self.stop), default=1) - 1, len(text) - self.emitted), 0, -1):
+        for k in range(min(self.longest_stop - 1, len(text) - self.emitted), 0, -1):
             tail = text[-k:]
             if any(s.startswith(tail) for s in self.stop):
                 return k
