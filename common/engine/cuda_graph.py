@@ -115,7 +115,8 @@ class DecodeGraphs:
         """Hidden states ``[B, hidden]`` of a decode batch: sequence ``i`` computes ``input_ids[i]`` at
         ``positions[i]`` (its KV blocks ``block_tables[i]``); placeholder ids come from ``pending`` on the
         device (copied to a fixed buffer; the graph's first kernels run ``fill_pending``).  The result is a
-        view of the graph's output, valid until the next ``run``.  Raises ``ValueError`` if no graph fits (see ``bucket``)."""
+        view of the graph's output, valid until the next ``run``.  Raises ``ValueError`` if no graph fits
+        (see ``bucket``)."""
         num_seqs = len(input_ids)
         key = self.bucket(num_seqs, max(positions) + 1)
         if key is None:
