@@ -18,6 +18,8 @@
 # offline:  bench.engine_throughput 32 x 128 -> 128 against transformers (cuDNN SDPA off for both), 1B shape.
 # async:    async scheduling (the default on CUDA) against synchronous steps, 1B shape: 29 requests (greedy, seeded,
 #           stop ids, logprobs) identical either way with no KV block left; the offline run with --no-async-scheduling.
+# host:     bench.host_step, 1B shape, batches 1 and 32: GPU busy (graph replay + LM head events over the step
+#           period), async and synchronous steps (not in the default PARTS: PARTS=host).
 # Writes $OUT/<step>.log and status.txt.  A failed step does not stop the next one.
 set -uo pipefail
 OUT=${OUT:-/tmp/kernels-gpu}
@@ -113,5 +115,7 @@ sys.argv[0] = "engine_throughput"; et.main()' \
     --model "$CKPT_1B" --num-requests 32 --input-len 128 --output-len 128 --dtype bfloat16 --device cuda \
     --attention-backend triton --no-async-scheduling
 fi
+has host && step host_step 300 python3 -m bench.host_step --device cuda --model "$CKPT_1B" --dtype bfloat16 \
+  --batch-sizes 1,32
 cat "$OUT/status.txt"
 exit $status

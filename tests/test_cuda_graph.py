@@ -1,11 +1,9 @@
 """Decode CUDA graphs: bucketing, padded input buffers and replay, checked on CPU.
 
-Only CUDA can capture a graph; here ``RerunGraph`` stands in for ``torch.cuda.CUDAGraph``
+Only CUDA can capture a graph; on CPU ``DecodeGraphs.capture`` makes a ``RerunGraph`` instead
 (``replay()`` reruns the same forward over the same fixed buffers into the same output
 tensor), so everything else of ``DecodeGraphs`` runs as on a GPU.
 """
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,14 +16,6 @@ from common.messages import SamplingParams
 PROMPT_LENGTHS = (5, 30, 17)  # 3 sequences: graph batch 4 (one padded row); contexts cross block boundaries
 
 
-class RerunGraph:
-    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor):
-        self.forward, self.out = forward, out
-
-    def replay(self) -> None:
-        self.out.copy_(self.forward())
-
-
 class RerunGraphs(DecodeGraphs):
     def __init__(self, *args):
         super().__init__(*args)
@@ -34,8 +24,7 @@ class RerunGraphs(DecodeGraphs):
 
     def capture(self, batch, blocks):
         self.captured.append((batch, blocks))
-        out = self.forward(batch, blocks)
-        graph = RerunGraph(lambda: self.forward(batch, blocks), out)
+        graph, out = super().capture(batch, blocks)
         original = graph.replay
 
         def replay() -> None:
@@ -90,3 +79,41 @@ def test_graph_replay_matches_eager_tokens_and_kv():
     assert runner.graphs.replays == 24 - 1  # every decode step replayed; the first token came from prefill
     # the padded row wrote nothing but row 0's own K/V: caches agree
     torch.testing.assert_close(graphed.kv_cache.data, eager.kv_cache.data, rtol=0, atol=1e-5)
+
+
+def test_a_step_stages_its_inputs_without_building_tensors_from_lists(monkeypatch):
+    eng = make_engine(max_num_seqs=8, max_model_len=100)
+    graphs = DecodeGraphs(eng.model, eng.kv_cache, 8, 100)
+    built = []
+    with torch.inference_mode():
+        graphs.run([5, 6, 7], [3, 20, 40], [[1], [2, 3], [4, 5, 6]])  # captures (4, 4)
+        monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append(a))
+        graphs.run([8, 9, 10], [4, 21, 41], [[1], [2, 3], [4, 5, 6]])
+    assert built == []
+
+
+def test_staged_block_tables_follow_every_change():
+    """Two staging buffers in turn, each rewriting only rows that changed since it last held them: the device
+    tables always equal the step's, also when a row's table keeps its length but not its blocks."""
+    eng = make_engine(max_num_seqs=8, max_model_len=100)
+    graphs = DecodeGraphs(eng.model, eng.kv_cache, 8, 100)
+    steps = [
+        [[1], [2, 3], [4, 5, 6]],
+        [[1], [2, 3], [4, 5, 6]],
+        [[1], [7, 8], [4, 5, 6]],  # row 1: other blocks, same length
+        [[1], [7, 8], [4, 5, 6]],
+        [[9], [7, 8]],  # a sequence left: rows shift, the padded rows repeat row 0
+        [[1, 2, 3], [7, 8], [4, 5, 6], [10]],
+    ]
+    for tables in steps:
+        positions = [16 * len(t) - 1 for t in tables]
+        with torch.inference_mode():
+            graphs.run([3] * len(tables), positions, tables)
+        batch, blocks = graphs.bucket(len(tables), max(positions) + 1)
+        rows = tables + [tables[0]] * (batch - len(tables))
+        expected = [row + [0] * (blocks - len(row)) for row in rows]
+        assert graphs.block_tables[:batch, :blocks].tolist() == expected
+        slots = [t[-1] * 16 + 15 for t in rows]
+        assert graphs.inputs[:, :batch].tolist() == [
+            [3] * batch, [16 * len(t) - 1 for t in rows], slots,
+            [16 * len(t) for t in rows], list(range(len(tables))) + [0] * (batch - len(tables))]

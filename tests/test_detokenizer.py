@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from common.engine.detokenizer import Detokenizer
@@ -73,3 +75,49 @@ def test_decode_side_does_not_repeat_the_first_token(tok):
     decode.append_emitted(ids[0])
     _, matched = stream(decode, ids[1:])
     assert matched == " 你好"
+
+
+class CountingTokenizer:
+    """``tok`` whose ``decode`` calls are counted; ``decode_stream`` only where ``stream`` is set."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.decodes = tok, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decodes += 1
+        return self.tok.decode(ids, skip_special_tokens)
+
+
+class CountingStreamTokenizer(CountingTokenizer):
+    def decode_stream(self, context, skip_special_tokens=True):
+        return self.tok.decode_stream(context, skip_special_tokens)
+
+
+def test_decode_stream_gives_the_windows_text_with_no_decode_per_token(tok):
+    rng = random.Random(3)
+    fast_ones = 0
+    for trial in range(20):  # random ids of the byte-level vocab: many end inside a character
+        prompt = [rng.randrange(3, 330) for _ in range(rng.randrange(0, 9))]
+        ids = [rng.randrange(3, 330) for _ in range(60)]
+        stops = [tok.decode(ids[20:22])] if trial % 2 else []
+        windows, streamed = CountingTokenizer(tok), CountingStreamTokenizer(tok)
+        reference, fast = Detokenizer(windows, prompt, stops), Detokenizer(streamed, prompt, stops)
+        assert stream(fast, ids) == stream(reference, ids)
+        assert fast.text == reference.text and windows.decodes > 0
+        assert streamed.decodes == 0 or fast.stream is None  # a prompt ending inside a character: windows
+        fast_ones += fast.stream is not None
+    assert fast_ones >= 10
+
+
+def test_a_refused_stream_falls_back_to_windows(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    detok = Detokenizer(tok, [], [])
+    detok.append(ids[0])
+
+    def refuse(token_id):
+        raise Exception("Invalid prefix encountered")  # what tokenizers raises
+
+    detok.stream = refuse
+    for token in ids[1:]:
+        detok.append(token)
+    assert detok.stream is None and detok.take(final=True) == TEXT

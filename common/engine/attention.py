@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.arith import ceil_div
+from common.engine.host_copies import to_device
 from common.engine.kernels import paged_attention as kernels
 from common.engine.kv_cache import KVCache
 
@@ -118,11 +119,11 @@ class AttentionMetadata:
         query_start_loc = [0]
         for q in query_lens:
             query_start_loc.append(query_start_loc[-1] + q)
-        # one host tensor, one copy to the device
-        host = torch.tensor(
+        # one host tensor, one copy to the device (pinned: a pageable one may wait for the step in flight)
+        host = to_device(
             query_start_loc + context_lens + slots + [b for t in block_tables for b in t + [0] * (max_blocks - len(t))],
-            dtype=torch.int64,
-        ).to(device, non_blocking=True)
+            torch.int64, torch.device(device),
+        )
         num_seqs, num_tokens = len(query_lens), len(slots)
         qsl, ctx, slot, tables = host.split([num_seqs + 1, num_seqs, num_tokens, num_seqs * max_blocks])
         meta = cls(
@@ -140,7 +141,7 @@ class AttentionMetadata:
                 tokens = [t for i in rows for t in range(query_start_loc[i], query_start_loc[i + 1])]
                 part = cls.build([query_lens[i] for i in rows], [context_lens[i] for i in rows],
                                  [block_tables[i] for i in rows], block_size, device)
-                meta.parts.append((torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True), part))
+                meta.parts.append((to_device(tokens, torch.int64, torch.device(device)), part))
         return meta
 
     def attention_mask(

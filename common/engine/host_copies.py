@@ -23,3 +23,31 @@ def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.device.type == "cpu":
         return t
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+class Staging:
+    """Pinned host buffers (plain ones on CPU) of ``shape``, used in turn to stage host→device copies:
+    ``next()`` hands out the following one once the copies queued from it last time ran (an event recorded by
+    ``queued()`` after them; normally long done: with async scheduling the step that read it has retired)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, count: int = 2):
+        cuda = device.type == "cuda"
+        self.buffers = [torch.zeros(shape, dtype=dtype, pin_memory=cuda) for _ in range(count)]
+        self.events: list[torch.cuda.Event | None] = [None] * count
+        self.cuda = cuda
+        self.index = count - 1
+
+    def next(self) -> torch.Tensor:
+        """The next buffer, free to overwrite."""
+        self.index = (self.index + 1) % len(self.buffers)
+        event = self.events[self.index]
+        if event is not None:
+            event.synchronize()
+        return self.buffers[self.index]
+
+    def queued(self) -> None:
+        """Every copy from the current buffer is queued on the current stream."""
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self.events[self.index] = event

@@ -144,17 +144,18 @@ class ModelRunner:
         if not any(inputs.sample):
             return None
         if not all(inputs.sample):
-            rows = [i for i, s in enumerate(inputs.sample) if s]
-            last = last[to_device(rows, torch.int64, self.device)]
-        return self.model.compute_logits(hidden[last])
+            rows = to_device([i for i, s in enumerate(inputs.sample) if s], torch.int64, self.device)
+            last = rows if last is None else last[rows]
+        return self.model.compute_logits(hidden if last is None else hidden[last])
 
-    def _hidden_states(self, inputs: StepInputs, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states of every new token, the row of each sequence's last new token)."""
+    def _hidden_states(self, inputs: StepInputs, pending: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states of every new token, the row of each sequence's last new token; None: row i is
+        sequence i's, a decode batch)."""
         num_seqs = len(inputs.query_lens)
         decode_only = len(inputs.input_ids) == num_seqs
         if decode_only and self.graphs is not None and self.graphs.bucket(num_seqs, max(inputs.context_lens)):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.block_tables, pending)
-            return hidden, torch.arange(num_seqs, device=self.device)
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.block_tables, pending), None
         meta = AttentionMetadata.build(
             inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device,
             split_parts=self.model.attention_backend == "torch",

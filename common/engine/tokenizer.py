@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.ext
 import tokenizers
+import tokenizers.decoders
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from common.config import ConfigError
@@ -129,6 +132,15 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, context: list[int], skip_special_tokens: bool = True) -> Callable[[int], str | None] | None:
+        """``tokenizers``' ``DecodeStream`` after ``context`` (one call per token, in Rust): each call takes the
+        next id and returns its text delta, None while it ends inside a character; it raises where a window's
+        text is not a prefix of the next one's.  None if ``context``'s text ends inside a character."""
+        stream = tokenizers.decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
+        if context and stream.step(self.backend, context) is None:
+            return None
+        return partial(stream.step, self.backend)
 
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of one id (byte-level form for byte-level tokenizers), None if unknown."""
