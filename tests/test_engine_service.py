@@ -8,6 +8,7 @@ moves blocks waits until the engines it touched are idle again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from common.bus import BusClient
 from common.engine.engine import LLMEngine
 from common.engine.kv_cache import KVCache
 from common.engine_service import ColocatedRole, EngineService, EngineServiceConfig
+from common.engine_service.service import serve
 from common.errors import PeerError
 from common.messages import (
     Abort,
@@ -473,3 +475,19 @@ async def test_shutdown_aborts_in_flight_streams_and_deregisters(cluster: Cluste
         await bus.close()
     assert both.instance_id not in listed
     assert {s.instance_id for n, s in cluster.services.items() if n != "both"} <= listed
+
+
+async def test_a_served_engine_freezes_what_it_built_out_of_the_collections():
+    """``serve`` (one engine per process) moves what it built out of the collector's generations once up."""
+    registry = Registry(RegistryConfig(bind="tcp://127.0.0.1:0"))
+    await registry.start()
+    gc.unfreeze()
+    serving = asyncio.create_task(serve(service_config(registry.endpoint, "both", "frozen"), ROLES))
+    try:
+        await eventually(lambda: gc.get_freeze_count() > 0 or serving.done(), timeout=60)
+        assert not serving.done() and gc.get_freeze_count() > 0
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        gc.unfreeze()
+        await registry.close()

@@ -7,7 +7,6 @@ pin_for_transfer=...)`` on prefill, ``add_remote_request(RemoteRequest)`` /
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from functools import partial
@@ -124,8 +123,6 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
         self._offline_count = 0
-        gc.collect()
-        gc.freeze()  # what exists now lives as long as the engine: the steps' collections skip it (vLLM does too)
         logger.info(
             "engine ready: model %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, TP %d, "
             "attention backend %s",

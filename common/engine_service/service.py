@@ -20,6 +20,7 @@ stop the engine, unregister transfer memory.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -374,6 +375,10 @@ async def serve(config: EngineServiceConfig, roles: Mapping[str, RoleFactory]) -
         service = EngineService(config, core, role)
         try:
             await service.start()
+            # What exists now (model, KV cache, service) lives as long as the process: the collector's passes
+            # skip it from here on (vLLM does the same); a gen-0 pass mid-decode took 1.9 ms before, 0.3 after.
+            gc.collect()
+            gc.freeze()
             while service.engine.failed is None:
                 await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
             # A dead engine thread serves nothing: exit non-zero so a supervisor restarts us.
