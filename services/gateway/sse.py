@@ -105,10 +105,16 @@ class DisconnectWatch:
 
     def close(self) -> None:
         coro, self._coro = self._coro, None
+        self._on_disconnect = _ignore  # it refers to its owner, which refers to this watch
         if coro is not None:
             if self._future is not None:
                 self._future.remove_done_callback(self._step)
+                self._future = None
             coro.close()
+
+
+def _ignore() -> None:
+    pass
 
 
 class ClientWatch:
