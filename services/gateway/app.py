@@ -42,8 +42,8 @@ from services.gateway.choices import choice_class
 from services.gateway.config import GatewayConfig
 from services.gateway.context import FlowContext
 from services.gateway.engine_connections import EngineConnections
-from services.gateway.http_protocol import ConnectionHook, connection_hook
 from services.gateway.errors import APIError, invalid
+from services.gateway.http_protocol import ConnectionHook, connection_hook
 from services.gateway.limits import read_body
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.openapi import openapi_document

@@ -96,8 +96,8 @@ class GatewayHTTPProtocol(HttpToolsProtocol):
     (pass the class as ``uvicorn.Config(http=...)``)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.hook = ConnectionHook()
-        self._extensions = {_EXTENSION: self.hook}
+        self._hook = ConnectionHook()
+        self._extensions = {_EXTENSION: self._hook}
         super().connection_made(HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
 
     def on_message_begin(self) -> None:
@@ -106,4 +106,4 @@ class GatewayHTTPProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.hook.closed()
+        self._hook.closed()
