@@ -1,4 +1,5 @@
-"""The gateway's HTTP protocol (issue 16): a response's head leaves in the same write as its body.
+"""The gateway's HTTP protocol (issue 16): a response's head leaves in the same write as its body, and a
+request hears that its connection closed through the connection's hook.
 
 uvicorn's real ``HttpToolsProtocol`` parses real request bytes and runs the gateway's own ASGI
 responses; the transport under it records each write (one write is one send system call, and one
@@ -13,7 +14,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from services.gateway import sse
-from services.gateway.http_protocol import GatewayHTTPProtocol
+from services.gateway.http_protocol import GatewayHTTPProtocol, connection_hook
 from services.gateway.responses import JSONResponse
 
 REQUEST = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
@@ -96,3 +97,32 @@ async def test_a_head_without_its_body_leaves_at_the_end_of_the_iteration():
     await serve_one(app, transport)
     assert heads_seen == [1]  # the head went out alone before the body was sent
     assert transport.writes[0].startswith(b"HTTP/1.1 200 OK") and transport.writes[1] == b"ok"
+
+
+async def test_a_request_hears_its_connection_close_without_a_pending_receive():
+    transport = RecordingTransport()
+    outcome: list[str] = []
+    waiting = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()  # the body
+        connection = connection_hook(scope)
+        assert connection is not None and connection.on_lost is None
+        forever = asyncio.get_running_loop().create_future()
+        waiting.set()
+        try:
+            await sse.run_until_disconnect(receive, forever, connection=connection)
+        except sse.ClientGone:
+            outcome.append("gone")
+        assert connection.on_lost is None  # nothing left that refers to this request
+
+    config = uvicorn.Config(app, interface="asgi3", http=GatewayHTTPProtocol, lifespan="off", log_level="warning")
+    config.load()
+    protocol = GatewayHTTPProtocol(config, ServerState(), app_state={})
+    protocol.connection_made(transport)
+    protocol.data_received(REQUEST)
+    await waiting.wait()
+    assert not protocol.cycle.message_event._waiters  # no receive() pending while the request waits
+    protocol.connection_lost(None)
+    await asyncio.gather(*protocol.tasks)
+    assert outcome == ["gone"]

@@ -43,6 +43,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.context import FlowContext
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.errors import APIError, invalid
+from services.gateway.http_protocol import ConnectionHook, connection_hook
 from services.gateway.limits import read_body
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.openapi import openapi_document
@@ -241,6 +242,7 @@ class Gateway:
         request_id = None
         try:
             headers = dict(scope["headers"])
+            connection = connection_hook(scope)
             if (denied := unauthorized(self.config.api_key, _header(headers, b"authorization"))) is not None:
                 self.metrics.on_request_done(endpoint, denied.status_code, time.perf_counter() - started_at, ())
                 return denied
@@ -257,7 +259,7 @@ class Gateway:
                         if p.token_ids is not None:
                             p.echo_text = await self.tokenization.text(req.model, p.token_ids)
                 if not self.admission.try_acquire():  # queued: 429 or 503 when that fails, 499 on a disconnect
-                    await sse.run_until_disconnect(receive, self.admission.acquire())
+                    await sse.run_until_disconnect(receive, self.admission.acquire(), connection=connection)
                 choice = choice_class(self.context, req.model)
                 if req.stream:
                     events = EventQueue()
@@ -274,25 +276,27 @@ class Gateway:
             self.metrics.on_request_done(endpoint, status, time.perf_counter() - started_at, ())
             return _answer_failure(e, request_id)
         if req.stream:
-            return await self._stream(run, events, receive)
-        return await self._respond(run, collector, receive)
+            return await self._stream(run, events, receive, connection)
+        return await self._respond(run, collector, receive, connection)
 
-    async def _respond(self, run: RequestRun, collector: ResponseCollector, receive: Receive) -> ASGIApp:
+    async def _respond(self, run: RequestRun, collector: ResponseCollector, receive: Receive,
+                       connection: ConnectionHook | None) -> ASGIApp:
         """The JSON answer once every choice finished (or the failure's)."""
         try:
             run.start()
-            await sse.run_until_disconnect(receive, run.done, run.deadline)
+            await sse.run_until_disconnect(receive, run.done, run.deadline, connection)
             body = collector.body(run.request_id, run.stats)
         except BaseException as e:
             return _close_failed(run, e)
         run.close(200)
         return JSONResponse(body, 200, run.request_id)
 
-    async def _stream(self, run: RequestRun, events: EventQueue, receive: Receive) -> ASGIApp:
+    async def _stream(self, run: RequestRun, events: EventQueue, receive: Receive,
+                      connection: ConnectionHook | None) -> ASGIApp:
         """The event stream, once the first event is known (or the failure's answer); from then on
         the stream closes the run, however it ends."""
         events.follow(run)
-        watch = sse.ClientWatch(receive)  # the stream's: it watches the body too
+        watch = sse.ClientWatch(receive, connection)  # the stream's, for both its waits
         try:
             run.start()
             first = await watch.run(events.next(run))

@@ -153,8 +153,9 @@ class ChoiceRun:
         if self.done:
             return
         self.done = True
-        if self.leg is not None:
-            self.leg.stop()
+        leg, self.leg = self.leg, None  # the leg refers to this choice: no cycle left for the garbage collector
+        if leg is not None:
+            leg.stop()
         if error is not None or abort:
             connections = self.context.connections
             for inst in self.holders.values():
@@ -302,6 +303,7 @@ class RequestRun:
         self.closed = True
         self.context.runs.discard(self)
         self._cancel()
+        self._runs = []  # each refers to this run: no cycle left for the garbage collector
         self.context.observer.on_request_done(self.endpoint, status, time.perf_counter() - self.started_at,
                                               self.stats)
         self.context.request_ids.release(self.handle)

@@ -15,6 +15,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import msgspec
 from starlette.types import Receive, Scope, Send
 
+from services.gateway.http_protocol import ConnectionHook
+
 T = TypeVar("T")
 
 DONE = b"data: [DONE]\n\n"
@@ -105,28 +107,42 @@ class DisconnectWatch:
 
     def close(self) -> None:
         coro, self._coro = self._coro, None
+        self._on_disconnect = _ignore  # it refers to its owner, which refers to this watch
         if coro is not None:
             if self._future is not None:
                 self._future.remove_done_callback(self._step)
+                self._future = None
             coro.close()
 
 
+def _ignore() -> None:
+    pass
+
+
 class ClientWatch:
-    """Watches a request's client for the request's whole life (one ``DisconnectWatch``; ``close()``
-    ends it): ``run(work)`` awaits ``work`` in the request's task, cancels it and raises
+    """Watches a request's client for the request's whole life (through its ``connection``'s hook
+    when the server offers one, ``http_protocol.connection_hook``, else with one ``DisconnectWatch``;
+    ``close()`` ends it): ``run(work)`` awaits ``work`` in the request's task, cancels it and raises
     ``ClientGone`` once the client disconnects (at once if it already has), or ``TimeoutError`` once
     the loop's clock reaches ``deadline``.  Outside ``run`` a disconnect is only noted.  A stream
     answers from two such waits (its first event, then its body) with one watch."""
 
-    __slots__ = ("_task", "_watch", "_stopped_by", "_running")
+    __slots__ = ("_task", "_watch", "_connection", "_stopped_by", "_running")
 
-    def __init__(self, receive: Receive):
+    def __init__(self, receive: Receive, connection: ConnectionHook | None = None):
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._stopped_by: type[Exception] | None = None
         self._running = False
-        self._watch = DisconnectWatch(receive, self._gone)
+        self._connection = connection
+        self._watch: DisconnectWatch | None = None
+        if connection is None:
+            self._watch = DisconnectWatch(receive, self._gone)
+        elif connection.lost:
+            self._stopped_by = ClientGone
+        else:
+            connection.on_lost = self._gone
 
     async def run(self, work: Awaitable[T], deadline: float | None = None) -> T:
         if self._stopped_by is not None:
@@ -147,7 +163,10 @@ class ClientWatch:
                 timer.cancel()
 
     def close(self) -> None:
-        self._watch.close()
+        if self._watch is not None:
+            self._watch.close()
+        elif self._connection is not None and self._connection.on_lost == self._gone:
+            self._connection.on_lost = None  # it refers to this watch; the connection may serve another request
 
     def _gone(self) -> None:
         self._stop(ClientGone)
@@ -159,11 +178,12 @@ class ClientWatch:
                 self._task.cancel()
 
 
-async def run_until_disconnect(receive: Receive, work: Awaitable[T], deadline: float | None = None) -> T:
+async def run_until_disconnect(receive: Receive, work: Awaitable[T], deadline: float | None = None,
+                               connection: ConnectionHook | None = None) -> T:
     """Await ``work`` in this task; cancel it and raise ``ClientGone`` if the client disconnects
     first, or ``TimeoutError`` if the loop's clock reaches ``deadline`` first (a ``ClientWatch``
     for one wait)."""
-    watch = ClientWatch(receive)
+    watch = ClientWatch(receive, connection)
     try:
         return await watch.run(work, deadline)
     finally:
