@@ -159,11 +159,11 @@ class DecodeHandoff(ColocatedRole):
         """The engine's blocks for ``remote``, waiting up to ``--remote-blocks-timeout-s`` for free ones; None
         when the request was aborted meanwhile.  ``PeerError`` (``invalid_request``, ``overloaded``)."""
         try:
-            return await asyncio.wait_for(self.service.engine.add_remote(remote),
-                                          self.service.config.remote_blocks_timeout_s)
+            async with asyncio.timeout(self.service.config.remote_blocks_timeout_s):  # no task: an idle engine
+                return await self.service.engine.add_remote(remote)  # allocates without suspending us
         except InvalidRequest as e:
             raise PeerError("invalid_request", e.message, e.param) from e
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerError("overloaded", f"no free KV blocks within "
                             f"{self.service.config.remote_blocks_timeout_s:g} s") from None
         except RequestAborted:
