@@ -110,13 +110,43 @@ class KVReader:
         self._claims: dict[str, asyncio.Future[list[int] | None]] = {}  # transfer id -> its first RenewLease
 
     def claim(self, params: KVTransferParams) -> asyncio.Future[list[int] | None]:
-        """Claim ``params``' transfer now (its first ``RenewLease``, in the background), so that a read from a
-        same-host prefill does not wait for the round trip; ``read_blocks`` or ``release`` consumes it.
-        Returns the claim (awaiting it is optional: the block ids its lease holds, or None)."""
+        """Claim ``params``' transfer now (its first ``RenewLease``), so that a read from a same-host prefill
+        does not wait for the round trip; ``read_blocks`` or ``release`` consumes it.  The request is queued
+        before this returns and leaves with the event loop's next turn: a caller about to do work that may
+        not yield (an idle engine's allocation, an inline read) yields once first (``asyncio.sleep(0)``).
+        Returns the claim (awaiting it is optional: the block ids its lease holds, or None; ``BusError``)."""
         if params.transfer_id not in self._claims:
-            self._claims[params.transfer_id] = asyncio.ensure_future(self._renew(params.kv_endpoint,
-                                                                                  params.transfer_id))
+            self._claims[params.transfer_id] = self._renew_queued(params.kv_endpoint, params.transfer_id)
         return self._claims[params.transfer_id]
+
+    def _renew_queued(self, kv_endpoint: str, transfer_id: str) -> asyncio.Future[list[int] | None]:
+        """``_renew``, its request queued on the client before this returns (``BusClient.request``), its
+        outcome on the future (``CallTimeout`` after the client's timeout)."""
+        loop = asyncio.get_running_loop()
+        claim: asyncio.Future[list[int] | None] = loop.create_future()
+        client = self.clients.get(kv_endpoint)
+
+        def on_reply(_: int, reply: object) -> None:
+            if claim.done():
+                return
+            if isinstance(reply, BusError):
+                claim.set_exception(reply)
+            else:
+                claim.set_result(lease_blocks(reply, transfer_id))
+
+        def expire() -> None:
+            if not claim.done():
+                claim.set_exception(CallTimeout(f"no answer to RenewLease of {transfer_id} from {kv_endpoint} "
+                                                f"within {client.timeout:g} s"))
+
+        try:
+            req_id = client.request(RenewLease([transfer_id]), on_reply)
+        except BusError as e:
+            claim.set_exception(e)
+            return claim
+        timer = loop.call_later(client.timeout, expire)
+        claim.add_done_callback(lambda _: (timer.cancel(), client.forget(req_id)))
+        return claim
 
     async def read_blocks(
         self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
@@ -224,10 +254,7 @@ class KVReader:
     async def _renew(self, kv_endpoint: str, transfer_id: str) -> list[int] | None:
         """Renew one lease (claiming it); the block ids it holds, or None when prefill no longer knows
         it (or it is another reader's).  Bus errors propagate."""
-        reply = await self.clients.get(kv_endpoint).call(RenewLease([transfer_id]))
-        if not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
-            return None
-        return reply.block_ids.get(transfer_id, [])
+        return lease_blocks(await self.clients.get(kv_endpoint).call(RenewLease([transfer_id])), transfer_id)
 
     async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
         """Renew now, then every renew interval, until the lease is gone (``lost``) or cancelled."""
@@ -253,6 +280,13 @@ class KVReader:
         await self.releases.flush()
         self.peers.close()
         await self.clients.close()
+
+
+def lease_blocks(reply: object, transfer_id: str) -> list[int] | None:
+    """The block ids a ``RenewLease`` reply says the lease of ``transfer_id`` holds; None when it is gone."""
+    if not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
+        return None
+    return reply.block_ids.get(transfer_id, [])
 
 
 def _consume(claim: asyncio.Future) -> None:

@@ -133,9 +133,10 @@ class DecodeHandoff(ColocatedRole):
             self.reader.release(params)  # prefill must not keep blocks nobody will read
             raise PeerError("invalid_request", f"remote_prefill: {problem}", "remote_prefill")
         remote = RemoteRequest(request_id, prompt_ids, params.first_token_id, msg.sampling, params.num_tokens)
-        self.reader.claim(params)  # its round trip runs while the engine allocates
+        self.reader.claim(params)  # its round trip runs while the engine allocates and the KV is read
         asked = time.monotonic()
         try:
+            await asyncio.sleep(0)  # the claim leaves now: an idle engine allocates, a short read copies, unyielding
             allocation = await self.allocate(remote)
         except BaseException:
             self.reader.release(params)  # prefill must not keep blocks nobody will read
