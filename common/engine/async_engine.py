@@ -103,8 +103,8 @@ class AsyncEngine:
         self._turn = threading.Lock()  # held by whoever touches ``core``: the engine thread but while asleep
         self._stopping = False
         self._dead: BaseException | None = None
-        # Published by the engine thread after every command batch and step, before that step's outputs
-        # are delivered: whoever saw an output reads stats at least as new as it.  Never waited for.
+        # Published after every command batch (by whichever thread ran it) and step, before that step's
+        # outputs are delivered: whoever saw an output reads stats at least as new as it.  Never waited for.
         self.latest_stats: StepStats = core.stats()
         if core.workers is not None:
             core.workers.on_exit = self._wake.set
