@@ -116,37 +116,40 @@ class KVReader:
         not yield (an idle engine's allocation, an inline read) yields once first (``asyncio.sleep(0)``).
         Returns the claim (awaiting it is optional: the block ids its lease holds, or None; ``BusError``)."""
         if params.transfer_id not in self._claims:
-            self._claims[params.transfer_id] = self._renew_queued(params.kv_endpoint, params.transfer_id)
+            self._claims[params.transfer_id] = self._renew(params.kv_endpoint, params.transfer_id)
         return self._claims[params.transfer_id]
 
-    def _renew_queued(self, kv_endpoint: str, transfer_id: str) -> asyncio.Future[list[int] | None]:
-        """``_renew``, its request queued on the client before this returns (``BusClient.request``), its
-        outcome on the future (``CallTimeout`` after the client's timeout)."""
+    def _renew(self, kv_endpoint: str, transfer_id: str) -> asyncio.Future[list[int] | None]:
+        """Renew one lease (claiming it), the request queued on the client before this returns
+        (``BusClient.request``).  The future: the block ids the lease holds, or None when prefill no longer
+        knows it (or it is another reader's); bus errors (``CallTimeout`` after the client's timeout)."""
         loop = asyncio.get_running_loop()
-        claim: asyncio.Future[list[int] | None] = loop.create_future()
+        renewed: asyncio.Future[list[int] | None] = loop.create_future()
         client = self.clients.get(kv_endpoint)
 
         def on_reply(_: int, reply: object) -> None:
-            if claim.done():
+            if renewed.done():
                 return
             if isinstance(reply, BusError):
-                claim.set_exception(reply)
+                renewed.set_exception(reply)
+            elif not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
+                renewed.set_result(None)
             else:
-                claim.set_result(lease_blocks(reply, transfer_id))
+                renewed.set_result(reply.block_ids.get(transfer_id, []))
 
         def expire() -> None:
-            if not claim.done():
-                claim.set_exception(CallTimeout(f"no answer to RenewLease of {transfer_id} from {kv_endpoint} "
-                                                f"within {client.timeout:g} s"))
+            if not renewed.done():
+                renewed.set_exception(CallTimeout(f"no answer to RenewLease of {transfer_id} from "
+                                                  f"{kv_endpoint} within {client.timeout:g} s"))
 
         try:
             req_id = client.request(RenewLease([transfer_id]), on_reply)
         except BusError as e:
-            claim.set_exception(e)
-            return claim
+            renewed.set_exception(e)
+            return renewed
         timer = loop.call_later(client.timeout, expire)
-        claim.add_done_callback(lambda _: (timer.cancel(), client.forget(req_id)))
-        return claim
+        renewed.add_done_callback(lambda _: (timer.cancel(), client.forget(req_id)))
+        return renewed
 
     async def read_blocks(
         self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
@@ -251,11 +254,6 @@ class KVReader:
         statuses, _ = await self.ranks[read.rank].read(link.transport, link.session, read.ranges)
         return statuses
 
-    async def _renew(self, kv_endpoint: str, transfer_id: str) -> list[int] | None:
-        """Renew one lease (claiming it); the block ids it holds, or None when prefill no longer knows
-        it (or it is another reader's).  Bus errors propagate."""
-        return lease_blocks(await self.clients.get(kv_endpoint).call(RenewLease([transfer_id])), transfer_id)
-
     async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
         """Renew now, then every renew interval, until the lease is gone (``lost``) or cancelled."""
         while True:
@@ -280,13 +278,6 @@ class KVReader:
         await self.releases.flush()
         self.peers.close()
         await self.clients.close()
-
-
-def lease_blocks(reply: object, transfer_id: str) -> list[int] | None:
-    """The block ids a ``RenewLease`` reply says the lease of ``transfer_id`` holds; None when it is gone."""
-    if not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
-        return None
-    return reply.block_ids.get(transfer_id, [])
 
 
 def _consume(claim: asyncio.Future) -> None:
