@@ -14,7 +14,9 @@ Client timestamps (``perf_counter``) of the outputs carrying tokens:
 * colocated: the gap between the first and the second token of one stream.
 
 Prints p50 / mean of both gaps and P/D minus colocated (of the p50s), with
-the decode's own ``kv_transfer_s`` and ``first_decode_step_s`` (p50).
+the decode's own ``allocate_s``, ``kv_transfer_s`` and ``first_decode_step_s``
+and the rest of the P/D gap, per request (the client -> decode hop, the
+Generate's handling before the allocation, the output's way back).
 
     python -m bench.handoff_gap --device cpu --kv-transport shm
     python -m bench.handoff_gap --device cuda --kv-transport nvlink --model /tmp/ckpt --prompt-len 2048 \\
@@ -55,9 +57,11 @@ async def pd_gap(driver: EngineDriver, rid: str, ids: list[int]) -> dict[str, fl
             t_second, timings = time.perf_counter(), out.timings or {}
     if t_second is None or "kv_failed" in timings:
         raise RuntimeError(f"{rid}: the decode leg read no KV (timings {timings}); the gap would measure a recompute")
-    return {"gap_s": t_second - t_first, "allocate_s": timings["allocate_s"],
-            "kv_transfer_s": timings["kv_transfer_s"], "kv_read_s": timings["kv_read_s"],
-            "first_decode_step_s": timings["first_decode_step_s"], "kv_bytes": timings["kv_bytes"]}
+    row = {"gap_s": t_second - t_first, "allocate_s": timings["allocate_s"],
+           "kv_transfer_s": timings["kv_transfer_s"], "kv_read_s": timings["kv_read_s"],
+           "first_decode_step_s": timings["first_decode_step_s"], "kv_bytes": timings["kv_bytes"]}
+    row["rest_s"] = row["gap_s"] - row["allocate_s"] - row["kv_transfer_s"] - row["first_decode_step_s"]
+    return row
 
 
 async def colocated_gap(driver: EngineDriver, rid: str, ids: list[int]) -> float:
@@ -110,6 +114,7 @@ async def run(args: argparse.Namespace) -> dict:
         "kv_transfer": summary_ms([r["kv_transfer_s"] for r in pd_rows]),
         "kv_read": summary_ms([r["kv_read_s"] for r in pd_rows]),
         "first_decode_step": summary_ms([r["first_decode_step_s"] for r in pd_rows]),
+        "rest": summary_ms([r["rest_s"] for r in pd_rows]),
     }  # fmt: skip
     result["pd_minus_colocated_p50_ms"] = result["pd_gap"]["p50_ms"] - result["colocated_gap"]["p50_ms"]
     return result
@@ -123,7 +128,8 @@ def report(result: dict) -> str:
              f"{'':34} {'p50 ms':>8} {'mean ms':>8} {'max ms':>8}"]
     for key, label in (("pd_gap", "P/D first gap"), ("allocate", "  decode: block allocation"),
                        ("kv_transfer", "  decode: KV transfer"), ("kv_read", "    of which the transport's read"),
-                       ("first_decode_step", "  decode: first decode step"), ("colocated_gap", "colocated first gap")):
+                       ("first_decode_step", "  decode: first decode step"), ("rest", "  the rest: hops, Generate"),
+                       ("colocated_gap", "colocated first gap")):
         s = result[key]
         lines.append(f"{label:34} {s['p50_ms']:8.2f} {s['mean_ms']:8.2f} {s['max_ms']:8.2f}")
     lines.append(f"P/D minus colocated (p50): {result['pd_minus_colocated_p50_ms']:+.2f} ms (goal <= 2 ms on one GPU)")

@@ -11,7 +11,7 @@ from common.config import ConfigError
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
-from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, token_ranges
+from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, mapped_ranges, token_ranges
 from common.kv_transfer.status import TransferQuorum, TransferStatus, aggregate
 from common.messages import (
     Fingerprint,
@@ -337,6 +337,27 @@ def test_a_head_slice_reads_exactly_its_heads(remote_heads, local_heads, heads, 
                                              skip_leading):
     check_read(remote_size, local_size, num_tokens, skip_leading, remote_heads, local_heads, heads)
 
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_equal_block_sizes_give_the_ranges_of_the_general_mapping(seed):
+    """One block size on both sides is planned without numpy: the same ranges as the mapping of any sizes,
+    for scattered ids, head slices, prefix hits and windows starting inside a block."""
+    rng = random.Random(seed)
+    size, token_bytes = rng.choice([1, 4, 16]), 8
+    num_tokens = rng.randrange(1, 6 * size)
+    blocks = ceil_div(num_tokens, size)
+    local_heads, remote_heads = range(rng.randrange(3), 4), range(rng.randrange(3), 4)
+    first = max(local_heads.start, remote_heads.start)
+    heads = range(first, rng.randrange(first, 4) + 1)
+    def table(side_heads: range, base: int) -> BlockTable:
+        layout = KVLayout(base, len(side_heads) * size * token_bytes, 32)
+        return BlockTable(layout, size, scattered(blocks, rng.randrange(99), 32), side_heads.start, len(side_heads))
+    local, remote = table(local_heads, 1 << 20), table(remote_heads, 1 << 30)
+    begin = rng.choice([min(rng.randrange(blocks + 1) * size, num_tokens), rng.randrange(num_tokens + 1)])
+    fast = token_ranges(local, remote, heads=heads, num_tokens=num_tokens, first_token=begin)
+    assert fast == mapped_ranges(local, remote, heads, begin, num_tokens, token_bytes)
+    assert fast.total_bytes == (num_tokens - begin) * len(heads) * token_bytes
 
 def llama_1b(block_size: int, heads: range) -> BlockTable:
     """A Llama-3.2-1B-shaped side (16 layers, 64 head_dim, fp16) holding ``heads``, a 2,048-token prompt in

@@ -110,13 +110,46 @@ class KVReader:
         self._claims: dict[str, asyncio.Future[list[int] | None]] = {}  # transfer id -> its first RenewLease
 
     def claim(self, params: KVTransferParams) -> asyncio.Future[list[int] | None]:
-        """Claim ``params``' transfer now (its first ``RenewLease``, in the background), so that a read from a
-        same-host prefill does not wait for the round trip; ``read_blocks`` or ``release`` consumes it.
-        Returns the claim (awaiting it is optional: the block ids its lease holds, or None)."""
+        """Claim ``params``' transfer now (its first ``RenewLease``), so that a read from a same-host prefill
+        does not wait for the round trip; ``read_blocks`` or ``release`` consumes it.  The request is queued
+        before this returns and leaves with the event loop's next turn: a caller about to do work that may
+        not yield (an idle engine's allocation, an inline read) yields once first (``asyncio.sleep(0)``).
+        Returns the claim (awaiting it is optional: the block ids its lease holds, or None; ``BusError``)."""
         if params.transfer_id not in self._claims:
-            self._claims[params.transfer_id] = asyncio.ensure_future(self._renew(params.kv_endpoint,
-                                                                                  params.transfer_id))
+            self._claims[params.transfer_id] = self._renew(params.kv_endpoint, params.transfer_id)
         return self._claims[params.transfer_id]
+
+    def _renew(self, kv_endpoint: str, transfer_id: str) -> asyncio.Future[list[int] | None]:
+        """Renew one lease (claiming it), the request queued on the client before this returns
+        (``BusClient.request``).  The future: the block ids the lease holds, or None when prefill no longer
+        knows it (or it is another reader's); bus errors (``CallTimeout`` after the client's timeout)."""
+        loop = asyncio.get_running_loop()
+        renewed: asyncio.Future[list[int] | None] = loop.create_future()
+        client = self.clients.get(kv_endpoint)
+
+        def on_reply(_: int, reply: object) -> None:
+            if renewed.done():
+                return
+            if isinstance(reply, BusError):
+                renewed.set_exception(reply)
+            elif not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
+                renewed.set_result(None)
+            else:
+                renewed.set_result(reply.block_ids.get(transfer_id, []))
+
+        def expire() -> None:
+            if not renewed.done():
+                renewed.set_exception(CallTimeout(f"no answer to RenewLease of {transfer_id} from "
+                                                  f"{kv_endpoint} within {client.timeout:g} s"))
+
+        try:
+            req_id = client.request(RenewLease([transfer_id]), on_reply)
+        except BusError as e:
+            renewed.set_exception(e)
+            return renewed
+        timer = loop.call_later(client.timeout, expire)
+        renewed.add_done_callback(lambda _: (timer.cancel(), client.forget(req_id)))
+        return renewed
 
     async def read_blocks(
         self, params: KVTransferParams, local_block_ids: list[int], skip_leading: int = 0
@@ -186,7 +219,10 @@ class KVReader:
             lambda: renewer.append(asyncio.create_task(self._renew_loop(peer, tid, lease_lost))))
         start = time.perf_counter()
         try:
-            results = await finish_uncancellable(asyncio.gather(*(self._read_one(peer, r) for r in reads)))
+            if len(reads) == 1:  # no task: the copy starts before the loop runs anything else (the claim's send)
+                results = [await self._read_one(peer, reads[0])]  # a RankIO read finishes even when cancelled
+            else:
+                results = await finish_uncancellable(asyncio.gather(*(self._read_one(peer, r) for r in reads)))
         finally:
             timer.cancel()
             for task in renewer:
@@ -217,14 +253,6 @@ class KVReader:
         link = peer.links[(read.rank, read.source.rank)]
         statuses, _ = await self.ranks[read.rank].read(link.transport, link.session, read.ranges)
         return statuses
-
-    async def _renew(self, kv_endpoint: str, transfer_id: str) -> list[int] | None:
-        """Renew one lease (claiming it); the block ids it holds, or None when prefill no longer knows
-        it (or it is another reader's).  Bus errors propagate."""
-        reply = await self.clients.get(kv_endpoint).call(RenewLease([transfer_id]))
-        if not isinstance(reply, LeaseRenewed) or transfer_id not in reply.expiry:
-            return None
-        return reply.block_ids.get(transfer_id, [])
 
     async def _renew_loop(self, peer: Peer, transfer_id: str, lost: asyncio.Event) -> None:
         """Renew now, then every renew interval, until the lease is gone (``lost``) or cancelled."""

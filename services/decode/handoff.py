@@ -133,9 +133,10 @@ class DecodeHandoff(ColocatedRole):
             self.reader.release(params)  # prefill must not keep blocks nobody will read
             raise PeerError("invalid_request", f"remote_prefill: {problem}", "remote_prefill")
         remote = RemoteRequest(request_id, prompt_ids, params.first_token_id, msg.sampling, params.num_tokens)
-        self.reader.claim(params)  # its round trip runs while the engine allocates
+        self.reader.claim(params)  # its round trip runs while the engine allocates and the KV is read
         asked = time.monotonic()
         try:
+            await asyncio.sleep(0)  # the claim leaves now: an idle engine allocates, a short read copies, unyielding
             allocation = await self.allocate(remote)
         except BaseException:
             self.reader.release(params)  # prefill must not keep blocks nobody will read
@@ -159,11 +160,11 @@ class DecodeHandoff(ColocatedRole):
         """The engine's blocks for ``remote``, waiting up to ``--remote-blocks-timeout-s`` for free ones; None
         when the request was aborted meanwhile.  ``PeerError`` (``invalid_request``, ``overloaded``)."""
         try:
-            return await asyncio.wait_for(self.service.engine.add_remote(remote),
-                                          self.service.config.remote_blocks_timeout_s)
+            async with asyncio.timeout(self.service.config.remote_blocks_timeout_s):  # no task: an idle engine
+                return await self.service.engine.add_remote(remote)  # allocates without suspending us
         except InvalidRequest as e:
             raise PeerError("invalid_request", e.message, e.param) from e
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerError("overloaded", f"no free KV blocks within "
                             f"{self.service.config.remote_blocks_timeout_s:g} s") from None
         except RequestAborted:

@@ -1,0 +1,94 @@
+"""AsyncEngine: a call that finds the engine thread asleep runs on the event loop at once; one that finds
+a step running waits for the thread (never touching the engine alongside it)."""
+
+import asyncio
+import random
+import threading
+
+from common.engine.async_engine import AsyncEngine
+from common.engine.config import EngineConfig
+from common.engine.engine import LLMEngine
+from common.engine.sequence import RemoteRequest
+from common.messages import SamplingParams
+from tests.procs import eventually
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def demo_engine() -> LLMEngine:
+    return LLMEngine(EngineConfig(model="demo", dtype="float32", device="cpu", num_kv_blocks=64))
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 330) for _ in range(n)]
+
+
+def record_threads(core: LLMEngine) -> list[str]:
+    """The names of the threads that ran ``core.add_remote_request``, in call order."""
+    threads: list[str] = []
+    add = core.add_remote_request
+
+    def recording(remote: RemoteRequest):
+        threads.append(threading.current_thread().name)
+        return add(remote)
+
+    core.add_remote_request = recording
+    return threads
+
+
+async def test_an_allocation_on_a_sleeping_engine_runs_on_the_event_loop_then_the_request_decodes():
+    core = demo_engine()
+    ids = prompt(40, seed=1)
+    reference = core.generate([ids], GREEDY)[0].new_token_ids
+    threads = record_threads(core)
+    engine = AsyncEngine(core)
+    try:
+        await eventually(lambda: not engine._turn.locked(), timeout=30)  # the engine thread sleeps
+        future = engine.add_remote(RemoteRequest("r", ids, reference[0], GREEDY, len(ids))).__await__()
+        try:
+            next(future)  # one step of the call: it must not suspend
+            raise AssertionError("the allocation waited for the engine thread")
+        except StopIteration as done:
+            allocation = done.value
+        assert threads == [threading.current_thread().name]
+        assert len(allocation.block_ids) == 3  # 40 tokens and the first token's KV, 16-token blocks
+        engine.finish_remote_kv("r", ok=False)  # no KV was read: the engine recomputes it, then decodes
+        outputs = [out async for out in engine.stream("r")]
+        assert reference[:1] + [t for out in outputs for t in out.new_token_ids] == reference
+    finally:
+        await engine.shutdown(timeout=5)
+    assert core.block_manager.num_used == 0
+
+
+async def test_an_allocation_during_a_step_waits_for_the_engine_thread():
+    core = demo_engine()
+    threads = record_threads(core)
+    entered, gate = threading.Event(), threading.Event()
+    step = core.step
+
+    def held_step():
+        entered.set()
+        gate.wait(30)
+        return step()
+
+    core.step = held_step
+    engine = AsyncEngine(core)
+    try:
+        stream = engine.generate("g", prompt(20, seed=2), GREEDY)
+        first = asyncio.create_task(stream.__anext__())
+        await eventually(entered.is_set, timeout=30)  # the engine thread is inside a step
+        ids = prompt(30, seed=3)
+        allocating = asyncio.create_task(engine.add_remote(RemoteRequest("r", ids, 5, GREEDY, len(ids))))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not allocating.done() and threads == []  # queued: the step holds the engine
+        gate.set()
+        await asyncio.wait_for(allocating, 30)
+        assert threads == ["engine-step"]
+        await asyncio.wait_for(first, 30)
+        assert await engine.abort("r") and await engine.abort("g")
+    finally:
+        gate.set()
+        await engine.shutdown(timeout=5)
+    assert core.block_manager.num_used == 0
