@@ -450,3 +450,16 @@ def test_first_token_windows_tile_the_whole_prompt(local_bs, remote_bs, first_to
     tail = token_ranges(local, remote, heads=range(heads), num_tokens=n, first_token=first_token)
     got = pieces(tail) | (pieces(head) if head else set())
     assert got == whole and not (head and pieces(head) & pieces(tail))
+
+
+@pytest.mark.parametrize("local_size, remote_size", [(16, 16), (16, 32), (32, 16)])
+def test_nothing_left_to_read_gives_no_range_not_an_empty_one(local_size, remote_size):
+    """From ``first_token == num_tokens`` off a block boundary nothing is read: a zero-length range would be
+    refused by every backend (``check_batch``)."""
+    token_bytes = 64
+
+    def table(size: int, base: int) -> BlockTable:
+        return BlockTable(KVLayout(base, size * token_bytes, 8), size, [3, 1][: ceil_div(21, size)], 0, 1)
+
+    local, remote = table(local_size, 1 << 20), table(remote_size, 1 << 30)
+    assert token_ranges(local, remote, heads=range(1), num_tokens=21, first_token=21) == ByteRanges([], [], [])
