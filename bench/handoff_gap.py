@@ -11,14 +11,19 @@ Client timestamps (``perf_counter``) of the outputs carrying tokens:
   sends the decode leg with its ``kv_transfer`` at once (as the gateway does);
   the second token is the decode leg's first output.  The gap holds the
   client -> decode hop, the KV read and the first decode step;
+* P/D with ``--kv-mode push`` (every engine started so): the decode leg first
+  (``await_push``: its blocks pre-allocated, its first output a ``PushTarget``),
+  then the prefill leg writing the KV into them as it computes; decode starts
+  on the prefill's ``PushDone``, not on a client hop.  The gap is from the
+  prefill's first token to the decode's first, as the gateway runs push mode;
 * colocated: the gap between the first and the second token of one stream.
 
-Prints p50 / mean of both gaps and P/D minus colocated (of the p50s), with
-the decode's own ``allocate_s``, ``kv_transfer_s`` and ``first_decode_step_s``
+Prints p50 / mean of both gaps and P/D minus colocated (of the p50s), with (read
+mode) the decode's own ``allocate_s``, ``kv_transfer_s`` and ``first_decode_step_s``
 and the rest of the P/D gap, per request (the client -> decode hop, the
 Generate's handling before the allocation, the output's way back).
 
-    python -m bench.handoff_gap --device cpu --kv-transport shm
+    python -m bench.handoff_gap --device cpu --kv-transport shm [--kv-mode push]
     python -m bench.handoff_gap --device cuda --kv-transport nvlink --model /tmp/ckpt --prompt-len 2048 \\
         --engine-args "--max-model-len 4096 --max-num-batched-tokens 4096"
 """
@@ -26,6 +31,7 @@ Generate's handling before the allocation, the output's way back).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 
@@ -64,6 +70,37 @@ async def pd_gap(driver: EngineDriver, rid: str, ids: list[int]) -> dict[str, fl
     return row
 
 
+async def pd_push_gap(driver: EngineDriver, rid: str, ids: list[int]) -> dict[str, float]:
+    """One push-mode P/D request (engines with ``--kv-mode push``), as the gateway runs it: the decode leg first
+    (its blocks pre-allocated, answering a ``PushTarget``), then the prefill leg writing the KV into them; the
+    client's gap between the prefill's first token and the decode's first."""
+    decode = driver.client("decode").stream(Generate(rid, SAMPLING, prompt_token_ids=ids, await_push=True))
+    target = (await anext(decode)).push_target
+    if target is None:
+        await decode.aclose()
+        raise RuntimeError(f"{rid}: the decode leg's first output carried no push target")
+
+    async def second_token() -> float:
+        arrival = None
+        async for out in decode:  # drained to its end: the leg finishes, nothing is aborted
+            if out.token_ids and arrival is None:
+                arrival = time.perf_counter()
+        if arrival is None:
+            raise RuntimeError(f"{rid}: the decode leg produced no token")
+        return arrival
+
+    second = asyncio.ensure_future(second_token())
+    t_first = None
+    async for out in driver.client("prefill").stream(Generate(rid, SAMPLING, prompt_token_ids=ids,
+                                                              do_remote_decode=True, push_to=target)):
+        if out.token_ids and t_first is None:
+            t_first = time.perf_counter()
+    if t_first is None:
+        second.cancel()
+        raise RuntimeError(f"prefill of {rid} finished without a token")
+    return {"gap_s": await second - t_first}
+
+
 async def colocated_gap(driver: EngineDriver, rid: str, ids: list[int]) -> float:
     """One colocated request: the client's gap between its first two tokens (seconds)."""
     arrivals = []
@@ -77,14 +114,15 @@ async def colocated_gap(driver: EngineDriver, rid: str, ids: list[int]) -> float
 async def measure(driver: EngineDriver, args: argparse.Namespace) -> tuple[list[dict], list[float]]:
     """P/D rows and colocated gaps of the measured requests (after ``--warmup`` unmeasured ones of each)."""
     pd_rows, colocated = [], []
+    pd = pd_push_gap if args.kv_mode == "push" else pd_gap
     for i in range(-args.warmup, args.requests):
         ids = prompt_ids(args.prompt_len, seed=10**6 + i)
         if i % 2:
-            row = await pd_gap(driver, f"pd-{i}", ids)
+            row = await pd(driver, f"pd-{i}", ids)
             gap = await colocated_gap(driver, f"co-{i}", ids)
         else:
             gap = await colocated_gap(driver, f"co-{i}", ids)
-            row = await pd_gap(driver, f"pd-{i}", ids)
+            row = await pd(driver, f"pd-{i}", ids)
         if i >= 0:
             pd_rows.append(row)
             colocated.append(gap)
@@ -107,15 +145,14 @@ async def run(args: argparse.Namespace) -> dict:
     result = {
         "setup": {"requests": args.requests, "warmup": args.warmup, "prompt_len": args.prompt_len,
                   "device": args.device, "model": args.model, "kv_transport": args.kv_transport,
-                  "kv_bytes": pd_rows[0]["kv_bytes"]},
+                  "kv_mode": args.kv_mode},
         "pd_gap": summary_ms([r["gap_s"] for r in pd_rows]),
         "colocated_gap": summary_ms(colocated),
-        "allocate": summary_ms([r["allocate_s"] for r in pd_rows]),
-        "kv_transfer": summary_ms([r["kv_transfer_s"] for r in pd_rows]),
-        "kv_read": summary_ms([r["kv_read_s"] for r in pd_rows]),
-        "first_decode_step": summary_ms([r["first_decode_step_s"] for r in pd_rows]),
-        "rest": summary_ms([r["rest_s"] for r in pd_rows]),
     }  # fmt: skip
+    if args.kv_mode == "read":  # the decode's own timings of a read
+        result["setup"]["kv_bytes"] = pd_rows[0]["kv_bytes"]
+        for key in ("allocate", "kv_transfer", "kv_read", "first_decode_step", "rest"):
+            result[key] = summary_ms([r[f"{key}_s"] for r in pd_rows])
     result["pd_minus_colocated_p50_ms"] = result["pd_gap"]["p50_ms"] - result["colocated_gap"]["p50_ms"]
     return result
 
@@ -123,13 +160,14 @@ async def run(args: argparse.Namespace) -> dict:
 def report(result: dict) -> str:
     setup = result["setup"]
     lines = [f"first inter-token gap, 1 request in flight: {setup['requests']} requests of {setup['prompt_len']} "
-             f"tokens ({setup['kv_bytes'] / 2**20:.1f} MiB of KV), {setup['device']}, model {setup['model']}, "
-             f"KV over {setup['kv_transport']}",
+             f"tokens, {setup['device']}, model {setup['model']}, KV {setup['kv_mode']} over {setup['kv_transport']}",
              f"{'':34} {'p50 ms':>8} {'mean ms':>8} {'max ms':>8}"]
     for key, label in (("pd_gap", "P/D first gap"), ("allocate", "  decode: block allocation"),
                        ("kv_transfer", "  decode: KV transfer"), ("kv_read", "    of which the transport's read"),
                        ("first_decode_step", "  decode: first decode step"), ("rest", "  the rest: hops, Generate"),
                        ("colocated_gap", "colocated first gap")):
+        if key not in result:
+            continue
         s = result[key]
         lines.append(f"{label:34} {s['p50_ms']:8.2f} {s['mean_ms']:8.2f} {s['max_ms']:8.2f}")
     lines.append(f"P/D minus colocated (p50): {result['pd_minus_colocated_p50_ms']:+.2f} ms (goal <= 2 ms on one GPU)")
@@ -142,9 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=20, help="measured requests of each kind (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured requests of each kind first (default 3)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (default 256)")
+    p.add_argument("--kv-mode", choices=("read", "push"), default="read",
+                   help="how P/D moves the KV (every engine started with it; default read)")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.prompt_len < 1:
         p.error("need --requests >= 1, --warmup >= 0, --prompt-len >= 1")
+    args.engine_args = f"{args.engine_args} --kv-mode {args.kv_mode}"
     return args
 
 

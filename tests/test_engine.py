@@ -563,3 +563,30 @@ def test_push_hook_reports_each_chunk_then_the_pinned_blocks_hold_it(demo_path):
     # Again: the prefix cache serves 48 tokens; the first window still starts at 0 (the writer needs them all).
     recorders, _ = run_pushes(eng, [prompt])
     assert [(s, e) for s, e, _ in recorders["push-0"].windows] == [(0, 50)]
+
+
+def test_a_handed_back_prompt_becomes_cache_hits_with_its_first_step_not_before(demo_path):
+    """The hand-back does not hash the landed prompt (that would delay the first step); the first step's
+    launch registers its full blocks, and a request ended by its first token registers them at once."""
+    p = prompts((40,), seed=9)[0]
+    prefill = engine(demo_path)
+    sampling = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    first = prefill_remote(prefill, "landed", p, sampling)
+    decode = engine(demo_path, num_kv_blocks=128)
+    decode.add_remote_request(RemoteRequest("landed", p, first.new_token_ids[0], sampling, len(p)))
+    decode.finish_remote_kv("landed", ok=True)
+    seq = decode.requests["landed"]
+    assert seq.block_hashes == []
+    decode.step()
+    assert len(seq.block_hashes) == len(p) // decode.block_manager.block_size
+    decode_all(decode)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    q = prompts((40,), seed=10)[0]
+    out = prefill_remote(prefill, "ended", q, one)
+    decode.add_remote_request(RemoteRequest("ended", q, out.new_token_ids[0], one, len(q)))
+    decode.finish_remote_kv("ended", ok=True)
+    decode_all(decode)
+    again = decode.add_remote_request(RemoteRequest("again", q, out.new_token_ids[0], one, len(q)))
+    assert again.num_cached_blocks == len(q) // decode.block_manager.block_size
+    decode.abort("again")
+    decode_all(decode)

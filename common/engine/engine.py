@@ -204,7 +204,8 @@ class LLMEngine:
         self.scheduler.finish_remote(seq, ok, first)
         seq.first_token_time = seq.kv_ready_time = time.monotonic()
         reason = self._stop_reason(seq, first, seq.detokenizer.append_emitted(first) is not None, seq.num_tokens)
-        if reason is not None:
+        if reason is not None:  # no step will register its landed blocks as cache hits: now, before they free
+            self.block_manager.commit(seq)
             out = RequestOutput(request_id, [], "")
             self._finish(seq, reason, out)
             self.pending_outputs.append(out)

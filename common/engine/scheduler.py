@@ -145,11 +145,12 @@ class Scheduler:
 
     def finish_remote(self, seq: Sequence, kv_valid: bool, first_token_id: int) -> None:
         """KV of the prompt has landed (``kv_valid``) or must be recomputed past the prefix hits;
-        the first token is appended and the sequence queues at the front."""
+        the first token is appended and the sequence queues at the front.  Its landed blocks become cache
+        hits when the step that first computes for it is launched (``update``): hashing a long prompt
+        (~0.35 ms for 2,048 tokens) would otherwise delay that step."""
         del self.remote[seq.request_id]
         seq.num_computed_tokens = seq.num_prompt_tokens if kv_valid else seq.num_cached_tokens
         seq.token_ids.append(first_token_id)
-        self.block_manager.commit(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
