@@ -31,7 +31,6 @@ Generate's handling before the allocation, the output's way back).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import time
 
@@ -39,6 +38,7 @@ from bench.cli import bench_parser, run_bench
 from bench.engine_driver import EngineDriver, prompt_ids
 from bench.pd_identity import add_engine_args, start_engines
 from bench.processes import Processes
+from bench.push_vs_read import push_request
 from bench.serving_stats import percentile
 from common.messages import Generate, SamplingParams
 
@@ -71,34 +71,10 @@ async def pd_gap(driver: EngineDriver, rid: str, ids: list[int]) -> dict[str, fl
 
 
 async def pd_push_gap(driver: EngineDriver, rid: str, ids: list[int]) -> dict[str, float]:
-    """One push-mode P/D request (engines with ``--kv-mode push``), as the gateway runs it: the decode leg first
-    (its blocks pre-allocated, answering a ``PushTarget``), then the prefill leg writing the KV into them; the
-    client's gap between the prefill's first token and the decode's first."""
-    decode = driver.client("decode").stream(Generate(rid, SAMPLING, prompt_token_ids=ids, await_push=True))
-    target = (await anext(decode)).push_target
-    if target is None:
-        await decode.aclose()
-        raise RuntimeError(f"{rid}: the decode leg's first output carried no push target")
-
-    async def second_token() -> float:
-        arrival = None
-        async for out in decode:  # drained to its end: the leg finishes, nothing is aborted
-            if out.token_ids and arrival is None:
-                arrival = time.perf_counter()
-        if arrival is None:
-            raise RuntimeError(f"{rid}: the decode leg produced no token")
-        return arrival
-
-    second = asyncio.ensure_future(second_token())
-    t_first = None
-    async for out in driver.client("prefill").stream(Generate(rid, SAMPLING, prompt_token_ids=ids,
-                                                              do_remote_decode=True, push_to=target)):
-        if out.token_ids and t_first is None:
-            t_first = time.perf_counter()
-    if t_first is None:
-        second.cancel()
-        raise RuntimeError(f"prefill of {rid} finished without a token")
-    return {"gap_s": await second - t_first}
+    """One push-mode P/D request (engines with ``--kv-mode push``), as the gateway runs it
+    (``bench.push_vs_read.push_request``): the client's gap between the prefill's first token and the decode's."""
+    _, gap = await push_request(driver, rid, ids, SAMPLING, prefill="prefill", decode="decode")
+    return {"gap_s": gap}
 
 
 async def colocated_gap(driver: EngineDriver, rid: str, ids: list[int]) -> float:

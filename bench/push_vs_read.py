@@ -71,11 +71,12 @@ async def read_request(driver: EngineDriver, rid: str, ids: list[int], sampling:
     return first - started, second - first
 
 
-async def push_request(driver: EngineDriver, rid: str, ids: list[int], sampling: SamplingParams) -> tuple[float, float]:
-    """(TTFT, first gap) of one push-mode request, in seconds."""
+async def push_request(driver: EngineDriver, rid: str, ids: list[int], sampling: SamplingParams,
+                       prefill: str = "prefill-push", decode: str = "decode-push") -> tuple[float, float]:
+    """(TTFT, first gap) of one push-mode request on the engines named ``prefill`` and ``decode``, in seconds:
+    the decode leg first (its first output the ``PushTarget``), then the prefill leg writing into its blocks."""
     started = time.perf_counter()
-    decoded = aiter(driver.client("decode-push").stream(Generate(rid, sampling, prompt_token_ids=ids,
-                                                                 await_push=True)))
+    decoded = aiter(driver.client(decode).stream(Generate(rid, sampling, prompt_token_ids=ids, await_push=True)))
     target = (await anext(decoded)).push_target
     second: list[float] = []
 
@@ -86,8 +87,8 @@ async def push_request(driver: EngineDriver, rid: str, ids: list[int], sampling:
 
     decoding = asyncio.create_task(decode_leg())
     first = None
-    async for out in driver.client("prefill-push").stream(Generate(rid, sampling, prompt_token_ids=ids,
-                                                                   do_remote_decode=True, push_to=target)):
+    async for out in driver.client(prefill).stream(Generate(rid, sampling, prompt_token_ids=ids,
+                                                            do_remote_decode=True, push_to=target)):
         if out.token_ids and first is None:
             first = time.perf_counter()
     await decoding
