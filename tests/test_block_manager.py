@@ -132,6 +132,10 @@ def test_remote_allocation_returns_cached_leading_blocks():
     sched.finish_remote(remote, kv_valid=True, first_token_id=3)
     assert remote.num_computed_tokens == 13 and remote.token_ids[-1] == 3
     probe = seq(list(range(8)) + [5, 6, 7, 8, 0], "probe")
+    assert bm.allocate_prefix(probe, 3) == 8  # landed; registered by the step that first computes for it
+    bm.free_seq(probe)
+    sched.update(sched.schedule())
+    probe = seq(list(range(8)) + [5, 6, 7, 8, 0], "probe")
     assert bm.allocate_prefix(probe, 3) == 12
     bm.free_seq(probe)
     for s in (remote, full):

@@ -72,9 +72,11 @@ class OffloadTier:
 
     def store_seq(self, seq: Sequence | None) -> int:
         """Queue copies of the sequence's committed blocks not in host memory yet; returns how many
-        (0 for None: a request that finished meanwhile)."""
+        (0 for None: a request that finished meanwhile).  Blocks whose KV is valid but not yet registered
+        (a handed-back remote prompt before its first step: ``Scheduler.finish_remote``) are registered first."""
         if seq is None:
             return 0
+        self.bm.commit(seq)
         n = 0
         for block_id in seq.block_table[: len(seq.block_hashes)]:
             block = self.bm.blocks[block_id]
