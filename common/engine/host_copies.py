@@ -33,21 +33,17 @@ class Staging:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, count: int = 2):
         cuda = device.type == "cuda"
         self.buffers = [torch.zeros(shape, dtype=dtype, pin_memory=cuda) for _ in range(count)]
-        self.events: list[torch.cuda.Event | None] = [None] * count
-        self.cuda = cuda
+        self.events = [torch.cuda.Event() for _ in range(count)] if cuda else []  # one per buffer, re-recorded
         self.index = count - 1
 
     def next(self) -> torch.Tensor:
         """The next buffer, free to overwrite."""
         self.index = (self.index + 1) % len(self.buffers)
-        event = self.events[self.index]
-        if event is not None:
-            event.synchronize()
+        if self.events:
+            self.events[self.index].synchronize()  # an event never recorded returns at once
         return self.buffers[self.index]
 
     def queued(self) -> None:
         """Every copy from the current buffer is queued on the current stream."""
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-            self.events[self.index] = event
+        if self.events:
+            self.events[self.index].record()

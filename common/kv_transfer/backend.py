@@ -34,7 +34,7 @@ class TransferBackend(abc.ABC):
     name: str
     read_shards: int = 1  # concurrent reads one request is best split into (busy-polling backends: 1)
     # A read (or write) of at most this many bytes runs on the caller's thread, not the pool: for a backend whose
-    # copy of that much takes less than a thread hand-off and its wake-up back (~65 us on an H200 host).
+    # copy of that much takes about as long as a thread hand-off and its wake-up back (68 us on an H200 host).
     inline_bytes: int = 0
 
     @classmethod

@@ -120,9 +120,9 @@ def _block_ranges(local: BlockTable, remote: BlockTable, heads: range, begin: in
     whole_from, whole_to = ceil_div(begin, size), num_tokens // size  # blocks every token of which is read
     pieces = [(local_base + local_ids[i] * local_block, remote_base + remote_ids[i] * remote_block,
                len(heads) * head_bytes) for i in range(whole_from, whole_to)]
-    for i in sorted({begin // size, ceil_div(num_tokens, size) - 1} - set(range(whole_from, whole_to))):
+    for i in {begin // size, ceil_div(num_tokens, size) - 1}:  # the partial first and last blocks, if any
         start, end = max(i * size, begin), min((i + 1) * size, num_tokens)
-        if start >= end:
+        if whole_from <= i < whole_to or start >= end:
             continue
         offset = (start - i * size) * token_bytes
         local_addr = local_base + local_ids[i] * local_block + offset
