@@ -31,6 +31,7 @@ SLO_TTFT_MS=${SLO_TTFT_MS:-1000}
 SLO_TPOT_MS=${SLO_TPOT_MS:-30}
 NUM_PROMPTS=${NUM_PROMPTS:-48}
 TAG=${TAG:-gpu}
+GATEWAY_ARGS=${GATEWAY_ARGS:-}  # e.g. "--local-prefill-queue 1" (conditional disaggregation)
 MAX_LEN=$((INPUT_LEN + OUTPUT_LEN + 64))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GLOG_minloglevel=1
@@ -58,7 +59,7 @@ ENGINE="--dtype bfloat16 --device cuda --max-num-batched-tokens 8192 --max-model
 COMMON=(--model "$CKPT" --gpus 0,1 --engine-args "$ENGINE" --threads 0 --work-dir /tmp/pdserve-eval
         --input-len "$INPUT_LEN" --range-ratio 0 --output-len "$OUTPUT_LEN" --slo-ttft-ms "$SLO_TTFT_MS"
         --slo-tpot-ms "$SLO_TPOT_MS"
-        --ready-timeout-s 150 --stop-timeout-s 20 --out-dir "$OUT")
+        --gateway-args "$GATEWAY_ARGS" --ready-timeout-s 150 --stop-timeout-s 20 --out-dir "$OUT")
 
 # 2 + 3. For each configuration bench.eval_pd first sends the greedy check (no load yet): a P/D stack that
 # cannot start or serve it is recorded under "failed" in gpu.json and the colocated run still happens;

@@ -331,6 +331,41 @@ async def test_pick_skips_excluded_incompatible_other_models_and_recently_failed
     assert Router(members(inst("b", "both")), mode="auto").mode_for(MODEL) == "colocated"
 
 
+async def test_prefill_on_decode_only_while_every_prefill_is_busy_and_decode_has_room():
+    r = Router(members(inst("p0", "prefill"), inst("p1", "prefill"), inst("d0", "decode"), inst("d1", "decode")))
+    assert not r.prefill_on_decode(MODEL, 0)  # off
+    r.pick("prefill", MODEL)
+    assert not r.prefill_on_decode(MODEL, 1)  # one prefill instance is still idle
+    r.pick("prefill", MODEL)
+    assert r.prefill_on_decode(MODEL, 1)
+    assert not r.prefill_on_decode(MODEL, 2)  # each has 1 leg; 2 allowed
+    r.local_prefills[MODEL] = 2
+    assert not r.prefill_on_decode(MODEL, 1)  # one prompt per decode instance already computing
+    r.local_prefills[MODEL] = 1
+    assert r.prefill_on_decode(MODEL, 1)
+    assert not r.prefill_on_decode("other", 1) and not Router(members(inst("d", "decode"))).prefill_on_decode(MODEL, 1)
+
+
+async def test_conditional_disaggregation_computes_a_burst_on_decode_and_counts_it():
+    gateway = {**FAST, "local_prefill_queue": 1}
+    async with FakeCluster(prefill=1, decode=1, prefill_delay_s=0.5, gateway=gateway) as c:
+        prefill, decode = c.of("prefill")[0], c.of("decode")[0]
+        async with httpx.AsyncClient(base_url=c.url, timeout=15) as h:
+            first = asyncio.create_task(h.post("/v1/completions", json=body("a", 4)))
+            await eventually(lambda: _true(len(prefill.running) == 1))
+            second = asyncio.create_task(h.post("/v1/completions", json=body("b", 4)))
+            await eventually(lambda: _true(len(decode.running) == 1))
+            third = asyncio.create_task(h.post("/v1/completions", json=body("c", 4)))  # decode's one slot is taken
+            results = await asyncio.gather(first, second, third)
+            assert [r.status_code for r in results] == [200] * 3
+            assert all(r.json()["usage"]["completion_tokens"] == 4 for r in results)
+            on_decode = [g for g in decode.received if g.remote_prefill is None]
+            assert [g.prompt for g in on_decode] == ["b"]
+            assert sorted(g.prompt for g in prefill.received) == ["a", "c"]
+            assert "pdserve_gateway_prefills_on_decode_total 1.0" in (await h.get("/metrics")).text
+            await eventually(lambda: all_idle(h, c))
+
+
 async def test_a_16_token_block_prefill_is_followed_by_a_32_token_block_decode_it_can_read():
     p16 = inst("p16", "prefill", block_size=16)
     other_heads = inst("d-heads", "decode", block_size=16)

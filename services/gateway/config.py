@@ -29,6 +29,10 @@ class GatewayConfig(BusSecurity):
         "model's engines advertise (a forced mode they do not run answers 503)", choices=("auto", "read", "push"))
     prefill_policy: Policy = opt("least_loaded", "how a prefill instance is picked")
     decode_policy: Policy = opt("least_loaded", "how a decode instance is picked")
+    local_prefill_queue: int = opt(
+        0, "conditional disaggregation: while every prefill instance of a model has this many prefill legs from "
+        "this gateway in flight, a new request computes its prompt on a decode instance instead (one leg, no KV "
+        "transfer), at most this many such prompts per decode instance at once; 0: always prefill on prefill")
     max_retries: int = opt(2, "retries of a failed prefill (or colocated) leg on another instance")
     failure_cooldown_s: float = opt(5.0, "skip an instance this long after it failed a leg, "
                                     "unless no other instance is left")
@@ -71,6 +75,7 @@ class GatewayConfig(BusSecurity):
         require(self.workers >= 1, "workers", "must be >= 1")
         require(url_problem(self.registry) is None, "registry", str(url_problem(self.registry)))
         require(self.max_retries >= 0, "max_retries", "must be >= 0")
+        require(self.local_prefill_queue >= 0, "local_prefill_queue", "must be >= 0 (0: off)")
         require(self.failure_cooldown_s >= 0, "failure_cooldown_s", "must be >= 0")
         require(self.membership_grace_s >= 0, "membership_grace_s", "must be >= 0")
         for name in ("abort_timeout_s", "registry_idle_timeout_s", "prefill_timeout_s", "decode_first_token_timeout_s",

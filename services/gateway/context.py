@@ -36,6 +36,9 @@ class FlowObserver(Protocol):
     def on_abort(self, role: Role) -> None:
         """An ``Abort`` goes to an instance of ``role``."""
 
+    def on_prefill_on_decode(self) -> None:
+        """A disaggregated request's prompt goes to a decode instance (conditional disaggregation)."""
+
     def on_first_leg_token(self, elapsed: float) -> None:
         """The prefill (or colocated) leg's first token arrived, ``elapsed`` after its ``Generate`` went out."""
 

@@ -90,7 +90,7 @@ class ChoiceRun:
     """
 
     __slots__ = ("run", "context", "model", "index", "request_id", "prompt", "sampling", "stats", "holders", "leg", "done", "sent",
-                 "first", "prompt_ids", "prefill", "final", "prefill_done")
+                 "first", "prompt_ids", "prefill", "final", "prefill_done", "prefill_on_decode")
 
     def __init__(self, run: RequestRun, index: int):
         req = run.req
@@ -108,6 +108,7 @@ class ChoiceRun:
         self.prefill: Instance | None = None
         self.final: TokenOutput | None = None  # prefill's last output
         self.prefill_done = 0.0
+        self.prefill_on_decode = False  # its prompt is computing on a decode instance (``Router.local_prefills``)
 
     def start(self) -> None:
         if self.done:
@@ -127,6 +128,9 @@ class ChoiceRun:
                                      f"model {self.model!r} in {engines} mode: run the gateway with --kv-mode "
                                      f"{engines} or auto"))
             return
+        if self.context.router.prefill_on_decode(self.model, self.context.config.local_prefill_queue):
+            self._start_on_decode()
+            return
         self._start_disaggregated()
 
     kv_mode = "read"  # the engines' --kv-mode this flow speaks
@@ -136,6 +140,20 @@ class ChoiceRun:
         gen = Generate(request_id=self.request_id, sampling=self.sampling, do_remote_decode=True,
                        **self.prompt.generate_fields())
         self._leg("prefill", gen, self._on_prefill, self._on_prefill_end)
+
+    def _start_on_decode(self) -> None:
+        """Conditional disaggregation: the whole request on a decode instance, as a colocated leg."""
+        self.prefill_on_decode = True
+        self.context.router.local_prefills[self.model] += 1
+        self.context.observer.on_prefill_on_decode()
+        gen = Generate(request_id=self.request_id, sampling=self.sampling, **self.prompt.generate_fields())
+        self._leg("decode", gen, self._on_colocated, self._finish)
+
+    def _prompt_computed(self) -> None:
+        """A prompt computing on a decode instance is done (its first token, or the choice's end)."""
+        if self.prefill_on_decode:
+            self.prefill_on_decode = False
+            self.context.router.local_prefills[self.model] -= 1
 
     def cancel(self) -> None:
         if not self.done:
@@ -153,6 +171,7 @@ class ChoiceRun:
         if self.done:
             return
         self.done = True
+        self._prompt_computed()
         leg, self.leg = self.leg, None  # the leg refers to this choice: no cycle left for the garbage collector
         if leg is not None:
             leg.stop()
@@ -183,6 +202,7 @@ class ChoiceRun:
         if self.first and out.token_ids:
             observer.on_first_leg_token(time.perf_counter() - self.sent)
             self.first = False
+            self._prompt_computed()
         if out.finish_reason == "abort":
             raise APIError(503, "the engine aborted the request", code="aborted")
         if out.usage is not None:

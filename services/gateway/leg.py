@@ -1,12 +1,14 @@
 """One leg of a choice: a ``Generate`` on an instance of one role, retried while nothing was output.
 
-A prefill leg (or a colocated leg) that fails before its first output is retried
-on another instance, at most ``max_retries`` times; a decode leg is retried only
-when its instance never took the request (gone, shutting down).  Timeouts
+A leg that computes the prompt (a prefill leg, a colocated leg, or a decode
+instance's plain ``Generate`` under conditional disaggregation) and fails before
+its first output is retried on another instance, at most ``max_retries`` times;
+a decode leg that reads (or awaits) prefill's KV is retried only when its
+instance never took the request (gone, shutting down).  Timeouts
 measure silence, never total time: each runs from the leg's last message (a
 token, or the empty output an engine sends while the request waits in its
-queue) — ``prefill_timeout_s`` until a prefill's (or colocated leg's) first
-message, ``decode_first_token_timeout_s`` until decode's first,
+queue) — ``prefill_timeout_s`` until the first message of a leg computing the prompt,
+``decode_first_token_timeout_s`` until a KV-receiving decode leg's first,
 ``stream_idle_timeout_s`` after that.  So a long or queued generation never
 times out while its engine is alive; a leg silent that long fails with
 ``upstream_timeout``.
@@ -72,7 +74,7 @@ class Leg:
     """
 
     __slots__ = ("context", "choice", "role", "gen", "like", "on_output", "on_end", "tried", "inst", "client",
-                 "req_id", "timer", "output_seen", "finished", "ended")
+                 "req_id", "timer", "output_seen", "finished", "ended", "computes_prompt")
 
     def __init__(self, choice: LegOwner, role: Role, gen: Generate,
                  on_output: Callable[[Instance, TokenOutput], None], on_end: Callable[[APIError | None], None],
@@ -86,6 +88,7 @@ class Leg:
         self.req_id = 0
         self.timer: asyncio.TimerHandle | None = None
         self.output_seen = self.finished = self.ended = False
+        self.computes_prompt = gen.remote_prefill is None and not gen.await_push  # not a decode leg fed by prefill
 
     def start(self) -> None:
         model = self.choice.model
@@ -109,7 +112,7 @@ class Leg:
             self._failed(e)
             return
         config = self.context.config
-        self._arm(config.decode_first_token_timeout_s if self.role == "decode" else config.prefill_timeout_s)
+        self._arm(config.prefill_timeout_s if self.computes_prompt else config.decode_first_token_timeout_s)
 
     def stop(self) -> None:
         """End silently: the engine is told to stop (the caller aborts the holders)."""
@@ -195,7 +198,7 @@ class Leg:
             return
         if not isinstance(e, PeerError) or e.code not in ("invalid_request", "kv_transfer_failed"):
             self.context.router.mark_failed(inst, e)  # not for bad input, nor for a read from a failing prefill
-        retryable = retry_untaken if self.role == "decode" else retry_before_output
+        retryable = retry_before_output if self.computes_prompt else retry_untaken
         if self.output_seen or not retryable(e):
             self._end(leg_error(self.role, inst, e))
             return

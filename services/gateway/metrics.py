@@ -128,6 +128,8 @@ class GatewayMetrics:
         self.retries = Counter("pdserve_gateway_leg_retries", "legs retried on another instance",
                                ["role"], registry=r)
         self.aborts = Counter("pdserve_gateway_aborts", "Abort messages sent to engines", ["role"], registry=r)
+        self.prefills_on_decode = Counter("pdserve_gateway_prefills_on_decode", "disaggregated requests whose prompt "
+                                          "a decode instance computed (--local-prefill-queue)", registry=r)
         def latency(name: str, documentation: str) -> LoopHistogram:
             return LoopHistogram(f"pdserve_gateway_{name}_seconds", documentation, LATENCY_BUCKETS, r)
 
@@ -171,6 +173,9 @@ class GatewayMetrics:
 
     def on_abort(self, role: Role) -> None:
         self.aborts.labels(role).inc()
+
+    def on_prefill_on_decode(self) -> None:
+        self.prefills_on_decode.inc()
 
     def on_first_leg_token(self, elapsed: float) -> None:
         self.prefill_leg.observe(elapsed)

@@ -13,6 +13,12 @@ each have their own policy object, so their choices are never locked together.
   this gateway sent there since, so a burst between heartbeats spreads out),
   then most free KV blocks, ties rotated.
 
+Conditional disaggregation (``prefill_on_decode``, as Dynamo's disaggregated router does it): while every
+prefill instance of a model is busy with ``--local-prefill-queue`` prefill legs from this gateway, a new
+request computes its prompt on a decode instance in one leg (no KV transfer), so a burst that would queue
+behind one prefill engine uses the decode engines' idle compute; ``local_prefills`` counts those prompts
+until their first token.
+
 An instance that failed a leg is skipped for ``failure_cooldown_s`` unless no
 other candidate is left; the first failure of an episode (until a leg on it
 succeeds) is logged at warning with its error.  A decode instance is only paired with a prefill
@@ -74,6 +80,7 @@ class Router:
                          "both": POLICIES[prefill_policy]()}
         self.failure_cooldown_s = failure_cooldown_s
         self.outstanding: Counter = Counter()  # legs sent and not yet finished, per instance id
+        self.local_prefills: Counter = Counter()  # per model: prompts computing on decode instances, before their first token
         self._failed_until: dict[str, float] = {}
         self._failing: set[str] = set()  # instances in a failure episode (logged once, at its start)
         self._groups: dict[tuple[str, str], list[Instance]] | None = None  # (role, model) -> sorted by id
@@ -145,6 +152,16 @@ class Router:
             return "colocated"
         raise no_instance(f"no {'colocated (role both)' if self.mode == 'colocated' else 'serving'} "
                           f"instance available for model {model!r}")
+
+    def prefill_on_decode(self, model: str, queue: int) -> bool:
+        """Whether a new disaggregated request of ``model`` should compute its prompt on a decode instance:
+        ``queue`` > 0, every prefill instance has at least ``queue`` legs in flight from here, and the decode
+        instances fewer than ``queue`` such prompts each."""
+        if queue <= 0:
+            return False
+        prefills, decodes = self._of("prefill", model), self._of("decode", model)
+        return (bool(prefills) and all(self.outstanding[i.id] >= queue for i in prefills)
+                and self.local_prefills[model] < queue * len(decodes))
 
     def kv_mode_for(self, model: str) -> KVMode:
         """How ``model``'s prefill and decode instances move KV (the registry admits one mode per model;
