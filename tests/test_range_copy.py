@@ -19,6 +19,13 @@ def _buffers(words: int) -> tuple[torch.Tensor, torch.Tensor]:
     return src, torch.zeros(words, dtype=torch.int64, device=DEVICE)
 
 
+def _copier(dst: torch.Tensor, src: torch.Tensor) -> range_copy.RangeCopier:
+    if DEVICE != "cuda":
+        return range_copy.RangeCopier(dst, src)
+    from common.kv_transfer.cuda_ipc import cuda_runtime
+    return range_copy.RangeCopier(dst, src, torch.cuda.Stream(), cuda_runtime())
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_many_ranges_of_mixed_lengths_match_the_reference(seed):
     rng = random.Random(seed)
@@ -36,9 +43,7 @@ def test_many_ranges_of_mixed_lengths_match_the_reference(seed):
     ranges = [[v[i] for i in order] for v in (dst_offsets, src_offsets, lengths)]
     expected = dst.clone()
     range_copy.copy_ranges_reference(expected, src, *ranges)
-    range_copy.copy_ranges(dst, src, *ranges)
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    assert _copier(dst, src).copy(*ranges) == 0
     assert torch.equal(dst, expected)
     untouched = torch.ones_like(dst, dtype=torch.bool)
     for d, n in zip(dst_offsets, lengths):
@@ -46,21 +51,30 @@ def test_many_ranges_of_mixed_lengths_match_the_reference(seed):
     assert torch.all(dst[untouched] == 0)  # nothing written outside the ranges
 
 
-def test_a_range_longer_than_every_chunk_slot_is_copied_whole(monkeypatch):
-    monkeypatch.setattr(range_copy, "MAX_CHUNK_SLOTS", 2)  # each program loops over several steps
+def test_programs_walk_chunks_across_range_boundaries(monkeypatch):
+    monkeypatch.setattr(range_copy, "PROGRAMS", 3)  # each program copies several chunks, some of two ranges
     src, dst = _buffers(6 * range_copy.BLOCK + 3)
-    range_copy.copy_ranges(dst, src, [0], [0], [src.numel()])
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    third = 2 * range_copy.BLOCK + 1
+    assert _copier(dst, src).copy([0, third, 2 * third], [0, third, 2 * third], [third, third, src.numel() - 2 * third]) == 0
     assert torch.equal(dst, src)
+
+
+def test_the_most_ranges_a_copy_takes_and_one_more():
+    src, dst = _buffers(2 * range_copy.MAX_RANGES)
+    copier = _copier(dst, src)
+    odd = list(range(1, 2 * range_copy.MAX_RANGES, 2))
+    assert copier.copy(odd, odd, [1] * len(odd)) == 0  # one word each: every other word
+    assert torch.equal(dst[1::2], src[1::2]) and torch.all(dst[::2] == 0)
+    with pytest.raises(ValueError, match="ranges in one copy"):
+        copier.copy(list(range(len(odd) + 1)), list(range(len(odd) + 1)), [1] * (len(odd) + 1))
 
 
 def test_ranges_outside_either_buffer_are_refused_before_any_copy():
     src, dst = _buffers(100)
     with pytest.raises(ValueError, match="destination"):
-        range_copy.copy_ranges(dst, src, [90], [0], [20])
+        _copier(dst, src).copy([90], [0], [20])
     with pytest.raises(ValueError, match="source"):
-        range_copy.copy_ranges(dst, src, [0], [95], [20])
+        _copier(dst, src).copy([0], [95], [20])
     assert torch.all(dst == 0)
 
 

@@ -5,7 +5,8 @@ The prefill exports its KV cache's CUDA allocation once (torch's
 allocation) in the handshake; the reader opens it once per peer
 (``_new_shared_cuda``, i.e. ``cudaIpcOpenMemHandle``, on the reader's own GPU,
 so a peer GPU's memory is reached over NVLink) and a read is one launch of
-``range_copy``'s kernel over all its ranges, on a stream of its own, so it never
+``range_copy``'s kernel over all its ranges (a CUDA graph per peer and direction,
+captured at its first copy), on a stream of its own, so it never
 waits behind (or holds up) the engine's kernels on the default stream: over
 NVLink between two GPUs, within HBM when both engines share one GPU.  Nothing
 goes through host memory.  Without Triton, or for ranges that are not whole
@@ -52,6 +53,7 @@ def cuda_runtime() -> ctypes.CDLL:
     runtime.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                         ctypes.c_void_p]
     runtime.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+    runtime.cudaGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return runtime
 
 
@@ -74,9 +76,10 @@ class ExportedKV(msgspec.Struct, frozen=True, array_like=True):
 
 class _Peer:
     """A peer cache mapped on our GPU ``device``: ``base`` is where its bytes start here, ``addr`` where they
-    start in the peer, ``words`` its bytes as int64 (None when its length is not whole words)."""
+    start in the peer, ``words`` its bytes as int64 (None when its length is not whole words); ``copiers``:
+    the batched copy from it (False) and into it (True), made at first use."""
 
-    __slots__ = ("storage", "base", "addr", "length", "words")
+    __slots__ = ("storage", "base", "addr", "length", "words", "copiers")
 
     def __init__(self, exported: ExportedKV, device: int):
         self.storage = torch.UntypedStorage._new_shared_cuda(
@@ -91,6 +94,7 @@ class _Peer:
             raw = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}")
             raw.set_(self.storage, exported.offset_in_storage, (exported.length,))
             self.words = raw.view(torch.int64)
+        self.copiers: dict[bool, range_copy.RangeCopier] = {}
 
 
 class CudaIpcBackend(TransferBackend):
@@ -166,11 +170,15 @@ class CudaIpcBackend(TransferBackend):
                 else ((self._words, ours, self.kv.data_ptr()), (peer.words, theirs, peer.base)))
             if range_copy.available() and dst_words is not None and src_words is not None \
                     and range_copy.aligned(dst, src, sizes):
+                copier = peer.copiers.get(write)
+                if copier is None:
+                    copier = peer.copiers[write] = range_copy.RangeCopier(dst_words, src_words, self._stream,
+                                                                          self._runtime)
                 w = range_copy.WORD
-                range_copy.copy_ranges(dst_words, src_words, [d // w for d in dst], [r // w for r in src],
-                                       [n // w for n in sizes], stream=self._stream)
-            else:
-                self._copy_each(todo, dst_base, dst, src_base, src, sizes, statuses)
+                if copier.copy([d // w for d in dst], [r // w for r in src], [n // w for n in sizes]) != 0:
+                    return [TransferStatus.FAILED] * len(lengths)
+                return statuses  # waited for by the copy
+            self._copy_each(todo, dst_base, dst, src_base, src, sizes, statuses)
         # The blocks are whole before the engine may compute on them (and before prefill may free them).
         if self._runtime.cudaStreamSynchronize(self._stream.cuda_stream) != 0:
             return [TransferStatus.FAILED] * len(lengths)
