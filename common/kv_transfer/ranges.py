@@ -118,8 +118,9 @@ def _block_ranges(local: BlockTable, remote: BlockTable, heads: range, begin: in
     local_block, remote_block = local.layout.block_bytes, remote.layout.block_bytes
     local_ids, remote_ids = local.block_ids, remote.block_ids
     whole_from, whole_to = ceil_div(begin, size), num_tokens // size  # blocks every token of which is read
-    pieces = [(local_base + local_ids[i] * local_block, remote_base + remote_ids[i] * remote_block,
-               len(heads) * head_bytes) for i in range(whole_from, whole_to)]
+    whole = len(heads) * head_bytes
+    pieces = [(local_base + local_ids[i] * local_block, remote_base + remote_ids[i] * remote_block, whole)
+              for i in range(whole_from, whole_to)]
     for i in {begin // size, ceil_div(num_tokens, size) - 1}:  # the partial first and last blocks, if any
         start, end = max(i * size, begin), min((i + 1) * size, num_tokens)
         if whole_from <= i < whole_to or start >= end:

@@ -225,9 +225,9 @@ class KVReader:
                 results = await finish_uncancellable(asyncio.gather(*(self._read_one(peer, r) for r in reads)))
         finally:
             timer.cancel()
-            for task in renewer:
-                task.cancel()
-            await asyncio.gather(*renewer, return_exceptions=True)
+            if renewer:
+                renewer[0].cancel()
+                await asyncio.gather(*renewer, return_exceptions=True)
         seconds = time.perf_counter() - start
         quorum = TransferQuorum(len(self.ranks))
         for rank in range(len(self.ranks)):  # a rank with nothing to read (all prefix hits) reports none
