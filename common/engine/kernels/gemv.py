@@ -47,9 +47,9 @@ class GemvConfig:
 
 
 def pick_config(rows: int, n: int, k: int) -> GemvConfig:
-    """The default tile for ``rows`` x ``[n, k]``: the widest ``block_n`` (<= 16) still giving
+    """The default tile for ``rows`` x ``[n, k]``: the widest ``block_n`` (<= 64) still giving
     ``TARGET_PROGRAMS`` programs, then ``block_k`` filling ``TILE_ELEMENTS`` (>= 64 for 16-byte loads)."""
-    block_n = next((b for b in (16, 8, 4) if triton.cdiv(n, b) >= TARGET_PROGRAMS), 2)
+    block_n = next((b for b in (64, 32, 16, 8, 4) if triton.cdiv(n, b) >= TARGET_PROGRAMS), 2)
     block_m = triton.next_power_of_2(rows)
     block_k = max(64, min(triton.next_power_of_2(k), TILE_ELEMENTS // (block_m * block_n)))
     return GemvConfig(block_n, block_k)
