@@ -40,7 +40,7 @@ TILES = [
     GemvConfig(block_n, block_k, split_k, warps)
     for block_n, block_k, split_k, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024), (1, 2, 4), (4, 8))
 ]
-MAX_TILE = 32768  # rows x block_n x block_k products: larger tiles spill registers
+MAX_TILE = 16384  # block_n x block_k weight elements a program holds: larger tiles spill registers
 BUDGET_S = 110.0  # the sweep stops when the whole run has taken this long
 
 
@@ -134,7 +134,7 @@ def table(device: torch.device, bandwidth: float, replays: int) -> dict[tuple[st
                 error = relative_error(gemv.gemv(x, ws[0]), F.linear(x, ws[0]))
                 print(f"{shape:5} {proj:8} {rows:2} {cublas * 1e6:9.2f} {triton * 1e6:8.2f} {cublas / triton:6.2f} "
                       f"{nbytes / triton / 1e9:6.0f} {nbytes / triton / bandwidth:7.1%} {error:8.1e}  "
-                      f"{gemv.pick_config(rows, n // 2 if proj == 'gate_up' else n, k)}")  # fmt: skip
+                      f"{gemv.pick_config(n, k)}")  # fmt: skip
                 if proj in ("qkv", "gate_up"):
                     fused_cublas, fused, ferr = bench_fused(ws, x, proj == "gate_up", replays)
                     print(f"{shape:5} {proj + '+':8} {rows:2} {fused_cublas * 1e6:9.2f} {fused * 1e6:8.2f} "
@@ -159,10 +159,10 @@ def sweep(device: torch.device, rows_list: list[int], replays: int, deadline: fl
                     return
                 ws = weights(n, k, device)
                 x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-                default = gemv.pick_config(rows, n, k)
+                default = gemv.pick_config(n, k)
                 results = []
                 for tile in TILES:
-                    if rows * tile.block_n * tile.block_k > MAX_TILE or (tile.split_k > 1 and k < 4096):
+                    if tile.block_n * tile.block_k > MAX_TILE or (tile.split_k > 1 and k < 4096):
                         continue
                     results.append((graph_time([lambda w=w: gemv.gemv(x, w, None, tile) for w in ws], replays),
                                     tile))  # fmt: skip

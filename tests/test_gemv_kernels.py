@@ -19,6 +19,7 @@ from common.engine.kernels.gemv import GemvConfig  # noqa: E402
 from tests.test_fused_kernels import DTYPES, assert_close, randn  # noqa: E402
 
 SHAPES = [(40, 100), (300, 64), (24, 1000)]  # (N, K): K off the block, N over several programs, a long K
+TILE = GemvConfig(block_n=16, block_k=64)  # fewer programs than the default's (the interpreter runs each)
 SPLIT = GemvConfig(block_n=8, block_k=64, split_k=3)
 
 
@@ -28,7 +29,13 @@ def test_gemv_matches_linear(dtype, rows):
     for i, (n, k) in enumerate(SHAPES):
         x, weight = randn(rows, k, dtype=dtype, seed=i), randn(n, k, dtype=dtype, seed=10 + i, scale=k**-0.5)
         bias = randn(n, dtype=dtype, seed=20 + i) if i % 2 else None
-        assert_close(gemv.gemv(x, weight, bias), F.linear(x, weight, bias))
+        assert_close(gemv.gemv(x, weight, bias, TILE), F.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_default_tile_matches_linear(rows):
+    x, weight = randn(rows, 100, seed=1), randn(40, 100, seed=2, scale=0.1)
+    assert_close(gemv.gemv(x, weight), F.linear(x, weight))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -57,7 +64,7 @@ def test_norm_gemv_matches_reference(dtype, rows, residual, silu_mul):
     x, res, norm_weight, weight, bias = _norm_inputs(rows, 96, 48, dtype, residual, bias=not silu_mul)
     before = None if res is None else res.clone()
     expected, expected_residual = gemv.norm_gemv_reference(x, res, norm_weight, 1e-6, weight, bias, silu_mul)
-    out, new_residual = gemv.norm_gemv(x, res, norm_weight, 1e-6, weight, bias, silu_mul)
+    out, new_residual = gemv.norm_gemv(x, res, norm_weight, 1e-6, weight, bias, silu_mul, TILE)
     assert out.shape == (rows, 24 if silu_mul else 48)
     assert_close(out, expected)
     if residual:
@@ -102,10 +109,9 @@ def test_bad_shapes_raise():
 
 
 def test_default_config_covers_the_h200():
-    """The 1B shapes' projections get at least ``TARGET_PROGRAMS`` programs (four per SM); tiles stay in
-    ``TILE_ELEMENTS`` and load at least 64 elements of K (16 bytes a thread)."""
-    for rows in (1, 8):
-        for n, k in ((3072, 2048), (2048, 2048), (8192, 2048), (2048, 8192)):
-            config = gemv.pick_config(rows, n, k)
-            assert -(-n // config.block_n) >= gemv.TARGET_PROGRAMS
-            assert config.block_k >= 64 and rows * config.block_n * config.block_k <= gemv.TILE_ELEMENTS
+    """The 1B shapes' projections get at least ``TARGET_PROGRAMS`` programs (four per SM); a program's weight
+    tiles stay in ``TILE_ELEMENTS`` and load at least 64 elements of K (16 bytes a thread)."""
+    for n, k, silu_mul in ((3072, 2048, False), (2048, 2048, False), (8192, 2048, True), (2048, 8192, False)):
+        config = gemv.pick_config(n, k, silu_mul)
+        assert -(-n // config.block_n) >= gemv.TARGET_PROGRAMS
+        assert 64 <= config.block_k and (1 + silu_mul) * config.block_n * config.block_k <= gemv.TILE_ELEMENTS

@@ -33,7 +33,7 @@ except ImportError:  # CPU-only install: the references still work
 
 MAX_ROWS = 8  # rows above this run cuBLAS (F.linear)
 TARGET_PROGRAMS = 512  # about four programs per H200 SM (132): enough loads in flight to cover DRAM latency
-TILE_ELEMENTS = 8192  # rows x BLOCK_N x BLOCK_K products per iteration: 64 fp32 registers a thread at 4 warps
+TILE_ELEMENTS = 8192  # weight elements a program holds an iteration: 64 fp32 registers a thread at 4 warps
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +46,13 @@ class GemvConfig:
     num_warps: int = 4
 
 
-def pick_config(rows: int, n: int, k: int) -> GemvConfig:
-    """The default tile for ``rows`` x ``[n, k]``: the widest ``block_n`` (<= 64) still giving
-    ``TARGET_PROGRAMS`` programs, then ``block_k`` filling ``TILE_ELEMENTS`` (>= 64 for 16-byte loads)."""
+def pick_config(n: int, k: int, silu_mul: bool = False) -> GemvConfig:
+    """The default tile for ``n`` outputs over ``k`` (any rows): the widest ``block_n`` (<= 64) still giving
+    ``TARGET_PROGRAMS`` programs, then ``block_k`` filling ``TILE_ELEMENTS`` (gate and up tiles with
+    ``silu_mul``; >= 64 for 16-byte loads)."""
     block_n = next((b for b in (64, 32, 16, 8, 4) if triton.cdiv(n, b) >= TARGET_PROGRAMS), 2)
-    block_m = triton.next_power_of_2(rows)
-    block_k = max(64, min(triton.next_power_of_2(k), TILE_ELEMENTS // (block_m * block_n)))
-    return GemvConfig(block_n, block_k)
+    tiles = 2 if silu_mul else 1
+    return GemvConfig(block_n, max(64, min(triton.next_power_of_2(k), TILE_ELEMENTS // (tiles * block_n))))
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,7 +105,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, config):
     if silu_mul and n % 2:
         raise ValueError(f"gemv: silu_mul needs an even number of gate/up outputs, got {n}")
     n_out = n // 2 if silu_mul else n
-    config = config or pick_config(m, n_out, k)
+    config = config or pick_config(n_out, k, silu_mul)
     if silu_mul and config.split_k != 1:
         raise ValueError("gemv: silu_mul needs split_k 1 (the activation needs the whole sum)")
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
@@ -119,9 +119,9 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, config):
     _gemv_kernel[(triton.cdiv(n_out, config.block_n), split)](
         x, weight, bias if bias is not None else weight, partial, res, new_residual,
         norm_weight if norm_weight is not None else weight,
-        m, n_out, k, x.stride(0), weight.stride(0), partial.stride(-2), res.stride(0), new_residual.stride(0),
+        n_out, k, x.stride(0), weight.stride(0), partial.stride(-2), res.stride(0), new_residual.stride(0),
         eps, k_per_split, HAS_BIAS=bias is not None and split == 1, NORM=norm_weight is not None,
-        ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul, BLOCK_M=max(triton.next_power_of_2(m), 1),
+        ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul, ROWS=m, BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
     if split > 1:
@@ -136,25 +136,29 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, config):
 if triton is not None:
 
     @triton.jit
-    def _row_input(x_ptr, res_ptr, rows, ks, mask, x_stride, res_stride, ADD_RESIDUAL: tl.constexpr):
-        """A ``[BLOCK_M, BLOCK_K]`` tile of ``x`` (plus the residual, rounded to the dtype as torch does)."""
-        h = tl.load(x_ptr + rows[:, None] * x_stride + ks[None, :], mask=mask, other=0.0)
+    def _row_input(x_ptr, res_ptr, row, ks, mask, x_stride, res_stride, ADD_RESIDUAL: tl.constexpr):
+        """``x[row, ks]`` (plus the residual's, rounded to the dtype as torch rounds ``x + residual``);
+        ``row`` a scalar or a column of rows."""
+        h = tl.load(x_ptr + row * x_stride + ks, mask=mask, other=0.0)
         if ADD_RESIDUAL:
-            r = tl.load(res_ptr + rows[:, None] * res_stride + ks[None, :], mask=mask, other=0.0)
+            r = tl.load(res_ptr + row * res_stride + ks, mask=mask, other=0.0)
             h = (h.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         return h
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, nw_ptr,
-        M, N, K, x_stride, w_stride, out_stride, res_stride, res_out_stride, eps, k_per_split,
+        N, K, x_stride, w_stride, out_stride, res_stride, res_out_stride, eps, k_per_split,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        """Outputs ``[pid_n * BLOCK_N, +BLOCK_N)`` of the ``ROWS`` rows over K split ``pid_k``: the weight tile
+        is loaded once an iteration and multiplied by each row in turn (registers do not grow with the rows);
+        accumulators are ``[BLOCK_N, BLOCK_M]`` (outputs by rows)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = tl.arange(0, BLOCK_M)
-        row_mask = rows < M
+        row_mask = rows < ROWS
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         offs_k = tl.arange(0, BLOCK_K)
@@ -164,42 +168,46 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + offs_k
                 mask = row_mask[:, None] & (ks < K)[None, :]
-                hf = _row_input(x_ptr, res_ptr, rows, ks, mask, x_stride, res_stride, ADD_RESIDUAL).to(tl.float32)
+                h = _row_input(x_ptr, res_ptr, rows[:, None], ks[None, :], mask, x_stride, res_stride, ADD_RESIDUAL)
+                hf = h.to(tl.float32)
                 sum_sq += tl.sum(hf * hf, axis=1)
             rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(sum_sq, K.to(tl.float32)) + eps))
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         w_rows = w_ptr + cols[:, None].to(tl.int64) * w_stride
         k_start = pid_k * k_per_split
         for k0 in range(0, k_per_split, BLOCK_K):
             ks = k_start + k0 + offs_k
             k_mask = ks < K
-            mask = row_mask[:, None] & k_mask[None, :]
-            a = _row_input(x_ptr, res_ptr, rows, ks, mask, x_stride, res_stride, ADD_RESIDUAL)
-            if ADD_RESIDUAL:
-                if pid_n == 0:
-                    tl.store(res_out_ptr + rows[:, None] * res_out_stride + ks[None, :], a, mask=mask)
-            if NORM:
-                normed = (a.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
-                nw = tl.load(nw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-                a = (nw[None, :] * normed).to(dtype)
-            af = a.to(tl.float32)[:, None, :]
             w_mask = col_mask[:, None] & k_mask[None, :]
             w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(af * w[None, :, :], axis=2)
             if SILU_MUL:
                 up = tl.load(w_rows + N * w_stride + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
-                acc_up += tl.sum(af * up[None, :, :], axis=2)
+            if NORM:
+                nw = tl.load(nw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            for m in tl.static_range(ROWS):
+                a = _row_input(x_ptr, res_ptr, m, ks, k_mask, x_stride, res_stride, ADD_RESIDUAL)
+                if ADD_RESIDUAL:
+                    if pid_n == 0:
+                        tl.store(res_out_ptr + m * res_out_stride + ks, a, mask=k_mask)
+                if NORM:
+                    rstd_m = tl.sum(tl.where(rows == m, rstd, 0.0))
+                    a = (nw * (a.to(tl.float32) * rstd_m).to(dtype).to(tl.float32)).to(dtype)
+                af = a.to(tl.float32)[None, :]
+                is_m = (rows == m)[None, :]
+                acc += tl.where(is_m, tl.sum(w * af, axis=1)[:, None], 0.0)
+                if SILU_MUL:
+                    acc_up += tl.where(is_m, tl.sum(up * af, axis=1)[:, None], 0.0)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
             if SILU_MUL:
-                acc_up += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                acc_up += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
         if SILU_MUL:
             g = acc.to(dtype).to(tl.float32)
             silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
             acc = silu * acc_up.to(dtype).to(tl.float32)
-        out_ptrs = out_ptr + pid_k * M * N + rows[:, None] * out_stride + cols[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        out_ptrs = out_ptr + pid_k * ROWS * N + rows[None, :] * out_stride + cols[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 
     @triton.jit
     def _split_k_reduce_kernel(
