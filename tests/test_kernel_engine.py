@@ -192,3 +192,13 @@ def test_decode_gemvs_match_torch_backend(demo_path, monkeypatch, wide_gemv_tile
     assert eng.model.decode_gemv
     assert tokens(eng.generate(ps, GREEDY)) == expected
     assert rows_seen and max(rows_seen) <= gemv.MAX_ROWS and 3 in rows_seen
+
+
+def test_decode_gemvs_with_biases_match_torch_backend(demo_path, tmp_path, wide_gemv_tiles):
+    """Qwen2's q/k/v biases through the fused norm + qkv GEMV."""
+    make_hf_checkpoint(tmp_path, "qwen2", demo_path)
+    ps = prompts((6, 21))
+    expected = tokens(engine(tmp_path, "torch", enable_prefix_caching=False).generate(ps, GREEDY))
+    eng = engine(tmp_path, "triton", enable_prefix_caching=False, decode_gemv="triton")
+    assert eng.model.model.layers[0].self_attn.qkv_proj.bias is not None and eng.model.decode_gemv
+    assert tokens(eng.generate(ps, GREEDY)) == expected
