@@ -38,7 +38,8 @@ SHAPES = {  # name -> (hidden, q + 2 kv width, intermediate): the projections [N
 ROWS = (1, 2, 4, 8)
 TILES = [
     GemvConfig(block_n, block_k, split_k, warps)
-    for block_n, block_k, split_k, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024), (1, 2, 4), (4, 8))
+    for block_n, block_k, split_k, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (1, 2, 4),
+                                                              (2, 4, 8))  # fmt: skip
 ]
 MAX_TILE = 16384  # block_n x block_k weight elements a program holds: larger tiles spill registers
 BUDGET_S = 110.0  # the sweep stops when the whole run has taken this long
@@ -164,8 +165,13 @@ def sweep(device: torch.device, rows_list: list[int], replays: int, deadline: fl
                 for tile in TILES:
                     if tile.block_n * tile.block_k > MAX_TILE or (tile.split_k > 1 and k < 4096):
                         continue
+                    if time.monotonic() > deadline:
+                        break
                     results.append((graph_time([lambda w=w: gemv.gemv(x, w, None, tile) for w in ws], replays),
                                     tile))  # fmt: skip
+                if not results:
+                    print("sweep: out of time, the rest skipped")
+                    return
                 default_s = graph_time([lambda w=w: gemv.gemv(x, w, None, default) for w in ws], replays)
                 results.sort(key=lambda r: r[0])
                 top = ", ".join(f"{t.block_n}x{t.block_k}/s{t.split_k}/w{t.num_warps} {s * 1e6:.2f}"
