@@ -22,7 +22,8 @@ from common.config import ConfigError  # noqa: E402
 from common.engine import attention  # noqa: E402
 from common.engine.config import EngineConfig  # noqa: E402
 from common.engine.engine import LLMEngine  # noqa: E402
-from common.engine.kernels.backend import resolve_attention_backend  # noqa: E402
+from common.engine.kernels import gemv  # noqa: E402
+from common.engine.kernels.backend import resolve_attention_backend, resolve_decode_gemv  # noqa: E402
 from common.engine.loader import resolve_model_path  # noqa: E402
 from common.messages import SamplingParams  # noqa: E402
 from tests.checkpoints import make_hf_checkpoint  # noqa: E402
@@ -131,12 +132,21 @@ def test_chunked_prefill_mixed_with_decode_matches_torch_backend(demo_path, quer
     assert any(1 in lens and max(lens) > 1 for lens in query_lens_seen), query_lens_seen
 
 
-def test_padded_decode_graph_batch_matches_torch_backend(demo_path):
-    """The decode graphs' forward (fixed buffers, padded rows rewriting row 0's K/V) on the triton path."""
+@pytest.fixture
+def wide_gemv_tiles(monkeypatch):
+    """GEMV tiles of 64 outputs whatever the program count (the interpreter runs programs one by one)."""
+    monkeypatch.setattr(gemv, "TARGET_PROGRAMS", 1)
+
+
+@pytest.mark.parametrize("decode_gemv", ["torch", "triton"])
+def test_padded_decode_graph_batch_matches_torch_backend(demo_path, decode_gemv, wide_gemv_tiles):
+    """The decode graphs' forward (fixed buffers, padded rows rewriting row 0's K/V) on the triton path, its
+    projections on cuBLAS or the decode GEMVs."""
     ps = prompts((5, 20, 17), seed=4)
     expected = tokens(engine(demo_path, "torch", enable_prefix_caching=False, max_num_seqs=8).generate(ps, GREEDY))
     config = EngineConfig(model=str(demo_path), dtype="float32", device=DEVICE, num_kv_blocks=64,
-                          enable_prefix_caching=False, max_num_seqs=8, attention_backend="triton")  # fmt: skip
+                          enable_prefix_caching=False, max_num_seqs=8, attention_backend="triton",
+                          decode_gemv=decode_gemv)  # fmt: skip
     graphed = LLMEngine(config)
     runner = graphed.runner
     runner.graphs = RerunGraphs(runner.model, runner.kv_cache, 8, graphed.max_model_len)
@@ -151,3 +161,44 @@ def test_families_match_torch_backend(family, demo_path, tmp_path):
     make_hf_checkpoint(tmp_path, family, demo_path)
     torch_tokens, triton_tokens = both(tmp_path, prompts((6, 21)))
     assert triton_tokens == torch_tokens
+
+
+def test_decode_gemv_resolution():
+    assert not resolve_decode_gemv("auto", "triton", torch.device("cpu"))
+    assert resolve_decode_gemv("auto", "triton", torch.device("cuda"))
+    assert not resolve_decode_gemv("auto", "torch", torch.device("cuda"))
+    assert resolve_decode_gemv("triton", "triton", torch.device("cpu"))
+    assert not resolve_decode_gemv("torch", "triton", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="decode-gemv"):
+        resolve_decode_gemv("triton", "torch", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="decode-gemv"):
+        EngineConfig(decode_gemv="cublas").validate()
+
+
+def test_decode_gemvs_match_torch_backend(demo_path, monkeypatch, wide_gemv_tiles):
+    """Steps of at most ``gemv.MAX_ROWS`` rows (the decodes, a short prompt) run the GEMVs, longer prefills
+    cuBLAS; the greedy tokens are the torch backend's."""
+    rows_seen: list[int] = []
+    norm_gemv = gemv.norm_gemv
+
+    def spy(x, *args, **kwargs):
+        rows_seen.append(x.shape[0])
+        return norm_gemv(x, *args, **kwargs)
+
+    monkeypatch.setattr(gemv, "norm_gemv", spy)
+    ps = prompts((3, 17, 40), seed=5)
+    expected = tokens(engine(demo_path, "torch", enable_prefix_caching=False).generate(ps, GREEDY))
+    eng = engine(demo_path, "triton", enable_prefix_caching=False, decode_gemv="triton")
+    assert eng.model.decode_gemv
+    assert tokens(eng.generate(ps, GREEDY)) == expected
+    assert rows_seen and max(rows_seen) <= gemv.MAX_ROWS and 3 in rows_seen
+
+
+def test_decode_gemvs_with_biases_match_torch_backend(demo_path, tmp_path, wide_gemv_tiles):
+    """Qwen2's q/k/v biases through the fused norm + qkv GEMV."""
+    make_hf_checkpoint(tmp_path, "qwen2", demo_path)
+    ps = prompts((6, 21))
+    expected = tokens(engine(tmp_path, "torch", enable_prefix_caching=False).generate(ps, GREEDY))
+    eng = engine(tmp_path, "triton", enable_prefix_caching=False, decode_gemv="triton")
+    assert eng.model.model.layers[0].self_attn.qkv_proj.bias is not None and eng.model.decode_gemv
+    assert tokens(eng.generate(ps, GREEDY)) == expected

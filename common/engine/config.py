@@ -21,6 +21,7 @@ def parse_size(text: str) -> int:
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+DECODE_GEMVS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -84,6 +85,13 @@ class EngineConfig:
         "(triton on CUDA when Triton is importable, else torch)",
         choices=ATTENTION_BACKENDS,
     )
+    decode_gemv: Literal["auto", "torch", "triton"] = opt(
+        "auto",
+        "projections of steps of at most 8 rows (small decode batches) on the triton attention backend: triton "
+        "(skinny-matmul kernels, the norms and SiLU*mul fused into them), torch (cuBLAS, as larger steps), or "
+        "auto (triton on CUDA with --attention-backend triton)",
+        choices=DECODE_GEMVS,
+    )
     kv_load_failure_policy: Literal["recompute", "fail"] = opt(
         "recompute",
         "when reading a remote prefill's KV fails: compute the prompt locally, or fail the request",
@@ -109,6 +117,7 @@ class EngineConfig:
         policies = ("recompute", "fail")
         backends = ", ".join(ATTENTION_BACKENDS)
         require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", f"must be one of {backends}")
+        require(self.decode_gemv in DECODE_GEMVS, "decode_gemv", f"must be one of {', '.join(DECODE_GEMVS)}")
         require(self.kv_load_failure_policy in policies, "kv_load_failure_policy", "must be recompute or fail")
         device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
         require(device_ok, "device", "must be auto, cpu, cuda or cuda:N")

@@ -125,10 +125,10 @@ class LLMEngine:
         self._offline_count = 0
         logger.info(
             "engine ready: model %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, TP %d, "
-            "attention backend %s",
+            "attention backend %s%s",
             path, self.dtype_name, self.device, self.kv_cache.num_blocks, self.block_size,
             self.kv_cache.num_blocks * self.kv_cache.block_bytes / 2**20, self.max_model_len, self.tp.world_size,
-            self.attention_backend,
+            self.attention_backend, " with decode GEMVs" if self.model.decode_gemv else "",
         )  # fmt: skip
 
     def check_health(self) -> None:

@@ -143,7 +143,7 @@ def weight_files(path: Path) -> list[Path]:
 
 def load_model(
     path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel = SINGLE,
-    attention_backend: str = "torch",
+    attention_backend: str = "torch", decode_gemv: bool = False,
 ) -> CausalLM:
     """Build the model and fill every parameter from the checkpoint, in ``dtype`` on ``device``, eval mode,
     prepared for inference (``CausalLM.prepare``: fused projections, rope table).  Under tensor
@@ -153,7 +153,7 @@ def load_model(
     """
     device = torch.device(device)
     with torch.device("meta"):
-        model = CausalLM(config, tp, attention_backend)
+        model = CausalLM(config, tp, attention_backend, decode_gemv)
     shards = model.weight_shards()
     expected = {name: _checkpoint_shape(tuple(p.shape), shards.get(name)) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}

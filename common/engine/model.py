@@ -8,7 +8,9 @@ matmul each.  Every layer reads and writes the paged ``KVCache``.
 build: ``torch`` runs each module's ``forward`` (plain PyTorch); ``triton`` runs their ``forward_fused``,
 HF's residual stream carried as vLLM does (each layer returns its MLP output and the residual before it;
 the next norm adds them in one fused kernel), rotary on the q/k views fused with the K/V cache write, paged
-attention reading the KV blocks in place, and SiLU*mul in one kernel.
+attention reading the KV blocks in place, and SiLU*mul in one kernel.  With ``decode_gemv`` a forward of at
+most ``gemv.MAX_ROWS`` rows (a small decode batch) runs its projections as Triton GEMVs, the norms fused into
+the qkv and gate_up ones and SiLU*mul into gate_up (``kernels.gemv``); larger ones keep cuBLAS.
 
 Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of
 the checkpoint, as ``weight_shards`` says: q/k/v and gate/up column-parallel (its heads, its
@@ -26,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engine.attention import AttentionMetadata, paged_attention, paged_attention_triton
-from common.engine.kernels import activation, norm, rotary
+from common.engine.kernels import activation, gemv, norm, rotary
 from common.engine.kv_cache import KVCache
 from common.engine.model_config import ModelConfig
-from common.engine.parallel import SINGLE, Shard, TensorParallel
+from common.engine.parallel import SINGLE, Matmul, Shard, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -141,14 +143,14 @@ class Attention(nn.Module):
         return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size))
 
     def forward_fused(
-        self, x: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor, meta: AttentionMetadata,
-        cache: KVCache,
+        self, qkv: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor, meta: AttentionMetadata,
+        cache: KVCache, matmul: Matmul = F.linear,
     ) -> torch.Tensor:
-        """``forward`` with the Triton kernels: q/k norms (Qwen3), then rotary in place on q (a view of the qkv
-        output, or the norm's output) fused with the cache write of the rotated k and v, then
-        ``paged_attention_triton``."""
-        n, heads = x.shape[0], self.num_heads
-        qkv = self.qkv_proj(x)
+        """``forward`` with the Triton kernels, from the qkv projection's output (the caller computes it, fused
+        with the norm before it or not): q/k norms (Qwen3), then rotary in place on q (a view of ``qkv``, or the
+        norm's output) fused with the cache write of the rotated k and v, then ``paged_attention_triton``, then
+        o_proj computed by ``matmul`` (``F.linear``, or the decode GEMV)."""
+        n, heads = qkv.shape[0], self.num_heads
         q = qkv[:, : self.q_size].view(n, heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
@@ -159,7 +161,7 @@ class Attention(nn.Module):
             q, k, v, positions, rope_table, cache.data, self.layer_idx, meta.slot_mapping, meta.kv_source_rows
         )
         out = paged_attention_triton(q, cache, self.layer_idx, meta, self.scale, self.sliding_window)
-        return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size))
+        return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size), matmul)
 
 
 class MLP(nn.Module):
@@ -186,6 +188,15 @@ class MLP(nn.Module):
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.row_linear(self.down_proj, activation.silu_and_mul(self.gate_up_proj(x)))
 
+    def forward_gemv(
+        self, x: torch.Tensor, residual: torch.Tensor, ln: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp(ln(x + residual)), x + residual)`` with the decode GEMVs: the norm and residual add fused
+        into gate_up, SiLU*mul its epilogue, then down."""
+        w = self.gate_up_proj
+        act, residual = gemv.norm_gemv(x, residual, ln.weight, ln.eps, w.weight, w.bias, silu_mul=True)
+        return self.tp.row_linear(self.down_proj, act, gemv.gemv), residual
+
 
 def fuse_linears(*linears: nn.Linear) -> nn.Linear:
     """One ``nn.Linear`` computing ``cat([l(x) for l in linears], -1)`` (weights concatenated, the parts freed)."""
@@ -211,16 +222,22 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rope_table: torch.Tensor,
-        meta: AttentionMetadata, cache: KVCache,
+        meta: AttentionMetadata, cache: KVCache, use_gemv: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mlp_out, residual)`` such that ``forward``'s output is ``residual + mlp_out``.  The input is
-        ``residual + x`` (``residual`` None: ``x`` itself, the first layer); ``residual`` is updated in place."""
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        ``residual + x`` (``residual`` None: ``x`` itself, the first layer).  ``use_gemv``: the projections run
+        the decode GEMVs (``kernels.gemv``; at most ``gemv.MAX_ROWS`` rows), norms fused into them, and the
+        returned residual is a new tensor; else ``residual`` is updated in place."""
+        attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        if use_gemv:
+            qkv, residual = gemv.norm_gemv(x, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+            h = attn.forward_fused(qkv, positions, rope_table, meta, cache, gemv.gemv)
+            return self.mlp.forward_gemv(h, residual, ln2)
         if residual is None:
             residual, h = x, norm.rms_norm(x, ln1.weight, ln1.eps)
         else:
             h, residual = norm.fused_add_rms_norm(x, residual, ln1.weight, ln1.eps)
-        h = self.self_attn.forward_fused(h, positions, rope_table, meta, cache)
+        h = attn.forward_fused(attn.qkv_proj(h), positions, rope_table, meta, cache)
         h, residual = norm.fused_add_rms_norm(h, residual, ln2.weight, ln2.eps)
         return self.mlp.forward_fused(h), residual
 
@@ -242,17 +259,23 @@ class CausalLM(nn.Module):
     Built in the checkpoint's layout (``named_parameters()`` are the safetensors names);
     ``prepare`` (``load_model`` calls it) then fuses projections and builds the rope table,
     and only a prepared model runs ``forward``.  ``tp``: this rank's place in its tensor-parallel
-    group (``SINGLE``: the whole model, no collectives).  ``attention_backend``: ``torch`` or ``triton``
-    (see the module docstring).
+    group (``SINGLE``: the whole model, no collectives).  ``attention_backend``: ``torch`` or ``triton``;
+    ``decode_gemv`` (triton only): small batches' projections as Triton GEMVs (see the module docstring).
     """
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE, attention_backend: str = "torch"):
+    def __init__(
+        self, config: ModelConfig, tp: TensorParallel = SINGLE, attention_backend: str = "torch",
+        decode_gemv: bool = False,
+    ):
         super().__init__()
         if attention_backend not in ("torch", "triton"):
             raise ValueError(f"CausalLM: attention_backend must be torch or triton, got {attention_backend!r}")
+        if decode_gemv and attention_backend != "triton":
+            raise ValueError("CausalLM: decode_gemv needs the triton attention backend")
         self.config = config
         self.tp = tp
         self.attention_backend = attention_backend
+        self.decode_gemv = decode_gemv
         self.vocab_start = tp.vocab_rows(config.vocab_size)[0]
         self.model = Model(config, tp)
         if not config.tie_word_embeddings:
@@ -316,8 +339,9 @@ class CausalLM(nn.Module):
         """``forward``'s layers and final norm with the Triton kernels (``DecoderLayer.forward_fused``)."""
         table = self.model.rotary_emb.table
         residual = None
+        use_gemv = self.decode_gemv and x.shape[0] <= gemv.MAX_ROWS
         for layer in self.model.layers:
-            x, residual = layer.forward_fused(x, residual, positions, table, meta, kv_cache)
+            x, residual = layer.forward_fused(x, residual, positions, table, meta, kv_cache, use_gemv)
         final = self.model.norm
         return norm.fused_add_rms_norm(x, residual, final.weight, final.eps)[0]
 

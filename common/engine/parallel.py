@@ -12,6 +12,7 @@ step is unbounded (an idle engine sends nothing; a worker leaves when rank 0 die
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,6 +30,7 @@ CONTROL_WAIT = timedelta(days=3650)  # a worker waits this long for rank 0's nex
 # Loading a shard can take minutes on a busy host, far longer than a step may: the start-up barrier waits
 # this long at least (a rank that dies meanwhile fails it at once: gloo sees its connection close).
 START_WAIT = timedelta(minutes=5)
+Matmul = Callable[..., torch.Tensor]  # F.linear(x, weight, bias=None) or a kernel of its signature
 _STOP, _STEP = 0, 1
 
 
@@ -159,11 +161,12 @@ class TensorParallel:
         dist.all_gather(parts, padded, group=self.model_group)
         return torch.cat(parts, dim=-1)[:, :vocab_size]
 
-    def row_linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """A row-parallel linear: each rank's partial product summed over the ranks, then the (replicated) bias."""
+    def row_linear(self, linear: nn.Linear, x: torch.Tensor, matmul: Matmul = F.linear) -> torch.Tensor:
+        """A row-parallel linear: each rank's partial product (``matmul``, ``F.linear``'s signature) summed
+        over the ranks, then the (replicated) bias."""
         if self.world_size == 1:
-            return linear(x)
-        out = F.linear(x, linear.weight)
+            return matmul(x, linear.weight, linear.bias)
+        out = matmul(x, linear.weight)
         dist.all_reduce(out, group=self.model_group)
         return out if linear.bias is None else out + linear.bias
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from common.config import require
 from common.engine.config import EngineConfig
-from common.engine.kernels.backend import resolve_attention_backend
+from common.engine.kernels.backend import resolve_attention_backend, resolve_decode_gemv
 from common.engine.kv_cache import Allocate, KVCache, num_kv_blocks, zeros
 from common.engine.loader import load_model, parse_dtype
 from common.engine.model import CausalLM
@@ -223,9 +223,10 @@ def load_rank(
     config: EngineConfig, model_config: ModelConfig, path: Path, dtype: torch.dtype, device: torch.device,
     max_model_len: int, tp: TensorParallel, attention_backend: str, kv_allocate: Allocate = zeros,
 ) -> tuple[CausalLM, KVCache]:
-    """This rank's model (its shard; ``attention_backend`` resolved: torch or triton) and KV cache (its KV
-    heads; the block count every rank can hold)."""
-    model = load_model(path, model_config, dtype, device, tp, attention_backend)
+    """This rank's model (its shard; ``attention_backend`` resolved: torch or triton; ``--decode-gemv``
+    resolved here) and KV cache (its KV heads; the block count every rank can hold)."""
+    gemvs = resolve_decode_gemv(config.decode_gemv, attention_backend, device)
+    model = load_model(path, model_config, dtype, device, tp, attention_backend, gemvs)
     num_kv_heads = tp.kv_heads(model_config.num_kv_heads)[1]
     num_blocks = num_kv_blocks(config, model_config, num_kv_heads, dtype, device, max_model_len)
     if tp.world_size > 1:
