@@ -109,9 +109,10 @@ def test_bad_shapes_raise():
 
 
 def test_default_config_covers_the_h200():
-    """The 1B shapes' projections get at least ``TARGET_PROGRAMS`` programs (four per SM); a program's weight
-    tiles stay in ``TILE_ELEMENTS`` and load at least 64 elements of K (16 bytes a thread)."""
-    for n, k, silu_mul in ((3072, 2048, False), (2048, 2048, False), (8192, 2048, True), (2048, 8192, False)):
+    """The 1B and 8B shapes' projections get at least 1,024 programs (~8 per H200 SM) and load K in steps of
+    64 to ``MAX_BLOCK_K`` elements (16-byte loads), never more than K rounded up."""
+    for n, k, silu_mul in ((3072, 2048, False), (2048, 2048, False), (8192, 2048, True), (2048, 8192, False),
+                           (6144, 4096, False), (14336, 4096, True), (4096, 14336, False), (3, 40, False)):
         config = gemv.pick_config(n, k, silu_mul)
-        assert -(-n // config.block_n) >= gemv.TARGET_PROGRAMS
-        assert 64 <= config.block_k and (1 + silu_mul) * config.block_n * config.block_k <= gemv.TILE_ELEMENTS
+        assert n < 1024 or -(-n // config.block_n) >= 1024
+        assert 64 <= config.block_k <= max(64, min(gemv.MAX_BLOCK_K, 1 << (k - 1).bit_length()))

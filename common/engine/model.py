@@ -9,7 +9,7 @@ build: ``torch`` runs each module's ``forward`` (plain PyTorch); ``triton`` runs
 HF's residual stream carried as vLLM does (each layer returns its MLP output and the residual before it;
 the next norm adds them in one fused kernel), rotary on the q/k views fused with the K/V cache write, paged
 attention reading the KV blocks in place, and SiLU*mul in one kernel.  With ``decode_gemv`` a forward of at
-most ``gemv.MAX_ROWS`` rows (a small decode batch) runs its projections as Triton GEMVs, the norms fused into
+most ``gemv.DECODE_MAX_ROWS`` rows (a small decode batch) runs its projections as Triton GEMVs, the norms fused into
 the qkv and gate_up ones and SiLU*mul into gate_up (``kernels.gemv``); larger ones keep cuBLAS.
 
 Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of
@@ -226,7 +226,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mlp_out, residual)`` such that ``forward``'s output is ``residual + mlp_out``.  The input is
         ``residual + x`` (``residual`` None: ``x`` itself, the first layer).  ``use_gemv``: the projections run
-        the decode GEMVs (``kernels.gemv``; at most ``gemv.MAX_ROWS`` rows), norms fused into them, and the
+        the decode GEMVs (``kernels.gemv``; at most ``gemv.DECODE_MAX_ROWS`` rows), norms fused into them, and the
         returned residual is a new tensor; else ``residual`` is updated in place."""
         attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
         if use_gemv:
@@ -339,7 +339,7 @@ class CausalLM(nn.Module):
         """``forward``'s layers and final norm with the Triton kernels (``DecoderLayer.forward_fused``)."""
         table = self.model.rotary_emb.table
         residual = None
-        use_gemv = self.decode_gemv and x.shape[0] <= gemv.MAX_ROWS
+        use_gemv = self.decode_gemv and x.shape[0] <= gemv.DECODE_MAX_ROWS
         for layer in self.model.layers:
             x, residual = layer.forward_fused(x, residual, positions, table, meta, kv_cache, use_gemv)
         final = self.model.norm

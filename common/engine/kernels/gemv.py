@@ -31,9 +31,12 @@ try:
 except ImportError:  # CPU-only install: the references still work
     triton = None
 
-MAX_ROWS = 8  # rows above this run cuBLAS (F.linear)
-TARGET_PROGRAMS = 512  # about four programs per H200 SM (132): enough loads in flight to cover DRAM latency
-TILE_ELEMENTS = 8192  # weight elements a program holds an iteration: 64 fp32 registers a thread at 4 warps
+# Measured on an H200 (``bench.gemv_gpu``, docs/benchmarks.md): at one row the GEMVs beat cuBLAS on every
+# projection of the 1B shape; at eight they lose by 1.5-3x with any tile (cuBLAS's tensor-core tiles win there).
+MAX_ROWS = 8  # the kernel's limit
+DECODE_MAX_ROWS = 2  # the model's decode steps use the GEMVs up to this many rows, cuBLAS above
+BLOCK_N = 2  # outputs a program: the best tile for every projection of the 1B and 8B shapes at 1 and 8 rows
+MAX_BLOCK_K = 2048  # of K an iteration (a gate_up tile with its SiLU*mul holds two of them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +50,10 @@ class GemvConfig:
 
 
 def pick_config(n: int, k: int, silu_mul: bool = False) -> GemvConfig:
-    """The default tile for ``n`` outputs over ``k`` (any rows): the widest ``block_n`` (<= 64) still giving
-    ``TARGET_PROGRAMS`` programs, then ``block_k`` filling ``TILE_ELEMENTS`` (gate and up tiles with
-    ``silu_mul``; >= 64 for 16-byte loads)."""
-    block_n = next((b for b in (64, 32, 16, 8, 4) if triton.cdiv(n, b) >= TARGET_PROGRAMS), 2)
-    tiles = 2 if silu_mul else 1
-    return GemvConfig(block_n, max(64, min(triton.next_power_of_2(k), TILE_ELEMENTS // (tiles * block_n))))
+    """The default tile for ``n`` outputs over ``k`` (any rows): ``BLOCK_N`` outputs (``n / 2`` programs: at
+    least 1,024 for these shapes, ~8 per SM), all of ``k`` up to ``MAX_BLOCK_K`` an iteration (>= 64: 16-byte
+    loads).  ``silu_mul`` does not change it."""
+    return GemvConfig(BLOCK_N, max(64, min(triton.next_power_of_2(k), MAX_BLOCK_K)))
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
