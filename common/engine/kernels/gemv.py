@@ -32,9 +32,11 @@ except ImportError:  # CPU-only install: the references still work
     triton = None
 
 # Measured on an H200 (``bench.gemv_gpu``, docs/benchmarks.md): at one row the GEMVs beat cuBLAS on every
-# projection of the 1B shape; at eight they lose by 1.5-3x with any tile (cuBLAS's tensor-core tiles win there).
+# projection of the 1B shape (1.07-1.43x; with the fused norm and SiLU*mul, 117 us off a step) and tie or beat it on
+# the 8B's (0.99-1.15x); at two
+# rows the fused forms already lose (0.76-0.84x), at eight every tile loses 1.5-3x (cuBLAS's tensor-core tiles).
 MAX_ROWS = 8  # the kernel's limit
-DECODE_MAX_ROWS = 2  # the model's decode steps use the GEMVs up to this many rows, cuBLAS above
+DECODE_MAX_ROWS = 1  # the model's decode steps use the GEMVs up to this many rows, cuBLAS above
 BLOCK_N = 2  # outputs a program: the best tile for every projection of the 1B and 8B shapes at 1 and 8 rows
 MAX_BLOCK_K = 2048  # of K an iteration (a gate_up tile with its SiLU*mul holds two of them)
 
