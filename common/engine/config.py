@@ -87,7 +87,7 @@ class EngineConfig:
     )
     decode_gemv: Literal["auto", "torch", "triton"] = opt(
         "auto",
-        "projections of steps of at most 8 rows (small decode batches) on the triton attention backend: triton "
+        "projections of one-row steps (a decode of one sequence) on the triton attention backend: triton "
         "(skinny-matmul kernels, the norms and SiLU*mul fused into them), torch (cuBLAS, as larger steps), or "
         "auto (triton on CUDA with --attention-backend triton)",
         choices=DECODE_GEMVS,
