@@ -38,8 +38,7 @@ DirectHandler = Callable[["DirectRequest"], Awaitable[Any]]  # its answer has ``
 _CLOSE = b"connection: close\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-_ERROR_500 = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
-              (b"connection", b"close"))
+_ERROR_500 = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"))  # + connection: close
 
 
 class DirectRequest:
