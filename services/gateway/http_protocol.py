@@ -14,6 +14,10 @@ a coroutine, an ``asyncio.Event`` wait and its future per request, and closing t
 answered.  Each connection of ``GatewayHTTPProtocol`` has one ``ConnectionHook`` instead, in its
 requests' ``scope["extensions"]`` (``connection_hook(scope)``): the request being served sets its
 ``on_lost``, which runs once when the connection closes.
+
+The generation routes skip uvicorn's ASGI request cycle altogether: ``GatewayHTTPProtocol``
+serves them as ``direct.DirectRequest``s (the bytes written are the ones the cycle would write),
+and its keep-alive timeout is one timer per connection instead of one per request.
 """
 
 from __future__ import annotations
