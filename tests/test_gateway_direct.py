@@ -216,3 +216,26 @@ async def test_end_to_end_openai_client_raw_keep_alive_pipelining_and_the_asgi_f
             assert head.startswith(b"HTTP/1.1 " + status) and json.loads(body)["error"]["code"] == "method_not_allowed"
         [(head, body)] = await roundtrips(c.url, b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 1)
         assert head.startswith(b"HTTP/1.1 404") and json.loads(body)["error"]["code"] == "not_found"
+
+
+async def test_a_request_arms_one_timer_for_its_deadline_and_its_legs_silence(monkeypatch):
+    """The request deadline, each leg's silence and each wait of a stream share the run's one alarm."""
+    loop = asyncio.get_running_loop()
+    gateway_timers: list[str] = []
+    call_at = loop.call_at
+
+    def recording_call_at(when, callback, *args, **kwargs):
+        if getattr(callback, "__module__", "").startswith("services.gateway."):
+            gateway_timers.append(callback.__qualname__)
+        return call_at(when, callback, *args, **kwargs)
+
+    async with FakeCluster(prefill=1, decode=1) as c:
+        async with openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0) as client:
+            await client.completions.create(model="fake", prompt="warm", max_tokens=2)
+            monkeypatch.setattr(loop, "call_at", recording_call_at)  # asyncio's call_later goes through it
+            await client.completions.create(model="fake", prompt="hi", max_tokens=3)
+            assert gateway_timers == ["RequestRun._on_alarm"]
+            gateway_timers.clear()
+            async for _ in await client.completions.create(model="fake", prompt="hi", max_tokens=3, stream=True):
+                pass
+            assert gateway_timers == ["RequestRun._on_alarm"]

@@ -296,7 +296,7 @@ class Gateway:
         """The JSON answer once every choice finished (or the failure's)."""
         try:
             run.start()
-            await sse.run_until_disconnect(receive, run.done, run.deadline, connection)
+            await sse.run_until_disconnect(receive, run.done, connection)
             body = collector.body(run.request_id, run.stats)
         except BaseException as e:
             return _close_failed(run, e)
@@ -311,7 +311,7 @@ class Gateway:
         watch = sse.ClientWatch(receive, connection)  # the stream's, for both its waits
         try:
             run.start()
-            first = await watch.run(events.next(run))
+            first = await watch.run(events.next())
         except BaseException as e:
             watch.close()
             return _close_failed(run, e)
@@ -334,8 +334,6 @@ def _answer_failure(e: APIError | sse.ClientGone, request_id: str | None) -> ASG
 def _close_failed(run: RequestRun, e: BaseException) -> ASGIApp:
     """``run`` ended by ``e`` before its answer: the run closed with the status its client gets, and
     that answer; an unexpected exception (counted as a 500) or a cancellation propagates."""
-    if isinstance(e, TimeoutError):  # the request deadline
-        e = run.timed_out()
     if isinstance(e, APIError):
         run.close(e.status)
         return _answer_failure(e, run.request_id)

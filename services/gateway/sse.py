@@ -142,9 +142,9 @@ class ClientWatch:
     """Watches a request's client for the request's whole life (through its ``connection``'s hook
     when the server offers one, ``http_protocol.connection_hook``, else with one ``DisconnectWatch``;
     ``close()`` ends it): ``run(work)`` awaits ``work`` in the request's task, cancels it and raises
-    ``ClientGone`` once the client disconnects (at once if it already has), or ``TimeoutError`` once
-    the loop's clock reaches ``deadline``.  Outside ``run`` a disconnect is only noted.  A stream
-    answers from two such waits (its first event, then its body) with one watch."""
+    ``ClientGone`` once the client disconnects (at once if it already has).  Outside ``run`` a
+    disconnect is only noted.  A stream answers from two such waits (its first event, then its body)
+    with one watch.  (Deadlines are the request run's: ``flow.RequestRun``.)"""
 
     __slots__ = ("_task", "_watch", "_connection", "_stopped_by", "_running")
 
@@ -152,7 +152,7 @@ class ClientWatch:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._stopped_by: type[Exception] | None = None
+        self._stopped_by: type[ClientGone] | None = None
         self._running = False
         self._connection = connection
         self._watch: DisconnectWatch | None = None
@@ -164,12 +164,11 @@ class ClientWatch:
         else:
             connection.on_lost = self._gone
 
-    async def run(self, work: Awaitable[T], deadline: float | None = None) -> T:
+    async def run(self, work: Awaitable[T]) -> T:
         if self._stopped_by is not None:
             if asyncio.iscoroutine(work):
                 work.close()
             raise self._stopped_by()
-        timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._stop, TimeoutError)
         self._running = True
         try:
             return await work
@@ -179,8 +178,6 @@ class ClientWatch:
             raise
         finally:
             self._running = False
-            if timer is not None:
-                timer.cancel()
 
     def close(self) -> None:
         if self._watch is not None:
@@ -189,22 +186,18 @@ class ClientWatch:
             self._connection.on_lost = None  # it refers to this watch; the connection may serve another request
 
     def _gone(self) -> None:
-        self._stop(ClientGone)
-
-    def _stop(self, reason: type[Exception]) -> None:
         if self._stopped_by is None:
-            self._stopped_by = reason
+            self._stopped_by = ClientGone
             if self._running:
                 self._task.cancel()
 
 
-async def run_until_disconnect(receive: Receive | None, work: Awaitable[T], deadline: float | None = None,
+async def run_until_disconnect(receive: Receive | None, work: Awaitable[T],
                                connection: ConnectionHook | None = None) -> T:
     """Await ``work`` in this task; cancel it and raise ``ClientGone`` if the client disconnects
-    first, or ``TimeoutError`` if the loop's clock reaches ``deadline`` first (a ``ClientWatch``
-    for one wait)."""
+    first (a ``ClientWatch`` for one wait)."""
     watch = ClientWatch(receive, connection)
     try:
-        return await watch.run(work, deadline)
+        return await watch.run(work)
     finally:
         watch.close()
