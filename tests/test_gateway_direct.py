@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -239,3 +240,19 @@ async def test_a_request_arms_one_timer_for_its_deadline_and_its_legs_silence(mo
             async for _ in await client.completions.create(model="fake", prompt="hi", max_tokens=3, stream=True):
                 pass
             assert gateway_timers == ["RequestRun._on_alarm"]
+
+
+async def test_a_client_gone_before_its_body_ended_is_counted_as_499_without_an_error(caplog):
+    async with FakeCluster(prefill=1, decode=1) as c:
+        host, port = c.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        await writer.drain()
+        writer.close()
+        async with httpx.AsyncClient(base_url=c.url) as h:
+            async def counted() -> bool:
+                text = (await h.get("/metrics")).text
+                return 'pdserve_gateway_requests_total{endpoint="/v1/completions",status="499"} 1.0' in text
+
+            await eventually(counted)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

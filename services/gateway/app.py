@@ -328,7 +328,7 @@ def _answer_failure(e: APIError | sse.ClientGone, request_id: str | None) -> ASG
     """The answer to a request that failed with ``e`` (a client that went away reads nothing: 499)."""
     if isinstance(e, APIError):
         return error_response(e, request_id)
-    return Response(status_code=CLIENT_GONE)
+    return JSONResponse(None, CLIENT_GONE)  # written nowhere: the connection is closed
 
 
 def _close_failed(run: RequestRun, e: BaseException) -> ASGIApp:
