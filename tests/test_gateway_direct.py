@@ -1,10 +1,11 @@
 """Generation requests served on the gateway's own HTTP protocol (``direct``), without uvicorn's ASGI cycle.
 
 Unit level: uvicorn's real ``HttpToolsProtocol`` machinery parses real request bytes; the same gateway
-responses are written once through uvicorn's ASGI cycle and once directly, and the bytes compared.
+responses are written once through uvicorn's ASGI cycle and once directly, and the bytes compared; a
+handler's exception, the keep-alive timer, a stalled oversized body.
 End to end: a real gateway over the real bus to fake engines, through the official ``openai`` client
-and raw HTTP on one socket (keep-alive, pipelining, ``Expect: 100-continue``, HTTP/1.0, a stalled
-oversized body).
+and raw HTTP on one socket (keep-alive, pipelining, bad JSON, ``Expect: 100-continue``, HTTP/1.0, 404/405,
+a client gone before its body ended), and the one timer a request arms.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def protocol_for(app, direct_handler=None, keep_alive_s: float = 5.0) -> tuple[G
     return protocol, transport
 
 
-async def served(app, direct_handler=None, request: bytes = REQUEST) -> list[bytes]:
-    """The writes of one request's answer, through uvicorn's cycle (``app``) or directly (``direct_handler``)."""
+async def served(app, direct_handler=None) -> list[bytes]:
+    """The writes of the answer to ``REQUEST``, through uvicorn's cycle (``app``) or directly (``direct_handler``)."""
     protocol, transport = protocol_for(app, direct_handler)
-    protocol.data_received(request)
+    protocol.data_received(REQUEST)
     await asyncio.gather(*protocol.tasks)
     await asyncio.sleep(0)  # a head held by HeadWithBody leaves at the end of the iteration
     return transport.writes
