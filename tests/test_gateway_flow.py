@@ -366,6 +366,21 @@ async def test_conditional_disaggregation_computes_a_burst_on_decode_and_counts_
             await eventually(lambda: all_idle(h, c))
 
 
+async def test_modes_are_derived_once_per_membership_change_and_a_change_is_seen(monkeypatch):
+    instances = members(inst("p", "prefill"), inst("d", "decode"))
+    r = Router(instances)
+    derived = []
+    of = r._of
+    monkeypatch.setattr(r, "_of", lambda role, model: derived.append(role) or of(role, model))
+    assert [(r.mode_for(MODEL), r.kv_mode_for(MODEL)) for _ in range(2)] == [("disagg", "read")] * 2
+    assert derived == ["prefill", "decode", "decode"]  # the second request asked nothing again
+    gone = instances.pop("d")
+    r.changed("left", gone)
+    with pytest.raises(APIError) as e:
+        r.mode_for(MODEL)
+    assert e.value.status == 503
+
+
 async def test_a_16_token_block_prefill_is_followed_by_a_32_token_block_decode_it_can_read():
     p16 = inst("p16", "prefill", block_size=16)
     other_heads = inst("d-heads", "decode", block_size=16)

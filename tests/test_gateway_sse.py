@@ -79,18 +79,14 @@ async def test_run_until_disconnect_cancels_the_work_and_raises_client_gone():
     assert asyncio.current_task().cancelling() == 0  # the cancellation was consumed, not leaked
 
 
-async def test_run_until_disconnect_raises_timeout_at_the_deadline_and_returns_results_before_it():
+async def test_run_until_disconnect_returns_the_result_and_stops_listening():
     client = Client()
-    loop = asyncio.get_running_loop()
-    with pytest.raises(TimeoutError):
-        await sse.run_until_disconnect(client.receive, asyncio.sleep(30), loop.time() + 0.02)
-    assert client.waiting == 0
 
     async def answer() -> str:
         await asyncio.sleep(0.001)
         return "done"
 
-    assert await sse.run_until_disconnect(client.receive, answer(), loop.time() + 5) == "done"
+    assert await sse.run_until_disconnect(client.receive, answer()) == "done"
     assert client.waiting == 0
 
 

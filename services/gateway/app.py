@@ -41,6 +41,7 @@ from services.gateway.auth import unauthorized
 from services.gateway.choices import choice_class
 from services.gateway.config import GatewayConfig
 from services.gateway.context import FlowContext
+from services.gateway.direct import DirectHandler, DirectRequest
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.errors import APIError, invalid
 from services.gateway.http_protocol import ConnectionHook, connection_hook
@@ -126,11 +127,22 @@ class Gateway:
             await self._starlette(scope, receive, send)
             return
         if scope["method"] == "POST":
-            response = await handler(scope, receive)
+            headers = dict(scope["headers"])
+            response = await handler(headers, partial(read_body, headers, receive, self.config.max_body_bytes),
+                                     receive, connection_hook(scope))
         else:
             response = error_response(APIError(405, f"{scope['method']} {scope['path']}: Method Not Allowed",
                                                code="method_not_allowed"))
         await response(scope, receive, send)
+
+    def direct_routes(self) -> dict[bytes, DirectHandler]:
+        """The generation routes for ``GatewayHTTPProtocol`` to serve without the ASGI request cycle
+        (``direct``): the same handlers, the body read by the protocol."""
+        return {path.encode(): partial(self._direct, route=route) for path, route in self._generation_routes.items()}
+
+    @staticmethod
+    def _direct(request: DirectRequest, route: Callable[..., Awaitable[ASGIApp]]) -> Awaitable[ASGIApp]:
+        return route(dict(request.headers), request.read_body, None, request.connection)
 
     def on_membership(self, change: MembershipChange, inst: Instance) -> None:
         self.router.changed(change, inst)
@@ -235,21 +247,21 @@ class Gateway:
         elif req.sampling.max_tokens >= context:
             req.sampling.max_tokens = max(1, context // 2)
 
-    async def _generate(self, scope: Scope, receive: Receive, endpoint: str, parse,
+    async def _generate(self, headers: dict[bytes, bytes], read: Callable[[], Awaitable[bytes]],
+                        receive: Receive | None, connection: ConnectionHook | None, endpoint: str, parse,
                         default_max_tokens: int) -> ASGIApp:
-        """``POST endpoint``: the request admitted, parsed by ``parse``, run, answered (JSON or SSE)."""
+        """``POST endpoint``: the request admitted (its body from ``read()``), parsed by ``parse``, run,
+        answered (JSON or SSE); its client is watched through ``connection``, else ``receive``."""
         started_at = time.perf_counter()
         request_id = None
         try:
-            headers = dict(scope["headers"])
-            connection = connection_hook(scope)
             if (denied := unauthorized(self.config.api_key, _header(headers, b"authorization"))) is not None:
                 self.metrics.on_request_done(endpoint, denied.status_code, time.perf_counter() - started_at, ())
                 return denied
             ids = self.request_ids.reserve(_header(headers, b"x-request-id"))
             request_id = ids.label
             try:  # released if admission fails, however (cancellation too); else the run owns it
-                body = await read_body(headers, receive, self.config.max_body_bytes)
+                body = await read()
                 req = parse(body, default_max_tokens=default_max_tokens, max_n=self.config.max_n)
                 self._check_model(req)
                 if self.draining:
@@ -279,19 +291,19 @@ class Gateway:
             return await self._stream(run, events, receive, connection)
         return await self._respond(run, collector, receive, connection)
 
-    async def _respond(self, run: RequestRun, collector: ResponseCollector, receive: Receive,
+    async def _respond(self, run: RequestRun, collector: ResponseCollector, receive: Receive | None,
                        connection: ConnectionHook | None) -> ASGIApp:
         """The JSON answer once every choice finished (or the failure's)."""
         try:
             run.start()
-            await sse.run_until_disconnect(receive, run.done, run.deadline, connection)
+            await sse.run_until_disconnect(receive, run.done, connection)
             body = collector.body(run.request_id, run.stats)
         except BaseException as e:
             return _close_failed(run, e)
         run.close(200)
         return JSONResponse(body, 200, run.request_id)
 
-    async def _stream(self, run: RequestRun, events: EventQueue, receive: Receive,
+    async def _stream(self, run: RequestRun, events: EventQueue, receive: Receive | None,
                       connection: ConnectionHook | None) -> ASGIApp:
         """The event stream, once the first event is known (or the failure's answer); from then on
         the stream closes the run, however it ends."""
@@ -299,7 +311,7 @@ class Gateway:
         watch = sse.ClientWatch(receive, connection)  # the stream's, for both its waits
         try:
             run.start()
-            first = await watch.run(events.next(run))
+            first = await watch.run(events.next())
         except BaseException as e:
             watch.close()
             return _close_failed(run, e)
@@ -316,14 +328,12 @@ def _answer_failure(e: APIError | sse.ClientGone, request_id: str | None) -> ASG
     """The answer to a request that failed with ``e`` (a client that went away reads nothing: 499)."""
     if isinstance(e, APIError):
         return error_response(e, request_id)
-    return Response(status_code=CLIENT_GONE)
+    return JSONResponse(None, CLIENT_GONE)  # written nowhere: the connection is closed
 
 
 def _close_failed(run: RequestRun, e: BaseException) -> ASGIApp:
     """``run`` ended by ``e`` before its answer: the run closed with the status its client gets, and
     that answer; an unexpected exception (counted as a 500) or a cancellation propagates."""
-    if isinstance(e, TimeoutError):  # the request deadline
-        e = run.timed_out()
     if isinstance(e, APIError):
         run.close(e.status)
         return _answer_failure(e, run.request_id)

@@ -71,9 +71,11 @@ class OpenRun(Protocol):
 class FlowContext:
     """The gateway's parts a request run uses: config, router, engine connections, observer, request ids,
     admission (a run holds one of its slots until it closes);
-    ``runs`` holds every request run not yet closed (``flow.RequestRun``)."""
+    ``runs`` holds every request run not yet closed (``flow.RequestRun``); ``shortest_silence_s`` is
+    the shortest silence timeout a leg may have (``leg``)."""
 
-    __slots__ = ("config", "router", "connections", "observer", "request_ids", "admission", "runs")
+    __slots__ = ("config", "router", "connections", "observer", "request_ids", "admission", "runs",
+                 "shortest_silence_s")
 
     def __init__(self, config: GatewayConfig, router: Router, connections: EngineConnections,
                  observer: FlowObserver, request_ids: RequestIds, admission: Admission):
@@ -84,3 +86,5 @@ class FlowContext:
         self.request_ids = request_ids
         self.admission = admission
         self.runs: set[OpenRun] = set()
+        self.shortest_silence_s = min(config.prefill_timeout_s, config.decode_first_token_timeout_s,
+                                      config.stream_idle_timeout_s)

@@ -29,6 +29,7 @@ request's cost.  Measurements go to the context's ``FlowObserver``.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -277,7 +278,12 @@ class RequestRun:
     ``stats`` holds one ``ChoiceStats`` per choice.  ``done`` resolves once every
     choice finished, or with the first choice's error, the others then being
     cancelled; ``fail(error)`` ends it so from outside (shutdown).  ``deadline`` (the loop's clock)
-    is when the request times out.  The run is in ``context.runs`` until it closes.
+    is when the request times out: ``done`` then fails with the 504.  One alarm (a loop timer) watches
+    that deadline and the silence deadlines of the run's legs in flight (``legs``), instead of a timer
+    per leg and per wait: set at ``start`` for the shortest silence any leg may have, so that no leg's
+    deadline comes before it, it is moved only when it goes off (a request that long) or when a deadline
+    before it is asked for (``wake_by``).
+    The run is in ``context.runs`` until it closes.
     ``close(status)`` is the run's one cleanup, whoever ends it (the JSON answer,
     the event stream, a failure): it stops every choice still running (aborting
     their legs, freeing their router slots), reports the request to the observer
@@ -286,7 +292,7 @@ class RequestRun:
     """
 
     __slots__ = ("context", "req", "request_id", "handle", "endpoint", "started_at", "deadline", "emit", "stats",
-                 "done", "closed", "_remaining", "_runs")
+                 "done", "closed", "legs", "_remaining", "_runs", "_loop", "_alarm", "_alarm_at")
 
     def __init__(self, context: FlowContext, req: ParsedRequest, ids: RequestId, endpoint: str,
                  started_at: float, emit: Emit, choice: type[ChoiceRun]):
@@ -303,14 +309,38 @@ class RequestRun:
         self.stats = [ChoiceStats() for _ in range(total)]
         self.done: asyncio.Future[None] = loop.create_future()
         self.closed = False
+        self.legs: set[Leg] = set()
+        self._loop = loop
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarm_at = math.inf
         self._remaining = total
         self._runs = [choice(self, i) for i in range(total)]
         context.runs.add(self)
 
     def start(self) -> None:
-        """Send every choice's first leg."""
+        """Set the alarm, send every choice's first leg."""
+        self.wake_by(self._loop.time() + self.context.shortest_silence_s)
         for run in self._runs:
             run.start()
+
+    def wake_by(self, when: float) -> None:
+        """Have the alarm go off by ``when`` (or the request's deadline, if earlier)."""
+        when = min(when, self.deadline)
+        if when < self._alarm_at:
+            if self._alarm is not None:
+                self._alarm.cancel()
+            self._alarm_at, self._alarm = when, self._loop.call_at(when, self._on_alarm)
+
+    def _on_alarm(self) -> None:
+        self._alarm, self._alarm_at = None, math.inf
+        now = self._loop.time()
+        if now >= self.deadline:
+            self.fail(self.timed_out())
+            return
+        for leg in [leg for leg in self.legs if leg.due <= now]:
+            leg.expired()
+        if not self.done.done():
+            self.wake_by(min((leg.due for leg in self.legs), default=self.deadline))
 
     def timed_out(self) -> APIError:
         """The 504 of a request past its deadline."""
@@ -322,6 +352,9 @@ class RequestRun:
             return
         self.closed = True
         self.context.runs.discard(self)
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
         self._cancel()
         self._runs = []  # each refers to this run: no cycle left for the garbage collector
         self.context.observer.on_request_done(self.endpoint, status, time.perf_counter() - self.started_at,

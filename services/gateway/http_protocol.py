@@ -14,6 +14,10 @@ a coroutine, an ``asyncio.Event`` wait and its future per request, and closing t
 answered.  Each connection of ``GatewayHTTPProtocol`` has one ``ConnectionHook`` instead, in its
 requests' ``scope["extensions"]`` (``connection_hook(scope)``): the request being served sets its
 ``on_lost``, which runs once when the connection closes.
+
+The generation routes skip uvicorn's ASGI request cycle altogether: ``GatewayHTTPProtocol``
+serves them as ``direct.DirectRequest``s (the bytes written are the ones the cycle would write),
+and its keep-alive timeout is one timer per connection instead of one per request.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any, Callable
 
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from services.gateway.direct import DirectHandler, DirectRequest
 
 _HEAD_START = b"HTTP/1.1 "
 _HEAD_END = b"\r\n\r\n"
@@ -93,17 +99,112 @@ class HeadWithBody:
 
 class GatewayHTTPProtocol(HttpToolsProtocol):
     """uvicorn's ``HttpToolsProtocol`` over ``HeadWithBody``, with a ``ConnectionHook`` per connection
-    (pass the class as ``uvicorn.Config(http=...)``)."""
+    (pass the class as ``uvicorn.Config(http=...)``, or a ``functools.partial`` of it with ``direct``).
+
+    ``direct`` maps raw paths to handlers served as ``direct.DirectRequest``s (a ``POST`` over HTTP/1.1,
+    not behind an unfinished request, without ``Expect: 100-continue``), their bodies within ``max_body``
+    bytes; every other request is uvicorn's.  The keep-alive timeout is one timer per connection,
+    armed after an answer and re-armed when it fires early, instead of a ``call_later`` and its
+    cancellation per request: an idle connection still closes ``timeout_keep_alive`` after its last
+    answer, a busy one never."""
+
+    def __init__(self, *args: Any, direct: dict[bytes, DirectHandler] | None = None, max_body: int = 0,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # uvicorn's concurrency limit and access log apply to its own request cycles only
+        self.direct = direct if direct and self.limit_concurrency is None and not self.access_log else {}
+        self.max_body = max_body
+        self._idle_since: float | None = None  # when the connection last went idle; None while busy
+        self._default_headers: list[tuple[bytes, bytes]] | None = None
+        self._default_head = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._hook = ConnectionHook()
-        self._extensions = {_EXTENSION: self._hook}
+        self.hook = ConnectionHook()
+        self._extensions = {_EXTENSION: self.hook}
+        self.raw_transport = transport
         super().connection_made(HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.scope["extensions"] = self._extensions  # type: ignore[typeddict-unknown-key]
-
     def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        if type(cycle) is DirectRequest:
+            self.cycle = None  # type: ignore[assignment]  # uvicorn's part below is for its own cycles
+            cycle.lost()
         super().connection_lost(exc)
-        self._hook.closed()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        self.hook.closed()
+
+    def default_head(self) -> bytes:
+        """uvicorn's default headers (``date``...: it renews them every second) as head lines."""
+        headers = self.server_state.default_headers
+        if headers is not self._default_headers:
+            self._default_headers = headers
+            self._default_head = b"".join(b"%b: %b\r\n" % pair for pair in headers)
+        return self._default_head
+
+    # -- parser callbacks ----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []  # the ASGI scope is made for uvicorn's cycles only (on_headers_complete)
+
+    def on_headers_complete(self) -> None:
+        handler = self.direct.get(self.url)
+        parser = self.parser
+        if (handler is not None and not self.expect_100_continue and parser.get_method() == b"POST"
+                and parser.get_http_version() == "1.1" and not parser.should_upgrade()
+                and (self.cycle is None or self.cycle.response_complete)):
+            self.cycle = DirectRequest(self, handler, self.headers, parser.should_keep_alive(),  # type: ignore
+                                       self.max_body)
+            return
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
+        self.scope["extensions"] = self._extensions  # type: ignore[typeddict-unknown-key]
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is DirectRequest:
+            cycle.on_body(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is DirectRequest:
+            cycle.on_complete()
+        else:
+            super().on_message_complete()
+
+    # -- keep-alive ----------------------------------------------------------
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None  # busy: a timer that fires now finds it so and waits for the next answer
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self._idle_since = None
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = now = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_at(now + self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_since is None:
+            return
+        deadline = self._idle_since + self.timeout_keep_alive
+        if deadline > self.loop.time():
+            self.timeout_keep_alive_task = self.loop.call_at(deadline, self._idle_check)
+        else:
+            self.timeout_keep_alive_handler()

@@ -11,13 +11,15 @@ queue) — ``prefill_timeout_s`` until the first message of a leg computing the 
 ``decode_first_token_timeout_s`` until a KV-receiving decode leg's first,
 ``stream_idle_timeout_s`` after that.  So a long or queued generation never
 times out while its engine is alive; a leg silent that long fails with
-``upstream_timeout``.
+``upstream_timeout``.  A leg has no timer of its own: its silence deadline is ``due``, and its
+request's one alarm (``LegClock``, ``flow.RequestRun``) calls ``expired()`` once it has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Callable, Protocol
 
 from common.bus import FLAG_END, FLAG_ITEM, BusClient
@@ -53,12 +55,22 @@ def leg_error(role: Role, inst: Instance, e: BusError) -> APIError:
     return APIError(502, f"{role} instance {inst.id} failed: {e}", code="upstream_error")
 
 
+class LegClock(Protocol):
+    """The request's alarm, shared by its legs (``flow.RequestRun``)."""
+
+    legs: set[Leg]  # the legs in flight: ``expired()`` is called on each whose ``due`` has passed
+
+    def wake_by(self, when: float) -> None:
+        """Check the legs' deadlines no later than ``when`` (the loop's clock)."""
+
+
 class LegOwner(Protocol):
     """What a leg needs of the choice it runs for (``flow.ChoiceRun``)."""
 
     context: FlowContext
     model: str
     holders: dict[str, Instance]  # instances that may still hold the choice's request
+    run: LegClock
 
 
 class Leg:
@@ -71,22 +83,25 @@ class Leg:
     sends to is in the choice's ``holders`` until it finished with the request;
     each attempt holds one router slot, freed when the attempt is over (``_close``).
     ``like``: only instances that can read this one's KV (decode after prefill).
+    While an attempt is in flight the leg is in ``choice.run.legs`` with its silence deadline ``due``.
     """
 
-    __slots__ = ("context", "choice", "role", "gen", "like", "on_output", "on_end", "tried", "inst", "client",
-                 "req_id", "timer", "output_seen", "finished", "ended", "computes_prompt")
+    __slots__ = ("context", "choice", "clock", "role", "gen", "like", "on_output", "on_end", "tried", "inst",
+                 "client", "req_id", "due", "silence", "output_seen", "finished", "ended", "computes_prompt")
 
     def __init__(self, choice: LegOwner, role: Role, gen: Generate,
                  on_output: Callable[[Instance, TokenOutput], None], on_end: Callable[[APIError | None], None],
                  like: Instance | None = None):
         self.context = choice.context
         self.choice, self.role, self.gen, self.like = choice, role, gen, like
+        self.clock = choice.run
         self.on_output, self.on_end = on_output, on_end
         self.tried: list[str] = []
         self.inst: Instance | None = None  # the instance of the attempt in flight, None between attempts
         self.client: BusClient | None = None
         self.req_id = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.due = math.inf  # the loop's clock at which the attempt in flight has been silent too long
+        self.silence = 0.0  # that silence, in seconds
         self.output_seen = self.finished = self.ended = False
         self.computes_prompt = gen.remote_prefill is None and not gen.await_push  # not a decode leg fed by prefill
 
@@ -112,6 +127,7 @@ class Leg:
             self._failed(e)
             return
         config = self.context.config
+        self.clock.legs.add(self)
         self._arm(config.prefill_timeout_s if self.computes_prompt else config.decode_first_token_timeout_s)
 
     def stop(self) -> None:
@@ -122,20 +138,21 @@ class Leg:
     def keep_alive(self) -> None:
         """Another leg of the choice heard from its engine: restart this leg's silence timeout (push mode:
         decode waits, silent, while prefill computes)."""
-        if self.inst is not None and self.timer is not None:
+        if self.inst is not None:
             self._arm(self.context.config.stream_idle_timeout_s)
 
     # -- internals ---------------------------------------------------------
 
-    def _arm(self, timeout: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
-
-    def _timed_out(self, timeout: float) -> None:
-        self.timer = None
+    def expired(self) -> None:
+        """The attempt in flight has been silent past ``due`` (the request's alarm calls this)."""
         assert self.client is not None
-        self._failed(CallTimeout(f"{self.client.endpoint}: no reply within {timeout:g} s of silence"), cancel=True)
+        self._failed(CallTimeout(f"{self.client.endpoint}: no reply within {self.silence:g} s of silence"),
+                     cancel=True)
+
+    def _arm(self, silence: float) -> None:
+        self.silence = silence
+        self.due = asyncio.get_running_loop().time() + silence
+        self.clock.wake_by(self.due)
 
     def _close(self, cancel: bool) -> None:
         """The attempt in flight is over: its timer, its pending request (cancelled on the engine if
@@ -143,9 +160,8 @@ class Leg:
         inst, self.inst = self.inst, None
         if inst is None:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.due = math.inf
+        self.clock.legs.discard(self)
         assert self.client is not None
         if cancel:
             self.client.cancel(self.req_id)

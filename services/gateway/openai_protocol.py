@@ -13,6 +13,7 @@ else ``"token_id:<id>"`` (vLLM's ``return_tokens_as_token_ids`` convention).
 
 from __future__ import annotations
 
+import operator
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ Kind = Literal["completion", "chat"]
 NOT_BUILT = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0, "min_tokens": 0,
              "logit_bias": {}, "guided_json": None, "guided_regex": None, "guided_choice": None,
              "guided_grammar": None}
+_not_built = operator.attrgetter(*NOT_BUILT)
+_NONE_GIVEN = (None,) * len(NOT_BUILT)
 
 
 # --------------------------------------------------------------------------- #
@@ -133,10 +136,11 @@ def _sampling(req: CommonFields, max_tokens: int, logprobs: int | None) -> Sampl
     _check_int(top_k, "top_k", 0)
     if req.seed is not None:
         _check_int(req.seed, "seed", -(INT64_MAX + 1))
-    for name, neutral in NOT_BUILT.items():
-        if getattr(req, name) not in (None, neutral):
-            only = f" (only {neutral})" if isinstance(neutral, (int, float)) else ""
-            raise invalid(f"'{name}' is not supported{only}", name, "unsupported_parameter")
+    if _not_built(req) != _NONE_GIVEN:  # the usual case, every one absent, in one comparison
+        for name, neutral in NOT_BUILT.items():
+            if getattr(req, name) not in (None, neutral):
+                only = f" (only {neutral})" if isinstance(neutral, (int, float)) else ""
+                raise invalid(f"'{name}' is not supported{only}", name, "unsupported_parameter")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import msgspec
 from starlette.types import Receive, Scope, Send
@@ -11,13 +11,17 @@ from services.gateway import openai_protocol as oai
 from services.gateway.errors import APIError
 from services.gateway.flow import ChoiceEvent, ChoiceStats
 
+if TYPE_CHECKING:
+    from services.gateway.direct import DirectRequest
+
 _json = msgspec.json.Encoder().encode
 
 
 class JSONResponse:
     """``obj`` as a JSON response (with ``X-Request-Id`` when given), an ASGI app like Starlette's
-    responses: the raw headers are built directly, without the per-response header bookkeeping
-    of Starlette's ``Response``, a measurable share of a short request's cost."""
+    responses and a ``direct`` answer (``write``): the raw headers are built directly, without the
+    per-response header bookkeeping of Starlette's ``Response``, a measurable share of a short
+    request's cost."""
 
     __slots__ = ("status_code", "body", "raw_headers")
 
@@ -31,6 +35,11 @@ class JSONResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body})
+
+    def write(self, request: DirectRequest) -> None:
+        """The answer on ``request``, in one write."""
+        request.start(self.status_code, self.raw_headers, length=True)
+        request.send(self.body)
 
 
 def error_response(e: APIError, request_id: str | None = None) -> JSONResponse:

@@ -86,12 +86,16 @@ class Router:
         self._groups: dict[tuple[str, str], list[Instance]] | None = None  # (role, model) -> sorted by id
         self._models: list[str] | None = None
         self._max_model_len: dict[str, int] = {}
+        self._modes: dict[str, ServingMode] = {}  # mode_for's answers (not its errors) since the last change
+        self._kv_modes: dict[str, KVMode] = {}
 
     def changed(self, change: str, inst: Instance) -> None:
         """The membership mapping changed (a watcher listener): drop derived state."""
         self._groups = None
         self._models = None
         self._max_model_len = {}
+        self._modes = {}
+        self._kv_modes = {}
         if change in ("left", "expired"):
             self._failed_until.pop(inst.id, None)
             self._failing.discard(inst.id)
@@ -143,6 +147,12 @@ class Router:
 
     def mode_for(self, model: str) -> ServingMode:
         """How ``model`` is served now; raises 503 when the needed roles are missing."""
+        mode = self._modes.get(model)
+        if mode is None:
+            mode = self._modes[model] = self._mode_for(model)
+        return mode
+
+    def _mode_for(self, model: str) -> ServingMode:
         if self.mode in ("auto", "disagg"):
             if self._of("prefill", model) and self._of("decode", model):
                 return "disagg"
@@ -166,8 +176,11 @@ class Router:
     def kv_mode_for(self, model: str) -> KVMode:
         """How ``model``'s prefill and decode instances move KV (the registry admits one mode per model;
         ``read`` when none is registered)."""
-        group = self._of("decode", model) or self._of("prefill", model)
-        return group[0].kv_mode if group else "read"
+        kv_mode = self._kv_modes.get(model)
+        if kv_mode is None:
+            group = self._of("decode", model) or self._of("prefill", model)
+            kv_mode = self._kv_modes[model] = group[0].kv_mode if group else "read"
+        return kv_mode
 
     def ready(self) -> bool:
         """Some model has what the mode needs."""
@@ -183,10 +196,12 @@ class Router:
              like: Instance | None = None) -> Instance | None:
         """An instance for a leg, or None; ``like`` (the leg's prefill instance): only instances that
         can read its KV."""
-        excluded = set(exclude)
-        candidates = [i for i in self._of(role, model)
-                      if i.id not in excluded and (like is None or not kv_incompatibilities(like.fingerprint,
-                                                                                           i.fingerprint))]
+        candidates = self._of(role, model)
+        if exclude or like is not None:
+            excluded = set(exclude)
+            candidates = [i for i in candidates
+                          if i.id not in excluded and (like is None or not kv_incompatibilities(like.fingerprint,
+                                                                                               i.fingerprint))]
         if len(candidates) > 1:
             if self._failed_until:
                 now = time.monotonic()

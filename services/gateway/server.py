@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import sys
+from functools import partial
 from typing import Callable
 
 import uvicorn
@@ -72,7 +73,8 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None,
     gateway = gateway_class(config, watcher, watcher_ready=snapshot.is_set)
     peers = None if worker is None else WorkerMetrics(gateway.metrics, worker, config.abort_timeout_s)
     server = HTTPServer(uvicorn.Config(
-        gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop", http=GatewayHTTPProtocol,
+        gateway.app, interface="asgi3", host=config.host, port=config.port, loop="uvloop",
+        http=partial(GatewayHTTPProtocol, direct=gateway.direct_routes(), max_body=config.max_body_bytes),
         lifespan="off", log_level=config.log_level, access_log=False, **UVICORN_LEAN,
         # uvicorn cancels what still runs after this: the drain has ended every request by then
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s + SHUTDOWN_ANSWER_S) + 1,

@@ -10,12 +10,14 @@ running to the end.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import msgspec
 from starlette.types import Receive, Scope, Send
 
-from services.gateway.http_protocol import ConnectionHook
+if TYPE_CHECKING:
+    from services.gateway.direct import DirectRequest
+    from services.gateway.http_protocol import ConnectionHook
 
 T = TypeVar("T")
 
@@ -36,6 +38,7 @@ class EventStream:
     the item that ends with ``[DONE]`` ending the body.  A client that disconnects stops it
     (``watch``, the request's ``ClientWatch``: closed here); ``cleanup()`` runs however it ends:
     completed, failed, cancelled, or never iterated at all (client gone before the first byte).
+    An ASGI app, and a ``direct`` answer (``write``).
 
     It is the ASGI response itself rather than Starlette's ``StreamingResponse``, whose task group,
     disconnect-listening task and cancel scopes per response cost more than the events it sends.
@@ -51,18 +54,34 @@ class EventStream:
         self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start: dict | None = {"type": "http.response.start", "status": 200, "headers": self.headers}
+
+        async def write(data: bytes, last: bool) -> None:
+            nonlocal start
+            if start is not None:
+                await send(start)
+                start = None
+            await send({"type": "http.response.body", "body": data, "more_body": not last})
+
+        await self._run(write)
+
+    def write(self, request: DirectRequest) -> Awaitable[None]:
+        """The stream on ``request`` (``direct``): its head leaves with the first event."""
+        request.start(200, self.headers, length=False)
+        return self._run(request.chunk)
+
+    async def _run(self, write: Callable[[bytes, bool], Awaitable[None]]) -> None:
         try:
-            await self.watch.run(self._send(send))
+            await self.watch.run(self._send(write))
         except ClientGone:
             pass
         finally:
             self.watch.close()
             self.cleanup()
 
-    async def _send(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+    async def _send(self, write: Callable[[bytes, bool], Awaitable[None]]) -> None:
         async for data in self.events:
-            await send({"type": "http.response.body", "body": data, "more_body": not data.endswith(DONE)})
+            await write(data, data.endswith(DONE))
 
 
 class ClientGone(Exception):
@@ -123,33 +142,33 @@ class ClientWatch:
     """Watches a request's client for the request's whole life (through its ``connection``'s hook
     when the server offers one, ``http_protocol.connection_hook``, else with one ``DisconnectWatch``;
     ``close()`` ends it): ``run(work)`` awaits ``work`` in the request's task, cancels it and raises
-    ``ClientGone`` once the client disconnects (at once if it already has), or ``TimeoutError`` once
-    the loop's clock reaches ``deadline``.  Outside ``run`` a disconnect is only noted.  A stream
-    answers from two such waits (its first event, then its body) with one watch."""
+    ``ClientGone`` once the client disconnects (at once if it already has).  Outside ``run`` a
+    disconnect is only noted.  A stream answers from two such waits (its first event, then its body)
+    with one watch.  (Deadlines are the request run's: ``flow.RequestRun``.)"""
 
     __slots__ = ("_task", "_watch", "_connection", "_stopped_by", "_running")
 
-    def __init__(self, receive: Receive, connection: ConnectionHook | None = None):
+    def __init__(self, receive: Receive | None, connection: ConnectionHook | None = None):
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._stopped_by: type[Exception] | None = None
+        self._stopped_by: type[ClientGone] | None = None
         self._running = False
         self._connection = connection
         self._watch: DisconnectWatch | None = None
         if connection is None:
+            assert receive is not None, "a ClientWatch needs the request's connection or its receive()"
             self._watch = DisconnectWatch(receive, self._gone)
         elif connection.lost:
             self._stopped_by = ClientGone
         else:
             connection.on_lost = self._gone
 
-    async def run(self, work: Awaitable[T], deadline: float | None = None) -> T:
+    async def run(self, work: Awaitable[T]) -> T:
         if self._stopped_by is not None:
             if asyncio.iscoroutine(work):
                 work.close()
             raise self._stopped_by()
-        timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._stop, TimeoutError)
         self._running = True
         try:
             return await work
@@ -159,8 +178,6 @@ class ClientWatch:
             raise
         finally:
             self._running = False
-            if timer is not None:
-                timer.cancel()
 
     def close(self) -> None:
         if self._watch is not None:
@@ -169,22 +186,18 @@ class ClientWatch:
             self._connection.on_lost = None  # it refers to this watch; the connection may serve another request
 
     def _gone(self) -> None:
-        self._stop(ClientGone)
-
-    def _stop(self, reason: type[Exception]) -> None:
         if self._stopped_by is None:
-            self._stopped_by = reason
+            self._stopped_by = ClientGone
             if self._running:
                 self._task.cancel()
 
 
-async def run_until_disconnect(receive: Receive, work: Awaitable[T], deadline: float | None = None,
+async def run_until_disconnect(receive: Receive | None, work: Awaitable[T],
                                connection: ConnectionHook | None = None) -> T:
     """Await ``work`` in this task; cancel it and raise ``ClientGone`` if the client disconnects
-    first, or ``TimeoutError`` if the loop's clock reaches ``deadline`` first (a ``ClientWatch``
-    for one wait)."""
+    first (a ``ClientWatch`` for one wait)."""
     watch = ClientWatch(receive, connection)
     try:
-        return await watch.run(work, deadline)
+        return await watch.run(work)
     finally:
         watch.close()

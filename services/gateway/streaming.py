@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 
 
 WAIT = object()  # EventQueue.ready: nothing queued yet
-_EXPIRED = object()  # the waiter's result at the run's deadline
 
 
 class EventQueue:
     """The emit target of a streaming request: its events, then the end (None, or the run's error).
 
     One reader (the stream's task) and a future only while it waits: ``asyncio.Queue`` and
-    ``asyncio.timeout`` cost more per event than the rest of the stream's Python work.
+    ``asyncio.timeout`` cost more per event than the rest of the stream's Python work.  No timer
+    either: past its deadline the run fails, and that error is the queue's end.
     """
 
     __slots__ = ("_items", "_waiter")
@@ -52,28 +52,19 @@ class EventQueue:
     def _end(self, done: asyncio.Future) -> None:
         self.put(None if done.cancelled() or done.exception() is None else done.exception())
 
-    async def next(self, run: RequestRun) -> ChoiceEvent | None:
-        """The next event, or None at the end; raises the run's error, or 504 past its deadline."""
+    async def next(self) -> ChoiceEvent | None:
+        """The next event, or None at the end; raises the run's error (504 past its deadline)."""
         if not self._items:
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_at(run.deadline, _expire, waiter)
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
             try:
-                if await waiter is _EXPIRED:
-                    raise run.timed_out()
+                await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         return _event(self._items.popleft())
 
     def ready(self) -> ChoiceEvent | None | object:
         """As ``next`` when an item is queued already, else ``WAIT``."""
         return _event(self._items.popleft()) if self._items else WAIT
-
-
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(_EXPIRED)
 
 
 def _event(item: ChoiceEvent | Exception | None) -> ChoiceEvent | None:
@@ -147,7 +138,7 @@ class SSEWriter:
                     if unfinished:  # else only the run's end is to come, at once: it leaves with this batch
                         yield b"".join(batch)
                         batch = []
-                    event = await self.events.next(run)
+                    event = await self.events.next()
             if req.include_usage:
                 batch.append(sse.event(oai.chunk(req, run.request_id, [], usage(req, run.stats))))
             run.close(200)
