@@ -23,7 +23,8 @@ from uvicorn.server import ServerState
 
 from bench.fakes import FakeCluster
 from services.gateway import direct, sse
-from services.gateway.http_protocol import ConnectionHook, GatewayHTTPProtocol
+from services.gateway.connection_hook import ConnectionHook
+from services.gateway.http_protocol import GatewayHTTPProtocol
 from services.gateway.responses import JSONResponse, error_response
 from services.gateway.errors import APIError
 from tests.procs import eventually

@@ -14,7 +14,8 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from services.gateway import sse
-from services.gateway.http_protocol import GatewayHTTPProtocol, connection_hook
+from services.gateway.connection_hook import connection_hook
+from services.gateway.http_protocol import GatewayHTTPProtocol
 from services.gateway.responses import JSONResponse
 
 REQUEST = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"

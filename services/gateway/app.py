@@ -44,7 +44,7 @@ from services.gateway.context import FlowContext
 from services.gateway.direct import DirectHandler, DirectRequest
 from services.gateway.engine_connections import EngineConnections
 from services.gateway.errors import APIError, invalid
-from services.gateway.http_protocol import ConnectionHook, connection_hook
+from services.gateway.connection_hook import ConnectionHook, connection_hook
 from services.gateway.limits import read_body
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.openapi import openapi_document

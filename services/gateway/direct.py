@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
+from services.gateway.connection_hook import ClientGone, ConnectionHook
 from services.gateway.limits import DISCARD_S, too_large
-from services.gateway.sse import ClientGone
-
-if TYPE_CHECKING:
-    from services.gateway.http_protocol import ConnectionHook, GatewayHTTPProtocol
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +36,22 @@ _CLOSE = b"connection: close\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _ERROR_500 = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"))  # + connection: close
+
+
+class DirectConnection(Protocol):
+    """What a direct request needs of its connection (``http_protocol.GatewayHTTPProtocol``)."""
+
+    hook: ConnectionHook
+    raw_transport: asyncio.Transport
+    flow: Any  # uvicorn's FlowControl
+    loop: asyncio.AbstractEventLoop
+    tasks: set[asyncio.Task]
+
+    def default_head(self) -> bytes:
+        """The server's default headers (date, server), encoded."""
+
+    def on_response_complete(self) -> None:
+        """The answer is written: the connection may take its next request."""
 
 
 class DirectRequest:
@@ -54,7 +67,7 @@ class DirectRequest:
                  "_chunks", "_size", "_limit", "_too_large", "_body_done", "_started", "_head", "_chunked", "_sent",
                  "_discard")
 
-    def __init__(self, protocol: GatewayHTTPProtocol, handler: DirectHandler,
+    def __init__(self, protocol: DirectConnection, handler: DirectHandler,
                  headers: list[tuple[bytes, bytes]], keep_alive: bool, limit: int):
         self.protocol, self.handler, self.headers, self.keep_alive = protocol, handler, headers, keep_alive
         self.connection: ConnectionHook = protocol.hook

@@ -12,7 +12,7 @@ the same loop iteration leaves alone at the end of it, and closing the connectio
 A request learns that its client went away from an ASGI ``receive()`` left pending (``http.disconnect``):
 a coroutine, an ``asyncio.Event`` wait and its future per request, and closing them when it is
 answered.  Each connection of ``GatewayHTTPProtocol`` has one ``ConnectionHook`` instead, in its
-requests' ``scope["extensions"]`` (``connection_hook(scope)``): the request being served sets its
+requests' ``scope["extensions"]`` (``connection_hook.py``): the request being served sets its
 ``on_lost``, which runs once when the connection closes.
 
 The generation routes skip uvicorn's ASGI request cycle altogether: ``GatewayHTTPProtocol``
@@ -28,36 +28,11 @@ from typing import Any, Callable
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from services.gateway.connection_hook import EXTENSION, ConnectionHook
 from services.gateway.direct import DirectHandler, DirectRequest
 
 _HEAD_START = b"HTTP/1.1 "
 _HEAD_END = b"\r\n\r\n"
-_EXTENSION = "pdserve.connection"  # the ConnectionHook's key in a scope's "extensions"
-
-
-class ConnectionHook:
-    """One connection's: ``on_lost()`` (set by the request being served, None between requests) runs
-    once when the connection closes; ``lost`` says whether it has."""
-
-    __slots__ = ("on_lost", "lost")
-
-    def __init__(self) -> None:
-        self.on_lost: Callable[[], None] | None = None
-        self.lost = False
-
-    def closed(self) -> None:
-        self.lost = True
-        on_lost, self.on_lost = self.on_lost, None
-        if on_lost is not None:
-            on_lost()
-
-
-def connection_hook(scope: Scope) -> ConnectionHook | None:
-    """The ``ConnectionHook`` of the request's connection (None under another ASGI server)."""
-    extensions = scope.get("extensions")
-    return None if extensions is None else extensions.get(_EXTENSION)
-
-
 class HeadWithBody:
     """A transport whose writes of a response head (``HTTP/1.1 ...\\r\\n\\r\\n``) are held until the next
     write or the end of the loop iteration; everything else is ``transport``'s own."""
@@ -120,7 +95,7 @@ class GatewayHTTPProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.hook = ConnectionHook()
-        self._extensions = {_EXTENSION: self.hook}
+        self._extensions = {EXTENSION: self.hook}
         self.raw_transport = transport
         super().connection_made(HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
 

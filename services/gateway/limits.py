@@ -7,7 +7,7 @@ import asyncio
 from starlette.types import Receive
 
 from services.gateway.errors import APIError
-from services.gateway.sse import ClientGone
+from services.gateway.connection_hook import ClientGone
 
 # How long the rest of an oversized body is read and dropped before its 413 goes out.  A server that
 # answers and closes while its client is still sending resets the connection, and a client that sends

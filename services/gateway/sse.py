@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeV
 import msgspec
 from starlette.types import Receive, Scope, Send
 
+from services.gateway.connection_hook import ClientGone, ConnectionHook
+
 if TYPE_CHECKING:
     from services.gateway.direct import DirectRequest
-    from services.gateway.http_protocol import ConnectionHook
 
 T = TypeVar("T")
 
@@ -84,10 +85,6 @@ class EventStream:
             await write(data, data.endswith(DONE))
 
 
-class ClientGone(Exception):
-    """The HTTP client disconnected before the response was complete."""
-
-
 class DisconnectWatch:
     """Calls ``on_disconnect()`` once ``receive()`` answers ``http.disconnect``; ``close()`` stops watching.
 
@@ -140,7 +137,7 @@ def _ignore() -> None:
 
 class ClientWatch:
     """Watches a request's client for the request's whole life (through its ``connection``'s hook
-    when the server offers one, ``http_protocol.connection_hook``, else with one ``DisconnectWatch``;
+    when the server offers one, ``connection_hook.connection_hook``, else with one ``DisconnectWatch``;
     ``close()`` ends it): ``run(work)`` awaits ``work`` in the request's task, cancels it and raises
     ``ClientGone`` once the client disconnects (at once if it already has).  Outside ``run`` a
     disconnect is only noted.  A stream answers from two such waits (its first event, then its body)
