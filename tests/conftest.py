@@ -2,7 +2,8 @@
 no GPU, so the kernel tests run in CI too.
 
 ``TRITON_INTERPRET=1`` is set here, before any test module imports ``triton`` (``import torch`` does not),
-unless CUDA is available or the variable is already set.  The CPU engine never launches a kernel unless
+unless CUDA is available or the variable is already set; ``interpreter_site/`` goes on ``PYTHONPATH`` so that
+the processes the tests start patch the interpreter as this one does.  The CPU engine never launches a kernel unless
 asked (``--attention-backend auto`` is torch on CPU), so other tests are unaffected.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -17,19 +19,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _interpreter_loop_bounds() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar into a Python int with ``int(array of shape (1,))``,
-    which NumPy >= 2.4 refuses (triton-lang/triton#9171): loops bounded by a loaded length need ``.item()``."""
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
-    _interpreter_loop_bounds()
+# Every process the tests start (TP worker ranks, engine services) patches Triton's interpreter as this one.
+_SITE = Path(__file__).parent / "interpreter_site"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_SITE), os.environ.get("PYTHONPATH")) if p)
+_spec = importlib.util.spec_from_file_location("pdserve_interpreter_site", _SITE / "sitecustomize.py")
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))  # this process's patch

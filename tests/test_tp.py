@@ -67,6 +67,14 @@ def test_tp2_greedy_matches_tp1(checkpoints, family):
     assert generate(path, 2, ps) == generate(path, 1, ps)
 
 
+def test_tp2_with_the_decode_gemvs_matches_tp1(checkpoints):
+    """Each rank's one-row decode steps through the GEMVs (its slice of q/k/v and gate/up with the fused norms,
+    o and down before the all-reduce, their biases after it): the greedy tokens of TP 1 on the torch backend."""
+    path, _ = checkpoints["llama-bias-tied"]
+    ps = prompts((17,), seed=3)  # one sequence: every decode step has one row
+    assert generate(path, 2, ps, attention_backend="triton", decode_gemv="triton") == generate(path, 1, ps)
+
+
 def test_tp2_matches_transformers(checkpoints):
     path, reference = checkpoints["llama"]
     ps = prompts(seed=1)
