@@ -133,13 +133,15 @@ def test_chunked_prefill_mixed_with_decode_matches_torch_backend(demo_path, quer
 
 
 @pytest.fixture
-def wide_gemv_tiles(monkeypatch):
-    """GEMV tiles of 64 outputs (the interpreter runs programs one by one)."""
+def batch_gemvs(monkeypatch):
+    """GEMV tiles of 64 outputs (the interpreter runs programs one by one), used by steps of up to the kernel's
+    8 rows (the model's own cutoff is 1: these tests cover batches)."""
     monkeypatch.setattr(gemv, "BLOCK_N", 64)
+    monkeypatch.setattr(gemv, "DECODE_MAX_ROWS", gemv.MAX_ROWS)
 
 
 @pytest.mark.parametrize("decode_gemv", ["torch", "triton"])
-def test_padded_decode_graph_batch_matches_torch_backend(demo_path, decode_gemv, wide_gemv_tiles):
+def test_padded_decode_graph_batch_matches_torch_backend(demo_path, decode_gemv, batch_gemvs):
     """The decode graphs' forward (fixed buffers, padded rows rewriting row 0's K/V) on the triton path, its
     projections on cuBLAS or the decode GEMVs."""
     ps = prompts((5, 20, 17), seed=4)
@@ -175,10 +177,9 @@ def test_decode_gemv_resolution():
         EngineConfig(decode_gemv="cublas").validate()
 
 
-def test_decode_gemvs_match_torch_backend(demo_path, monkeypatch, wide_gemv_tiles):
-    """Steps of at most ``gemv.DECODE_MAX_ROWS`` rows (raised to the kernel's limit here: the decodes, a short
-    prompt) run the GEMVs, longer prefills cuBLAS; the greedy tokens are the torch backend's."""
-    monkeypatch.setattr(gemv, "DECODE_MAX_ROWS", gemv.MAX_ROWS)
+def test_decode_gemvs_match_torch_backend(demo_path, monkeypatch, batch_gemvs):
+    """Steps of at most ``gemv.DECODE_MAX_ROWS`` rows (the kernel's 8 here: the decodes, a short prompt) run the
+    GEMVs, longer prefills cuBLAS; the greedy tokens are the torch backend's."""
     rows_seen: list[int] = []
     norm_gemv = gemv.norm_gemv
 
@@ -195,7 +196,7 @@ def test_decode_gemvs_match_torch_backend(demo_path, monkeypatch, wide_gemv_tile
     assert rows_seen and max(rows_seen) <= gemv.MAX_ROWS and 3 in rows_seen
 
 
-def test_decode_gemvs_with_biases_match_torch_backend(demo_path, tmp_path, wide_gemv_tiles):
+def test_decode_gemvs_with_biases_match_torch_backend(demo_path, tmp_path, batch_gemvs):
     """Qwen2's q/k/v biases through the fused norm + qkv GEMV."""
     make_hf_checkpoint(tmp_path, "qwen2", demo_path)
     ps = prompts((6, 21))
