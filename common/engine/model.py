@@ -9,7 +9,7 @@ build: ``torch`` runs each module's ``forward`` (plain PyTorch); ``triton`` runs
 HF's residual stream carried as vLLM does (each layer returns its MLP output and the residual before it;
 the next norm adds them in one fused kernel), rotary on the q/k views fused with the K/V cache write, paged
 attention reading the KV blocks in place, and SiLU*mul in one kernel.  With ``decode_gemv`` a forward of at
-most ``gemv.DECODE_MAX_ROWS`` rows (a small decode batch) runs its projections as Triton GEMVs, the norms fused into
+most ``gemv.DECODE_MAX_ROWS`` rows (a decode step of one sequence) runs its projections as Triton GEMVs, the norms fused into
 the qkv and gate_up ones and SiLU*mul into gate_up (``kernels.gemv``); larger ones keep cuBLAS.
 
 Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of

@@ -145,7 +145,7 @@ class ChoiceRun:
     def _start_on_decode(self) -> None:
         """Conditional disaggregation: the whole request on a decode instance, as a colocated leg."""
         self.prefill_on_decode = True
-        self.context.router.local_prefills[self.model] += 1
+        self.context.router.local_prefill_started(self.model)
         self.context.observer.on_prefill_on_decode()
         gen = Generate(request_id=self.request_id, sampling=self.sampling, **self.prompt.generate_fields())
         self._leg("decode", gen, self._on_colocated, self._finish)
@@ -154,7 +154,7 @@ class ChoiceRun:
         """A prompt computing on a decode instance is done (its first token, or the choice's end)."""
         if self.prefill_on_decode:
             self.prefill_on_decode = False
-            self.context.router.local_prefills[self.model] -= 1
+            self.context.router.local_prefill_done(self.model)
 
     def cancel(self) -> None:
         if not self.done:

@@ -173,6 +173,14 @@ class Router:
         return (bool(prefills) and all(self.outstanding[i.id] >= queue for i in prefills)
                 and self.local_prefills[model] < queue * len(decodes))
 
+    def local_prefill_started(self, model: str) -> None:
+        """A request of ``model`` computes its prompt on a decode instance (``prefill_on_decode`` said so)."""
+        self.local_prefills[model] += 1
+
+    def local_prefill_done(self, model: str) -> None:
+        """That prompt is computed (its first token), or its request ended."""
+        self.local_prefills[model] -= 1
+
     def kv_mode_for(self, model: str) -> KVMode:
         """How ``model``'s prefill and decode instances move KV (the registry admits one mode per model;
         ``read`` when none is registered)."""
