@@ -8,7 +8,10 @@ rows: the time of one call of ``F.linear`` and of ``gemv.gemv`` with its default
 ratio, the GEMV's GB/s (weight + input + output bytes) and its fraction of the measured copy bandwidth, and
 its largest difference from ``F.linear`` relative to the output's largest value.  ``fused`` rows time the
 layer's sequences as the triton forward runs them: ``fused_add_rms_norm`` + ``F.linear`` (+ ``silu_and_mul``)
-against one ``norm_gemv``; the summary adds up what a batch-1 1B decode step saves over its 16 layers.
+against one ``norm_gemv``; the summary adds up what a batch-1 1B decode step saves over its 16 layers.  At
+M = 1 ``gemv`` runs the one-row kernel (``row_gemv``).  Then the chains: one row through the layers'
+projections in one graph (cuBLAS, the tiled GEMV, the one-row GEMV; programmatic dependent launch off and on)
+against the weights' read at the copy rate.
 
 Timing: every call reads its own copy of the weight (copies enough to exceed the L2 cache several times
 over), all captured in one CUDA graph replayed ``--replays`` times between CUDA events; a call's time is
@@ -21,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from common.engine.kernels import activation, gemv, norm
+from common.engine.kernels import activation, gemv, norm, pdl
 from common.engine.kernels.gemv import GemvConfig
 
 L2_SPAN = 256 << 20  # bytes of weight copies a graph cycles through (the H200's L2 is 50 MiB)
@@ -135,7 +139,7 @@ def table(device: torch.device, bandwidth: float, replays: int) -> dict[tuple[st
                 error = relative_error(gemv.gemv(x, ws[0]), F.linear(x, ws[0]))
                 print(f"{shape:5} {proj:8} {rows:2} {cublas * 1e6:9.2f} {triton * 1e6:8.2f} {cublas / triton:6.2f} "
                       f"{nbytes / triton / 1e9:6.0f} {nbytes / triton / bandwidth:7.1%} {error:8.1e}  "
-                      f"{gemv.pick_config(n, k)}")  # fmt: skip
+                      f"{gemv.default_config(rows, n, k)}")  # fmt: skip
                 if proj in ("qkv", "gate_up"):
                     fused_cublas, fused, ferr = bench_fused(ws, x, proj == "gate_up", replays)
                     print(f"{shape:5} {proj + '+':8} {rows:2} {fused_cublas * 1e6:9.2f} {fused * 1e6:8.2f} "
@@ -146,6 +150,58 @@ def table(device: torch.device, bandwidth: float, replays: int) -> dict[tuple[st
             del ws
             torch.cuda.empty_cache()
     return saved
+
+
+def layer_chain(dims: tuple[int, int, int], layers: int, kind: str, device: torch.device) -> Callable[[], object]:
+    """One row through ``layers`` decoder layers' projections as a batch-1 decode step runs them (qkv with the
+    residual add and norm, o on the attention-sized slice, gate_up with norm and SiLU*mul, down), every layer
+    its own weights: ``kind`` "cublas" (``fused_add_rms_norm`` + ``F.linear`` + ``silu_and_mul``), "tiled"
+    (``gemv``'s tiled kernel, ``pick_config``) or "row" (the default: ``row_gemv``)."""
+    hidden, qkv, inter = dims
+    dtype = torch.bfloat16
+    ws = [{p: torch.randn(n, k, device=device, dtype=dtype) * k**-0.5 for p, (n, k) in projections(*dims).items()}
+          for _ in range(layers)]  # fmt: skip
+    norms = torch.rand(2, hidden, device=device, dtype=dtype) + 0.5
+    x0 = torch.randn(1, hidden, device=device, dtype=dtype)
+
+    def tiled(n: int, k: int) -> GemvConfig | None:
+        return gemv.pick_config(n, k) if kind == "tiled" else None
+
+    def run() -> object:
+        h, res = x0, torch.zeros_like(x0)
+        for w in ws:
+            if kind == "cublas":
+                normed, res = norm.fused_add_rms_norm(h, res, norms[0], 1e-5)
+                a = F.linear(F.linear(normed, w["qkv"])[:, :hidden].contiguous(), w["o"])
+                normed, res = norm.fused_add_rms_norm(a, res, norms[1], 1e-5)
+                h = F.linear(activation.silu_and_mul(F.linear(normed, w["gate_up"])), w["down"])
+                continue
+            out, res = gemv.norm_gemv(h, res, norms[0], 1e-5, w["qkv"], config=tiled(qkv, hidden))
+            a = gemv.gemv(out[:, :hidden].contiguous(), w["o"], config=tiled(hidden, hidden))
+            act, res = gemv.norm_gemv(a, res, norms[1], 1e-5, w["gate_up"], silu_mul=True, config=tiled(inter, hidden))
+            h = gemv.gemv(act, w["down"], config=tiled(hidden, inter))
+        return h
+
+    return run
+
+
+def chains(device: torch.device, bandwidth: float, replays: int) -> None:
+    """Each shape's layers of projections in one CUDA graph (``layer_chain``): cuBLAS, the tiled GEMV and the
+    row GEMV, each with programmatic dependent launch off and on, against the weights' read at the copy rate."""
+    print(f"\n{'shape':5} {'chain':7} {'PDL':3} {'us':>8} {'/ weights at copy rate':>22}")
+    for shape, dims in SHAPES.items():
+        layers = 16 if shape == "1b" else 8
+        weight_bytes = layers * 2 * sum(n * k for n, k in projections(*dims).values())
+        for kind in ("cublas", "tiled", "row"):
+            for on in ("0", "1"):
+                os.environ[pdl.ENV] = on
+                pdl._enabled.cache_clear()
+                seconds = graph_time([layer_chain(dims, layers, kind, device)], replays)
+                print(f"{shape:5} {kind:7} {on:>3} {seconds * 1e6:8.1f} {seconds * bandwidth / 2 / weight_bytes:22.2f}")
+                torch.cuda.empty_cache()
+        print(f"{shape}: {layers} layers, {weight_bytes / 1e9:.2f} GB of weights")
+    os.environ.pop(pdl.ENV)
+    pdl._enabled.cache_clear()
 
 
 def sweep(device: torch.device, rows_list: list[int], replays: int, deadline: float) -> None:
@@ -194,6 +250,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     saved = table(device, bandwidth, args.replays)
+    chains(device, bandwidth, args.replays)
     for rows in ROWS:
         per_layer = sum(saved[proj, rows] for proj in ("qkv", "o", "gate_up", "down"))
         print(f"1b, M={rows}: the GEMVs save {per_layer * 1e6:.2f} us a layer, {16 * per_layer * 1e6:.1f} us "

@@ -1,6 +1,7 @@
 """The decode GEMV kernels (``common.engine.kernels.gemv``) against ``F.linear`` and their fused references:
 K not a multiple of the block, few and many outputs, 1..8 rows, with and without bias, split-K, the
-RMSNorm/residual prologue and the SiLU*mul epilogue.
+RMSNorm/residual prologue and the SiLU*mul epilogue; the one-row persistent kernel (``row_gemv``) the same
+ways, its programs walking several output blocks (uneven counts).
 
 On a GPU the kernels run compiled (bf16 included); elsewhere in Triton's interpreter (float32/float16,
 small shapes), else the module is skipped.
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from common.engine.kernels import gemv  # noqa: E402
+from common.engine.kernels import gemv, row_gemv  # noqa: E402
 from common.engine.kernels.gemv import GemvConfig  # noqa: E402
+from common.engine.kernels.row_gemv import RowConfig  # noqa: E402
 from tests.test_fused_kernels import DTYPES, assert_close, randn  # noqa: E402
 
 SHAPES = [(40, 100), (300, 64), (24, 1000)]  # (N, K): K off the block, N over several programs, a long K
@@ -94,6 +96,47 @@ def test_reference_is_the_decoder_layer_math():
     assert torch.equal(new_residual, residual)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_n", [1, 2, 4])
+def test_row_kernel_matches_linear(dtype, block_n):
+    """Output blocks over 3 programs: 40 / 300 / 7 outputs leave programs with different block counts."""
+    for i, (n, k) in enumerate([*SHAPES, (7, 33)]):
+        x, weight = randn(1, k, dtype=dtype, seed=i), randn(n, k, dtype=dtype, seed=10 + i, scale=k**-0.5)
+        bias = randn(n, dtype=dtype, seed=20 + i) if i % 2 else None
+        assert_close(gemv.gemv(x, weight, bias, RowConfig(block_n=block_n)), F.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_row_kernel_norm_forms(dtype, residual, silu_mul):
+    """The fused forms on the one-row kernel: the row normalised once per program, the residual written once."""
+    x, res, norm_weight, weight, bias = _norm_inputs(1, 96, 52, dtype, residual, bias=True)
+    before = None if res is None else res.clone()
+    expected, expected_residual = gemv.norm_gemv_reference(x, res, norm_weight, 1e-6, weight, bias, silu_mul)
+    out, new_residual = gemv.norm_gemv(x, res, norm_weight, 1e-6, weight, bias, silu_mul)
+    assert out.shape == (1, 26 if silu_mul else 52)
+    assert_close(out, expected)
+    if residual:
+        assert torch.equal(res, before) and torch.equal(new_residual, expected_residual)
+    else:
+        assert new_residual is x
+
+
+def test_one_row_defaults_to_the_row_kernel(monkeypatch):
+    """A one-row call without a config (the model's batch-1 decode) runs ``row_gemv``; two rows, or a row
+    longer than ``row_gemv.MAX_K``, run the tiled kernel."""
+    calls = []
+    launch = row_gemv.launch
+    monkeypatch.setattr(row_gemv, "launch", lambda *a: calls.append(a[-1]) or launch(*a))
+    monkeypatch.setattr(row_gemv, "MAX_K", 64)
+    weight = randn(24, 64, seed=2, scale=0.1)
+    for x in (randn(1, 64, seed=1), randn(2, 64, seed=1)):
+        assert_close(gemv.gemv(x, weight), F.linear(x, weight))
+    gemv.gemv(randn(1, 65, seed=3), randn(24, 65, seed=4))
+    assert calls == [row_gemv.pick_config(64)]
+
+
 def test_bad_shapes_raise():
     x, weight = randn(gemv.MAX_ROWS + 1, 64), randn(16, 64)
     with pytest.raises(ValueError, match="at most 8 rows"):
@@ -106,6 +149,10 @@ def test_bad_shapes_raise():
         gemv.norm_gemv(x[:2], None, randn(64), 1e-6, weight, silu_mul=True, config=SPLIT)
     with pytest.raises(ValueError, match="residual"):
         gemv.norm_gemv(x[:2], randn(2, 64, dtype=torch.float16), randn(64), 1e-6, weight)
+    with pytest.raises(ValueError, match="one-row kernel"):
+        gemv.gemv(x[:2], weight, config=RowConfig())
+    with pytest.raises(ValueError, match="one-row kernel"):
+        gemv.gemv(randn(1, row_gemv.MAX_K + 1), randn(2, row_gemv.MAX_K + 1), config=RowConfig())
 
 
 def test_default_config_covers_the_h200():

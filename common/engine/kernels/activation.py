@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.engine.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -38,14 +40,17 @@ def silu_and_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
     if n == 0:
         return out
     block = min(block, triton.next_power_of_2(inter))
-    _silu_and_mul_kernel[(n, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), inter, BLOCK=block)
+    _silu_and_mul_kernel[(n, triton.cdiv(inter, block))](
+        gate_up, out, gate_up.stride(0), inter, BLOCK=block, **pdl.options(gate_up)
+    )
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _silu_and_mul_kernel(in_ptr, out_ptr, in_stride, inter, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(in_ptr, out_ptr, in_stride, inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl.wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter

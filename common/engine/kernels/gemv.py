@@ -13,7 +13,8 @@ leave much of the H200's bandwidth unused (``bench/gemv_gpu.py`` measures both).
 - epilogue (``silu_mul``): ``weight`` is the fused gate/up ``[2I, K]``; a program computes gate rows
   ``[n, n + BLOCK_N)`` and up rows ``[I + n, I + n + BLOCK_N)`` and writes ``silu(g) * u`` ``[M, I]``,
   rounded as ``activation.silu_and_mul`` rounds (needs ``split_k`` 1).
-Each has a PyTorch reference (``gemv_reference``, ``norm_gemv_reference``).
+Each has a PyTorch reference (``gemv_reference``, ``norm_gemv_reference``).  One row of at most
+``row_gemv.MAX_K`` (a batch-1 decode step) runs ``row_gemv``'s persistent kernel instead, by default.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.engine.kernels import activation, norm
+from common.engine.kernels import activation, norm, pdl, row_gemv
+from common.engine.kernels.row_gemv import RowConfig
 
 try:
     import triton
@@ -58,6 +60,12 @@ def pick_config(n: int, k: int, silu_mul: bool = False) -> GemvConfig:
     return GemvConfig(BLOCK_N, max(64, min(triton.next_power_of_2(k), MAX_BLOCK_K)))
 
 
+def default_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfig | RowConfig:
+    """What a call of ``m`` rows, ``n`` outputs over ``k`` runs without a config: the one-row kernel for one row
+    of at most ``row_gemv.MAX_K``, else ``pick_config``'s tile."""
+    return row_gemv.pick_config(k) if m == 1 and k <= row_gemv.MAX_K else pick_config(n, k, silu_mul)
+
+
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``."""
     return F.linear(x, weight, bias)
@@ -79,7 +87,7 @@ def norm_gemv_reference(
 
 
 def gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | RowConfig | None = None
 ) -> torch.Tensor:
     """Triton ``gemv_reference`` (``x`` ``[M <= MAX_ROWS, K]``; same signature as ``F.linear``)."""
     return _launch(x, None, None, 0.0, weight, bias, False, config)[0]
@@ -87,7 +95,7 @@ def gemv(
 
 def norm_gemv(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-    bias: torch.Tensor | None = None, silu_mul: bool = False, config: GemvConfig | None = None,
+    bias: torch.Tensor | None = None, silu_mul: bool = False, config: GemvConfig | RowConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``norm_gemv_reference``, one launch (the new residual is a new tensor; ``residual`` unchanged)."""
     if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
@@ -98,7 +106,8 @@ def norm_gemv(
 
 
 def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, config):
-    """Checks the shapes, then runs ``_gemv_kernel`` (and ``_split_k_reduce_kernel`` when K is split)."""
+    """Checks the shapes, then runs ``row_gemv``'s kernel (``config`` a ``RowConfig``; by default for one row of
+    at most ``row_gemv.MAX_K``) or ``_gemv_kernel`` (and ``_split_k_reduce_kernel`` when K is split)."""
     (m, k), (n, k_w) = x.shape, weight.shape
     if k_w != k or m > MAX_ROWS or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} (at most {MAX_ROWS} rows) and weight {tuple(weight.shape)} "
@@ -108,12 +117,17 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, config):
     if silu_mul and n % 2:
         raise ValueError(f"gemv: silu_mul needs an even number of gate/up outputs, got {n}")
     n_out = n // 2 if silu_mul else n
-    config = config or pick_config(n_out, k, silu_mul)
-    if silu_mul and config.split_k != 1:
+    config = config or default_config(m, n_out, k, silu_mul)
+    if isinstance(config, RowConfig) and (m != 1 or k > row_gemv.MAX_K):
+        raise ValueError(f"gemv: the one-row kernel takes one row of at most {row_gemv.MAX_K}, got x {tuple(x.shape)}")
+    if silu_mul and isinstance(config, GemvConfig) and config.split_k != 1:
         raise ValueError("gemv: silu_mul needs split_k 1 (the activation needs the whole sum)")
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     new_residual = x if residual is None else torch.empty_like(x)
     if m == 0:
+        return out, new_residual
+    if isinstance(config, RowConfig):
+        row_gemv.launch(x, residual, new_residual, norm_weight, eps, weight, bias, out, silu_mul, config)
         return out, new_residual
     split = config.split_k
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
@@ -125,13 +139,13 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, config):
         n_out, k, x.stride(0), weight.stride(0), partial.stride(-2), res.stride(0), new_residual.stride(0),
         eps, k_per_split, HAS_BIAS=bias is not None and split == 1, NORM=norm_weight is not None,
         ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul, ROWS=m, BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, **pdl.options(x),
     )  # fmt: skip
     if split > 1:
         block = min(1024, triton.next_power_of_2(n_out))
         _split_k_reduce_kernel[(m, triton.cdiv(n_out, block))](
             partial, bias if bias is not None else partial, out, m, n_out,
-            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block,
+            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, **pdl.options(x),
         )  # fmt: skip
     return out, new_residual
 
@@ -154,10 +168,12 @@ if triton is not None:
         N, K, x_stride, w_stride, out_stride, res_stride, res_out_stride, eps, k_per_split,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):  # fmt: skip
         """Outputs ``[pid_n * BLOCK_N, +BLOCK_N)`` of the ``ROWS`` rows over K split ``pid_k``: the weight tile
-        is loaded once an iteration and multiplied by each row in turn (registers do not grow with the rows);
-        accumulators are ``[BLOCK_N, BLOCK_M]`` (outputs by rows)."""
+        is loaded once an iteration (the next one while the current is multiplied; the first before
+        ``pdl.wait``, while the kernel before may still run) and multiplied by each row in turn (registers do
+        not grow with the rows); accumulators are ``[BLOCK_N, BLOCK_M]`` (outputs by rows)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = tl.arange(0, BLOCK_M)
@@ -166,6 +182,16 @@ if triton is not None:
         col_mask = cols < N
         offs_k = tl.arange(0, BLOCK_K)
         dtype = x_ptr.dtype.element_ty
+        w_rows = w_ptr + cols[:, None].to(tl.int64) * w_stride
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        ks = k_start + offs_k
+        w_mask = col_mask[:, None] & (ks < k_end)[None, :]
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+        up = w
+        if SILU_MUL:
+            up = tl.load(w_rows + N * w_stride + ks[None, :], mask=w_mask, other=0.0)
+        pdl.wait(USE_PDL)
         if NORM:  # each row's rstd, from the whole row
             sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -177,15 +203,15 @@ if triton is not None:
             rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(sum_sq, K.to(tl.float32)) + eps))
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        w_rows = w_ptr + cols[:, None].to(tl.int64) * w_stride
-        k_start = pid_k * k_per_split
         for k0 in range(0, k_per_split, BLOCK_K):
             ks = k_start + k0 + offs_k
-            k_mask = ks < K
-            w_mask = col_mask[:, None] & k_mask[None, :]
-            w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            k_mask = ks < k_end
+            w_tile, up_tile = w.to(tl.float32), up.to(tl.float32)
+            next_ks = ks + BLOCK_K
+            next_mask = col_mask[:, None] & (next_ks < k_end)[None, :]
+            w = tl.load(w_rows + next_ks[None, :], mask=next_mask, other=0.0)
             if SILU_MUL:
-                up = tl.load(w_rows + N * w_stride + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
+                up = tl.load(w_rows + N * w_stride + next_ks[None, :], mask=next_mask, other=0.0)
             if NORM:
                 nw = tl.load(nw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
             for m in tl.static_range(ROWS):
@@ -198,9 +224,9 @@ if triton is not None:
                     a = (nw * (a.to(tl.float32) * rstd_m).to(dtype).to(tl.float32)).to(dtype)
                 af = a.to(tl.float32)[None, :]
                 is_m = (rows == m)[None, :]
-                acc += tl.where(is_m, tl.sum(w * af, axis=1)[:, None], 0.0)
+                acc += tl.where(is_m, tl.sum(w_tile * af, axis=1)[:, None], 0.0)
                 if SILU_MUL:
-                    acc_up += tl.where(is_m, tl.sum(up * af, axis=1)[:, None], 0.0)
+                    acc_up += tl.where(is_m, tl.sum(up_tile * af, axis=1)[:, None], 0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
             if SILU_MUL:
@@ -214,9 +240,11 @@ if triton is not None:
 
     @triton.jit
     def _split_k_reduce_kernel(
-        partial_ptr, b_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+        partial_ptr, b_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """``out[row] = sum over the splits of partial[split, row] (+ bias)``, rounded to the output dtype."""
+        pdl.wait(USE_PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.engine.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -76,7 +78,7 @@ def _launch(x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, out: torch
     num_warps = min(max(block // 256, 1), 16)
     _rms_norm_kernel[(n_rows,)](
         x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), hidden, eps,
-        HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=num_warps,
+        HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=num_warps, **pdl.options(x),
     )  # fmt: skip
 
 
@@ -85,11 +87,13 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, x_stride, res_stride, out_stride, hidden, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl.wait(USE_PDL)
         h = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -99,5 +103,4 @@ if triton is not None:
         mean_sq = tl.math.div_rn(tl.sum(hf * hf, axis=0), hidden.to(tl.float32))
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
         normed = (hf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * out_stride + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)

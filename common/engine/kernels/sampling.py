@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from common.engine.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -163,7 +165,7 @@ def _split_argmax(logits: torch.Tensor, rows: tuple[torch.Tensor, ...] | None, b
     if batch:
         _sample_kernel[(batch, splits)](
             logits, logits.stride(0), *(rows or (logits,) * 4), best, best_index, vocab, splits,
-            SPAN=span, BLOCK=block, ALL_GREEDY=rows is None,
+            SPAN=span, BLOCK=block, ALL_GREEDY=rows is None, **pdl.options(logits),
         )  # fmt: skip
     return best_index.gather(-1, best.argmax(dim=-1, keepdim=True))[:, 0]
 
@@ -181,11 +183,12 @@ if triton is not None:
     @triton.jit
     def _sample_kernel(
         logits_ptr, row_stride, inv_temp_ptr, threshold_ptr, key_ptr, greedy_ptr, best_ptr, best_index_ptr,
-        vocab, splits, SPAN: tl.constexpr, BLOCK: tl.constexpr, ALL_GREEDY: tl.constexpr,
+        vocab, splits, SPAN: tl.constexpr, BLOCK: tl.constexpr, ALL_GREEDY: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (row, split): best (score, lowest index) over ``[split * SPAN, (split + 1) * SPAN)``.
         ``ALL_GREEDY``: the raw logits, the per-row pointers unread, and a NaN scores above all (its first
         index and a NaN score are stored), as ``torch.argmax`` orders them."""
+        pdl.wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         if not ALL_GREEDY:
