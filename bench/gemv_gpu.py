@@ -188,7 +188,7 @@ def layer_chain(dims: tuple[int, int, int], layers: int, kind: str, device: torc
 def chains(device: torch.device, bandwidth: float, replays: int) -> None:
     """Each shape's layers of projections in one CUDA graph (``layer_chain``): cuBLAS, the tiled GEMV and the
     row GEMV, each with programmatic dependent launch off and on, against the weights' read at the copy rate."""
-    print(f"\n{'shape':5} {'chain':7} {'PDL':3} {'us':>8} {'/ weights at copy rate':>22}")
+    print(f"\n{'shape':5} {'chain':7} {'PDL':3} {'us':>8} {'weights at copy rate / time':>27}")
     for shape, dims in SHAPES.items():
         layers = 16 if shape == "1b" else 8
         weight_bytes = layers * 2 * sum(n * k for n, k in projections(*dims).values())
@@ -197,7 +197,7 @@ def chains(device: torch.device, bandwidth: float, replays: int) -> None:
                 os.environ[pdl.ENV] = on
                 pdl._enabled.cache_clear()
                 seconds = graph_time([layer_chain(dims, layers, kind, device)], replays)
-                print(f"{shape:5} {kind:7} {on:>3} {seconds * 1e6:8.1f} {seconds * bandwidth / 2 / weight_bytes:22.2f}")
+                print(f"{shape:5} {kind:7} {on:>3} {seconds * 1e6:8.1f} {weight_bytes / bandwidth / seconds:27.2f}")
                 torch.cuda.empty_cache()
         print(f"{shape}: {layers} layers, {weight_bytes / 1e9:.2f} GB of weights")
     os.environ.pop(pdl.ENV)
