@@ -114,14 +114,26 @@ def _check(name: str, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 if triton is not None:
 
     @triton.jit
+    def _rope(x, partner, cos, sin):
+        """``x * cos + partner * sin`` (fp32 ``cos``/``sin``) in the dtype of ``x``, rounded where the reference
+        rounds: each product (exact in fp32 for 16-bit inputs), then the sum."""
+        dtype = x.dtype
+        product = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+        return (product + (partner.to(tl.float32) * sin).to(dtype).to(tl.float32)).to(dtype)
+
+    @triton.jit
     def _rotated(x1, x2, cos1, cos2, sin1, sin2):
-        """``(x1*cos1 + x2*sin1, x2*cos2 + x1*sin2)`` in fp32, each product exact in fp32 for 16-bit inputs,
-        rounded to the dtype of ``x1``, then the sum (the caller rounds it to the dtype when storing)."""
-        dtype = x1.dtype
-        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-        out1 = (x1 * cos1).to(dtype).to(tl.float32) + (x2 * sin1).to(dtype).to(tl.float32)
-        out2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
-        return out1, out2
+        """The rotated halves ``(x1*cos1 + x2*sin1, x2*cos2 + x1*sin2)`` of a row (``_rope`` of each)."""
+        return _rope(x1, x2, cos1, sin1), _rope(x2, x1, cos2, sin2)
+
+    @triton.jit
+    def _cos_sin_lanes(pos_ptr, table_ptr, token, dims, HEAD_DIM: tl.constexpr):
+        """fp32 ``cos, sin`` of the position of ``token`` at the lanes ``dims`` of a whole row (0 past
+        ``HEAD_DIM``): a row's lane ``d`` rotates to ``_rope(x[d], x[(d + D/2) % D], cos[d], sin[d])``."""
+        row = table_ptr + tl.load(pos_ptr + token).to(tl.int64) * (2 * HEAD_DIM)  # [2, D]: cos, then signed sin
+        mask = dims < HEAD_DIM
+        cos = tl.load(row + dims, mask=mask, other=0.0).to(tl.float32)
+        return cos, tl.load(row + HEAD_DIM + dims, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _rotate(x_ptr, row_stride, head_stride, token, heads, cos1, cos2, sin1, sin2,
@@ -133,8 +145,8 @@ if triton is not None:
         ptr1 = x_ptr + token * row_stride + h * head_stride + c
         x1 = tl.load(ptr1, mask=mask, other=0.0)
         out1, out2 = _rotated(x1, tl.load(ptr1 + HALF, mask=mask, other=0.0), cos1, cos2, sin1, sin2)
-        tl.store(ptr1, out1.to(x1.dtype), mask=mask)
-        tl.store(ptr1 + HALF, out2.to(x1.dtype), mask=mask)
+        tl.store(ptr1, out1, mask=mask)
+        tl.store(ptr1 + HALF, out2, mask=mask)
 
     @triton.jit
     def _cos_sin(pos_ptr, table_ptr, token, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
@@ -184,8 +196,8 @@ if triton is not None:
         k1_ptr = k_ptr + source * k_row_stride + h * k_head_stride + c
         k1 = tl.load(k1_ptr, mask=mask, other=0.0)
         out1, out2 = _rotated(k1, tl.load(k1_ptr + HALF, mask=mask, other=0.0), cos1, cos2, sin1, sin2)
-        tl.store(dst, out1.to(k1.dtype), mask=mask)
-        tl.store(dst + HALF, out2.to(k1.dtype), mask=mask)
+        tl.store(dst, out1, mask=mask)
+        tl.store(dst + HALF, out2, mask=mask)
         v1_ptr = v_ptr + source * v_row_stride + h * v_head_stride + c
         tl.store(dst + stride_kind, tl.load(v1_ptr, mask=mask), mask=mask)
         tl.store(dst + stride_kind + HALF, tl.load(v1_ptr + HALF, mask=mask), mask=mask)
