@@ -13,7 +13,8 @@ rows and heads take any stride, the head dimension must be contiguous.
 ``apply_rotary_write_kv_`` fuses the rotation with ``paged_attention.write_kv`` (one launch instead of two
 per layer): program ``i`` rotates Q row ``i`` in place and stores row ``source_rows[i]`` of K (rotated at
 that row's position) and V at slot ``slot_mapping[i]``.  K itself is left as it was: with CUDA-graph padding
-several programs read one K row, so none may rewrite it; attention reads K from the cache.
+several programs read one K row, so none may rewrite it; attention reads K from the cache.  Decode steps fuse
+attention too (``decode_attention.rotary_decode_attention``, with this module's ``_rope`` and ``_cos_sin_lanes``).
 """
 
 from __future__ import annotations
