@@ -258,8 +258,8 @@ def test_kernels_compile_for_sm90():
 
 def compile_for_sm90() -> None:
     """Compile every kernel (paged attention, the fused rotary/K-V write, decode attention fused with both,
-    sampling) for sm_90 at head dims 64/128, GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers and strides carry the divisibility-by-16 hint that
-    launches with such values get (vectorised, pipelined K/V loads)."""
+    sampling) for sm_90 at head dims 64/128, GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers and strides
+    carry the divisibility-by-16 hint that launches with such values get (vectorised, pipelined K/V loads)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 

@@ -102,8 +102,9 @@ def test_padded_rows_rewrite_row_0_and_change_nothing_else(partition_size):
     batch = make_batch(CONTEXTS, 2, 64, 16)
     padded = check(batch, 8, padding=3, partition_size=partition_size, block_n=16)
     q, k, v, positions, slots, tables, lens, _ = step(batch, 8)
-    alone = da.rotary_decode_attention(q, k, v, positions, rope_table(64, q.dtype), batch.kv_data.clone(), LAYER,
-                                       slots, tables, lens, 0.125, partition_size=partition_size, block_n=16)  # fmt: skip
+    table = rope_table(64, q.dtype)
+    alone = da.rotary_decode_attention(q, k, v, positions, table, batch.kv_data.clone(), LAYER, slots, tables, lens,
+                                       0.125, partition_size=partition_size, block_n=16)  # fmt: skip
     assert torch.equal(padded[: len(CONTEXTS)], alone)
 
 

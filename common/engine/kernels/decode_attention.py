@@ -163,7 +163,9 @@ def decode_attention(
     """
     unused = dict(k_ptr=q, v_ptr=q, pos_ptr=context_lens, rope_ptr=q, slot_ptr=context_lens, source_ptr=context_lens,
                   stride_kb=0, stride_kh=0, stride_vb=0, stride_vh=0, FUSED=False, HAS_SOURCE=False)  # fmt: skip
-    return _decode(q, kv_data, layer, block_tables, context_lens, scale, sliding_window, partition_size, block_n, unused)
+    return _decode(
+        q, kv_data, layer, block_tables, context_lens, scale, sliding_window, partition_size, block_n, unused
+    )
 
 
 def rotary_decode_attention(
@@ -176,21 +178,15 @@ def rotary_decode_attention(
     ``k``/``v`` ``[B, Hkv, D]`` one row per sequence, as ``rotary.apply_rotary_write_kv_`` takes them (q and k
     unchanged here), ``slot_mapping[b]`` the slot of position ``context_lens[b] - 1`` in ``block_tables[b]``; the
     tuning keywords as ``decode_attention``'s.  Returns ``[B, H, D]``."""
-    num_seqs = q.shape[0]
-    rotary._check("rotary_decode_attention", q, k, positions, cos_sin_table)
-    group = pa._cache_args(kv_data, layer, k)[3]
-    if group != 1 or v.shape != k.shape or v.stride(2) != 1 or slot_mapping.shape != (num_seqs,) or (
-            source_rows is not None and source_rows.shape != (num_seqs,)):  # fmt: skip
-        source = "" if source_rows is None else f", source_rows {tuple(source_rows.shape)}"
-        raise ValueError(
-            f"rotary_decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"slot_mapping {tuple(slot_mapping.shape)}{source} for kv_data {tuple(kv_data.shape)}"
-        )
+    rotary._check_write("rotary_decode_attention", q, k, v, positions, cos_sin_table, kv_data, layer, slot_mapping,
+                        source_rows)  # fmt: skip
     fused = dict(k_ptr=k, v_ptr=v, pos_ptr=positions, rope_ptr=cos_sin_table, slot_ptr=slot_mapping,
                  source_ptr=slot_mapping if source_rows is None else source_rows, stride_kb=k.stride(0),
                  stride_kh=k.stride(1), stride_vb=v.stride(0), stride_vh=v.stride(1), FUSED=True,
                  HAS_SOURCE=source_rows is not None)  # fmt: skip
-    return _decode(q, kv_data, layer, block_tables, context_lens, scale, sliding_window, partition_size, block_n, fused)
+    return _decode(
+        q, kv_data, layer, block_tables, context_lens, scale, sliding_window, partition_size, block_n, fused
+    )
 
 
 def rotary_decode_attention_reference(

@@ -78,15 +78,8 @@ def apply_rotary_write_kv_(
     ``paged_attention.write_kv`` take, ``slot_mapping`` and ``source_rows`` one entry per row of ``q``)."""
     n, heads, dim = q.shape
     kv_heads = k.shape[1]
-    _check("apply_rotary_write_kv_", q, k, positions, cos_sin_table)
-    block_size, layer_offset, strides, group = paged_attention._cache_args(kv_data, layer, k)
-    if group != 1 or v.shape != k.shape or v.stride(2) != 1 or slot_mapping.shape != (n,) or (
-            source_rows is not None and source_rows.shape != (n,)):  # fmt: skip
-        source = "" if source_rows is None else f", source_rows {tuple(source_rows.shape)}"
-        raise ValueError(
-            f"apply_rotary_write_kv_: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"slot_mapping {tuple(slot_mapping.shape)}{source}"
-        )
+    block_size, layer_offset, strides = _check_write("apply_rotary_write_kv_", q, k, v, positions, cos_sin_table,
+                                                     kv_data, layer, slot_mapping, source_rows)  # fmt: skip
     if n == 0:
         return
     _rotary_write_kv_kernel[(n,)](
@@ -110,6 +103,26 @@ def _check(name: str, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         raise ValueError(f"{name}: q and k need a contiguous even head dimension, the table contiguous")
     if not q.dtype == k.dtype == cos_sin_table.dtype:
         raise ValueError(f"{name}: dtypes q {q.dtype}, k {k.dtype}, table {cos_sin_table.dtype} differ")
+
+
+def _check_write(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_table: torch.Tensor,
+    kv_data: torch.Tensor, layer: int, slot_mapping: torch.Tensor, source_rows: torch.Tensor | None,
+) -> tuple[int, int, tuple[int, ...]]:
+    """``_check``, then raise ``ValueError`` unless the kernels can store the rotated ``k`` and ``v`` (rows as
+    ``q``'s) at ``slot_mapping`` in layer ``layer`` of ``kv_data``; returns its block size, layer offset and
+    strides (``paged_attention._cache_args``)."""
+    n = q.shape[0]
+    _check(name, q, k, positions, cos_sin_table)
+    block_size, layer_offset, strides, group = paged_attention._cache_args(kv_data, layer, k)
+    if group != 1 or v.shape != k.shape or v.stride(2) != 1 or slot_mapping.shape != (n,) or (
+            source_rows is not None and source_rows.shape != (n,)):  # fmt: skip
+        source = "" if source_rows is None else f", source_rows {tuple(source_rows.shape)}"
+        raise ValueError(
+            f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"slot_mapping {tuple(slot_mapping.shape)}{source} for kv_data {tuple(kv_data.shape)}"
+        )
+    return block_size, layer_offset, strides
 
 
 if triton is not None:
