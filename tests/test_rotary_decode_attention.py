@@ -117,6 +117,12 @@ def test_int64_metadata_and_a_single_partition_without_the_reduce(monkeypatch):
 
 
 @kernels
+def test_head_dim_not_a_power_of_two():
+    """Head dim 80 pads to 128 lanes; lane d still pairs with d +- 40."""
+    check(make_batch(CONTEXTS, 2, 80, 16), 6, partition_size=32, block_n=16)
+
+
+@kernels
 def test_rejects_mismatched_rows():
     batch = make_batch([5, 9], 2, 64, 16)
     q, k, v, positions, slots, tables, lens, _ = step(batch, 4)
