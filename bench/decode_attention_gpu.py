@@ -13,7 +13,8 @@ blocks), so the split-K partitions are those ``decode_partition_size`` picks in 
 Timing: ``--layers`` layers (each its own layer of one cache, its own q/k/v) captured in one CUDA graph,
 replayed ``--replays`` times between CUDA events; a layer's time is the total over layers x replays.  At batch
 1 and 340 tokens a layer's K/V (0.7 MB) stays in the L2 cache between replays, as it does not in a real step
-(the weights stream through in between): that row measures launches and latency more than bandwidth.
+(the weights stream through in between): that row measures launches and latency more than bandwidth.  The decode
+kernels are launched with programmatic dependent launch as the engine launches them (``PDSERVE_PDL=0``: without).
 Imports only torch, triton and ``common.engine.kernels`` (the GPU machine has no pyzmq/msgspec).
 """
 

@@ -288,10 +288,10 @@ def compile_for_sm90() -> None:
                 da._decode_partition_kernel,
                 dict(**dims, GROUP=group, GROUP_PAD=16, BLOCK_SIZE=16, BLOCK_N=da.DECODE_BLOCK_N,
                      PARTITION_SIZE=da.DECODE_PARTITION_SIZE, DOT_PRECISION="tf32", FUSED=fused,
-                     HAS_SOURCE=has_source),
+                     HAS_SOURCE=has_source, USE_PDL=True),
                 index, num_warps=da.DECODE_NUM_WARPS,
             )  # fmt: skip
-        build(da._decode_reduce_kernel, dict(**dims, PARTITION_SIZE=da.DECODE_PARTITION_SIZE), index)
+        build(da._decode_reduce_kernel, dict(**dims, PARTITION_SIZE=da.DECODE_PARTITION_SIZE, USE_PDL=True), index)
         build(
             pa._prefill_kernel,
             dict(**dims, GROUP=group, BLOCK_SIZE=16, BLOCK_M=pa.PREFILL_BLOCK_M,

@@ -14,6 +14,9 @@ fused with rotary and the new token's K/V write; the cache layout and convention
   CUDA-graph padding another program may be storing the same values there).  Rounded as the two unfused kernels
   round (q and K rotated to the dtype, then attention), so the output is theirs bit for bit.
 
+Both kernels are launched with programmatic dependent launch where ``pdl`` enables it (on a CUDA graph's chain of
+decode kernels they start during the tail of the one before) and wait for it before reading anything.
+
 Tuning knobs (module constants, overridable per call): ``partition_size`` (by default ``decode_partition_size``
 of the shapes), ``block_n``; warp count.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from common.engine.kernels import paged_attention as pa
-from common.engine.kernels import paged_attention_reference, rotary
+from common.engine.kernels import paged_attention_reference, pdl, rotary
 from common.engine.kernels.paged_attention import _jit, triton
 
 if triton is not None:
@@ -43,9 +46,10 @@ def _decode_partition_kernel(
     k_ptr, v_ptr, pos_ptr, rope_ptr, slot_ptr, source_ptr, stride_kb, stride_kh, stride_vb, stride_vh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, HAS_SOURCE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr, HAS_SOURCE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``FUSED``: rotary of q, and the new token's K/V (``k_ptr`` ... ``stride_vh``, unused otherwise)."""
+    pdl.wait(USE_PDL)
     seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     first_key = tl.maximum(context_len - window, 0)
@@ -121,8 +125,9 @@ def _decode_partition_kernel(
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, window, num_parts, num_heads,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTITION_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTITION_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.wait(USE_PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
     first_key = tl.maximum(context_len - window, 0)
@@ -239,13 +244,13 @@ def _decode(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0), **variant,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
-        DOT_PRECISION=pa._dot_precision(q), num_warps=DECODE_NUM_WARPS,
+        DOT_PRECISION=pa._dot_precision(q), num_warps=DECODE_NUM_WARPS, **pdl.options(q),
     )  # fmt: skip
     if num_parts == 1:  # the partition kernel wrote ``out``
         return out
     _decode_reduce_kernel[(num_seqs, num_heads)](
         out, part_acc, part_max, part_sum, context_lens, window, num_parts, num_heads,
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITION_SIZE=partition_size,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITION_SIZE=partition_size, **pdl.options(q),
     )  # fmt: skip
     return out
