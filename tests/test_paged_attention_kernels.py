@@ -311,7 +311,8 @@ def test_one_compiled_variant_whatever_the_batch():
     """Batch size and block-table width change every step; each value class (1, a multiple of 16, other) must
     not compile a kernel variant of its own (a stall of seconds the first time a class shows up while serving).
     Counted as the variants these calls add to each kernel's cache (earlier tests compiled others: other dtypes,
-    head dims, tiles); the decode partition is pinned, since its size is a constexpr chosen from the shapes."""
+    head dims, tiles); the decode partition is pinned, since its size is a constexpr chosen from the shapes.  The
+    decode partition kernel runs alone and fused with rotary and the K/V write (two variants)."""
     device = torch.cuda.current_device()
     kernels_checked = (da._decode_partition_kernel, da._decode_reduce_kernel, pa._prefill_kernel)
     before = [set(kernel.device_caches[device][0]) for kernel in kernels_checked]
@@ -321,10 +322,17 @@ def test_one_compiled_variant_whatever_the_batch():
         batch = make_batch(lens, 2, head_dim, 16, torch.float16, seed=num_seqs)
         q = queries(num_seqs, 2 * group, head_dim, torch.float16)
         da.decode_attention(q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, partition_size=64)
+        k, v = queries(num_seqs, 2, head_dim, torch.float16), queries(num_seqs, 2, head_dim, torch.float16)
+        positions = batch.context_lens.long() - 1
+        slots = torch.stack([slots_of(batch.block_tables[i], positions[i : i + 1], 16)[0] for i in range(num_seqs)])
+        table = torch.randn(max(lens), 2, head_dim, device=DEVICE, dtype=torch.float16)
+        da.rotary_decode_attention(q, k, v, positions, table, batch.kv_data, LAYER, slots, batch.block_tables,
+                                   batch.context_lens, 0.125, partition_size=64)  # fmt: skip
         q = queries(sum(lens), 2 * group, head_dim, torch.float16)
         pa.prefill_attention(q, batch.kv_data, LAYER, batch.block_tables, start_loc(lens), batch.context_lens, 0.125)
     for kernel, known in zip(kernels_checked, before):
-        assert len(set(kernel.device_caches[device][0]) - known) <= 1, kernel.fn.__name__
+        variants = 2 if kernel is da._decode_partition_kernel else 1
+        assert len(set(kernel.device_caches[device][0]) - known) <= variants, kernel.fn.__name__
 
 
 def test_decode_partitions_shrink_to_fill_the_gpu():
