@@ -22,7 +22,7 @@ from common.config import ConfigError  # noqa: E402
 from common.engine import attention  # noqa: E402
 from common.engine.config import EngineConfig  # noqa: E402
 from common.engine.engine import LLMEngine  # noqa: E402
-from common.engine.kernels import gemv  # noqa: E402
+from common.engine.kernels import decode_attention, gemv, rotary  # noqa: E402
 from common.engine.kernels.backend import resolve_attention_backend, resolve_decode_gemv  # noqa: E402
 from common.engine.loader import resolve_model_path  # noqa: E402
 from common.messages import SamplingParams  # noqa: E402
@@ -76,6 +76,29 @@ def query_lens_seen(monkeypatch) -> list[list[int]]:
     return seen
 
 
+@pytest.fixture
+def attention_calls(monkeypatch) -> list[tuple[str, int]]:
+    """Per attention kernel call of the triton path on layer 0: (kernel, rows of q): ``fused``
+    (``rotary_decode_attention``), ``rotary_write`` (``apply_rotary_write_kv_``), ``decode`` (the unfused
+    ``decode_attention``)."""
+    calls: list[tuple[str, int]] = []
+
+    def spy(module, attr: str, name: str, layer_arg: int) -> None:
+        kernel = getattr(module, attr)
+
+        def record(*args, **kwargs):
+            if args[layer_arg] == 0:
+                calls.append((name, args[0].shape[0]))
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, record)
+
+    spy(decode_attention, "rotary_decode_attention", "fused", 6)
+    spy(rotary, "apply_rotary_write_kv_", "rotary_write", 6)
+    spy(decode_attention, "decode_attention", "decode", 2)
+    return calls
+
+
 def test_backend_resolution(monkeypatch):
     assert resolve_attention_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_attention_backend("torch", torch.device("cpu")) == "torch"
@@ -89,9 +112,11 @@ def test_backend_resolution(monkeypatch):
 
 
 @pytest.mark.parametrize("block_size", [16, 8])
-def test_batch_matches_torch_backend(demo_path, block_size):
+def test_batch_matches_torch_backend(demo_path, block_size, attention_calls):
+    """Its decode steps run the fused decode kernel (rotary, K/V write and attention), the prefill the others."""
     torch_tokens, triton_tokens = both(demo_path, prompts((3, 17, 40)), block_size=block_size)
     assert triton_tokens == torch_tokens
+    assert attention_calls == [("rotary_write", 60)] + [("fused", 3)] * (GREEDY.max_tokens - 1)
     assert engine(demo_path, "triton", block_size=block_size, enable_prefix_caching=False).model.attention_backend \
         == "triton"  # fmt: skip
 
@@ -141,9 +166,9 @@ def batch_gemvs(monkeypatch):
 
 
 @pytest.mark.parametrize("decode_gemv", ["torch", "triton"])
-def test_padded_decode_graph_batch_matches_torch_backend(demo_path, decode_gemv, batch_gemvs):
+def test_padded_decode_graph_batch_matches_torch_backend(demo_path, decode_gemv, batch_gemvs, attention_calls):
     """The decode graphs' forward (fixed buffers, padded rows rewriting row 0's K/V) on the triton path, its
-    projections on cuBLAS or the decode GEMVs."""
+    projections on cuBLAS or the decode GEMVs, its attention the fused decode kernel over the padded batch."""
     ps = prompts((5, 20, 17), seed=4)
     expected = tokens(engine(demo_path, "torch", enable_prefix_caching=False, max_num_seqs=8).generate(ps, GREEDY))
     config = EngineConfig(model=str(demo_path), dtype="float32", device=DEVICE, num_kv_blocks=64,
@@ -154,6 +179,8 @@ def test_padded_decode_graph_batch_matches_torch_backend(demo_path, decode_gemv,
     runner.graphs = RerunGraphs(runner.model, runner.kv_cache, 8, graphed.max_model_len)
     assert tokens(graphed.generate(ps, GREEDY)) == expected
     assert runner.graphs.captured and runner.graphs.replays == GREEDY.max_tokens - 1
+    decode_steps = len(runner.graphs.captured) + runner.graphs.replays  # a capture runs the forward once
+    assert attention_calls == [("rotary_write", 42)] + [("fused", 4)] * decode_steps
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral", "llama", "qwen2"])

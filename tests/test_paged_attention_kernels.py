@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.engine.kernels import decode_attention as da
 from common.engine.kernels import paged_attention as pa
 from common.engine.kernels import paged_attention_reference as ref
 from common.engine.kernels import rotary, sampling
@@ -159,7 +160,7 @@ def test_decode_matches_reference(block_size, head_dim, group):
     q = queries(len(CONTEXTS), num_kv_heads * group, head_dim, strided=group == 2)
     args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, head_dim**-0.5)
     # partitions of 32 keys in tiles of 16: several partitions and tiles per sequence
-    out = pa.decode_attention(*args, partition_size=32, block_n=16)
+    out = da.decode_attention(*args, partition_size=32, block_n=16)
     torch.testing.assert_close(out, ref.decode_attention_reference(*args), **TOL[torch.float32])
 
 
@@ -185,7 +186,7 @@ def test_sliding_window(window):
     batch = make_batch(CONTEXTS, 2, 64, 16)
     q1 = queries(len(CONTEXTS), 4, 64)
     args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
-    out = pa.decode_attention(*args, partition_size=32, block_n=16)
+    out = da.decode_attention(*args, partition_size=32, block_n=16)
     torch.testing.assert_close(out, ref.decode_attention_reference(*args), **TOL[torch.float32])
     query_lens = [1, 15, 3, 17, 60]
     q = queries(sum(query_lens), 4, 64)
@@ -201,7 +202,7 @@ def test_int64_metadata_and_head_dim_not_a_power_of_two():
     tables, context_lens = batch.block_tables.long(), batch.context_lens.long()
     q1 = queries(len(CONTEXTS), 4, 80)
     args = (q1, batch.kv_data, LAYER, tables, context_lens, 80**-0.5, 40)
-    out = pa.decode_attention(*args, partition_size=32, block_n=16)
+    out = da.decode_attention(*args, partition_size=32, block_n=16)
     torch.testing.assert_close(out, ref.decode_attention_reference(*args), **TOL[torch.float32])
     query_lens = [1, 15, 3, 17, 60]
     q = queries(sum(query_lens), 4, 80)
@@ -222,7 +223,7 @@ def test_half_precision_and_default_tiles(dtype):
     batch = make_batch(CONTEXTS, 2, 64, 16, dtype=dtype)
     q1 = queries(len(CONTEXTS), 8, 64, dtype)
     args = (q1, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
-    torch.testing.assert_close(pa.decode_attention(*args), ref.decode_attention_reference(*args), **TOL[dtype])
+    torch.testing.assert_close(da.decode_attention(*args), ref.decode_attention_reference(*args), **TOL[dtype])
     query_lens = [1, 15, 3, 17, 100]
     q = queries(sum(query_lens), 8, 64, dtype)
     args = (q, batch.kv_data, LAYER, batch.block_tables, start_loc(query_lens), batch.context_lens, 0.125)
@@ -234,9 +235,9 @@ def test_rejects_what_the_kernels_cannot_read():
     batch = make_batch([5], 2, 64, 16)
     q = queries(1, 6, 64)
     with pytest.raises(ValueError, match="3 heads"):
-        pa.decode_attention(q[:, :3], batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
+        da.decode_attention(q[:, :3], batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
     with pytest.raises(ValueError, match="layer 2"):
-        pa.decode_attention(q[:, :4], batch.kv_data, 2, batch.block_tables, batch.context_lens, 0.125)
+        da.decode_attention(q[:, :4], batch.kv_data, 2, batch.block_tables, batch.context_lens, 0.125)
     with pytest.raises(ValueError, match="head_dim rows"):
         pa.write_kv(
             batch.kv_data.transpose(3, 5), LAYER, q[:, :2], q[:, :2], torch.zeros(1, dtype=torch.long, device=DEVICE)
@@ -256,9 +257,9 @@ def test_kernels_compile_for_sm90():
 
 
 def compile_for_sm90() -> None:
-    """Compile every kernel (paged attention, the fused rotary/K-V write, sampling) for sm_90 at head dims 64/128,
-    GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers and strides carry the divisibility-by-16 hint that
-    launches with such values get (vectorised, pipelined K/V loads)."""
+    """Compile every kernel (paged attention, the fused rotary/K-V write, decode attention fused with both,
+    sampling) for sm_90 at head dims 64/128, GQA groups 4, 8, 7, int32 and int64 metadata.  Pointers and strides
+    carry the divisibility-by-16 hint that launches with such values get (vectorised, pipelined K/V loads)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -266,7 +267,8 @@ def compile_for_sm90() -> None:
         names = [n for n in kernel.arg_names if n not in constants]
         types = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kv_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*bf16",
                  "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "slot_ptr": "*i64", "source_ptr": "*i64",
-                 "scale_log2": "fp32", "table_ptr": "*bf16", "logits_ptr": "*fp32", "inv_temp_ptr": "*fp32",
+                 "scale_log2": "fp32", "table_ptr": "*bf16", "rope_ptr": "*bf16", "logits_ptr": "*fp32",
+                 "inv_temp_ptr": "*fp32",
                  "threshold_ptr": "*fp32", "key_ptr": "*i64", "greedy_ptr": "*i1", "best_ptr": "*fp32",
                  "best_index_ptr": "*i64"}  # fmt: skip
         signature = {n: types.get(n, f"*{index}" if n.endswith("_ptr") else "i32") for n in names}
@@ -281,13 +283,15 @@ def compile_for_sm90() -> None:
         for has_source in (False, True):
             build(pa._write_kv_kernel, dict(HEAD_DIM=head_dim, HEADS_PAD=8, HEAD_DIM_PAD=head_dim,
                                             HAS_SOURCE=has_source))
-        build(
-            pa._decode_partition_kernel,
-            dict(**dims, GROUP=group, GROUP_PAD=16, BLOCK_SIZE=16, BLOCK_N=pa.DECODE_BLOCK_N,
-                 PARTITION_SIZE=pa.DECODE_PARTITION_SIZE, DOT_PRECISION="tf32"),
-            index, num_warps=pa.DECODE_NUM_WARPS,
-        )  # fmt: skip
-        build(pa._decode_reduce_kernel, dict(**dims, PARTITION_SIZE=pa.DECODE_PARTITION_SIZE), index)
+        for fused, has_source in [(False, False), (True, False), (True, True)]:  # alone, fused with rotary + write
+            build(
+                da._decode_partition_kernel,
+                dict(**dims, GROUP=group, GROUP_PAD=16, BLOCK_SIZE=16, BLOCK_N=da.DECODE_BLOCK_N,
+                     PARTITION_SIZE=da.DECODE_PARTITION_SIZE, DOT_PRECISION="tf32", FUSED=fused,
+                     HAS_SOURCE=has_source, USE_PDL=True),
+                index, num_warps=da.DECODE_NUM_WARPS,
+            )  # fmt: skip
+        build(da._decode_reduce_kernel, dict(**dims, PARTITION_SIZE=da.DECODE_PARTITION_SIZE, USE_PDL=True), index)
         build(
             pa._prefill_kernel,
             dict(**dims, GROUP=group, BLOCK_SIZE=16, BLOCK_M=pa.PREFILL_BLOCK_M,
@@ -307,27 +311,35 @@ def test_one_compiled_variant_whatever_the_batch():
     """Batch size and block-table width change every step; each value class (1, a multiple of 16, other) must
     not compile a kernel variant of its own (a stall of seconds the first time a class shows up while serving).
     Counted as the variants these calls add to each kernel's cache (earlier tests compiled others: other dtypes,
-    head dims, tiles); the decode partition is pinned, since its size is a constexpr chosen from the shapes."""
+    head dims, tiles); the decode partition is pinned, since its size is a constexpr chosen from the shapes.  The
+    decode partition kernel runs alone and fused with rotary and the K/V write (two variants)."""
     device = torch.cuda.current_device()
-    kernels_checked = (pa._decode_partition_kernel, pa._decode_reduce_kernel, pa._prefill_kernel)
+    kernels_checked = (da._decode_partition_kernel, da._decode_reduce_kernel, pa._prefill_kernel)
     before = [set(kernel.device_caches[device][0]) for kernel in kernels_checked]
     head_dim, group = 64, 4
     for num_seqs in (1, 2, 16, 17):
         lens = [40 + 16 * i for i in range(num_seqs)]
         batch = make_batch(lens, 2, head_dim, 16, torch.float16, seed=num_seqs)
         q = queries(num_seqs, 2 * group, head_dim, torch.float16)
-        pa.decode_attention(q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, partition_size=64)
+        da.decode_attention(q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, partition_size=64)
+        k, v = queries(num_seqs, 2, head_dim, torch.float16), queries(num_seqs, 2, head_dim, torch.float16)
+        positions = batch.context_lens.long() - 1
+        slots = torch.stack([slots_of(batch.block_tables[i], positions[i : i + 1], 16)[0] for i in range(num_seqs)])
+        table = torch.randn(max(lens), 2, head_dim, device=DEVICE, dtype=torch.float16)
+        da.rotary_decode_attention(q, k, v, positions, table, batch.kv_data, LAYER, slots, batch.block_tables,
+                                   batch.context_lens, 0.125, partition_size=64)  # fmt: skip
         q = queries(sum(lens), 2 * group, head_dim, torch.float16)
         pa.prefill_attention(q, batch.kv_data, LAYER, batch.block_tables, start_loc(lens), batch.context_lens, 0.125)
     for kernel, known in zip(kernels_checked, before):
-        assert len(set(kernel.device_caches[device][0]) - known) <= 1, kernel.fn.__name__
+        variants = 2 if kernel is da._decode_partition_kernel else 1
+        assert len(set(kernel.device_caches[device][0]) - known) <= variants, kernel.fn.__name__
 
 
 def test_decode_partitions_shrink_to_fill_the_gpu():
-    assert pa.decode_partition_size(32, 8, 256) == 512  # 256 programs already
-    assert pa.decode_partition_size(1, 8, 256) == pa.DECODE_BLOCK_N  # 8 programs at 512 keys; 32 at 64
-    assert pa.decode_partition_size(1, 8, 8192) == 256  # 16 partitions x 8 heads at 512: 128; 256 at 256
-    assert pa.decode_partition_size(2, 8, 4096) == 256
+    assert da.decode_partition_size(32, 8, 256) == 512  # 256 programs already
+    assert da.decode_partition_size(1, 8, 256) == da.DECODE_BLOCK_N  # 8 programs at 512 keys; 32 at 64
+    assert da.decode_partition_size(1, 8, 8192) == 256  # 16 partitions x 8 heads at 512: 128; 256 at 256
+    assert da.decode_partition_size(2, 8, 4096) == 256
 
 
 @kernels
@@ -335,8 +347,8 @@ def test_decode_default_partition_matches_reference():
     batch = make_batch([1, 70, 200], 1, 64, 16)  # one KV head: the default shrinks to 64-key partitions
     q = queries(3, 4, 64)
     args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125)
-    assert pa.decode_partition_size(3, 1, batch.block_tables.shape[1] * 16) == pa.DECODE_BLOCK_N
-    torch.testing.assert_close(pa.decode_attention(*args), ref.decode_attention_reference(*args), **TOL[torch.float32])
+    assert da.decode_partition_size(3, 1, batch.block_tables.shape[1] * 16) == da.DECODE_BLOCK_N
+    torch.testing.assert_close(da.decode_attention(*args), ref.decode_attention_reference(*args), **TOL[torch.float32])
 
 
 @kernels
@@ -347,6 +359,6 @@ def test_decode_single_partition_skips_the_reduce(monkeypatch, window):
     q = queries(3, 8, 64)
     args = (q, batch.kv_data, LAYER, batch.block_tables, batch.context_lens, 0.125, window)
     expected = ref.decode_attention_reference(*args)
-    monkeypatch.setattr(pa, "_decode_reduce_kernel", None)  # launching it would raise
-    torch.testing.assert_close(pa.decode_attention(*args, partition_size=256), expected, **TOL[torch.float32])
+    monkeypatch.setattr(da, "_decode_reduce_kernel", None)  # launching it would raise
+    torch.testing.assert_close(da.decode_attention(*args, partition_size=256), expected, **TOL[torch.float32])
 

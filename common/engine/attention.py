@@ -1,5 +1,5 @@
 """Paged attention over the head-major KV cache: plain PyTorch (``paged_attention``: exact, any
-device), or the Triton kernels reading the blocks in place (``paged_attention_triton``).
+device), or the Triton kernels reading the blocks in place (``rotary_paged_attention_triton``).
 
 Everything derived from a step's metadata (gather indices, cache rows, masks) is computed
 once per step and shared by every layer; on CUDA it is also what a decode CUDA graph
@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.arith import ceil_div
 from common.engine.host_copies import to_device
+from common.engine.kernels import decode_attention, rotary
 from common.engine.kernels import paged_attention as kernels
 from common.engine.kv_cache import KVCache
 
@@ -273,22 +274,33 @@ def _attend(
     return out[meta.token_seq_ids, meta.token_offsets].reshape(num_tokens, num_heads, head_dim)
 
 
-def paged_attention_triton(
+def rotary_paged_attention_triton(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    rope_table: torch.Tensor,
     cache: KVCache,
     layer: int,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """``paged_attention`` with the Triton kernels, the step's K/V already at ``meta.slot_mapping`` (the caller
-    wrote them: ``rotary.apply_rotary_write_kv_``): ``decode_attention`` when every sequence has one query, else
-    one ``prefill_attention`` over the whole (possibly mixed) batch; both read K/V from the blocks where they
-    are (no gather, no ``parts``)."""
+    """Rotary of ``q`` ``[N, H, D]`` and ``k`` ``[N, Hkv, D]`` at ``positions`` (``rope_table``: the model's
+    ``RotaryEmbedding.table``), the rotated k and ``v`` written at ``meta.slot_mapping`` (row ``kv_source_rows[i]``
+    at slot ``i``), then ``paged_attention``'s output, with the Triton kernels reading K/V where they are (no
+    gather, no ``parts``).  A decode step (every sequence one query) runs it all in one fused kernel
+    (``decode_attention.rotary_decode_attention``; q and k are left as they were); any other step runs
+    ``rotary.apply_rotary_write_kv_`` (q rotated in place) then one ``prefill_attention`` over the whole (possibly
+    mixed) batch."""
     if meta.max_query_len == 1:
-        return kernels.decode_attention(
-            q, cache.data, layer, meta.block_tables, meta.context_lens, scale, sliding_window
-        )
+        return decode_attention.rotary_decode_attention(
+            q, k, v, positions, rope_table, cache.data, layer, meta.slot_mapping, meta.block_tables,
+            meta.context_lens, scale, sliding_window, meta.kv_source_rows,
+        )  # fmt: skip
+    rotary.apply_rotary_write_kv_(
+        q, k, v, positions, rope_table, cache.data, layer, meta.slot_mapping, meta.kv_source_rows
+    )
     return kernels.prefill_attention(
         q, cache.data, layer, meta.block_tables, meta.query_start_loc, meta.context_lens, scale, sliding_window
     )

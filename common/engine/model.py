@@ -8,9 +8,10 @@ matmul each.  Every layer reads and writes the paged ``KVCache``.
 build: ``torch`` runs each module's ``forward`` (plain PyTorch); ``triton`` runs their ``forward_fused``,
 HF's residual stream carried as vLLM does (each layer returns its MLP output and the residual before it;
 the next norm adds them in one fused kernel), rotary on the q/k views fused with the K/V cache write, paged
-attention reading the KV blocks in place, and SiLU*mul in one kernel.  With ``decode_gemv`` a forward of at
-most ``gemv.DECODE_MAX_ROWS`` rows (a decode step of one sequence) runs its projections as Triton GEMVs, the norms fused into
-the qkv and gate_up ones and SiLU*mul into gate_up (``kernels.gemv``); larger ones keep cuBLAS.
+attention reading the KV blocks in place (on decode steps all three in one kernel), and SiLU*mul in one
+kernel.  With ``decode_gemv`` a forward of at most ``gemv.DECODE_MAX_ROWS`` rows (a decode step of one
+sequence) runs its projections as Triton GEMVs, the norms fused into the qkv and gate_up ones and SiLU*mul
+into gate_up (``kernels.gemv``); larger ones keep cuBLAS.
 
 Under tensor parallelism (``TensorParallel`` of N ranks) each rank's model holds its slice of
 the checkpoint, as ``weight_shards`` says: q/k/v and gate/up column-parallel (its heads, its
@@ -27,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.engine.attention import AttentionMetadata, paged_attention, paged_attention_triton
-from common.engine.kernels import activation, gemv, norm, rotary
+from common.engine.attention import AttentionMetadata, paged_attention, rotary_paged_attention_triton
+from common.engine.kernels import activation, gemv, norm
 from common.engine.kv_cache import KVCache
 from common.engine.model_config import ModelConfig
 from common.engine.parallel import SINGLE, Matmul, Shard, TensorParallel
@@ -147,9 +148,9 @@ class Attention(nn.Module):
         cache: KVCache, matmul: Matmul = F.linear,
     ) -> torch.Tensor:
         """``forward`` with the Triton kernels, from the qkv projection's output (the caller computes it, fused
-        with the norm before it or not): q/k norms (Qwen3), then rotary in place on q (a view of ``qkv``, or the
-        norm's output) fused with the cache write of the rotated k and v, then ``paged_attention_triton``, then
-        o_proj computed by ``matmul`` (``F.linear``, or the decode GEMV)."""
+        with the norm before it or not): q/k norms (Qwen3), then ``rotary_paged_attention_triton`` (rotary, the
+        cache write of the rotated k and v, and attention: one fused kernel on decode steps), then o_proj
+        computed by ``matmul`` (``F.linear``, or the decode GEMV)."""
         n, heads = qkv.shape[0], self.num_heads
         q = qkv[:, : self.q_size].view(n, heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
@@ -157,10 +158,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = norm.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = norm.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        rotary.apply_rotary_write_kv_(
-            q, k, v, positions, rope_table, cache.data, self.layer_idx, meta.slot_mapping, meta.kv_source_rows
+        out = rotary_paged_attention_triton(
+            q, k, v, positions, rope_table, cache, self.layer_idx, meta, self.scale, self.sliding_window
         )
-        out = paged_attention_triton(q, cache, self.layer_idx, meta, self.scale, self.sliding_window)
         return self.tp.row_linear(self.o_proj, out.reshape(n, self.q_size), matmul)
 
 

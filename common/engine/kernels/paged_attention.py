@@ -7,13 +7,8 @@ stride from the tensor and need only ``head_dim`` contiguous; block tables are i
 A tile of ``BLOCK_N`` key positions looks up each position's block id, so any block size works.
 
 - ``write_kv``: one program per new token stores its K and V rows of every KV head at its slot.
-- ``decode_attention`` (flash-decoding): program (sequence, KV head, partition) scores the ``G`` query heads
-  of that KV head (the rows of one ``tl.dot``: each K/V tile is loaded once for all of them) against its
-  partition's keys with an online softmax, and writes the partition's unnormalised output, max and sum of
-  exponentials; a reduce program per (sequence, query head) merges the partitions by log-sum-exp (with a
-  single partition the partition kernel writes the output and the reduce is not launched).  The
-  partition count follows from the block table's width (no host sync: CUDA-graph safe); partitions past a
-  sequence's context exit at once.
+- Decode (one query per sequence, split-K): module ``decode_attention``, which also fuses rotary and this K/V
+  write into its kernel for decode steps.
 - ``prefill_attention`` (flash-attention over the block table, varlen): program (query tile, KV head) holds
   ``BLOCK_M // G`` query tokens times the ``G`` heads of one KV head as ``BLOCK_M`` rows, and walks the key
   tiles from the window's start (or 0) to its last query's position, masked causally.  Query tiles are numbered
@@ -22,9 +17,9 @@ A tile of ``BLOCK_N`` key positions looks up each position's block id, so any bl
 
 Softmax in base 2 with fp32 max, sum and accumulator; fp32 inputs multiply in IEEE precision (no TF32).
 Constexpr (one compilation each): head dim, GQA group, cache block size, tile sizes, dot precision.  Tuning
-knobs (module constants, overridable per call): ``partition_size``, ``block_n`` (decode), ``block_m``,
-``block_n`` (prefill); warp counts.  K/V loads vectorise and pipeline when the cache's strides and
-``layer * stride`` are multiples of 16 elements (``KVCache`` with head_dim >= 16).  Every sequence has
+knobs (module constants, overridable per call): ``block_m``, ``block_n``; warp counts.  K/V loads vectorise
+and pipeline when the cache's strides and ``layer * stride`` are multiples of 16 elements (``KVCache`` with
+head_dim >= 16).  Every sequence has
 ``context_lens >= 1`` and at least one query.
 """
 
@@ -38,10 +33,6 @@ try:
 except ImportError:  # CPU-only installs: the references below still work
     triton = None
 
-DECODE_PARTITION_SIZE = 512  # the largest split-K partition; smaller ones when the grid would be too small
-DECODE_MIN_PROGRAMS = 256  # ~2 per SM of an H100/H200: partitions shrink (to DECODE_BLOCK_N) until the grid has these
-DECODE_BLOCK_N = 64
-DECODE_NUM_WARPS = 4
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
@@ -86,84 +77,6 @@ def _write_kv_kernel(
     dst += heads * stride_head + dims
     tl.store(dst, tl.load(k_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask), mask=mask)
     tl.store(dst + stride_kind, tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask), mask=mask)
-
-
-@_jit
-def _decode_partition_kernel(
-    q_ptr, kv_ptr, tables_ptr, context_lens_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    layer_offset, scale_log2, window, num_parts, num_heads,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_block, stride_head, stride_tok, stride_kind, stride_table,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    context_len = tl.load(context_lens_ptr + seq)
-    first_key = tl.maximum(context_len - window, 0)
-    part_start = part * PARTITION_SIZE
-    part_end = tl.minimum(part_start + PARTITION_SIZE, context_len)
-    if (part_end <= first_key) | (part_end <= part_start):
-        return
-    rows = tl.arange(0, GROUP_PAD)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    heads = kv_head * GROUP + rows
-    q_mask = (rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
-    k_base = kv_ptr + layer_offset + kv_head * stride_head
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    denom = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    # every tile holds at least one key in [first_key, part_end): m is finite after the first
-    for tile in range(tl.maximum(part_start, first_key - first_key % BLOCK_N), part_end, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
-        valid = (pos >= first_key) & (pos < part_end)
-        block = tl.load(tables_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        row = block * stride_block + (pos % BLOCK_SIZE) * stride_tok
-        k = tl.load(k_base + row[None, :] + dims[:, None], mask=valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        denom = denom * alpha + tl.sum(p, 1)
-        v_mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
-        v = tl.load(k_base + stride_kind + row[:, None] + dims[None, :], mask=v_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
-    if num_parts == 1:  # the only partition: the output itself, as the reduce would write it (not launched)
-        out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(out, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
-    else:
-        stat = (seq * num_heads + heads).to(tl.int64) * num_parts + part
-        tl.store(part_max_ptr + stat, m, mask=rows < GROUP)
-        tl.store(part_sum_ptr + stat, denom, mask=rows < GROUP)
-        tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=(rows < GROUP)[:, None])
-
-
-@_jit
-def _decode_reduce_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, window, num_parts, num_heads,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-):  # fmt: skip
-    seq, head = tl.program_id(0), tl.program_id(1)
-    context_len = tl.load(context_lens_ptr + seq)
-    first_key = tl.maximum(context_len - window, 0)
-    first = first_key // PARTITION_SIZE
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    stat = (seq * num_heads + head).to(tl.int64) * num_parts
-    m = tl.load(part_max_ptr + stat + first)
-    denom = tl.load(part_sum_ptr + stat + first)
-    acc = tl.load(part_acc_ptr + (stat + first) * HEAD_DIM_PAD + dims)
-    for part in range(first + 1, tl.cdiv(context_len, PARTITION_SIZE)):
-        m_part = tl.load(part_max_ptr + stat + part)
-        m_new = tl.maximum(m, m_part)
-        alpha, beta = tl.exp2(m - m_new), tl.exp2(m_part - m_new)
-        denom = denom * alpha + tl.load(part_sum_ptr + stat + part) * beta
-        acc = acc * alpha + tl.load(part_acc_ptr + (stat + part) * HEAD_DIM_PAD + dims) * beta
-        m = m_new
-    out = out_ptr + seq * stride_ob + head * stride_oh + dims
-    tl.store(out, (acc / denom).to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 @_jit
@@ -251,65 +164,6 @@ def write_kv(kv_data: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor
         HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_SOURCE=source_rows is not None,
     )  # fmt: skip
-
-
-def decode_attention(
-    q: torch.Tensor,
-    kv_data: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None = None,
-    *,
-    partition_size: int | None = None,
-    block_n: int = DECODE_BLOCK_N,
-) -> torch.Tensor:
-    """``q`` ``[B, H, D]``: sequence ``b``'s query at position ``context_lens[b] - 1`` attends to its
-    ``context_lens[b]`` cached keys (the last ``sliding_window`` of them if given).  Returns ``[B, H, D]``.
-
-    ``partition_size`` (a multiple of ``block_n``) keys per split-K program (default: ``decode_partition_size``);
-    ``block_n`` keys per tile.
-    """
-    block_size, layer_offset, strides, group = _cache_args(kv_data, layer, q)
-    num_seqs, num_heads, head_dim = q.shape
-    if partition_size is None:
-        partition_size = decode_partition_size(num_seqs, kv_data.shape[1], block_tables.shape[1] * block_size)
-    if partition_size % block_n or not _pow2_16(block_n):
-        raise ValueError(f"decode_attention: block_n {block_n} (a power of 2 >= 16) must divide {partition_size}")
-    num_parts = triton.cdiv(block_tables.shape[1] * block_size, partition_size)
-    head_dim_pad = max(triton.next_power_of_2(head_dim), 16)
-    part_acc = q.new_empty(num_seqs, num_heads, num_parts, head_dim_pad, dtype=torch.float32)
-    part_max, part_sum = q.new_empty(2, num_seqs, num_heads, num_parts, dtype=torch.float32)
-    out = q.new_empty(q.shape)
-    window = _window(sliding_window)
-    _decode_partition_kernel[(num_seqs, kv_data.shape[1], num_parts)](
-        q, kv_data, block_tables, context_lens, out, part_acc, part_max, part_sum,
-        layer_offset, scale * LOG2E, window, num_parts, num_heads,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
-        DOT_PRECISION=_dot_precision(q), num_warps=DECODE_NUM_WARPS,
-    )  # fmt: skip
-    if num_parts == 1:  # the partition kernel wrote ``out``
-        return out
-    _decode_reduce_kernel[(num_seqs, num_heads)](
-        out, part_acc, part_max, part_sum, context_lens, window, num_parts, num_heads,
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITION_SIZE=partition_size,
-    )  # fmt: skip
-    return out
-
-
-def decode_partition_size(num_seqs: int, num_kv_heads: int, max_keys: int) -> int:
-    """The largest partition, from ``DECODE_PARTITION_SIZE`` halving down to ``DECODE_BLOCK_N``, that still gives
-    the split-K grid (sequences x KV heads x partitions of ``max_keys``) ``DECODE_MIN_PROGRAMS`` programs: a batch of
-    one over a short context otherwise runs a handful of programs on a GPU of 132 SMs.  A function of the shapes
-    alone, so a CUDA graph bucket always gets the same one."""
-    size = DECODE_PARTITION_SIZE
-    while size > DECODE_BLOCK_N and num_seqs * num_kv_heads * -(-max_keys // size) < DECODE_MIN_PROGRAMS:
-        size //= 2
-    return size
 
 
 def prefill_attention(

@@ -1,6 +1,6 @@
-"""PyTorch references of ``paged_attention``'s kernels, on the same cache layout: what the CPU path and the tests
-compare against.  They share the kernels' signatures (less the tuning keywords), compute in fp32, and loop over
-sequences on the host."""
+"""PyTorch references of ``paged_attention``'s and ``decode_attention``'s kernels, on the same cache layout: what
+the CPU path and the tests compare against.  They share the kernels' signatures (less the tuning keywords), compute
+in fp32, and loop over sequences on the host."""
 
 from __future__ import annotations
 

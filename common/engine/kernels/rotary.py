@@ -13,7 +13,8 @@ rows and heads take any stride, the head dimension must be contiguous.
 ``apply_rotary_write_kv_`` fuses the rotation with ``paged_attention.write_kv`` (one launch instead of two
 per layer): program ``i`` rotates Q row ``i`` in place and stores row ``source_rows[i]`` of K (rotated at
 that row's position) and V at slot ``slot_mapping[i]``.  K itself is left as it was: with CUDA-graph padding
-several programs read one K row, so none may rewrite it; attention reads K from the cache.
+several programs read one K row, so none may rewrite it; attention reads K from the cache.  Decode steps fuse
+attention too (``decode_attention.rotary_decode_attention``, with this module's ``_rope`` and ``_cos_sin_lanes``).
 """
 
 from __future__ import annotations
@@ -77,15 +78,8 @@ def apply_rotary_write_kv_(
     ``paged_attention.write_kv`` take, ``slot_mapping`` and ``source_rows`` one entry per row of ``q``)."""
     n, heads, dim = q.shape
     kv_heads = k.shape[1]
-    _check("apply_rotary_write_kv_", q, k, positions, cos_sin_table)
-    block_size, layer_offset, strides, group = paged_attention._cache_args(kv_data, layer, k)
-    if group != 1 or v.shape != k.shape or v.stride(2) != 1 or slot_mapping.shape != (n,) or (
-            source_rows is not None and source_rows.shape != (n,)):  # fmt: skip
-        source = "" if source_rows is None else f", source_rows {tuple(source_rows.shape)}"
-        raise ValueError(
-            f"apply_rotary_write_kv_: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"slot_mapping {tuple(slot_mapping.shape)}{source}"
-        )
+    block_size, layer_offset, strides = _check_write("apply_rotary_write_kv_", q, k, v, positions, cos_sin_table,
+                                                     kv_data, layer, slot_mapping, source_rows)  # fmt: skip
     if n == 0:
         return
     _rotary_write_kv_kernel[(n,)](
@@ -111,17 +105,49 @@ def _check(name: str, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         raise ValueError(f"{name}: dtypes q {q.dtype}, k {k.dtype}, table {cos_sin_table.dtype} differ")
 
 
+def _check_write(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_table: torch.Tensor,
+    kv_data: torch.Tensor, layer: int, slot_mapping: torch.Tensor, source_rows: torch.Tensor | None,
+) -> tuple[int, int, tuple[int, ...]]:
+    """``_check``, then raise ``ValueError`` unless the kernels can store the rotated ``k`` and ``v`` (rows as
+    ``q``'s) at ``slot_mapping`` in layer ``layer`` of ``kv_data``; returns its block size, layer offset and
+    strides (``paged_attention._cache_args``)."""
+    n = q.shape[0]
+    _check(name, q, k, positions, cos_sin_table)
+    block_size, layer_offset, strides, group = paged_attention._cache_args(kv_data, layer, k)
+    if group != 1 or v.shape != k.shape or v.stride(2) != 1 or slot_mapping.shape != (n,) or (
+            source_rows is not None and source_rows.shape != (n,)):  # fmt: skip
+        source = "" if source_rows is None else f", source_rows {tuple(source_rows.shape)}"
+        raise ValueError(
+            f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"slot_mapping {tuple(slot_mapping.shape)}{source} for kv_data {tuple(kv_data.shape)}"
+        )
+    return block_size, layer_offset, strides
+
+
 if triton is not None:
 
     @triton.jit
+    def _rope(x, partner, cos, sin):
+        """``x * cos + partner * sin`` (fp32 ``cos``/``sin``) in the dtype of ``x``, rounded where the reference
+        rounds: each product (exact in fp32 for 16-bit inputs), then the sum."""
+        dtype = x.dtype
+        product = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+        return (product + (partner.to(tl.float32) * sin).to(dtype).to(tl.float32)).to(dtype)
+
+    @triton.jit
     def _rotated(x1, x2, cos1, cos2, sin1, sin2):
-        """``(x1*cos1 + x2*sin1, x2*cos2 + x1*sin2)`` in fp32, each product exact in fp32 for 16-bit inputs,
-        rounded to the dtype of ``x1``, then the sum (the caller rounds it to the dtype when storing)."""
-        dtype = x1.dtype
-        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-        out1 = (x1 * cos1).to(dtype).to(tl.float32) + (x2 * sin1).to(dtype).to(tl.float32)
-        out2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
-        return out1, out2
+        """The rotated halves ``(x1*cos1 + x2*sin1, x2*cos2 + x1*sin2)`` of a row (``_rope`` of each)."""
+        return _rope(x1, x2, cos1, sin1), _rope(x2, x1, cos2, sin2)
+
+    @triton.jit
+    def _cos_sin_lanes(pos_ptr, table_ptr, token, dims, HEAD_DIM: tl.constexpr):
+        """fp32 ``cos, sin`` of the position of ``token`` at the lanes ``dims`` of a whole row (0 past
+        ``HEAD_DIM``): a row's lane ``d`` rotates to ``_rope(x[d], x[(d + D/2) % D], cos[d], sin[d])``."""
+        row = table_ptr + tl.load(pos_ptr + token).to(tl.int64) * (2 * HEAD_DIM)  # [2, D]: cos, then signed sin
+        mask = dims < HEAD_DIM
+        cos = tl.load(row + dims, mask=mask, other=0.0).to(tl.float32)
+        return cos, tl.load(row + HEAD_DIM + dims, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _rotate(x_ptr, row_stride, head_stride, token, heads, cos1, cos2, sin1, sin2,
@@ -133,8 +159,8 @@ if triton is not None:
         ptr1 = x_ptr + token * row_stride + h * head_stride + c
         x1 = tl.load(ptr1, mask=mask, other=0.0)
         out1, out2 = _rotated(x1, tl.load(ptr1 + HALF, mask=mask, other=0.0), cos1, cos2, sin1, sin2)
-        tl.store(ptr1, out1.to(x1.dtype), mask=mask)
-        tl.store(ptr1 + HALF, out2.to(x1.dtype), mask=mask)
+        tl.store(ptr1, out1, mask=mask)
+        tl.store(ptr1 + HALF, out2, mask=mask)
 
     @triton.jit
     def _cos_sin(pos_ptr, table_ptr, token, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
@@ -184,8 +210,8 @@ if triton is not None:
         k1_ptr = k_ptr + source * k_row_stride + h * k_head_stride + c
         k1 = tl.load(k1_ptr, mask=mask, other=0.0)
         out1, out2 = _rotated(k1, tl.load(k1_ptr + HALF, mask=mask, other=0.0), cos1, cos2, sin1, sin2)
-        tl.store(dst, out1.to(k1.dtype), mask=mask)
-        tl.store(dst + HALF, out2.to(k1.dtype), mask=mask)
+        tl.store(dst, out1, mask=mask)
+        tl.store(dst + HALF, out2, mask=mask)
         v1_ptr = v_ptr + source * v_row_stride + h * v_head_stride + c
         tl.store(dst + stride_kind, tl.load(v1_ptr, mask=mask), mask=mask)
         tl.store(dst + stride_kind + HALF, tl.load(v1_ptr + HALF, mask=mask), mask=mask)
