@@ -14,7 +14,7 @@ from common.engine.kv_cache import KVCache
 from common.errors import CallTimeout
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.reader import KVReader
-from common.messages import Fingerprint, KVRequest, KVTransferParams, LeaseRenewed, RenewLease
+from common.messages import Fingerprint, KVRequest, KVTransferParams, LeaseRenewed, ReleaseKV, RenewLease
 
 FINGERPRINT = Fingerprint(model="m", dtype="float16", block_size=16, num_layers=2, num_kv_heads=2, head_dim=8,
                           kv_layout=KVCache.LAYOUT, transfer_backend="mooncake")
@@ -78,5 +78,23 @@ async def test_an_unanswered_claim_fails_after_the_client_timeout(prefill):
         identity, req_id, _ = received(sock)
         sock.send_multipart([identity, HEADER.pack(req_id, FLAG_FINAL), encode(LeaseRenewed({}))])
         assert await asyncio.wait_for(gone, 10) is None  # an unknown (or another reader's) transfer
+    finally:
+        await r.close()
+
+
+async def test_a_release_leaves_with_the_next_loop_turn_and_an_unanswered_one_drops_the_client(prefill, caplog):
+    """``release`` queues ``ReleaseKV`` without a task (the caller's next step goes first); with no answer within
+    the client's timeout it is logged, the pooled client is dropped, and ``flush`` returns."""
+    sock, endpoint = prefill
+    r = reader(rpc_timeout_s=0.2)
+    try:
+        r.release(params(endpoint, "t4"))
+        assert sock.poll(0) == 0  # nothing sent before the loop turns
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert received(sock)[2] == ReleaseKV(["t4"])
+        await asyncio.wait_for(r.releases.flush(), 10)
+        assert "ReleaseKV t4 to p0 failed (its lease will expire)" in caplog.text
+        assert endpoint not in r.clients
     finally:
         await r.close()
