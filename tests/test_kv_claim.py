@@ -1,8 +1,8 @@
 """``KVReader.claim``: the first ``RenewLease`` is queued before ``claim`` returns and leaves with the event
 loop's next turn (a decode about to allocate and read without yielding yields once to send it), then resolves
-to the blocks the lease holds, or fails after the client's timeout.  Push mode's ``PushDone`` (``KVWriter.done``) leaves
-so too; a ``ReleaseKV`` one turn later (the caller's next step goes first).  The prefill (or decode) is a raw ZMQ ROUTER here, so the test sees
-exactly when the request reaches the wire."""
+to the blocks the lease holds, or fails after the client's timeout.  Push mode's ``PushDone``
+(``KVWriter.done``) leaves so too; a ``ReleaseKV`` one turn later (the caller's next step goes first).  The
+prefill (or decode) is a raw ZMQ ROUTER here, so the test sees exactly when the request reaches the wire."""
 
 import asyncio
 
