@@ -287,9 +287,9 @@ class KVReader:
 
 
 def ask(client: BusClient, msg: Message, what: str, result: Callable[[object], T]) -> asyncio.Future[T]:
-    """``result`` of ``client``'s reply to ``msg`` (``what``, for the timeout's message) as a future, the request queued before this returns
-    (``BusClient.request``; raises ``BusError`` when the client is closed); the future fails with the
-    ``BusError`` of the reply, or ``CallTimeout`` after the client's timeout."""
+    """``result`` of ``client``'s reply to ``msg`` (``what``: its name in the timeout's message) as a future,
+    the request queued before this returns (``BusClient.request``; ``BusError`` when the client is closed);
+    the future fails with the reply's ``BusError``, or with ``CallTimeout`` after the client's timeout."""
     loop = asyncio.get_running_loop()
     answered: asyncio.Future[T] = loop.create_future()
 
