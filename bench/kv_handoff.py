@@ -23,6 +23,8 @@ interleaved so that every figure sees the same machine state:
 * backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
   same read, over ``--requests`` requests (p50/p99);
+* planning: ``ranges.token_ranges`` of the request alone (p50), back to back
+  and right after a limit copy (caches cold, as after a read on CPU);
 * same-host transports (shm, nvlink): every connector read is made three
   times, interleaved, with the lease confirmed in the prefill's shared-memory
   lease table after a claim sent before the read began (as ``DecodeHandoff``
@@ -272,6 +274,10 @@ async def run_decode(args: argparse.Namespace) -> dict:
             child.wait(timeout=30)
     limit_gbps = {name: gbps(nbytes, statistics.median(s)) for name, s in limit_s.items()}
     limit = max(limit_gbps.values())
+    plan = wall_timer(lambda: ranges_of(0, 0))
+    planning_us = {"warm": statistics.median(plan() * 1e6 for _ in range(args.requests)),
+                   "after_copy": statistics.median([next(iter(limits.values()))(), plan() * 1e6][1]
+                                                   for _ in range(args.repeats))}
     for result in results.values():
         result["of_limit"] = result["connector_gbps"] / limit
     return {"setup": {"device": args.device, "tokens": args.tokens, "blocks": len(remote),
@@ -280,7 +286,8 @@ async def run_decode(args: argparse.Namespace) -> dict:
                       "block_bytes": block_bytes, "bytes": nbytes,
                       "ranges": len(ranges_of(0, 0).lengths), "shards": args.shards, "repeats": args.repeats,
                       "requests": args.requests},
-            "limit_gbps": limit_gbps, "limit": max(limit_gbps, key=limit_gbps.get), "transports": results}
+            "limit_gbps": limit_gbps, "limit": max(limit_gbps, key=limit_gbps.get), "transports": results,
+            "planning_us": planning_us}
 
 
 async def start_child(args: argparse.Namespace, role: str, transport: str, *flags: str
@@ -466,6 +473,8 @@ def report(result: dict) -> str:
         mark = "  <- the limit" if name == result["limit"] else ""
         lines.append(f"limit, {LIMIT_NAMES[name]} in one process: {rate:8.2f} GB/s{mark}")
     limit = result["limit_gbps"][result["limit"]]
+    lines.append(f"planning (token_ranges of the request): p50 {result['planning_us']['warm']:.1f} us back to back, "
+                 f"{result['planning_us']['after_copy']:.1f} us right after a copy")
     for transport, r in result["transports"].items():
         lines.append(f"{transport:>6} connector read_blocks: {r['connector_gbps']:8.2f} GB/s = "
                      f"{r['of_limit']:.3f} x limit (goal >= {GOAL:.2f}); overhead over {setup['requests']} "

@@ -1,7 +1,8 @@
 """``KVReader.claim``: the first ``RenewLease`` is queued before ``claim`` returns and leaves with the event
 loop's next turn (a decode about to allocate and read without yielding yields once to send it), then resolves
-to the blocks the lease holds, or fails after the client's timeout.  The prefill is a raw ZMQ ROUTER here, so
-the test sees exactly when the request reaches the wire."""
+to the blocks the lease holds, or fails after the client's timeout.  Push mode's ``PushDone``
+(``KVWriter.done``) leaves so too; a ``ReleaseKV`` one turn later (the caller's next step goes first).  The
+prefill (or decode) is a raw ZMQ ROUTER here, so the test sees exactly when the request reaches the wire."""
 
 import asyncio
 
@@ -14,7 +15,9 @@ from common.engine.kv_cache import KVCache
 from common.errors import CallTimeout
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.reader import KVReader
-from common.messages import Fingerprint, KVRequest, KVTransferParams, LeaseRenewed, RenewLease
+from common.kv_transfer.writer import KVWriter
+from common.messages import (Ack, Fingerprint, KVRequest, KVTransferParams, LeaseRenewed, PushDone, PushTarget,
+                             ReleaseKV, RenewLease)
 
 FINGERPRINT = Fingerprint(model="m", dtype="float16", block_size=16, num_layers=2, num_kv_heads=2, head_dim=8,
                           kv_layout=KVCache.LAYOUT, transfer_backend="mooncake")
@@ -80,3 +83,42 @@ async def test_an_unanswered_claim_fails_after_the_client_timeout(prefill):
         assert await asyncio.wait_for(gone, 10) is None  # an unknown (or another reader's) transfer
     finally:
         await r.close()
+
+
+async def test_a_release_leaves_with_the_next_loop_turn_and_an_unanswered_one_drops_the_client(prefill, caplog):
+    """``release`` queues ``ReleaseKV`` without a task (the caller's next step goes first); with no answer within
+    the client's timeout it is logged, the pooled client is dropped, and ``flush`` returns."""
+    sock, endpoint = prefill
+    r = reader(rpc_timeout_s=0.2)
+    try:
+        r.release(params(endpoint, "t4"))
+        assert sock.poll(0) == 0  # nothing sent before the loop turns
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert received(sock)[2] == ReleaseKV(["t4"])
+        await asyncio.wait_for(r.releases.flush(), 10)
+        assert "ReleaseKV t4 to p0 failed (its lease will expire)" in caplog.text
+        assert endpoint not in r.clients
+    finally:
+        await r.close()
+
+
+async def test_push_done_is_queued_before_done_returns_and_resolves_to_decodes_answer(prefill):
+    """Push mode's ``KVWriter.done``: ``PushDone`` leaves with the loop's next turn, as the first token's reply
+    queued in the same turn does, then resolves to decode's answer, or fails after the client's timeout."""
+    sock, endpoint = prefill
+    writer = KVWriter([], "p0", FINGERPRINT, KVTransferConfig(kv_rpc_timeout_s=0.2), {})
+    target = PushTarget(engine_id="d0", kv_endpoint=endpoint, transfer_id="t5", block_ids=[4, 5], num_tokens=20,
+                        num_cached_tokens=0, block_size=16, lease_expiry=1e12)
+    try:
+        answer = writer.done(target, 7)
+        await asyncio.sleep(0)
+        identity, req_id, msg = received(sock)
+        assert msg == PushDone("t5", 7)
+        sock.send_multipart([identity, HEADER.pack(req_id, FLAG_FINAL), encode(Ack())])
+        assert await asyncio.wait_for(answer, 10) == Ack()
+        unanswered = writer.done(target, 8)
+        with pytest.raises(CallTimeout, match="PushDone of t5"):
+            await asyncio.wait_for(unanswered, 10)
+    finally:
+        await writer.close()

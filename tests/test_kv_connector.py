@@ -331,6 +331,16 @@ async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode,
     assert prefill.channel.num_handshakes == 2  # the failed peer was forgotten
 
 
+async def test_a_backend_answering_fewer_statuses_than_ranges_fails_the_read(prefill, decode, monkeypatch):
+    """Every range needs its own SUCCESS: a status list one short counts the missing range as failed."""
+    conn, _ = await decode()
+    backend = conn.ranks[0].transports.backends["tcp"]
+    transfer = backend.transfer
+    monkeypatch.setattr(backend, "transfer", lambda *args, **kwargs: transfer(*args, **kwargs)[:-1])
+    with pytest.raises(KVTransferError, match="failed \\(1 of 2 ranges\\)"):
+        await conn.read_blocks(prefill.params([0, 2]), [1, 3])
+
+
 async def test_lease_is_renewed_during_a_slow_read(prefill, decode, fake):
     prefill.handoff.leases.lease_seconds = 1.0
     sweeper = asyncio.create_task(prefill.handoff.run_sweeper(0.05))

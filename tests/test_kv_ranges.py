@@ -359,6 +359,25 @@ def test_equal_block_sizes_give_the_ranges_of_the_general_mapping(seed):
     assert fast == mapped_ranges(local, remote, heads, begin, num_tokens, token_bytes)
     assert fast.total_bytes == (num_tokens - begin) * len(heads) * token_bytes
 
+@pytest.mark.parametrize("seed", range(20))
+def test_whole_blocks_of_every_head_in_runs_give_the_ranges_of_the_general_mapping(seed):
+    """Every head on both sides: runs of consecutive ids on both sides are found as runs (not block by block),
+    with the same ranges as the mapping of any sizes, windows starting or ending inside a block included."""
+    rng = random.Random(seed)
+    size, token_bytes, heads = rng.choice([2, 16]), 8, range(2)
+    num_tokens = rng.randrange(1, 40 * size)
+    blocks = ceil_div(num_tokens, size)
+    def table(base: int) -> BlockTable:
+        runs = [list(range(s, s + rng.randrange(1, 9))) for s in range(0, 8 * 64, 8)]
+        rng.shuffle(runs)
+        ids = [b for run in runs for b in run][:blocks]
+        return BlockTable(KVLayout(base, len(heads) * size * token_bytes, 8 * 64), size, ids, 0, len(heads))
+    local, remote = table(1 << 20), table(1 << 30)
+    begin = rng.choice([0, rng.randrange(num_tokens + 1)])
+    fast = token_ranges(local, remote, heads=heads, num_tokens=num_tokens, first_token=begin)
+    assert fast == mapped_ranges(local, remote, heads, begin, num_tokens, token_bytes)
+
+
 def llama_1b(block_size: int, heads: range) -> BlockTable:
     """A Llama-3.2-1B-shaped side (16 layers, 64 head_dim, fp16) holding ``heads``, a 2,048-token prompt in
     consecutive blocks."""

@@ -174,9 +174,10 @@ class AsyncEngine:
         which applies it at its next turn and steps at once; its outcome arrives on ``stream``."""
         self._post(lambda: self.core.finish_remote_kv(request_id, ok))
 
-    async def finish_pushed(self, request_id: str, first_token_id: int) -> bool:
-        """Push mode: the prompt's KV landed; decode from the prefill's ``first_token_id``."""
-        return await self._call(lambda: _finish_pushed(self.core, request_id, first_token_id))
+    def finish_pushed(self, request_id: str, first_token_id: int) -> asyncio.Future[bool]:
+        """Push mode: the prompt's KV landed; decode from the prefill's ``first_token_id``.  Applied before this
+        returns when the engine thread sleeps (``_call``), so a caller need not be the request's consumer."""
+        return self._call(lambda: _finish_pushed(self.core, request_id, first_token_id))
 
     async def load_from_host(self, request_id: str, start: int) -> int:
         """``OffloadTier.load_remote`` (the engine has ``--kv-offload-cpu-gib``)."""

@@ -53,13 +53,15 @@ def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges, 
     """``backend.read`` (``write``: ``backend.write``) of ``ranges``, at most ``MAX_RANGES_PER_CALL`` per call,
     one status per range in order; after a call with a failure the rest is not copied (FAILED: the transfer
     fails anyway)."""
-    statuses: list[TransferStatus] = []
     copy = backend.write if write else backend.read
+    if len(ranges.lengths) <= MAX_RANGES_PER_CALL:  # one call (most reads): no slices
+        return copy(session, *ranges)
+    statuses: list[TransferStatus] = []
     for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
         window = slice(i, i + MAX_RANGES_PER_CALL)
         batch = copy(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
         statuses += batch
-        if any(s is not TransferStatus.SUCCESS for s in batch):
+        if batch.count(TransferStatus.SUCCESS) != len(batch):
             return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - len(statuses))
     return statuses
 

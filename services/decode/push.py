@@ -55,6 +55,7 @@ class Slot:
     writing: bool = False  # a confirmed write may be in flight
     aborted: bool = False  # an Abort came while writing: settle at the writer's next message
     confirmed_at: float | None = None  # time.monotonic() of the last confirmation
+    handed: asyncio.Future | None = None  # after PushDone: the request handed back to the engine
 
 
 class PushedRequests:
@@ -104,15 +105,16 @@ class PushedRequests:
             if slot.aborted:
                 self._settle(transfer_id, ABORTED)
 
-    def done(self, msg: PushDone) -> Ack:
-        """``PushDone``: every write landed.  ``PeerError`` when the blocks are no longer held for it."""
+    def done(self, msg: PushDone) -> Slot:
+        """``PushDone``: every write landed; returns the settled slot.  ``PeerError`` when the blocks are no
+        longer held for it."""
         slot = self._slots.get(msg.transfer_id)
         if slot is None or slot.aborted:
             if slot is not None:
                 self._settle(msg.transfer_id, ABORTED)
             raise PeerError("kv_transfer_failed", f"push {msg.transfer_id} is not held here (aborted or expired)")
         self._settle(msg.transfer_id, msg)
-        return Ack()
+        return slot
 
     def abort(self, request_id: str) -> None:
         """Settle the request's push as aborted now, or at its writer's next message when one may be writing."""
@@ -175,7 +177,12 @@ class DecodePush:
         self._sweeper = asyncio.create_task(self.pushed.run_sweeper(s.config.kv_lease_sweep_interval_s))
 
     async def _on_done(self, msg: PushDone) -> Ack:
-        return self.pushed.done(msg)
+        """The request goes back to the engine here, so that the engine steps without waiting for its leg's
+        coroutine to resume (it then streams the tokens)."""
+        slot = self.pushed.done(msg)
+        slot.handed = self.service.engine.finish_pushed(slot.request_id, msg.first_token_id)
+        slot.handed.add_done_callback(lambda f: f.cancelled() or f.exception())  # the leg may be gone: no log
+        return Ack()
 
     async def generate(self, msg: Generate) -> AsyncIterator[TokenOutput]:
         """The registration (first output), then tokens 2... once a prefill pushed the prompt's KV."""
@@ -207,10 +214,13 @@ class DecodePush:
         try:
             yield TokenOutput(request_id, [], "", prompt_token_ids=prompt_ids, push_target=target)
             outcome = await asyncio.shield(slot.settled)  # a cancelled leg must not cancel the slot's future
-        finally:
+        except BaseException:
             if not slot.settled.done():  # cancelled: free the blocks once no write may land in them
                 self.pushed.abort(request_id)
                 self._freeing.spawn(self._free_when_settled(request_id, slot))
+            else:  # settled as the leg left (maybe handed back already): nobody streams the request
+                s.engine.discard(request_id)
+            raise
         if not isinstance(outcome, PushDone):
             await s.engine.abort(request_id)  # no write can land any more: free the blocks
             s.engine.discard(request_id)
@@ -221,7 +231,7 @@ class DecodePush:
             return
         kv_done = time.monotonic()
         try:
-            await s.engine.finish_pushed(request_id, outcome.first_token_id)
+            await slot.handed
         except BaseException:
             s.engine.discard(request_id)
             raise

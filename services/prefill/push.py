@@ -27,7 +27,7 @@ import torch
 
 from common.bus.endpoints import endpoint_problem
 from common.engine_service import EngineService
-from common.errors import HandshakeError, KVTransferError, PeerError
+from common.errors import BusError, HandshakeError, KVTransferError, PeerError
 from common.kv_transfer.writer import KVWriter
 from common.messages import Generate, PushTarget, TokenOutput
 from common.tasks import BackgroundTasks
@@ -110,7 +110,7 @@ class PrefillPush:
                     raise PeerError("kv_transfer_failed", f"pushing KV to {target.engine_id} failed: {job.failure}")
                 if token.finish_reason == "remote_decode":
                     await self._complete(job, token)
-                    self._background.spawn(self._done(target, token))  # decode starts as the client gets the token
+                    self._done(target, token)
                     finished = True
                 yield token
         finally:
@@ -129,9 +129,19 @@ class PrefillPush:
         token.timings = {**(token.timings or {}), "kv_push_tail_s": time.monotonic() - started,
                          "kv_push_s": job.seconds, "kv_bytes": float(job.bytes), "kv_ranges": float(job.ranges)}
 
-    async def _done(self, target: PushTarget, token: TokenOutput) -> None:
+    def _done(self, target: PushTarget, token: TokenOutput) -> None:
+        """``PushDone``, queued now: it leaves with the token (decode starts as the client gets it); its
+        answer is awaited in the background."""
         try:
-            await self.writer.done(target, token.token_ids[0])
+            answer = self.writer.done(target, token.token_ids[0])
+        except BusError as e:
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(e)
+        self._background.spawn(self._answered(target, answer))
+
+    async def _answered(self, target: PushTarget, answer: asyncio.Future) -> None:
+        try:
+            await answer
         except Exception as e:  # decode fails the request itself (its lease expires)
             log.warning("PushDone %s to %s failed: %s", target.transfer_id, target.engine_id, e)
 
