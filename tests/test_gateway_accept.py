@@ -5,15 +5,19 @@ new connections waited seconds in the kernel's queue (issue 16, session 9)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import socket
 
 import pytest
 import uvicorn
 
 from common.service import new_event_loop
+from services.gateway import acceptor
 from services.gateway.http_protocol import GatewayHTTPProtocol
 from services.gateway.responses import JSONResponse
 from services.gateway.server import HTTPServer
+from tests.procs import eventually
 
 CONNECTIONS = 100
 
@@ -86,5 +90,32 @@ def test_a_port_in_use_stops_the_start_up_with_uvicorns_status():
             with pytest.raises(SystemExit) as exit:
                 await http_server(taken.getsockname()[1]).serve()
         assert exit.value.code == 3
+
+    run(main)
+
+
+def test_out_of_file_descriptors_it_pauses_then_accepts_the_rest(monkeypatch, caplog):
+    monkeypatch.setattr(acceptor, "RETRY_S", 0.05)
+
+    async def main() -> None:
+        server = http_server()
+        task = asyncio.create_task(server.serve())
+        await iterations_until(lambda: server.started)
+        clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10)]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 3, hard))
+        try:
+            accepted = server.server_state.connections
+            await eventually(lambda: "cannot accept connections" in caplog.text)
+            assert len(accepted) < 10
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        try:
+            await eventually(lambda: len(accepted) == 10)  # the retry, RETRY_S later
+        finally:
+            for c in clients:
+                c.close()
+            server.should_exit = True
+            await task
 
     run(main)
