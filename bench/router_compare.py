@@ -21,7 +21,8 @@ the whole prefill -> decode flow of every request:
 Load: keep-alive HTTP/1.1 connections in ``--load-processes`` processes, each sending the next
 request when the previous answer has fully arrived (closed loop); the completion asks for 2
 tokens, so a stream is 2 events and ``[DONE]``.  Reported per target, non-streaming and
-streaming: requests/s and p50 at ``--concurrency`` in flight, the router's CPU per request
+streaming: requests/s, p50, mean and p99 at ``--concurrency`` in flight (a list, e.g. ``64,512``:
+every target at each, rows ``NAME at N`` for the later ones; a sweep takes the first), the router's CPU per request
 (user + system time of its whole process tree, from ``/proc``: the gateway's worker processes
 included, the fakes and the load generator not), p50 at 1 in flight; ratios against vllm-router; the CPU per
 request and cores busy of each fake and of the load generator (``bench/process_cpu.py``), which
@@ -34,7 +35,9 @@ the gateway's own share (the rest of its end-to-end).
     python -m bench.router_compare --requests 8000
     python -m bench.router_compare --sweep 1,2,4,8 --fake-engines 4 --load-processes 4  # by gateway workers
     python -m bench.router_compare --baseline-tree ../main            # this gateway against main's, same run
+    python -m bench.router_compare --no-peers --concurrency 64,512 --bus-fakes instant --baseline-tree ../main
 
+``--no-peers``: pdserve's targets only (no routers, no aiohttp proxy).
 ``--sweep``: requests/s of pdserve with each number of workers against vllm-router at its
 defaults (policy ``cache_aware``), streaming and not; scaling is the rate over the rate of 1 worker.
 """
@@ -314,8 +317,10 @@ async def measure(targets: list[Target], gen: LoadGenerator, stream: bool, reque
     for name, (elapsed, lat, spent) in pooled.items():
         processes = cpu_per_request(spent, len(lat), elapsed)
         router = processes.pop("router", None)
+        lat.sort()
         out[name] = {"rps": len(lat) / elapsed, "p50_ms": statistics.median(lat) * 1e3,
-                     "mean_ms": statistics.mean(lat) * 1e3, "router_cpu_us": router and router["cpu_us"],
+                     "mean_ms": statistics.mean(lat) * 1e3, "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3,
+                     "router_cpu_us": router and router["cpu_us"],
                      "processes": processes}
     return out
 
@@ -358,15 +363,22 @@ async def compare(args: argparse.Namespace) -> dict:
         ours = targets[:]
         for name, package, start in (("vllm-router", "vllm_router", start_vllm_router),
                                      ("sglang-router", "sglang_router", start_sglang_router)):
-            if (why := installed(args.routers_venv, package)) is None:
+            if not args.peers:
+                skipped[name] = "--no-peers"
+            elif (why := installed(args.routers_venv, package)) is None:
                 targets.append(await start(stack, args.routers_venv, engines=k))
             else:
                 skipped[name] = why
-        targets.append(await start_toy_proxy(stack, k))
-        result: dict = {"skipped": skipped, "concurrency": args.concurrency}
+        if args.peers:
+            targets.append(await start_toy_proxy(stack, k))
+        first, *more = args.concurrency
+        result: dict = {"skipped": skipped, "concurrency": first}
         for stream in (False, True):
             key = "streaming" if stream else "non-streaming"
-            loaded = await measure(targets, gen, stream, args.requests, args.concurrency, args.rounds)
+            loaded = await measure(targets, gen, stream, args.requests, first, args.rounds)
+            for conc in more:  # the same targets again, as rows of their own
+                rows = await measure(targets, gen, stream, args.requests, conc, args.rounds)
+                loaded.update({f"{name} at {conc}": r for name, r in rows.items()})
             before: list[dict] = []
 
             async def snapshot() -> None:
@@ -374,7 +386,7 @@ async def compare(args: argparse.Namespace) -> dict:
 
             unloaded = await measure(targets, gen, stream, args.requests // 8, 1, args.rounds, warm=snapshot)
             after = [await gateway_stage_seconds(t.port) for t in ours]
-            for name in loaded:
+            for name in unloaded:
                 loaded[name]["p50_1_ms"] = unloaded[name]["p50_ms"]
                 loaded[name]["mean_1_ms"] = unloaded[name]["mean_ms"]
             for t, b, a in zip(ours, before, after):
@@ -387,8 +399,9 @@ async def compare(args: argparse.Namespace) -> dict:
 async def sweep(args: argparse.Namespace) -> dict:
     gen = LoadGenerator(args.load_processes)
     k = args.fake_engines
-    skipped = {} if (why := installed(args.routers_venv, "vllm_router")) is None else {"vllm-router": why}
-    result: dict = {"skipped": skipped, "concurrency": args.concurrency, "load_processes": args.load_processes,
+    why = "--no-peers" if not args.peers else installed(args.routers_venv, "vllm_router")
+    skipped = {} if why is None else {"vllm-router": why}
+    result: dict = {"skipped": skipped, "concurrency": args.concurrency[0], "load_processes": args.load_processes,
                     "non-streaming": {}, "streaming": {}}
     starts: list[Callable[[ExitStack], Awaitable[Target]]] = [lambda stack: start_direct(stack, k)]
     if not skipped:
@@ -398,7 +411,7 @@ async def sweep(args: argparse.Namespace) -> dict:
         with ExitStack() as stack:
             target = await start(stack)
             for stream in (False, True):
-                rates = await measure([target], gen, stream, args.requests, args.concurrency, args.rounds)
+                rates = await measure([target], gen, stream, args.requests, args.concurrency[0], args.rounds)
                 result["streaming" if stream else "non-streaming"].update(rates)
     gen.pool.shutdown()
     return result
@@ -414,14 +427,16 @@ def report(result: dict) -> str:
     for key in ("non-streaming", "streaming"):
         rows = result[key]
         base = rows.get("vllm-router") or rows.get("vllm-router (defaults)")
-        lines += [f"\n{key}, {result['concurrency']} in flight:", f"  {'':32} {'req/s':>8} {'p50 ms':>7} "
+        lines += [f"\n{key}, {result['concurrency']} in flight (rows '... at N': N in flight):",
+                  f"  {'':40} {'req/s':>8} {'p50 ms':>7} {'mean ms':>7} {'p99 ms':>7} "
                   f"{'CPU us/req':>10} {'p50 @1 ms':>9}   vs vllm-router: CPU, p50 @1"]
         for name, r in rows.items():
             router_cpu = r["router_cpu_us"]
             cpu_ratio = f"{router_cpu / base['router_cpu_us']:.2f}x" if base and router_cpu is not None else "-"
             at_one = r.get("p50_1_ms")
             added = f"{at_one - base['p50_1_ms']:+.2f} ms" if base and at_one is not None else "-"
-            lines.append(f"  {name:32} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
+            lines.append(f"  {name:40} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['mean_ms']:7.2f} "
+                         f"{r.get('p99_ms', float('nan')):7.2f} "
                          f"{router_cpu if router_cpu is not None else float('nan'):10.0f} "
                          f"{at_one if at_one is not None else float('nan'):9.2f}   {cpu_ratio}, {added}")
         lines.append("  harness CPU us/req (cores busy; a fake saturates at 1, load xN at N):")
@@ -449,7 +464,11 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=8000, help="measured requests per target and mode")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[64],
+                        help="requests in flight; a list (64,512) measures every target at each, same run "
+                        "(a sweep: the first)")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="pdserve's targets only: no vllm-router, sglang-router nor aiohttp proxy")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the targets")
     parser.add_argument("--workers", type=int, default=1, help="pdserve gateway worker processes")
     parser.add_argument("--load-processes", type=int, default=1, help="load-generating processes")

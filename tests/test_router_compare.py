@@ -66,3 +66,14 @@ def test_a_sweep_with_two_fake_engines_reports_the_harness_ceiling_and_every_pro
         assert set(rows["direct (harness ceiling)"]["processes"]) == {"load x2", "direct 1", "direct 2"}
         assert set(rows["pdserve (instant fakes)"]["processes"]) == FAKES | {"load x2"}
         assert all(r["rps"] > 0 for r in rows.values())
+
+
+@pytest.mark.timeout(150)
+def test_no_peers_and_two_concurrencies_measure_each_pdserve_target_at_each(tmp_path):
+    result = run_compare(tmp_path, "--no-peers", "--concurrency", "8,16")
+    assert result["concurrency"] == 8
+    assert set(result["skipped"]) == {"vllm-router", "sglang-router"}
+    for mode in ("non-streaming", "streaming"):
+        rows = result[mode]
+        assert list(rows) == ["pdserve (instant fakes)", "pdserve (instant fakes) at 16"]
+        assert all(r["rps"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in rows.values())

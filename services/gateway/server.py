@@ -8,15 +8,19 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import sys
 from functools import partial
 from typing import Callable
 
 import uvicorn
+from uvicorn.server import STARTUP_FAILURE
+from uvicorn.server import logger as uvicorn_log
 
 from common.bus.curve import configure
 from common.discovery import watcher_for
 from common.service import run_service, setup_logging, tune_gc
+from services.gateway.acceptor import Acceptor, listening_sockets
 from services.gateway.app import SHUTDOWN_ANSWER_S, Gateway
 from services.gateway.config import GatewayConfig
 from services.gateway.http_protocol import GatewayHTTPProtocol
@@ -32,11 +36,32 @@ UVICORN_LEAN = {"proxy_headers": False, "server_header": False}
 
 
 class HTTPServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: ``run_service`` owns SIGINT/SIGTERM."""
+    """uvicorn without its own signal handlers (``run_service`` owns SIGINT/SIGTERM), listening through
+    ``Acceptor``s (every waiting connection accepted at each wake-up, where uvloop's server accepts one)."""
 
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (lifespan, then listening on ``sockets``, bound, or on the configured host and
+        port: a failure to bind is logged and exits with uvicorn's status) with ``Acceptor``s in place of
+        ``loop.create_server``."""
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+        config = self.config
+        if sockets is None:
+            try:
+                sockets = listening_sockets(config.host, config.port)
+            except OSError as exc:
+                uvicorn_log.error(exc)
+                await self.lifespan.shutdown()
+                sys.exit(STARTUP_FAILURE)
+        factory = partial(config.http_protocol_class, config=config, server_state=self.server_state,
+                          app_state=self.lifespan.state)
+        self.servers = [Acceptor(sock, factory, config.backlog) for sock in sockets]  # type: ignore[misc]
+        self.started = True
 
     @property
     def port(self) -> int:
