@@ -29,9 +29,12 @@ CKPT_8B=${CKPT_8B:-/tmp/llama-3.1-8b-random}
 source bench/gpu_steps.sh
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
-has tests && step kernel_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention_kernels.py \
-  tests/test_fused_kernels.py tests/test_gemv_kernels.py tests/test_kernel_engine.py tests/test_range_copy.py \
-  tests/test_rotary_decode_attention.py
+# one step a file, failures named (-rf): a step that runs out of time still leaves the other files' results
+if has tests; then
+  for t in paged_attention_kernels fused_kernels gemv_kernels rotary_decode_attention kernel_engine range_copy; do
+    step "kernel_tests_$t" 240 python3 -m pytest -q -rf --tb=short -p no:cacheprovider "tests/test_$t.py"
+  done
+fi
 has gpu-tests && step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_layer.py
 [ -f "$CKPT_1B/model.safetensors" ] || step checkpoint_1b 120 python3 -m bench.make_checkpoint --shape llama-3.2-1b \
   --out "$CKPT_1B" --device cuda --seed 0

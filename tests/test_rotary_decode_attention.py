@@ -1,6 +1,7 @@
 """The fused decode kernel (``decode_attention.rotary_decode_attention``: rotary, the new token's K/V write and
 split-K attention in one launch) against the unfused kernels it replaces (``rotary.apply_rotary_write_kv_`` then
-``decode_attention``: the same output and cache bit for bit) and against its PyTorch reference.
+``decode_attention``: the same output and cache bit for bit in Triton's interpreter; compiled, the cache bit for bit
+in fp16/bf16 and the output within the dtype's tolerance) and against its PyTorch reference.
 
 Caches, block tables and contexts as ``test_paged_attention_kernels`` builds them (shuffled blocks of layer 1 of
 2, noise elsewhere); each sequence's new token is its last position, its q/k/v rows views of one packed qkv
@@ -59,10 +60,16 @@ def check(batch, heads: int, window: int | None = None, padding: int = 0, **tile
     unfused = da.decode_attention(rotated, unfused_cache, LAYER, tables, lens, scale, window, **tiles)
     expected = da.rotary_decode_attention_reference(q, k, v, positions, table, expected_cache, LAYER, slots, tables,
                                                      lens, scale, window, source)  # fmt: skip
-    if q.dtype == torch.float32 and DEVICE == "cuda":  # each kernel may contract rotary's product and sum into an FMA
+    if DEVICE == "cuda":
+        # compiled, the new key's score is summed in registers and the cache keys' in the tile's dot, in another
+        # order (outputs an ulp apart on the H200, bench.decode_attention_gpu); in fp32 each kernel may also
+        # contract rotary's product and sum into an FMA
         torch.testing.assert_close(out, unfused, **TOL[q.dtype])
-        torch.testing.assert_close(fused_cache, unfused_cache, **TOL[q.dtype])
-    else:  # rounded where the unfused kernels round: the same tokens
+        if q.dtype == torch.float32:
+            torch.testing.assert_close(fused_cache, unfused_cache, **TOL[q.dtype])
+        else:  # K rotated and rounded where the unfused kernel rounds it
+            assert torch.equal(fused_cache, unfused_cache)
+    else:  # the interpreter sums both in the same order: bit for bit
         assert torch.equal(out, unfused) and torch.equal(fused_cache, unfused_cache)
     torch.testing.assert_close(out, expected, **TOL[q.dtype])
     torch.testing.assert_close(fused_cache, expected_cache, **TOL[q.dtype])
