@@ -116,7 +116,10 @@ def test_batch_matches_torch_backend(demo_path, block_size, attention_calls):
     """Its decode steps run the fused decode kernel (rotary, K/V write and attention), the prefill the others."""
     torch_tokens, triton_tokens = both(demo_path, prompts((3, 17, 40)), block_size=block_size)
     assert triton_tokens == torch_tokens
-    assert attention_calls == [("rotary_write", 60)] + [("fused", 3)] * (GREEDY.max_tokens - 1)
+    if DEVICE == "cpu":  # eager decode steps: every call is seen
+        assert attention_calls == [("rotary_write", 60)] + [("fused", 3)] * (GREEDY.max_tokens - 1)
+    else:  # the warm-up captured decode graphs, which the steps replay without calling into Python
+        assert "decode" not in {name for name, _ in attention_calls}
     assert engine(demo_path, "triton", block_size=block_size, enable_prefix_caching=False).model.attention_backend \
         == "triton"  # fmt: skip
 
@@ -177,6 +180,7 @@ def test_padded_decode_graph_batch_matches_torch_backend(demo_path, decode_gemv,
     graphed = LLMEngine(config)
     runner = graphed.runner
     runner.graphs = RerunGraphs(runner.model, runner.kv_cache, 8, graphed.max_model_len)
+    attention_calls.clear()  # on CUDA the engine's warm-up ran the kernels
     assert tokens(graphed.generate(ps, GREEDY)) == expected
     assert runner.graphs.captured and runner.graphs.replays == GREEDY.max_tokens - 1
     decode_steps = len(runner.graphs.captured) + runner.graphs.replays  # a capture runs the forward once
@@ -220,7 +224,8 @@ def test_decode_gemvs_match_torch_backend(demo_path, monkeypatch, batch_gemvs):
     eng = engine(demo_path, "triton", enable_prefix_caching=False, decode_gemv="triton")
     assert eng.model.decode_gemv
     assert tokens(eng.generate(ps, GREEDY)) == expected
-    assert rows_seen and max(rows_seen) <= gemv.MAX_ROWS and 3 in rows_seen
+    # three decodes: eager on CPU; on CUDA the decode graph of their bucket (4 rows), captured by the warm-up
+    assert rows_seen and max(rows_seen) <= gemv.MAX_ROWS and (3 if DEVICE == "cpu" else 4) in rows_seen
 
 
 def test_decode_gemvs_with_biases_match_torch_backend(demo_path, tmp_path, batch_gemvs):
