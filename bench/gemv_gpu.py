@@ -189,6 +189,7 @@ def chains(device: torch.device, bandwidth: float, replays: int) -> None:
     """Each shape's layers of projections in one CUDA graph (``layer_chain``): cuBLAS, the tiled GEMV and the
     row GEMV, each with programmatic dependent launch off and on, against the weights' read at the copy rate."""
     print(f"\n{'shape':5} {'chain':7} {'PDL':3} {'us':>8} {'weights at copy rate / time':>27}")
+    before = os.environ.get(pdl.ENV)
     for shape, dims in SHAPES.items():
         layers = 16 if shape == "1b" else 8
         weight_bytes = layers * 2 * sum(n * k for n, k in projections(*dims).values())
@@ -200,7 +201,10 @@ def chains(device: torch.device, bandwidth: float, replays: int) -> None:
                 print(f"{shape:5} {kind:7} {on:>3} {seconds * 1e6:8.1f} {weight_bytes / bandwidth / seconds:27.2f}")
                 torch.cuda.empty_cache()
         print(f"{shape}: {layers} layers, {weight_bytes / 1e9:.2f} GB of weights")
-    os.environ.pop(pdl.ENV)
+    if before is None:
+        os.environ.pop(pdl.ENV)
+    else:
+        os.environ[pdl.ENV] = before
     pdl._enabled.cache_clear()
 
 
