@@ -28,7 +28,7 @@ from common.bus.records import (
 )
 from common.bus.sockets import tune
 from common.config import ConfigError
-from common.errors import CallTimeout, PeerError, PeerGone
+from common.errors import BusError, CallTimeout, PeerError, PeerGone
 from common.messages import ErrorReply, Message, Reply
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,31 @@ class BusClient:
         self._pending[req_id] = _Callback(on_reply)
         self._outbox.add(None, HEADER.pack(req_id, KIND_REQUEST), body)
         return req_id
+
+    def ask(self, msg: Message, what: str, result: Callable[[Any], Any] = lambda reply: reply) -> asyncio.Future:
+        """``result`` of the reply to ``msg`` as a future, the request queued before this returns (``request``;
+        ``PeerGone`` when the client is closed); the future fails with the reply's ``BusError``, or with
+        ``CallTimeout`` (``what``: the request's name in its message) after the client's timeout."""
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+
+        def on_reply(_: int, reply: Any) -> None:
+            if answered.done():
+                return
+            if isinstance(reply, BusError):
+                answered.set_exception(reply)
+            else:
+                answered.set_result(result(reply))
+
+        def expire() -> None:
+            if not answered.done():
+                answered.set_exception(CallTimeout(f"no answer to {what} from {self.endpoint} within "
+                                                   f"{self.timeout:g} s"))
+
+        req_id = self.request(msg, on_reply)
+        timer = loop.call_later(self.timeout, expire)
+        answered.add_done_callback(lambda _: (timer.cancel(), self.forget(req_id)))
+        return answered
 
     def forget(self, req_id: int) -> None:
         """A request from ``request`` has ended: drop its state (later replies are ignored)."""

@@ -31,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from common.bus import BusClient
 from common.client_pool import ClientPool
@@ -44,11 +42,9 @@ from common.kv_transfer.rank_io import RankIO, finish_uncancellable
 from common.kv_transfer.ranges import ByteRanges, token_ranges
 from common.kv_transfer.read_plan import Source, table_of
 from common.kv_transfer.status import TransferStatus
-from common.messages import (Fingerprint, KVTransferParams, LeaseRenewed, Message, PushTarget, ReleaseKV,
-                             RenewLease)
+from common.messages import Fingerprint, KVTransferParams, LeaseRenewed, PushTarget, ReleaseKV, RenewLease
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ class ReleaseSender:
     """Sends ``ReleaseKV`` in the background (push mode: from prefill to decode), so a dead peer never delays
     the caller; a failed send is logged (the lease then expires on the peer's side), and a peer that did not answer
     or left loses its pooled client (no socket stays behind dialing a dead endpoint).  A release is a callback that
-    queues a request on the client (``ask``), not a task: it costs the caller a few microseconds."""
+    queues a request on the client (``BusClient.ask``), not a task: it costs the caller a few microseconds."""
 
     def __init__(self, clients: ClientPool):
         self.clients = clients
@@ -92,8 +88,7 @@ class ReleaseSender:
         client = None
         try:
             client = self.clients.get(params.kv_endpoint)
-            answer = ask(client, ReleaseKV([params.transfer_id]), f"ReleaseKV of {params.transfer_id}",
-                         lambda reply: reply)
+            answer = client.ask(ReleaseKV([params.transfer_id]), f"ReleaseKV of {params.transfer_id}")
         except BusError as e:
             self._failed(params, client, e)
             sent.set_result(None)
@@ -144,7 +139,7 @@ class KVReader:
         return self._claims[params.transfer_id]
 
     def _renew(self, kv_endpoint: str, transfer_id: str) -> asyncio.Future[list[int] | None]:
-        """Renew one lease (claiming it), the request queued on the client before this returns (``ask``).
+        """Renew one lease (claiming it), the request queued on the client before this returns (``BusClient.ask``).
         The future: the block ids the lease holds, or None when prefill no longer knows it (or it is another
         reader's); bus errors (``CallTimeout`` after the client's timeout)."""
         def held(reply: object) -> list[int] | None:
@@ -153,7 +148,7 @@ class KVReader:
             return reply.block_ids.get(transfer_id, [])
 
         try:
-            return ask(self.clients.get(kv_endpoint), RenewLease([transfer_id]), f"RenewLease of {transfer_id}", held)
+            return self.clients.get(kv_endpoint).ask(RenewLease([transfer_id]), f"RenewLease of {transfer_id}", held)
         except BusError as e:
             failed = asyncio.get_running_loop().create_future()
             failed.set_exception(e)
@@ -284,32 +279,6 @@ class KVReader:
         await self.releases.flush()
         self.peers.close()
         await self.clients.close()
-
-
-def ask(client: BusClient, msg: Message, what: str, result: Callable[[object], T]) -> asyncio.Future[T]:
-    """``result`` of ``client``'s reply to ``msg`` (``what``: its name in the timeout's message) as a future,
-    the request queued before this returns (``BusClient.request``; ``BusError`` when the client is closed);
-    the future fails with the reply's ``BusError``, or with ``CallTimeout`` after the client's timeout."""
-    loop = asyncio.get_running_loop()
-    answered: asyncio.Future[T] = loop.create_future()
-
-    def on_reply(_: int, reply: object) -> None:
-        if answered.done():
-            return
-        if isinstance(reply, BusError):
-            answered.set_exception(reply)
-        else:
-            answered.set_result(result(reply))
-
-    def expire() -> None:
-        if not answered.done():
-            answered.set_exception(CallTimeout(f"no answer to {what} from {client.endpoint} within "
-                                               f"{client.timeout:g} s"))
-
-    req_id = client.request(msg, on_reply)
-    timer = loop.call_later(client.timeout, expire)
-    answered.add_done_callback(lambda _: (timer.cancel(), client.forget(req_id)))
-    return answered
 
 
 def _consume(claim: asyncio.Future) -> None:

@@ -28,7 +28,7 @@ from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.peers import Peer, PeerDirectory
 from common.kv_transfer.rank_io import RankIO, finish_uncancellable
 from common.kv_transfer.read_plan import table_of
-from common.kv_transfer.reader import ReleaseSender, ask, check_held
+from common.kv_transfer.reader import ReleaseSender, check_held
 from common.kv_transfer.ranges import ByteRanges, token_ranges
 from common.kv_transfer.status import TransferQuorum, TransferStatus
 from common.messages import Fingerprint, LeaseRenewed, PushDone, PushTarget, RenewLease
@@ -102,12 +102,12 @@ class KVWriter:
         return WriteStats(num_ranges, sum(w.ranges.total_bytes for w in writes), seconds)
 
     def done(self, target: PushTarget, first_token_id: int) -> asyncio.Future:
-        """Tell decode every write landed: ``PushDone`` is queued before this returns (it leaves with the
+        """Tell decode every write landed: ``PushDone`` is queued before this returns (``BusClient.ask``) (it leaves with the
         event loop's next turn, as a reply queued now does).  The future: decode's answer; ``BusError`` when
         it does not answer, ``PeerError`` when it no longer holds the blocks (raised here when the client is
         closed)."""
-        return ask(self.clients.get(target.kv_endpoint), PushDone(target.transfer_id, first_token_id),
-                   f"PushDone of {target.transfer_id}", lambda reply: reply)
+        return self.clients.get(target.kv_endpoint).ask(PushDone(target.transfer_id, first_token_id),
+                                                         f"PushDone of {target.transfer_id}")
 
     def abandon(self, target: PushTarget) -> None:
         """Tell decode (in the background) that nothing more will be written for ``target``."""

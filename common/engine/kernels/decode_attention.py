@@ -12,8 +12,9 @@ fused with rotary and the new token's K/V write; the cache layout and convention
   is left as it was); the program whose partition holds the new token (position ``context_len - 1``) rotates
   that token's K, stores it and V at its slot and scores them from registers, never loading that slot (under
   CUDA-graph padding another program may be storing the same values there).  Rounded as the two unfused kernels
-  round (q and K rotated to the dtype, then attention): in fp16/bf16 the output is theirs bit for bit (in fp32 a
-  GPU may contract rotary's product and sum into an FMA in either, an ulp apart).
+  round (q and K rotated to the dtype, then attention): in Triton's interpreter output and cache are theirs bit
+  for bit; compiled on an H200 the bf16 outputs were up to 0.002 apart (``bench.decode_attention_gpu``; not
+  explained), and in fp32 a GPU may contract rotary's product and sum into an FMA in either.
 
 Both kernels are launched with programmatic dependent launch where ``pdl`` enables it (on a CUDA graph's chain of
 decode kernels they start during the tail of the one before) and wait for it before reading anything.
