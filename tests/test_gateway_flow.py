@@ -217,11 +217,12 @@ async def test_disconnect_while_decode_reads_the_kv_releases_prefill_pin_and_ttf
             start = time.monotonic()
             async with h.stream("POST", "/v1/completions", json=body("pinned", 50, stream=True),
                                 headers={"X-Request-Id": "gone-2"}) as r:
-                async for first in sse_events(r):
-                    ttft = time.monotonic() - start
-                    break
+                events = sse_events(r)  # held: a generator dropped after one event would close the stream
+                first = await anext(events)
+                ttft = time.monotonic() - start
                 # the client leaves while decode reads (before the decode leg goes out, nothing would reach decode)
                 await eventually(lambda: _true(bool(decode.received)), timeout=2)
+                await events.aclose()
             assert json.loads(first)["choices"][0]["text"]
             assert ttft < transfer_s, "the first token must not wait for the KV transfer"  # (a loaded host: ~0.1 s)
             assert prefill.load().kv_blocks_pinned > 0 or aborted_all(prefill)
