@@ -35,13 +35,26 @@ PORTS = range(20000, 32768)  # below Linux's ephemeral range (32768-60999) and a
 _handed_out: set[int] = set()  # never hand a port out twice: its first taker may not have bound it yet
 
 
+def _ports() -> range:
+    """``PORTS``, or under pytest-xdist (``make test``) this worker's own slice of it: another worker's
+    ``_handed_out`` is not ours to see, so two workers must never draw from the same ports."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if count <= 1 or not worker.startswith("gw"):
+        return PORTS
+    share = len(PORTS) // count
+    start = PORTS.start + int(worker[2:]) * share
+    return range(start, start + share)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago and not handed out before by this process, outside
-    the ephemeral range: there the local end of any outgoing connection (a busy machine makes many) could
-    take it before the service binds it. A child takes seconds to bind, so a port merely "free now" could be
-    handed to two children started one after the other."""
+    """A TCP port on 127.0.0.1 that was free a moment ago and not handed out before by this process (nor by
+    another test worker: ``_ports``), outside the ephemeral range: there the local end of any outgoing
+    connection (a busy machine makes many) could take it before the service binds it. A child takes seconds
+    to bind, so a port merely "free now" could be handed to two children started one after the other."""
+    ports = _ports()
     for _ in range(1000):
-        port = random.choice(PORTS)
+        port = random.choice(ports)
         if port in _handed_out:
             continue
         with socket.socket() as s:
@@ -51,7 +64,7 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    raise RuntimeError(f"no free port in {PORTS}")
+    raise RuntimeError(f"no free port in {ports}")
 
 
 def tcp(port: int) -> str:
