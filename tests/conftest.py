@@ -24,3 +24,10 @@ _SITE = Path(__file__).parent / "interpreter_site"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_SITE), os.environ.get("PYTHONPATH")) if p)
 _spec = importlib.util.spec_from_file_location("pdserve_interpreter_site", _SITE / "sitecustomize.py")
 _spec.loader.exec_module(importlib.util.module_from_spec(_spec))  # this process's patch
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Tests marked ``runs_first`` (minutes each, mostly waiting: the docker compose image build) go first: under
+    ``make test``'s two workers one of them builds while the other runs the rest, instead of the build running
+    alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_first") is None)  # stable: the rest keep their order

@@ -39,7 +39,7 @@ SERVICES = ("registry", "prefill", "decode", "gateway")
 PROJECT = "pdserve-compose-test"
 BUILD_TIMEOUT_S = 900.0  # a cold image build on vfs storage, on a loaded two-core machine
 HEALTHY_TIMEOUT_S = 240.0  # containers started to every health check passing (engines load the demo model)
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.runs_first]
 
 
 def compose_command() -> list[str] | None:
