@@ -152,10 +152,9 @@ async def run(args: argparse.Namespace) -> dict:
         spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
         for role in ("prefill", "decode"):
             spawn(stack, "-m", "bench.fakes.instant", "--registry", registry, "--role", role)
+        bus = BusClient(tcp(ports["bus"]))
         rungs = {"tcp": await tcp_rung(ports["tcp"]), "zmq": zmq_rung(ports["zmq"]),
-                 "bus": BusClient(tcp(ports["bus"])).call}
-        bus_call = rungs["bus"]
-        rungs["bus"] = lambda: bus_call(GetStats())
+                 "bus": lambda: bus.call(GetStats())}
         rungs.update(await engine_rungs(registry))
         samples: dict[str, list[float]] = {name: [] for name in RUNGS}
         for _ in range(args.rounds):

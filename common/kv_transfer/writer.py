@@ -102,8 +102,8 @@ class KVWriter:
         return WriteStats(num_ranges, sum(w.ranges.total_bytes for w in writes), seconds)
 
     def done(self, target: PushTarget, first_token_id: int) -> asyncio.Future:
-        """Tell decode every write landed: ``PushDone`` is queued before this returns (``BusClient.ask``) (it leaves with the
-        event loop's next turn, as a reply queued now does).  The future: decode's answer; ``BusError`` when
+        """Tell decode every write landed: ``PushDone`` is queued before this returns (``BusClient.ask``; it leaves
+        with the event loop's next turn, as a reply queued now does).  The future: decode's answer; ``BusError`` when
         it does not answer, ``PeerError`` when it no longer holds the blocks (raised here when the client is
         closed)."""
         return self.clients.get(target.kv_endpoint).ask(PushDone(target.transfer_id, first_token_id),
