@@ -4,6 +4,7 @@
 #
 #   OUT=/tmp/kernels-gpu bash bench/kernels_gpu.sh                 # from the repository root
 #   OUT=/tmp/kernels-gpu PARTS="tests floor" bash bench/kernels_gpu.sh   # some parts only
+#   OUT=/tmp/kernels-gpu PARTS=tests KERNEL_TESTS="gemv_kernels range_copy" bash bench/kernels_gpu.sh   # some test files
 #
 # Needs, in .whl/ (git-ignored), the cp312 wheels the device image lacks (bench/gpu_steps.sh) and pytest's
 # (pytest, pluggy, iniconfig, packaging, pytest_asyncio: pure Python); the tests part also needs openai's (openai,
@@ -31,12 +32,13 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # one step a file, failures named (-rf): a step that runs out of time still leaves the other files' results
 if has tests; then
-  for t in paged_attention_kernels fused_kernels gemv_kernels rotary_decode_attention kernel_engine range_copy; do
+  for t in ${KERNEL_TESTS:-paged_attention_kernels fused_kernels gemv_kernels rotary_decode_attention kernel_engine range_copy}; do
     step "kernel_tests_$t" 240 python3 -m pytest -q -rf --tb=short -p no:cacheprovider "tests/test_$t.py"
   done
 fi
 has gpu-tests && step gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_layer.py
-[ -f "$CKPT_1B/model.safetensors" ] || step checkpoint_1b 120 python3 -m bench.make_checkpoint --shape llama-3.2-1b \
+needs_1b=0; for p in identity floor prefill offline async host; do has $p && needs_1b=1; done
+[ $needs_1b = 0 ] || [ -f "$CKPT_1B/model.safetensors" ] || step checkpoint_1b 120 python3 -m bench.make_checkpoint --shape llama-3.2-1b \
   --out "$CKPT_1B" --device cuda --seed 0
 if has floor || has prefill; then
   [ -f "$CKPT_8B/model.safetensors" ] || step checkpoint_8b 200 python3 -m bench.make_checkpoint --shape llama-3.1-8b \

@@ -12,9 +12,9 @@ fused with rotary and the new token's K/V write; the cache layout and convention
   is left as it was); the program whose partition holds the new token (position ``context_len - 1``) rotates
   that token's K, stores it and V at its slot and scores them from registers, never loading that slot (under
   CUDA-graph padding another program may be storing the same values there).  Rounded as the two unfused kernels
-  round (q and K rotated to the dtype, then attention): in Triton's interpreter output and cache are theirs bit
-  for bit; compiled on an H200 the bf16 outputs were up to 0.002 apart (``bench.decode_attention_gpu``; not
-  explained), and in fp32 a GPU may contract rotary's product and sum into an FMA in either.
+  round (q and K rotated to the dtype, then attention): output and cache are theirs bit for bit, in Triton's
+  interpreter and compiled -- the partition kernel, fused or not, compiles without FMA contraction
+  (``rotary.NO_FP_FUSION``; with it, on the H200, the two differed by up to 0.008 in bf16).
 
 Both kernels are launched with programmatic dependent launch where ``pdl`` enables it (on a CUDA graph's chain of
 decode kernels they start during the tail of the one before) and wait for it before reading anything.
@@ -246,7 +246,7 @@ def _decode(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0), **variant,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
-        DOT_PRECISION=pa._dot_precision(q), num_warps=DECODE_NUM_WARPS, **pdl.options(q),
+        DOT_PRECISION=pa._dot_precision(q), num_warps=DECODE_NUM_WARPS, **pdl.options(q), **rotary.NO_FP_FUSION,
     )  # fmt: skip
     if num_parts == 1:  # the partition kernel wrote ``out``
         return out

@@ -3,8 +3,12 @@
 ``cos_sin_table`` is ``RotaryEmbedding.table`` of ``common.engine.model``: ``[max_positions, 2, head_dim]``
 in the model dtype, row ``p`` holding ``cos`` and the signed ``sin`` (first half negated) of position
 ``p``, so ``rope(x) = x * cos + roll(x, D/2) * sin``.  The kernel rounds where the reference rounds
-(each product, then the sum, in the tensor dtype), so fp16/bf16 results match the reference exactly;
-in fp32 a GPU may contract a product and the sum into one FMA (an ulp apart).
+(each product, then the sum, in the tensor dtype), so results match the reference exactly, fp32 included.
+Every kernel that rotates (these and the fused decode kernel) is compiled without FMA contraction
+(``NO_FP_FUSION``): with it, on the H200, Triton fused products into the sum across those roundings, the
+16-bit K written to the cache was an ulp off the reference, and the fused decode kernel and the unfused
+kernels wrote different K and returned outputs up to 0.008 apart in bf16; without it all three agree bit
+for bit (session 11).
 
 One program rotates every head of Q and K of one token: ``[heads, D/2]`` tiles of both halves of the
 rows, the token's cos/sin row loaded once.  Q and K may be strided views (e.g. of a fused qkv output):
@@ -28,6 +32,9 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only install: the reference still works
     triton = None
+
+# Launch option of every kernel that calls ``_rope``: no FMA contraction, so the roundings ``_rope`` spells out hold.
+NO_FP_FUSION = {"enable_fp_fusion": False}
 
 
 def available() -> bool:
@@ -66,7 +73,7 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
     _rotary_kernel[(n,)](
         q, k, positions, cos_sin_table, q.stride(0), q.stride(1), k.stride(0), k.stride(1), heads, kv_heads,
         HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2),
-        BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(kv_heads),
+        BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(kv_heads), **NO_FP_FUSION,
     )  # fmt: skip
 
 
@@ -87,7 +94,7 @@ def apply_rotary_write_kv_(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), heads, kv_heads,
         layer_offset, block_size, *strides,
         HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_HQ=triton.next_power_of_2(heads),
-        BLOCK_HK=triton.next_power_of_2(kv_heads), HAS_SOURCE=source_rows is not None,
+        BLOCK_HK=triton.next_power_of_2(kv_heads), HAS_SOURCE=source_rows is not None, **NO_FP_FUSION,
     )  # fmt: skip
 
 
