@@ -13,8 +13,11 @@ Each rung adds one layer between two processes on loopback, the client here on u
 
 Rungs alternate ``--rounds`` times; each reports p50 and mean over every round, and its p50 over the rung
 below it.  The gateway's own legs add its flow around these (``bench.router_compare``'s ``split_at_one``).
+Back to back, every process stays awake; ``--idle-us`` sleeps between round trips, so each one starts on
+processes (and libzmq I/O threads) gone idle, as behind a router at one request in flight.
 
     python -m bench.bus_legs --requests 2000 --rounds 3
+    python -m bench.bus_legs --requests 2000 --rounds 3 --idle-us 500
 """
 
 from __future__ import annotations
@@ -64,11 +67,15 @@ async def serve(kind: str, port: int) -> None:
     await asyncio.Event().wait()
 
 
-async def timed(once: Callable[[], Awaitable[object]], requests: int) -> list[float]:
+async def timed(once: Callable[[], Awaitable[object]], requests: int, idle_s: float = 0.0) -> list[float]:
+    """``requests`` timed round trips; between two, ``idle_s`` of this process asleep (untimed): every process
+    of the rung then waits idle for the next, as the servers behind a router do at one request in flight."""
     for _ in range(requests // 10):  # warm-up: connections, caches
         await once()
     out = []
     for _ in range(requests):
+        if idle_s:
+            time.sleep(idle_s)  # blocking on purpose: the loop's timers are millisecond-grained
         start = time.perf_counter()
         await once()
         out.append(time.perf_counter() - start)
@@ -159,15 +166,16 @@ async def run(args: argparse.Namespace) -> dict:
         samples: dict[str, list[float]] = {name: [] for name in RUNGS}
         for _ in range(args.rounds):
             for name in RUNGS:
-                samples[name] += await timed(rungs[name], args.requests)
+                samples[name] += await timed(rungs[name], args.requests, args.idle_us / 1e6)
     result = {name: {"p50_us": statistics.median(s) * 1e6, "mean_us": statistics.mean(s) * 1e6}
               for name, s in samples.items()}
-    return {"requests": args.requests, "rounds": args.rounds, "rungs": result}
+    return {"requests": args.requests, "rounds": args.rounds, "idle_us": args.idle_us, "rungs": result}
 
 
 def report(result: dict) -> str:
     rungs = result["rungs"]
-    lines = [f"one round trip across processes, 1 in flight, {result['requests']} x {result['rounds']} rounds:",
+    idle = f", {result['idle_us']} us idle between round trips" if result["idle_us"] else ", back to back"
+    lines = [f"one round trip across processes, 1 in flight{idle}, {result['requests']} x {result['rounds']} rounds:",
              f"  {'rung':16s} {'p50 us':>8s} {'mean us':>8s}  p50 over the rung above"]
     previous = None
     for name in RUNGS:
@@ -185,6 +193,8 @@ if __name__ == "__main__":
     parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=2000, help="timed round trips per rung and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the rungs alternating")
+    parser.add_argument("--idle-us", type=int, default=0, help="microseconds this client sleeps between round trips "
+                        "(untimed), leaving the servers idle as a router's engines are at one request in flight")
     parser.add_argument("--serve", choices=("tcp", "zmq", "bus"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -18,7 +18,8 @@
 #    3 rates x 48 requests per configuration, a handoff run of 8 requests one in flight,
 #    goodput at TTFT <= 1,000 ms and TPOT <= 30 ms; engines pinned with CUDA_VISIBLE_DEVICES by
 #    bench.eval_pd --gpus, which passes them to pdserve up --gpus.
-# Writes 7 files under $OUT: $TAG.{json,md,log}, ${TAG}_sweep.png, ${TAG}_handoff.png, ${TAG}_processes.log .
+# Writes under $OUT: $TAG.{json,md,log}, ${TAG}_sweep.png, ${TAG}_handoff.png, ${TAG}_processes.log and
+# ${TAG}_requests/ (each run's per-request records, as `pdserve bench --out` writes them).
 # Budget: ~1 min install + checkpoint, <= 7.8 min for both configurations (timeout 470 s): under 9 min.
 set -euo pipefail
 OUT=${OUT:-/tmp/eval-gpu}
@@ -74,4 +75,6 @@ print("P/D on GPU:", "FAILED: " + d["failed"]["disagg"] if "disagg" in d["failed
       "| greedy tokens agree with colocated:", d.get("greedy_agree"))
 PY
 for f in /tmp/pdserve-eval/$TAG/*.log; do echo "== $f"; grep -v '^[IW][0-9]' "$f" | tail -30; done >"$OUT/${TAG}_processes.log" 2>&1
+# every run's per-request records (send time, TTFT, gaps), which the summary JSON does not keep
+mkdir -p "$OUT/${TAG}_requests" && cp /tmp/pdserve-eval/$TAG/*.json "$OUT/${TAG}_requests/" 2>/dev/null || true
 exit $status

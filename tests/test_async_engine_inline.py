@@ -2,7 +2,9 @@
 a step running waits for the thread (never touching the engine alongside it)."""
 
 import asyncio
+import logging
 import random
+import re
 import threading
 
 from common.engine.async_engine import AsyncEngine
@@ -92,3 +94,30 @@ async def test_an_allocation_during_a_step_waits_for_the_engine_thread():
         gate.set()
         await engine.shutdown(timeout=5)
     assert core.block_manager.num_used == 0
+
+
+async def test_a_step_over_the_slow_step_threshold_is_logged_with_the_engine_counts(caplog):
+    """One step made 0.8 s long by a stalled ``core.step``: one warning naming its length and the counts after
+    it; the request still completes; the steps under the threshold log nothing."""
+    core = demo_engine()
+    step, stalled = core.step, []
+
+    def stalling_step():
+        if not stalled:
+            stalled.append(True)
+            threading.Event().wait(0.8)  # the stall (a collector pause, a compile...) inside the step
+        return step()
+
+    core.step = stalling_step
+    engine = AsyncEngine(core, slow_step_log_s=0.5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="common.engine.async_engine"):
+            outputs = [out async for out in engine.generate("r", prompt(40, seed=2), GREEDY)]
+        assert sum(len(out.new_token_ids) for out in outputs) == GREEDY.max_tokens
+        slow = [r.getMessage() for r in caplog.records if "engine step took" in r.getMessage()]
+        assert len(slow) == 1, slow
+        found = re.fullmatch(r"engine step took (\d+\.\d{3}) s \(over 0\.500 s\); after it: [01] running, 0 waiting, "
+                             r"0 waiting for remote KV, KV blocks \d+ used \(0 pinned\) of 64", slow[0])
+        assert found and float(found[1]) >= 0.8, slow[0]
+    finally:
+        await engine.shutdown(timeout=5)

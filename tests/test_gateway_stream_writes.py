@@ -1,4 +1,5 @@
-"""How a stream leaves the gateway (issue 16): the last piece and ``[DONE]`` in one write.
+"""How a stream leaves the gateway (issue 16): the last piece and ``[DONE]`` in one write; the stream's first
+write after the decode leg's bus message.
 
 Read off the wire: each HTTP chunk of the chunked body is one write of the gateway's, so the
 chunks show how the events were batched.  A real gateway, registry and fake engines
@@ -13,6 +14,8 @@ import json
 import pytest
 
 from bench.fakes import FakeCluster
+from services.gateway.flow import ChoiceEvent, Piece
+from services.gateway.streaming import EventQueue
 
 pytestmark = pytest.mark.asyncio
 
@@ -44,3 +47,25 @@ async def test_the_last_piece_and_done_leave_in_one_write(max_tokens):
     assert last[-1] == b"data: [DONE]"
     assert json.loads(last[-2][6:])["usage"]["completion_tokens"] == max_tokens
     assert json.loads(last[-3][6:])["choices"][0]["finish_reason"] == "length"
+
+
+async def test_the_stream_wakes_after_what_the_emitting_callback_queued_for_the_bus():
+    """Prefill's first token is emitted, then its decode leg queued for the bus (``Outbox.add`` schedules the
+    flush with ``call_soon``), in one callback: the waiting stream must write the token only after that flush,
+    so the decode leg is on its way before the gateway spends time (and wakes its client) on the write."""
+    loop = asyncio.get_running_loop()
+    events, order = EventQueue(), []
+
+    async def stream() -> None:
+        order.append(await events.next())
+
+    reader = asyncio.create_task(stream())
+    await asyncio.sleep(0)  # the stream waits for its first event
+
+    def on_prefill_reply() -> None:
+        events.put(ChoiceEvent(0, Piece("first", [7], None)))
+        loop.call_soon(order.append, "bus flush")
+
+    loop.call_soon(on_prefill_reply)
+    await asyncio.wait_for(reader, 5)
+    assert order[0] == "bus flush" and order[1].piece.token_ids == [7]

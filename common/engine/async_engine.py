@@ -22,6 +22,10 @@ empty output, so its consumer (in the end the gateway, whose leg timeouts
 measure silence) can tell a request waiting its turn from a dead engine: a
 thread stuck in a step, or gone, sends none.
 
+Slow steps: a step longer than ``slow_step_log_s`` (0: never) logs a warning with its length and the
+engine's counts after it, so a stall in serving (a kernel compiled mid-run, a collector pause, a host
+starved of CPU) has a time and a place in the engine's log.
+
 Under tensor parallelism a worker rank that exits wakes the thread, which then fails every
 request with ``TensorParallelError`` (as a failed step does); the thread stops the other
 ranks (``LLMEngine.close``) on its way out.
@@ -92,9 +96,10 @@ PROGRESS_INTERVAL_S = 1.0
 class AsyncEngine:
     """``core`` (the ``LLMEngine``) is touched only by the engine thread, between steps."""
 
-    def __init__(self, core: LLMEngine, progress_interval_s: float = PROGRESS_INTERVAL_S):
+    def __init__(self, core: LLMEngine, progress_interval_s: float = PROGRESS_INTERVAL_S, slow_step_log_s: float = 0.0):
         self.core = core
         self.progress_interval_s = progress_interval_s
+        self.slow_step_log_s = slow_step_log_s
         self._next_progress = 0.0  # time.monotonic() of the next progress outputs
         self._commands: deque[_Command] = deque()
         self._waiting_blocks: deque[tuple[str, _Command]] = deque()  # (request id, its add_remote)
@@ -271,8 +276,10 @@ class AsyncEngine:
                 self._retry_waiting_blocks()
                 self.latest_stats = self.core.stats()
                 if self.core.has_work():
+                    started = time.monotonic()
                     outputs = self.core.step()
                     self.latest_stats = self.core.stats()
+                    self._check_slow(time.monotonic() - started)
                     self._deliver(outputs)
                     self._progress()
                 elif not self._commands:
@@ -323,6 +330,14 @@ class AsyncEngine:
                 error = None
             self._waiting_blocks.popleft()
             command.resolve(result, error)
+
+    def _check_slow(self, seconds: float) -> None:
+        if self.slow_step_log_s and seconds > self.slow_step_log_s:
+            stats = self.latest_stats
+            logger.warning("engine step took %.3f s (over %.3f s); after it: %d running, %d waiting, %d waiting for "
+                           "remote KV, KV blocks %d used (%d pinned) of %d", seconds, self.slow_step_log_s,
+                           stats.running, stats.waiting, stats.waiting_for_remote_kvs, stats.kv_blocks_used,
+                           stats.kv_blocks_pinned, stats.kv_blocks_total)  # fmt: skip
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

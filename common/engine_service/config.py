@@ -37,6 +37,8 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig, BusSecurity):
     progress_interval_s: float = opt(1.0, "send each request waiting in the engine's queue (or computing its "
                                           "prompt) an empty output this often: the gateway's silence timeouts "
                                           "then tell waiting from dead (keep it well below them)")
+    slow_step_log_s: float = opt(1.0, "log a warning for each engine step longer than this (seconds; 0: never): "
+                                      "its length, the requests and KV blocks after it")
     shutdown_timeout_s: float = opt(10.0, "on SIGTERM, let in-flight requests finish this long, then abort them")
     max_frame_bytes: int = opt(DEFAULT_MAX_FRAME_BYTES, "largest accepted message in bytes")
     log_level: str = opt("info", "log level")
@@ -65,6 +67,7 @@ class EngineServiceConfig(EngineConfig, KVTransferConfig, BusSecurity):
         for name in ("registry_timeout_s", "remote_blocks_timeout_s", "shutdown_timeout_s", "progress_interval_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.stats_interval_s >= 0, "stats_interval_s", "must be >= 0 (0: no stats line)")
+        require(self.slow_step_log_s >= 0, "slow_step_log_s", "must be >= 0 (0: never)")
 
     @property
     def model_name(self) -> str:

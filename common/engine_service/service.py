@@ -119,7 +119,7 @@ class EngineService:
         self.config = config
         self.instance_id = config.instance_id or f"{config.role}-{socket.gethostname()}-{os.getpid()}"
         self.core = core
-        self.engine = AsyncEngine(core, config.progress_interval_s)
+        self.engine = AsyncEngine(core, config.progress_interval_s, config.slow_step_log_s)
         mc = core.model_config
         self.fingerprint = Fingerprint(
             model=config.model_name, dtype=core.dtype_name, block_size=core.block_size,

@@ -40,10 +40,13 @@ class EventQueue:
         self._waiter: asyncio.Future | None = None
 
     def put(self, item: ChoiceEvent | Exception | None) -> None:
+        """Queue ``item``; a waiting reader wakes one ready-queue turn later, after whatever the emitting
+        callback queued for the bus: prefill's first token is emitted just before the decode leg is sent,
+        and the leg's message leaves before the stream writes the token to its client."""
         self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            asyncio.get_running_loop().call_soon(_wake, waiter)
 
     def follow(self, run: RequestRun) -> None:
         """Queue the end of ``run``'s events once every choice ended."""
@@ -65,6 +68,11 @@ class EventQueue:
     def ready(self) -> ChoiceEvent | None | object:
         """As ``next`` when an item is queued already, else ``WAIT``."""
         return _event(self._items.popleft()) if self._items else WAIT
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():  # the reader may have been cancelled meanwhile (a client gone)
+        waiter.set_result(None)
 
 
 def _event(item: ChoiceEvent | Exception | None) -> ChoiceEvent | None:
