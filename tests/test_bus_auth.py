@@ -42,6 +42,7 @@ from common.messages import (
 from tests.procs import REPO, eventually
 
 REFUSED_WAIT_S = 1.0  # a refused handshake never answers: how long the attacker waits
+ANSWER_WAIT_S = 15.0  # an admitted call's reply: a loaded CI host may take seconds (1 s failed there once)
 REFUSED = (CallTimeout, PeerGone)  # a refused handshake: the connection drops, or nothing ever answers
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")]
 
@@ -78,10 +79,12 @@ class Deployment:
     def engine(self):
         return self.procs.procs["both-0"]
 
-    async def call(self, keys: curve.Keys | None, endpoint: str, msg, *, server_role: str = "engine"):
-        """``msg``'s reply from ``endpoint``, sent from a socket with ``keys``."""
+    async def call(self, keys: curve.Keys | None, endpoint: str, msg, *, server_role: str = "engine",
+                   timeout: float = ANSWER_WAIT_S):
+        """``msg``'s reply from ``endpoint``, sent from a socket with ``keys``; a call expected to be refused
+        waits ``REFUSED_WAIT_S``."""
         with acting_as(keys):
-            client = BusClient(endpoint, timeout=REFUSED_WAIT_S, server_role=server_role)
+            client = BusClient(endpoint, timeout=timeout, server_role=server_role)
         try:
             return await client.call(msg)
         finally:
@@ -123,7 +126,7 @@ async def test_peer_without_keys_gets_no_answer_on_any_socket(deployment: Deploy
     for keys in (None, stranger):
         for endpoint, msg, role in sockets:
             with pytest.raises(REFUSED):
-                await deployment.call(keys, endpoint, msg, server_role=role)
+                await deployment.call(keys, endpoint, msg, server_role=role, timeout=REFUSED_WAIT_S)
 
 
 async def test_each_socket_admits_its_roles_only(deployment: Deployment):
@@ -137,7 +140,8 @@ async def test_each_socket_admits_its_roles_only(deployment: Deployment):
     with pytest.raises(PeerError, match="unsupported"):  # admitted, and told a colocated engine moves no KV
         await deployment.call(engine, deployment.engine.kv_endpoint, ReleaseKV(transfer_ids=["none"]))
     with pytest.raises(REFUSED):
-        await deployment.call(gateway, deployment.engine.kv_endpoint, ReleaseKV(transfer_ids=["none"]))
+        await deployment.call(gateway, deployment.engine.kv_endpoint, ReleaseKV(transfer_ids=["none"]),
+                              timeout=REFUSED_WAIT_S)
 
 
 async def test_gateway_key_cannot_register(deployment: Deployment):

@@ -239,3 +239,31 @@ def test_decode_gemvs_with_biases_match_torch_backend(demo_path, tmp_path, batch
     eng = engine(tmp_path, "triton", enable_prefix_caching=False, decode_gemv="triton")
     assert eng.model.model.layers[0].self_attn.qkv_proj.bias is not None and eng.model.decode_gemv
     assert tokens(eng.generate(ps, GREEDY)) == expected
+
+
+def test_every_kernel_gets_16_byte_aligned_tensors_whatever_the_batch(demo_path, monkeypatch):
+    """Triton compiles a kernel variant per alignment class (16 bytes) of each pointer argument: the engine's
+    step metadata (context lengths, slots, block tables, positions: views of one copied buffer) must start
+    aligned for every batch -- 1 to 4 prompts of odd and even lengths, chunked, decoding -- or a batch the
+    warm-up did not run compiles a variant mid-serving."""
+    misaligned: list[tuple[str, int, tuple[int, ...]]] = []
+
+    def spy(module, name: str) -> None:
+        kernel = getattr(module, name)
+
+        def checked(*args, **kwargs):
+            for i, arg in enumerate([*args, *kwargs.values()]):
+                if isinstance(arg, torch.Tensor) and arg.data_ptr() % 16:
+                    misaligned.append((name, i, tuple(arg.shape)))
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, checked)
+
+    for module, name in ((attention.kernels, "prefill_attention"), (attention.kernels, "write_kv"),
+                         (rotary, "apply_rotary_write_kv_"), (decode_attention, "rotary_decode_attention"),
+                         (decode_attention, "decode_attention")):  # fmt: skip
+        spy(module, name)
+    eng = engine(demo_path, "triton", enable_prefix_caching=False, max_num_batched_tokens=48)
+    for lengths in ((5,), (20, 17), (5, 20, 17), (33, 6, 9, 40)):
+        assert all(len(o.new_token_ids) == GREEDY.max_tokens for o in eng.generate(prompts(lengths), GREEDY))
+    assert not misaligned, misaligned

@@ -1,5 +1,6 @@
 """Engine warm-up (``common.engine.warmup``), run on CPU: with ``RerunGraphs`` standing in for CUDA graphs
-every decode bucket is captured before serving, and what the warm-up leaves behind changes no output."""
+every decode bucket is captured before serving, the prefill's logits are sampled, and what the warm-up leaves
+behind changes no output."""
 
 from common.engine.config import EngineConfig
 from common.engine.engine import LLMEngine
@@ -20,7 +21,9 @@ def test_captures_every_bucket_first_and_changes_no_output():
     engine = make_engine(max_num_seqs=8, max_model_len=100, enable_prefix_caching=True)  # 7 blocks of 16
     runner = engine.runner
     runner.graphs = RerunGraphs(runner.model, runner.kv_cache, 8, engine.max_model_len)
-    warm_up(runner, 64, 8, engine.max_model_len)
+    sampled = []
+    warm_up(runner, 64, 8, engine.max_model_len, sample=sampled.append)
+    assert [tuple(logits.shape) for logits in sampled] == [(1, engine.model_config.vocab_size)]  # the prefill's
     # batch buckets 1, 2, 4, 8 x block buckets 1, 2, 4, 7 (7: max_model_len's, the cap)
     assert sorted(runner.graphs.captured) == [(b, n) for b in (1, 2, 4, 8) for n in (1, 2, 4, 7)]
     assert engine.block_manager.num_used == 0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.arith import ceil_div
-from common.engine.host_copies import to_device
+from common.engine.host_copies import to_device, to_device_aligned
 from common.engine.kernels import decode_attention, rotary
 from common.engine.kernels import paged_attention as kernels
 from common.engine.kv_cache import KVCache
@@ -120,13 +120,11 @@ class AttentionMetadata:
         query_start_loc = [0]
         for q in query_lens:
             query_start_loc.append(query_start_loc[-1] + q)
-        # one host tensor, one copy to the device (pinned: a pageable one may wait for the step in flight)
-        host = to_device(
-            query_start_loc + context_lens + slots + [b for t in block_tables for b in t + [0] * (max_blocks - len(t))],
-            torch.int64, torch.device(device),
-        )
-        num_seqs, num_tokens = len(query_lens), len(slots)
-        qsl, ctx, slot, tables = host.split([num_seqs + 1, num_seqs, num_tokens, num_seqs * max_blocks])
+        # one copy to the device (pinned: a pageable one may wait for the step in flight), each view aligned
+        padded_tables = [b for t in block_tables for b in t + [0] * (max_blocks - len(t))]
+        qsl, ctx, slot, tables = to_device_aligned([query_start_loc, context_lens, slots, padded_tables], torch.int64,
+                                                   torch.device(device))  # fmt: skip
+        num_seqs = len(query_lens)
         meta = cls(
             query_start_loc=qsl,
             context_lens=ctx,

@@ -46,6 +46,10 @@ from common.messages import SamplingParams, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
 
+# What the warm-up samples its prefill's logits with: greedy, which runs the sampler's split argmax kernel on CUDA;
+# the other sampling paths are torch operators, which compile nothing.
+WARM_UP_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -119,7 +123,8 @@ class LLMEngine:
         self.launched: list[InflightStep] = []  # at most two; [-1] is in flight (async scheduling)
         if self.device.type == "cuda":
             warm_up(self.runner, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
-                    self.workers.call if self.workers is not None else lambda fn: fn())
+                    self.workers.call if self.workers is not None else lambda fn: fn(),
+                    lambda logits: self.sampler(logits, [WARM_UP_SAMPLING], [None]))
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[RequestOutput] = []  # finished outside step() (abort, failed KV): next step returns them
         self._offline_count = 0

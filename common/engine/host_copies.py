@@ -17,6 +17,25 @@ def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(data, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
 
 
+# Triton specialises a kernel on whether each pointer argument is 16-byte aligned: a view at another alignment
+# than the warm-up's compiles a new variant of the kernel in the middle of serving (seconds on a GPU: the likely
+# cause of the 0.6-0.9 s prefill steps seen on the H200 when two prompts met, docs/benchmarks.md).
+ALIGN_BYTES = 16
+
+
+def to_device_aligned(segments: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """``to_device`` of each segment in one copy: views of one buffer, each starting ``ALIGN_BYTES``-aligned
+    (the buffer is, and each segment is padded to a multiple of it), whatever the segments' lengths."""
+    per = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    spans = [-(-len(segment) // per) * per for segment in segments]
+    flat: list = []
+    for segment, span in zip(segments, spans):
+        flat += segment
+        flat += [0] * (span - len(segment))
+    views = to_device(flat, dtype, device).split(spans)
+    return [view[: len(segment)] for view, segment in zip(views, segments)]
+
+
 def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
     """Start copying ``t`` to pinned host memory; read it once the stream passed this point (an event
     recorded after the copy completed)."""

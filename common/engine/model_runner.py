@@ -8,7 +8,7 @@ import torch
 
 from common.engine.attention import AttentionMetadata
 from common.engine.cuda_graph import DecodeGraphs
-from common.engine.host_copies import to_device
+from common.engine.host_copies import to_device, to_device_aligned
 from common.engine.inflight_step import fill_pending
 from common.engine.kv_cache import KVCache
 from common.engine.model import CausalLM
@@ -160,8 +160,8 @@ class ModelRunner:
             inputs.query_lens, inputs.context_lens, inputs.block_tables, self.kv_cache.block_size, self.device,
             split_parts=self.model.attention_backend == "torch",
         )
-        ids_pos = to_device([inputs.input_ids, inputs.positions], torch.int64, self.device)
+        ids, positions = to_device_aligned([inputs.input_ids, inputs.positions], torch.int64, self.device)
         if pending is not None:
-            fill_pending(ids_pos[0], pending)
-        hidden = self.model(ids_pos[0], ids_pos[1], meta, self.kv_cache)
+            fill_pending(ids, pending)
+        hidden = self.model(ids, positions, meta, self.kv_cache)
         return hidden, meta.query_start_loc[1:] - 1

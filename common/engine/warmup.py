@@ -2,10 +2,12 @@
 
 The first launch of each Triton kernel compiles it (a second or more), and each decode CUDA-graph bucket
 ``(batch, blocks)`` is captured on its first use.  ``warm_up`` runs one prefill step of the largest chunk the
-scheduler may send, then a decode step of every graph bucket (eagerly, once, where graphs are off), over
-dummy tokens in the cache's first blocks: nothing is allocated in the block manager, and those blocks are
-free, so whatever K/V the steps write there is overwritten before any request reads it.  Call it before the
-first request, never while requests hold blocks.
+scheduler may send, samples its logits (the sampler's kernels are not part of a step's forward), then a decode
+step of every graph bucket (eagerly, once, where graphs are off), over dummy tokens in the cache's first
+blocks: nothing is allocated in the block manager, and those blocks are free, so whatever K/V the steps write
+there is overwritten before any request reads it.  Call it before the first request, never while requests
+hold blocks.  Kernels see the same pointer alignment whatever the batch (``host_copies.to_device_aligned``), so
+the variants compiled here are the ones serving uses.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+
+import torch
 
 from common.arith import ceil_div
 from common.engine.cuda_graph import DecodeGraphs
@@ -22,9 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 def warm_up(runner: ModelRunner, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-            call: Callable[[Callable[[], object]], object] = lambda fn: fn()) -> float:
+            call: Callable[[Callable[[], object]], object] = lambda fn: fn(),
+            sample: Callable[[torch.Tensor], object] | None = None) -> float:
     """Run the warm-up steps through ``runner.execute`` (every tensor-parallel rank runs them) wrapped in
-    ``call`` (the engine's ``WorkerRanks.call`` under TP); returns the seconds it took."""
+    ``call`` (the engine's ``WorkerRanks.call`` under TP), ``sample`` on the prefill's logits; returns the
+    seconds it took."""
     start = time.perf_counter()
     block_size, num_blocks = runner.kv_cache.block_size, runner.kv_cache.num_blocks
     tokens = min(max_num_batched_tokens, max_model_len - 1, num_blocks * block_size)
@@ -36,7 +42,9 @@ def warm_up(runner: ModelRunner, max_num_batched_tokens: int, max_num_seqs: int,
         for batch in graphs.batch_sizes:
             steps += [_decode(batch, blocks, block_size, max_model_len) for blocks in _block_buckets(graphs, num_blocks)]
     for inputs in steps:
-        call(lambda inputs=inputs: runner.execute(inputs))
+        logits = call(lambda inputs=inputs: runner.execute(inputs))
+        if sample is not None and inputs is steps[0]:
+            sample(logits)
     runner.synchronize()
     seconds = time.perf_counter() - start
     captured = 0 if graphs is None else len(graphs.graphs)
