@@ -18,8 +18,9 @@
 #    3 rates x 48 requests per configuration, a handoff run of 8 requests one in flight,
 #    goodput at TTFT <= 1,000 ms and TPOT <= 30 ms; engines pinned with CUDA_VISIBLE_DEVICES by
 #    bench.eval_pd --gpus, which passes them to pdserve up --gpus.
-# Writes under $OUT: $TAG.{json,md,log}, ${TAG}_sweep.png, ${TAG}_handoff.png, ${TAG}_processes.log and
-# ${TAG}_requests/ (each run's per-request records, as `pdserve bench --out` writes them).
+# Writes under $OUT: $TAG.{json,md,log}, ${TAG}_sweep.png, ${TAG}_handoff.png, ${TAG}_processes.log (each
+# process's slow-step warnings, then its last lines) and ${TAG}_requests/ (each run's per-request records, as
+# `pdserve bench --out` writes them).
 # Budget: ~1 min install + checkpoint, <= 7.8 min for both configurations (timeout 470 s): under 9 min.
 set -euo pipefail
 OUT=${OUT:-/tmp/eval-gpu}
@@ -56,7 +57,9 @@ PY
 
 [ -f "$CKPT/model.safetensors" ] || python3 -m bench.make_checkpoint --shape "$SHAPE" --out "$CKPT" --device cuda --seed 0
 
-ENGINE="--dtype bfloat16 --device cuda --max-num-batched-tokens 8192 --max-model-len $MAX_LEN"
+# every engine step over SLOW_STEP_LOG_S seconds is logged (a 4k prompt of the 8B shape computes in ~0.11 s)
+ENGINE="--dtype bfloat16 --device cuda --max-num-batched-tokens 8192 --max-model-len $MAX_LEN \
+  --slow-step-log-s ${SLOW_STEP_LOG_S:-0.3}"
 COMMON=(--model "$CKPT" --gpus 0,1 --engine-args "$ENGINE" --threads 0 --work-dir /tmp/pdserve-eval
         --input-len "$INPUT_LEN" --range-ratio 0 --output-len "$OUTPUT_LEN" --slo-ttft-ms "$SLO_TTFT_MS"
         --slo-tpot-ms "$SLO_TPOT_MS"
@@ -74,7 +77,9 @@ d = json.load(open(sys.argv[1]))
 print("P/D on GPU:", "FAILED: " + d["failed"]["disagg"] if "disagg" in d["failed"] else "works",
       "| greedy tokens agree with colocated:", d.get("greedy_agree"))
 PY
-for f in /tmp/pdserve-eval/$TAG/*.log; do echo "== $f"; grep -v '^[IW][0-9]' "$f" | tail -30; done >"$OUT/${TAG}_processes.log" 2>&1
+for f in /tmp/pdserve-eval/$TAG/*.log; do
+  echo "== $f"; grep "engine step took" "$f"; echo "-- last lines:"; grep -v '^[IW][0-9]' "$f" | tail -30
+done >"$OUT/${TAG}_processes.log" 2>&1
 # every run's per-request records (send time, TTFT, gaps), which the summary JSON does not keep
 mkdir -p "$OUT/${TAG}_requests" && cp /tmp/pdserve-eval/$TAG/*.json "$OUT/${TAG}_requests/" 2>/dev/null || true
 exit $status
