@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from common.arith import ceil_div
+
 
 def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.tensor(data, dtype=dtype, device=device)`` without a host sync."""
@@ -27,7 +29,7 @@ def to_device_aligned(segments: list[list], dtype: torch.dtype, device: torch.de
     """``to_device`` of each segment in one copy: views of one buffer, each starting ``ALIGN_BYTES``-aligned
     (the buffer is, and each segment is padded to a multiple of it), whatever the segments' lengths."""
     per = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-    spans = [-(-len(segment) // per) * per for segment in segments]
+    spans = [ceil_div(len(segment), per) * per for segment in segments]
     flat: list = []
     for segment, span in zip(segments, spans):
         flat += segment
