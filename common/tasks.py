@@ -1,4 +1,4 @@
-"""Background tasks an owner starts but must not await where it starts them.
+"""Background tasks an owner starts but must not await where it starts them, and waking a waiter.
 
 asyncio keeps only weak references to tasks, so a fire-and-forget task can be
 garbage-collected mid-run; ``BackgroundTasks`` holds each until it ends and
@@ -29,3 +29,10 @@ class BackgroundTasks:
         """Wait for the running tasks (their errors are theirs to log) for at most ``timeout`` seconds."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+def wake(waiter: asyncio.Future) -> None:
+    """Resolve ``waiter`` with None unless it is already done (cancelled meanwhile, or woken before): the
+    callback a timer or a deferred wake-up runs."""
+    if not waiter.done():
+        waiter.set_result(None)

@@ -12,8 +12,11 @@ import asyncio
 import json
 
 import pytest
+import zmq
 
 from bench.fakes import FakeCluster
+from common.bus.outbox import Outbox
+from common.bus.reader import Reader
 from services.gateway.flow import ChoiceEvent, Piece
 from services.gateway.streaming import EventQueue
 
@@ -50,22 +53,35 @@ async def test_the_last_piece_and_done_leave_in_one_write(max_tokens):
 
 
 async def test_the_stream_wakes_after_what_the_emitting_callback_queued_for_the_bus():
-    """Prefill's first token is emitted, then its decode leg queued for the bus (``Outbox.add`` schedules the
-    flush with ``call_soon``), in one callback: the waiting stream must write the token only after that flush,
-    so the decode leg is on its way before the gateway spends time (and wakes its client) on the write."""
+    """Prefill's first token is emitted, then its decode leg queued on the bus's ``Outbox`` (which flushes on
+    the loop's next turn), in one callback: when the waiting stream wakes to write the token, the decode leg's
+    message must already have left (here: be readable at the other end of a real zmq pair)."""
     loop = asyncio.get_running_loop()
-    events, order = EventQueue(), []
+    context = zmq.Context.instance()
+    sender, receiver = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    receiver.bind("inproc://stream-wake")
+    sender.connect("inproc://stream-wake")
+    reader = Reader(sender, lambda frames: None)
+    outbox = Outbox(sender, reader, lambda *failed: None)
+    events = EventQueue()
+    try:
 
-    async def stream() -> None:
-        order.append(await events.next())
+        async def stream() -> tuple[ChoiceEvent, bool]:
+            event = await events.next()
+            return event, receiver.poll(0) != 0  # the decode leg already sent when the stream wakes
 
-    reader = asyncio.create_task(stream())
-    await asyncio.sleep(0)  # the stream waits for its first event
+        task = asyncio.create_task(stream())
+        await asyncio.sleep(0)  # the stream waits for its first event
 
-    def on_prefill_reply() -> None:
-        events.put(ChoiceEvent(0, Piece("first", [7], None)))
-        loop.call_soon(order.append, "bus flush")
+        def on_prefill_reply() -> None:
+            events.put(ChoiceEvent(0, Piece("first", [7], None)))
+            outbox.add(None, b"header", b"decode leg")
 
-    loop.call_soon(on_prefill_reply)
-    await asyncio.wait_for(reader, 5)
-    assert order[0] == "bus flush" and order[1].piece.token_ids == [7]
+        loop.call_soon(on_prefill_reply)
+        event, decode_leg_sent = await asyncio.wait_for(task, 5)
+        assert event.piece.token_ids == [7] and decode_leg_sent
+        assert receiver.recv_multipart() == [b"header", b"decode leg"]
+    finally:
+        reader.close()
+        sender.close(linger=0)
+        receiver.close(linger=0)

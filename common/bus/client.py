@@ -30,6 +30,7 @@ from common.bus.sockets import tune
 from common.config import ConfigError
 from common.errors import BusError, CallTimeout, PeerError, PeerGone
 from common.messages import ErrorReply, Message, Reply
+from common.tasks import wake
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,6 @@ class _Callback:
             self.on_reply(FLAG_FINAL, item)
         else:
             self.on_reply(*item)
-
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class BusClient:
@@ -247,7 +243,7 @@ class BusClient:
         items = replies.items
         if not items:
             waiter = replies.waiter = self._loop.create_future()
-            timer = self._loop.call_later(timeout, _wake, waiter)
+            timer = self._loop.call_later(timeout, wake, waiter)
             try:
                 await waiter
             finally:

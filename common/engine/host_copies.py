@@ -28,7 +28,7 @@ ALIGN_BYTES = 16
 def to_device_aligned(segments: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """``to_device`` of each segment in one copy: views of one buffer, each starting ``ALIGN_BYTES``-aligned
     (the buffer is, and each segment is padded to a multiple of it), whatever the segments' lengths."""
-    per = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    per = max(1, ALIGN_BYTES // dtype.itemsize)
     spans = [ceil_div(len(segment), per) * per for segment in segments]
     flat: list = []
     for segment, span in zip(segments, spans):

@@ -34,17 +34,18 @@ def warm_up(runner: ModelRunner, max_num_batched_tokens: int, max_num_seqs: int,
     start = time.perf_counter()
     block_size, num_blocks = runner.kv_cache.block_size, runner.kv_cache.num_blocks
     tokens = min(max_num_batched_tokens, max_model_len - 1, num_blocks * block_size)
-    steps = [_prefill(tokens, block_size)]
+    prefill = _prefill(tokens, block_size)
+    logits = call(lambda: runner.execute(prefill))
+    if sample is not None:
+        sample(logits)
     graphs = runner.graphs
     if graphs is None:
-        steps.append(_decode(max_num_seqs, 1, block_size, max_model_len))
+        decodes = [_decode(max_num_seqs, 1, block_size, max_model_len)]
     else:
-        for batch in graphs.batch_sizes:
-            steps += [_decode(batch, blocks, block_size, max_model_len) for blocks in _block_buckets(graphs, num_blocks)]
-    for inputs in steps:
-        logits = call(lambda inputs=inputs: runner.execute(inputs))
-        if sample is not None and inputs is steps[0]:
-            sample(logits)
+        decodes = [_decode(batch, blocks, block_size, max_model_len)
+                   for batch in graphs.batch_sizes for blocks in _block_buckets(graphs, num_blocks)]
+    for inputs in decodes:
+        call(lambda inputs=inputs: runner.execute(inputs))
     runner.synchronize()
     seconds = time.perf_counter() - start
     captured = 0 if graphs is None else len(graphs.graphs)

@@ -12,6 +12,7 @@ import logging
 from collections import deque
 from typing import AsyncIterator
 
+from common.tasks import wake
 from services.gateway import openai_protocol as oai
 from services.gateway import sse
 from services.gateway.errors import APIError
@@ -46,7 +47,7 @@ class EventQueue:
         self._items.append(item)
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
-            asyncio.get_running_loop().call_soon(_wake, waiter)
+            asyncio.get_running_loop().call_soon(wake, waiter)  # (a reader cancelled meanwhile: a client gone)
 
     def follow(self, run: RequestRun) -> None:
         """Queue the end of ``run``'s events once every choice ended."""
@@ -68,11 +69,6 @@ class EventQueue:
     def ready(self) -> ChoiceEvent | None | object:
         """As ``next`` when an item is queued already, else ``WAIT``."""
         return _event(self._items.popleft()) if self._items else WAIT
-
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():  # the reader may have been cancelled meanwhile (a client gone)
-        waiter.set_result(None)
 
 
 def _event(item: ChoiceEvent | Exception | None) -> ChoiceEvent | None:
