@@ -4,6 +4,8 @@
 #   OUT=/tmp/eval-gpu bash bench/eval_gpu.sh        # from the repository root, on a host with 2 NVIDIA GPUs
 #   SHAPE=llama-3.1-8b INPUT_LEN=8192 SLO_TTFT_MS=2000 SLO_TPOT_MS=40 RATES=0.5,1,2,3 TAG=gpu8k \
 #     OUT=/tmp/eval-gpu bash bench/eval_gpu.sh      # issue 19's 8B, 8,192-token workload
+#   GPUS=0 ... bash bench/eval_gpu.sh              # every engine on GPU 0 (a one-GPU host: a serving check, not
+#                                                   # a P/D-vs-colocated comparison)
 #
 # Needs, in .whl/ (git-ignored), the cp312 manylinux wheels the device image lacks: msgspec, pyzmq,
 # starlette, uvicorn, httptools and (optional: the engines on one host read over nvlink without it) pdserve's
@@ -60,7 +62,7 @@ PY
 # every engine step over SLOW_STEP_LOG_S seconds is logged (a 4k prompt of the 8B shape computes in ~0.11 s)
 ENGINE="--dtype bfloat16 --device cuda --max-num-batched-tokens 8192 --max-model-len $MAX_LEN \
   --slow-step-log-s ${SLOW_STEP_LOG_S:-0.3}"
-COMMON=(--model "$CKPT" --gpus 0,1 --engine-args "$ENGINE" --threads 0 --work-dir /tmp/pdserve-eval
+COMMON=(--model "$CKPT" --gpus "${GPUS:-0,1}" --engine-args "$ENGINE" --threads 0 --work-dir /tmp/pdserve-eval
         --input-len "$INPUT_LEN" --range-ratio 0 --output-len "$OUTPUT_LEN" --slo-ttft-ms "$SLO_TTFT_MS"
         --slo-tpot-ms "$SLO_TPOT_MS"
         --gateway-args "$GATEWAY_ARGS" --ready-timeout-s 150 --stop-timeout-s 20 --out-dir "$OUT")

@@ -60,11 +60,10 @@ async def test_a_real_kv_reader_reads_from_a_fake_prefill_and_its_release_unpins
     reader = KVReader([rank], "d0", prefill.fingerprint, KVTransferConfig(kv_transport="tcp"), {})
     try:
         stats = await reader.read_blocks(params, [5, 6, 7])
-        # the prompt's tokens only: the partial last block is a piece per KV head (2), the first merged with
-        # the full blocks before it
+        # the prompt's tokens only: two whole blocks, then the partial last block as a piece per KV head (2)
         assert params.num_tokens % prefill.fingerprint.block_size and prefill.fingerprint.num_kv_heads == 2
         token_bytes = BLOCK_BYTES // prefill.fingerprint.block_size
-        assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 2, params.num_tokens * token_bytes)
+        assert (stats.num_blocks, stats.num_ranges, stats.bytes) == (3, 4, params.num_tokens * token_bytes)
         assert reader_transport.peers == {prefill.prefill_kv.transport.session}
         await eventually(lambda: prefill.load().kv_blocks_pinned == 0 and not prefill.prefill_kv.handoff)
     finally:

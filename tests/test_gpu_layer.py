@@ -25,7 +25,7 @@ from bench.processes import Processes, free_port
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.rank_io import LocalRankIO
-from common.kv_transfer.ranges import BlockTable, KVLayout, token_ranges
+from common.kv_transfer.ranges import BlockTable, KVLayout, token_ranges, whole_blocks
 from common.kv_transfer.status import TransferStatus
 from common.messages import KVRankMemory
 from tests.procs import PeerProcess, eventually
@@ -82,34 +82,40 @@ def test_registration_metadata_is_not_null(transport):
         rank.close()
 
 
+@pytest.mark.parametrize("plan", ["ranges", "blocks"])
 @pytest.mark.parametrize("transport", GPU_TRANSPORTS)
-def test_producer_to_consumer_loopback_byte_for_byte(transport):
+def test_producer_to_consumer_loopback_byte_for_byte(transport, plan):
+    """Scattered blocks, the prompt ending inside the last, planned as byte ranges (``token_ranges``) or as
+    whole blocks and a tail (``whole_blocks``: the reader's plan between engines of one block size)."""
     expected = seeded_cache(SEED, "cuda:0")
     local = KVCache(num_blocks=NUM_BLOCKS, device=consumer_device(), **GEOMETRY)
     rank = open_rank(transport, local)
     remote_ids, local_ids = [5, 6, 7, 20, 3], [0, 1, 2, 9, 31]
+    num_tokens = 16 * len(local_ids) - 5
     try:
         with PeerProcess("tests.test_gpu_layer", str(SEED), transport) as info:
             peer = msgspec.convert(info, KVRankMemory)
             offer = next(o for o in peer.transports if o.name == transport)
             heads = range(GEOMETRY["num_kv_heads"])
-            ranges = token_ranges(
-                BlockTable(KVLayout.of(local), 16, local_ids, 0, len(heads)),
-                BlockTable(KVLayout(peer.region.addr, peer.block_bytes, peer.num_blocks), 16, remote_ids, 0,
-                           len(heads)),
-                heads=heads, num_tokens=16 * len(local_ids))
+            ours = BlockTable(KVLayout.of(local), 16, local_ids, 0, len(heads))
+            theirs = BlockTable(KVLayout(peer.region.addr, peer.block_bytes, peer.num_blocks), 16, remote_ids, 0,
+                                len(heads))
+            ranges = token_ranges(ours, theirs, heads=heads, num_tokens=num_tokens)
+            copy = ranges if plan == "ranges" else whole_blocks(ours, theirs, heads=heads, num_tokens=num_tokens)
 
             async def read():
                 await rank.connect(transport, offer.session, offer.meta)
-                return await rank.read(transport, offer.session, ranges)
+                return await rank.read(transport, offer.session, copy)
 
             statuses, _ = asyncio.run(read())
-        assert statuses == [TransferStatus.SUCCESS] * len(ranges.lengths)
+        assert statuses == [TransferStatus.SUCCESS] * copy.count
         torch.cuda.synchronize(local.data.device)
-        for l, r in zip(local_ids, remote_ids):
-            assert torch.equal(local.data[l].view(torch.int16).cpu(), expected.data[r].view(torch.int16).cpu())
-        untouched = [b for b in range(NUM_BLOCKS) if b not in local_ids]
-        assert not local.data[untouched].any()
+        reference = torch.zeros_like(local.data, device="cpu").view(-1).view(torch.uint8)
+        source = expected.data.cpu().view(-1).view(torch.uint8)
+        for la, ra, n in zip(*ranges):  # the prompt's bytes, and nothing else
+            la, ra = la - local.data.data_ptr(), ra - peer.region.addr
+            reference[la : la + n] = source[ra : ra + n]
+        assert torch.equal(local.data.cpu().view(-1).view(torch.uint8), reference)
     finally:
         rank.close()
 

@@ -17,7 +17,8 @@ from common.errors import HandshakeError, KVBlocksRefused, KVTransferError, Peer
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
 from common.kv_transfer.mori import MoriBackend
-from common.kv_transfer.ranges import ByteRanges, KVLayout
+from common.kv_transfer.backend import TransferBackend
+from common.kv_transfer.ranges import BlockPairs, ByteRanges, KVLayout
 from common.kv_transfer.rank_io import MAX_RANGES_PER_CALL, LocalRankIO, read_in_batches
 from common.kv_transfer.reader import KVReader
 from common.kv_transfer.side_channel import KVSideChannel
@@ -271,7 +272,7 @@ async def test_read_blocks_moves_scattered_blocks_and_releases(prefill, decode):
     stats = await conn.read_blocks(prefill.params(remote), local)
     for r, l in zip(remote, local):
         assert torch.equal(kv.data[l], prefill.kv.data[r])
-    assert stats.num_blocks == 5 and stats.num_ranges == 3  # [5,6,7]->[0,1,2], 2->3, 9->11
+    assert stats.num_blocks == 5 and stats.num_ranges == 5  # whole blocks, one status each
     assert stats.bytes == 5 * kv.block_bytes
     await conn.releases.flush()
     assert await prefill.unpinned() == [prefill.transfer_ids["t1"]] and len(prefill.handoff) == 0
@@ -322,8 +323,8 @@ async def test_params_naming_another_block_size_than_the_peer_are_refused(prefil
 
 async def test_failed_transfer_raises_releases_and_rehandshakes(prefill, decode, fake):
     conn, _ = await decode()
-    fake.knobs.fail_next = 1
-    with pytest.raises(KVTransferError, match="failed \\(1 of 1 ranges\\)"):
+    fake.knobs.fail_next = 1  # the two blocks' one merged range: both blocks fail
+    with pytest.raises(KVTransferError, match="failed \\(2 of 2 ranges\\)"):
         await conn.read_blocks(prefill.params([1, 2]), [3, 4])
     await conn.releases.flush()
     assert await prefill.unpinned() == [prefill.transfer_ids["t1"]]
@@ -381,16 +382,16 @@ async def test_cancel_waits_for_the_inflight_read_then_releases(prefill, decode,
     fake.knobs.delay_s = 0.5
     started, finished = threading.Event(), threading.Event()
     backend = conn.ranks[0].transports.backends["tcp"]
-    read = backend.read
+    transfer = backend.transfer
 
-    def observed_read(*args):
+    def observed_transfer(*args, **kwargs):
         started.set()
         try:
-            return read(*args)
+            return transfer(*args, **kwargs)
         finally:
             finished.set()
 
-    backend.read = observed_read
+    backend.transfer = observed_transfer
     task = asyncio.create_task(conn.read_blocks(prefill.params([3]), [1]))
     await eventually(started.is_set, timeout=30)
     task.cancel()
@@ -513,3 +514,40 @@ def test_a_failed_batch_stops_the_read_and_fails_every_range_left():
     n = 3 * MAX_RANGES_PER_CALL
     statuses = read_in_batches(backend, "s", many_ranges(n))
     assert statuses == [TransferStatus.FAILED] * n and backend.calls == [MAX_RANGES_PER_CALL]
+
+
+class RangesBackend(TransferBackend):
+    """A backend copying byte ranges only (as Mooncake, shm and MoRI do): records each ``transfer``'s ranges and
+    fails the ranges whose local address is in ``failing``."""
+
+    name = "recording"
+    session = "recording"
+
+    def __init__(self, failing: set[int] = frozenset()):
+        self.calls: list[ByteRanges] = []
+        self.failing = failing
+
+    build = register = backend_meta = connect = close = None
+
+    def transfer(self, peer_session, local_addrs, remote_addrs, lengths, *, write):
+        self.calls.append(ByteRanges(local_addrs, remote_addrs, lengths))
+        return [TransferStatus.FAILED if a in self.failing else TransferStatus.SUCCESS for a in local_addrs]
+
+
+def test_whole_blocks_reach_a_ranges_backend_merged_and_come_back_one_status_per_block():
+    backend = RangesBackend(failing={1000 + 7 * 10})
+    tail = ByteRanges([1000 + 9 * 10, 1000 + 9 * 10 + 5], [5000 + 2 * 10, 5000 + 2 * 10 + 5], [3, 3])
+    blocks = BlockPairs(1000, 5000, 10, [3, 4, 5, 7, 8], [0, 1, 2, 9, 10], tail)
+    statuses = read_in_batches(backend, "s", blocks)
+    assert backend.calls == [ByteRanges([1030, 1070, *tail.local_addrs], [5000, 5090, *tail.remote_addrs],
+                                        [30, 20, 3, 3])]
+    S, F = TransferStatus.SUCCESS, TransferStatus.FAILED
+    assert statuses == [S, S, S, F, F, S, S]  # blocks 7 and 8 were one range; then the tail's two
+
+
+def test_many_whole_blocks_go_to_the_backend_in_bounded_batches():
+    backend = RangesBackend()
+    n = MAX_RANGES_PER_CALL + 3
+    blocks = BlockPairs(0, 0, 1, list(range(0, 2 * n, 2)), list(range(n)), ByteRanges([2 * n + 1], [n + 1], [1]))
+    assert read_in_batches(backend, "s", blocks) == [TransferStatus.SUCCESS] * (n + 1)
+    assert [len(call.lengths) for call in backend.calls] == [MAX_RANGES_PER_CALL, 4]

@@ -11,7 +11,8 @@ from common.config import ConfigError
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.leases import LeaseTable
-from common.kv_transfer.ranges import BlockTable, ByteRanges, KVLayout, mapped_ranges, token_ranges
+from common.kv_transfer import ranges
+from common.kv_transfer.ranges import BlockPairs, BlockTable, ByteRanges, KVLayout, mapped_ranges, token_ranges
 from common.kv_transfer.status import TransferQuorum, TransferStatus, aggregate
 from common.messages import (
     Fingerprint,
@@ -376,6 +377,57 @@ def test_whole_blocks_of_every_head_in_runs_give_the_ranges_of_the_general_mappi
     begin = rng.choice([0, rng.randrange(num_tokens + 1)])
     fast = token_ranges(local, remote, heads=heads, num_tokens=num_tokens, first_token=begin)
     assert fast == mapped_ranges(local, remote, heads, begin, num_tokens, token_bytes)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_whole_blocks_move_exactly_the_bytes_of_token_ranges(seed):
+    """Where a read is whole blocks (one block size, the same heads on both sides), ``whole_blocks``' ids and
+    tail copy the same bytes between the same addresses as ``token_ranges``, prefix hits and a last block the
+    prompt ends inside included; statuses map back one per block and per tail range."""
+    rng = random.Random(seed)
+    size, token_bytes, heads = rng.choice([1, 4, 16]), 8, range(rng.randrange(1, 3))
+    num_tokens = rng.randrange(0, 9 * size)
+    blocks = ceil_div(num_tokens, size)
+    local, remote = (BlockTable(KVLayout(base, len(heads) * size * token_bytes, 32), size,
+                                scattered(blocks, rng.randrange(99), 32), 0, len(heads)) for base in (1 << 20, 1 << 30))
+    skip = rng.randrange(blocks + 1)
+    pairs = ranges.whole_blocks(local, remote, heads=heads, num_tokens=num_tokens, skip_leading=skip)
+    expected = token_ranges(local, remote, heads=heads, num_tokens=num_tokens, skip_leading=skip)
+    byte_ranges, per_range = pairs.byte_ranges()
+    assert sorted(zip(*byte_ranges)) == sorted(zip(*expected)) or _same_bytes(byte_ranges, expected)
+    assert pairs.total_bytes == expected.total_bytes == byte_ranges.total_bytes
+    assert sum(per_range) == pairs.count == len(pairs.local_ids) + pairs.tail.count
+    assert pairs.tail.total_bytes == (num_tokens % size if blocks > max(skip, num_tokens // size) else 0) \
+        * len(heads) * token_bytes
+    if per_range:  # the last range failed: the blocks or tail range it stands for
+        statuses = [S] * (len(per_range) - 1) + [F]
+        assert BlockPairs.block_statuses(statuses, per_range) == [S] * (pairs.count - per_range[-1]) + [F] * per_range[-1]
+
+
+def _same_bytes(a: ByteRanges, b: ByteRanges) -> bool:
+    """Whether two range lists copy the same (local, remote) byte pairs, however they are cut."""
+    def pairs(r: ByteRanges) -> set[tuple[int, int]]:
+        return {(la + i, ra + i) for la, ra, n in zip(*r) for i in range(0, n, 8)}
+    return pairs(a) == pairs(b)
+
+
+def test_reads_that_are_not_whole_blocks_are_planned_as_ranges():
+    """A head slice of a side holding more heads, or two block sizes: ``whole_blocks`` declines."""
+    half = BB // 2
+    one_head = addresses([3, 4], 10_000, first_head=2, num_heads=2, block_bytes=half)
+    assert ranges.whole_blocks(one_head, addresses([7, 8], 50_000), heads=range(2, 4), num_tokens=10) is None
+    other_size = BlockTable(KVLayout(0, 2 * BB, 64), 10, [1], 0, HEADS)
+    assert ranges.whole_blocks(other_size, addresses([7, 8], 50_000), heads=range(HEADS), num_tokens=10) is None
+    with pytest.raises(ValueError, match="duplicate local block ids"):
+        ranges.whole_blocks(addresses([3, 3], 0), addresses([7, 8], 0), heads=range(HEADS), num_tokens=10)
+
+
+def test_a_window_of_block_pairs_counts_blocks_then_tail_ranges():
+    pairs = BlockPairs(0, 0, 4, [1, 2, 3], [4, 5, 6], ByteRanges([40, 48], [80, 88], [2, 2]))
+    assert pairs.window(0, 2) == BlockPairs(0, 0, 4, [1, 2], [4, 5], ByteRanges([], [], []))
+    assert pairs.window(2, 4) == BlockPairs(0, 0, 4, [3], [6], ByteRanges([40], [80], [2]))
+    assert pairs.window(4, 9) == BlockPairs(0, 0, 4, [], [], ByteRanges([48], [88], [2]))
+    assert [w.count for w in (pairs.window(0, 2), pairs.window(2, 4), pairs.window(4, 9))] == [2, 2, 1]
 
 
 def llama_1b(block_size: int, heads: range) -> BlockTable:

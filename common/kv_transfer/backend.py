@@ -25,6 +25,8 @@ from common.messages import MemoryRegion
 if TYPE_CHECKING:
     import torch
 
+    from common.kv_transfer.ranges import BlockPairs
+
 
 class BackendUnavailable(RuntimeError):
     """The backend's library cannot be loaded; the message names the fix."""
@@ -79,6 +81,13 @@ class TransferBackend(abc.ABC):
     def transfer(self, peer_session: str, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
                  *, write: bool) -> list[TransferStatus]:
         """``read`` (``write`` False) or ``write`` (True): what each backend implements."""
+
+    def copy_blocks(self, peer_session: str, blocks: BlockPairs, *, write: bool) -> list[TransferStatus]:
+        """``transfer`` of whole blocks (``blocks.local_base`` is in our memory, ``remote_base`` in the peer's),
+        one status per block.  Here: their merged byte ranges, a block counting as its range did; a backend that
+        copies block tables itself overrides it."""
+        ranges, blocks_per_range = blocks.byte_ranges()
+        return blocks.block_statuses(self.transfer(peer_session, *ranges, write=write), blocks_per_range)
 
     @abc.abstractmethod
     def close(self) -> None:

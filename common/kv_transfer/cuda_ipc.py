@@ -10,7 +10,7 @@ captured at its first copy), on a stream of its own, so it never
 waits behind (or holds up) the engine's kernels on the default stream: over
 NVLink between two GPUs, within HBM when both engines share one GPU.  Nothing
 goes through host memory.  Without Triton, or for ranges that are not whole
-8-byte words, each range is one ``cudaMemcpyAsync`` issued straight to the CUDA
+16-byte units, each range is one ``cudaMemcpyAsync`` issued straight to the CUDA
 runtime torch loaded: ~10 µs a range, which held a heterogeneous-TP read of
 256 ranges to 0.19x of a homogeneous one (docs/benchmarks.md).
 
@@ -34,6 +34,7 @@ import torch
 
 from common.kv_transfer import range_copy
 from common.kv_transfer.backend import BackendUnavailable, TransferBackend, check_batch
+from common.kv_transfer.ranges import BlockPairs
 from common.kv_transfer.status import TransferStatus
 from common.messages import MemoryRegion
 
@@ -53,6 +54,7 @@ def cuda_runtime() -> ctypes.CDLL:
     runtime.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                         ctypes.c_void_p]
     runtime.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+    runtime.cudaSetDevice.argtypes = [ctypes.c_int]
     runtime.cudaGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return runtime
 
@@ -76,7 +78,7 @@ class ExportedKV(msgspec.Struct, frozen=True, array_like=True):
 
 class _Peer:
     """A peer cache mapped on our GPU ``device``: ``base`` is where its bytes start here, ``addr`` where they
-    start in the peer, ``words`` its bytes as int64 (None when its length is not whole words); ``copiers``:
+    start in the peer, ``words`` its bytes as int64 (None when its offset or length is not whole units); ``copiers``:
     the batched copy from it (False) and into it (True), made at first use."""
 
     __slots__ = ("storage", "base", "addr", "length", "words", "copiers")
@@ -160,29 +162,60 @@ class CudaIpcBackend(TransferBackend):
             # outside what either side registered: never touched
             statuses.append(TransferStatus.SUCCESS if inside else TransferStatus.FAILED)
         todo = [i for i, st in enumerate(statuses) if st is TransferStatus.SUCCESS]
-        torch.cuda.set_device(self.kv.device)  # this reader thread's runtime calls go to our GPU
-        if todo:
-            ours = [local_addrs[i] - local.addr for i in todo]
-            theirs = [remote_addrs[i] - peer.addr for i in todo]
-            sizes = [lengths[i] for i in todo]
-            (dst_words, dst, dst_base), (src_words, src, src_base) = (
-                ((peer.words, theirs, peer.base), (self._words, ours, self.kv.data_ptr())) if write
-                else ((self._words, ours, self.kv.data_ptr()), (peer.words, theirs, peer.base)))
-            if range_copy.available() and dst_words is not None and src_words is not None \
-                    and range_copy.aligned(dst, src, sizes):
-                copier = peer.copiers.get(write)
-                if copier is None:
-                    copier = peer.copiers[write] = range_copy.RangeCopier(dst_words, src_words, self._stream,
-                                                                          self._runtime)
-                w = range_copy.WORD
-                if copier.copy([d // w for d in dst], [r // w for r in src], [n // w for n in sizes]) != 0:
-                    return [TransferStatus.FAILED] * len(lengths)
-                return statuses  # waited for by the copy
-            self._copy_each(todo, dst_base, dst, src_base, src, sizes, statuses)
+        if not todo:
+            return statuses
+        self._runtime.cudaSetDevice(self.kv.device.index)  # the calling thread's runtime calls go to our GPU
+        ours = [local_addrs[i] - local.addr for i in todo]
+        theirs = [remote_addrs[i] - peer.addr for i in todo]
+        sizes = [lengths[i] for i in todo]
+        dst, src = (theirs, ours) if write else (ours, theirs)
+        copier = self._copier(peer, write)
+        if copier is not None and range_copy.aligned(dst, src, sizes):
+            u = range_copy.UNIT
+            if copier.copy([d // u for d in dst], [r // u for r in src], [n // u for n in sizes]) != 0:
+                return [TransferStatus.FAILED] * len(lengths)
+            return statuses  # waited for by the copy
+        dst_base, src_base = (peer.base, self.kv.data_ptr()) if write else (self.kv.data_ptr(), peer.base)
+        self._copy_each(todo, dst_base, dst, src_base, src, sizes, statuses)
         # The blocks are whole before the engine may compute on them (and before prefill may free them).
         if self._runtime.cudaStreamSynchronize(self._stream.cuda_stream) != 0:
             return [TransferStatus.FAILED] * len(lengths)
         return statuses
+
+    def copy_blocks(self, peer_session: str, blocks: BlockPairs, *, write: bool) -> list[TransferStatus]:
+        """Whole blocks (and the tail's ranges) in one launch of the batched copy, its table written from the
+        two id lists; a copy reaching outside what either side registered (the copier refuses it before it
+        copies anything), or not in whole units, goes the way of ``transfer``'s ranges (those outside FAILED)."""
+        peer, local = self._peers.get(peer_session), self._region
+        copier = self._copier(peer, write) if local is not None else None
+        size, tail = blocks.block_bytes, blocks.tail
+        if copier is not None:
+            ours = (blocks.local_ids, blocks.local_base - local.addr, [a - local.addr for a in tail.local_addrs])
+            theirs = (blocks.remote_ids, blocks.remote_base - peer.addr, [a - peer.addr for a in tail.remote_addrs])
+            if range_copy.aligned([size, ours[1], theirs[1]], ours[2], theirs[2], tail.lengths):
+                self._runtime.cudaSetDevice(self.kv.device.index)  # the calling thread's runtime calls: our GPU
+                (dst_ids, dst_at, dst_tail), (src_ids, src_at, src_tail) = (theirs, ours) if write else (ours, theirs)
+                u = range_copy.UNIT
+                try:
+                    rc = copier.copy_blocks(dst_ids, src_ids, size // u, dst_at // u, src_at // u,
+                                            ([d // u for d in dst_tail], [r // u for r in src_tail],
+                                             [n // u for n in tail.lengths]))
+                except ValueError:
+                    pass  # outside a registered region: ``transfer`` fails those ranges
+                else:
+                    return [TransferStatus.FAILED if rc else TransferStatus.SUCCESS] * blocks.count
+        return super().copy_blocks(peer_session, blocks, write=write)
+
+    def _copier(self, peer: _Peer | None, write: bool) -> range_copy.RangeCopier | None:
+        """The batched copy between our cache and ``peer``'s in that direction, made at first use; None when
+        it cannot run (no Triton, a cache not whole units, an unknown peer)."""
+        if peer is None or peer.words is None or self._words is None or not range_copy.available():
+            return None
+        copier = peer.copiers.get(write)
+        if copier is None:
+            dst, src = (peer.words, self._words) if write else (self._words, peer.words)
+            copier = peer.copiers[write] = range_copy.RangeCopier(dst, src, self._stream, self._runtime)
+        return copier
 
     def _copy_each(self, todo: list[int], dst_base: int, dst: list[int], src_base: int, src: list[int],
                    sizes: list[int], statuses: list[TransferStatus]) -> None:
@@ -195,3 +228,4 @@ class CudaIpcBackend(TransferBackend):
     def close(self) -> None:
         self._peers.clear()
         self._region = None
+

@@ -1,8 +1,15 @@
-"""Token positions and KV heads -> byte ranges for the head-major KV layout (``KVCache.LAYOUT``).
+"""Token positions and KV heads -> what a read copies, for the head-major KV layout (``KVCache.LAYOUT``).
 
 Block ``b`` of an engine is ``[base + b * block_bytes, base + (b + 1) * block_bytes)``; inside it,
 head ``h`` (of the heads that engine holds) is ``block_size`` tokens, each token every
-layer's K and V.  Pieces contiguous on both sides are merged into one range.
+layer's K and V.  Two forms:
+
+* ``whole_blocks``: between two sides of one block size holding the same heads (the common case: equal
+  TP sizes and block sizes) a read is whole blocks, ``BlockPairs``: two lists of block ids, no per-range
+  planning; a backend that copies block tables natively (CUDA IPC) takes them as they are, the others
+  their merged byte ranges (``BlockPairs.byte_ranges``);
+* ``token_ranges``: any two sides (other block sizes, a head slice, a push's first token anywhere in a
+  block): byte ranges, pieces contiguous on both sides merged into one range.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ class KVLayout:
 
 
 class ByteRanges(NamedTuple):
+    """Byte ranges copied from ``remote_addrs[i]`` into ``local_addrs[i]``, ``lengths[i]`` bytes each; a backend
+    reports one status per range."""
+
     local_addrs: list[int]
     remote_addrs: list[int]
     lengths: list[int]
@@ -44,6 +54,63 @@ class ByteRanges(NamedTuple):
     @property
     def total_bytes(self) -> int:
         return sum(self.lengths)
+
+    @property
+    def count(self) -> int:
+        """Statuses a copy of these reports."""
+        return len(self.lengths)
+
+    def window(self, start: int, stop: int) -> ByteRanges:
+        return ByteRanges(self.local_addrs[start:stop], self.remote_addrs[start:stop], self.lengths[start:stop])
+
+
+class BlockPairs(NamedTuple):
+    """Whole blocks of ``block_bytes`` copied from remote block ``remote_ids[i]`` (at ``remote_base + id *
+    block_bytes``) into local block ``local_ids[i]``, then ``tail``: the byte ranges of a last block the read
+    ends inside.  A backend reports one status per whole block, then one per range of the tail."""
+
+    local_base: int
+    remote_base: int
+    block_bytes: int
+    local_ids: list[int]
+    remote_ids: list[int]
+    tail: ByteRanges
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.local_ids) * self.block_bytes + self.tail.total_bytes
+
+    @property
+    def count(self) -> int:
+        """Statuses a copy of these reports."""
+        return len(self.local_ids) + self.tail.count
+
+    def window(self, start: int, stop: int) -> BlockPairs:
+        """The statuses ``[start, stop)`` of ``count``'s order as a copy of their own."""
+        n = len(self.local_ids)
+        return self._replace(local_ids=self.local_ids[start:stop], remote_ids=self.remote_ids[start:stop],
+                             tail=self.tail.window(max(start - n, 0), max(stop - n, 0)))
+
+    def byte_ranges(self) -> tuple[ByteRanges, list[int]]:
+        """The copy as byte ranges, blocks whose ids both go up by one merged into one range, and how many
+        statuses of ``count``'s each range stands for (in order)."""
+        size, ranges = self.block_bytes, ByteRanges([], [], [])
+        runs = _id_runs(self.local_ids, self.remote_ids, 0, len(self.local_ids))
+        for first_local, first_remote, blocks in runs:
+            ranges.local_addrs.append(self.local_base + first_local * size)
+            ranges.remote_addrs.append(self.remote_base + first_remote * size)
+            ranges.lengths.append(blocks * size)
+        for addrs, tail_addrs in zip(ranges, self.tail):
+            addrs += tail_addrs
+        return ranges, [blocks for _, _, blocks in runs] + [1] * self.tail.count
+
+    @staticmethod
+    def block_statuses(range_statuses: list, per_range: list[int]) -> list:
+        """``count``'s statuses from those of ``byte_ranges``' ranges (a short list stays short)."""
+        return [status for status, n in zip(range_statuses, per_range) for _ in range(n)]
+
+
+Copy = ByteRanges | BlockPairs  # what one rank copies from one peer rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +130,24 @@ class BlockTable:
         return range(self.first_head, self.first_head + self.num_heads)
 
 
+def whole_blocks(local: BlockTable, remote: BlockTable, *, heads: range, num_tokens: int,
+                 skip_leading: int = 0) -> BlockPairs | None:
+    """The read of ``token_ranges`` (no ``first_token``) as whole blocks when that is what it is: both sides
+    have one block size and hold exactly ``heads`` (a block is then those heads' tokens on both sides); a
+    last block the prompt ends inside is the tail's ranges (its tokens of each head), so exactly the same
+    bytes move.  None for any other read; ``ValueError`` as ``token_ranges``."""
+    token_bytes = _checked(local, remote, heads, num_tokens, skip_leading, None)
+    size = local.block_size
+    whole = len(heads) * size * token_bytes
+    if not (size == remote.block_size and whole == local.layout.block_bytes == remote.layout.block_bytes):
+        return None
+    whole_to, tail_from = num_tokens // size, max(num_tokens // size, skip_leading) * size
+    tail = (_block_ranges(local, remote, heads, tail_from, num_tokens, token_bytes) if tail_from < num_tokens
+            else ByteRanges([], [], []))
+    return BlockPairs(local.layout.base_addr, remote.layout.base_addr, whole, local.block_ids[skip_leading:whole_to],
+                      remote.block_ids[skip_leading:whole_to], tail)
+
+
 def token_ranges(local: BlockTable, remote: BlockTable, *, heads: range, num_tokens: int,
                  skip_leading: int = 0, first_token: int | None = None) -> ByteRanges:
     """Merged ranges reading tokens ``[skip_leading * local.block_size, num_tokens)`` of the global KV heads
@@ -78,20 +163,30 @@ def token_ranges(local: BlockTable, remote: BlockTable, *, heads: range, num_tok
     not cover ``num_tokens`` exactly, an id is out of range, a local id repeats, the two sides' bytes per
     token and head differ, or neither block size divides the other.
     """
+    token_bytes = _checked(local, remote, heads, num_tokens, skip_leading, first_token)
+    begin = skip_leading * local.block_size if first_token is None else first_token
+    if local.block_size == remote.block_size:
+        return _block_ranges(local, remote, heads, begin, num_tokens, token_bytes)
+    return mapped_ranges(local, remote, heads, begin, num_tokens, token_bytes)
+
+
+def _checked(local: BlockTable, remote: BlockTable, heads: range, num_tokens: int, skip_leading: int,
+             first_token: int | None) -> int:
+    """The bytes of one token of one head, once the arguments of a read pass ``token_ranges``' checks."""
     token_bytes, remote_token_bytes = _token_bytes("local", local), _token_bytes("remote", remote)
     if remote_token_bytes != token_bytes:
         raise ValueError(f"{token_bytes} bytes per token and head locally, {remote_token_bytes} remotely")
-    if heads.step != 1 or not heads or not all(t.first_head <= heads.start and heads.stop <= t.heads.stop
-                                               for t in (local, remote)):
+    if heads.step != 1 or not heads or not (
+            local.first_head <= heads.start and heads.stop <= local.first_head + local.num_heads
+            and remote.first_head <= heads.start and heads.stop <= remote.first_head + remote.num_heads):
         raise ValueError(f"heads {heads} are not a non-empty contiguous range within local heads {local.heads} "
                          f"and remote heads {remote.heads}")
     if max(local.block_size, remote.block_size) % min(local.block_size, remote.block_size):
         raise ValueError(f"block sizes {local.block_size} and {remote.block_size}: neither divides the other")
     for side, table in (("local", local), ("remote", remote)):
-        needed = ceil_div(num_tokens, table.block_size)
-        if len(table.block_ids) != needed:
+        if len(table.block_ids) != -(-num_tokens // table.block_size):
             raise ValueError(f"{len(table.block_ids)} {side} blocks of {table.block_size} tokens "
-                             f"for {num_tokens} tokens (need {needed})")
+                             f"for {num_tokens} tokens (need {ceil_div(num_tokens, table.block_size)})")
         _check_ids(side, table.block_ids, table.layout.num_blocks)
     if len(set(local.block_ids)) != len(local.block_ids):
         raise ValueError("duplicate local block ids")
@@ -99,10 +194,7 @@ def token_ranges(local: BlockTable, remote: BlockTable, *, heads: range, num_tok
         raise ValueError(f"skip_leading={skip_leading} outside [0, {len(local.block_ids)}]")
     if first_token is not None and not 0 <= first_token <= num_tokens:
         raise ValueError(f"first_token={first_token} outside [0, {num_tokens}]")
-    begin = skip_leading * local.block_size if first_token is None else first_token
-    if local.block_size == remote.block_size:
-        return _block_ranges(local, remote, heads, begin, num_tokens, token_bytes)
-    return mapped_ranges(local, remote, heads, begin, num_tokens, token_bytes)
+    return token_bytes
 
 
 def _block_ranges(local: BlockTable, remote: BlockTable, heads: range, begin: int, num_tokens: int,

@@ -29,7 +29,7 @@ from common.client_pool import ClientPool
 from common.errors import BusError
 from common.kv_transfer.backend import TransferBackend
 from common.kv_transfer.config import KVTransferConfig
-from common.kv_transfer.ranges import ByteRanges, KVLayout
+from common.kv_transfer.ranges import BlockPairs, ByteRanges, Copy, KVLayout
 from common.kv_transfer.status import TransferStatus
 from common.kv_transfer.transport_set import TransportSet
 from common.messages import KVRankMemory, RankConnect, RankRead, RankReadDone
@@ -48,26 +48,33 @@ def rank_memory(rank: int, heads: tuple[int, int], transports: TransportSet, lay
                         block_bytes=layout.block_bytes, num_blocks=layout.num_blocks)  # fmt: skip
 
 
-def read_in_batches(backend: TransferBackend, session: str, ranges: ByteRanges, write: bool = False
+def read_in_batches(backend: TransferBackend, session: str, ranges: Copy, write: bool = False
                     ) -> list[TransferStatus]:
-    """``backend.read`` (``write``: ``backend.write``) of ``ranges``, at most ``MAX_RANGES_PER_CALL`` per call,
-    one status per range in order; after a call with a failure the rest is not copied (FAILED: the transfer
-    fails anyway)."""
-    copy = backend.write if write else backend.read
-    if len(ranges.lengths) <= MAX_RANGES_PER_CALL:  # one call (most reads): no slices
-        return copy(session, *ranges)
+    """``backend.read`` (``write``: ``backend.write``) of ``ranges`` (whole blocks: ``backend.copy_blocks``), at
+    most ``MAX_RANGES_PER_CALL`` ranges or blocks per call, one status per range or block in order; after a call
+    with a failure the rest is not copied (FAILED: the transfer fails anyway)."""
+    if isinstance(ranges, BlockPairs):
+        def copy(batch: BlockPairs) -> list[TransferStatus]:
+            return backend.copy_blocks(session, batch, write=write)
+    else:
+        def copy(batch: ByteRanges) -> list[TransferStatus]:
+            return (backend.write if write else backend.read)(session, *batch)
+    if ranges.count <= MAX_RANGES_PER_CALL:  # one call (most reads): no slices
+        return copy(ranges)
     statuses: list[TransferStatus] = []
-    for i in range(0, len(ranges.lengths), MAX_RANGES_PER_CALL):
-        window = slice(i, i + MAX_RANGES_PER_CALL)
-        batch = copy(session, ranges.local_addrs[window], ranges.remote_addrs[window], ranges.lengths[window])
+    for i in range(0, ranges.count, MAX_RANGES_PER_CALL):
+        batch = copy(ranges.window(i, i + MAX_RANGES_PER_CALL))
         statuses += batch
         if batch.count(TransferStatus.SUCCESS) != len(batch):
-            return statuses + [TransferStatus.FAILED] * (len(ranges.lengths) - len(statuses))
+            return statuses + [TransferStatus.FAILED] * (ranges.count - len(statuses))
     return statuses
 
 
-def split_by_bytes(ranges: ByteRanges, n: int) -> list[ByteRanges]:
-    """Split ranges into at most ``n`` batches of about equal byte size, keeping order."""
+def split_by_bytes(ranges: Copy, n: int) -> list[Copy]:
+    """Split ranges (or whole blocks) into at most ``n`` batches of about equal byte size, keeping order."""
+    if isinstance(ranges, BlockPairs):
+        n = max(1, min(n, ranges.count))
+        return [ranges.window(i * ranges.count // n, (i + 1) * ranges.count // n) for i in range(n)]
     n = max(1, min(n, len(ranges.lengths)))
     target = ranges.total_bytes / n
     out: list[ByteRanges] = [ByteRanges([], [], [])]
@@ -106,11 +113,11 @@ class RankIO(Protocol):
     async def connect(self, transport: str, session: str, meta: bytes) -> None:
         """Prepare to read the peer rank at ``session`` over ``transport``; raises when it cannot."""
 
-    async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+    async def read(self, transport: str, session: str, ranges: Copy) -> tuple[list[TransferStatus], float]:
         """Copy ``ranges`` from the peer rank into this rank's memory: one status per range, and the
         seconds spent in the backend.  Never raises for a failed copy (FAILED statuses)."""
 
-    async def write(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+    async def write(self, transport: str, session: str, ranges: Copy) -> tuple[list[TransferStatus], float]:
         """Push mode, the mirror of ``read``: copy ``ranges`` of this rank's memory into the peer rank's."""
 
 
@@ -141,13 +148,13 @@ class LocalRankIO:
         backend = self.transports.backends[transport]
         await asyncio.get_running_loop().run_in_executor(self.pool, backend.connect, session, meta)
 
-    async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+    async def read(self, transport: str, session: str, ranges: Copy) -> tuple[list[TransferStatus], float]:
         return await self._copy(transport, session, ranges, write=False)
 
-    async def write(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
+    async def write(self, transport: str, session: str, ranges: Copy) -> tuple[list[TransferStatus], float]:
         return await self._copy(transport, session, ranges, write=True)
 
-    async def _copy(self, transport: str, session: str, ranges: ByteRanges, *, write: bool
+    async def _copy(self, transport: str, session: str, ranges: Copy, *, write: bool
                     ) -> tuple[list[TransferStatus], float]:
         backend = self.transports.backends[transport]
         start = time.perf_counter()
@@ -167,9 +174,9 @@ class LocalRankIO:
         statuses: list[TransferStatus] = []
         for shard, result in zip(shards, results):
             if isinstance(result, BaseException):  # a backend bug: this shard's ranges count as failed
-                logger.warning("KV %s of %d ranges with %s raised %r", "write" if write else "read", len(shard.lengths),
+                logger.warning("KV %s of %d ranges with %s raised %r", "write" if write else "read", shard.count,
                                session, result)
-                result = [TransferStatus.FAILED] * len(shard.lengths)
+                result = [TransferStatus.FAILED] * shard.count
             statuses += result
         return statuses, seconds
 
@@ -193,14 +200,23 @@ class RemoteRankIO:
         await self.clients.get(self.endpoint).call(RankConnect(transport, session, meta),
                                                    timeout=self.connect_timeout_s)
 
-    async def read(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
-        """A dead or stuck agent fails every range (after the read timeout, plus the reply's)."""
-        return await self._copy(RankRead(transport, session, *ranges))
+    async def read(self, transport: str, session: str, ranges: Copy) -> tuple[list[TransferStatus], float]:
+        """A dead or stuck agent fails every range (after the read timeout, plus the reply's).  Whole blocks
+        travel as their byte ranges, a block counting as its range did."""
+        return await self._copy(transport, session, ranges, write=False)
 
-    async def write(self, transport: str, session: str, ranges: ByteRanges) -> tuple[list[TransferStatus], float]:
-        return await self._copy(RankRead(transport, session, *ranges, write=True))
+    async def write(self, transport: str, session: str, ranges: Copy) -> tuple[list[TransferStatus], float]:
+        return await self._copy(transport, session, ranges, write=True)
 
-    async def _copy(self, order: RankRead) -> tuple[list[TransferStatus], float]:
+    async def _copy(self, transport: str, session: str, ranges: Copy, *, write: bool
+                    ) -> tuple[list[TransferStatus], float]:
+        if isinstance(ranges, BlockPairs):
+            byte_ranges, blocks_per_range = ranges.byte_ranges()
+            statuses, seconds = await self._copy_ranges(RankRead(transport, session, *byte_ranges, write=write))
+            return ranges.block_statuses(statuses, blocks_per_range), seconds
+        return await self._copy_ranges(RankRead(transport, session, *ranges, write=write))
+
+    async def _copy_ranges(self, order: RankRead) -> tuple[list[TransferStatus], float]:
         ranges = ByteRanges(order.local_addrs, order.remote_addrs, order.lengths)
         call = asyncio.ensure_future(self.clients.get(self.endpoint).call(order, timeout=self.read_timeout_s))
         try:

@@ -2,13 +2,13 @@
 
 ``read_blocks(params, local_block_ids, skip_leading)`` handshakes once per
 prefill instance (``peers.PeerDirectory``: which prefill rank each of our ranks
-reads each of its heads from, and over which transport), maps token positions
-into byte ranges for every (our rank, source) pair (``ranges.token_ranges``:
-whole blocks merge into runs when both sides have the same block size and
-heads), has every rank of ours copy its ranges (``rank_io``: rank 0 in this
-process, the others through their agents), renews the lease while they run,
-completes the read only when EVERY rank reported success for EVERY range
-(one status per range, each counted), confirms the lease still held after the read, and
+reads each of its heads from, and over which transport), plans what every (our
+rank, source) pair copies (``ranges.whole_blocks``: two lists of block ids when
+both sides have the same block size and heads; else ``ranges.token_ranges``: token
+positions mapped into byte ranges), has every rank of ours copy them (``rank_io``:
+rank 0 in this process, the others through their agents), renews the lease while
+they run, completes the read only when EVERY rank reported success for EVERY range
+or block (one status each, each counted), confirms the lease still held after the read, and
 always sends ``ReleaseKV`` afterwards through a ``ReleaseSender`` (in the
 background), after no rank touches memory any more.
 
@@ -39,7 +39,7 @@ from common.errors import BusError, CallTimeout, KVBlocksRefused, KVTransferErro
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.peers import Peer, PeerDirectory
 from common.kv_transfer.rank_io import RankIO, finish_uncancellable
-from common.kv_transfer.ranges import ByteRanges, token_ranges
+from common.kv_transfer.ranges import Copy, token_ranges, whole_blocks
 from common.kv_transfer.read_plan import Source, table_of
 from common.kv_transfer.status import TransferStatus
 from common.messages import Fingerprint, KVTransferParams, LeaseRenewed, PushTarget, ReleaseKV, RenewLease
@@ -63,7 +63,7 @@ class PlannedRead:
 
     rank: int  # ours
     source: Source
-    ranges: ByteRanges
+    ranges: Copy  # whole blocks when both sides have one block size and the same heads
 
 
 class ReleaseSender:
@@ -194,9 +194,11 @@ class KVReader:
         for ours, sources in enumerate(peer.sources):
             local = table_of(self.ranks[ours].memory, self.fingerprint.block_size, local_block_ids)
             for source in sources:
-                ranges = token_ranges(local, remote[source.rank], heads=source.heads, num_tokens=params.num_tokens,
-                                      skip_leading=skip_leading)
-                if ranges.lengths:
+                span = dict(heads=source.heads, num_tokens=params.num_tokens, skip_leading=skip_leading)
+                ranges = whole_blocks(local, remote[source.rank], **span)
+                if ranges is None:
+                    ranges = token_ranges(local, remote[source.rank], **span)
+                if ranges.count:
                     reads.append(PlannedRead(ours, source, ranges))
         return reads
 
@@ -232,7 +234,7 @@ class KVReader:
                 renewer[0].cancel()
                 await asyncio.gather(*renewer, return_exceptions=True)
         seconds = time.perf_counter() - start
-        num_ranges = sum(len(r.ranges.lengths) for r in reads)
+        num_ranges = sum(r.ranges.count for r in reads)
         # Every rank's every read reported every range (a short list counts its missing ranges as failed).
         failed = num_ranges - sum(statuses.count(TransferStatus.SUCCESS) for statuses in results)
         if failed:
