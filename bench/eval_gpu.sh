@@ -80,7 +80,7 @@ print("P/D on GPU:", "FAILED: " + d["failed"]["disagg"] if "disagg" in d["failed
       "| greedy tokens agree with colocated:", d.get("greedy_agree"))
 PY
 for f in /tmp/pdserve-eval/$TAG/*.log; do
-  echo "== $f"; grep "engine step took" "$f"; echo "-- last lines:"; grep -v '^[IW][0-9]' "$f" | tail -30
+  echo "== $f"; grep "engine step took" "$f" || echo "(no step over the threshold)"; echo "-- last lines:"; grep -v '^[IW][0-9]' "$f" | tail -30 || true
 done >"$OUT/${TAG}_processes.log" 2>&1
 # every run's per-request records (send time, TTFT, gaps), which the summary JSON does not keep
 mkdir -p "$OUT/${TAG}_requests" && cp /tmp/pdserve-eval/$TAG/*.json "$OUT/${TAG}_requests/" 2>/dev/null || true

@@ -15,6 +15,8 @@ from common.messages import SamplingParams
 from tests.procs import eventually
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+# long enough to be still generating when the test aborts it (4 tokens could end first on a loaded host)
+STILL_RUNNING = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
 
 
 def demo_engine() -> LLMEngine:
@@ -77,7 +79,7 @@ async def test_an_allocation_during_a_step_waits_for_the_engine_thread():
     core.step = held_step
     engine = AsyncEngine(core)
     try:
-        stream = engine.generate("g", prompt(20, seed=2), GREEDY)
+        stream = engine.generate("g", prompt(20, seed=2), STILL_RUNNING)
         first = asyncio.create_task(stream.__anext__())
         await eventually(entered.is_set, timeout=30)  # the engine thread is inside a step
         ids = prompt(30, seed=3)

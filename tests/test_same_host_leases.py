@@ -159,19 +159,20 @@ async def serving_prefill() -> AsyncIterator[Prefill]:
 
 
 class HeldCopy:
-    """Holds every backend read of ``rank`` until ``go`` is set; ``started`` once one began."""
+    """Holds every backend copy of ``rank`` (``transfer``: ranges and whole blocks) until ``go`` is set;
+    ``started`` once one began."""
 
     def __init__(self, rank: LocalRankIO):
         self.started, self.go = threading.Event(), threading.Event()
         for backend in rank.transports.backends.values():
-            read = backend.read
+            transfer = backend.transfer
 
-            def held(*args, read=read):
+            def held(*args, transfer=transfer, **kwargs):
                 self.started.set()
                 assert self.go.wait(10)
-                return read(*args)
+                return transfer(*args, **kwargs)
 
-            backend.read = held
+            backend.transfer = held
 
 
 @pytest.fixture
