@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReadStats:
-    """One request's read: blocks and merged ranges moved (over all ranks), bytes, seconds of the read."""
+    """One request's read: blocks, and ranges copied (one status each: a merged range, or a whole block when the
+    read was planned as whole blocks), over all ranks; bytes, seconds of the read."""
 
     num_blocks: int
     num_ranges: int
