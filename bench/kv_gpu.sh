@@ -10,14 +10,15 @@
 #    same bytes in one process (the limit); then over Mooncake tcp, as today, when Mooncake loads;
 # b. bench.pd_identity: greedy P/D over nvlink vs colocated, demo model in bfloat16, token by token;
 # c. bench.handoff_gap: the first inter-token gap at one request in flight, P/D minus colocated, with a
-#    Llama-3.2-1B-shaped random checkpoint (bfloat16, drawn on the GPU) and 2,048-token prompts.
+#    Llama-3.2-1B-shaped random checkpoint (bfloat16, drawn on the GPU) and 2,048-token prompts, in read
+#    mode and in push mode.
 # The CPU-checkable parts dry-run on a CPU host (no wheels needed there, the installed packages are used):
 #   OUT=/tmp/out DEVICE=cpu KV=shm DTYPE=float32 SHAPE=demo PROMPT_LEN=256 bash bench/kv_gpu.sh
 # Writes under $OUT: env.txt, kv_handoff_$KV.{log,json}, kv_handoff_tcp.{log,json}, pd_identity.log,
-# handoff_gap.{log,json}, status.txt (one line per step with its exit status).  A failed step does not stop
+# handoff_gap_{read,push}.{log,json}, status.txt (one line per step with its exit status).  A failed step does not stop
 # the next one; the script exits 1 when any step failed.
-# Budget on an H200: a few minutes expected; the step limits (a. 75 + 50 s, b. 110 s, checkpoint 75 s, c. 140 s)
-# and ~0.5 min of install bound it at 8 min.
+# Budget on an H200: ~3 minutes expected (session 12: the gap runs ~35 s each); the step limits (a. 75 + 50 s,
+# b. 110 s, checkpoint 75 s, c. 2 x 140 s) and ~0.5 min of install bound it at 10 min.
 set -uo pipefail
 OUT=${OUT:-/tmp/kv-gpu}
 DEVICE=${DEVICE:-cuda}        # every engine's --device
@@ -53,9 +54,11 @@ step pd_identity 110 python3 -m bench.pd_identity --device "$DEVICE" --dtype "$D
 # c. the first inter-token gap, 1B-shaped model, 2,048-token prompts (64 MiB of KV each)
 [ -f "$CKPT/model.safetensors" ] \
   || timeout 75 python3 -m bench.make_checkpoint --shape "$SHAPE" --out "$CKPT" --device "$DEVICE" --seed 0
-step handoff_gap 140 python3 -m bench.handoff_gap --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
-  --model "$CKPT" --prompt-len "$PROMPT_LEN" --requests 20 --warmup 3 --ready-timeout-s 100 \
-  --engine-args "--max-model-len 4096 --max-num-batched-tokens 4096" --json "$OUT/handoff_gap.json"
+for mode in read push; do  # read: decode pulls after prefill; push: prefill writes decode's blocks as it computes
+  step "handoff_gap_$mode" 140 python3 -m bench.handoff_gap --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
+    --kv-mode "$mode" --model "$CKPT" --prompt-len "$PROMPT_LEN" --requests 20 --warmup 3 --ready-timeout-s 100 \
+    --engine-args "--max-model-len 4096 --max-num-batched-tokens 4096" --json "$OUT/handoff_gap_$mode.json"
+done
 
 cat "$OUT/status.txt"
 exit $status

@@ -136,11 +136,11 @@ def whole_blocks(local: BlockTable, remote: BlockTable, *, heads: range, num_tok
     have one block size and hold exactly ``heads`` (a block is then those heads' tokens on both sides); a
     last block the prompt ends inside is the tail's ranges (its tokens of each head), so exactly the same
     bytes move.  None for any other read; ``ValueError`` as ``token_ranges``."""
-    token_bytes = _checked(local, remote, heads, num_tokens, skip_leading, None)
     size = local.block_size
-    whole = len(heads) * size * token_bytes
+    whole = len(heads) * size * _token_bytes("local", local)
     if not (size == remote.block_size and whole == local.layout.block_bytes == remote.layout.block_bytes):
-        return None
+        return None  # before the checks: ``token_ranges`` makes them
+    token_bytes = _checked(local, remote, heads, num_tokens, skip_leading, None)
     whole_to, tail_from = num_tokens // size, max(num_tokens // size, skip_leading) * size
     tail = (_block_ranges(local, remote, heads, tail_from, num_tokens, token_bytes) if tail_from < num_tokens
             else ByteRanges([], [], []))
