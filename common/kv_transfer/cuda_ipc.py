@@ -228,4 +228,3 @@ class CudaIpcBackend(TransferBackend):
     def close(self) -> None:
         self._peers.clear()
         self._region = None
-
