@@ -25,7 +25,7 @@ from bench.processes import Processes, free_port
 from common.engine.kv_cache import KVCache
 from common.kv_transfer.config import KVTransferConfig
 from common.kv_transfer.rank_io import LocalRankIO
-from common.kv_transfer.ranges import BlockTable, KVLayout, token_ranges, whole_blocks
+from common.kv_transfer.ranges import BlockPairs, BlockTable, ByteRanges, KVLayout, token_ranges, whole_blocks
 from common.kv_transfer.status import TransferStatus
 from common.messages import KVRankMemory
 from tests.procs import PeerProcess, eventually
@@ -151,6 +151,31 @@ def test_push_write_into_the_peer_then_read_back_byte_for_byte(transport):
         torch.cuda.synchronize(mine.data.device)
         for back, ours in zip(back_ids, local_ids):
             assert torch.equal(mine.data[back].view(torch.int16).cpu(), mine.data[ours].view(torch.int16).cpu())
+    finally:
+        rank.close()
+
+
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_whole_blocks_reaching_outside_the_peer_fail_and_write_nothing_there(transport):
+    """A block id past the peer's cache (as a corrupt transfer would name): that block's status is FAILED and its
+    destination block stays untouched; the blocks inside are copied (the read as a whole fails on that status)."""
+    local = KVCache(num_blocks=NUM_BLOCKS, device=consumer_device(), **GEOMETRY)
+    rank = open_rank(transport, local)
+    try:
+        with PeerProcess("tests.test_gpu_layer", str(SEED), transport) as info:
+            peer = msgspec.convert(info, KVRankMemory)
+            offer = next(o for o in peer.transports if o.name == transport)
+            blocks = BlockPairs(local.data.data_ptr(), peer.region.addr, peer.block_bytes, [1, 2, 3],
+                                [4, peer.num_blocks, 5], ByteRanges([], [], []))
+
+            async def read():
+                await rank.connect(transport, offer.session, offer.meta)
+                return await rank.read(transport, offer.session, blocks)
+
+            statuses, _ = asyncio.run(read())
+        assert statuses[1] is TransferStatus.FAILED and blocks.count == len(statuses) == 3
+        torch.cuda.synchronize(local.data.device)
+        assert not local.data[2].any()
     finally:
         rank.close()
 
