@@ -184,9 +184,10 @@ def _checked(local: BlockTable, remote: BlockTable, heads: range, num_tokens: in
     if max(local.block_size, remote.block_size) % min(local.block_size, remote.block_size):
         raise ValueError(f"block sizes {local.block_size} and {remote.block_size}: neither divides the other")
     for side, table in (("local", local), ("remote", remote)):
-        if len(table.block_ids) != -(-num_tokens // table.block_size):
+        needed = ceil_div(num_tokens, table.block_size)
+        if len(table.block_ids) != needed:
             raise ValueError(f"{len(table.block_ids)} {side} blocks of {table.block_size} tokens "
-                             f"for {num_tokens} tokens (need {ceil_div(num_tokens, table.block_size)})")
+                             f"for {num_tokens} tokens (need {needed})")
         _check_ids(side, table.block_ids, table.layout.num_blocks)
     if len(set(local.block_ids)) != len(local.block_ids):
         raise ValueError("duplicate local block ids")
