@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/out bash bench/router_sweep_gpu.sh      # from the repository root, .whl_router/ carried
 #   CONCURRENCY=512 REQUESTS=24000 OUT=/tmp/out bash bench/router_sweep_gpu.sh   # every target at 512 in flight
+#   ROUNDS=2 ...    # the targets alternated twice, each round half the requests (default 1)
 #
 # .whl_router/ (git-ignored) holds cp312 wheels: pdserve's (msgspec, pyzmq, starlette, uvicorn, ...) and
 # vllm-router 0.1.17 with what it imports and the image lacks (setproctitle, fastapi, opentelemetry-api, orjson,
@@ -35,6 +36,6 @@ nproc
 timeout 120 taskset -c "$CORES" python3 -m bench.cpu_scaling --procs 1,2,4,8,16 --seconds 3 \
   --json "$OUT/cpu_scaling.json" 2>&1 | tee "$OUT/cpu_scaling.log"
 timeout -k 15 "${LIMIT:-420}" taskset -c "$CORES" python3 -m bench.router_compare --sweep "$SWEEP" \
-  --fake-engines 4 --load-processes 4 --bus-fakes instant --requests "${REQUESTS:-6000}" --rounds 1 \
+  --fake-engines 4 --load-processes 4 --bus-fakes instant --requests "${REQUESTS:-6000}" --rounds "${ROUNDS:-1}" \
   --concurrency "${CONCURRENCY:-64}" \
   --routers-venv /tmp/routers --json "$OUT/router_sweep.json" 2>&1 | tee "$OUT/router_sweep.log"

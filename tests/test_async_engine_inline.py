@@ -123,3 +123,18 @@ async def test_a_step_over_the_slow_step_threshold_is_logged_with_the_engine_cou
         assert found and float(found[1]) >= 0.8, slow[0]
     finally:
         await engine.shutdown(timeout=5)
+
+
+async def test_a_push_allocation_has_the_engine_thread_hash_its_prompt_before_the_kv_lands():
+    core = demo_engine()
+    ids = prompt(40, seed=3)
+    engine = AsyncEngine(core)
+    try:
+        await engine.add_remote(RemoteRequest("push", ids, None, GREEDY, len(ids)))  # push: no first token yet
+        seq = core.requests["push"]
+        await eventually(lambda: len(seq.prompt_hashes) == 40 // core.block_size, timeout=30)
+        await engine.add_remote(RemoteRequest("read", ids, 7, GREEDY, len(ids)))  # read mode: its KV comes at once
+        await asyncio.sleep(0.2)
+        assert core.requests["read"].prompt_hashes == []
+    finally:
+        await engine.shutdown()

@@ -151,3 +151,36 @@ def test_remote_allocation_without_room_holds_nothing():
     with pytest.raises(NoFreeBlocks, match="needs 4"):
         sched.add_remote(big)
     assert bm.num_used == 0 and not sched.remote
+
+
+def test_a_prompt_hashed_ahead_is_registered_under_the_same_chain_without_hashing_again(monkeypatch):
+    tokens = list(range(1, 15))  # 3 full blocks of 4 and 2 tokens
+    plain, ahead = BlockManager(8, BS), BlockManager(8, BS)
+    a = computed(plain, tokens, "a")
+    b = seq(tokens, "b")
+    b.num_prompt_tokens = len(tokens)
+    ahead.hash_prompt(b)
+    assert b.prompt_hashes == a.block_hashes and len(a.block_hashes) == 3
+    import common.engine.block_manager as module
+
+    calls = []
+    monkeypatch.setattr(module, "hash_block", lambda *args: calls.append(args) or hash_block(*args))
+    ahead.grow(b, len(tokens))
+    b.num_computed_tokens = len(tokens)
+    ahead.commit(b)
+    assert calls == []  # every prompt block's hash came from the chain computed ahead
+    assert b.block_hashes == a.block_hashes and ahead.hash_to_block.keys() == plain.hash_to_block.keys()
+    hit = seq(tokens + [99], "c")  # a later prompt finds them (its lookup hashes as before: 3 blocks)
+    assert ahead.allocate_prefix(hit, 3) == 12 and len(calls) == 3
+
+
+def test_prompt_hashes_cover_full_prompt_blocks_only_and_not_without_prefix_caching():
+    bm = BlockManager(8, BS)
+    s = seq(list(range(1, 12)) + [0, 0], "r")  # 11 prompt tokens, then placeholders
+    s.num_prompt_tokens = 11
+    bm.hash_prompt(s)
+    assert len(s.prompt_hashes) == 2  # the third block holds a placeholder: never hashed ahead
+    off = seq(list(range(1, 12)), "o")
+    off.num_prompt_tokens = 11
+    BlockManager(8, BS, enable_prefix_caching=False).hash_prompt(off)
+    assert off.prompt_hashes == []

@@ -18,6 +18,7 @@ import pytest_asyncio
 from common.engine.sequence import SequenceStatus
 from common.messages import Generate, PushDone, SamplingParams
 from services.decode.push import DecodePush
+from tests.procs import eventually
 from tests.test_engine_service import Cluster, running_cluster
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -45,7 +46,10 @@ async def registered(cluster: Cluster, request_id: str):
 async def test_push_done_hands_the_request_back_before_the_decode_leg_resumes(cluster: Cluster):
     await cluster.wait_idle("decode")
     push, leg, waiting, transfer_id = await registered(cluster, "handed")
-    core = cluster.services["decode"].core
+    core, engine = cluster.services["decode"].core, cluster.services["decode"].engine
+    # the engine thread hashes the prompt while the prefill would compute it, then sleeps again
+    await eventually(lambda: len(core.requests["handed"].prompt_hashes) == 39 // core.block_size
+                     and not engine._turn.locked(), timeout=30)
     await push._on_done(PushDone(transfer_id, 7))
     assert core.requests["handed"].status is not SequenceStatus.WAITING_FOR_REMOTE_KVS  # no loop turn yet
     outputs = [await waiting, *[out async for out in leg]]

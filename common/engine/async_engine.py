@@ -140,10 +140,15 @@ class AsyncEngine:
 
     async def add_remote(self, remote: RemoteRequest) -> RemoteAllocation:
         """Allocate blocks for a remote prefill's KV, waiting for free blocks if needed; then read
-        the KV, call ``finish_remote_kv`` and consume ``stream(remote.request_id)``."""
-        return await self._start(
+        the KV, call ``finish_remote_kv`` and consume ``stream(remote.request_id)``.  Push mode (no first
+        token yet: a whole prefill runs before the KV lands) queues the prompt's hashing for the engine
+        thread meanwhile (``LLMEngine.hash_prompt``), after the caller has the allocation."""
+        allocation = await self._start(
             remote.request_id, lambda: self.core.add_remote_request(remote), waits_for_blocks=remote.request_id
         )
+        if remote.first_token_id is None:
+            self._post(lambda: self.core.hash_prompt(remote.request_id))
+        return allocation
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Outputs of a request added by ``generate`` or ``add_remote``, until the final one."""

@@ -80,7 +80,7 @@ class BlockManager:
         bs, prev = self.block_size, 0
         for i in range(min(max_blocks, seq.num_tokens // bs)):
             chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            prev = hash_block(chunk, prev)
+            prev = self.block_hash(seq, i, chunk, prev)
             block_id = self.hash_to_block.get(prev)
             if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
@@ -110,7 +110,25 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.block_hashes), min(seq.num_computed_tokens // bs, len(seq.block_table))):
             chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            self.register(seq, hash_block(chunk, seq.block_hashes[-1] if i else 0), chunk)
+            self.register(seq, self.block_hash(seq, i, chunk, seq.block_hashes[-1] if i else 0), chunk)
+
+    def hash_prompt(self, seq: Sequence) -> None:
+        """Compute the hash chain of the prompt's full blocks now (``seq.prompt_hashes``), ahead of their lookup
+        and registration (``commit``).  A push-mode decode does it while the prefill computes the prompt: the
+        first step after the KV lands registers every prompt block at once, and hashing 2,048 tokens there took
+        ~0.3 ms of that step's host time on an H200's host (docs/benchmarks.md, session 13)."""
+        if not self.enable_prefix_caching:
+            return
+        bs, known = self.block_size, seq.prompt_hashes
+        for i in range(len(known), seq.num_prompt_tokens // bs):
+            known.append(hash_block(tuple(seq.token_ids[i * bs : (i + 1) * bs]), known[-1] if i else 0))
+
+    @staticmethod
+    def block_hash(seq: Sequence, i: int, chunk: tuple[int, ...], prev: int) -> int:
+        """The hash of ``seq``'s full block ``i`` (its token ids ``chunk``) chained to ``prev`` (block ``i - 1``'s;
+        0 for the first): the prompt's, when ``hash_prompt`` computed it, else computed now."""
+        known = seq.prompt_hashes
+        return known[i] if i < len(known) else hash_block(chunk, prev)
 
     def register(self, seq: Sequence, block_hash: int, token_ids: tuple[int, ...]) -> None:
         """Name the sequence's next unnamed block a cache hit: its KV is valid, or is loaded before any step reads it."""

@@ -216,6 +216,12 @@ class LLMEngine:
             self.pending_outputs.append(out)
         return True
 
+    def hash_prompt(self, request_id: str) -> None:
+        """``BlockManager.hash_prompt`` of a request's prompt, if the request is still here."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            self.block_manager.hash_prompt(seq)
+
     def release_transfer(self, transfer_id: str) -> bool:
         """Unpin a transfer's blocks; False if unknown (already released)."""
         return self.block_manager.unpin(transfer_id)

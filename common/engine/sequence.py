@@ -103,6 +103,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks registered so far
+    prompt_hashes: list[int] = field(default_factory=list)  # the prompt's full blocks' hash chain, when computed ahead
     num_prompt_tokens: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.config import require
-from common.engine.block_manager import Block, BlockManager, hash_block
+from common.engine.block_manager import Block, BlockManager
 from common.engine.config import EngineConfig
 from common.engine.kv_cache import KVCache
 from common.engine.model_config import ModelConfig
@@ -93,7 +93,7 @@ class OffloadTier:
         start = len(seq.block_hashes)
         for i in range(start, min(max_blocks, seq.num_tokens // bs)):
             chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash_block(chunk, seq.block_hashes[-1] if i else 0)
+            h = bm.block_hash(seq, i, chunk, seq.block_hashes[-1] if i else 0)
             slot = self.pool.lookup(h, chunk)
             if slot is None or (i == len(seq.block_table) and not bm.can_grow(seq, (i + 1) * bs)):
                 break
