@@ -156,12 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=20, help="measured requests of each kind (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured requests of each kind first (default 3)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (default 256)")
-    p.add_argument("--kv-mode", choices=("read", "push"), default="read",
-                   help="how P/D moves the KV (every engine started with it; default read)")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.prompt_len < 1:
         p.error("need --requests >= 1, --warmup >= 0, --prompt-len >= 1")
-    args.engine_args = f"{args.engine_args} --kv-mode {args.kv_mode}"
     return args
 
 

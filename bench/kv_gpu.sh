@@ -8,17 +8,18 @@
 #
 # a. bench.kv_handoff: a 64 MiB request through the connector over nvlink vs a device-to-device copy of the
 #    same bytes in one process (the limit); then over Mooncake tcp, as today, when Mooncake loads;
-# b. bench.pd_identity: greedy P/D over nvlink vs colocated, demo model in bfloat16, token by token;
+# b. bench.pd_identity: greedy P/D over nvlink vs colocated, demo model in bfloat16, token by token, in read mode
+#    and in push mode;
 # c. bench.handoff_gap: the first inter-token gap at one request in flight, P/D minus colocated, with a
 #    Llama-3.2-1B-shaped random checkpoint (bfloat16, drawn on the GPU) and 2,048-token prompts, in read
 #    mode and in push mode.
 # The CPU-checkable parts dry-run on a CPU host (no wheels needed there, the installed packages are used):
 #   OUT=/tmp/out DEVICE=cpu KV=shm DTYPE=float32 SHAPE=demo PROMPT_LEN=256 bash bench/kv_gpu.sh
-# Writes under $OUT: env.txt, kv_handoff_$KV.{log,json}, kv_handoff_tcp.{log,json}, pd_identity.log,
+# Writes under $OUT: env.txt, kv_handoff_$KV.{log,json}, kv_handoff_tcp.{log,json}, pd_identity_{read,push}.log,
 # handoff_gap_{read,push}.{log,json}, status.txt (one line per step with its exit status).  A failed step does not stop
 # the next one; the script exits 1 when any step failed.
-# Budget on an H200: ~3 minutes expected (session 12: the gap runs ~35 s each); the step limits (a. 75 + 50 s,
-# b. 110 s, checkpoint 75 s, c. 2 x 140 s) and ~0.5 min of install bound it at 10 min.
+# Budget on an H200: ~3.5 minutes expected (session 12: the gap runs ~35 s each); the step limits (a. 75 + 50 s,
+# b. 2 x 90 s, checkpoint 75 s, c. 2 x 100 s) and ~0.5 min of install bound it at 10 min.
 set -uo pipefail
 OUT=${OUT:-/tmp/kv-gpu}
 DEVICE=${DEVICE:-cuda}        # every engine's --device
@@ -48,14 +49,16 @@ if [ "$MOONCAKE" = 1 ]; then
 fi
 
 # b. token identity, P/D over nvlink vs colocated, three engines on one GPU
-step pd_identity 110 python3 -m bench.pd_identity --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
-  --max-tokens 32 --ready-timeout-s 100
+for mode in read push; do
+  step "pd_identity_$mode" 90 python3 -m bench.pd_identity --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
+    --kv-mode "$mode" --max-tokens 32 --ready-timeout-s 80
+done
 
 # c. the first inter-token gap, 1B-shaped model, 2,048-token prompts (64 MiB of KV each)
 [ -f "$CKPT/model.safetensors" ] \
   || timeout 75 python3 -m bench.make_checkpoint --shape "$SHAPE" --out "$CKPT" --device "$DEVICE" --seed 0
 for mode in read push; do  # read: decode pulls after prefill; push: prefill writes decode's blocks as it computes
-  step "handoff_gap_$mode" 140 python3 -m bench.handoff_gap --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
+  step "handoff_gap_$mode" 100 python3 -m bench.handoff_gap --device "$DEVICE" --dtype "$DTYPE" --kv-transport "$KV" \
     --kv-mode "$mode" --model "$CKPT" --prompt-len "$PROMPT_LEN" --requests 20 --warmup 3 --ready-timeout-s 100 \
     --engine-args "--max-model-len 4096 --max-num-batched-tokens 4096" --json "$OUT/handoff_gap_$mode.json"
 done

@@ -2,13 +2,15 @@
 
 Starts a registry, a prefill, a decode and a colocated (``--role both``)
 engine (``bench/processes.py``) with the same model, device, dtype and
-``--kv-transport``; for each prompt length runs one greedy request colocated
-and one as the two P/D legs (``bench/engine_driver.py``), and prints PASS when
-the token ids are equal, the decode read the KV (no recompute) and it read it
-over the forced transport.  Exits 1 on any FAIL.
+``--kv-transport`` and ``--kv-mode``; for each prompt length runs one greedy
+request colocated and one as the two P/D legs (``bench/engine_driver.py``; push
+mode: decode registers, then prefill writes into its blocks), and prints PASS when
+the token ids are equal, the KV moved (no recompute) and it moved over the forced
+transport.  Exits 1 on any FAIL.
 
     python -m bench.pd_identity --device cpu --kv-transport shm
     python -m bench.pd_identity --device cuda --kv-transport nvlink      # both engines on one GPU
+    python -m bench.pd_identity --device cuda --kv-transport nvlink --kv-mode push   # prefill writes decode's blocks
     python -m bench.pd_identity --device cuda --kv-transport nvlink --prefill-args "-tp 2"  # 2 GPUs: TP 2 -> 1
 """
 
@@ -38,12 +40,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-args", default="", help="more flags for the prefill only, e.g. '-tp 2'")
     p.add_argument("--decode-args", default="", help="more flags for the decode only, e.g. '-tp 2 --block-size 32'")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="wait this long for the engines to start")
+    p.add_argument("--kv-mode", choices=("read", "push"), default="read",
+                   help="how P/D moves the KV (every engine started with it; default read)")
 
 
 async def start_engines(procs: Processes, args: argparse.Namespace) -> None:
     """Registry, prefill, decode and colocated ``both``, all registered (names: ``ENGINES``)."""
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    flags = ["--model", args.model, "--device", args.device, "--dtype", dtype, *shlex.split(args.engine_args)]
+    flags = ["--model", args.model, "--device", args.device, "--dtype", dtype, "--kv-mode", args.kv_mode,
+             *shlex.split(args.engine_args)]
     procs.start_registry()
     procs.start_engine("prefill", "prefill", *flags, *shlex.split(args.prefill_args), num_kv_blocks=args.num_kv_blocks,
                        kv_transport=args.kv_transport)
@@ -54,14 +59,16 @@ async def start_engines(procs: Processes, args: argparse.Namespace) -> None:
     await procs.wait_registered(*ENGINES, timeout_s=args.ready_timeout_s)
 
 
-async def check(driver: EngineDriver, length: int, sampling: SamplingParams) -> str:
+async def check(driver: EngineDriver, length: int, sampling: SamplingParams, kv_mode: str) -> str:
     """'' when P/D equals colocated for a prompt of ``length`` tokens, else what differs."""
     ids = prompt_ids(length, seed=length)
     reference = await driver.reference(ids, sampling)
-    pre, dec = await driver.pd(f"identity-{length}", ids, sampling)
+    legs = driver.push_pd if kv_mode == "push" else driver.pd
+    pre, dec = await legs(f"identity-{length}", ids, sampling)
     timings = dec[0].timings or {}
-    if "kv_failed" in timings or not timings.get("kv_bytes"):
-        return f"the decode did not read the KV (timings {timings})"
+    moved = (pre[-1].timings or {}).get("kv_bytes") if kv_mode == "push" else timings.get("kv_bytes")
+    if "kv_failed" in timings or not moved:
+        return f"the KV did not move ({kv_mode}; prefill timings {pre[-1].timings}, decode timings {timings})"
     got = tokens(pre + dec)
     if got != reference:
         first = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference)))
@@ -78,15 +85,17 @@ async def run(args: argparse.Namespace) -> bool:
         driver = EngineDriver(procs.engine_endpoints(), timeout_s=120.0)
         try:
             for length in args.lengths:
-                problem = await check(driver, length, sampling)
+                problem = await check(driver, length, sampling, args.kv_mode)
                 failures += bool(problem)
                 print(f"{'FAIL' if problem else 'PASS'} prompt {length:5d} tokens, {args.max_tokens} new"
                       f"{': ' + problem if problem else ''}", flush=True)
-            chosen = (await driver.stats("decode")).kv_transports
+            # the side that opens the transfer chooses its transport: decode reads, prefill pushes
+            mover, peer = ("prefill", "decode") if args.kv_mode == "push" else ("decode", "prefill")
+            chosen = (await driver.stats(mover)).kv_transports
         finally:
             await driver.close()
-    ok = chosen == {"prefill": args.kv_transport}
-    print(f"{'PASS' if ok else 'FAIL'} the decode read the prefill over {chosen.get('prefill')} "
+    ok = chosen == {peer: args.kv_transport}
+    print(f"{'PASS' if ok else 'FAIL'} the {mover} moved the KV ({args.kv_mode}) over {chosen.get(peer)} "
           f"(forced {args.kv_transport}); {args.device}, model {args.model}", flush=True)
     return ok and not failures
 

@@ -46,7 +46,8 @@ async def stack():
         procs.start_engine("prefill", "prefill", *ENGINE, kv_transport="shm,tcp")
         procs.start_engine("prefill-2", "prefill", *ENGINE)
         procs.start_engine("decode", "decode", *ENGINE, "--block-size", "32")
-        procs.start_engine("decode-shm", "decode", *ENGINE, kv_transport="shm,tcp")
+        # async scheduling, as on a GPU (one step in flight when the pushed KV lands)
+        procs.start_engine("decode-shm", "decode", *ENGINE, "--async-scheduling", kv_transport="shm,tcp")
         procs.start_engine("both", "prefill", "--role", "both")
         port, read_port = free_port(), free_port()
         # --kv-mode auto (the default): the gateway follows the push mode the engines advertise
