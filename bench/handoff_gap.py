@@ -36,7 +36,7 @@ import time
 
 from bench.cli import bench_parser, run_bench
 from bench.engine_driver import EngineDriver, prompt_ids
-from bench.pd_identity import add_engine_args, start_engines
+from bench.pd_identity import add_engine_args, add_kv_mode, start_engines
 from bench.processes import Processes
 from bench.push_vs_read import push_request
 from bench.serving_stats import percentile
@@ -153,6 +153,7 @@ def report(result: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = bench_parser(__doc__)
     add_engine_args(p)
+    add_kv_mode(p)
     p.add_argument("--requests", type=int, default=20, help="measured requests of each kind (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured requests of each kind first (default 3)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request (default 256)")

@@ -40,6 +40,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-args", default="", help="more flags for the prefill only, e.g. '-tp 2'")
     p.add_argument("--decode-args", default="", help="more flags for the decode only, e.g. '-tp 2 --block-size 32'")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="wait this long for the engines to start")
+
+
+def add_kv_mode(p: argparse.ArgumentParser) -> None:
+    """``--kv-mode``, which ``start_engines`` starts every engine with."""
     p.add_argument("--kv-mode", choices=("read", "push"), default="read",
                    help="how P/D moves the KV (every engine started with it; default read)")
 
@@ -103,6 +107,7 @@ async def run(args: argparse.Namespace) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
+    add_kv_mode(p)
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=list(LENGTHS),
                    help=f"prompt lengths, comma-separated (default {','.join(map(str, LENGTHS))})")
     p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per request (default 16)")
