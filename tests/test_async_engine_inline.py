@@ -134,7 +134,9 @@ async def test_a_push_allocation_has_the_engine_thread_hash_its_prompt_before_th
         seq = core.requests["push"]
         await eventually(lambda: len(seq.prompt_hashes) == 40 // core.block_size, timeout=30)
         await engine.add_remote(RemoteRequest("read", ids, 7, GREEDY, len(ids)))  # read mode: its KV comes at once
-        await asyncio.sleep(0.2)
+        await engine.add_remote(RemoteRequest("push-2", ids, None, GREEDY, len(ids)))
+        # the engine thread applies commands in order: a hashing of the read's prompt would have run first
+        await eventually(lambda: len(core.requests["push-2"].prompt_hashes) == 40 // core.block_size, timeout=30)
         assert core.requests["read"].prompt_hashes == []
     finally:
         await engine.shutdown()

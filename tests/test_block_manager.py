@@ -1,5 +1,6 @@
 import pytest
 
+import common.engine.block_manager as block_manager_module
 from common.engine.block_manager import BlockManager, hash_block
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import NoFreeBlocks, Sequence
@@ -161,10 +162,8 @@ def test_a_prompt_hashed_ahead_is_registered_under_the_same_chain_without_hashin
     b.num_prompt_tokens = len(tokens)
     ahead.hash_prompt(b)
     assert b.prompt_hashes == a.block_hashes and len(a.block_hashes) == 3
-    import common.engine.block_manager as module
-
     calls = []
-    monkeypatch.setattr(module, "hash_block", lambda *args: calls.append(args) or hash_block(*args))
+    monkeypatch.setattr(block_manager_module, "hash_block", lambda *args: calls.append(args) or hash_block(*args))
     ahead.grow(b, len(tokens))
     b.num_computed_tokens = len(tokens)
     ahead.commit(b)
