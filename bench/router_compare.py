@@ -40,6 +40,8 @@ the gateway's own share (the rest of its end-to-end).
 ``--no-peers``: pdserve's targets only (no routers, no aiohttp proxy).
 ``--sweep``: requests/s of pdserve with each number of workers against vllm-router at its
 defaults (policy ``cache_aware``), streaming and not; scaling is the rate over the rate of 1 worker.
+``--router-cpus``: in a sweep, the routers on those CPUs and the harness (load, fakes, registry) on the
+others, as on a router host of its own.
 """
 
 from __future__ import annotations
@@ -151,6 +153,11 @@ async def http_fakes(stack: ExitStack, style: str, engines: int) -> tuple[list[s
     return urls["prefill"], urls["decode"], pids
 
 
+def pinned(cpus: str | None, *argv: str) -> list[str]:
+    """``argv`` run on the CPUs ``cpus`` (``taskset -c``; its children too), or as it is when None."""
+    return ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+
+
 def repeated(flag: str, values: list[str], *after: str) -> list[str]:
     """``flag value *after`` for each value: a router's repeated ``--prefill``/``--decode``."""
     return [x for v in values for x in (flag, v, *after)]
@@ -168,9 +175,10 @@ async def start_direct(stack: ExitStack, engines: int) -> Target:
 
 
 async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine", tree: str | None = None,
-                        engines: int = 1) -> Target:
+                        engines: int = 1, cpus: str | None = None) -> Target:
     """pdserve's gateway (this checkout's, or the one in ``tree``: another checkout of pdserve) in front
-    of a registry and ``engines`` fake engines of kind ``fakes`` per role, its own."""
+    of a registry and ``engines`` fake engines of kind ``fakes`` per role, its own; the gateway (workers
+    included) on the CPUs ``cpus`` when given."""
     registry, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     spawn(stack, "-m", "services.registry", "--bind", registry, "--log-level", "warning")
     pids = {}
@@ -185,10 +193,10 @@ async def start_pdserve(stack: ExitStack, workers: int, fakes: str = "engine", t
     command = ("-m", "services.gateway", "--port", str(port), "--registry", registry, "--workers", str(workers),
                "--log-level", "warning")
     if tree is None:
-        gateway = spawn(stack, *command)
+        gateway = spawn(stack, *pinned(cpus, sys.executable, *command), python=False)
     else:  # -P: the modules of PYTHONPATH's tree, not of the working directory's
-        gateway = spawn(stack, "env", f"PYTHONPATH={os.path.abspath(tree)}", sys.executable, "-P", *command,
-                        python=False)
+        gateway = spawn(stack, *pinned(cpus, "env", f"PYTHONPATH={os.path.abspath(tree)}", sys.executable, "-P",
+                                       *command), python=False)
     await wait_http(port, "/ready")
     await answered_on_new_connections(port, 4 * workers, "/v1/instances",  # every worker sees every fake
                                       lambda r: r.status_code == 200 and len(r.json()["data"]) >= 2 * engines)
@@ -217,14 +225,18 @@ async def answered_on_new_connections(port: int, times: int, path: str,
             await asyncio.sleep(0.05)  # still starting: leave it the cores
 
 
-async def start_vllm_router(stack: ExitStack, venv: str, defaults: bool = False, engines: int = 1) -> Target:
+async def start_vllm_router(stack: ExitStack, venv: str, defaults: bool = False, engines: int = 1,
+                            cpus: str | None = None) -> Target:
+    """vllm-router in front of its own HTTP fakes, on the CPUs ``cpus`` when given (its worker threads follow
+    the CPUs it may run on)."""
     prefills, decodes, fakes = await http_fakes(stack, "vllm", engines)
     port = free_port()
     policy = [] if defaults else ["--prefill-policy", "round_robin", "--decode-policy", "round_robin"]
-    router = spawn(stack, os.path.join(venv, "bin", "vllm-router"), "--vllm-pd-disaggregation",
-                   *repeated("--prefill", prefills), *repeated("--decode", decodes), "--host", "127.0.0.1", "--port",
-                   str(port), "--log-level", "warning", "--worker-startup-check-interval", "1", "--prometheus-port",
-                   str(free_port()), *policy, python=False)
+    router = spawn(stack, *pinned(cpus, os.path.join(venv, "bin", "vllm-router"), "--vllm-pd-disaggregation",
+                                  *repeated("--prefill", prefills), *repeated("--decode", decodes), "--host",
+                                  "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                                  "--worker-startup-check-interval", "1", "--prometheus-port", str(free_port()),
+                                  *policy), python=False)
     await wait_http(port, "/v1/completions", "POST", timeout=120, content=body(False))
     return Target("vllm-router (defaults)" if defaults else "vllm-router", port, router.pid, fakes)
 
@@ -405,8 +417,10 @@ async def sweep(args: argparse.Namespace) -> dict:
                     "non-streaming": {}, "streaming": {}}
     starts: list[Callable[[ExitStack], Awaitable[Target]]] = [lambda stack: start_direct(stack, k)]
     if not skipped:
-        starts.append(lambda stack: start_vllm_router(stack, args.routers_venv, defaults=True, engines=k))
-    starts += [partial(start_pdserve, workers=w, fakes=args.bus_fakes[0], engines=k) for w in args.sweep]
+        starts.append(lambda stack: start_vllm_router(stack, args.routers_venv, defaults=True, engines=k,
+                                                      cpus=args.router_cpus))
+    starts += [partial(start_pdserve, workers=w, fakes=args.bus_fakes[0], engines=k, cpus=args.router_cpus)
+               for w in args.sweep]
     for start in starts:
         with ExitStack() as stack:
             target = await start(stack)
@@ -481,12 +495,17 @@ def main(argv: list[str] | None = None) -> None:
                         "measured too, in the same run (e.g. main's, for a before/after figure)")
     parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")],
                         help="pdserve worker counts to measure against vllm-router's defaults, e.g. 1,2,4,8")
+    parser.add_argument("--router-cpus", metavar="LIST", help="a sweep's routers (pdserve's gateway and its workers, "
+                        "vllm-router) on these CPUs only (taskset -c LIST, e.g. 0-15); the harness stays where "
+                        "this runs (e.g. under taskset -c 16-31)")
     parser.add_argument("--fake-engines", type=int, default=1, metavar="K",
                         help="fake engines per role in front of each target (a sweep's direct target: K fakes)")
     parser.add_argument("--serve-toy-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--prefill-url", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--decode-url", action="append", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.router_cpus and not args.sweep:
+        parser.error("--router-cpus applies to a --sweep")
     if args.serve_toy_proxy:
         serve_toy_proxy(args.serve_toy_proxy, args.prefill_url, args.decode_url)
         return

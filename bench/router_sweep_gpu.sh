@@ -6,6 +6,7 @@
 #   OUT=/tmp/out bash bench/router_sweep_gpu.sh      # from the repository root, .whl_router/ carried
 #   CONCURRENCY=512 REQUESTS=24000 OUT=/tmp/out bash bench/router_sweep_gpu.sh   # every target at 512 in flight
 #   ROUNDS=2 ...    # the targets alternated twice, each round half the requests (default 1)
+#   ROUTER_CORES=0-15 CORES=16-31 ...   # (a 32-core host) the routers alone on 16 cores, the harness on 16 others
 #
 # .whl_router/ (git-ignored) holds cp312 wheels: pdserve's (msgspec, pyzmq, starlette, uvicorn, ...) and
 # vllm-router 0.1.17 with what it imports and the image lacks (setproctitle, fastapi, opentelemetry-api, orjson,
@@ -22,7 +23,8 @@
 # rate the load generator and the fakes reach with no router in between.
 set -uo pipefail
 OUT=${OUT:-/tmp/router-sweep}
-CORES=${CORES:-0-15}
+CORES=${CORES:-0-15}         # the whole sweep: harness, and the routers unless ROUTER_CORES is set
+ROUTER_CORES=${ROUTER_CORES:-}
 SWEEP=${SWEEP:-1,2,4,8}
 mkdir -p "$OUT" /tmp/routers/bin
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/rsite \
@@ -32,10 +34,10 @@ printf '#!/bin/sh\nPYTHONPATH=/tmp/rsite exec python3 -m vllm_router.launch_rout
 chmod +x /tmp/routers/bin/python /tmp/routers/bin/vllm-router
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/rsite
 nproc
-# the host's own ceiling: N single-threaded Python processes alone, no harness (bench/cpu_scaling.py)
-timeout 120 taskset -c "$CORES" python3 -m bench.cpu_scaling --procs 1,2,4,8,16 --seconds 3 \
+# the routers' cores' own ceiling: N single-threaded Python processes alone, no harness (bench/cpu_scaling.py)
+timeout 120 taskset -c "${ROUTER_CORES:-$CORES}" python3 -m bench.cpu_scaling --procs 1,2,4,8,16 --seconds 3 \
   --json "$OUT/cpu_scaling.json" 2>&1 | tee "$OUT/cpu_scaling.log"
 timeout -k 15 "${LIMIT:-420}" taskset -c "$CORES" python3 -m bench.router_compare --sweep "$SWEEP" \
   --fake-engines 4 --load-processes 4 --bus-fakes instant --requests "${REQUESTS:-6000}" --rounds "${ROUNDS:-1}" \
-  --concurrency "${CONCURRENCY:-64}" \
+  --concurrency "${CONCURRENCY:-64}" ${ROUTER_CORES:+--router-cpus "$ROUTER_CORES"} \
   --routers-venv /tmp/routers --json "$OUT/router_sweep.json" 2>&1 | tee "$OUT/router_sweep.log"
