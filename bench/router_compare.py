@@ -311,8 +311,8 @@ async def measure(targets: list[Target], gen: LoadGenerator, stream: bool, reque
     (``load xN``: N processes) and of each fake; ``warm()`` is awaited once every target is warmed up,
     before the measured rounds."""
     payload = body(stream)
-    for t in targets:  # warm-up: connections, caches, first-call paths
-        await gen.run(t.port, payload, min(requests, 500), concurrency)
+    for t in targets:  # warm-up: connections, caches, first-call paths (every worker's, at 512 in flight too)
+        await gen.run(t.port, payload, min(requests, max(500, 4 * concurrency)), concurrency)
     if warm is not None:
         await warm()
     load_name = f"load x{min(gen.processes, concurrency)}"
@@ -421,12 +421,11 @@ async def sweep(args: argparse.Namespace) -> dict:
                                                       cpus=args.router_cpus))
     starts += [partial(start_pdserve, workers=w, fakes=args.bus_fakes[0], engines=k, cpus=args.router_cpus)
                for w in args.sweep]
-    for start in starts:
-        with ExitStack() as stack:
-            target = await start(stack)
-            for stream in (False, True):
-                rates = await measure([target], gen, stream, args.requests, args.concurrency[0], args.rounds)
-                result["streaming" if stream else "non-streaming"].update(rates)
+    with ExitStack() as stack:  # every target up at once, so that the rounds alternate them (a host drifts)
+        targets = [await start(stack) for start in starts]
+        for stream in (False, True):
+            rates = await measure(targets, gen, stream, args.requests, args.concurrency[0], args.rounds)
+            result["streaming" if stream else "non-streaming"].update(rates)
     gen.pool.shutdown()
     return result
 

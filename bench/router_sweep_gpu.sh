@@ -5,7 +5,7 @@
 #
 #   OUT=/tmp/out bash bench/router_sweep_gpu.sh      # from the repository root, .whl_router/ carried
 #   CONCURRENCY=512 REQUESTS=24000 OUT=/tmp/out bash bench/router_sweep_gpu.sh   # every target at 512 in flight
-#   ROUNDS=2 ...    # the targets alternated twice, each round half the requests (default 1)
+#   ROUNDS=2 ...    # every target up at once and alternated twice, each round half the requests (default 1)
 #   ROUTER_CORES=0-15 CORES=16-31 ...   # (a 32-core host) the routers alone on 16 cores, the harness on 16 others
 #
 # .whl_router/ (git-ignored) holds cp312 wheels: pdserve's (msgspec, pyzmq, starlette, uvicorn, ...) and
