@@ -486,10 +486,10 @@ def report(result: dict) -> str:
                      f"requests p50 {r['overhead_p50_ms']:.3f} ms, p99 {r['overhead_p99_ms']:.3f} ms")
         lines.append(f"{transport:>6}   of which the backend's read alone: {r['backend_gbps']:8.2f} GB/s = "
                      f"{r['backend_gbps'] / limit:.3f} x limit")
-        if "copy_waited" in result["limit_gbps"]:
-            waited = result["limit_gbps"]["copy_waited"]
-            lines.append(f"{transport:>6}   against the copy waited for from Python: connector "
-                         f"{r['connector_gbps'] / waited:.3f} x, the backend's read {r['backend_gbps'] / waited:.3f} x")
+        for name, rate in result["limit_gbps"].items():
+            if name != result["limit"]:
+                lines.append(f"{transport:>6}   against the {name} limit: connector {r['connector_gbps'] / rate:.3f} x, "
+                             f"the backend's read {r['backend_gbps'] / rate:.3f} x")
         for confirm, name in CONFIRMATIONS.items():
             if f"{confirm}_connector_gbps" in r:
                 lines.append(f"{transport:>6}   {name}: {r[f'{confirm}_connector_gbps']:8.2f} GB/s = "
