@@ -424,7 +424,7 @@ async def measure(args: argparse.Namespace, transport: str, peer: dict, remote: 
         backend_s: dict[str, list[float]] = {c: [] for c in confirmations}
         hetero_bytes = 0
         for i in range(args.repeats):
-            for name, copy in limits.items():
+            for name, copy in list(limits.items())[::1 - 2 * (i % 2)]:  # alternated: each follows the other
                 limit_s[name].append(copy())
             if raw is not None:
                 raw_s.append(raw())
