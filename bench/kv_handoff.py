@@ -19,10 +19,9 @@ interleaved so that every figure sees the same machine state:
   ranges between two private KV caches, what a shm read does minus the second
   process) and ``copy`` (torch ``copy_`` of one contiguous buffer, which may
   use several threads).  On GPU: ``copy`` (a device-to-device uint8 ``copy_``
-  of one contiguous buffer, timed by CUDA events: the device's own rate), and
-  for reference ``copy_waited``, the same copy timed as the connector is (host
-  timer round its launch and wait, interleaved the same way): what any read
-  launched and waited for from Python could reach;
+  of one contiguous buffer, timed by CUDA events: the device's own rate) and
+  ``copy_waited`` (the same copy timed as the connector is: a host timer round
+  its launch and wait), in alternating order; the limit is the faster;
 * backend: the transport's own read inside ``read_blocks`` (``ReadStats.seconds``);
 * overhead: ``read_blocks`` wall time minus the backend's own time for the
   same read, over ``--requests`` requests (p50/p99);
@@ -247,7 +246,7 @@ def limit_copies(args: argparse.Namespace, ranges_of: Callable[[int, int], ByteR
     """
     source = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=args.device)
     target = torch.zeros_like(source)
-    if source.is_cuda:  # the limit by events; the same copy as a caller waits for it, for reference
+    if source.is_cuda:  # one copy timed two ways: on the device (events), and as its caller waits for it
         return {"copy": device_timer(lambda: target.copy_(source)),
                 "copy_waited": wall_timer(lambda: (target.copy_(source), torch.cuda.current_stream().synchronize()))}
     return {"copy": wall_timer(lambda: target.copy_(source)), "memmove": wall_timer(RangeCopy(args, ranges_of))}
