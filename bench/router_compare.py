@@ -423,6 +423,7 @@ async def sweep(args: argparse.Namespace) -> dict:
                for w in args.sweep]
     with ExitStack() as stack:  # every target up at once, so that the rounds alternate them (a host drifts)
         targets = [await start(stack) for start in starts]
+        result["router_cpus"] = {t.name: sorted(os.sched_getaffinity(t.router_pid)) for t in targets if t.router_pid}
         for stream in (False, True):
             rates = await measure(targets, gen, stream, args.requests, args.concurrency[0], args.rounds)
             result["streaming" if stream else "non-streaming"].update(rates)
@@ -435,8 +436,20 @@ async def sweep(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- #
 
 
+def cpu_list(cpus: list[int]) -> str:
+    """Sorted CPU numbers as ``taskset -c`` writes them: ``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    runs: list[list[int]] = []
+    for c in cpus:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def report(result: dict) -> str:
     lines = [f"{name}: skipped ({why})" for name, why in result.get("skipped", {}).items()]
+    lines += [f"{name}: on CPUs {cpu_list(cpus)}" for name, cpus in result.get("router_cpus", {}).items()]
     for key in ("non-streaming", "streaming"):
         rows = result[key]
         base = rows.get("vllm-router") or rows.get("vllm-router (defaults)")

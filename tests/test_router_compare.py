@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.process_cpu import ProcessCPU, cpu_per_request, tree_cpu_s
+from bench.router_compare import cpu_list
 from tests.procs import eventually
 
 ROOT = Path(__file__).parents[1]
@@ -58,14 +59,28 @@ FAKES = {"prefill 1", "prefill 2", "decode 1", "decode 2"}
 
 @pytest.mark.timeout(150)
 def test_a_sweep_with_two_fake_engines_reports_the_harness_ceiling_and_every_process(tmp_path):
-    result = run_compare(tmp_path, "--sweep", "1", "--load-processes", "2")
+    """Every target up at once, the gateways pinned to CPU 0 (``taskset``) while the harness runs anywhere."""
+    result = run_compare(tmp_path, "--sweep", "1,2", "--load-processes", "2", "--router-cpus", "0")
     for mode in ("non-streaming", "streaming"):
         rows = result[mode]
-        assert list(rows) == ["direct (harness ceiling)", "pdserve (instant fakes)"]
+        assert list(rows) == ["direct (harness ceiling)", "pdserve (instant fakes)", "pdserve x2 (instant fakes)"]
         assert rows["direct (harness ceiling)"]["router_cpu_us"] is None
         assert set(rows["direct (harness ceiling)"]["processes"]) == {"load x2", "direct 1", "direct 2"}
-        assert set(rows["pdserve (instant fakes)"]["processes"]) == FAKES | {"load x2"}
+        for name in ("pdserve (instant fakes)", "pdserve x2 (instant fakes)"):
+            assert set(rows[name]["processes"]) == FAKES | {"load x2"}
+            assert rows[name]["router_cpu_us"] > 0
         assert all(r["rps"] > 0 for r in rows.values())
+    assert result["router_cpus"] == {"pdserve (instant fakes)": [0], "pdserve x2 (instant fakes)": [0]}
+
+
+def test_cpu_lists_are_written_as_taskset_reads_them():
+    assert [cpu_list(c) for c in ([0], [0, 1, 2, 5], list(range(16)), [1, 3])] == ["0", "0-2,5", "0-15", "1,3"]
+
+
+def test_router_cpus_outside_a_sweep_is_refused():
+    done = subprocess.run([sys.executable, "-m", "bench.router_compare", "--router-cpus", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and "--router-cpus applies to a --sweep" in done.stderr
 
 
 @pytest.mark.timeout(150)
