@@ -60,7 +60,6 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
 from multiprocessing import get_context
 from typing import Awaitable, Callable
 
@@ -415,14 +414,13 @@ async def sweep(args: argparse.Namespace) -> dict:
     skipped = {} if why is None else {"vllm-router": why}
     result: dict = {"skipped": skipped, "concurrency": args.concurrency[0], "load_processes": args.load_processes,
                     "non-streaming": {}, "streaming": {}}
-    starts: list[Callable[[ExitStack], Awaitable[Target]]] = [lambda stack: start_direct(stack, k)]
-    if not skipped:
-        starts.append(lambda stack: start_vllm_router(stack, args.routers_venv, defaults=True, engines=k,
-                                                      cpus=args.router_cpus))
-    starts += [partial(start_pdserve, workers=w, fakes=args.bus_fakes[0], engines=k, cpus=args.router_cpus)
-               for w in args.sweep]
     with ExitStack() as stack:  # every target up at once, so that the rounds alternate them (a host drifts)
-        targets = [await start(stack) for start in starts]
+        targets = [await start_direct(stack, k)]
+        if not skipped:
+            targets.append(await start_vllm_router(stack, args.routers_venv, defaults=True, engines=k,
+                                                   cpus=args.router_cpus))
+        targets += [await start_pdserve(stack, w, args.bus_fakes[0], engines=k, cpus=args.router_cpus)
+                    for w in args.sweep]
         result["router_cpus"] = {t.name: sorted(os.sched_getaffinity(t.router_pid)) for t in targets if t.router_pid}
         for stream in (False, True):
             rates = await measure(targets, gen, stream, args.requests, args.concurrency[0], args.rounds)
