@@ -23,6 +23,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SILENCE_S = 1.0  # every leg timeout of the gateway
 PROGRESS_S = 0.1  # the engine's progress interval
+# the request holding the one slot: ~1.2 ms a token on an idle 2-core host, so ~3.6 s, well past 1.5 x SILENCE_S
+# (1,200 tokens took 1.45 s in one run, too short to queue the next request past the timeouts)
+LONG_TOKENS = 3000
 
 
 MODES = {"colocated": "both", "disagg": "decode"}  # each mode's gateway, and the engine streaming its tokens
@@ -86,13 +89,13 @@ async def stream(client: openai.AsyncOpenAI, max_tokens: int, chunks: list[float
 async def test_a_request_queued_in_the_engine_far_longer_than_the_timeouts_succeeds(stack, mode):
     client = stack[1][mode]
     long_chunks: list[float] = []
-    long = asyncio.create_task(stream(client, 1200, long_chunks))
+    long = asyncio.create_task(stream(client, LONG_TOKENS, long_chunks))
     # tokens past the first: the long request holds the one decoding slot (in P/D, not still reading its KV)
     await eventually(lambda: len(long_chunks) >= 3, timeout=30)
     queued_at = time.monotonic()
     queued_chunks: list[float] = []
     assert await stream(client, 5, queued_chunks) == 5  # waited for the one sequence slot, never silent
-    assert await long == 1200
+    assert await long == LONG_TOKENS
     # it waited (for its first token, or in P/D for decode after prefill's first) far past the timeouts
     waits = [b - a for a, b in zip([queued_at, *queued_chunks], queued_chunks)]
     assert max(waits) > 1.5 * SILENCE_S, "the test must queue the request past the timeouts"
